@@ -1,0 +1,311 @@
+//! The node catalog: volumes and the headers of committed snapshots, in an embedded redb
+//! database inside the state directory.
+//!
+//! Why redb: every change here is a small ACID transaction (a crash leaves the old state or
+//! the new one), lookups by name are indexed, and its multi-writer mode lets the daemon and
+//! CLI commands share the file safely. The repository's manifests stay the data of record
+//! for a snapshot's blocks; the catalog says which snapshots exist on this node, so a
+//! snapshot becomes visible exactly when its catalog transaction commits.
+//!
+//! # Invariants
+//! - A snapshot is in the catalog only after its manifest and every chunk it names are
+//!   durable in the repository.
+//! - Snapshot names are unique within a volume (checked inside the commit transaction).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{SnapshotId, SnapshotName, SnapshotRef, VolumeName, shorten};
+
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+/// Key: `volume/snapshot-id`; ids sort by creation time, so a range scan lists in order.
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+
+/// A registered volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VolumeRecord {
+    pub name: VolumeName,
+    /// The raw image file or block device.
+    pub image: PathBuf,
+    pub block_size: u32,
+    pub added_unix_ms: u64,
+}
+
+/// What taking a snapshot cost, recorded with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotStats {
+    pub blocks: u64,
+    pub zero_blocks: u64,
+    /// Chunks this snapshot added to the repository.
+    pub new_chunks: u64,
+    /// Plain bytes of those chunks.
+    pub new_bytes: u64,
+    /// Stored (compressed) bytes of those chunks.
+    pub new_stored_bytes: u64,
+}
+
+/// A committed snapshot's header (its blocks are in the manifest in the repository).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub volume: VolumeName,
+    pub name: SnapshotName,
+    pub created_unix_ms: u64,
+    pub size: u64,
+    pub block_size: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub parent: Option<SnapshotId>,
+    #[serde(default)]
+    pub stats: SnapshotStats,
+}
+
+impl SnapshotRecord {
+    /// `volume@name`, for messages.
+    pub fn display_ref(&self) -> String {
+        format!("{}@{}", self.volume, self.name)
+    }
+}
+
+fn snap_key(volume: &VolumeName, id: &SnapshotId) -> String {
+    format!("{volume}/{id}")
+}
+
+/// The range of keys of one volume's snapshots ('0' is the byte after '/').
+fn volume_range(volume: &VolumeName) -> (String, String) {
+    (format!("{volume}/"), format!("{volume}0"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::corrupt(format!("catalog entry {what} is unreadable: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::internal(e.to_string()))
+}
+
+/// The catalog database.
+#[derive(Debug)]
+pub struct Catalog {
+    db: redb::Database,
+}
+
+impl Catalog {
+    /// Opens (or creates) the catalog in `file`, which the caller opened through cap-std.
+    pub fn open_file(file: std::fs::File) -> Result<Self> {
+        let backend = redb::backends::FileBackend::new(file)?;
+        let db = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+            .create_with_backend(backend)?;
+        // Create the tables so read transactions never meet a missing table.
+        let tx = db.begin_write()?;
+        tx.open_table(VOLUMES)?;
+        tx.open_table(SNAPSHOTS)?;
+        tx.commit()?;
+        Ok(Catalog { db })
+    }
+
+    pub fn db(&self) -> &redb::Database {
+        &self.db
+    }
+
+    pub fn volume(&self, name: &VolumeName) -> Result<VolumeRecord> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VOLUMES)?;
+        match t.get(name.as_str())? {
+            Some(v) => decode(v.value(), name.as_str()),
+            None => Err(Error::not_found(format!(
+                "no volume named {name:?} on this node; `holdfast volume list` shows the \
+                 registered volumes"
+            ))),
+        }
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VOLUMES)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push(decode(v.value(), k.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn add_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(VOLUMES)?;
+            if t.get(rec.name.as_str())?.is_some() {
+                return Err(Error::conflict(format!(
+                    "a volume named {:?} is already registered; choose another name or \
+                     `holdfast volume remove` it first",
+                    rec.name.as_str()
+                )));
+            }
+            t.insert(rec.name.as_str(), encode(rec)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Unregisters a volume; refused while it still has snapshots.
+    pub fn remove_volume(&self, name: &VolumeName) -> Result<VolumeRecord> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut vols = tx.open_table(VOLUMES)?;
+            let snaps = tx.open_table(SNAPSHOTS)?;
+            let (lo, hi) = volume_range(name);
+            let n = snaps.range(lo.as_str()..hi.as_str())?.count();
+            if n > 0 {
+                return Err(Error::conflict(format!(
+                    "volume {name:?} still has {n} snapshot(s); delete them first \
+                     (`holdfast snapshot list {name}`)"
+                )));
+            }
+            let Some(v) = vols.remove(name.as_str())? else {
+                return Err(Error::not_found(format!(
+                    "no volume named {name:?} on this node"
+                )));
+            };
+            decode::<VolumeRecord>(v.value(), name.as_str())?
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    /// The volume's snapshots, oldest first.
+    pub fn snapshots(&self, volume: &VolumeName) -> Result<Vec<SnapshotRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let (lo, hi) = volume_range(volume);
+        let mut out = Vec::new();
+        for entry in t.range(lo.as_str()..hi.as_str())? {
+            let (k, v) = entry?;
+            out.push(decode(v.value(), k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot on the node, by volume then age.
+    pub fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push(decode(v.value(), k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Finds `VOLUME@SNAPSHOT`: by exact name, then exact id, then unique id prefix.
+    pub fn resolve(&self, r: &SnapshotRef) -> Result<SnapshotRecord> {
+        self.volume(&r.volume)?;
+        let snaps = self.snapshots(&r.volume)?;
+        resolve_in(&snaps, r)
+    }
+
+    /// Makes a snapshot visible. The volume must exist and the name must be free.
+    pub fn commit_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let vols = tx.open_table(VOLUMES)?;
+            if vols.get(rec.volume.as_str())?.is_none() {
+                return Err(Error::not_found(format!(
+                    "volume {:?} was removed while the snapshot was being taken",
+                    rec.volume.as_str()
+                )));
+            }
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let (lo, hi) = volume_range(&rec.volume);
+            for entry in t.range(lo.as_str()..hi.as_str())? {
+                let (k, v) = entry?;
+                let other: SnapshotRecord = decode(v.value(), k.value())?;
+                if other.name == rec.name {
+                    return Err(Error::conflict(format!(
+                        "volume {} already has a snapshot named {:?}; choose another --name",
+                        rec.volume,
+                        rec.name.as_str()
+                    )));
+                }
+            }
+            t.insert(
+                snap_key(&rec.volume, &rec.id).as_str(),
+                encode(rec)?.as_slice(),
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a snapshot from the catalog (the caller then deletes its manifest).
+    /// `check` runs inside the write transaction, so a refusal (a soft lock) and the removal
+    /// see the same state.
+    pub fn remove_snapshot(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+        check: impl FnOnce(&redb::WriteTransaction, &SnapshotRecord) -> Result<()>,
+    ) -> Result<SnapshotRecord> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let key = snap_key(volume, id);
+            let rec: SnapshotRecord = {
+                let t = tx.open_table(SNAPSHOTS)?;
+                let Some(v) = t.get(key.as_str())? else {
+                    return Err(Error::not_found(format!(
+                        "snapshot {volume}@{id} does not exist (already deleted?)"
+                    )));
+                };
+                decode(v.value(), &key)?
+            };
+            check(&tx, &rec)?;
+            tx.open_table(SNAPSHOTS)?.remove(key.as_str())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+}
+
+/// Resolution of a reference within one volume's snapshots (oldest first).
+pub fn resolve_in(snaps: &[SnapshotRecord], r: &SnapshotRef) -> Result<SnapshotRecord> {
+    let want = r.snapshot.as_str();
+    if let Some(s) = snaps.iter().find(|s| s.name.as_str() == want) {
+        return Ok(s.clone());
+    }
+    if let Some(s) = snaps.iter().find(|s| s.id.to_string() == want) {
+        return Ok(s.clone());
+    }
+    if want.len() >= 4 && want.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let matches: Vec<_> = snaps
+            .iter()
+            .filter(|s| s.id.to_string().starts_with(want))
+            .collect();
+        match matches.len() {
+            1 => return Ok(matches[0].clone()),
+            n if n > 1 => {
+                return Err(Error::invalid(format!(
+                    "{}@{want} is ambiguous: {n} snapshot ids start with it; give more digits",
+                    r.volume
+                )));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::not_found(format!(
+        "volume {} has no snapshot named or with id {:?}; `holdfast snapshot list {}` shows them",
+        r.volume,
+        shorten(want),
+        r.volume
+    )))
+}

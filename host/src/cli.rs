@@ -1,0 +1,147 @@
+//! The command line: one file per subcommand under `cli/`.
+
+mod demo;
+mod gc;
+mod init;
+mod snapshot;
+mod verify;
+mod volume;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use holdfast::state::{DEFAULT_STATE_DIR, Node};
+
+/// Block-level snapshots with soft locks that travel upstream through mirror cascades.
+#[derive(Debug, Parser)]
+#[command(name = "holdfast", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The node's state directory.
+    #[arg(long, global = true, env = "HOLDFAST_STATE", default_value = DEFAULT_STATE_DIR)]
+    pub state: PathBuf,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress bars or summaries; errors only.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a node's state directory (identity, catalog, repository).
+    Init(init::InitCommand),
+    /// Register, list and remove volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Take, list, show, compare, restore and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Reclaim repository space that no snapshot references.
+    Gc(gc::GcCommand),
+    /// Re-read and re-hash every stored chunk; report damage by snapshot and block.
+    Verify(verify::VerifyCommand),
+    /// A walk-through in a scratch directory: snapshot, change, snapshot, diff, restore.
+    Demo(demo::DemoCommand),
+}
+
+/// What every command gets.
+pub struct Context {
+    pub state: PathBuf,
+    pub quiet: bool,
+}
+
+impl Context {
+    pub async fn open(&self) -> anyhow::Result<Node> {
+        Ok(Node::open(&self.state).await?)
+    }
+
+    /// A byte-count progress bar on stderr; hidden when quiet or not on a terminal.
+    pub fn bytes_bar(&self, what: &str) -> ProgressBar {
+        let pb = ProgressBar::with_draw_target(None, self.draw_target());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_message(what.to_string());
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    }
+
+    /// A count progress bar on stderr.
+    pub fn count_bar(&self, what: &str) -> ProgressBar {
+        let pb = ProgressBar::with_draw_target(None, self.draw_target());
+        pb.set_style(
+            ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        pb.set_message(what.to_string());
+        pb
+    }
+
+    fn draw_target(&self) -> ProgressDrawTarget {
+        if self.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            // indicatif draws nothing when stderr is not a terminal.
+            ProgressDrawTarget::stderr()
+        }
+    }
+
+    /// A summary line on stderr (stdout stays for data and ids).
+    pub fn summary(&self, line: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{}", line.as_ref());
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = Context {
+        state: cli.state,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Init(c) => c.run(&ctx).await,
+        Command::Volume(c) => c.run(&ctx).await,
+        Command::Snapshot(c) => c.run(&ctx).await,
+        Command::Gc(c) => c.run(&ctx).await,
+        Command::Verify(c) => c.run(&ctx).await,
+        Command::Demo(c) => c.run(&ctx).await,
+    }
+}
+
+/// 1.5 GiB, 64 KiB, 12 B.
+pub fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+/// Bytes per second over `elapsed`, human readable.
+pub fn throughput(bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    format!("{}/s", human_bytes((bytes as f64 / secs) as u64))
+}
+
+/// A Unix time in milliseconds as RFC 3339, to the second.
+pub fn format_time(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+        .to_string()
+}
+
+/// Writes JSON to stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}

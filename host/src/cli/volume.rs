@@ -1,0 +1,93 @@
+//! `holdfast volume add|list|remove`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::{Context, human_bytes, print_json};
+use holdfast::catalog::VolumeRecord;
+use holdfast::id::VolumeName;
+use holdfast::volume::{self, DEFAULT_BLOCK_SIZE, FileVolume};
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Register a raw image file or block device as a volume.
+    Add {
+        name: VolumeName,
+        /// The image file or block device.
+        #[arg(long)]
+        image: PathBuf,
+        /// Block size: a power of two from 4KiB to 4MiB.
+        #[arg(long, default_value_t = bytesize::ByteSize::b(DEFAULT_BLOCK_SIZE as u64))]
+        block_size: bytesize::ByteSize,
+    },
+    /// List the registered volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unregister a volume (it must have no snapshots left).
+    Remove { name: VolumeName },
+}
+
+impl VolumeCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let node = ctx.open().await?;
+        match self {
+            VolumeCommand::Add {
+                name,
+                image,
+                block_size,
+            } => {
+                let block_size = volume::validate_block_size(block_size.as_u64())?;
+                let image = volume::check_image(&image)?;
+                let rec = VolumeRecord {
+                    name,
+                    image,
+                    block_size,
+                    added_unix_ms: holdfast::now_unix_ms(),
+                };
+                node.catalog.add_volume(&rec)?;
+                ctx.summary(format!(
+                    "added volume {} ({}, blocks of {})",
+                    rec.name,
+                    rec.image.display(),
+                    human_bytes(block_size as u64)
+                ));
+            }
+            VolumeCommand::List { json } => {
+                let vols = node.catalog.volumes()?;
+                if json {
+                    return print_json(&vols);
+                }
+                println!(
+                    "{:<24} {:>10} {:>10} {:>9}  IMAGE",
+                    "NAME", "SIZE", "BLOCK", "SNAPSHOTS"
+                );
+                for v in vols {
+                    let size = FileVolume::open(&v.image)
+                        .map(|f| human_bytes(f.size()))
+                        .unwrap_or_else(|_| "missing".into());
+                    let n = node.catalog.snapshots(&v.name)?.len();
+                    println!(
+                        "{:<24} {:>10} {:>10} {:>9}  {}",
+                        v.name.as_str(),
+                        size,
+                        human_bytes(v.block_size as u64),
+                        n,
+                        v.image.display()
+                    );
+                }
+            }
+            VolumeCommand::Remove { name } => {
+                let rec = node.catalog.remove_volume(&name)?;
+                ctx.summary(format!(
+                    "removed volume {} (the image {} was not touched)",
+                    rec.name,
+                    rec.image.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! The one public error type, and the policy for using it.
+//!
+//! Every fallible public function returns [`Error`]. Modules keep precise private errors where
+//! that helps and convert them here, in one place, into a few categories an operator can act on:
+//!
+//! - [`Error::NotFound`]: a volume, snapshot, chunk or object that was named does not exist.
+//! - [`Error::InvalidInput`]: something from outside (a name, a path, a flag, a config value)
+//!   is malformed; nothing was changed.
+//! - [`Error::Conflict`]: the request contradicts the current state (the name is taken, the
+//!   state directory already exists); nothing was changed.
+//! - [`Error::Locked`]: a soft lock forbids the change; the message names the holders.
+//! - [`Error::Corrupt`]: stored data failed verification; the message names the snapshot, the
+//!   block and the chunk involved.
+//! - [`Error::Unavailable`]: a resource is out of reach or exhausted (disk full, a store that
+//!   does not answer); retrying later may succeed ([`Error::is_transient`]).
+//! - [`Error::Io`]: a local I/O failure, with the path or object involved.
+//! - [`Error::Internal`]: a bug; please report it.
+//!
+//! Messages say what failed, on which object, and what to do next. They are written for the
+//! operator who reads them on a terminal, so they are full sentences without a trailing period.
+
+use std::io;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The errors holdfast reports. See the module documentation for the categories.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Locked(String),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("{context}: {source}{}", io_hint(.source))]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("internal error: {0} (this is a bug in holdfast; please report it)")]
+    Internal(String),
+}
+
+fn io_hint(err: &io::Error) -> &'static str {
+    match err.kind() {
+        io::ErrorKind::StorageFull => {
+            " (free some space and run the command again; nothing was committed)"
+        }
+        io::ErrorKind::PermissionDenied => " (check the permissions of that path)",
+        _ => "",
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done and on which path or object.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Error::NotFound(msg.into())
+    }
+
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        Error::Conflict(msg.into())
+    }
+
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Error::Corrupt(msg.into())
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
+    }
+
+    pub fn unavailable(
+        msg: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Unavailable {
+            message: msg.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } => true,
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::Interrupted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+            ),
+            _ => false,
+        }
+    }
+
+    /// The process exit code the CLI uses for this error (documented in the README).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::InvalidInput(_) => 2,
+            Error::NotFound(_) => 3,
+            Error::Conflict(_) => 4,
+            Error::Locked(_) => 5,
+            Error::Corrupt(_) => 6,
+            Error::Unavailable { .. } | Error::Io { .. } => 7,
+            Error::Internal(_) => 70,
+        }
+    }
+}
+
+impl From<redb::Error> for Error {
+    fn from(err: redb::Error) -> Self {
+        catalog_error(err)
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(err: $t) -> Self {
+                catalog_error(redb::Error::from(err))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn catalog_error(err: redb::Error) -> Error {
+    match err {
+        redb::Error::Io(source) => Error::io("catalog I/O failed", source),
+        redb::Error::DatabaseAlreadyOpen => Error::Unavailable {
+            message: "the node catalog is held by another process that does not share it; \
+                      wait for it to finish and retry"
+                .into(),
+            source: None,
+        },
+        other => Error::Corrupt(format!(
+            "the node catalog could not be read: {other}; run `holdfast verify` and restore \
+             the state directory from a backup if it persists"
+        )),
+    }
+}
+
+impl From<object_store::Error> for Error {
+    fn from(err: object_store::Error) -> Self {
+        match err {
+            object_store::Error::NotFound { path, .. } => {
+                Error::NotFound(format!("object {path} is missing from the repository"))
+            }
+            object_store::Error::AlreadyExists { path, .. } => {
+                Error::Conflict(format!("object {path} already exists in the repository"))
+            }
+            object_store::Error::InvalidPath { source } => {
+                Error::InvalidInput(format!("invalid repository path: {source}"))
+            }
+            other => {
+                // The local store reports a full disk as a generic error; find the io::Error.
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&other);
+                while let Some(c) = cause {
+                    if let Some(io) = c.downcast_ref::<io::Error>()
+                        && io.kind() == io::ErrorKind::StorageFull
+                    {
+                        return Error::io(
+                            format!("writing to the repository failed ({other})"),
+                            io::Error::from(io::ErrorKind::StorageFull),
+                        );
+                    }
+                    cause = c.source();
+                }
+                Error::unavailable(format!("repository access failed: {other}"), other)
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! holdfast: block-level snapshots (PCPIs) kept in a verified, deduplicating repository and
+//! mirrored through cascades of nodes, with soft locks that travel upstream.
+//!
+//! # Layout
+//!
+//! - [`id`]: newtypes for every identifier, and the validation of names from outside.
+//! - [`error`]: the one public error type and its categories.
+//! - [`chunk`]: hashing (BLAKE3), zero detection, compression (zstd) and verification of blocks.
+//! - [`volume`]: reading raw image files and block devices.
+//! - [`repo`]: the repository format over `object_store`: packs, pack indexes, manifests.
+//! - [`catalog`]: the node's embedded database of volumes and committed snapshots.
+//! - [`state`]: a node's state directory (identity, catalog, repository), through cap-std.
+//! - [`sample`]: deterministic sample images for the demo, benchmarks and tests.
+//! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
+//! - `cli` (binary only): the `holdfast` command line.
+//!
+//! # Data flow of a snapshot
+//!
+//! image → [`volume::FileVolume`] → blocks → [`chunk`] (hash; skip zeros; compress new ones)
+//! → [`repo::pack::PackBuilder`] → [`repo::Repository::put_pack`] (durable) → manifest
+//! (durable, create-only) → [`catalog::Catalog::commit_snapshot`] (visible).
+//! Restore runs it backwards and verifies every chunk against its id.
+
+pub mod catalog;
+pub mod chunk;
+pub mod error;
+pub mod id;
+pub mod repo;
+pub mod sample;
+pub mod snapshot;
+pub mod state;
+pub mod volume;
+
+pub use error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

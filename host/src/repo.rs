@@ -1,0 +1,449 @@
+//! The repository: chunks in packs, pack indexes and snapshot manifests, in one format over
+//! `object_store`. The only module that builds object stores.
+//!
+//! # Layout of keys
+//! ```text
+//! config                       RepoConfig (JSON): format name and version, repository id
+//! packs/<2 hex>/<pack id>      pack objects (see repo/pack.rs)
+//! index/<pack id>              the index of that pack (zstd JSON), written after the pack
+//! manifests/<volume>/<id>      one snapshot's manifest (zstd JSON), written after its packs
+//! ```
+//!
+//! # Invariants
+//! - Every object is written once (`PutMode::Create`) and never modified; objects are released
+//!   by deleting them. Nothing depends on read-modify-write of a shared object.
+//! - On local disk every write is fsynced (file and directory) before it returns, so a pack is
+//!   durable before the index naming it, and both before a manifest that references them.
+//! - Writing the same pack twice is harmless: packs are named by their content's hash.
+
+pub mod pack;
+
+use std::collections::HashMap;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::Encoding;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId, SnapshotId, VolumeName};
+use pack::{FinishedPack, PackIndex};
+
+/// Name written into every repository's config.
+pub const FORMAT_NAME: &str = "holdfast-repository";
+/// The repository format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The repository's `config` object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RepoConfig {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub created_unix_ms: u64,
+    pub chunk_hash: String,
+    pub compression: String,
+}
+
+/// Where one chunk is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub pack: PackId,
+    pub offset: u64,
+    pub length: u32,
+    pub raw_length: u32,
+    pub encoding: Encoding,
+}
+
+/// Every chunk in the repository, by id, as loaded from the index objects.
+#[derive(Debug, Default)]
+pub struct ChunkIndex {
+    pub chunks: HashMap<ChunkId, ChunkLocation>,
+    pub packs: HashMap<PackId, PackIndex>,
+}
+
+impl ChunkIndex {
+    pub fn insert(&mut self, index: PackIndex) {
+        for e in &index.entries {
+            self.chunks.entry(e.id).or_insert(ChunkLocation {
+                pack: index.pack,
+                offset: e.offset,
+                length: e.length,
+                raw_length: e.raw_length,
+                encoding: e.encoding,
+            });
+        }
+        self.packs.insert(index.pack, index);
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<&ChunkLocation> {
+        self.chunks.get(id)
+    }
+}
+
+/// A repository over any [`ObjectStore`].
+#[derive(Clone, Debug)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    /// Where it is, for messages (a path or URL).
+    location: String,
+}
+
+impl Repository {
+    /// A repository in a local directory, which must exist. Writes are fsynced.
+    pub fn local(dir: &FsPath) -> Result<Self> {
+        let store = LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| {
+                Error::io(
+                    format!("opening repository directory {}", dir.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?
+            .with_fsync(true)
+            .with_automatic_cleanup(true);
+        Ok(Repository {
+            store: Arc::new(store),
+            location: dir.display().to_string(),
+        })
+    }
+
+    /// A repository over an existing store (tests use `InMemory`).
+    pub fn from_store(store: Arc<dyn ObjectStore>, location: impl Into<String>) -> Self {
+        Repository {
+            store,
+            location: location.into(),
+        }
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Writes a new repository's config; refuses if one exists.
+    pub async fn init(&self) -> Result<RepoConfig> {
+        let config = RepoConfig {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: format!("{:032x}", rand::random::<u128>()),
+            created_unix_ms: crate::now_unix_ms(),
+            chunk_hash: "blake3".into(),
+            compression: "zstd".into(),
+        };
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
+        match self.put_create(&Path::from("config"), body.into()).await {
+            Err(Error::Conflict(_)) => Err(Error::conflict(format!(
+                "a repository already exists at {}; use it as it is, or choose another location",
+                self.location
+            ))),
+            other => other.map(|_| config),
+        }
+    }
+
+    /// Reads the config and checks that this build understands the format.
+    pub async fn check(&self) -> Result<RepoConfig> {
+        let bytes = match self.store.get(&Path::from("config")).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::not_found(format!(
+                    "no holdfast repository at {} (its `config` object is missing); \
+                     run `holdfast init` first",
+                    self.location
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let config: RepoConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!(
+                "the repository config at {} is not readable: {e}",
+                self.location
+            ))
+        })?;
+        if config.format != FORMAT_NAME {
+            return Err(Error::invalid(format!(
+                "{} holds a {:?}, not a holdfast repository",
+                self.location, config.format
+            )));
+        }
+        if config.version != FORMAT_VERSION {
+            return Err(Error::invalid(format!(
+                "the repository at {} has format version {}; this holdfast reads version \
+                 {FORMAT_VERSION}; use a holdfast release that matches it",
+                self.location, config.version
+            )));
+        }
+        Ok(config)
+    }
+
+    async fn put_create(&self, path: &Path, body: Bytes) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(path, PutPayload::from(body), opts)
+            .await?;
+        Ok(())
+    }
+
+    /// Like `put_create`, but an existing object with this (content-derived) name is fine.
+    async fn put_idempotent(&self, path: &Path, body: Bytes) -> Result<()> {
+        match self.put_create(path, body).await {
+            Err(Error::Conflict(_)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn pack_path(id: &PackId) -> Path {
+        let hex = id.to_hex();
+        Path::from(format!("packs/{}/{}", &hex[..2], hex))
+    }
+
+    fn index_path(id: &PackId) -> Path {
+        Path::from(format!("index/{id}"))
+    }
+
+    fn manifest_path(volume: &VolumeName, id: &SnapshotId) -> Path {
+        Path::from(format!("manifests/{volume}/{id}"))
+    }
+
+    /// Stores a pack, then its index; both durable when this returns.
+    pub async fn put_pack(&self, pack: &FinishedPack) -> Result<()> {
+        let id = &pack.index.pack;
+        self.put_idempotent(&Self::pack_path(id), pack.bytes.clone())
+            .await?;
+        self.put_idempotent(&Self::index_path(id), pack.index.encode()?.into())
+            .await
+    }
+
+    /// Loads every pack index. An index that cannot be read is reported, not fatal: its
+    /// chunks count as absent (they will be stored again) and `gc` rebuilds or removes it.
+    pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
+        let ids = self.list_indexes().await?;
+        let results: Vec<(PackId, Result<PackIndex>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.read_index(&id).await) })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut index = ChunkIndex::default();
+        let mut problems = Vec::new();
+        for (id, r) in results {
+            match r {
+                Ok(pi) => index.insert(pi),
+                Err(e @ Error::Corrupt(_)) => problems.push(format!("index of pack {id}: {e}")),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((index, problems))
+    }
+
+    pub async fn read_index(&self, id: &PackId) -> Result<PackIndex> {
+        let bytes = self.store.get(&Self::index_path(id)).await?.bytes().await?;
+        let mut pi = PackIndex::decode(&bytes, &format!("index of pack {}", id.short()))?;
+        if pi.pack != *id {
+            return Err(Error::corrupt(format!(
+                "index object {id} names pack {}",
+                pi.pack
+            )));
+        }
+        pi.pack = *id;
+        Ok(pi)
+    }
+
+    /// Ids of all packs with an index object.
+    pub async fn list_indexes(&self) -> Result<Vec<PackId>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from("index")))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| m.location.filename()?.parse().ok())
+            .collect())
+    }
+
+    /// Ids and sizes of all pack objects.
+    pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from("packs")))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.size)))
+            .collect())
+    }
+
+    /// Reads byte ranges of a pack (adjacent ranges are coalesced into one request).
+    pub async fn read_pack_ranges(
+        &self,
+        id: &PackId,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<Bytes>> {
+        Ok(self.store.get_ranges(&Self::pack_path(id), ranges).await?)
+    }
+
+    pub async fn read_pack(&self, id: &PackId) -> Result<Bytes> {
+        Ok(self.store.get(&Self::pack_path(id)).await?.bytes().await?)
+    }
+
+    /// Deletes a pack's index first, then the pack, so no index ever names a missing pack.
+    pub async fn delete_pack(&self, id: &PackId) -> Result<()> {
+        ignore_missing(self.store.delete(&Self::index_path(id)).await)?;
+        ignore_missing(self.store.delete(&Self::pack_path(id)).await)
+    }
+
+    /// Deletes an index whose pack is gone.
+    pub async fn delete_index(&self, id: &PackId) -> Result<()> {
+        ignore_missing(self.store.delete(&Self::index_path(id)).await)
+    }
+
+    /// Commits a manifest: one create-only, atomic, durable write.
+    pub async fn put_manifest(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        self.put_create(&Self::manifest_path(volume, id), body.into())
+            .await
+    }
+
+    pub async fn read_manifest(&self, volume: &VolumeName, id: &SnapshotId) -> Result<Bytes> {
+        match self.store.get(&Self::manifest_path(volume, id)).await {
+            Ok(r) => Ok(r.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::corrupt(format!(
+                "the manifest of snapshot {volume}@{id} is missing from the repository at {}",
+                self.location
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn delete_manifest(&self, volume: &VolumeName, id: &SnapshotId) -> Result<()> {
+        ignore_missing(self.store.delete(&Self::manifest_path(volume, id)).await)
+    }
+
+    /// Every manifest in the repository, as (volume, snapshot id).
+    pub async fn list_manifests(&self) -> Result<Vec<(VolumeName, SnapshotId)>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from("manifests")))
+            .try_collect()
+            .await?;
+        let mut out = Vec::new();
+        for m in metas {
+            let parts: Vec<_> = m.location.parts().collect();
+            if parts.len() != 3 {
+                continue;
+            }
+            if let (Ok(v), Ok(id)) = (parts[1].as_ref().parse(), parts[2].as_ref().parse()) {
+                out.push((v, id));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_missing(r: object_store::Result<()>) -> Result<()> {
+    match r {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk;
+    use object_store::memory::InMemory;
+    use pack::PackBuilder;
+
+    fn mem() -> Repository {
+        Repository::from_store(Arc::new(InMemory::new()), "memory")
+    }
+
+    async fn conformance(repo: Repository) {
+        // The same sequence against every store: init once, packs round-trip through the
+        // index, manifests are create-only, deletes are idempotent.
+        repo.init().await.unwrap();
+        assert!(matches!(repo.init().await, Err(Error::Conflict(_))));
+        repo.check().await.unwrap();
+
+        let mut b = PackBuilder::new();
+        let data = b"block".repeat(1000);
+        let (enc, stored) = chunk::encode(&data).unwrap();
+        b.add(chunk::hash(&data), enc, &stored, data.len());
+        let p = b.finish().unwrap();
+        repo.put_pack(&p).await.unwrap();
+        repo.put_pack(&p).await.unwrap();
+        let (idx, problems) = repo.load_index().await.unwrap();
+        assert!(problems.is_empty());
+        let loc = idx.get(&chunk::hash(&data)).unwrap();
+        let got = repo
+            .read_pack_ranges(&loc.pack, &[loc.offset..loc.offset + loc.length as u64])
+            .await
+            .unwrap();
+        assert_eq!(
+            chunk::decode(&chunk::hash(&data), loc.encoding, &got[0], data.len()).unwrap(),
+            data
+        );
+
+        let vol: VolumeName = "v".parse().unwrap();
+        let sid = SnapshotId::generate(1);
+        repo.put_manifest(&vol, &sid, b"m".to_vec()).await.unwrap();
+        assert!(matches!(
+            repo.put_manifest(&vol, &sid, b"other".to_vec()).await,
+            Err(Error::Conflict(_))
+        ));
+        assert_eq!(
+            repo.list_manifests().await.unwrap(),
+            vec![(vol.clone(), sid)]
+        );
+        repo.delete_manifest(&vol, &sid).await.unwrap();
+        repo.delete_manifest(&vol, &sid).await.unwrap();
+        repo.delete_pack(&p.index.pack).await.unwrap();
+        assert!(repo.list_packs().await.unwrap().is_empty());
+        assert!(repo.list_indexes().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn conformance_in_memory() {
+        conformance(mem()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_local_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance(Repository::local(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn a_repository_of_another_version_is_refused() {
+        // A config with a different format version is a clear error, not a misread.
+        let repo = mem();
+        let mut cfg = repo.init().await.unwrap();
+        cfg.version = 99;
+        repo.store
+            .put(
+                &Path::from("config"),
+                serde_json::to_vec(&cfg).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let err = repo.check().await.unwrap_err().to_string();
+        assert!(err.contains("format version 99"), "{err}");
+    }
+}

@@ -1,0 +1,216 @@
+//! Garbage collection: reclaim chunks that no snapshot references.
+//!
+//! Runs alone (exclusive repository lock). Steps, each safe to interrupt at any point:
+//! 1. Read every catalogued snapshot's manifest and collect the chunks they reference. If a
+//!    manifest cannot be read, stop: without it we cannot know what is live.
+//! 2. Delete manifests that no catalogued snapshot owns (left by a crash between writing a
+//!    manifest and committing it, or between uncataloguing and deleting it).
+//! 3. For each pack: if none of its chunks is live, delete it (index first, then pack). If
+//!    more than [`REPACK_THRESHOLD`] of its bytes are dead, copy its live chunks (verified)
+//!    into new packs, make those durable, and only then delete the old pack.
+//! 4. Delete indexes whose pack is gone, and packs without a readable index or trailer.
+//!
+//! A chunk that is live is always in at least one pack with an index: new copies are durable
+//! before any old copy is removed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use super::load_manifest;
+use crate::chunk;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId};
+use crate::repo::pack::{self, PackBuilder, PackIndex};
+use crate::state::Node;
+
+/// Repack a pack when more than this fraction of its stored bytes is garbage.
+pub const REPACK_THRESHOLD: f64 = 0.25;
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub live_chunks: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    pub packs_written: u64,
+    pub orphan_manifests_deleted: u64,
+    pub stale_indexes_deleted: u64,
+    pub bytes_freed: u64,
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<GcReport> {
+    let started = Instant::now();
+    let _lock = node.lock_repo_exclusive()?;
+    let mut report = GcReport {
+        dry_run,
+        ..Default::default()
+    };
+
+    // 1. What is live.
+    let snaps = node.catalog.all_snapshots()?;
+    report.snapshots = snaps.len() as u64;
+    let mut live: HashSet<ChunkId> = HashSet::new();
+    let mut owned = HashSet::new();
+    for rec in &snaps {
+        let m = load_manifest(&node.repo, rec).await.map_err(|e| {
+            Error::corrupt(format!(
+                "gc stopped before deleting anything: {e}; run `holdfast verify` and repair \
+                 or delete that snapshot first"
+            ))
+        })?;
+        live.extend(m.blocks.iter().flatten());
+        owned.insert((rec.volume.clone(), rec.id));
+    }
+    report.live_chunks = live.len() as u64;
+
+    // 2. Orphan manifests.
+    for (vol, id) in node.repo.list_manifests().await? {
+        if !owned.contains(&(vol.clone(), id)) {
+            report.orphan_manifests_deleted += 1;
+            if !dry_run {
+                node.repo.delete_manifest(&vol, &id).await?;
+            }
+        }
+    }
+
+    // 3. Packs.
+    let packs: HashMap<PackId, u64> = node.repo.list_packs().await?.into_iter().collect();
+    let indexed: HashSet<PackId> = node.repo.list_indexes().await?.into_iter().collect();
+    for id in indexed.difference(&packs.keys().copied().collect()) {
+        report.stale_indexes_deleted += 1;
+        if !dry_run {
+            node.repo.delete_index(id).await?;
+        }
+    }
+    // Each live chunk keeps exactly one copy: the first pack (in id order) that holds it.
+    let mut pack_ids: Vec<PackId> = packs.keys().copied().collect();
+    pack_ids.sort();
+    let mut indexes: Vec<PackIndex> = Vec::new();
+    for id in &pack_ids {
+        let pi = if indexed.contains(id) {
+            node.repo.read_index(id).await
+        } else {
+            Err(Error::not_found("no index"))
+        };
+        let pi = match pi {
+            Ok(pi) => pi,
+            // No usable index: the trailer inside the pack has the same list.
+            Err(_) => match node
+                .repo
+                .read_pack(id)
+                .await
+                .and_then(|b| pack::read_trailer(id, &b))
+            {
+                Ok(pi) => {
+                    report.notes.push(format!(
+                        "pack {} had no readable index; used its trailer",
+                        id.short()
+                    ));
+                    if !dry_run {
+                        node.repo.delete_index(id).await?;
+                    }
+                    pi
+                }
+                Err(e) => {
+                    report.notes.push(format!(
+                        "pack {} is unreadable and was removed: {e}",
+                        id.short()
+                    ));
+                    report.packs_deleted += 1;
+                    report.bytes_freed += packs[id];
+                    if !dry_run {
+                        node.repo.delete_pack(id).await?;
+                    }
+                    continue;
+                }
+            },
+        };
+        indexes.push(pi);
+    }
+    let mut claimed: HashSet<ChunkId> = HashSet::new();
+    let mut to_delete: Vec<PackId> = Vec::new();
+    let mut to_repack: Vec<(PackIndex, Vec<usize>, u64)> = Vec::new();
+    for pi in indexes {
+        let mut keep = Vec::new();
+        let mut live_bytes = 0u64;
+        for (i, e) in pi.entries.iter().enumerate() {
+            if live.contains(&e.id) && claimed.insert(e.id) {
+                keep.push(i);
+                live_bytes += e.length as u64;
+            }
+        }
+        let total = pi.stored_bytes().max(1);
+        let dead_fraction = 1.0 - live_bytes as f64 / total as f64;
+        if keep.is_empty() {
+            to_delete.push(pi.pack);
+        } else if dead_fraction > REPACK_THRESHOLD {
+            to_repack.push((pi, keep, live_bytes));
+        }
+    }
+    progress.set_length((to_delete.len() + to_repack.len()) as u64);
+
+    // Repack: write every new pack durably before deleting any old one.
+    if !dry_run && !to_repack.is_empty() {
+        let mut builder = PackBuilder::new();
+        for (pi, keep, _) in &to_repack {
+            let ranges: Vec<_> = keep
+                .iter()
+                .map(|&i| {
+                    let e = &pi.entries[i];
+                    e.offset..e.offset + e.length as u64
+                })
+                .collect();
+            let blobs = node.repo.read_pack_ranges(&pi.pack, &ranges).await?;
+            for (&i, blob) in keep.iter().zip(blobs) {
+                let e = &pi.entries[i];
+                // Copy the stored bytes as they are, but only after checking them.
+                chunk::decode(&e.id, e.encoding, &blob, e.raw_length as usize).map_err(|err| {
+                    Error::corrupt(format!(
+                        "gc stopped: a live chunk is damaged ({err}); nothing was deleted; \
+                         run `holdfast verify` to see which snapshots it affects"
+                    ))
+                })?;
+                builder.add(e.id, e.encoding, &blob, e.raw_length as usize);
+                if builder.is_full() {
+                    node.repo
+                        .put_pack(&std::mem::take(&mut builder).finish()?)
+                        .await?;
+                    report.packs_written += 1;
+                }
+            }
+        }
+        if !builder.is_empty() {
+            node.repo.put_pack(&builder.finish()?).await?;
+            report.packs_written += 1;
+        }
+    }
+    for (pi, _, live_bytes) in &to_repack {
+        report.packs_repacked += 1;
+        report.bytes_freed += packs[&pi.pack].saturating_sub(*live_bytes);
+        if !dry_run {
+            node.repo.delete_pack(&pi.pack).await?;
+        }
+        progress.inc(1);
+    }
+    for id in &to_delete {
+        report.packs_deleted += 1;
+        report.bytes_freed += packs[id];
+        if !dry_run {
+            node.repo.delete_pack(id).await?;
+        }
+        progress.inc(1);
+    }
+    if !dry_run {
+        node.clean_staging_files();
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}

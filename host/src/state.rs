@@ -1,0 +1,256 @@
+//! A node's state directory: its identity, catalog and local repository, opened through
+//! cap-std so no name from outside can reach a path outside it.
+//!
+//! ```text
+//! STATE/
+//!   node.json      NodeInfo: node id, creation time, state format
+//!   catalog.redb   the catalog (volumes, snapshots)
+//!   repo.lock      advisory lock: shared while writing snapshots, exclusive for gc
+//!   repo/          the node's repository (see repo.rs)
+//! ```
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::id::NodeId;
+use crate::repo::Repository;
+
+/// The state format this build writes.
+pub const STATE_FORMAT: u32 = 1;
+/// The default state directory, relative to the working directory.
+pub const DEFAULT_STATE_DIR: &str = "holdfast-state";
+
+/// `node.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    pub created_unix_ms: u64,
+    pub state_format: u32,
+}
+
+/// An opened node: its state directory, catalog and repository.
+#[derive(Debug)]
+pub struct Node {
+    pub path: PathBuf,
+    pub dir: Dir,
+    pub info: NodeInfo,
+    pub catalog: Catalog,
+    pub repo: Repository,
+}
+
+/// Held while the repository is being written (shared) or collected (exclusive).
+#[derive(Debug)]
+pub struct RepoLock {
+    _file: std::fs::File,
+}
+
+impl Node {
+    /// Creates a new state directory (empty or absent) with a fresh repository.
+    pub async fn init(path: &Path, node_id: Option<NodeId>) -> Result<Node> {
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if path.join("node.json").exists() {
+                    return Err(Error::conflict(format!(
+                        "{} is already a holdfast state directory; use it as it is, or \
+                         choose another --state",
+                        path.display()
+                    )));
+                }
+                if entries.next().is_some() {
+                    return Err(Error::conflict(format!(
+                        "{} exists and is not empty; holdfast only initialises an empty or new \
+                         directory (if an earlier `init` was interrupted, remove it and rerun)",
+                        path.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path)
+                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                return Err(Error::invalid(format!(
+                    "{} is a file, not a directory",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+        let dir = open_dir(path)?;
+        dir.create_dir("repo")
+            .map_err(|e| Error::io(format!("creating {}/repo", path.display()), e))?;
+        let repo = Repository::local(&path.join("repo"))?;
+        repo.init().await?;
+        let catalog = open_catalog(&dir, path)?;
+        let info = NodeInfo {
+            node_id: node_id.unwrap_or_else(|| {
+                format!("node-{:08x}", rand::random::<u32>())
+                    .parse()
+                    .expect("valid node id")
+            }),
+            created_unix_ms: crate::now_unix_ms(),
+            state_format: STATE_FORMAT,
+        };
+        // node.json last: its presence means the state directory is complete.
+        write_atomic(
+            &dir,
+            "node.json",
+            &serde_json::to_vec_pretty(&info).map_err(|e| Error::internal(e.to_string()))?,
+        )
+        .map_err(|e| Error::io(format!("writing {}/node.json", path.display()), e))?;
+        Ok(Node {
+            path: path.to_path_buf(),
+            dir,
+            info,
+            catalog,
+            repo,
+        })
+    }
+
+    /// Opens an existing state directory.
+    pub async fn open(path: &Path) -> Result<Node> {
+        let dir = Dir::open_ambient_dir(path, ambient_authority()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::not_found(format!(
+                    "no holdfast state at {}; run `holdfast init` (with the same --state) first",
+                    path.display()
+                ))
+            } else {
+                Error::io(format!("opening state directory {}", path.display()), e)
+            }
+        })?;
+        let mut raw = Vec::new();
+        match dir.open("node.json") {
+            Ok(mut f) => f
+                .read_to_end(&mut raw)
+                .map_err(|e| Error::io(format!("reading {}/node.json", path.display()), e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
+                    "{} is not a holdfast state directory (no node.json); run `holdfast init` \
+                     first",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("opening {}/node.json", path.display()),
+                    e,
+                ));
+            }
+        };
+        let info: NodeInfo = serde_json::from_slice(&raw).map_err(|e| {
+            Error::corrupt(format!("{}/node.json is unreadable: {e}", path.display()))
+        })?;
+        if info.state_format != STATE_FORMAT {
+            return Err(Error::invalid(format!(
+                "{} has state format {}; this holdfast reads format {STATE_FORMAT}",
+                path.display(),
+                info.state_format
+            )));
+        }
+        let catalog = open_catalog(&dir, path)?;
+        let repo = Repository::local(&path.join("repo"))?;
+        repo.check().await?;
+        Ok(Node {
+            path: path.to_path_buf(),
+            dir,
+            info,
+            catalog,
+            repo,
+        })
+    }
+
+    /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
+    pub fn lock_repo_shared(&self) -> Result<RepoLock> {
+        let f = self.lock_file()?;
+        f.lock_shared()
+            .map_err(|e| Error::io("locking the repository", e))?;
+        Ok(RepoLock { _file: f })
+    }
+
+    /// Exclusive lock: gc runs alone.
+    pub fn lock_repo_exclusive(&self) -> Result<RepoLock> {
+        let f = self.lock_file()?;
+        f.lock()
+            .map_err(|e| Error::io("locking the repository", e))?;
+        Ok(RepoLock { _file: f })
+    }
+
+    /// Removes the temporary files of writes that a crash interrupted (`name#digits`, the
+    /// local store's staging names). Only call with the exclusive repository lock held.
+    pub fn clean_staging_files(&self) {
+        fn walk(dir: &Dir, removed: &mut u64) {
+            let Ok(entries) = dir.entries() else { return };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => {
+                        if let Ok(sub) = dir.open_dir(&name) {
+                            walk(&sub, removed);
+                        }
+                    }
+                    Ok(_) => {
+                        let staging = name.split_once('#').is_some_and(|(_, n)| {
+                            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                        });
+                        if staging && dir.remove_file(&name).is_ok() {
+                            *removed += 1;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        let mut removed = 0;
+        if let Ok(repo) = self.dir.open_dir("repo") {
+            walk(&repo, &mut removed);
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed staging files of interrupted writes");
+        }
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(true);
+        self.dir
+            .open_with("repo.lock", &o)
+            .map(|f| f.into_std())
+            .map_err(|e| Error::io(format!("opening {}/repo.lock", self.path.display()), e))
+    }
+}
+
+fn open_dir(path: &Path) -> Result<Dir> {
+    Dir::open_ambient_dir(path, ambient_authority())
+        .map_err(|e| Error::io(format!("opening state directory {}", path.display()), e))
+}
+
+fn open_catalog(dir: &Dir, path: &Path) -> Result<Catalog> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(true);
+    let f = dir
+        .open_with("catalog.redb", &o)
+        .map_err(|e| Error::io(format!("opening {}/catalog.redb", path.display()), e))?;
+    Catalog::open_file(f.into_std())
+}
+
+/// Writes `name` in `dir` atomically and durably: temp file, fsync, rename, fsync directory.
+pub fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = format!(".{name}.tmp");
+    {
+        let mut o = OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        let mut f = dir.open_with(&tmp, &o)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    dir.rename(&tmp, dir, name)?;
+    dir.open(".")?.sync_all()
+}

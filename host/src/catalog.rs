@@ -105,12 +105,32 @@ impl Catalog {
         let db = redb::Database::builder()
             .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
             .create_with_backend(backend)?;
-        // Create the tables so read transactions never meet a missing table.
-        let tx = db.begin_write()?;
+        let catalog = Catalog { db };
+        catalog.ensure_tables()?;
+        Ok(catalog)
+    }
+
+    /// Creates missing tables (on a new catalog, or one from an older holdfast), so read
+    /// transactions never meet a missing table. Read-only commands write nothing.
+    fn ensure_tables(&self) -> Result<()> {
+        {
+            let tx = self.db.begin_read()?;
+            let present = |r: std::result::Result<_, redb::TableError>| match r {
+                Ok(_) => Ok(true),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+                Err(e) => Err(Error::from(e)),
+            };
+            if present(tx.open_table(VOLUMES).map(drop))?
+                && present(tx.open_table(SNAPSHOTS).map(drop))?
+            {
+                return Ok(());
+            }
+        }
+        let tx = self.db.begin_write()?;
         tx.open_table(VOLUMES)?;
         tx.open_table(SNAPSHOTS)?;
         tx.commit()?;
-        Ok(Catalog { db })
+        Ok(())
     }
 
     pub fn db(&self) -> &redb::Database {

@@ -45,8 +45,41 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Whether `data` looks incompressible (random, already compressed or encrypted), judged
+/// from the byte histogram of eight 512-byte samples. Such blocks are stored raw without
+/// running zstd on them: it would spend as long as on text and then store them raw anyway.
+/// A wrong guess only costs space, never correctness.
+pub fn looks_incompressible(data: &[u8]) -> bool {
+    const PIECES: usize = 8;
+    const PIECE: usize = 512;
+    if data.len() < PIECES * PIECE * 2 {
+        return false;
+    }
+    let mut hist = [0u32; 256];
+    let step = data.len() / PIECES;
+    for k in 0..PIECES {
+        for &b in &data[k * step..k * step + PIECE] {
+            hist[b as usize] += 1;
+        }
+    }
+    let n = (PIECES * PIECE) as f64;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    // Uniform bytes give about 7.95 bits from 4096 samples; text is near 4.5.
+    entropy > 7.8
+}
+
 /// Encodes a block for storage: zstd if that makes it smaller, raw otherwise.
 pub fn encode(data: &[u8]) -> Result<(Encoding, Vec<u8>)> {
+    if looks_incompressible(data) {
+        return Ok((Encoding::Raw, data.to_vec()));
+    }
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
@@ -131,6 +164,26 @@ mod tests {
         assert!(out.len() < text.len() / 10);
         let (_, out2) = encode(&random).unwrap();
         assert!(out2.len() <= random.len());
+    }
+
+    #[test]
+    fn random_blocks_are_recognised_without_compressing_them() {
+        // Random bytes are judged incompressible; text, zeros-with-noise and tables are not.
+        let mut random = vec![0u8; 65536];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(looks_incompressible(&random));
+        assert!(!looks_incompressible(
+            &b"log line: status=200 ".repeat(4000)
+        ));
+        let table: Vec<u8> = (0..65536u32).map(|i| (i % 16) as u8).collect();
+        assert!(!looks_incompressible(&table));
+        assert!(!looks_incompressible(&random[..1000]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod demo;
 mod gc;
 mod init;
+mod sample;
 mod snapshot;
 mod verify;
 mod volume;
@@ -48,6 +49,9 @@ pub enum Command {
     Verify(verify::VerifyCommand),
     /// A walk-through in a scratch directory: snapshot, change, snapshot, diff, restore.
     Demo(demo::DemoCommand),
+    /// Deterministic sample images (for benchmarks and tests).
+    #[command(subcommand, hide = true)]
+    Sample(sample::SampleCommand),
 }
 
 /// What every command gets.
@@ -117,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gc(c) => c.run(&ctx).await,
         Command::Verify(c) => c.run(&ctx).await,
         Command::Demo(c) => c.run(&ctx).await,
+        Command::Sample(c) => c.run(&ctx).await,
     }
 }
 

@@ -34,11 +34,11 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     if name.chars().any(char::is_control) {
         return refuse("it contains a control character");
     }
-    if name.contains('/') || name.contains('\\') {
-        return refuse("it contains a path separator");
-    }
     if name.contains("..") {
         return refuse("it contains `..`");
+    }
+    if name.contains('/') || name.contains('\\') {
+        return refuse("it contains a path separator");
     }
     if name.contains('@') {
         return refuse("it contains `@`, which separates volume and snapshot in VOLUME@SNAPSHOT");
@@ -73,9 +73,16 @@ pub fn shorten(s: &str) -> String {
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(String);
+
+        /// Quoted, like a string, so messages can write `{name:?}`.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
 
         impl $name {
             pub fn as_str(&self) -> &str {

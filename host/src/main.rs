@@ -7,8 +7,41 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Cuts every run of more than 80 non-blank characters to its first 64.
+fn shorten_words(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(4096));
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        if word.chars().count() > 80 {
+            out.extend(word.chars().take(64));
+            out.push_str(&format!("…({} chars)", word.chars().count()));
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap repeats the offending value; a hostile one can be megabytes long.
+            eprint!("{}", shorten_words(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     telemetry::init(args.verbose, args.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -226,6 +226,12 @@ impl Repository {
             .await
     }
 
+    /// Writes a pack's index (again), for example rebuilt from the pack's trailer.
+    pub async fn put_index(&self, index: &PackIndex) -> Result<()> {
+        self.put_idempotent(&Self::index_path(&index.pack), index.encode()?.into())
+            .await
+    }
+
     /// Loads every pack index. An index that cannot be read is reported, not fatal: its
     /// chunks count as absent (they will be stored again) and `gc` rebuilds or removes it.
     pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
@@ -392,8 +398,9 @@ mod tests {
         let (idx, problems) = repo.load_index().await.unwrap();
         assert!(problems.is_empty());
         let loc = idx.get(&chunk::hash(&data)).unwrap();
+        let range = loc.offset..loc.offset + loc.length as u64;
         let got = repo
-            .read_pack_ranges(&loc.pack, &[loc.offset..loc.offset + loc.length as u64])
+            .read_pack_ranges(&loc.pack, std::slice::from_ref(&range))
             .await
             .unwrap();
         assert_eq!(

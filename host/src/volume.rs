@@ -87,6 +87,29 @@ impl FileVolume {
         Ok(done)
     }
 
+    /// Maps a regular image file into memory, so reading it copies nothing (the pages of the
+    /// page cache are hashed and compressed in place). `None` for block devices, empty
+    /// images, or where mapping fails; callers then use [`FileVolume::read_at`].
+    pub fn map(&self) -> Option<memmap2::Mmap> {
+        let meta = self.file.metadata().ok()?;
+        if !meta.file_type().is_file() || self.size == 0 {
+            return None;
+        }
+        // SAFETY: the mapping is read-only and private. Another process may still write the
+        // image while it is mapped; that gives torn data exactly as read(2) would, which is
+        // why a consistent snapshot needs a quiet image (module docs). A process that
+        // *truncates* the image meanwhile makes this process fault (SIGBUS) on the lost
+        // pages: it dies before committing anything, which the crash-safety of
+        // `snapshot::create` covers. ripgrep maps files for the same reason (no copy).
+        #[allow(unsafe_code)]
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(self.size as usize)
+                .map(&self.file)
+        };
+        map.ok()
+    }
+
     /// Fails if the image's size changed since it was opened.
     pub fn check_size_unchanged(&self) -> Result<()> {
         let now = current_size(&self.file, &self.path)?;

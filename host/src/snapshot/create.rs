@@ -183,6 +183,13 @@ fn default_name(existing: &[SnapshotRecord], now_ms: u64) -> SnapshotName {
 
 type Segment = (u64, Vec<u8>);
 
+/// One block after the parallel pass.
+enum Block {
+    Zero,
+    Known(ChunkId),
+    New(ChunkId, chunk::Encoding, Vec<u8>),
+}
+
 /// The compute side of the pipeline; runs on a blocking thread and uses rayon inside.
 fn compute(
     image: FileVolume,
@@ -194,71 +201,126 @@ fn compute(
     let bs = block_size as usize;
     let size = image.size();
     let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
-    let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(2);
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(4);
-
-    let mut blocks: Vec<Option<ChunkId>> =
-        Vec::with_capacity(block_count(size, block_size) as usize);
-    let mut stats = SnapshotStats::default();
-    let mut pending: HashSet<ChunkId> = HashSet::new();
-    let mut builder = PackBuilder::new();
-
-    std::thread::scope(|s| -> Result<()> {
-        let image = &image;
-        s.spawn(move || read_segments(image, seg_bytes, seg_tx, free_rx));
-        // Owned by this closure: an early return drops it, which stops the reader thread
-        // (its next send fails) instead of leaving the scope waiting for it.
-        let segments = seg_rx;
-        for seg in segments.iter() {
-            let (_offset, buf) = seg?;
-            let parts: Vec<&[u8]> = buf.chunks(bs).collect();
-            let hashed: Vec<Option<ChunkId>> = parts
-                .par_iter()
-                .map(|b| (!chunk::is_zero(b)).then(|| chunk::hash(b)))
-                .collect();
-            let mut new: Vec<usize> = Vec::new();
-            for (i, h) in hashed.iter().enumerate() {
-                match h {
-                    None => stats.zero_blocks += 1,
-                    Some(id) if !index.contains(id) && pending.insert(*id) => new.push(i),
-                    Some(_) => {}
-                }
-            }
-            let encoded: Vec<Result<(chunk::Encoding, Vec<u8>)>> =
-                new.par_iter().map(|&i| chunk::encode(parts[i])).collect();
-            for (&i, enc) in new.iter().zip(encoded) {
-                let (encoding, stored) = enc?;
-                let id = hashed[i].expect("new blocks are non-zero");
-                stats.new_chunks += 1;
-                stats.new_bytes += parts[i].len() as u64;
-                stats.new_stored_bytes += stored.len() as u64;
-                builder.add(id, encoding, &stored, parts[i].len());
-                if builder.is_full() {
-                    let full = std::mem::take(&mut builder).finish()?;
-                    send_pack(&packs, full)?;
-                }
-            }
-            stats.blocks += hashed.len() as u64;
-            blocks.extend(hashed);
-            progress.inc(buf.len() as u64);
-            // Hand the buffer back to the reader; if it has finished, just drop it.
-            let _ = free_tx.try_send(buf);
+    let mut b = Blocks {
+        block_size: bs,
+        index,
+        packs,
+        progress,
+        blocks: Vec::with_capacity(block_count(size, block_size) as usize),
+        stats: SnapshotStats::default(),
+        pending: HashSet::new(),
+        builder: PackBuilder::new(),
+    };
+    if let Some(map) = image.map() {
+        // Regular files: hash and compress the page cache's pages in place.
+        for seg in map.chunks(seg_bytes) {
+            b.add_segment(seg)?;
         }
-        Ok(())
-    })?;
-    if !builder.is_empty() {
-        send_pack(&packs, builder.finish()?)?;
+    } else {
+        // Block devices: a reader thread fills a fixed pool of buffers while we work.
+        let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(2);
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(READ_BUFFERS);
+        for _ in 0..READ_BUFFERS {
+            free_tx
+                .send(Vec::with_capacity(seg_bytes))
+                .expect("room for every buffer");
+        }
+        std::thread::scope(|s| -> Result<()> {
+            let image = &image;
+            s.spawn(move || read_segments(image, seg_bytes, seg_tx, free_rx));
+            // Owned by this closure: an early return drops it, which stops the reader thread
+            // (its next send fails) instead of leaving the scope waiting for it.
+            // The same for the free-buffer sender, which the reader may be waiting on.
+            let segments = seg_rx;
+            let free_tx = free_tx;
+            for seg in segments.iter() {
+                let (_offset, buf) = seg?;
+                b.add_segment(&buf)?;
+                // Hand the buffer back; if the reader has finished, just drop it.
+                let _ = free_tx.try_send(buf);
+            }
+            Ok(())
+        })?;
+    }
+    if !b.builder.is_empty() {
+        send_pack(&b.packs, b.builder.finish()?)?;
     }
     image.check_size_unchanged()?;
-    if blocks.len() as u64 != block_count(size, block_size) {
+    if b.blocks.len() as u64 != block_count(size, block_size) {
         return Err(Error::conflict(format!(
             "volume image {} ended early (read {} of {} blocks); nothing was committed",
             image.path().display(),
-            blocks.len(),
+            b.blocks.len(),
             block_count(size, block_size)
         )));
     }
-    Ok((blocks, stats))
+    Ok((b.blocks, b.stats))
+}
+
+/// Buffers the reader thread cycles through (read-ahead of two segments, two in use).
+const READ_BUFFERS: usize = 4;
+
+/// The state of a snapshot being computed, segment by segment.
+struct Blocks {
+    block_size: usize,
+    index: ChunkIndex,
+    packs: mpsc::Sender<FinishedPack>,
+    progress: ProgressBar,
+    blocks: Vec<Option<ChunkId>>,
+    stats: SnapshotStats,
+    /// New chunks already packed in this run (a block repeated within the image).
+    pending: HashSet<ChunkId>,
+    builder: PackBuilder,
+}
+
+impl Blocks {
+    fn add_segment(&mut self, seg: &[u8]) -> Result<()> {
+        let parts: Vec<&[u8]> = seg.chunks(self.block_size).collect();
+        // One parallel pass: hash each block and compress it unless it is zero or the
+        // repository already has it. A block repeated within this run is compressed more
+        // than once and stored once (rare; cheaper than a shared set across threads).
+        let index = &self.index;
+        let done: Vec<Result<Block>> = parts
+            .par_iter()
+            .map(|b| {
+                if chunk::is_zero(b) {
+                    return Ok(Block::Zero);
+                }
+                let id = chunk::hash(b);
+                if index.contains(&id) {
+                    return Ok(Block::Known(id));
+                }
+                let (encoding, stored) = chunk::encode(b)?;
+                Ok(Block::New(id, encoding, stored))
+            })
+            .collect();
+        for (part, block) in parts.iter().zip(done) {
+            match block? {
+                Block::Zero => {
+                    self.stats.zero_blocks += 1;
+                    self.blocks.push(None);
+                }
+                Block::Known(id) => self.blocks.push(Some(id)),
+                Block::New(id, encoding, stored) => {
+                    self.blocks.push(Some(id));
+                    if !self.pending.insert(id) {
+                        continue;
+                    }
+                    self.stats.new_chunks += 1;
+                    self.stats.new_bytes += part.len() as u64;
+                    self.stats.new_stored_bytes += stored.len() as u64;
+                    self.builder.add(id, encoding, &stored, part.len());
+                    if self.builder.is_full() {
+                        let full = std::mem::take(&mut self.builder).finish()?;
+                        send_pack(&self.packs, full)?;
+                    }
+                }
+            }
+        }
+        self.stats.blocks += parts.len() as u64;
+        self.progress.inc(seg.len() as u64);
+        Ok(())
+    }
 }
 
 fn send_pack(packs: &mpsc::Sender<FinishedPack>, pack: FinishedPack) -> Result<()> {
@@ -278,7 +340,9 @@ fn read_segments(
     let mut offset = 0u64;
     while offset < size {
         let want = ((size - offset) as usize).min(seg_bytes);
-        let mut buf = free.try_recv().unwrap_or_default();
+        // Wait for a free buffer: the pool bounds memory and avoids fresh allocations.
+        let Ok(mut buf) = free.recv() else { return };
+        // Recycled buffers are already full-size; only the first use zero-fills.
         buf.resize(want, 0);
         let r = image.read_at(offset, &mut buf).and_then(|n| {
             if n < want {

@@ -111,15 +111,18 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
             {
                 Ok(pi) => {
                     report.notes.push(format!(
-                        "pack {} had no readable index; used its trailer",
+                        "pack {} had no readable index; rebuilt it from the pack's trailer",
                         id.short()
                     ));
                     if !dry_run {
+                        // A damaged index object must go before the rebuilt one is written.
                         node.repo.delete_index(id).await?;
+                        node.repo.put_index(&pi).await?;
                     }
                     pi
                 }
-                Err(e) => {
+                // Only a pack proven damaged is removed; an unreachable store stops gc.
+                Err(e @ Error::Corrupt(_)) => {
                     report.notes.push(format!(
                         "pack {} is unreadable and was removed: {e}",
                         id.short()
@@ -131,6 +134,7 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
                     }
                     continue;
                 }
+                Err(e) => return Err(e),
             },
         };
         indexes.push(pi);

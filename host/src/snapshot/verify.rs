@@ -19,6 +19,9 @@ use crate::state::Node;
 
 const PACK_CONCURRENCY: usize = 3;
 
+/// Per pack: chunks checked, stored bytes read, and the chunks found bad with why.
+type PackResult = (u64, u64, Vec<(ChunkId, String)>);
+
 /// One problem found, with every block it affects in one snapshot.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -112,7 +115,7 @@ pub async fn verify(
         .map(|(_, l)| l.length as u64)
         .sum();
     progress.set_length(total);
-    let results: Vec<(u64, u64, Vec<(ChunkId, String)>)> = futures::stream::iter(by_pack)
+    let results: Vec<PackResult> = futures::stream::iter(by_pack)
         .map(|(pack, mut chunks)| {
             let progress = progress.clone();
             async move {

@@ -1,0 +1,59 @@
+//! `holdfast sample` (hidden): deterministic test images for benchmarks and tests.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::Context;
+use holdfast::sample;
+
+#[derive(Debug, Subcommand)]
+pub enum SampleCommand {
+    /// Write a mixed-content image (a third zeros, a quarter random, the rest text/binary).
+    Write {
+        path: PathBuf,
+        #[arg(long)]
+        size: bytesize::ByteSize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Rewrite a fraction of the image's blocks at random offsets.
+    Rewrite {
+        path: PathBuf,
+        #[arg(long)]
+        fraction: f64,
+        #[arg(long, default_value_t = bytesize::ByteSize::kib(64))]
+        block_size: bytesize::ByteSize,
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+    },
+}
+
+impl SampleCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        match self {
+            SampleCommand::Write { path, size, seed } => {
+                sample::write_mixed_image(&path, size.as_u64(), 64 << 10, seed)?;
+                ctx.summary(format!(
+                    "wrote {} ({} bytes)",
+                    path.display(),
+                    size.as_u64()
+                ));
+            }
+            SampleCommand::Rewrite {
+                path,
+                fraction,
+                block_size,
+                seed,
+            } => {
+                if !(0.0..=1.0).contains(&fraction) {
+                    anyhow::bail!(holdfast::Error::invalid("--fraction must be within 0..=1"));
+                }
+                let blocks =
+                    sample::rewrite_blocks(&path, block_size.as_u64() as usize, fraction, seed)?;
+                println!("{}", blocks.len());
+            }
+        }
+        Ok(())
+    }
+}

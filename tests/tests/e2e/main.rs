@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `holdfast` binary on temporary state directories.
+
+mod bad_input;
+mod corruption;
+mod crash;
+mod snapshots;

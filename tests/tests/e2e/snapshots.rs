@@ -1,0 +1,178 @@
+//! Round trips: what goes in comes back bit-identical, deduplicated, with diffs that match.
+
+use holdfast_tests::{TestNode, mixed_bytes};
+
+fn round_trip(bytes: &[u8], block_size: &str) {
+    let n = TestNode::new();
+    let img = n.image("vol.img", bytes);
+    n.add_volume("v", &img, block_size);
+    n.snapshot("v", "s1");
+    assert_eq!(n.restore("v@s1"), bytes, "size {}", bytes.len());
+    n.ok(&["verify"]);
+}
+
+#[test]
+fn sizes_that_are_not_a_multiple_of_the_block_size_round_trip() {
+    // A short last block is stored and restored at its true length.
+    round_trip(&mixed_bytes(1_000_003, 1), "4KiB");
+    round_trip(&mixed_bytes(65_537, 2), "64KiB");
+}
+
+#[test]
+fn tiny_empty_all_zero_and_sparse_images_round_trip() {
+    // Edge sizes, and images that are mostly or entirely zero.
+    round_trip(&[7u8], "4KiB");
+    round_trip(&[], "4KiB");
+    round_trip(&vec![0u8; 300_000], "4KiB");
+    let mut sparse = vec![0u8; 2 << 20];
+    sparse[1_234_567] = 1;
+    sparse[5] = 9;
+    round_trip(&sparse, "64KiB");
+}
+
+#[test]
+fn all_zero_image_stores_no_chunks() {
+    // Zero blocks need no chunk: the snapshot adds nothing to the repository.
+    let n = TestNode::new();
+    let img = n.image("zero.img", &vec![0u8; 1 << 20]);
+    n.add_volume("z", &img, "64KiB");
+    n.snapshot("z", "s");
+    let s = &n.snapshots("z")[0];
+    assert_eq!(s["stats"]["new-chunks"], 0);
+    assert_eq!(s["stats"]["zero-blocks"], 16);
+}
+
+#[test]
+fn identical_volumes_deduplicate_completely() {
+    // The second volume with the same content stores no new chunks.
+    let n = TestNode::new();
+    let data = mixed_bytes(3 << 20, 3);
+    let a = n.image("a.img", &data);
+    let b = n.image("b.img", &data);
+    n.add_volume("a", &a, "64KiB");
+    n.add_volume("b", &b, "64KiB");
+    n.snapshot("a", "s");
+    n.snapshot("b", "s");
+    assert!(n.snapshots("a")[0]["stats"]["new-chunks"].as_u64().unwrap() > 0);
+    assert_eq!(n.snapshots("b")[0]["stats"]["new-chunks"], 0);
+    assert_eq!(n.restore("b@s"), data);
+}
+
+#[test]
+fn incremental_snapshot_stores_only_changed_blocks_and_diff_names_them() {
+    // Change three blocks: the next snapshot adds exactly three chunks, diff reports them,
+    // and both snapshots restore to their own contents.
+    let n = TestNode::new();
+    let mut data = mixed_bytes(1 << 20, 4);
+    let img = n.image("v.img", &data);
+    n.add_volume("v", &img, "4KiB");
+    n.snapshot("v", "before");
+    let old = data.clone();
+    for (k, block) in [3usize, 4, 200].iter().enumerate() {
+        for b in &mut data[block * 4096..block * 4096 + 100] {
+            *b = 0xA0 + k as u8;
+        }
+    }
+    std::fs::write(&img, &data).unwrap();
+    n.snapshot("v", "after");
+    let snaps = n.snapshots("v");
+    assert_eq!(snaps[1]["stats"]["new-chunks"], 3);
+    assert_eq!(snaps[1]["parent"], snaps[0]["id"]);
+    let d = n
+        .run(&["snapshot", "diff", "v@before", "v@after", "--json"])
+        .json();
+    assert_eq!(d["changed-blocks"], 3);
+    assert_eq!(d["changed-bytes"], 3 * 4096);
+    assert_eq!(d["ranges"].as_array().unwrap().len(), 2);
+    assert_eq!(d["ranges"][0]["offset"], 3 * 4096);
+    assert_eq!(n.restore("v@before"), old);
+    assert_eq!(n.restore("v@after"), data);
+}
+
+#[test]
+fn a_volume_may_grow_and_each_snapshot_keeps_its_size() {
+    // Documented choice: a new image size is allowed and recorded per snapshot.
+    let n = TestNode::new();
+    let small = mixed_bytes(100_000, 5);
+    let img = n.image("v.img", &small);
+    n.add_volume("v", &img, "4KiB");
+    n.snapshot("v", "small");
+    let big = mixed_bytes(250_001, 6);
+    std::fs::write(&img, &big).unwrap();
+    n.snapshot("v", "big");
+    let snaps = n.snapshots("v");
+    assert_eq!(snaps[0]["size"], 100_000);
+    assert_eq!(snaps[1]["size"], 250_001);
+    assert_eq!(n.restore("v@small"), small);
+    assert_eq!(n.restore("v@big"), big);
+    let d = n
+        .run(&["snapshot", "diff", "v@small", "v@big", "--json"])
+        .json();
+    assert_eq!(d["to-size"], 250_001);
+}
+
+#[test]
+fn snapshots_resolve_by_name_id_and_id_prefix() {
+    // VOLUME@SNAPSHOT accepts a name, the full id, or a unique prefix of the id.
+    let n = TestNode::new();
+    let img = n.image("v.img", &mixed_bytes(50_000, 7));
+    n.add_volume("v", &img, "4KiB");
+    let id = n.snapshot("v", "first");
+    let by_name = n.run(&["snapshot", "show", "v@first", "--json"]).json();
+    let by_id = n
+        .run(&["snapshot", "show", &format!("v@{id}"), "--json"])
+        .json();
+    let by_prefix = n
+        .run(&["snapshot", "show", &format!("v@{}", &id[..14]), "--json"])
+        .json();
+    assert_eq!(by_name["id"], id.as_str());
+    assert_eq!(by_id, by_name);
+    assert_eq!(by_prefix, by_name);
+}
+
+#[test]
+fn delete_then_gc_reclaims_space_and_keeps_what_others_use() {
+    // Deleting one of two snapshots and collecting frees its unique chunks only.
+    let n = TestNode::new();
+    let a = mixed_bytes(2 << 20, 8);
+    let img = n.image("v.img", &a);
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "a");
+    let b = mixed_bytes(2 << 20, 9);
+    std::fs::write(&img, &b).unwrap();
+    n.snapshot("v", "b");
+    n.ok(&["snapshot", "delete", "v@a"]);
+    let gc = n.run(&["gc", "--json"]).json();
+    assert!(gc["bytes-freed"].as_u64().unwrap() > 0, "{gc}");
+    assert_eq!(n.restore("v@b"), b);
+    n.ok(&["verify"]);
+    // Nothing left to collect the second time.
+    let again = n.run(&["gc", "--json"]).json();
+    assert_eq!(again["bytes-freed"], 0, "{again}");
+    // With every snapshot gone, gc empties the repository of packs.
+    n.ok(&["snapshot", "delete", "v@b"]);
+    n.ok(&["gc"]);
+    assert!(holdfast_tests::pack_files(&n.state).is_empty());
+    n.ok(&["volume", "remove", "v"]);
+}
+
+#[test]
+fn listings_have_json_and_the_demo_runs() {
+    // Every listing speaks JSON; `demo` runs end to end in a scratch directory.
+    let n = TestNode::new();
+    let img = n.image("v.img", &mixed_bytes(10_000, 10));
+    n.add_volume("v", &img, "4KiB");
+    n.snapshot("v", "s");
+    assert_eq!(n.run(&["volume", "list", "--json"]).json()[0]["name"], "v");
+    assert_eq!(
+        n.run(&["snapshot", "list", "v", "--json"]).json()[0]["name"],
+        "s"
+    );
+    assert_eq!(n.run(&["verify", "--json"]).json()["snapshots"], 1);
+    let demo = n.path("demo");
+    let r = n.run(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("bit-identical"), "{}", r.stderr);
+    // Running it again replaces its own directory.
+    n.ok(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "2"]);
+}

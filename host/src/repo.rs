@@ -16,6 +16,7 @@
 //!   durable before the index naming it, and both before a manifest that references them.
 //! - Writing the same pack twice is harmless: packs are named by their content's hash.
 
+mod direct;
 pub mod pack;
 
 use std::collections::HashMap;
@@ -97,6 +98,8 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     /// Where it is, for messages (a path or URL).
     location: String,
+    /// The root directory of a local repository, for writing packs with direct I/O.
+    local: Option<Arc<cap_std::fs::Dir>>,
 }
 
 impl Repository {
@@ -111,9 +114,12 @@ impl Repository {
             })?
             .with_fsync(true)
             .with_automatic_cleanup(true);
+        let root = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(|e| Error::io(format!("opening repository directory {}", dir.display()), e))?;
         Ok(Repository {
             store: Arc::new(store),
             location: dir.display().to_string(),
+            local: Some(Arc::new(root)),
         })
     }
 
@@ -122,6 +128,7 @@ impl Repository {
         Repository {
             store,
             location: location.into(),
+            local: None,
         }
     }
 
@@ -220,8 +227,23 @@ impl Repository {
     /// Stores a pack, then its index; both durable when this returns.
     pub async fn put_pack(&self, pack: &FinishedPack) -> Result<()> {
         let id = &pack.index.pack;
-        self.put_idempotent(&Self::pack_path(id), pack.bytes.clone())
-            .await?;
+        let path = Self::pack_path(id);
+        match &self.local {
+            Some(root) => {
+                let (root, bytes) = (root.clone(), pack.bytes.clone());
+                let key = path.to_string();
+                tokio::task::spawn_blocking(move || direct::write_durable(&root, &key, &bytes))
+                    .await
+                    .map_err(|e| Error::internal(format!("pack writer failed: {e}")))?
+                    .map_err(|e| {
+                        Error::io(
+                            format!("writing pack {} to {}", id.short(), self.location),
+                            e,
+                        )
+                    })?;
+            }
+            None => self.put_idempotent(&path, pack.bytes.clone()).await?,
+        }
         self.put_idempotent(&Self::index_path(id), pack.index.encode()?.into())
             .await
     }

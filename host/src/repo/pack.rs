@@ -61,7 +61,10 @@ impl PackIndex {
 /// Accumulates encoded chunks until the pack is full.
 #[derive(Debug)]
 pub struct PackBuilder {
+    /// `buf[start..]` is the pack; `start` puts its first byte on a 4 KiB boundary so a local
+    /// repository can write it with direct I/O without copying it first.
     buf: Vec<u8>,
+    start: usize,
     entries: Vec<PackEntry>,
 }
 
@@ -73,10 +76,14 @@ impl Default for PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(TARGET_PACK_BYTES + (1 << 20));
+        // Room for a full pack plus the largest block and the trailer, so it never moves.
+        let mut buf: Vec<u8> = Vec::with_capacity(TARGET_PACK_BYTES + (6 << 20) + 4096);
+        let start = buf.as_ptr().align_offset(4096).min(4096);
+        buf.resize(start, 0);
         buf.extend_from_slice(MAGIC);
         PackBuilder {
             buf,
+            start,
             entries: Vec::new(),
         }
     }
@@ -84,7 +91,7 @@ impl PackBuilder {
     pub fn add(&mut self, id: ChunkId, encoding: Encoding, stored: &[u8], raw_length: usize) {
         self.entries.push(PackEntry {
             id,
-            offset: self.buf.len() as u64,
+            offset: (self.buf.len() - self.start) as u64,
             length: stored.len() as u32,
             raw_length: raw_length as u32,
             encoding,
@@ -97,7 +104,7 @@ impl PackBuilder {
     }
 
     pub fn is_full(&self) -> bool {
-        self.buf.len() >= TARGET_PACK_BYTES
+        self.buf.len() - self.start >= TARGET_PACK_BYTES
     }
 
     /// Seals the pack: appends the trailer and names it by its hash.
@@ -113,13 +120,14 @@ impl PackBuilder {
         self.buf
             .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(END_MAGIC);
-        let id = PackId(*blake3::hash(&self.buf).as_bytes());
+        let start = self.start;
+        let id = PackId(*blake3::hash(&self.buf[start..]).as_bytes());
         Ok(FinishedPack {
             index: PackIndex {
                 pack: id,
                 entries: self.entries,
             },
-            bytes: Bytes::from(self.buf),
+            bytes: Bytes::from(self.buf).slice(start..),
         })
     }
 }

@@ -28,7 +28,7 @@ use crate::chunk;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId, SnapshotName, VolumeName};
 use crate::repo::ChunkIndex;
-use crate::repo::pack::{FinishedPack, PackBuilder};
+use crate::repo::pack::PackBuilder;
 use crate::state::Node;
 use crate::volume::FileVolume;
 
@@ -85,7 +85,7 @@ pub async fn create(
     }
 
     progress.set_length(size);
-    let (pack_tx, mut pack_rx) = mpsc::channel::<FinishedPack>(2);
+    let (pack_tx, mut pack_rx) = mpsc::channel::<PackBuilder>(2);
     let pb = progress.clone();
     let compute =
         tokio::task::spawn_blocking(move || compute(image, block_size, index, pack_tx, pb));
@@ -99,7 +99,14 @@ pub async fn create(
         let permit = sem.clone().acquire_owned().await.expect("never closed");
         let repo = node.repo.clone();
         uploads.spawn(async move {
-            let r = repo.put_pack(&pack).await;
+            // Sealing (trailer, hash) happens here, off the compute thread.
+            let r = async {
+                let pack = tokio::task::spawn_blocking(move || pack.finish())
+                    .await
+                    .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
+                repo.put_pack(&pack).await
+            }
+            .await;
             drop(permit);
             r
         });
@@ -188,6 +195,8 @@ enum Block {
     Zero,
     Known(ChunkId),
     New(ChunkId, chunk::Encoding, Vec<u8>),
+    /// New and incompressible: stored as it is.
+    NewRaw(ChunkId),
 }
 
 /// The compute side of the pipeline; runs on a blocking thread and uses rayon inside.
@@ -195,7 +204,7 @@ fn compute(
     image: FileVolume,
     block_size: u32,
     index: ChunkIndex,
-    packs: mpsc::Sender<FinishedPack>,
+    packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
 ) -> Result<(Vec<Option<ChunkId>>, SnapshotStats)> {
     let bs = block_size as usize;
@@ -212,8 +221,9 @@ fn compute(
         builder: PackBuilder::new(),
     };
     if let Some(map) = image.map() {
-        // Regular files: hash and compress the page cache's pages in place.
-        for seg in map.chunks(seg_bytes) {
+        // Regular files: hash and compress the page cache's pages in place, in larger steps
+        // (no buffers to hold) so the threads meet less often.
+        for seg in map.chunks(seg_bytes * 4) {
             b.add_segment(seg)?;
         }
     } else {
@@ -243,7 +253,7 @@ fn compute(
         })?;
     }
     if !b.builder.is_empty() {
-        send_pack(&b.packs, b.builder.finish()?)?;
+        send_pack(&b.packs, b.builder)?;
     }
     image.check_size_unchanged()?;
     if b.blocks.len() as u64 != block_count(size, block_size) {
@@ -264,7 +274,7 @@ const READ_BUFFERS: usize = 4;
 struct Blocks {
     block_size: usize,
     index: ChunkIndex,
-    packs: mpsc::Sender<FinishedPack>,
+    packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
     blocks: Vec<Option<ChunkId>>,
     stats: SnapshotStats,
@@ -290,6 +300,10 @@ impl Blocks {
                 if index.contains(&id) {
                     return Ok(Block::Known(id));
                 }
+                if chunk::looks_incompressible(b) {
+                    // Copied into the pack straight from the image below.
+                    return Ok(Block::NewRaw(id));
+                }
                 let (encoding, stored) = chunk::encode(b)?;
                 Ok(Block::New(id, encoding, stored))
             })
@@ -301,7 +315,12 @@ impl Blocks {
                     self.blocks.push(None);
                 }
                 Block::Known(id) => self.blocks.push(Some(id)),
-                Block::New(id, encoding, stored) => {
+                block @ (Block::New(..) | Block::NewRaw(_)) => {
+                    let (id, encoding, stored) = match &block {
+                        Block::New(id, encoding, stored) => (*id, *encoding, stored.as_slice()),
+                        Block::NewRaw(id) => (*id, chunk::Encoding::Raw, *part),
+                        _ => unreachable!("matched above"),
+                    };
                     self.blocks.push(Some(id));
                     if !self.pending.insert(id) {
                         continue;
@@ -309,10 +328,9 @@ impl Blocks {
                     self.stats.new_chunks += 1;
                     self.stats.new_bytes += part.len() as u64;
                     self.stats.new_stored_bytes += stored.len() as u64;
-                    self.builder.add(id, encoding, &stored, part.len());
+                    self.builder.add(id, encoding, stored, part.len());
                     if self.builder.is_full() {
-                        let full = std::mem::take(&mut self.builder).finish()?;
-                        send_pack(&self.packs, full)?;
+                        send_pack(&self.packs, std::mem::take(&mut self.builder))?;
                     }
                 }
             }
@@ -323,7 +341,7 @@ impl Blocks {
     }
 }
 
-fn send_pack(packs: &mpsc::Sender<FinishedPack>, pack: FinishedPack) -> Result<()> {
+fn send_pack(packs: &mpsc::Sender<PackBuilder>, pack: PackBuilder) -> Result<()> {
     packs
         .blocking_send(pack)
         .map_err(|_| Error::internal("the pack uploader stopped early"))

@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -88,8 +89,8 @@ pub async fn restore(
         }
     }
 
-    let (file, tmp) = open_destination(to, is_device, m.size)?;
-    let file = Arc::new(file);
+    let (out, tmp) = open_destination(to, is_device, m.size)?;
+    let file = Arc::new(out);
     progress.set_length(m.size);
     let result = write_all(
         repo,
@@ -111,7 +112,8 @@ pub async fn restore(
             return Err(e);
         }
     };
-    file.sync_all()
+    file.buffered
+        .sync_all()
         .map_err(|e| Error::io(format!("syncing {}", to.display()), e))?;
     if let Some(tmp) = tmp {
         std::fs::rename(&tmp, to)
@@ -130,31 +132,114 @@ pub async fn restore(
     })
 }
 
+/// Where restored blocks go. Runs of whole, aligned blocks are written with direct I/O (no
+/// copy through the page cache, and nothing left to flush at the end); the rest (a short
+/// last block, or a filesystem without direct I/O) through an ordinary handle.
+struct Output {
+    direct: Option<File>,
+    buffered: File,
+    /// Set when the filesystem refuses a direct write; everything then goes buffered.
+    no_direct: AtomicBool,
+}
+
+impl Output {
+    fn write_at(&self, data: &[u8], offset: u64, aligned: bool) -> std::io::Result<()> {
+        if let Some(d) = self
+            .direct
+            .as_ref()
+            .filter(|_| aligned && !self.no_direct.load(Ordering::Relaxed))
+        {
+            match d.write_all_at(data, offset) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.no_direct.store(true, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.buffered.write_all_at(data, offset)
+    }
+}
+
 /// Opens what to write: the device itself, or a temporary file beside the destination.
-fn open_destination(to: &Path, is_device: bool, size: u64) -> Result<(File, Option<PathBuf>)> {
-    if is_device {
+fn open_destination(to: &Path, is_device: bool, size: u64) -> Result<(Output, Option<PathBuf>)> {
+    let (buffered, tmp) = if is_device {
         let f = OpenOptions::new()
             .write(true)
             .open(to)
             .map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
-        return Ok((f, None));
-    }
-    let file_name = to
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{} names no file", to.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(".holdfast-restore");
-    let tmp = to.with_file_name(tmp_name);
-    let f = OpenOptions::new()
+        (f, None)
+    } else {
+        let file_name = to
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{} names no file", to.display())))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(".holdfast-restore");
+        let tmp = to.with_file_name(tmp_name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        f.set_len(size)
+            .map_err(|e| Error::io(format!("sizing {}", tmp.display()), e))?;
+        (f, Some(tmp))
+    };
+    let direct = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-    f.set_len(size)
-        .map_err(|e| Error::io(format!("sizing {}", tmp.display()), e))?;
-    Ok((f, Some(tmp)))
+        .custom_flags(libc::O_DIRECT)
+        .open(tmp.as_deref().unwrap_or(to))
+        .ok();
+    Ok((
+        Output {
+            direct,
+            buffered,
+            no_direct: AtomicBool::new(false),
+        },
+        tmp,
+    ))
+}
+
+/// Direct I/O needs 4 KiB-aligned memory, offsets and lengths.
+const ALIGN: usize = 4096;
+/// Longest run of adjacent blocks written with one call.
+const MAX_RUN_BYTES: usize = 8 << 20;
+
+/// A reusable buffer whose contents start on a 4 KiB boundary.
+struct AlignedBuf {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        let buf: Vec<u8> = Vec::with_capacity(MAX_RUN_BYTES + ALIGN);
+        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        let mut b = AlignedBuf { buf, start };
+        b.clear();
+        b
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.resize(self.start, 0);
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The contents, and whether they are still aligned (the Vec never grew past its
+    /// capacity, so it never moved).
+    fn contents(&self) -> (&[u8], bool) {
+        let data = &self.buf[self.start..];
+        (data, (data.as_ptr() as usize).is_multiple_of(ALIGN))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -165,7 +250,7 @@ async fn write_all(
     by_pack: HashMap<PackId, HashMap<ChunkId, (ChunkLocation, Vec<u64>)>>,
     zero_blocks: &[u64],
     is_device: bool,
-    file: &Arc<File>,
+    file: &Arc<Output>,
     progress: &ProgressBar,
 ) -> Result<u64> {
     let bs = m.block_size as u64;
@@ -173,7 +258,7 @@ async fn write_all(
         let zeros = vec![0u8; m.block_size as usize];
         for &i in zero_blocks {
             let len = m.block_len(i);
-            file.write_all_at(&zeros[..len], i * bs)
+            file.write_at(&zeros[..len], i * bs, false)
                 .map_err(|e| Error::io(format!("writing block {i}"), e))?;
         }
     }
@@ -197,6 +282,10 @@ async fn write_all(
                     .collect();
                 let blobs = repo.read_pack_ranges(&pack, &ranges).await?;
                 tokio::task::spawn_blocking(move || -> Result<u64> {
+                    // Decode and verify every chunk of this pack, then write the blocks in
+                    // offset order, adjacent ones together.
+                    let mut plains = Vec::with_capacity(chunks.len());
+                    let mut writes: Vec<(u64, usize)> = Vec::new();
                     for ((id, (loc, blocks)), blob) in chunks.iter().zip(blobs) {
                         let plain = chunk::decode(id, loc.encoding, &blob, loc.raw_length as usize)
                             .map_err(|e| {
@@ -215,11 +304,36 @@ async fn write_all(
                                     plain.len()
                                 )));
                             }
-                            file.write_all_at(&plain, b * bs)
-                                .map_err(|e| Error::io(format!("writing block {b}"), e))?;
-                            progress.inc(len as u64);
+                            writes.push((b, plains.len()));
                         }
+                        plains.push(plain);
                     }
+                    writes.sort_unstable();
+                    let mut run = AlignedBuf::new();
+                    let mut run_start: Option<u64> = None;
+                    let mut next_block = 0u64;
+                    let flush = |run: &mut AlignedBuf, start: Option<u64>| -> Result<()> {
+                        if let Some(b) = start {
+                            let (data, aligned) = run.contents();
+                            let aligned = aligned && data.len().is_multiple_of(ALIGN);
+                            file.write_at(data, b * bs, aligned)
+                                .map_err(|e| Error::io(format!("writing block {b}"), e))?;
+                            progress.inc(data.len() as u64);
+                        }
+                        run.clear();
+                        Ok(())
+                    };
+                    for (b, p) in writes {
+                        let data = &plains[p];
+                        let adjacent = run_start.is_some() && b == next_block;
+                        if !adjacent || run.len() + data.len() > MAX_RUN_BYTES {
+                            flush(&mut run, run_start)?;
+                            run_start = Some(b);
+                        }
+                        run.extend(data);
+                        next_block = b + 1;
+                    }
+                    flush(&mut run, run_start)?;
                     Ok(chunks.len() as u64)
                 })
                 .await

@@ -70,12 +70,17 @@ fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
     });
     let mut expected = HashMap::new();
     let mut killed = 0;
-    for k in 0..8 {
+    // Delays are drawn up to `window`; when a run finishes before its kill (the machine is
+    // faster than the calibration said), the window shrinks, so most runs are interrupted.
+    let mut window = full.mul_f64(1.1);
+    for k in 0..12 {
         let name = format!("c{k}");
         expected.insert(name.clone(), data.clone());
-        let delay = full.mul_f64(rng.random_range(0.0..1.1));
+        let delay = window.mul_f64(rng.random_range(0.0..1.0));
         if kill_after(&n, &["snapshot", "create", "v", "--name", &name], delay) {
             killed += 1;
+        } else {
+            window = window.mul_f64(0.6);
         }
         check_visible(&n, "v", &expected);
         // The rerun completes (unless the killed run had already committed).
@@ -83,7 +88,7 @@ fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
             n.snapshot("v", &name);
         }
     }
-    assert!(killed > 0, "no run was interrupted; the calibration is off");
+    assert!(killed >= 3, "only {killed} runs were interrupted");
     n.ok(&["gc"]);
     check_visible(&n, "v", &expected);
 }

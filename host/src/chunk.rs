@@ -80,6 +80,11 @@ pub fn encode(data: &[u8]) -> Result<(Encoding, Vec<u8>)> {
     if looks_incompressible(data) {
         return Ok((Encoding::Raw, data.to_vec()));
     }
+    compress(data)
+}
+
+/// Compresses with zstd, falling back to raw when that does not make the block smaller.
+pub fn compress(data: &[u8]) -> Result<(Encoding, Vec<u8>)> {
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {

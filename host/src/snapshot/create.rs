@@ -304,7 +304,7 @@ impl Blocks {
                     // Copied into the pack straight from the image below.
                     return Ok(Block::NewRaw(id));
                 }
-                let (encoding, stored) = chunk::encode(b)?;
+                let (encoding, stored) = chunk::compress(b)?;
                 Ok(Block::New(id, encoding, stored))
             })
             .collect();

@@ -122,6 +122,7 @@ impl Catalog {
             };
             if present(tx.open_table(VOLUMES).map(drop))?
                 && present(tx.open_table(SNAPSHOTS).map(drop))?
+                && crate::softlock::registry::tables_present(&tx)?
             {
                 return Ok(());
             }
@@ -129,12 +130,18 @@ impl Catalog {
         let tx = self.db.begin_write()?;
         tx.open_table(VOLUMES)?;
         tx.open_table(SNAPSHOTS)?;
+        crate::softlock::LockRegistry::ensure_tables(&tx)?;
         tx.commit()?;
         Ok(())
     }
 
     pub fn db(&self) -> &redb::Database {
         &self.db
+    }
+
+    /// The soft-lock registry, which lives in the same database.
+    pub fn locks(&self) -> crate::softlock::LockRegistry<'_> {
+        crate::softlock::LockRegistry::new(&self.db)
     }
 
     pub fn volume(&self, name: &VolumeName) -> Result<VolumeRecord> {
@@ -295,6 +302,16 @@ impl Catalog {
         tx.commit()?;
         Ok(rec)
     }
+}
+
+/// Whether the snapshot is catalogued (inside a write transaction).
+pub(crate) fn snapshot_exists(
+    tx: &redb::WriteTransaction,
+    volume: &VolumeName,
+    id: &SnapshotId,
+) -> Result<bool> {
+    let t = tx.open_table(SNAPSHOTS)?;
+    Ok(t.get(snap_key(volume, id).as_str())?.is_some())
 }
 
 /// Resolution of a reference within one volume's snapshots (oldest first).

@@ -3,6 +3,8 @@
 mod demo;
 mod gc;
 mod init;
+mod lock;
+mod prune;
 mod sample;
 mod snapshot;
 mod verify;
@@ -43,6 +45,11 @@ pub enum Command {
     /// Take, list, show, compare, restore and delete snapshots.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Set, release, list and explain soft locks.
+    #[command(subcommand)]
+    Lock(lock::LockCommand),
+    /// Delete old snapshots by rule (keep-last, keep-within), never a locked one.
+    Prune(prune::PruneCommand),
     /// Reclaim repository space that no snapshot references.
     Gc(gc::GcCommand),
     /// Re-read and re-hash every stored chunk; report damage by snapshot and block.
@@ -118,6 +125,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(c) => c.run(&ctx).await,
         Command::Volume(c) => c.run(&ctx).await,
         Command::Snapshot(c) => c.run(&ctx).await,
+        Command::Lock(c) => c.run(&ctx).await,
+        Command::Prune(c) => c.run(&ctx).await,
         Command::Gc(c) => c.run(&ctx).await,
         Command::Verify(c) => c.run(&ctx).await,
         Command::Demo(c) => c.run(&ctx).await,

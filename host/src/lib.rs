@@ -9,7 +9,9 @@
 //! - [`volume`]: reading raw image files and block devices.
 //! - [`repo`]: the repository format over `object_store`: packs, pack indexes, manifests.
 //! - [`catalog`]: the node's embedded database of volumes and committed snapshots.
+//! - [`softlock`]: soft locks, lock sets and their registry; the one guard every deletion passes.
 //! - [`state`]: a node's state directory (identity, catalog, repository), through cap-std.
+//! - [`retention`]: built-in keep-last/keep-within pruning that never touches a locked snapshot.
 //! - [`sample`]: deterministic sample images for the demo, benchmarks and tests.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
 //! - `cli` (binary only): the `holdfast` command line.
@@ -26,8 +28,10 @@ pub mod chunk;
 pub mod error;
 pub mod id;
 pub mod repo;
+pub mod retention;
 pub mod sample;
 pub mod snapshot;
+pub mod softlock;
 pub mod state;
 pub mod volume;
 

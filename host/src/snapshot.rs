@@ -8,6 +8,7 @@
 
 pub mod create;
 pub mod gc;
+pub mod read;
 pub mod restore;
 pub mod verify;
 
@@ -25,6 +26,7 @@ use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId, SnapshotName, VolumeName};
 use crate::repo::Repository;
+use crate::softlock::{BreakLocks, SoftLock, guard_delete};
 use crate::state::Node;
 
 /// Manifest format version.
@@ -195,15 +197,25 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Result<Diff> {
     })
 }
 
-/// Deletes a snapshot: first from the catalog (so it is gone at once), then its manifest.
-/// Its chunks stay until `gc`.
-pub async fn delete(node: &Node, rec: &SnapshotRecord) -> Result<SnapshotRecord> {
+/// Deletes a snapshot unless a soft lock holds it (or `brk` overrides the locks, which is
+/// recorded): first from the catalog (so it is gone at once), then its manifest. Its chunks
+/// stay until `gc`. Returns the removed record and the locks that were broken.
+pub async fn delete(
+    node: &Node,
+    rec: &SnapshotRecord,
+    brk: Option<&BreakLocks>,
+) -> Result<(SnapshotRecord, Vec<SoftLock>)> {
+    let now = crate::now_unix_ms();
+    let mut broken = Vec::new();
     let removed = node
         .catalog
-        .remove_snapshot(&rec.volume, &rec.id, |_tx, _rec| Ok(()))?;
+        .remove_snapshot(&rec.volume, &rec.id, |tx, current| {
+            broken = guard_delete(tx, current, brk, now)?;
+            Ok(())
+        })?;
     // A crash here leaves an orphan manifest, invisible; gc removes it.
     node.repo.delete_manifest(&rec.volume, &rec.id).await?;
-    Ok(removed)
+    Ok((removed, broken))
 }
 
 #[cfg(test)]

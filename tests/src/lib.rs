@@ -194,6 +194,7 @@ impl TestNode {
             let name = v["name"].as_str().expect("name");
             out.push_str(&self.ok(&["snapshot", "list", name, "--json"]));
         }
+        out.push_str(&self.ok(&["lock", "list", "--json"]));
         let mut files = Vec::new();
         list_files(&self.state.join("repo"), &mut files);
         files.sort();

@@ -10,6 +10,7 @@ use super::{Context, format_time, human_bytes, print_json, throughput};
 use holdfast::catalog::SnapshotRecord;
 use holdfast::id::{SnapshotName, SnapshotRef, VolumeName, parse_label};
 use holdfast::snapshot::{self, CreateOptions};
+use holdfast::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -54,8 +55,31 @@ pub enum SnapshotCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Delete a snapshot (its space is reclaimed by `holdfast gc`).
-    Delete { snapshot: SnapshotRef },
+    /// Delete a snapshot (its space is reclaimed by `holdfast gc`); refused while locked.
+    Delete {
+        snapshot: SnapshotRef,
+        /// Delete even though soft locks hold it; the locks are released and recorded in
+        /// `holdfast lock history` with their holders.
+        #[arg(long)]
+        break_locks: bool,
+        /// Do not ask for confirmation of --break-locks.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Stream a snapshot's image to stdout, holding an application lock while reading.
+    ///
+    /// Example: `holdfast snapshot read db@nightly --hold-as restic | restic backup --stdin`.
+    /// The lock (holder app:NAME) is released when the stream ends; if the process dies, it
+    /// goes stale when its lease runs out.
+    Read {
+        snapshot: SnapshotRef,
+        /// The application name to hold the lock as.
+        #[arg(long)]
+        hold_as: String,
+        /// Lease of the lock, refreshed while reading (e.g. 30m, 6h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 fn parse_label_arg(s: &str) -> Result<(String, String), String> {
@@ -244,16 +268,130 @@ impl SnapshotCommand {
                     report.chunks_verified
                 ));
             }
-            SnapshotCommand::Delete { snapshot } => {
+            SnapshotCommand::Delete {
+                snapshot,
+                break_locks,
+                yes,
+            } => {
                 let rec = node.catalog.resolve(&snapshot)?;
-                let removed = snapshot::delete(&node, &rec).await?;
+                let brk = if break_locks {
+                    let locks = node.catalog.locks().locks_on(&rec.volume, &rec.id)?;
+                    if !locks.is_empty() && !yes {
+                        confirm_break(&rec, &locks)?;
+                    }
+                    Some(BreakLocks {
+                        reason: format!("operator on {}", hostname()),
+                    })
+                } else {
+                    None
+                };
+                let (removed, broken) = snapshot::delete(&node, &rec, brk.as_ref()).await?;
+                for l in &broken {
+                    eprintln!("broke lock: {}", l.describe(holdfast::now_unix_ms()));
+                }
                 ctx.summary(format!(
                     "deleted {} ({}); run `holdfast gc` to reclaim its space",
                     removed.display_ref(),
                     removed.id
                 ));
             }
+            SnapshotCommand::Read {
+                snapshot,
+                hold_as,
+                ttl,
+            } => read(&node, ctx, &snapshot, &hold_as, ttl).await?,
         }
         Ok(())
     }
+}
+
+/// Asks on the terminal before breaking locks; refuses without a terminal.
+fn confirm_break(rec: &SnapshotRecord, locks: &[SoftLock]) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(holdfast::Error::invalid(format!(
+            "{} is held by {} lock(s); --break-locks needs --yes when not run on a terminal",
+            rec.display_ref(),
+            locks.len()
+        )));
+    }
+    let now = holdfast::now_unix_ms();
+    eprintln!("{} is held by:", rec.display_ref());
+    for l in locks {
+        eprintln!("  - {}", l.describe(now));
+    }
+    eprint!("break these locks and delete it? type yes: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        anyhow::bail!(holdfast::Error::conflict(
+            "not confirmed; nothing was changed"
+        ));
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "this host".into())
+}
+
+/// `snapshot read`: lock, stream, refresh the lease while streaming, release at the end.
+async fn read(
+    node: &holdfast::state::Node,
+    ctx: &Context,
+    r: &SnapshotRef,
+    hold_as: &str,
+    ttl: std::time::Duration,
+) -> anyhow::Result<()> {
+    let holder = HolderId::application(hold_as)?;
+    let rec = node.catalog.resolve(r)?;
+    let m = snapshot::load_manifest(&node.repo, &rec).await?;
+    let new_lock = || NewLock {
+        snapshot: rec.id,
+        lock_type: LockType::Application,
+        value: hold_as.to_string(),
+        lease_ms: Some(ttl.as_millis() as u64),
+        path: vec![],
+    };
+    let locks = node.catalog.locks();
+    locks.add(&rec.volume, &holder, new_lock())?;
+    let started = std::time::Instant::now();
+    let pb = ctx.bytes_bar("read");
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::io::stdout());
+    let outcome = {
+        let stream = snapshot::read::stream(&node.repo, &m, &mut out, &pb);
+        tokio::pin!(stream);
+        // Refresh well before the lease runs out, so a long read keeps its lock.
+        let mut refresh = tokio::time::interval((ttl / 3).max(std::time::Duration::from_secs(1)));
+        refresh.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut stream => break r.map_err(anyhow::Error::from),
+                _ = refresh.tick() => {
+                    if let Err(e) = locks.add(&rec.volume, &holder, new_lock()) {
+                        tracing::warn!("could not refresh the read lock: {e}");
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break Err(anyhow::anyhow!("interrupted")),
+            }
+        }
+    };
+    pb.finish_and_clear();
+    let detail = match &outcome {
+        Ok(_) => "snapshot read finished".to_string(),
+        Err(e) => format!("snapshot read ended early: {e}"),
+    };
+    locks.release(&holder, Some(&rec.volume), Some(&rec.id), &detail)?;
+    let bytes = outcome?;
+    ctx.summary(format!(
+        "read {} ({}) in {:.2}s ({}) holding lock {holder}",
+        rec.display_ref(),
+        human_bytes(bytes),
+        started.elapsed().as_secs_f64(),
+        throughput(bytes, started.elapsed())
+    ));
+    Ok(())
 }

@@ -73,7 +73,10 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
 
     // 2. Orphan manifests.
     for (vol, id) in node.repo.list_manifests().await? {
-        if !owned.contains(&(vol.clone(), id)) {
+        // A manifest of a snapshot someone holds a lock on is never removed, catalogued or not.
+        if !owned.contains(&(vol.clone(), id))
+            && node.catalog.locks().locks_on(&vol, &id)?.is_empty()
+        {
             report.orphan_manifests_deleted += 1;
             if !dry_run {
                 node.repo.delete_manifest(&vol, &id).await?;

@@ -3,4 +3,5 @@
 mod bad_input;
 mod corruption;
 mod crash;
+mod locks;
 mod snapshots;

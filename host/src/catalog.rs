@@ -274,6 +274,46 @@ impl Catalog {
         Ok(())
     }
 
+    /// Makes many snapshots visible in one transaction (a mirror committing a batch, an
+    /// import). Each must satisfy what [`Catalog::commit_snapshot`] checks.
+    pub fn commit_snapshots(&self, recs: &[SnapshotRecord]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let vols = tx.open_table(VOLUMES)?;
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let mut names: std::collections::HashSet<(String, String)> = Default::default();
+            for rec in recs {
+                if vols.get(rec.volume.as_str())?.is_none() {
+                    return Err(Error::not_found(format!(
+                        "no volume named {:?}",
+                        rec.volume.as_str()
+                    )));
+                }
+                if names.is_empty() || !names.iter().any(|(v, _)| v == rec.volume.as_str()) {
+                    let (lo, hi) = volume_range(&rec.volume);
+                    for entry in t.range(lo.as_str()..hi.as_str())? {
+                        let (k, v) = entry?;
+                        let other: SnapshotRecord = decode(v.value(), k.value())?;
+                        names.insert((other.volume.to_string(), other.name.to_string()));
+                    }
+                }
+                if !names.insert((rec.volume.to_string(), rec.name.to_string())) {
+                    return Err(Error::conflict(format!(
+                        "volume {} already has a snapshot named {:?}",
+                        rec.volume,
+                        rec.name.as_str()
+                    )));
+                }
+                t.insert(
+                    snap_key(&rec.volume, &rec.id).as_str(),
+                    encode(rec)?.as_slice(),
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Removes a snapshot from the catalog (the caller then deletes its manifest).
     /// `check` runs inside the write transaction, so a refusal (a soft lock) and the removal
     /// see the same state.

@@ -88,6 +88,13 @@ macro_rules! name_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// For names read back from this node's own database, validated when stored.
+            #[allow(dead_code)] // not every name type is read back this way
+            pub(crate) fn from_trusted(s: &str) -> Self {
+                debug_assert!(validate_name($kind, s).is_ok(), "{s:?}");
+                Self(s.to_string())
+            }
         }
 
         impl FromStr for $name {
@@ -229,6 +236,14 @@ impl SnapshotId {
     pub fn generate(unix_ms: u64) -> Self {
         let random: u32 = rand::random();
         SnapshotId((((unix_ms & 0xffff_ffff_ffff) as u128) << 32) | random as u128)
+    }
+
+    pub fn as_u128(&self) -> u128 {
+        self.0
+    }
+
+    pub fn from_u128(v: u128) -> Self {
+        SnapshotId(v)
     }
 
     /// The creation time encoded in the id.

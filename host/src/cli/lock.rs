@@ -12,7 +12,7 @@ use holdfast::catalog::SnapshotRecord;
 use holdfast::id::{SnapshotRef, VolumeName};
 use holdfast::snapshot;
 use holdfast::softlock::registry::HolderSettings;
-use holdfast::softlock::{HolderId, LockSetUpdate, LockType, NewLock, SoftLock, human_duration};
+use holdfast::softlock::{HolderId, LockSetUpdate, LockType, NewLock, SoftLock};
 
 #[derive(Debug, Subcommand)]
 pub enum LockCommand {
@@ -154,60 +154,93 @@ impl LockCommand {
                     &node,
                     &sets.iter().map(|s| s.volume.clone()).collect::<Vec<_>>(),
                 )?;
-                let mut rows = Vec::new();
-                for s in &sets {
-                    if holder.as_ref().is_some_and(|h| *h != s.holder) {
-                        continue;
-                    }
-                    for l in &s.locks {
-                        if stale && !l.is_stale(now) {
-                            continue;
-                        }
-                        rows.push(ListedLock {
+                let rows = sets
+                    .iter()
+                    .filter(|s| holder.as_ref().is_none_or(|h| *h == s.holder))
+                    .flat_map(|s| s.locks.iter().map(move |l| (s, l)))
+                    .filter(|(_, l)| !stale || l.is_stale(now));
+                let name_of = |l: &SoftLock| -> String {
+                    names
+                        .get(&l.volume)
+                        .and_then(|m| m.get(&l.snapshot))
+                        .cloned()
+                        .unwrap_or_else(|| l.snapshot.to_string())
+                };
+                if json {
+                    let rows: Vec<ListedLock> = rows
+                        .map(|(s, l)| ListedLock {
                             lock: l,
-                            snapshot_name: names
-                                .get(&(l.volume.clone(), l.snapshot))
-                                .cloned()
-                                .unwrap_or_else(|| l.snapshot.to_string()),
+                            snapshot_name: name_of(l),
                             stale: l.is_stale(now),
                             generation: s.generation,
-                        });
-                    }
-                }
-                if json {
+                        })
+                        .collect();
                     return print_json(&rows);
                 }
+                // A node can hold 100,000 locks: build the table by hand into one buffer.
                 use std::io::Write;
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                writeln!(
-                    out,
-                    "{:<32} {:<24} {:<18} {:<24} {:>8} {:>10} {:>8}  VIA",
-                    "SNAPSHOT", "HOLDER", "TYPE", "VALUE", "AGE", "LEASE", "STATE"
-                )?;
-                for r in &rows {
-                    let l = r.lock;
-                    writeln!(
-                        out,
-                        "{:<32} {:<24} {:<18} {:<24} {:>8} {:>10} {:>8}  {}",
-                        format!("{}@{}", l.volume, r.snapshot_name),
-                        l.holder.as_str(),
-                        l.lock_type.to_string(),
-                        l.value,
-                        human_duration(now.saturating_sub(l.set_unix_ms)),
-                        l.lease_ms.map(human_duration).unwrap_or_else(|| "-".into()),
-                        if r.stale { "STALE" } else { "held" },
-                        if l.path.is_empty() {
-                            "local".to_string()
-                        } else {
-                            l.path
-                                .iter()
-                                .map(|n| n.as_str())
-                                .collect::<Vec<_>>()
-                                .join(" -> ")
-                        }
-                    )?;
+                let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+                let cell = |out: &mut Vec<u8>, s: &str, width: usize| {
+                    out.extend_from_slice(s.as_bytes());
+                    let n = s.chars().count();
+                    out.resize(out.len() + width.saturating_sub(n) + 1, b' ');
+                };
+                for (h, w) in [
+                    ("SNAPSHOT", 32),
+                    ("HOLDER", 24),
+                    ("TYPE", 18),
+                    ("VALUE", 24),
+                    ("AGE", 8),
+                    ("LEASE", 8),
+                    ("STATE", 6),
+                ] {
+                    cell(&mut out, h, w);
                 }
-                out.flush()?;
+                out.extend_from_slice(b"VIA\n");
+                let mut buf = String::new();
+                let mut stdout = std::io::stdout().lock();
+                for (_, l) in rows {
+                    buf.clear();
+                    buf.push_str(l.volume.as_str());
+                    buf.push('@');
+                    match names.get(&l.volume).and_then(|m| m.get(&l.snapshot)) {
+                        Some(n) => buf.push_str(n),
+                        None => buf.push_str(&l.snapshot.to_string()),
+                    }
+                    cell(&mut out, &buf, 32);
+                    cell(&mut out, l.holder.as_str(), 24);
+                    buf.clear();
+                    let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{}", l.lock_type));
+                    cell(&mut out, &buf, 18);
+                    cell(&mut out, &l.value, 24);
+                    buf.clear();
+                    compact_age(&mut buf, now.saturating_sub(l.set_unix_ms));
+                    cell(&mut out, &buf, 8);
+                    buf.clear();
+                    match l.lease_ms {
+                        Some(lease) => compact_age(&mut buf, lease),
+                        None => buf.push('-'),
+                    }
+                    cell(&mut out, &buf, 8);
+                    cell(&mut out, if l.is_stale(now) { "STALE" } else { "held" }, 6);
+                    if l.path.is_empty() {
+                        out.extend_from_slice(b"local");
+                    } else {
+                        for (i, n) in l.path.iter().enumerate() {
+                            if i > 0 {
+                                out.extend_from_slice(b" -> ");
+                            }
+                            out.extend_from_slice(n.as_str().as_bytes());
+                        }
+                    }
+                    out.push(b'\n');
+                    if out.len() > (1 << 20) - 4096 {
+                        stdout.write_all(&out)?;
+                        out.clear();
+                    }
+                }
+                stdout.write_all(&out)?;
+                stdout.flush()?;
             }
             LockCommand::Explain { snapshot, json } => {
                 let rec = node.catalog.resolve(&snapshot)?;
@@ -305,17 +338,35 @@ impl LockCommand {
     }
 }
 
-fn snapshot_names(
-    node: &holdfast::state::Node,
-    volumes: &[VolumeName],
-) -> anyhow::Result<std::collections::HashMap<(VolumeName, holdfast::id::SnapshotId), String>> {
-    let mut out = std::collections::HashMap::new();
-    let mut seen = std::collections::HashSet::new();
+/// `45s`, `12m`, `5h`, `3d`: the largest whole unit, appended to `out`.
+fn compact_age(out: &mut String, ms: u64) {
+    use std::fmt::Write;
+    let s = ms / 1000;
+    let _ = match s {
+        0..60 => write!(out, "{s}s"),
+        60..3600 => write!(out, "{}m", s / 60),
+        3600..86_400 => write!(out, "{}h", s / 3600),
+        _ => write!(out, "{}d", s / 86_400),
+    };
+}
+
+type Names = std::collections::HashMap<
+    VolumeName,
+    std::collections::HashMap<holdfast::id::SnapshotId, String>,
+>;
+
+/// Snapshot names by volume and id, for showing locks by name.
+fn snapshot_names(node: &holdfast::state::Node, volumes: &[VolumeName]) -> anyhow::Result<Names> {
+    let mut out = Names::new();
     for v in volumes {
-        if seen.insert(v.clone()) {
-            for s in node.catalog.snapshots(v)? {
-                out.insert((v.clone(), s.id), s.name.as_str().to_string());
-            }
+        if !out.contains_key(v) {
+            let names = node
+                .catalog
+                .snapshots(v)?
+                .into_iter()
+                .map(|s| (s.id, s.name.as_str().to_string()))
+                .collect();
+            out.insert(v.clone(), names);
         }
     }
     Ok(out)

@@ -135,6 +135,89 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| Error::internal(e.to_string()))
 }
 
+/// The stored form of a lock set: compact binary (postcard), with the volume and holder once
+/// per set rather than once per lock. A node with 100,000 locks decodes them all in a few
+/// milliseconds, where JSON took most of a `lock list`'s time.
+#[derive(Serialize, Deserialize)]
+struct StoredSet {
+    volume: String,
+    holder: String,
+    generation: u64,
+    refreshed: u64,
+    locks: Vec<StoredLock>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredLock {
+    snapshot: u128,
+    lock_type: String,
+    value: String,
+    set: u64,
+    refreshed: u64,
+    lease: Option<u64>,
+    path: Vec<String>,
+}
+
+fn encode_set(s: &LockSet) -> Result<Vec<u8>> {
+    let stored = StoredSet {
+        volume: s.volume.to_string(),
+        holder: s.holder.to_string(),
+        generation: s.generation,
+        refreshed: s.refreshed_unix_ms,
+        locks: s
+            .locks
+            .iter()
+            .map(|l| StoredLock {
+                snapshot: l.snapshot.as_u128(),
+                lock_type: l.lock_type.to_string(),
+                value: l.value.clone(),
+                set: l.set_unix_ms,
+                refreshed: l.refreshed_unix_ms,
+                lease: l.lease_ms,
+                path: l.path.iter().map(|n| n.to_string()).collect(),
+            })
+            .collect(),
+    };
+    postcard::to_stdvec(&stored).map_err(|e| Error::internal(e.to_string()))
+}
+
+fn decode_set(bytes: &[u8], what: &str) -> Result<LockSet> {
+    let s: StoredSet = postcard::from_bytes(bytes)
+        .map_err(|e| Error::corrupt(format!("lock set {what} is unreadable: {e}")))?;
+    let volume = VolumeName::from_trusted(&s.volume);
+    let holder = HolderId::from_trusted(&s.holder);
+    let mut types: HashMap<String, LockType> = HashMap::new();
+    let mut locks = Vec::with_capacity(s.locks.len());
+    for l in s.locks {
+        let lock_type = match types.get(&l.lock_type) {
+            Some(t) => t.clone(),
+            None => {
+                let t: LockType = l.lock_type.parse()?;
+                types.insert(l.lock_type, t.clone());
+                t
+            }
+        };
+        locks.push(SoftLock {
+            volume: volume.clone(),
+            snapshot: SnapshotId::from_u128(l.snapshot),
+            lock_type,
+            value: l.value,
+            holder: holder.clone(),
+            set_unix_ms: l.set,
+            refreshed_unix_ms: l.refreshed,
+            lease_ms: l.lease,
+            path: l.path.iter().map(|n| NodeId::from_trusted(n)).collect(),
+        });
+    }
+    Ok(LockSet {
+        volume,
+        holder,
+        generation: s.generation,
+        refreshed_unix_ms: s.refreshed,
+        locks,
+    })
+}
+
 fn read_set(
     tx: &WriteTransaction,
     volume: &VolumeName,
@@ -143,7 +226,7 @@ fn read_set(
     let t = tx.open_table(LOCK_SETS)?;
     let key = set_key(volume, holder);
     let v = t.get(key.as_str())?;
-    v.map(|v| decode(v.value(), &key)).transpose()
+    v.map(|v| decode_set(v.value(), &key)).transpose()
 }
 
 /// Stores `new` in place of `old` (either may be absent) and keeps the index in step.
@@ -173,7 +256,7 @@ fn write_set(tx: &WriteTransaction, old: Option<&LockSet>, new: &LockSet) -> Res
     if new.locks.is_empty() {
         sets.remove(key.as_str())?;
     } else {
-        sets.insert(key.as_str(), encode(new)?.as_slice())?;
+        sets.insert(key.as_str(), encode_set(new)?.as_slice())?;
     }
     Ok(())
 }
@@ -228,7 +311,7 @@ fn expire(tx: &WriteTransaction, now: u64, volume: Option<&VolumeName>) -> Resul
         let mut out = Vec::new();
         for e in t.iter()? {
             let (k, v) = e?;
-            let s: LockSet = decode(v.value(), k.value())?;
+            let s: LockSet = decode_set(v.value(), k.value())?;
             if auto.contains(&s.holder) && volume.is_none_or(|vol| *vol == s.volume) {
                 out.push(s);
             }
@@ -553,7 +636,7 @@ impl<'a> LockRegistry<'a> {
             let mut out = Vec::new();
             for e in t.iter()? {
                 let (k, v) = e?;
-                let s: LockSet = decode(v.value(), k.value())?;
+                let s: LockSet = decode_set(v.value(), k.value())?;
                 if s.holder == *holder && volume.is_none_or(|vol| *vol == s.volume) {
                     out.push(s);
                 }
@@ -584,6 +667,10 @@ impl<'a> LockRegistry<'a> {
 
     /// Applies auto-release to stale locks now (holders that opted in only).
     pub fn expire_stale(&self) -> Result<Vec<SoftLock>> {
+        // Most nodes have no holder with auto-release: then this is a read, not a commit.
+        if !self.all_settings()?.values().any(|s| s.auto_release_stale) {
+            return Ok(Vec::new());
+        }
         let tx = self.db.begin_write()?;
         let r = expire(&tx, crate::now_unix_ms(), None)?;
         tx.commit()?;
@@ -615,7 +702,7 @@ impl<'a> LockRegistry<'a> {
         let t = tx.open_table(LOCK_SETS)?;
         let mut out = Vec::new();
         let mut push = |k: &str, v: &[u8]| -> Result<()> {
-            out.push(decode(v, k)?);
+            out.push(decode_set(v, k)?);
             Ok(())
         };
         match volume {
@@ -648,7 +735,7 @@ impl<'a> LockRegistry<'a> {
             let holder = &k.value()[volume.as_str().len() + 1 + 20 + 1..];
             let key = format!("{volume}/{holder}");
             if let Some(v) = sets.get(key.as_str())? {
-                let s: LockSet = decode(v.value(), &key)?;
+                let s: LockSet = decode_set(v.value(), &key)?;
                 out.extend(s.locks.into_iter().filter(|l| l.snapshot == *snapshot));
             }
         }
@@ -669,7 +756,9 @@ impl<'a> LockRegistry<'a> {
             let (k, _) = e?;
             let key = k.value();
             let snap: SnapshotId = key[skip..skip + 20].parse()?;
-            out.entry(snap).or_default().push(key[skip + 21..].parse()?);
+            out.entry(snap)
+                .or_default()
+                .push(HolderId::from_trusted(&key[skip + 21..]));
         }
         Ok(out)
     }

@@ -14,7 +14,7 @@
 //!   by deleting them. Nothing depends on read-modify-write of a shared object.
 //! - On local disk every write is fsynced (file and directory) before it returns, so a pack is
 //!   durable before the index naming it, and both before a manifest that references them.
-//! - Writing the same pack twice is harmless: packs are named by their content's hash.
+//! - Writing the same pack twice is harmless: a pack is named by the hash of its entry list.
 
 mod direct;
 pub mod pack;

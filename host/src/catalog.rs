@@ -314,6 +314,41 @@ impl Catalog {
         Ok(())
     }
 
+    /// Changes a snapshot's labels (metadata for applications and policies, e.g. an
+    /// application marking a snapshot as copied). The snapshot's data and its manifest, which
+    /// keeps the labels it was taken with, never change.
+    pub fn set_labels(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<SnapshotRecord> {
+        let tx = self.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let key = snap_key(volume, id);
+            let mut rec: SnapshotRecord = match t.get(key.as_str())? {
+                Some(v) => decode(v.value(), &key)?,
+                None => {
+                    return Err(Error::not_found(format!(
+                        "snapshot {volume}@{id} does not exist"
+                    )));
+                }
+            };
+            for k in remove {
+                rec.labels.remove(k);
+            }
+            for (k, v) in set {
+                rec.labels.insert(k.clone(), v.clone());
+            }
+            t.insert(key.as_str(), encode(&rec)?.as_slice())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(rec)
+    }
+
     /// Removes a snapshot from the catalog (the caller then deletes its manifest).
     /// `check` runs inside the write transaction, so a refusal (a soft lock) and the removal
     /// see the same state.

@@ -4,6 +4,7 @@ mod demo;
 mod gc;
 mod init;
 mod lock;
+mod policy;
 mod prune;
 mod sample;
 mod snapshot;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Set, release, list and explain soft locks.
     #[command(subcommand)]
     Lock(lock::LockCommand),
+    /// Register, list, show, remove and dry-run WebAssembly policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Delete old snapshots by rule (keep-last, keep-within), never a locked one.
     Prune(prune::PruneCommand),
     /// Reclaim repository space that no snapshot references.
@@ -126,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(c) => c.run(&ctx).await,
         Command::Snapshot(c) => c.run(&ctx).await,
         Command::Lock(c) => c.run(&ctx).await,
+        Command::Policy(c) => c.run(&ctx).await,
         Command::Prune(c) => c.run(&ctx).await,
         Command::Gc(c) => c.run(&ctx).await,
         Command::Verify(c) => c.run(&ctx).await,

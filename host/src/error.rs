@@ -14,6 +14,9 @@
 //! - [`Error::Unavailable`]: a resource is out of reach or exhausted (disk full, a store that
 //!   does not answer); retrying later may succeed ([`Error::is_transient`]).
 //! - [`Error::Io`]: a local I/O failure, with the path or object involved.
+//! - [`Error::Policy`]: a policy failed (trapped, ran out of time or memory, answered with an
+//!   error or a malformed answer); the message names the policy and the call. The host falls
+//!   back to its safe default and lives on.
 //! - [`Error::Internal`]: a bug; please report it.
 //!
 //! Messages say what failed, on which object, and what to do next. They are written for the
@@ -49,6 +52,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    Policy(String),
     #[error("internal error: {0} (this is a bug in holdfast; please report it)")]
     Internal(String),
 }
@@ -126,6 +131,7 @@ impl Error {
             Error::Locked(_) => 5,
             Error::Corrupt(_) => 6,
             Error::Unavailable { .. } | Error::Io { .. } => 7,
+            Error::Policy(_) => 8,
             Error::Internal(_) => 70,
         }
     }

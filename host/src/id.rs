@@ -59,11 +59,15 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
 
 /// A name cut to a length that is safe to print in an error (hostile names can be megabytes).
 pub fn shorten(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.len() <= MAX {
+    shorten_to(s, 64)
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how long it was.
+pub fn shorten_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

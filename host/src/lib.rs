@@ -7,6 +7,7 @@
 //! - [`error`]: the one public error type and its categories.
 //! - [`chunk`]: hashing (BLAKE3), zero detection, compression (zstd) and verification of blocks.
 //! - [`volume`]: reading raw image files and block devices.
+//! - [`policy`]: WebAssembly policies (the only module naming wasmtime): engine, registry, decisions.
 //! - [`repo`]: the repository format over `object_store`: packs, pack indexes, manifests.
 //! - [`catalog`]: the node's embedded database of volumes and committed snapshots.
 //! - [`softlock`]: soft locks, lock sets and their registry; the one guard every deletion passes.
@@ -27,6 +28,7 @@ pub mod catalog;
 pub mod chunk;
 pub mod error;
 pub mod id;
+pub mod policy;
 pub mod repo;
 pub mod retention;
 pub mod sample;

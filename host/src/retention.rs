@@ -150,6 +150,79 @@ pub async fn prune(
     Ok(report)
 }
 
+/// What a policy-driven prune did.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PolicyPruneReport {
+    pub dry_run: bool,
+    pub volume: VolumeName,
+    /// Each retention policy's proposals, and those every one of them agreed on.
+    pub decision: crate::policy::registry::RetentionDecision,
+    /// Lock decisions refreshed before planning (failures keep the previous locks).
+    pub lock_decisions: Vec<crate::policy::registry::LockDecision>,
+    pub pruned: Vec<String>,
+    /// Agreed by the policies but held by a lock: kept.
+    pub kept_locked: Vec<(String, Vec<HolderId>)>,
+}
+
+/// Retention by the volume's policies: refresh every policy's locks, ask every retention
+/// policy, prune what all agree on and no lock holds. `Ok(None)` when the volume has no
+/// retention policy. Any policy failure prunes nothing (fail closed).
+pub async fn prune_by_policies(
+    node: &Node,
+    engine: &crate::policy::PolicyEngine,
+    volume: &VolumeName,
+    dry_run: bool,
+) -> Result<Option<PolicyPruneReport>> {
+    use crate::policy::{Phase, registry};
+    node.catalog.volume(volume)?;
+    let lock_decisions = registry::decide_locks(
+        node,
+        engine,
+        volume,
+        Phase::Retention,
+        registry::Asked::Every,
+        !dry_run,
+    )?;
+    let Some(decision) = registry::plan_retention(node, engine, volume, None, !dry_run)? else {
+        return Ok(None);
+    };
+    if !dry_run {
+        node.catalog.locks().expire_stale()?;
+    }
+    let locked = node.catalog.locks().locked_snapshots(volume)?;
+    let snaps = node.catalog.snapshots(volume)?;
+    let by_id: HashMap<SnapshotId, &SnapshotRecord> = snaps.iter().map(|s| (s.id, s)).collect();
+    let mut report = PolicyPruneReport {
+        dry_run,
+        volume: volume.clone(),
+        decision,
+        lock_decisions,
+        pruned: Vec::new(),
+        kept_locked: Vec::new(),
+    };
+    for id in report.decision.agreed.clone() {
+        let Some(rec) = by_id.get(&id) else { continue };
+        if let Some(holders) = locked.get(&id) {
+            report
+                .kept_locked
+                .push((rec.display_ref(), holders.clone()));
+            continue;
+        }
+        if dry_run {
+            report.pruned.push(rec.display_ref());
+            continue;
+        }
+        match snapshot::delete(node, rec, None).await {
+            Ok(_) => report.pruned.push(rec.display_ref()),
+            Err(Error::Locked(_)) => report.kept_locked.push((rec.display_ref(), vec![])),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(report))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,23 @@ pub fn holdfast_bin() -> PathBuf {
     bin
 }
 
+/// A policy component built from `plugins/` (`keep_base`, `gfs_retention`, `app_hold`,
+/// `hostile`, `wrong_world`).
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("HOLDFAST_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/wasm32-wasip2/debug")
+        });
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: build the policies with `(cd plugins && cargo build)` (./test.sh does)",
+        p.display()
+    );
+    p
+}
+
 /// The outcome of one command.
 #[derive(Debug)]
 pub struct Run {

@@ -11,7 +11,8 @@ use holdfast::retention::{self, KeepRules};
 #[derive(Debug, Args)]
 pub struct PruneCommand {
     pub volume: VolumeName,
-    /// Keep the newest N snapshots.
+    /// Keep the newest N snapshots. Without --keep-last and --keep-within, the volume's
+    /// retention policies decide (see `holdfast policy`).
     #[arg(long)]
     pub keep_last: Option<usize>,
     /// Keep snapshots younger than this (e.g. 7d, 36h).
@@ -25,12 +26,76 @@ pub struct PruneCommand {
 }
 
 impl PruneCommand {
+    fn report_policies(
+        &self,
+        ctx: &Context,
+        r: &retention::PolicyPruneReport,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            return print_json(r);
+        }
+        for d in &r.lock_decisions {
+            if let Some(e) = &d.error {
+                eprintln!("warning: {e} (its previous locks stay in force)");
+            }
+        }
+        let verb = if r.dry_run { "would prune" } else { "pruned" };
+        for s in &r.pruned {
+            println!("{verb} {s}");
+        }
+        for (s, holders) in &r.kept_locked {
+            let h: Vec<&str> = holders.iter().map(|h| h.as_str()).collect();
+            println!(
+                "kept   {s}: every retention policy proposed it, but it is locked by {}",
+                h.join(", ")
+            );
+        }
+        ctx.summary(format!(
+            "{}: {verb} {} by the agreement of {} retention polic{} ({}); {} kept because of locks",
+            r.volume,
+            r.pruned.len(),
+            r.decision.proposals.len(),
+            if r.decision.proposals.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            r.decision
+                .proposals
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.kept_locked.len()
+        ));
+        Ok(())
+    }
+
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
         let rules = KeepRules {
             keep_last: self.keep_last,
             keep_within: self.keep_within,
         };
+        if rules.keep_last.is_none() && rules.keep_within.is_none() {
+            // No rule on the command line: the volume's retention policies decide.
+            node.catalog.volume(&self.volume)?;
+            let has_policies = !holdfast::policy::registry::Policies::new(&node)
+                .for_volume(&self.volume)?
+                .is_empty();
+            if has_policies {
+                let engine = holdfast::policy::PolicyEngine::new()?;
+                if let Some(r) =
+                    retention::prune_by_policies(&node, &engine, &self.volume, self.dry_run).await?
+                {
+                    return self.report_policies(ctx, &r);
+                }
+            }
+            anyhow::bail!(holdfast::Error::invalid(format!(
+                "volume {} has no retention policy; give --keep-last N and/or --keep-within                  DURATION (holdfast never prunes without a rule)",
+                self.volume
+            )));
+        }
         let r = retention::prune(&node, &self.volume, &rules, self.dry_run).await?;
         if self.json {
             return print_json(&r);

@@ -55,6 +55,16 @@ pub enum SnapshotCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Change a snapshot's labels (its data never changes), e.g. to mark it as copied.
+    Label {
+        snapshot: SnapshotRef,
+        /// KEY=VALUE to set; repeatable.
+        #[arg(value_parser = parse_label_arg)]
+        set: Vec<(String, String)>,
+        /// A label to remove; repeatable.
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+    },
     /// Delete a snapshot (its space is reclaimed by `holdfast gc`); refused while locked.
     Delete {
         snapshot: SnapshotRef,
@@ -120,6 +130,28 @@ impl SnapshotCommand {
                 pb.finish_and_clear();
                 let report = report?;
                 let r = &report.record;
+                // Policies that lock new snapshots (app-hold, say) decide now. A failure keeps
+                // their previous locks and does not undo the snapshot.
+                let policies =
+                    holdfast::policy::registry::Policies::new(&node).for_volume(&volume)?;
+                if policies
+                    .iter()
+                    .any(|p| p.handles(holdfast::policy::Phase::SnapshotCreated))
+                {
+                    let engine = holdfast::policy::PolicyEngine::new()?;
+                    for d in holdfast::policy::registry::decide_locks(
+                        &node,
+                        &engine,
+                        &volume,
+                        holdfast::policy::Phase::SnapshotCreated,
+                        holdfast::policy::registry::Asked::HandlingPhase,
+                        true,
+                    )? {
+                        if let Some(e) = d.error {
+                            eprintln!("warning: {e} (its previous locks stay in force)");
+                        }
+                    }
+                }
                 if json {
                     print_json(r)?;
                 } else {
@@ -266,6 +298,55 @@ impl SnapshotCommand {
                     report.elapsed.as_secs_f64(),
                     throughput(report.bytes_written, report.elapsed),
                     report.chunks_verified
+                ));
+            }
+            SnapshotCommand::Label {
+                snapshot,
+                set,
+                remove,
+            } => {
+                for k in &remove {
+                    holdfast::id::validate_name("label key", k)?;
+                }
+                if set.is_empty() && remove.is_empty() {
+                    anyhow::bail!(holdfast::Error::invalid(
+                        "give KEY=VALUE to set or --remove KEY"
+                    ));
+                }
+                let rec = node.catalog.resolve(&snapshot)?;
+                let rec = node.catalog.set_labels(
+                    &rec.volume,
+                    &rec.id,
+                    &set.into_iter().collect(),
+                    &remove,
+                )?;
+                // Policies that lock by label (app-hold) decide again at once.
+                let policies =
+                    holdfast::policy::registry::Policies::new(&node).for_volume(&rec.volume)?;
+                if policies
+                    .iter()
+                    .any(|p| p.handles(holdfast::policy::Phase::Scheduled))
+                {
+                    let engine = holdfast::policy::PolicyEngine::new()?;
+                    for d in holdfast::policy::registry::decide_locks(
+                        &node,
+                        &engine,
+                        &rec.volume,
+                        holdfast::policy::Phase::Scheduled,
+                        holdfast::policy::registry::Asked::HandlingPhase,
+                        true,
+                    )? {
+                        if let Some(e) = d.error {
+                            eprintln!("warning: {e} (its previous locks stay in force)");
+                        }
+                    }
+                }
+                let labels: Vec<String> =
+                    rec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                ctx.summary(format!(
+                    "{} labels: {}",
+                    rec.display_ref(),
+                    labels.join(",")
                 ));
             }
             SnapshotCommand::Delete {

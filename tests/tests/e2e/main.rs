@@ -4,4 +4,5 @@ mod bad_input;
 mod corruption;
 mod crash;
 mod locks;
+mod policies;
 mod snapshots;

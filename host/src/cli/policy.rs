@@ -1,0 +1,327 @@
+//! `holdfast policy add|list|show|remove|test`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::{Context, format_time, human_bytes, print_json};
+use holdfast::id::{VolumeName, parse_label};
+use holdfast::policy::registry::{self, Policies, PolicyRecord};
+use holdfast::policy::{Limits, Phase, PolicyEngine};
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Register a policy component for one or more volumes.
+    Add {
+        name: String,
+        /// The component (.wasm) built for wasm32-wasip2 against wit/policy.wit.
+        #[arg(long)]
+        wasm: PathBuf,
+        /// A volume the policy decides for; repeatable.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<VolumeName>,
+        /// Configuration KEY=VALUE handed to the policy; repeatable.
+        #[arg(long = "config", value_parser = parse_config)]
+        config: Vec<(String, String)>,
+        /// Deadline of one call.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Memory cap of one call.
+        #[arg(long, default_value = "64MiB")]
+        memory: bytesize::ByteSize,
+    },
+    /// List registered policies, with their failure counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one policy.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unregister a policy and release its locks.
+    Remove { name: String },
+    /// Dry run on this node's real data: the locks and prunes the policy would produce.
+    Test {
+        name: String,
+        #[arg(long)]
+        volume: VolumeName,
+        /// The phase to simulate (default: retention for retention policies, else scheduled).
+        #[arg(long)]
+        phase: Option<Phase>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_config(s: &str) -> Result<(String, String), String> {
+    parse_label(s).map_err(|e| e.to_string().replace("label", "config"))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Shown<'a> {
+    #[serde(flatten)]
+    record: &'a PolicyRecord,
+    holder: String,
+    failures: Option<&'a registry::FailureCount>,
+}
+
+impl PolicyCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let node = ctx.open().await?;
+        let policies = Policies::new(&node);
+        match self {
+            PolicyCommand::Add {
+                name,
+                wasm,
+                volumes,
+                config,
+                timeout,
+                memory,
+            } => {
+                let bytes = std::fs::read(&wasm)
+                    .map_err(|e| holdfast::Error::io(format!("reading {}", wasm.display()), e))?;
+                let mut cfg = BTreeMap::new();
+                for (k, v) in config {
+                    cfg.insert(k, v);
+                }
+                let engine = PolicyEngine::new()?;
+                let started = std::time::Instant::now();
+                let rec = policies.add(
+                    &engine,
+                    &name,
+                    &bytes,
+                    volumes,
+                    cfg,
+                    Limits {
+                        timeout_ms: timeout.as_millis() as u64,
+                        memory_bytes: memory.as_u64(),
+                    },
+                )?;
+                ctx.summary(format!(
+                    "registered policy {} ({} {}, phases {}) for {}; compiled in {:.2}s",
+                    rec.name,
+                    rec.description.name,
+                    rec.description.version,
+                    phases(&rec),
+                    rec.volumes
+                        .iter()
+                        .map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            PolicyCommand::List { json } => {
+                let list = policies.list()?;
+                let failures = policies.failures()?;
+                if json {
+                    let shown: Vec<Shown> = list
+                        .iter()
+                        .map(|r| Shown {
+                            record: r,
+                            holder: r.holder().to_string(),
+                            failures: failures.get(&r.name),
+                        })
+                        .collect();
+                    return print_json(&shown);
+                }
+                println!(
+                    "{:<20} {:<24} {:<44} {:<20} {:>8}",
+                    "NAME", "POLICY", "PHASES", "VOLUMES", "FAILURES"
+                );
+                for r in &list {
+                    println!(
+                        "{:<20} {:<24} {:<44} {:<20} {:>8}",
+                        r.name,
+                        format!("{} {}", r.description.name, r.description.version),
+                        phases(r),
+                        r.volumes
+                            .iter()
+                            .map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        failures.get(&r.name).map_or(0, |f| f.count)
+                    );
+                }
+            }
+            PolicyCommand::Show { name, json } => {
+                let r = policies.require(&name)?;
+                let failures = policies.failures()?;
+                let f = failures.get(&r.name);
+                if json {
+                    return print_json(&Shown {
+                        record: &r,
+                        holder: r.holder().to_string(),
+                        failures: f,
+                    });
+                }
+                println!("policy       {}", r.name);
+                println!(
+                    "implements   {} {} ({})",
+                    r.description.name, r.description.version, r.world
+                );
+                println!("phases       {}", phases(&r));
+                println!(
+                    "volumes      {}",
+                    r.volumes
+                        .iter()
+                        .map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "component    {} ({})",
+                    r.component,
+                    human_bytes(r.component_bytes)
+                );
+                println!(
+                    "limits       {} ms, {}",
+                    r.limits.timeout_ms,
+                    human_bytes(r.limits.memory_bytes)
+                );
+                println!("locks held   as {}", r.holder());
+                for (k, v) in &r.config {
+                    println!("config       {k}={v}");
+                }
+                println!("added        {}", format_time(r.added_unix_ms));
+                match f {
+                    Some(f) => println!(
+                        "failures     {} (last {}: {})",
+                        f.count,
+                        format_time(f.last_unix_ms),
+                        f.last_error
+                    ),
+                    None => println!("failures     0"),
+                }
+            }
+            PolicyCommand::Remove { name } => {
+                let r = policies.remove(&name)?;
+                ctx.summary(format!("removed policy {} and released its locks", r.name));
+            }
+            PolicyCommand::Test {
+                name,
+                volume,
+                phase,
+                json,
+            } => {
+                let r = policies.require(&name)?;
+                if !r.volumes.contains(&volume) {
+                    anyhow::bail!(holdfast::Error::invalid(format!(
+                        "policy {name} is not registered for volume {volume}"
+                    )));
+                }
+                let phase = phase.unwrap_or(if r.handles(Phase::Retention) {
+                    Phase::Retention
+                } else {
+                    Phase::Scheduled
+                });
+                let engine = PolicyEngine::new()?;
+                let locks = registry::decide_locks(
+                    &node,
+                    &engine,
+                    &volume,
+                    phase,
+                    registry::Asked::Only(&name),
+                    false,
+                )?;
+                let retention = if r.handles(Phase::Retention) {
+                    Some(registry::plan_retention(
+                        &node,
+                        &engine,
+                        &volume,
+                        Some(&name),
+                        false,
+                    ))
+                } else {
+                    None
+                };
+                let locked = node.catalog.locks().locked_snapshots(&volume)?;
+                let names: std::collections::HashMap<_, _> = node
+                    .catalog
+                    .snapshots(&volume)?
+                    .into_iter()
+                    .map(|s| (s.id, s.display_ref()))
+                    .collect();
+                if json {
+                    #[derive(Serialize)]
+                    #[serde(rename_all = "kebab-case")]
+                    struct TestReport<'a> {
+                        phase: Phase,
+                        locks: &'a [registry::LockDecision],
+                        retention: Option<Result<Option<&'a registry::RetentionDecision>, String>>,
+                    }
+                    let retention = retention.as_ref().map(|r| match r {
+                        Ok(d) => Ok(d.as_ref()),
+                        Err(e) => Err(e.to_string()),
+                    });
+                    return print_json(&TestReport {
+                        phase,
+                        locks: &locks,
+                        retention,
+                    });
+                }
+                println!(
+                    "dry run of policy {name} on volume {volume}, phase {phase}; nothing is changed"
+                );
+                for d in &locks {
+                    if let Some(e) = &d.error {
+                        println!("locks: FAILED: {e}");
+                        println!(
+                            "       (on a real run the policy's previous locks stay in force)"
+                        );
+                    } else if d.locks.is_empty() {
+                        println!("locks: none");
+                    }
+                    for (snap, t, v) in &d.locks {
+                        let n = names.get(snap).cloned().unwrap_or_else(|| snap.to_string());
+                        println!("lock   {n}  {t} {v:?}");
+                    }
+                }
+                match retention {
+                    None => println!("prune: not a retention policy"),
+                    Some(Err(e)) => {
+                        println!("prune: FAILED: {e}");
+                    }
+                    Some(Ok(None)) => {}
+                    Some(Ok(Some(d))) => {
+                        let props = d.proposals.get(&name).cloned().unwrap_or_default();
+                        if props.is_empty() {
+                            println!("prune: nothing");
+                        }
+                        for p in props {
+                            let n = names
+                                .get(&p.snapshot)
+                                .cloned()
+                                .unwrap_or_else(|| p.snapshot.to_string());
+                            match locked.get(&p.snapshot) {
+                                Some(h) => println!(
+                                    "keep   {n}  (proposed: {}; refused: locked by {})",
+                                    p.reason,
+                                    h.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", ")
+                                ),
+                                None => println!("prune  {n}  ({})", p.reason),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn phases(r: &PolicyRecord) -> String {
+    r.description
+        .phases
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}

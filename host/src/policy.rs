@@ -1,0 +1,491 @@
+//! Policies: sandboxed WebAssembly components (the WIT world `holdfast:policy/policy@0.1.0`)
+//! that decide which soft locks a node holds and which snapshots retention may prune. The only
+//! module that names wasmtime.
+//!
+//! - One shared [`PolicyEngine`] (epoch interruption, a ticker thread) and one linker with a
+//!   deny-all WASI: no preopens, no environment, no network, stdout discarded, stderr captured
+//!   into the log under the policy's name, and clocks that read the time the host passes in.
+//! - A component is checked (a component, not a core module; it fits the world) and compiled
+//!   once at registration; the precompiled artifact is cached under the state directory, keyed
+//!   by the component's hash and the engine's compatibility hash, so loading takes a
+//!   millisecond.
+//! - Every call gets a fresh `Store` with a memory cap and a deadline. A trap, a timeout, an
+//!   exhausted memory or a malformed answer is an [`Error::Policy`] naming the policy and the
+//!   call; the host lives on and the caller falls back to the safe default (keep everything;
+//!   keep the previous locks).
+//!
+//! # Invariants
+//! - Answers are validated ([`convert`]): every snapshot named exists, values are bounded.
+//! - Nothing a policy answers can delete a locked snapshot: prunes go through the same guard
+//!   as every deletion (`softlock::guard_delete`).
+
+pub mod bindings;
+mod convert;
+pub mod registry;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::catalog::SnapshotRecord;
+use crate::error::{Error, Result};
+use crate::id::{NodeId, SnapshotId, VolumeName};
+use crate::softlock::{HolderId, LockType, SoftLock};
+use bindings::holdfast::policy::{config as wit_config, log as wit_log, types as wit_types};
+use bindings::{Policy, PolicyPre};
+
+/// The WIT package version this host implements.
+pub const WORLD_VERSION: &str = "0.1.0";
+/// Default deadline of one call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default memory cap of one call.
+pub const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
+/// Epoch tick: deadlines are whole ticks.
+const TICK: Duration = Duration::from_millis(2);
+/// Captured stderr per call.
+const STDERR_BYTES: usize = 64 << 10;
+
+/// Why the host is asking a policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    SnapshotCreated,
+    BeforeMirror,
+    AfterMirror,
+    Scheduled,
+    Retention,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::SnapshotCreated,
+        Phase::BeforeMirror,
+        Phase::AfterMirror,
+        Phase::Scheduled,
+        Phase::Retention,
+    ];
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::SnapshotCreated => "snapshot-created",
+            Phase::BeforeMirror => "before-mirror",
+            Phase::AfterMirror => "after-mirror",
+            Phase::Scheduled => "scheduled",
+            Phase::Retention => "retention",
+        })
+    }
+}
+
+impl FromStr for Phase {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.to_string() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown phase {:?}; use one of snapshot-created, before-mirror, \
+                     after-mirror, scheduled, retention",
+                    crate::id::shorten(s)
+                ))
+            })
+    }
+}
+
+impl Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Phase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a policy says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Description {
+    pub name: String,
+    pub version: String,
+    pub phases: Vec<Phase>,
+}
+
+/// A snapshot a policy would prune.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PruneProposal {
+    pub snapshot: SnapshotId,
+    pub reason: String,
+}
+
+/// Everything a policy sees for one decision.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub volume: VolumeName,
+    pub phase: Phase,
+    pub now_unix_ms: u64,
+    pub local_snapshots: Vec<SnapshotRecord>,
+    pub upstream_snapshots: Option<Vec<SnapshotRecord>>,
+    pub locks_held_here: Vec<SoftLock>,
+    pub locks_from_downstream: Vec<SoftLock>,
+    pub downstreams: Vec<(HolderId, Vec<SnapshotId>)>,
+}
+
+/// Per-call limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Limits {
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+        }
+    }
+}
+
+/// The state of one call's store.
+struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    policy: String,
+    config: BTreeMap<String, String>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit_types::Host for HostState {}
+
+impl wit_log::Host for HostState {
+    fn log(&mut self, level: wit_log::Level, message: String) {
+        let message = crate::id::shorten_to(&message, 4096);
+        let policy = &self.policy;
+        match level {
+            wit_log::Level::Trace => tracing::trace!(policy, "{message}"),
+            wit_log::Level::Debug => tracing::debug!(policy, "{message}"),
+            wit_log::Level::Info => tracing::info!(policy, "{message}"),
+            wit_log::Level::Warn => tracing::warn!(policy, "{message}"),
+            wit_log::Level::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+}
+
+impl wit_config::Host for HostState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    fn all(&mut self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A wall clock and a monotonic clock frozen at the time the host passes in: a policy has no
+/// ambient time of its own.
+struct FixedClock(Duration);
+
+impl wasmtime_wasi::HostWallClock for FixedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        self.0
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FixedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        self.0.as_nanos() as u64
+    }
+}
+
+/// The shared engine and linker.
+pub struct PolicyEngine {
+    engine: Engine,
+    linker: Linker<HostState>,
+}
+
+impl fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PolicyEngine")
+    }
+}
+
+fn wasm_error(context: impl fmt::Display, e: wasmtime::Error) -> Error {
+    Error::Policy(format!("{context}: {e:#}"))
+}
+
+impl PolicyEngine {
+    pub fn new() -> Result<Self> {
+        let mut cfg = Config::new();
+        cfg.epoch_interruption(true);
+        let engine = Engine::new(&cfg).map_err(|e| wasm_error("starting the policy engine", e))?;
+        // The ticker stops when the engine is dropped (it only holds a weak reference).
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while let Some(e) = weak.upgrade() {
+                    e.increment_epoch();
+                    drop(e);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| Error::io("starting the policy deadline thread", e))?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| wasm_error("linking WASI", e))?;
+        Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| wasm_error("linking the policy world", e))?;
+        Ok(PolicyEngine { engine, linker })
+    }
+
+    /// Identifies the engine build and settings, for keying precompiled artifacts.
+    pub fn engine_key(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// Checks untrusted bytes: a component (not a core module, not truncated) that fits the
+    /// `holdfast:policy@0.1.0` world. Returns the precompiled artifact.
+    pub fn compile(&self, what: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+        const CORE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+        if bytes.starts_with(&CORE) {
+            return Err(Error::invalid(format!(
+                "{what} is a core WebAssembly module, not a component; build the policy with \
+                 `cargo build --target wasm32-wasip2` (wit-bindgen), which produces a component"
+            )));
+        }
+        if !bytes.starts_with(&COMPONENT) {
+            return Err(Error::invalid(format!(
+                "{what} is not a WebAssembly component (wrong header)"
+            )));
+        }
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| Error::invalid(format!("{what} is not a valid component: {e:#}")))?;
+        let component = self.deserialize(&artifact)?;
+        self.pre(what, &component)?;
+        Ok(artifact)
+    }
+
+    fn deserialize(&self, artifact: &[u8]) -> Result<Component> {
+        // SAFETY: artifacts come only from `precompile_component` of this engine build, stored
+        // under the node's state directory (never from outside); a mismatching one is refused.
+        #[allow(unsafe_code)]
+        let c = unsafe { Component::deserialize(&self.engine, artifact) };
+        c.map_err(|e| wasm_error("loading a precompiled policy", e))
+    }
+
+    fn pre(&self, what: &str, component: &Component) -> Result<PolicyPre<HostState>> {
+        let pre = self.linker.instantiate_pre(component).map_err(|e| {
+            Error::invalid(format!(
+                "{what} does not fit the holdfast:policy@{WORLD_VERSION} world (it imports \
+                 something the host does not provide): {e:#}"
+            ))
+        })?;
+        PolicyPre::new(pre).map_err(|e| {
+            Error::invalid(format!(
+                "{what} does not export the holdfast:policy@{WORLD_VERSION} world: {e:#}"
+            ))
+        })
+    }
+
+    /// Loads a precompiled artifact into a callable policy.
+    pub fn load(
+        &self,
+        name: &str,
+        artifact: &[u8],
+        config: BTreeMap<String, String>,
+        limits: Limits,
+    ) -> Result<WasmPolicy<'_>> {
+        let component = self.deserialize(artifact)?;
+        let pre = self.pre(name, &component)?;
+        Ok(WasmPolicy {
+            engine: self,
+            name: name.to_string(),
+            pre,
+            config,
+            limits,
+        })
+    }
+}
+
+/// A loaded policy, ready to call.
+pub struct WasmPolicy<'e> {
+    engine: &'e PolicyEngine,
+    pub name: String,
+    pre: PolicyPre<HostState>,
+    config: BTreeMap<String, String>,
+    limits: Limits,
+}
+
+impl fmt::Debug for WasmPolicy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WasmPolicy({})", self.name)
+    }
+}
+
+impl WasmPolicy<'_> {
+    pub fn describe(&self) -> Result<Description> {
+        let d = self.call("describe", crate::now_unix_ms(), |p, s| p.call_describe(s))?;
+        convert::description_from_wit(d).map_err(|e| self.malformed("describe", e))
+    }
+
+    /// The locks the policy wants, validated.
+    pub fn decide_locks(&self, view: &NodeView) -> Result<Vec<(SnapshotId, LockType, String)>> {
+        let what = format!("decide-locks ({})", view.phase);
+        let input = convert::view_to_wit(view);
+        let answer = self
+            .call(&what, view.now_unix_ms, |p, s| {
+                p.call_decide_locks(s, &input)
+            })?
+            .map_err(|msg| self.refused(&what, msg))?;
+        convert::locks_from_wit(view, answer).map_err(|e| self.malformed(&what, e))
+    }
+
+    /// The snapshots the policy would prune, validated.
+    pub fn plan_retention(&self, view: &NodeView) -> Result<Vec<PruneProposal>> {
+        let what = format!("plan-retention ({})", view.phase);
+        let input = convert::view_to_wit(view);
+        let answer = self
+            .call(&what, view.now_unix_ms, |p, s| {
+                p.call_plan_retention(s, &input)
+            })?
+            .map_err(|msg| self.refused(&what, msg))?;
+        convert::prunes_from_wit(view, answer).map_err(|e| self.malformed(&what, e))
+    }
+
+    fn refused(&self, what: &str, msg: String) -> Error {
+        Error::Policy(format!(
+            "policy {} answered {what} with an error: {}",
+            self.name,
+            crate::id::shorten_to(&msg, 1024)
+        ))
+    }
+
+    fn malformed(&self, what: &str, e: Error) -> Error {
+        Error::Policy(format!(
+            "policy {} gave a malformed answer to {what}: {e}",
+            self.name
+        ))
+    }
+
+    /// Runs one call in a fresh store with the deadline and memory cap.
+    fn call<T>(
+        &self,
+        what: &str,
+        now_unix_ms: u64,
+        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T> {
+        // Synchronous WASI drives its I/O (a policy's stderr) with the ambient tokio runtime's
+        // `block_on`, which must not run on an async worker thread: step aside first.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.call_here(what, now_unix_ms, f))
+            }
+            _ => self.call_here(what, now_unix_ms, f),
+        }
+    }
+
+    fn call_here<T>(
+        &self,
+        what: &str,
+        now_unix_ms: u64,
+        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> Result<T> {
+        let stderr = MemoryOutputPipe::new(STDERR_BYTES);
+        let clock = Duration::from_millis(now_unix_ms);
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FixedClock(clock))
+            .monotonic_clock(FixedClock(clock))
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes as usize)
+            .instances(64)
+            .memories(16)
+            .tables(64)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine.engine,
+            HostState {
+                wasi,
+                table: ResourceTable::new(),
+                limits,
+                policy: self.name.clone(),
+                config: self.config.clone(),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.limits.timeout_ms / TICK.as_millis() as u64).max(1);
+        store.set_epoch_deadline(ticks);
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|p| f(&p, &mut store));
+        let captured = stderr.contents();
+        if !captured.is_empty() {
+            let text = String::from_utf8_lossy(&captured);
+            for line in text.lines().take(50) {
+                tracing::warn!(policy = %self.name, "stderr: {}", crate::id::shorten_to(line, 512));
+            }
+        }
+        result.map_err(|e| self.fault(what, e))
+    }
+
+    fn fault(&self, what: &str, e: wasmtime::Error) -> Error {
+        let why = match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => format!(
+                "ran past its deadline of {} ms and was stopped",
+                self.limits.timeout_ms
+            ),
+            Some(trap) => format!("trapped ({trap})"),
+            None if format!("{e:?}").contains("growing memory") => format!(
+                "tried to use more than its memory limit of {} MiB and was stopped",
+                self.limits.memory_bytes >> 20
+            ),
+            None => format!("failed: {}", crate::id::shorten_to(&format!("{e:#}"), 1024)),
+        };
+        Error::Policy(format!("policy {} {why} during {what}", self.name))
+    }
+}

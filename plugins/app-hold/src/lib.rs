@@ -1,0 +1,72 @@
+//! app-hold: a backup application's policy. Locks every snapshot whose labels or name match
+//! the configuration, with type `application` and the application's owner name, so the
+//! snapshot stays until the application has copied it and relabels it.
+//!
+//! Config: `label=KEY:VALUE` (e.g. `backup:pending`) and/or `name-prefix=PREFIX`;
+//! `owner=NAME` (default `backup-app`) is the lock's value.
+
+wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+
+use holdfast::policy::config;
+use holdfast::policy::types::{LockType, Phase, Snapshot};
+
+struct AppHold;
+
+fn matches(s: &Snapshot, label: &Option<(String, String)>, prefix: &Option<String>) -> bool {
+    let by_label = label
+        .as_ref()
+        .is_some_and(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v));
+    let by_name = prefix
+        .as_ref()
+        .is_some_and(|p| s.name.starts_with(p.as_str()));
+    by_label || by_name
+}
+
+impl Guest for AppHold {
+    fn describe() -> Description {
+        Description {
+            name: "app-hold".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            phases: vec![
+                Phase::SnapshotCreated,
+                Phase::BeforeMirror,
+                Phase::Scheduled,
+            ],
+        }
+    }
+
+    fn decide_locks(view: NodeView) -> Result<Vec<LockRequest>, String> {
+        let label = match config::get("label") {
+            None => None,
+            Some(l) => Some(
+                l.split_once(':')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| format!("config label={l:?} must be KEY:VALUE"))?,
+            ),
+        };
+        let prefix = config::get("name-prefix");
+        if label.is_none() && prefix.is_none() {
+            return Err("configure label=KEY:VALUE and/or name-prefix=PREFIX".into());
+        }
+        let owner = config::get("owner").unwrap_or_else(|| "backup-app".into());
+        Ok(view
+            .local_snapshots
+            .iter()
+            .filter(|s| matches(s, &label, &prefix))
+            .map(|s| LockRequest {
+                snapshot_id: s.id.clone(),
+                lock_type: LockType::Application,
+                value: owner.clone(),
+            })
+            .collect())
+    }
+
+    fn plan_retention(_view: NodeView) -> Result<Vec<PruneProposal>, String> {
+        // It holds, it never prunes; it is not a retention policy (no retention phase in
+        // `describe`), so this is never asked. The host refreshes every policy's locks
+        // before it prunes anyway.
+        Ok(Vec::new())
+    }
+}
+
+export!(AppHold);

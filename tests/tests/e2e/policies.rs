@@ -1,0 +1,308 @@
+//! WebAssembly policies end to end: the three shipped policies through the CLI, and
+//! misbehaving components that must fail cleanly while the host and its data stay intact.
+
+use holdfast_tests::{TestNode, mixed_bytes, plugin};
+use serde_json::Value;
+
+/// A node with volume `v` and snapshots s0..s{n-1}; `labels(i)` labels each.
+fn node(n: usize, labels: impl Fn(usize) -> Option<&'static str>) -> TestNode {
+    let node = TestNode::new();
+    let img = node.path("v.img");
+    for i in 0..n {
+        std::fs::write(&img, mixed_bytes(100_000, 200 + i as u64)).unwrap();
+        if i == 0 {
+            node.add_volume("v", &img, "4KiB");
+        }
+        let name = format!("s{i}");
+        let mut args = vec!["snapshot", "create", "v", "--name", &name];
+        if let Some(l) = labels(i) {
+            args.extend(["--label", l]);
+        }
+        node.ok(&args);
+    }
+    node
+}
+
+fn names(n: &TestNode) -> Vec<String> {
+    n.snapshots("v")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn add(n: &TestNode, name: &str, component: &str, config: &[&str]) {
+    let wasm = plugin(component);
+    let mut args = vec![
+        "policy",
+        "add",
+        name,
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--volume",
+        "v",
+    ];
+    for c in config {
+        args.extend(["--config", c]);
+    }
+    n.ok(&args);
+}
+
+fn locks_of(n: &TestNode, holder: &str) -> Vec<Value> {
+    n.run(&["lock", "list", "--holder", holder, "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn id_of(n: &TestNode, name: &str) -> String {
+    n.run(&["snapshot", "show", &format!("v@{name}"), "--json"])
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn gfs_retention_prunes_by_agreement_and_never_a_locked_snapshot() {
+    // keep-last=2 over five snapshots proposes three; one of them is locked and stays.
+    let n = node(5, |_| None);
+    add(&n, "gfs", "gfs_retention", &["keep-last=2"]);
+    n.ok(&[
+        "lock",
+        "add",
+        "v@s1",
+        "--type",
+        "owner-name",
+        "--value",
+        "alice",
+        "--holder",
+        "app:alice",
+    ]);
+    let dry = n.run(&["policy", "test", "gfs", "--volume", "v"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(
+        dry.stdout.contains("refused: locked by app:alice"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(names(&n).len(), 5, "policy test changed nothing");
+    let r = n.run(&["prune", "v", "--json"]).json();
+    assert_eq!(r["pruned"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(names(&n), ["s1", "s3", "s4"]);
+    n.ok(&["verify"]);
+}
+
+#[test]
+fn app_hold_locks_labelled_snapshots_until_they_are_relabelled() {
+    // label backup:pending -> locked as application "nightly"; relabel -> released.
+    let n = node(1, |_| Some("backup=done"));
+    add(
+        &n,
+        "hold",
+        "app_hold",
+        &["label=backup:pending", "owner=nightly"],
+    );
+    let img = n.path("v.img");
+    std::fs::write(&img, mixed_bytes(100_000, 999)).unwrap();
+    n.ok(&[
+        "snapshot",
+        "create",
+        "v",
+        "--name",
+        "fresh",
+        "--label",
+        "backup=pending",
+    ]);
+    let l = locks_of(&n, "app:policy.hold");
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(l[0]["value"], "nightly");
+    assert_eq!(l[0]["type"], "application");
+    assert_eq!(l[0]["snapshot"], id_of(&n, "fresh").as_str());
+    n.fails(&["snapshot", "delete", "v@fresh"], 5);
+    n.ok(&["snapshot", "label", "v@fresh", "backup=done"]);
+    assert!(locks_of(&n, "app:policy.hold").is_empty());
+    n.ok(&["snapshot", "delete", "v@fresh"]);
+}
+
+#[test]
+fn keep_base_locks_the_newest_common_snapshot_of_each_downstream() {
+    // A downstream (nodeB/v) holds s0..s2; with n=1 keep-base locks s2 for it, and prune by
+    // another retention policy keeps that base.
+    let n = node(4, |_| None);
+    let ids: Vec<String> = (0..3).map(|i| id_of(&n, &format!("s{i}"))).collect();
+    let set = serde_json::json!({"volume": "v", "holder": "nodeB/v", "generation": 1,
+        "locks": ids.iter().map(|id| serde_json::json!({"snapshot": id, "type": "destination-path", "value": "nodeB:/pool/v"})).collect::<Vec<_>>()});
+    let f = n.path("set.json");
+    std::fs::write(&f, serde_json::to_vec(&set).unwrap()).unwrap();
+    n.ok(&["lock", "replace-set", f.to_str().unwrap()]);
+    add(&n, "base", "keep_base", &["n=1"]);
+    let t = n
+        .run(&["policy", "test", "base", "--volume", "v", "--json"])
+        .json();
+    let locks = t["locks"][0]["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 1, "{t}");
+    assert_eq!(locks[0][0], ids[2].as_str());
+    // The downstream moves on to a newer set without s2: keep-base still holds s2 for it?
+    // No: keep-base follows what the downstream has in common, which is now only s3.
+    let s3 = id_of(&n, "s3");
+    let set2 = serde_json::json!({"volume": "v", "holder": "nodeB/v", "generation": 2,
+        "locks": [{"snapshot": s3, "type": "destination-path", "value": "nodeB:/pool/v"}]});
+    std::fs::write(&f, serde_json::to_vec(&set2).unwrap()).unwrap();
+    n.ok(&["lock", "replace-set", f.to_str().unwrap()]);
+    add(&n, "gfs", "gfs_retention", &["keep-last=1"]);
+    n.ok(&["prune", "v"]);
+    let held = locks_of(&n, "app:policy.base");
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0]["snapshot"], s3.as_str());
+    assert_eq!(names(&n), ["s3"]);
+}
+
+#[test]
+fn misbehaving_components_fail_cleanly_and_change_nothing() {
+    // Infinite loop, 1 GiB allocation, trap, a lock on a snapshot that does not exist and a
+    // refusal: each is an error naming the policy and the call; the previous locks and every
+    // snapshot stay; failures are counted; the host keeps working.
+    let n = node(3, |_| None);
+    let cases = [
+        ("loop", "ran past its deadline of 100 ms"),
+        ("alloc", "more than its memory limit of 64 MiB"),
+        ("trap", "trapped"),
+        ("ghost", "does not exist on this node"),
+        ("refuse", "refuses on purpose"),
+        ("huge-value", "the limit is 1024"),
+    ];
+    for (mode, needle) in cases {
+        let name = format!("h-{mode}");
+        add(&n, &name, "hostile", &[&format!("mode={mode}")]);
+        let before = n.fingerprint();
+        let t = n.run(&[
+            "policy",
+            "test",
+            &name,
+            "--volume",
+            "v",
+            "--phase",
+            "snapshot-created",
+        ]);
+        assert_eq!(t.code, 0, "{}", t.stderr);
+        assert!(t.stdout.contains(needle), "{mode}: {}", t.stdout);
+        assert!(
+            t.stdout.contains(&format!("policy {name}")),
+            "{mode}: {}",
+            t.stdout
+        );
+        // As retention policies they make prune fail closed: nothing is pruned. (huge-value
+        // only misbehaves in its lock decision and proposes no prune.)
+        if mode == "huge-value" {
+            let r = n.run(&["prune", "v"]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(
+                r.stderr.contains("previous locks stay in force"),
+                "{}",
+                r.stderr
+            );
+        } else {
+            let err = n.fails(&["prune", "v"], 8);
+            assert!(err.contains("nothing was pruned"), "{mode}: {err}");
+        }
+        assert_eq!(before, n.fingerprint(), "{mode} changed something");
+        let shown = n.run(&["policy", "show", &name, "--json"]).json();
+        assert!(shown["failures"]["count"].as_u64().unwrap() >= 1, "{shown}");
+        n.ok(&["policy", "remove", &name]);
+    }
+    // A policy that proposes everything prunes only what no lock holds.
+    add(&n, "all", "hostile", &["mode=prune-all"]);
+    n.ok(&[
+        "lock",
+        "add",
+        "v@s1",
+        "--type",
+        "application",
+        "--value",
+        "x",
+        "--holder",
+        "app:x",
+    ]);
+    n.ok(&["prune", "v"]);
+    assert_eq!(names(&n), ["s1"]);
+    n.ok(&["verify"]);
+}
+
+#[test]
+fn components_that_are_not_policies_are_refused_at_registration() {
+    // Wrong world, truncated file, core module, not wasm at all: refused, nothing stored.
+    let n = node(1, |_| None);
+    let good = std::fs::read(plugin("gfs_retention")).unwrap();
+    let truncated = n.path("truncated.wasm");
+    std::fs::write(&truncated, &good[..good.len() / 3]).unwrap();
+    let core = n.path("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let text = n.path("text.wasm");
+    std::fs::write(&text, b"not wasm at all").unwrap();
+    let wrong = plugin("wrong_world");
+    let cases = [
+        (
+            wrong.as_path(),
+            "does not export the holdfast:policy@0.1.0 world",
+        ),
+        (truncated.as_path(), "not a valid component"),
+        (core.as_path(), "core WebAssembly module, not a component"),
+        (text.as_path(), "not a WebAssembly component"),
+    ];
+    for (path, needle) in cases {
+        let err = n.fails(
+            &[
+                "policy",
+                "add",
+                "p",
+                "--wasm",
+                path.to_str().unwrap(),
+                "--volume",
+                "v",
+            ],
+            2,
+        );
+        assert!(err.contains(needle), "{}: {err}", path.display());
+    }
+    assert!(
+        n.run(&["policy", "list", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !n.state.join("policies").exists()
+            || std::fs::read_dir(n.state.join("policies")).unwrap().count() == 0
+    );
+    // Bad registrations: unknown volume, hostile name, bad config.
+    let gfs = plugin("gfs_retention");
+    let gfs = gfs.to_str().unwrap();
+    n.fails(
+        &["policy", "add", "p", "--wasm", gfs, "--volume", "nosuch"],
+        3,
+    );
+    n.fails(
+        &["policy", "add", "../p", "--wasm", gfs, "--volume", "v"],
+        2,
+    );
+    n.fails(
+        &[
+            "policy", "add", "p", "--wasm", gfs, "--volume", "v", "--config", "a b=c",
+        ],
+        2,
+    );
+    n.ok(&[
+        "policy",
+        "add",
+        "p",
+        "--wasm",
+        gfs,
+        "--volume",
+        "v",
+        "--config",
+        "keep-last=1",
+    ]);
+    n.fails(&["policy", "add", "p", "--wasm", gfs, "--volume", "v"], 4);
+}

@@ -258,7 +258,13 @@ impl SnapshotId {
 
 impl fmt::Display for SnapshotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:020x}", self.0)
+        // By hand: ids are formatted by the thousand for listings and policy views.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 20];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = HEX[((self.0 >> (4 * (19 - i))) & 0xf) as usize];
+        }
+        f.write_str(std::str::from_utf8(&buf).expect("ascii"))
     }
 }
 

@@ -250,6 +250,16 @@ impl PolicyEngine {
     pub fn new() -> Result<Self> {
         let mut cfg = Config::new();
         cfg.epoch_interruption(true);
+        // A fresh store per call: the pooling allocator reuses instance and memory slots
+        // instead of mapping (and faulting in) new ones every time. Slots are sized for the
+        // largest memory a policy may be given (4 GiB, see registry::add).
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(256)
+            .total_tables(1024)
+            .max_memory_size(4 << 30);
+        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| wasm_error("starting the policy engine", e))?;
         // The ticker stops when the engine is dropped (it only holds a weak reference).
         let weak = engine.weak();

@@ -144,6 +144,28 @@ pub struct NodeView {
     pub downstreams: Vec<(HolderId, Vec<SnapshotId>)>,
 }
 
+/// A view converted once into the WIT form, to hand to several policies (the conversion
+/// allocates a string per id, name and label: worth doing once per decision, not per policy).
+pub struct PreparedView<'a> {
+    pub view: &'a NodeView,
+    wit: wit_types::NodeView,
+}
+
+impl fmt::Debug for PreparedView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PreparedView({}, {})", self.view.volume, self.view.phase)
+    }
+}
+
+impl NodeView {
+    pub fn prepare(&self) -> PreparedView<'_> {
+        PreparedView {
+            view: self,
+            wit: convert::view_to_wit(self),
+        }
+    }
+}
+
 /// Per-call limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -254,11 +276,17 @@ impl PolicyEngine {
         // instead of mapping (and faulting in) new ones every time. Slots are sized for the
         // largest memory a policy may be given (4 GiB, see registry::add).
         let mut pool = wasmtime::PoolingAllocationConfig::default();
-        pool.total_component_instances(256)
-            .total_core_instances(1024)
-            .total_memories(256)
-            .total_tables(1024)
-            .max_memory_size(4 << 30);
+        // At most 32 calls at once per process; each slot reserves (not commits) address
+        // space for a 4 GiB memory plus guard pages.
+        pool.total_component_instances(32)
+            .total_core_instances(256)
+            .total_memories(32)
+            .total_tables(256)
+            .max_memory_size(4 << 30)
+            // Reset the first MiBs of a reused memory by zeroing rather than unmapping, so
+            // the next call does not fault its pages in again.
+            .linear_memory_keep_resident(8 << 20)
+            .table_keep_resident(1 << 20);
         cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| wasm_error("starting the policy engine", e))?;
         // The ticker stops when the engine is dropped (it only holds a weak reference).
@@ -378,24 +406,27 @@ impl WasmPolicy<'_> {
     }
 
     /// The locks the policy wants, validated.
-    pub fn decide_locks(&self, view: &NodeView) -> Result<Vec<(SnapshotId, LockType, String)>> {
+    pub fn decide_locks(
+        &self,
+        prepared: &PreparedView<'_>,
+    ) -> Result<Vec<(SnapshotId, LockType, String)>> {
+        let view = prepared.view;
         let what = format!("decide-locks ({})", view.phase);
-        let input = convert::view_to_wit(view);
         let answer = self
             .call(&what, view.now_unix_ms, |p, s| {
-                p.call_decide_locks(s, &input)
+                p.call_decide_locks(s, &prepared.wit)
             })?
             .map_err(|msg| self.refused(&what, msg))?;
         convert::locks_from_wit(view, answer).map_err(|e| self.malformed(&what, e))
     }
 
     /// The snapshots the policy would prune, validated.
-    pub fn plan_retention(&self, view: &NodeView) -> Result<Vec<PruneProposal>> {
+    pub fn plan_retention(&self, prepared: &PreparedView<'_>) -> Result<Vec<PruneProposal>> {
+        let view = prepared.view;
         let what = format!("plan-retention ({})", view.phase);
-        let input = convert::view_to_wit(view);
         let answer = self
             .call(&what, view.now_unix_ms, |p, s| {
-                p.call_plan_retention(s, &input)
+                p.call_plan_retention(s, &prepared.wit)
             })?
             .map_err(|msg| self.refused(&what, msg))?;
         convert::prunes_from_wit(view, answer).map_err(|e| self.malformed(&what, e))

@@ -378,6 +378,7 @@ pub fn decide_locks(
 ) -> Result<Vec<LockDecision>> {
     let policies = Policies::new(node);
     let view = view(node, volume, phase)?;
+    let prepared = view.prepare();
     let mut out = Vec::new();
     for rec in policies.for_volume(volume)? {
         let ask = match asked {
@@ -390,7 +391,7 @@ pub fn decide_locks(
         }
         let result = policies
             .load(engine, &rec)
-            .and_then(|p| p.decide_locks(&view));
+            .and_then(|p| p.decide_locks(&prepared));
         match result {
             Ok(locks) => {
                 if apply {
@@ -470,11 +471,12 @@ pub fn plan_retention(
         return Ok(None);
     }
     let view = view(node, volume, Phase::Retention)?;
+    let prepared = view.prepare();
     let mut proposals = BTreeMap::new();
     for rec in &recs {
         let r = policies
             .load(engine, rec)
-            .and_then(|p| p.plan_retention(&view));
+            .and_then(|p| p.plan_retention(&prepared));
         match r {
             Ok(p) => {
                 proposals.insert(rec.name.clone(), p);

@@ -282,6 +282,7 @@ impl Catalog {
             let vols = tx.open_table(VOLUMES)?;
             let mut t = tx.open_table(SNAPSHOTS)?;
             let mut names: std::collections::HashSet<(String, String)> = Default::default();
+            let mut loaded: std::collections::HashSet<&VolumeName> = Default::default();
             for rec in recs {
                 if vols.get(rec.volume.as_str())?.is_none() {
                     return Err(Error::not_found(format!(
@@ -289,7 +290,8 @@ impl Catalog {
                         rec.volume.as_str()
                     )));
                 }
-                if names.is_empty() || !names.iter().any(|(v, _)| v == rec.volume.as_str()) {
+                // The names already taken in this volume, read once per volume.
+                if loaded.insert(&rec.volume) {
                     let (lo, hi) = volume_range(&rec.volume);
                     for entry in t.range(lo.as_str()..hi.as_str())? {
                         let (k, v) = entry?;

@@ -243,35 +243,7 @@ impl Catalog {
 
     /// Makes a snapshot visible. The volume must exist and the name must be free.
     pub fn commit_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let vols = tx.open_table(VOLUMES)?;
-            if vols.get(rec.volume.as_str())?.is_none() {
-                return Err(Error::not_found(format!(
-                    "volume {:?} was removed while the snapshot was being taken",
-                    rec.volume.as_str()
-                )));
-            }
-            let mut t = tx.open_table(SNAPSHOTS)?;
-            let (lo, hi) = volume_range(&rec.volume);
-            for entry in t.range(lo.as_str()..hi.as_str())? {
-                let (k, v) = entry?;
-                let other: SnapshotRecord = decode(v.value(), k.value())?;
-                if other.name == rec.name {
-                    return Err(Error::conflict(format!(
-                        "volume {} already has a snapshot named {:?}; choose another --name",
-                        rec.volume,
-                        rec.name.as_str()
-                    )));
-                }
-            }
-            t.insert(
-                snap_key(&rec.volume, &rec.id).as_str(),
-                encode(rec)?.as_slice(),
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.commit_snapshots(std::slice::from_ref(rec))
     }
 
     /// Makes many snapshots visible in one transaction (a mirror committing a batch, an
@@ -286,7 +258,8 @@ impl Catalog {
             for rec in recs {
                 if vols.get(rec.volume.as_str())?.is_none() {
                     return Err(Error::not_found(format!(
-                        "no volume named {:?}",
+                        "volume {:?} does not exist (was it removed while the snapshot was \
+                         being taken?)",
                         rec.volume.as_str()
                     )));
                 }
@@ -301,7 +274,7 @@ impl Catalog {
                 }
                 if !names.insert((rec.volume.to_string(), rec.name.to_string())) {
                     return Err(Error::conflict(format!(
-                        "volume {} already has a snapshot named {:?}",
+                        "volume {} already has a snapshot named {:?}; choose another --name",
                         rec.volume,
                         rec.name.as_str()
                     )));

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{Context, format_time, human_bytes, print_json, throughput};
 use holdfast::catalog::SnapshotRecord;
 use holdfast::id::{SnapshotName, SnapshotRef, VolumeName, parse_label};
+use holdfast::policy::{Phase, PolicyEngine, registry};
 use holdfast::snapshot::{self, CreateOptions};
 use holdfast::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
 
@@ -132,26 +133,7 @@ impl SnapshotCommand {
                 let r = &report.record;
                 // Policies that lock new snapshots (app-hold, say) decide now. A failure keeps
                 // their previous locks and does not undo the snapshot.
-                let policies =
-                    holdfast::policy::registry::Policies::new(&node).for_volume(&volume)?;
-                if policies
-                    .iter()
-                    .any(|p| p.handles(holdfast::policy::Phase::SnapshotCreated))
-                {
-                    let engine = holdfast::policy::PolicyEngine::new()?;
-                    for d in holdfast::policy::registry::decide_locks(
-                        &node,
-                        &engine,
-                        &volume,
-                        holdfast::policy::Phase::SnapshotCreated,
-                        holdfast::policy::registry::Asked::HandlingPhase,
-                        true,
-                    )? {
-                        if let Some(e) = d.error {
-                            eprintln!("warning: {e} (its previous locks stay in force)");
-                        }
-                    }
-                }
+                refresh_policy_locks(&node, &volume, Phase::SnapshotCreated)?;
                 if json {
                     print_json(r)?;
                 } else {
@@ -321,26 +303,7 @@ impl SnapshotCommand {
                     &remove,
                 )?;
                 // Policies that lock by label (app-hold) decide again at once.
-                let policies =
-                    holdfast::policy::registry::Policies::new(&node).for_volume(&rec.volume)?;
-                if policies
-                    .iter()
-                    .any(|p| p.handles(holdfast::policy::Phase::Scheduled))
-                {
-                    let engine = holdfast::policy::PolicyEngine::new()?;
-                    for d in holdfast::policy::registry::decide_locks(
-                        &node,
-                        &engine,
-                        &rec.volume,
-                        holdfast::policy::Phase::Scheduled,
-                        holdfast::policy::registry::Asked::HandlingPhase,
-                        true,
-                    )? {
-                        if let Some(e) = d.error {
-                            eprintln!("warning: {e} (its previous locks stay in force)");
-                        }
-                    }
-                }
+                refresh_policy_locks(&node, &rec.volume, Phase::Scheduled)?;
                 let labels: Vec<String> =
                     rec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 ctx.summary(format!(
@@ -384,6 +347,33 @@ impl SnapshotCommand {
         }
         Ok(())
     }
+}
+
+/// Lets the volume's policies that handle `phase` decide their locks again (a failure keeps
+/// that policy's previous locks and is only a warning here).
+fn refresh_policy_locks(
+    node: &holdfast::state::Node,
+    volume: &VolumeName,
+    phase: Phase,
+) -> anyhow::Result<()> {
+    let policies = registry::Policies::new(node).for_volume(volume)?;
+    if !policies.iter().any(|p| p.handles(phase)) {
+        return Ok(());
+    }
+    let engine = PolicyEngine::new()?;
+    for d in registry::decide_locks(
+        node,
+        &engine,
+        volume,
+        phase,
+        registry::Asked::HandlingPhase,
+        true,
+    )? {
+        if let Some(e) = d.error {
+            eprintln!("warning: {e} (its previous locks stay in force)");
+        }
+    }
+    Ok(())
 }
 
 /// Asks on the terminal before breaking locks; refuses without a terminal.

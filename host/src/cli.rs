@@ -160,7 +160,8 @@ pub fn format_time(unix_ms: u64) -> String {
 pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
+    // Through io::Error, so a closed pipe (`| grep -q`) is recognised as such by main.
+    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }

@@ -306,3 +306,23 @@ fn components_that_are_not_policies_are_refused_at_registration() {
     ]);
     n.fails(&["policy", "add", "p", "--wasm", gfs, "--volume", "v"], 4);
 }
+
+#[test]
+fn the_backup_application_example_runs() {
+    // examples/backup-app/run.sh is what a user copies: it must keep working.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let plugins = plugin("app_hold").parent().unwrap().to_path_buf();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("examples/backup-app/run.sh"))
+        .env("HOLDFAST_BIN", holdfast_tests::holdfast_bin())
+        .env("PLUGINS", plugins)
+        .env_remove("HOLDFAST_STATE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ok: backup application example passed"),
+        "{stderr}"
+    );
+}

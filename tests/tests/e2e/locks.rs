@@ -173,7 +173,7 @@ fn stale_locks_are_shown_and_released_only_where_configured() {
         "--holder",
         "app:job",
         "--ttl",
-        "1s",
+        "3s",
     ]);
     n.ok(&[
         "lock",
@@ -186,10 +186,10 @@ fn stale_locks_are_shown_and_released_only_where_configured() {
         "--holder",
         "app:keep",
         "--ttl",
-        "1s",
+        "3s",
     ]);
     assert!(locks(&n, &["--stale"]).is_empty());
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(3500));
     let stale = locks(&n, &["--stale"]);
     assert_eq!(stale.len(), 2);
     assert_eq!(stale[0]["stale"], true);
@@ -243,7 +243,7 @@ fn a_killed_reader_leaves_a_lock_that_goes_stale_after_its_ttl() {
             "--hold-as",
             "dies",
             "--ttl",
-            "1s",
+            "3s",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -260,7 +260,7 @@ fn a_killed_reader_leaves_a_lock_that_goes_stale_after_its_ttl() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(locks(&n, &["--holder", "app:dies"])[0]["stale"], false);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(locks(&n, &["--stale"])[0]["holder"], "app:dies");
     n.fails(&["snapshot", "delete", "v@s0"], 5);
 }

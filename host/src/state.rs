@@ -178,8 +178,21 @@ impl Node {
     /// Exclusive lock: gc runs alone.
     pub fn lock_repo_exclusive(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;
-        f.lock()
-            .map_err(|e| Error::io("locking the repository", e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // Snapshots being written, restored or streamed hold it shared; say why we wait.
+                tracing::warn!(
+                    "waiting for snapshot writers and readers on this node to finish \
+                     (snapshot create/restore/read/verify)"
+                );
+                f.lock()
+                    .map_err(|e| Error::io("locking the repository", e))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io("locking the repository", e));
+            }
+        }
         Ok(RepoLock { _file: f })
     }
 

@@ -267,6 +267,8 @@ impl SnapshotCommand {
                 force,
             } => {
                 let rec = node.catalog.resolve(&snapshot)?;
+                // gc must not remove a pack while its chunks are being read.
+                let _repo_lock = node.lock_repo_shared()?;
                 let m = snapshot::load_manifest(&node.repo, &rec).await?;
                 let pb = ctx.bytes_bar("restore");
                 let report = snapshot::restore(&node.repo, &m, &to, force, &pb).await;
@@ -419,6 +421,8 @@ async fn read(
 ) -> anyhow::Result<()> {
     let holder = HolderId::application(hold_as)?;
     let rec = node.catalog.resolve(r)?;
+    // gc must not remove a pack while its chunks are being streamed.
+    let _repo_lock = node.lock_repo_shared()?;
     let m = snapshot::load_manifest(&node.repo, &rec).await?;
     let new_lock = || NewLock {
         snapshot: rec.id,

@@ -101,6 +101,14 @@ impl<'n> Policies<'n> {
         limits: Limits,
     ) -> Result<PolicyRecord> {
         validate_name("policy name", name)?;
+        // Its locks are held as app:policy.NAME, which must be a valid holder too.
+        HolderId::application(&format!("policy.{name}")).map_err(|_| {
+            Error::invalid(format!(
+                "policy name {:?} is too long: at most {} bytes",
+                crate::id::shorten(name),
+                crate::id::MAX_NAME_BYTES - "policy.".len()
+            ))
+        })?;
         if volumes.is_empty() {
             return Err(Error::invalid("give at least one --volume for the policy"));
         }

@@ -28,7 +28,9 @@ pub fn write_durable(root: &Dir, rel: &str, bytes: &[u8]) -> io::Result<()> {
     }
     let dir = root.open_dir(parent)?;
     if dir.exists(name) {
-        return Ok(());
+        // Another writer may have linked it and not yet synced the directory: make sure the
+        // entry is durable before reporting the pack as stored.
+        return dir.open(".")?.sync_all();
     }
     let staging = format!("{name}#{}", rand::random::<u32>());
     let result = write_staging(&dir, &staging, bytes).and_then(|()| {

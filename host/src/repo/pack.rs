@@ -22,6 +22,9 @@ const END_MAGIC: &[u8; 8] = b"HFPKEND1";
 /// Target size of a pack: large enough that an object store sees few requests per GiB, small
 /// enough to hold a few in memory while uploading.
 pub const TARGET_PACK_BYTES: usize = 16 << 20;
+/// Most chunks in one pack: keeps every index well inside what readers accept, even for
+/// blocks that compress to a few bytes each.
+pub const MAX_PACK_ENTRIES: usize = 65_536;
 
 /// Where one chunk lives inside a pack.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,8 +50,8 @@ impl PackIndex {
     }
 
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
-        // Bounded: an index of a 16 MiB pack of 4 KiB blocks is a few hundred KiB.
-        let json = zstd::bulk::decompress(bytes, 64 << 20)
+        // Bounded: at most MAX_PACK_ENTRIES entries of about 200 bytes of JSON each.
+        let json = zstd::bulk::decompress(bytes, MAX_PACK_ENTRIES * 512)
             .map_err(|e| Error::corrupt(format!("{what} does not decompress: {e}")))?;
         let index: PackIndex = serde_json::from_slice(&json)
             .map_err(|e| Error::corrupt(format!("{what} is malformed: {e}")))?;
@@ -113,7 +116,7 @@ impl PackBuilder {
     }
 
     pub fn is_full(&self) -> bool {
-        self.buf.len() - self.start >= TARGET_PACK_BYTES
+        self.buf.len() - self.start >= TARGET_PACK_BYTES || self.entries.len() >= MAX_PACK_ENTRIES
     }
 
     /// Seals the pack: appends the trailer and names it by its hash.

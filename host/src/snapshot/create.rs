@@ -194,9 +194,24 @@ type Segment = (u64, Vec<u8>);
 enum Block {
     Zero,
     Known(ChunkId),
+    /// New: its id and its stored form (compressed, or raw when incompressible).
     New(ChunkId, chunk::Encoding, Vec<u8>),
-    /// New and incompressible: stored as it is.
-    NewRaw(ChunkId),
+}
+
+thread_local! {
+    /// Each worker's private copy of the block it is working on (see `add_segment`).
+    static PRIVATE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Hashes `data` (a private copy of a mapped block, or a block in our own buffer) and, if the repository
+/// lacks it, encodes it.
+fn classify(index: &ChunkIndex, data: &[u8]) -> Result<Block> {
+    let id = chunk::hash(data);
+    if index.contains(&id) {
+        return Ok(Block::Known(id));
+    }
+    let (encoding, stored) = chunk::encode(data)?;
+    Ok(Block::New(id, encoding, stored))
 }
 
 /// The compute side of the pipeline; runs on a blocking thread and uses rayon inside.
@@ -224,7 +239,7 @@ fn compute(
         // Regular files: hash and compress the page cache's pages in place, in larger steps
         // (no buffers to hold) so the threads meet less often.
         for seg in map.chunks(seg_bytes * 4) {
-            b.add_segment(seg)?;
+            b.add_segment(seg, true)?;
         }
     } else {
         // Block devices: a reader thread fills a fixed pool of buffers while we work.
@@ -245,7 +260,7 @@ fn compute(
             let free_tx = free_tx;
             for seg in segments.iter() {
                 let (_offset, buf) = seg?;
-                b.add_segment(&buf)?;
+                b.add_segment(&buf, false)?;
                 // Hand the buffer back; if the reader has finished, just drop it.
                 let _ = free_tx.try_send(buf);
             }
@@ -284,7 +299,9 @@ struct Blocks {
 }
 
 impl Blocks {
-    fn add_segment(&mut self, seg: &[u8]) -> Result<()> {
+    /// Adds the next segment of the image; `shared` when it is a mapping of the image file
+    /// (another process may write it meanwhile), rather than our own buffer.
+    fn add_segment(&mut self, seg: &[u8], shared: bool) -> Result<()> {
         let parts: Vec<&[u8]> = seg.chunks(self.block_size).collect();
         // One parallel pass: hash each block and compress it unless it is zero or the
         // repository already has it. A block repeated within this run is compressed more
@@ -296,16 +313,17 @@ impl Blocks {
                 if chunk::is_zero(b) {
                     return Ok(Block::Zero);
                 }
-                let id = chunk::hash(b);
-                if index.contains(&id) {
-                    return Ok(Block::Known(id));
+                if !shared {
+                    return classify(index, b);
                 }
-                if chunk::looks_incompressible(b) {
-                    // Copied into the pack straight from the image below.
-                    return Ok(Block::NewRaw(id));
-                }
-                let (encoding, stored) = chunk::compress(b)?;
-                Ok(Block::New(id, encoding, stored))
+                // The mapped image can change under us: hash, compress and store one private
+                // copy, so a chunk's bytes always match its id (invariant 5).
+                PRIVATE.with(|copy| {
+                    let mut copy = copy.borrow_mut();
+                    copy.clear();
+                    copy.extend_from_slice(b);
+                    classify(index, &copy)
+                })
             })
             .collect();
         for (part, block) in parts.iter().zip(done) {
@@ -315,12 +333,7 @@ impl Blocks {
                     self.blocks.push(None);
                 }
                 Block::Known(id) => self.blocks.push(Some(id)),
-                block @ (Block::New(..) | Block::NewRaw(_)) => {
-                    let (id, encoding, stored) = match &block {
-                        Block::New(id, encoding, stored) => (*id, *encoding, stored.as_slice()),
-                        Block::NewRaw(id) => (*id, chunk::Encoding::Raw, *part),
-                        _ => unreachable!("matched above"),
-                    };
+                Block::New(id, encoding, stored) => {
                     self.blocks.push(Some(id));
                     if !self.pending.insert(id) {
                         continue;
@@ -328,7 +341,7 @@ impl Blocks {
                     self.stats.new_chunks += 1;
                     self.stats.new_bytes += part.len() as u64;
                     self.stats.new_stored_bytes += stored.len() as u64;
-                    self.builder.add(id, encoding, stored, part.len());
+                    self.builder.add(id, encoding, &stored, part.len());
                     if self.builder.is_full() {
                         send_pack(&self.packs, std::mem::take(&mut self.builder))?;
                     }

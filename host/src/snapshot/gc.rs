@@ -105,6 +105,8 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
         };
         let pi = match pi {
             Ok(pi) => pi,
+            // An unreachable store stops gc rather than guessing.
+            Err(e) if !matches!(e, Error::Corrupt(_) | Error::NotFound(_)) => return Err(e),
             // No usable index: the trailer inside the pack has the same list.
             Err(_) => match node
                 .repo
@@ -124,17 +126,13 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
                     }
                     pi
                 }
-                // Only a pack proven damaged is removed; an unreachable store stops gc.
+                // Neither index nor trailer can be read: what it holds is unknown, and it
+                // may hold live chunks. Keep it and say so; `verify` reports what is missing.
                 Err(e @ Error::Corrupt(_)) => {
                     report.notes.push(format!(
-                        "pack {} is unreadable and was removed: {e}",
+                        "pack {} is unreadable and was kept (it may hold live chunks): {e}",
                         id.short()
                     ));
-                    report.packs_deleted += 1;
-                    report.bytes_freed += packs[id];
-                    if !dry_run {
-                        node.repo.delete_pack(id).await?;
-                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -164,7 +162,10 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
     }
     progress.set_length((to_delete.len() + to_repack.len()) as u64);
 
-    // Repack: write every new pack durably before deleting any old one.
+    // Repack: write every new pack durably before deleting any old one. A repack that a crash
+    // interrupted is redone with the same layout, so it can "write" a pack that already exists
+    // and that this run had planned to delete as a duplicate: never delete what we wrote.
+    let mut written: HashSet<PackId> = HashSet::new();
     if !dry_run && !to_repack.is_empty() {
         let mut builder = PackBuilder::new();
         for (pi, keep, _) in &to_repack {
@@ -187,19 +188,24 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
                 })?;
                 builder.add(e.id, e.encoding, &blob, e.raw_length as usize);
                 if builder.is_full() {
-                    node.repo
-                        .put_pack(&std::mem::take(&mut builder).finish()?)
-                        .await?;
+                    let new = std::mem::take(&mut builder).finish()?;
+                    node.repo.put_pack(&new).await?;
+                    written.insert(new.index.pack);
                     report.packs_written += 1;
                 }
             }
         }
         if !builder.is_empty() {
-            node.repo.put_pack(&builder.finish()?).await?;
+            let new = builder.finish()?;
+            node.repo.put_pack(&new).await?;
+            written.insert(new.index.pack);
             report.packs_written += 1;
         }
     }
-    for (pi, _, live_bytes) in &to_repack {
+    for (pi, _, live_bytes) in to_repack
+        .iter()
+        .filter(|(pi, _, _)| !written.contains(&pi.pack))
+    {
         report.packs_repacked += 1;
         report.bytes_freed += packs[&pi.pack].saturating_sub(*live_bytes);
         if !dry_run {
@@ -207,7 +213,7 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
         }
         progress.inc(1);
     }
-    for id in &to_delete {
+    for id in to_delete.iter().filter(|id| !written.contains(id)) {
         report.packs_deleted += 1;
         report.bytes_freed += packs[id];
         if !dry_run {

@@ -516,7 +516,8 @@ impl<'a> LockRegistry<'a> {
                 added
             }
         };
-        new.generation += 1;
+        // The generation is the holder's to advance (its next whole set must replace
+        // this one), so a local addition leaves it as it is.
         new.refreshed_unix_ms = now;
         write_set(&tx, old.as_ref(), &new)?;
         tx.commit()?;
@@ -655,7 +656,7 @@ impl<'a> LockRegistry<'a> {
                 continue;
             }
             new.locks = keep;
-            new.generation += 1;
+            // Not the generation: that is the holder's (see `add`).
             new.refreshed_unix_ms = now;
             write_set(&tx, Some(&old), &new)?;
             record_all(&tx, now, "release", &gone, detail)?;

@@ -21,6 +21,35 @@ fn node_with_snapshots(n: usize) -> TestNode {
     node
 }
 
+/// Starts `snapshot read v@s0 --hold-as NAME` with its output unread (the stream blocks on
+/// the full pipe) and waits until its lock is registered.
+fn start_reader(n: &TestNode, hold_as: &str, ttl: &str) -> std::process::Child {
+    let child = n
+        .cmd(&[
+            "snapshot",
+            "read",
+            "v@s0",
+            "--hold-as",
+            hold_as,
+            "--ttl",
+            ttl,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = format!("app:{hold_as}");
+    let t = Instant::now();
+    while locks(n, &["--holder", &holder]).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "read lock never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 fn names(n: &TestNode) -> Vec<String> {
     n.snapshots("v")
         .iter()
@@ -208,20 +237,7 @@ fn snapshot_read_holds_its_lock_exactly_while_reading() {
     // The stream blocks on a full pipe: meanwhile the lock is there; after the stream ends
     // it is gone, and the bytes are the snapshot's.
     let n = node_with_snapshots(1);
-    let mut child = n
-        .cmd(&["snapshot", "read", "v@s0", "--hold-as", "restic-nightly"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while locks(&n, &["--holder", "app:restic-nightly"]).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "read lock never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start_reader(&n, "restic-nightly", "1h");
     n.fails(&["snapshot", "delete", "v@s0"], 5);
     let mut data = Vec::new();
     child.stdout.take().unwrap().read_to_end(&mut data).unwrap();
@@ -235,28 +251,7 @@ fn snapshot_read_holds_its_lock_exactly_while_reading() {
 #[test]
 fn a_killed_reader_leaves_a_lock_that_goes_stale_after_its_ttl() {
     let n = node_with_snapshots(1);
-    let mut child = n
-        .cmd(&[
-            "snapshot",
-            "read",
-            "v@s0",
-            "--hold-as",
-            "dies",
-            "--ttl",
-            "3s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while locks(&n, &["--holder", "app:dies"]).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "read lock never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start_reader(&n, "dies", "3s");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(locks(&n, &["--holder", "app:dies"])[0]["stale"], false);

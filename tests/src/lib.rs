@@ -187,6 +187,22 @@ impl TestNode {
             .clone()
     }
 
+    /// The names of the volume's snapshots, oldest first.
+    pub fn snapshot_names(&self, volume: &str) -> Vec<String> {
+        self.snapshots(volume)
+            .iter()
+            .map(|s| s["name"].as_str().expect("name").to_string())
+            .collect()
+    }
+
+    /// The id of `VOLUME@SNAPSHOT`.
+    pub fn snapshot_id(&self, reference: &str) -> String {
+        self.run(&["snapshot", "show", reference, "--json"]).json()["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    }
+
     /// Restores `reference` to a fresh file and returns its bytes.
     pub fn restore(&self, reference: &str) -> Vec<u8> {
         let out = self.path(&format!("restore-{}", rand::random::<u32>()));

@@ -229,6 +229,20 @@ fn read_set(
     v.map(|v| decode_set(v.value(), &key)).transpose()
 }
 
+/// The lock sets (inside a write transaction) that `keep` selects.
+fn sets_where(tx: &WriteTransaction, keep: impl Fn(&LockSet) -> bool) -> Result<Vec<LockSet>> {
+    let t = tx.open_table(LOCK_SETS)?;
+    let mut out = Vec::new();
+    for e in t.iter()? {
+        let (k, v) = e?;
+        let s = decode_set(v.value(), k.value())?;
+        if keep(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
 /// Stores `new` in place of `old` (either may be absent) and keeps the index in step.
 fn write_set(tx: &WriteTransaction, old: Option<&LockSet>, new: &LockSet) -> Result<()> {
     let mut locked = tx.open_table(LOCKED)?;
@@ -306,18 +320,9 @@ fn expire(tx: &WriteTransaction, now: u64, volume: Option<&VolumeName>) -> Resul
     if auto.is_empty() {
         return Ok(Vec::new());
     }
-    let sets: Vec<LockSet> = {
-        let t = tx.open_table(LOCK_SETS)?;
-        let mut out = Vec::new();
-        for e in t.iter()? {
-            let (k, v) = e?;
-            let s: LockSet = decode_set(v.value(), k.value())?;
-            if auto.contains(&s.holder) && volume.is_none_or(|vol| *vol == s.volume) {
-                out.push(s);
-            }
-        }
-        out
-    };
+    let sets = sets_where(tx, |s| {
+        auto.contains(&s.holder) && volume.is_none_or(|vol| *vol == s.volume)
+    })?;
     let mut released = Vec::new();
     for old in sets {
         if !old.locks.iter().any(|l| l.is_stale(now)) {
@@ -632,18 +637,9 @@ impl<'a> LockRegistry<'a> {
     ) -> Result<Vec<SoftLock>> {
         let now = crate::now_unix_ms();
         let tx = self.db.begin_write()?;
-        let sets: Vec<LockSet> = {
-            let t = tx.open_table(LOCK_SETS)?;
-            let mut out = Vec::new();
-            for e in t.iter()? {
-                let (k, v) = e?;
-                let s: LockSet = decode_set(v.value(), k.value())?;
-                if s.holder == *holder && volume.is_none_or(|vol| *vol == s.volume) {
-                    out.push(s);
-                }
-            }
-            out
-        };
+        let sets = sets_where(&tx, |s| {
+            s.holder == *holder && volume.is_none_or(|vol| *vol == s.volume)
+        })?;
         let mut released = Vec::new();
         for old in sets {
             let mut new = old.clone();

@@ -51,10 +51,7 @@ fn start_reader(n: &TestNode, hold_as: &str, ttl: &str) -> std::process::Child {
 }
 
 fn names(n: &TestNode) -> Vec<String> {
-    n.snapshots("v")
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
+    n.snapshot_names("v")
 }
 
 fn locks(n: &TestNode, args: &[&str]) -> Vec<Value> {
@@ -64,11 +61,7 @@ fn locks(n: &TestNode, args: &[&str]) -> Vec<Value> {
 }
 
 fn id_of(n: &TestNode, name: &str) -> String {
-    n.run(&["snapshot", "show", &format!("v@{name}"), "--json"])
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    n.snapshot_id(&format!("v@{name}"))
 }
 
 fn replace_set(n: &TestNode, set: &Value) -> Value {

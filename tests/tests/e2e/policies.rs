@@ -24,10 +24,7 @@ fn node(n: usize, labels: impl Fn(usize) -> Option<&'static str>) -> TestNode {
 }
 
 fn names(n: &TestNode) -> Vec<String> {
-    n.snapshots("v")
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
+    n.snapshot_names("v")
 }
 
 fn add(n: &TestNode, name: &str, component: &str, config: &[&str]) {
@@ -56,11 +53,7 @@ fn locks_of(n: &TestNode, holder: &str) -> Vec<Value> {
 }
 
 fn id_of(n: &TestNode, name: &str) -> String {
-    n.run(&["snapshot", "show", &format!("v@{name}"), "--json"])
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    n.snapshot_id(&format!("v@{name}"))
 }
 
 #[test]

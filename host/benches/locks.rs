@@ -51,6 +51,7 @@ fn main() {
             image: img.clone(),
             block_size: 64 << 10,
             added_unix_ms: 0,
+            upstream: None,
         })
         .unwrap();
     // 10,000 catalogued snapshots (records only), then three real ones to explain.

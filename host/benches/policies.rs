@@ -55,6 +55,7 @@ fn main() {
             image: img,
             block_size: 4096,
             added_unix_ms: 0,
+            upstream: None,
         })
         .unwrap();
     let t0 = 1_600_000_000_000u64;

@@ -34,6 +34,10 @@ pub struct VolumeRecord {
     pub image: PathBuf,
     pub block_size: u32,
     pub added_unix_ms: u64,
+    /// Set on a replica: `mirror of NODE`. Its snapshots arrive from that upstream; it has
+    /// no image of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 /// What taking a snapshot cost, recorded with it.

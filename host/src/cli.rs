@@ -1,9 +1,11 @@
 //! The command line: one file per subcommand under `cli/`.
 
+mod daemon;
 mod demo;
 mod gc;
 mod init;
 mod lock;
+mod mirror;
 mod policy;
 mod prune;
 mod sample;
@@ -60,6 +62,19 @@ pub enum Command {
     Verify(verify::VerifyCommand),
     /// A walk-through in a scratch directory: snapshot, change, snapshot, diff, restore.
     Demo(demo::DemoCommand),
+    /// Serve peers and run the node's schedules (mirrors, snapshots, retention).
+    Daemon(daemon::DaemonCommand),
+    /// Pull mirror updates from upstream nodes; list the relations.
+    #[command(subcommand)]
+    Mirror(mirror::MirrorCommand),
+    /// Ask the running daemon how its mirrors, schedules and locks are doing.
+    Status(daemon::StatusCommand),
+    /// Make TLS certificates for the daemon's listener.
+    #[command(subcommand)]
+    Tls(daemon::TlsCommand),
+    /// Make peer tokens.
+    #[command(subcommand)]
+    Token(daemon::TokenCommand),
     /// Deterministic sample images (for benchmarks and tests).
     #[command(subcommand, hide = true)]
     Sample(sample::SampleCommand),
@@ -136,6 +151,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(c) => c.run(&ctx).await,
         Command::Demo(c) => c.run(&ctx).await,
         Command::Sample(c) => c.run(&ctx).await,
+        Command::Daemon(c) => c.run(&ctx).await,
+        Command::Mirror(c) => c.run(&ctx).await,
+        Command::Status(c) => c.run(&ctx).await,
+        Command::Tls(c) => c.run(&ctx).await,
+        Command::Token(c) => c.run(&ctx).await,
     }
 }
 

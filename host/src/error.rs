@@ -14,6 +14,8 @@
 //! - [`Error::Unavailable`]: a resource is out of reach or exhausted (disk full, a store that
 //!   does not answer); retrying later may succeed ([`Error::is_transient`]).
 //! - [`Error::Io`]: a local I/O failure, with the path or object involved.
+//! - [`Error::Denied`]: a peer is unknown, presented a wrong token, or asked for something it
+//!   is not granted (another volume, another holder's locks, more locks than its limit).
 //! - [`Error::Policy`]: a policy failed (trapped, ran out of time or memory, answered with an
 //!   error or a malformed answer); the message names the policy and the call. The host falls
 //!   back to its safe default and lives on.
@@ -54,6 +56,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Policy(String),
+    #[error("{0}")]
+    Denied(String),
     #[error("internal error: {0} (this is a bug in holdfast; please report it)")]
     Internal(String),
 }
@@ -91,6 +95,10 @@ impl Error {
 
     pub fn corrupt(msg: impl Into<String>) -> Self {
         Error::Corrupt(msg.into())
+    }
+
+    pub fn denied(msg: impl Into<String>) -> Self {
+        Error::Denied(msg.into())
     }
 
     pub fn internal(msg: impl Into<String>) -> Self {
@@ -132,6 +140,7 @@ impl Error {
             Error::Corrupt(_) => 6,
             Error::Unavailable { .. } | Error::Io { .. } => 7,
             Error::Policy(_) => 8,
+            Error::Denied(_) => 9,
             Error::Internal(_) => 70,
         }
     }

@@ -14,6 +14,10 @@
 //! - [`state`]: a node's state directory (identity, catalog, repository), through cap-std.
 //! - [`retention`]: built-in keep-last/keep-within pruning that never touches a locked snapshot.
 //! - [`sample`]: deterministic sample images for the demo, benchmarks and tests.
+//! - [`config`]: the daemon's `node.toml` (listener, peers, mirrors, schedules, retention).
+//! - [`peer`]: the peer protocol (HTTP/2 over rustls): client, server, TLS, wire format.
+//! - [`mirror`]: one mirror update, pulled by the downstream, with lock sets sent before and after.
+//! - [`daemon`]: `holdfast daemon`: the listener, the scheduled jobs, status and metrics.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
 //! - `cli` (binary only): the `holdfast` command line.
 //!
@@ -26,8 +30,12 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod id;
+pub mod mirror;
+pub mod peer;
 pub mod policy;
 pub mod repo;
 pub mod retention;

@@ -64,6 +64,7 @@ impl DemoCommand {
             image: std::fs::canonicalize(&image)?,
             block_size: 64 << 10,
             added_unix_ms: holdfast::now_unix_ms(),
+            upstream: None,
         })?;
         drop(node);
 

@@ -46,6 +46,7 @@ impl VolumeCommand {
                     image,
                     block_size,
                     added_unix_ms: holdfast::now_unix_ms(),
+                    upstream: None,
                 };
                 node.catalog.add_volume(&rec)?;
                 ctx.summary(format!(
@@ -65,10 +66,24 @@ impl VolumeCommand {
                     "NAME", "SIZE", "BLOCK", "SNAPSHOTS"
                 );
                 for v in vols {
+                    let snaps = node.catalog.snapshots(&v.name)?;
+                    let n = snaps.len();
+                    if let Some(from) = &v.upstream {
+                        let size = snaps
+                            .last()
+                            .map_or_else(|| "-".into(), |s| human_bytes(s.size));
+                        println!(
+                            "{:<24} {:>10} {:>10} {:>9}  ({from})",
+                            v.name.as_str(),
+                            size,
+                            human_bytes(v.block_size as u64),
+                            n
+                        );
+                        continue;
+                    }
                     let size = FileVolume::open(&v.image)
                         .map(|f| human_bytes(f.size()))
                         .unwrap_or_else(|_| "missing".into());
-                    let n = node.catalog.snapshots(&v.name)?.len();
                     println!(
                         "{:<24} {:>10} {:>10} {:>9}  {}",
                         v.name.as_str(),
@@ -81,11 +96,16 @@ impl VolumeCommand {
             }
             VolumeCommand::Remove { name } => {
                 let rec = node.catalog.remove_volume(&name)?;
-                ctx.summary(format!(
-                    "removed volume {} (the image {} was not touched)",
-                    rec.name,
-                    rec.image.display()
-                ));
+                match &rec.upstream {
+                    Some(from) => {
+                        ctx.summary(format!("removed replica volume {} ({from})", rec.name))
+                    }
+                    None => ctx.summary(format!(
+                        "removed volume {} (the image {} was not touched)",
+                        rec.name,
+                        rec.image.display()
+                    )),
+                }
             }
         }
         Ok(())

@@ -60,6 +60,11 @@ pub async fn create(
 ) -> Result<CreateReport> {
     let started = Instant::now();
     let vol = node.catalog.volume(volume)?;
+    if let Some(from) = &vol.upstream {
+        return Err(Error::invalid(format!(
+            "volume {volume} is a replica ({from}); its snapshots arrive by `holdfast mirror run`,              it has no image to snapshot"
+        )));
+    }
     let existing = node.catalog.snapshots(volume)?;
     let name = match opts.name {
         Some(n) => {

@@ -66,7 +66,7 @@ pub struct LockSetUpdate {
 }
 
 /// What a replace did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome")]
 pub enum ReplaceOutcome {
     /// The set replaced the stored one (or was the first).

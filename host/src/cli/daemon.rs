@@ -1,0 +1,269 @@
+//! `holdfast daemon`, `holdfast status`, `holdfast tls`, `holdfast token`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{Context, human_bytes, print_json};
+use holdfast::config::NodeConfig;
+use holdfast::softlock::human_duration;
+
+/// Where the node configuration comes from.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The node configuration (TOML): listener, peers, mirrors, schedules, retention.
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    pub config: PathBuf,
+}
+
+impl ConfigArg {
+    /// The configuration and the node it names (its `state`, else `--state`).
+    pub async fn open(&self, ctx: &Context) -> anyhow::Result<(NodeConfig, holdfast::state::Node)> {
+        let cfg = NodeConfig::load(&self.config)?;
+        let state = cfg
+            .state
+            .as_ref()
+            .map_or_else(|| ctx.state.clone(), |s| cfg.resolve(s));
+        let node = holdfast::state::Node::open(&state).await?;
+        Ok((cfg, node))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonCommand {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+impl DaemonCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let (cfg, node) = self.config.open(ctx).await?;
+        holdfast::daemon::run(node, cfg).await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusCommand {
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ago(now: u64, t: Option<u64>) -> String {
+    match t {
+        Some(t) if t <= now => format!("{} ago", human_duration(now - t)),
+        Some(t) => format!("in {}", human_duration(t - now)),
+        None => "never".into(),
+    }
+}
+
+impl StatusCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let node = ctx.open().await?;
+        let f = holdfast::daemon::read_daemon_file(&node)?;
+        let client = holdfast::peer::client::PeerClient::admin(
+            &f.url,
+            &f.admin_token,
+            f.ca.as_deref(),
+            &f.node,
+        )?;
+        let s = client
+            .status()
+            .await
+            .map_err(|e| holdfast::Error::Unavailable {
+                message: format!(
+                    "the daemon of {} (pid {}, {}) does not answer: {e}; is it still running?",
+                    node.path.display(),
+                    f.pid,
+                    f.url
+                ),
+                source: None,
+            })?;
+        if self.json {
+            return print_json(&s);
+        }
+        let now = s["now-unix-ms"].as_u64().unwrap_or(0);
+        let u = |v: &serde_json::Value| v.as_u64();
+        println!(
+            "node {} (holdfast {}, pid {}), up {}, listening on {}",
+            s["node"].as_str().unwrap_or("?"),
+            s["version"].as_str().unwrap_or("?"),
+            s["pid"],
+            human_duration(now.saturating_sub(u(&s["started-unix-ms"]).unwrap_or(now))),
+            s["listen"].as_str().unwrap_or("-")
+        );
+        println!("\nMIRRORS");
+        for r in s["relations"].as_array().into_iter().flatten() {
+            let j = &r["job"];
+            println!(
+                "  {} <- {}: lag {}, last run {} ({}), next {}, {}",
+                r["volume"].as_str().unwrap_or("?"),
+                r["upstream"].as_str().unwrap_or("?"),
+                u(&r["lag-ms"]).map_or("-".into(), human_duration),
+                ago(now, u(&j["last-finished-unix-ms"])),
+                match j["last-ok"].as_bool() {
+                    Some(true) => "ok",
+                    Some(false) => "FAILED",
+                    None => "-",
+                },
+                ago(now, u(&j["next-run-unix-ms"])),
+                j["schedule"].as_str().unwrap_or("")
+            );
+            let t = &j["last-transfer"];
+            if !t.is_null() {
+                println!(
+                    "      last transfer: {}, {} snapshot(s), {} on the wire, {:.2}s",
+                    t["kind"].as_str().unwrap_or("?"),
+                    t["received"].as_array().map_or(0, Vec::len),
+                    human_bytes(u(&t["bytes-fetched"]).unwrap_or(0)),
+                    t["seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if let Some(e) = j["last-error"].as_str() {
+                println!("      error ({} in a row): {e}", j["consecutive-failures"]);
+            }
+        }
+        println!("\nSCHEDULES");
+        for j in s["jobs"].as_array().into_iter().flatten() {
+            if j["kind"] == "mirror" {
+                continue;
+            }
+            println!(
+                "  {} {}: {}, last {} ({}), next {}{}",
+                j["kind"].as_str().unwrap_or("?"),
+                j["volume"].as_str().unwrap_or("?"),
+                j["schedule"].as_str().unwrap_or(""),
+                ago(now, u(&j["last-finished-unix-ms"])),
+                match j["last-ok"].as_bool() {
+                    Some(true) => "ok",
+                    Some(false) => "FAILED",
+                    None => "-",
+                },
+                ago(now, u(&j["next-run-unix-ms"])),
+                j["last-error"]
+                    .as_str()
+                    .map_or(String::new(), |e| format!("\n      error: {e}"))
+            );
+        }
+        println!("\nLOCKS");
+        for v in s["volumes"].as_array().into_iter().flatten() {
+            println!(
+                "  {} ({} snapshots{}):",
+                v["volume"].as_str().unwrap_or("?"),
+                v["snapshots"],
+                v["replica-of"]
+                    .as_str()
+                    .map_or(String::new(), |r| format!(", {r}"))
+            );
+            for (label, key) in [
+                ("held here", "held-here"),
+                ("from downstream", "from-downstream"),
+            ] {
+                for h in v[key].as_array().into_iter().flatten() {
+                    let stale = if h["stale"].as_bool() == Some(true) {
+                        format!(
+                            "  STALE for {} (last seen {} ago)",
+                            human_duration(u(&h["stale-for-ms"]).unwrap_or(0)),
+                            human_duration(u(&h["seen-ago-ms"]).unwrap_or(0))
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "    {label:<15} {:<28} {} lock(s) on {} snapshot(s), generation {}, refreshed {} ago{stale}",
+                        h["holder"].as_str().unwrap_or("?"),
+                        h["locks"],
+                        h["snapshots"].as_array().map_or(0, Vec::len),
+                        h["generation"],
+                        human_duration(u(&h["seen-ago-ms"]).unwrap_or(0)),
+                    );
+                }
+            }
+        }
+        if let Some(f) = s["policy-failures"].as_object().filter(|f| !f.is_empty()) {
+            println!("\nPOLICY FAILURES");
+            for (name, c) in f {
+                println!(
+                    "  {name}: {} failure(s), last: {}",
+                    c["count"],
+                    c["last-error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        ctx.summary(format!("denied peer requests: {}", s["denied-requests"]));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Write a self-signed certificate and key (PEM) for the daemon's listener.
+    SelfSigned {
+        /// Where to write the certificate.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where to write the private key (created with mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Names the certificate is valid for (DNS names or IP addresses).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1", "::1"])]
+        names: Vec<String>,
+    },
+}
+
+impl TlsCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        match self {
+            TlsCommand::SelfSigned { cert, key, names } => {
+                for p in [&cert, &key] {
+                    if p.exists() {
+                        anyhow::bail!(holdfast::Error::conflict(format!(
+                            "{} already exists; remove it or choose another path",
+                            p.display()
+                        )));
+                    }
+                }
+                let (c, k) = holdfast::peer::tls::self_signed(&names)?;
+                write_new(&key, k.as_bytes(), 0o600)?;
+                write_new(&cert, c.as_bytes(), 0o644)?;
+                ctx.summary(format!(
+                    "wrote {} and {} (valid for {}); give the certificate to downstreams as `ca`",
+                    cert.display(),
+                    key.display(),
+                    names.join(", ")
+                ));
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| holdfast::Error::io(format!("creating {}", path.display()), e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| holdfast::Error::io(format!("writing {}", path.display()), e))?;
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random peer token (give it to both ends of a relation).
+    New,
+}
+
+impl TokenCommand {
+    pub async fn run(self, _ctx: &Context) -> anyhow::Result<()> {
+        match self {
+            TokenCommand::New => println!("{}", holdfast::peer::new_token()),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! `holdfast mirror`: run one update now, list the relations.
+
+use clap::Subcommand;
+
+use super::daemon::ConfigArg;
+use super::{Context, human_bytes, print_json, throughput};
+use holdfast::id::VolumeName;
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Pull one update of VOLUME from its upstream now (locks before and after, as the daemon does).
+    Run {
+        volume: VolumeName,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The configured mirror relations and the state of each replica.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl MirrorCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        match self {
+            MirrorCommand::Run {
+                volume,
+                config,
+                json,
+            } => {
+                let (cfg, node) = config.open(ctx).await?;
+                let engine = holdfast::policy::PolicyEngine::new()?;
+                let pb = ctx.count_bar("chunks");
+                let r = holdfast::mirror::run(&node, &cfg, &volume, Some(&engine), &pb).await;
+                pb.finish_and_clear();
+                let r = r?;
+                if json {
+                    return print_json(&r);
+                }
+                for s in &r.received {
+                    println!("received {s}");
+                }
+                for s in &r.deleted {
+                    println!("deleted  {s} (gone upstream)");
+                }
+                for s in &r.kept_locked {
+                    println!("kept     {s} (gone upstream, locked here)");
+                }
+                ctx.summary(format!(
+                    "{volume} <- {}: {}{}, {} snapshot(s), {} chunks, {} on the wire ({} plain) in {:.2}s ({}); locks sent {} before, {} after",
+                    r.upstream,
+                    r.kind,
+                    r.base.as_ref().map_or(String::new(), |b| format!(" from {b}")),
+                    r.received.len(),
+                    r.chunks_fetched,
+                    human_bytes(r.bytes_fetched),
+                    human_bytes(r.plain_bytes_fetched),
+                    r.seconds,
+                    throughput(r.bytes_fetched, std::time::Duration::from_secs_f64(r.seconds)),
+                    r.locks_sent_before,
+                    r.locks_sent_after
+                ));
+                Ok(())
+            }
+            MirrorCommand::List { config, json } => {
+                let (cfg, node) = config.open(ctx).await?;
+                let mut rows = Vec::new();
+                for m in &cfg.mirror {
+                    let snaps = node.catalog.snapshots(&m.volume).unwrap_or_default();
+                    let up = cfg.upstream(&m.upstream)?;
+                    rows.push(serde_json::json!({
+                        "volume": m.volume,
+                        "upstream": m.upstream,
+                        "url": up.url,
+                        "schedule": m.when.schedule("mirror")?.to_string(),
+                        "snapshots": snaps.len(),
+                        "newest": snaps.last().map(|s| s.display_ref()),
+                    }));
+                }
+                if json {
+                    return print_json(&rows);
+                }
+                println!(
+                    "{:<20} {:<16} {:<28} {:>9}  NEWEST",
+                    "VOLUME", "UPSTREAM", "SCHEDULE", "SNAPSHOTS"
+                );
+                for r in rows {
+                    println!(
+                        "{:<20} {:<16} {:<28} {:>9}  {}",
+                        r["volume"].as_str().unwrap_or(""),
+                        r["upstream"].as_str().unwrap_or(""),
+                        r["schedule"].as_str().unwrap_or(""),
+                        r["snapshots"],
+                        r["newest"].as_str().unwrap_or("-")
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}

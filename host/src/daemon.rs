@@ -1,0 +1,711 @@
+//! `holdfast daemon`: serves the peer protocol and runs the node's schedules (mirror updates,
+//! snapshots, retention), keeps their status for `holdfast status` and exports metrics.
+//!
+//! Jobs of one volume run one at a time (a per-volume mutex); jobs of different volumes run
+//! side by side. A job that fails is logged with its outcome, counted, shown in `status`, and
+//! tried again at its next scheduled time; the daemon lives on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{NodeConfig, Schedule};
+use crate::error::{Error, Result};
+use crate::id::{NodeId, VolumeName};
+use crate::mirror::{self, MirrorReport};
+use crate::peer::server::{Reporter, ServedCounters, ServerState};
+use crate::policy::PolicyEngine;
+use crate::state::Node;
+
+/// The file in the state directory that tells local commands how to reach the daemon.
+pub const DAEMON_FILE: &str = "daemon.json";
+
+/// What `daemon.json` holds (mode 0600: the admin token is in it).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DaemonFile {
+    pub pid: u32,
+    pub node: NodeId,
+    pub url: String,
+    pub admin_token: String,
+    /// The certificate to trust for `url` (the daemon's own), when it speaks TLS.
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    Mirror,
+    Snapshot,
+    Retention,
+}
+
+/// One scheduled job and how it went.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobStatus {
+    pub kind: JobKind,
+    pub volume: VolumeName,
+    pub upstream: Option<NodeId>,
+    pub schedule: String,
+    pub runs: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    pub running: bool,
+    pub last_started_unix_ms: Option<u64>,
+    pub last_finished_unix_ms: Option<u64>,
+    pub last_ok: Option<bool>,
+    pub last_error: Option<String>,
+    pub last_summary: Option<String>,
+    pub next_run_unix_ms: Option<u64>,
+    /// Mirror jobs: the last update that ran to the end.
+    pub last_transfer: Option<MirrorReport>,
+}
+
+struct Job {
+    kind: JobKind,
+    volume: VolumeName,
+    upstream: Option<NodeId>,
+    schedule: Schedule,
+    keep: crate::retention::KeepRules,
+}
+
+/// Totals for the metrics.
+#[derive(Debug, Default)]
+struct Totals {
+    /// (volume, upstream, kind, outcome) → count.
+    transfers: BTreeMap<(String, String, String, String), u64>,
+    /// (volume, upstream) → bytes received.
+    bytes: BTreeMap<(String, String), u64>,
+}
+
+pub struct Daemon {
+    node: Arc<Node>,
+    cfg: Arc<NodeConfig>,
+    engine: Option<Arc<PolicyEngine>>,
+    jobs: Mutex<Vec<JobStatus>>,
+    totals: Mutex<Totals>,
+    served: Arc<ServedCounters>,
+    volume_locks: Mutex<HashMap<VolumeName, Arc<tokio::sync::Mutex<()>>>>,
+    started_unix_ms: u64,
+    listen: Option<String>,
+}
+
+impl Daemon {
+    fn volume_lock(&self, v: &VolumeName) -> Arc<tokio::sync::Mutex<()>> {
+        self.volume_locks
+            .lock()
+            .expect("not poisoned")
+            .entry(v.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn update(&self, i: usize, f: impl FnOnce(&mut JobStatus)) {
+        f(&mut self.jobs.lock().expect("not poisoned")[i]);
+    }
+
+    async fn run_job(&self, job: &Job) -> Result<(String, Option<MirrorReport>)> {
+        let hidden = indicatif::ProgressBar::hidden();
+        match job.kind {
+            JobKind::Mirror => {
+                let r = mirror::run(
+                    &self.node,
+                    &self.cfg,
+                    &job.volume,
+                    self.engine.as_deref(),
+                    &hidden,
+                )
+                .await?;
+                Ok((summary(&r), Some(r)))
+            }
+            JobKind::Snapshot => {
+                let r = crate::snapshot::create::create(
+                    &self.node,
+                    &job.volume,
+                    Default::default(),
+                    &hidden,
+                )
+                .await?;
+                if let Some(engine) = &self.engine {
+                    crate::policy::registry::decide_locks(
+                        &self.node,
+                        engine,
+                        &job.volume,
+                        crate::policy::Phase::SnapshotCreated,
+                        crate::policy::registry::Asked::HandlingPhase,
+                        true,
+                    )?;
+                }
+                Ok((
+                    format!(
+                        "took {} ({} new chunks) in {:.2}s",
+                        r.record.display_ref(),
+                        r.record.stats.new_chunks,
+                        r.elapsed.as_secs_f64()
+                    ),
+                    None,
+                ))
+            }
+            JobKind::Retention => {
+                let has_policies = !crate::policy::registry::Policies::new(&self.node)
+                    .for_volume(&job.volume)?
+                    .is_empty();
+                if has_policies && let Some(engine) = &self.engine {
+                    if let Some(r) =
+                        crate::retention::prune_by_policies(&self.node, engine, &job.volume, false)
+                            .await?
+                    {
+                        return Ok((
+                            format!(
+                                "pruned {:?} by policies; kept locked {}",
+                                r.pruned,
+                                r.kept_locked.len()
+                            ),
+                            None,
+                        ));
+                    }
+                }
+                if job.keep.keep_last.is_none() && job.keep.keep_within.is_none() {
+                    return Err(Error::invalid(format!(
+                        "retention of {} has no rule: give keep_last and/or keep_within, or \
+                         register a retention policy for the volume",
+                        job.volume
+                    )));
+                }
+                let r = crate::retention::prune(&self.node, &job.volume, &job.keep, false).await?;
+                Ok((
+                    format!(
+                        "pruned {:?}; {} kept only because of locks",
+                        r.pruned,
+                        r.plan.kept_for_locks().count() + r.locked_meanwhile.len()
+                    ),
+                    None,
+                ))
+            }
+        }
+    }
+
+    async fn job_loop(self: Arc<Self>, i: usize, job: Job) {
+        // Mirrors catch up at start; snapshots and retention wait for their first slot.
+        let mut delay = match job.kind {
+            JobKind::Mirror => Duration::ZERO,
+            _ => job.schedule.next_delay(),
+        };
+        loop {
+            self.update(i, |s| {
+                s.next_run_unix_ms = Some(crate::now_unix_ms() + delay.as_millis() as u64)
+            });
+            tokio::time::sleep(delay).await;
+            let lock = self.volume_lock(&job.volume);
+            let _guard = lock.lock().await;
+            let t0 = Instant::now();
+            self.update(i, |s| {
+                s.running = true;
+                s.last_started_unix_ms = Some(crate::now_unix_ms());
+            });
+            let result = self.run_job(&job).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let upstream = job
+                .upstream
+                .as_ref()
+                .map_or_else(String::new, |u| u.to_string());
+            match &result {
+                Ok((line, report)) => {
+                    tracing::info!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "ok", "{line}");
+                    if let Some(r) = report {
+                        let mut t = self.totals.lock().expect("not poisoned");
+                        *t.transfers
+                            .entry((
+                                job.volume.to_string(),
+                                upstream.clone(),
+                                r.kind.to_string(),
+                                "ok".into(),
+                            ))
+                            .or_default() += 1;
+                        *t.bytes
+                            .entry((job.volume.to_string(), upstream.clone()))
+                            .or_default() += r.bytes_fetched;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "error", "{e}");
+                    if job.kind == JobKind::Mirror {
+                        let mut t = self.totals.lock().expect("not poisoned");
+                        *t.transfers
+                            .entry((
+                                job.volume.to_string(),
+                                upstream.clone(),
+                                "none".into(),
+                                "error".into(),
+                            ))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            self.update(i, |s| {
+                s.running = false;
+                s.runs += 1;
+                s.last_finished_unix_ms = Some(crate::now_unix_ms());
+                match result {
+                    Ok((line, report)) => {
+                        s.last_ok = Some(true);
+                        s.last_error = None;
+                        s.consecutive_failures = 0;
+                        s.last_summary = Some(line);
+                        if report.is_some() {
+                            s.last_transfer = report;
+                        }
+                    }
+                    Err(e) => {
+                        s.last_ok = Some(false);
+                        s.failures += 1;
+                        s.consecutive_failures += 1;
+                        s.last_error = Some(e.to_string());
+                    }
+                }
+            });
+            drop(_guard);
+            delay = job.schedule.next_delay();
+        }
+    }
+
+    fn lock_report(&self) -> Result<serde_json::Value> {
+        let now = crate::now_unix_ms();
+        let mut vols = Vec::new();
+        for v in self.node.catalog.volumes()? {
+            let sets = self.node.catalog.locks().sets(Some(&v.name))?;
+            let mut here = Vec::new();
+            let mut down = Vec::new();
+            for s in sets {
+                let stale_since = s
+                    .locks
+                    .iter()
+                    .filter_map(|l| l.expires_unix_ms())
+                    .filter(|&e| e <= now)
+                    .min();
+                let mut snaps: Vec<String> =
+                    s.locks.iter().map(|l| l.snapshot.to_string()).collect();
+                snaps.sort();
+                snaps.dedup();
+                let entry = serde_json::json!({
+                    "holder": s.holder,
+                    "generation": s.generation,
+                    "locks": s.locks.len(),
+                    "snapshots": snaps,
+                    "refreshed-unix-ms": s.refreshed_unix_ms,
+                    "seen-ago-ms": now.saturating_sub(s.refreshed_unix_ms),
+                    "stale": stale_since.is_some(),
+                    "stale-for-ms": stale_since.map(|e| now.saturating_sub(e)),
+                });
+                if s.holder.application_name().is_some() {
+                    here.push(entry);
+                } else {
+                    down.push(entry);
+                }
+            }
+            let snaps = self.node.catalog.snapshots(&v.name)?;
+            vols.push(serde_json::json!({
+                "volume": v.name,
+                "replica-of": v.upstream,
+                "snapshots": snaps.len(),
+                "newest": snaps.last().map(|s| s.display_ref()),
+                "newest-created-unix-ms": snaps.last().map(|s| s.created_unix_ms),
+                "held-here": here,
+                "from-downstream": down,
+            }));
+        }
+        Ok(serde_json::Value::Array(vols))
+    }
+}
+
+fn summary(r: &MirrorReport) -> String {
+    format!(
+        "{} from {}: {} snapshot(s), {} chunks, {} bytes on the wire in {:.2}s; {} deleted, {} kept for locks; locks sent {}/{}",
+        r.kind,
+        r.upstream,
+        r.received.len(),
+        r.chunks_fetched,
+        r.bytes_fetched,
+        r.seconds,
+        r.deleted.len(),
+        r.kept_locked.len(),
+        r.locks_sent_before,
+        r.locks_sent_after
+    )
+}
+
+impl Reporter for Daemon {
+    fn status(&self) -> Result<serde_json::Value> {
+        let jobs = self.jobs.lock().expect("not poisoned").clone();
+        let now = crate::now_unix_ms();
+        let locks = self.lock_report()?;
+        let relations: Vec<serde_json::Value> = jobs
+            .iter()
+            .filter(|j| j.kind == JobKind::Mirror)
+            .map(|j| {
+                let newest = self
+                    .node
+                    .catalog
+                    .snapshots(&j.volume)
+                    .ok()
+                    .and_then(|s| s.last().map(|s| s.created_unix_ms));
+                serde_json::json!({
+                    "volume": j.volume,
+                    "upstream": j.upstream,
+                    "lag-ms": newest.map(|c| now.saturating_sub(c)),
+                    "job": j,
+                })
+            })
+            .collect();
+        let failures = crate::policy::registry::Policies::new(&self.node).failures()?;
+        Ok(serde_json::json!({
+            "node": self.node.info.node_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "started-unix-ms": self.started_unix_ms,
+            "now-unix-ms": now,
+            "listen": self.listen,
+            "relations": relations,
+            "jobs": jobs,
+            "volumes": locks,
+            "policy-failures": failures,
+            "served-bytes": *self.served.chunk_bytes.lock().expect("not poisoned"),
+            "denied-requests": self.served.denied.load(Ordering::Relaxed),
+        }))
+    }
+
+    fn metrics(&self) -> String {
+        metrics_text(self).unwrap_or_else(|e| format!("# error: {e}\n"))
+    }
+}
+
+fn metrics_text(d: &Daemon) -> Result<String> {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(String, String)>;
+    let l = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let mut reg = Registry::with_prefix("holdfast");
+    let transfers = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let lag = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let locks = Family::<Labels, Gauge>::default();
+    let stale = Family::<Labels, Gauge>::default();
+    let snaps = Family::<Labels, Gauge>::default();
+    let failures = Family::<Labels, Counter>::default();
+    let served = Family::<Labels, Counter>::default();
+    let denied = Counter::<u64>::default();
+    let job_failures = Family::<Labels, Gauge>::default();
+    {
+        let t = d.totals.lock().expect("not poisoned");
+        for ((v, u, k, o), n) in &t.transfers {
+            transfers
+                .get_or_create(&l(&[
+                    ("volume", v),
+                    ("upstream", u),
+                    ("kind", k),
+                    ("outcome", o),
+                ]))
+                .inc_by(*n);
+        }
+        for ((v, u), n) in &t.bytes {
+            bytes
+                .get_or_create(&l(&[("volume", v), ("upstream", u)]))
+                .inc_by(*n);
+        }
+    }
+    let now = crate::now_unix_ms();
+    for j in d.jobs.lock().expect("not poisoned").iter() {
+        let kind = format!("{:?}", j.kind).to_lowercase();
+        job_failures
+            .get_or_create(&l(&[("volume", j.volume.as_str()), ("job", &kind)]))
+            .set(j.consecutive_failures as i64);
+    }
+    for v in d.node.catalog.volumes()? {
+        let s = d.node.catalog.snapshots(&v.name)?;
+        snaps
+            .get_or_create(&l(&[("volume", v.name.as_str())]))
+            .set(s.len() as i64);
+        if v.upstream.is_some()
+            && let Some(newest) = s.last()
+        {
+            lag.get_or_create(&l(&[("volume", v.name.as_str())]))
+                .set(now.saturating_sub(newest.created_unix_ms) as f64 / 1000.0);
+        }
+        let (mut here, mut down, mut stale_n) = (0i64, 0i64, 0i64);
+        for set in d.node.catalog.locks().sets(Some(&v.name))? {
+            if set.holder.application_name().is_some() {
+                here += set.locks.len() as i64;
+            } else {
+                down += set.locks.len() as i64;
+            }
+            if set.locks.iter().any(|l| l.is_stale(now)) {
+                stale_n += 1;
+            }
+        }
+        locks
+            .get_or_create(&l(&[("volume", v.name.as_str()), ("source", "here")]))
+            .set(here);
+        locks
+            .get_or_create(&l(&[("volume", v.name.as_str()), ("source", "downstream")]))
+            .set(down);
+        stale
+            .get_or_create(&l(&[("volume", v.name.as_str())]))
+            .set(stale_n);
+    }
+    for (name, f) in crate::policy::registry::Policies::new(&d.node).failures()? {
+        failures
+            .get_or_create(&l(&[("policy", &name)]))
+            .inc_by(f.count);
+    }
+    for (peer, n) in d.served.chunk_bytes.lock().expect("not poisoned").iter() {
+        served.get_or_create(&l(&[("peer", peer)])).inc_by(*n);
+    }
+    denied.inc_by(d.served.denied.load(Ordering::Relaxed));
+    reg.register(
+        "mirror_transfers",
+        "Mirror updates by volume, upstream, kind and outcome",
+        transfers,
+    );
+    reg.register(
+        "mirror_received_bytes",
+        "Chunk bytes received from upstreams",
+        bytes,
+    );
+    reg.register(
+        "mirror_lag_seconds",
+        "Age of the newest snapshot of a replica",
+        lag,
+    );
+    reg.register("locks", "Soft locks held on this node, by source", locks);
+    reg.register("stale_holders", "Lock holders whose lease ran out", stale);
+    reg.register("snapshots", "Snapshots per volume", snaps);
+    reg.register("policy_failures", "Policy calls that failed", failures);
+    reg.register(
+        "served_chunk_bytes",
+        "Chunk bytes served to downstreams",
+        served,
+    );
+    reg.register("denied_requests", "Peer requests refused", denied);
+    reg.register(
+        "job_consecutive_failures",
+        "Consecutive failures of each scheduled job",
+        job_failures,
+    );
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| Error::internal(format!("encoding metrics: {e}")))?;
+    Ok(out)
+}
+
+fn write_daemon_file(node: &Node, f: &DaemonFile) -> Result<()> {
+    use cap_std::fs::OpenOptionsExt;
+    use std::io::Write;
+    let bytes = serde_json::to_vec_pretty(f).map_err(|e| Error::internal(e.to_string()))?;
+    let tmp = format!(".{DAEMON_FILE}.tmp");
+    let mut o = cap_std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true).mode(0o600);
+    let io = |e| Error::io(format!("writing {}/{DAEMON_FILE}", node.path.display()), e);
+    let _ = node.dir.remove_file(&tmp);
+    let mut file = node.dir.open_with(&tmp, &o).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    node.dir.rename(&tmp, &node.dir, DAEMON_FILE).map_err(io)
+}
+
+/// Reads `daemon.json` from a state directory.
+pub fn read_daemon_file(node: &Node) -> Result<DaemonFile> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    match node.dir.open(DAEMON_FILE) {
+        Ok(mut f) => f
+            .read_to_end(&mut raw)
+            .map_err(|e| Error::io(format!("reading {}/{DAEMON_FILE}", node.path.display()), e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!(
+                "no daemon is running on {} (no {DAEMON_FILE}); start one with `holdfast daemon \
+                 --config FILE`",
+                node.path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("opening {}/{DAEMON_FILE}", node.path.display()),
+                e,
+            ));
+        }
+    };
+    serde_json::from_slice(&raw).map_err(|e| {
+        Error::corrupt(format!(
+            "{}/{DAEMON_FILE} is unreadable: {e}",
+            node.path.display()
+        ))
+    })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
+    let t0 = Instant::now();
+    let node = Arc::new(node);
+    let cfg = Arc::new(cfg);
+    node.clean_staging_files();
+    let engine = Some(Arc::new(PolicyEngine::new()?));
+
+    let mut jobs = Vec::new();
+    for m in &cfg.mirror {
+        jobs.push(Job {
+            kind: JobKind::Mirror,
+            volume: m.volume.clone(),
+            upstream: Some(m.upstream.clone()),
+            schedule: m.when.schedule("mirror")?,
+            keep: Default::default(),
+        });
+    }
+    for s in &cfg.schedule {
+        node.catalog.volume(&s.volume)?;
+        jobs.push(Job {
+            kind: JobKind::Snapshot,
+            volume: s.volume.clone(),
+            upstream: None,
+            schedule: s.when.schedule("schedule")?,
+            keep: Default::default(),
+        });
+    }
+    for r in &cfg.retention {
+        jobs.push(Job {
+            kind: JobKind::Retention,
+            volume: r.volume.clone(),
+            upstream: None,
+            schedule: r.when.schedule("retention")?,
+            keep: crate::retention::KeepRules {
+                keep_last: r.keep_last,
+                keep_within: match &r.keep_within {
+                    Some(w) => Some(crate::config::parse_duration("keep_within", w)?),
+                    None => None,
+                },
+            },
+        });
+    }
+
+    let listener = match &cfg.listen {
+        Some(l) => Some((
+            tokio::net::TcpListener::bind(l.address)
+                .await
+                .map_err(|e| Error::io(format!("listening on {}", l.address), e))?,
+            l,
+        )),
+        None => None,
+    };
+    let listen = listener.as_ref().map(|(sock, l)| {
+        let addr = sock.local_addr().unwrap_or(l.address);
+        let scheme = if l.plaintext { "http" } else { "https" };
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        format!("{scheme}://{host}:{}", addr.port())
+    });
+
+    let daemon = Arc::new(Daemon {
+        node: node.clone(),
+        cfg: cfg.clone(),
+        engine,
+        jobs: Mutex::new(
+            jobs.iter()
+                .map(|j| JobStatus {
+                    kind: j.kind,
+                    volume: j.volume.clone(),
+                    upstream: j.upstream.clone(),
+                    schedule: j.schedule.to_string(),
+                    runs: 0,
+                    failures: 0,
+                    consecutive_failures: 0,
+                    running: false,
+                    last_started_unix_ms: None,
+                    last_finished_unix_ms: None,
+                    last_ok: None,
+                    last_error: None,
+                    last_summary: None,
+                    next_run_unix_ms: None,
+                    last_transfer: None,
+                })
+                .collect(),
+        ),
+        totals: Default::default(),
+        served: Default::default(),
+        volume_locks: Default::default(),
+        started_unix_ms: crate::now_unix_ms(),
+        listen: listen.clone(),
+    });
+
+    let admin_token = crate::peer::new_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some((sock, l)) = listener {
+        let tls = match (&l.tls_cert, &l.tls_key, l.plaintext) {
+            (Some(c), Some(k), false) => Some(crate::peer::tls::server_config(
+                &cfg.resolve(c),
+                &cfg.resolve(k),
+            )?),
+            _ => None,
+        };
+        let state = Arc::new(ServerState::new(
+            node.clone(),
+            &cfg,
+            admin_token.clone(),
+            daemon.clone(),
+            daemon.served.clone(),
+        )?);
+        let app = crate::peer::server::router(state);
+        tasks.spawn(crate::peer::server::serve(sock, tls, app));
+        write_daemon_file(
+            &node,
+            &DaemonFile {
+                pid: std::process::id(),
+                node: node.info.node_id.clone(),
+                url: listen.clone().expect("listening"),
+                admin_token,
+                ca: l.tls_cert.as_ref().filter(|_| !l.plaintext).map(|c| {
+                    std::fs::canonicalize(cfg.resolve(c)).unwrap_or_else(|_| cfg.resolve(c))
+                }),
+            },
+        )?;
+    }
+    for (i, job) in jobs.into_iter().enumerate() {
+        tasks.spawn(daemon.clone().job_loop(i, job));
+    }
+    tracing::info!(
+        node = %node.info.node_id,
+        listen = listen.as_deref().unwrap_or("-"),
+        jobs = daemon.jobs.lock().expect("not poisoned").len(),
+        start_ms = t0.elapsed().as_millis() as u64,
+        "daemon started"
+    );
+    eprintln!(
+        "holdfast daemon {} listening on {}",
+        node.info.node_id,
+        listen.as_deref().unwrap_or("(no listener)")
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("daemon stopping");
+    tasks.abort_all();
+    let _ = node.dir.remove_file(DAEMON_FILE);
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! One mirror update, pulled by the downstream (DESIGN.md, "The flow of one mirror update"):
+//!
+//! 1. list the upstream's snapshots of the volume;
+//! 2. compute the lock set: the base of this transfer, the locks this node's policies and
+//!    applications hold, and every lock held here by this node's own downstreams, each only
+//!    for snapshots that exist upstream;
+//! 3. send it **before** the transfer (a set with an older generation is ignored upstream);
+//! 4. fetch only the chunks this node lacks, verify each against its id, write them into
+//!    packs that are durable before the manifest naming them is written, commit each snapshot
+//!    (oldest first) in the catalog, which makes it visible;
+//! 5. apply the upstream's deletions here, except snapshots locked here;
+//! 6. send the new lock set **after** the transfer: the new base replaces the old.
+//!
+//! A crash anywhere leaves no half snapshot visible; chunks already in durable packs are not
+//! fetched again on the next run.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::catalog::{SnapshotRecord, SnapshotStats, VolumeRecord};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
+use crate::peer::client::PeerClient;
+use crate::peer::{MAX_CHUNKS_PER_REQUEST, parse_frames};
+use crate::repo::ChunkIndex;
+use crate::repo::pack::PackBuilder;
+use crate::snapshot::{self, Manifest};
+use crate::softlock::{LockSetUpdate, LockType, NewLock, ReplaceOutcome};
+use crate::state::Node;
+
+/// Chunk requests in flight at once: keeps the link and both sides' disks busy.
+const FETCH_CONCURRENCY: usize = 4;
+/// Chunks per request: up to 16 MiB of 64 KiB blocks.
+const CHUNKS_PER_REQUEST: usize = 256;
+
+/// Whether an update copied everything, only changes, or nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransferKind {
+    Baseline,
+    Incremental,
+    UpToDate,
+}
+
+impl std::fmt::Display for TransferKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransferKind::Baseline => "baseline",
+            TransferKind::Incremental => "incremental",
+            TransferKind::UpToDate => "up-to-date",
+        })
+    }
+}
+
+/// What one update did.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MirrorReport {
+    pub volume: VolumeName,
+    pub upstream: NodeId,
+    pub kind: TransferKind,
+    /// The common snapshot the transfer started from, if any.
+    pub base: Option<String>,
+    pub received: Vec<String>,
+    pub chunks_fetched: u64,
+    /// Bytes of chunk frames received (what crossed the wire, compressed).
+    pub bytes_fetched: u64,
+    /// Plain bytes of those chunks.
+    pub plain_bytes_fetched: u64,
+    /// Snapshots deleted here because the upstream deleted them.
+    pub deleted: Vec<String>,
+    /// Deleted upstream but kept here because a lock holds them.
+    pub kept_locked: Vec<String>,
+    pub locks_sent_before: usize,
+    pub locks_sent_after: usize,
+    pub seconds: f64,
+}
+
+/// The holder-visible value of a mirror's base lock: `holdfast://NODE/VOLUME`.
+pub fn base_lock_value(node: &NodeId, volume: &VolumeName) -> String {
+    format!("holdfast://{node}/{volume}")
+}
+
+/// The lock set this node sends upstream for `volume`: its base, and every lock held here
+/// (applications, policies, downstreams) on a snapshot the upstream has.
+pub fn lock_set(
+    node: &Node,
+    volume: &VolumeName,
+    upstream_has: &HashSet<SnapshotId>,
+    base: Option<SnapshotId>,
+) -> Result<Vec<NewLock>> {
+    let me = &node.info.node_id;
+    let mut out = Vec::new();
+    if let Some(b) = base.filter(|b| upstream_has.contains(b)) {
+        out.push(NewLock {
+            snapshot: b,
+            lock_type: LockType::DestinationPath,
+            value: base_lock_value(me, volume),
+            lease_ms: None,
+            path: vec![me.clone()],
+        });
+    }
+    for set in node.catalog.locks().sets(Some(volume))? {
+        for l in set.locks {
+            if !upstream_has.contains(&l.snapshot) {
+                continue;
+            }
+            let mut path = l.path.clone();
+            if path.last() != Some(me) {
+                path.push(me.clone());
+            }
+            out.push(NewLock {
+                snapshot: l.snapshot,
+                lock_type: l.lock_type,
+                value: l.value,
+                lease_ms: None,
+                path,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A generation newer than any this process sent before (microseconds since the epoch).
+fn next_generation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
+/// Sends a lock set; if the upstream holds a newer generation (clock skew, another process),
+/// sends again just above it.
+async fn send_lock_set(
+    client: &PeerClient,
+    volume: &VolumeName,
+    me: &NodeId,
+    locks: Vec<NewLock>,
+) -> Result<usize> {
+    let n = locks.len();
+    let mut update = LockSetUpdate {
+        volume: volume.clone(),
+        holder: crate::softlock::HolderId::mirror(me, volume),
+        generation: next_generation(),
+        locks,
+    };
+    for _ in 0..3 {
+        match client.put_lock_set(&update).await? {
+            ReplaceOutcome::IgnoredStale { stored, .. } => update.generation = stored + 1,
+            _ => return Ok(n),
+        }
+    }
+    Err(Error::conflict(format!(
+        "upstream {} keeps refusing this node's lock set for {volume} as older than its own",
+        client.upstream
+    )))
+}
+
+/// Takes the per-volume mirror lock (one update of a volume at a time, across processes).
+fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
+    let mut o = cap_std::fs::OpenOptions::new();
+    o.read(true).write(true).create(true);
+    let name = format!("mirror.{volume}.lock");
+    let f = node
+        .dir
+        .open_with(&name, &o)
+        .map_err(|e| Error::io(format!("opening {}/{name}", node.path.display()), e))?
+        .into_std();
+    match f.try_lock() {
+        Ok(()) => Ok(cap_std::fs::File::from_std(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
+            "another mirror update of {volume} is running on this node; wait for it to finish"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {name}"), e)),
+    }
+}
+
+/// Runs one update of `volume` from its configured upstream.
+pub async fn run(
+    node: &Node,
+    cfg: &NodeConfig,
+    volume: &VolumeName,
+    engine: Option<&crate::policy::PolicyEngine>,
+    progress: &ProgressBar,
+) -> Result<MirrorReport> {
+    let started = Instant::now();
+    let relation = cfg.mirror_of(volume)?;
+    let upstream = cfg.upstream(&relation.upstream)?;
+    let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
+    let _volume_lock = lock_volume(node, volume)?;
+    let me = node.info.node_id.clone();
+
+    // 1. The upstream's snapshots.
+    let listed = client.snapshots(volume).await?;
+    let theirs = listed.snapshots;
+    let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
+
+    // The local replica (created on the first update).
+    let marker = format!("mirror of {}", relation.upstream);
+    match node.catalog.volume(volume) {
+        Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => {}
+        Ok(v) => {
+            return Err(Error::conflict(format!(
+                "volume {volume} on this node is {}; a mirror writes only into its own replica \
+                 (remove the volume or mirror into another name)",
+                v.upstream
+                    .map_or_else(|| format!("a local volume of {}", v.image.display()), |u| u)
+            )));
+        }
+        Err(Error::NotFound(_)) => {
+            let Some(first) = theirs.first() else {
+                return Ok(MirrorReport {
+                    volume: volume.clone(),
+                    upstream: relation.upstream.clone(),
+                    kind: TransferKind::UpToDate,
+                    base: None,
+                    received: vec![],
+                    chunks_fetched: 0,
+                    bytes_fetched: 0,
+                    plain_bytes_fetched: 0,
+                    deleted: vec![],
+                    kept_locked: vec![],
+                    locks_sent_before: 0,
+                    locks_sent_after: 0,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            };
+            node.catalog.add_volume(&VolumeRecord {
+                name: volume.clone(),
+                image: Default::default(),
+                block_size: first.block_size,
+                added_unix_ms: crate::now_unix_ms(),
+                upstream: Some(marker.clone()),
+            })?;
+        }
+        Err(e) => return Err(e),
+    }
+
+    let ours = node.catalog.snapshots(volume)?;
+    let base = ours
+        .iter()
+        .rev()
+        .find(|s| upstream_has.contains(&s.id))
+        .cloned();
+    if let Some(engine) = engine {
+        crate::policy::registry::decide_locks(
+            node,
+            engine,
+            volume,
+            crate::policy::Phase::BeforeMirror,
+            crate::policy::registry::Asked::HandlingPhase,
+            true,
+        )?;
+    }
+
+    // 2–3. The lock set, before the transfer.
+    let before = lock_set(node, volume, &upstream_has, base.as_ref().map(|b| b.id))?;
+    let locks_sent_before = send_lock_set(&client, volume, &me, before).await?;
+
+    // 4. The snapshots newer than our newest, oldest first.
+    let newest_ours = ours.last().map(|s| s.id);
+    let wanted: Vec<&SnapshotRecord> = theirs
+        .iter()
+        .filter(|s| newest_ours.is_none_or(|n| s.id > n))
+        .collect();
+    let kind = if wanted.is_empty() {
+        TransferKind::UpToDate
+    } else if ours.is_empty() {
+        TransferKind::Baseline
+    } else {
+        TransferKind::Incremental
+    };
+    let mut report = MirrorReport {
+        volume: volume.clone(),
+        upstream: relation.upstream.clone(),
+        kind,
+        base: base.as_ref().map(|b| b.display_ref()),
+        received: vec![],
+        chunks_fetched: 0,
+        bytes_fetched: 0,
+        plain_bytes_fetched: 0,
+        deleted: vec![],
+        kept_locked: vec![],
+        locks_sent_before,
+        locks_sent_after: 0,
+        seconds: 0.0,
+    };
+    if !wanted.is_empty() {
+        // gc must not remove a pack this update reuses or writes before it is committed.
+        let _repo_lock = node.lock_repo_shared()?;
+        let (mut index, problems) = node.repo.load_index().await?;
+        for p in problems {
+            tracing::warn!("{p}; its chunks will be fetched again");
+        }
+        for rec in wanted {
+            receive_snapshot(node, &client, rec, &mut index, &mut report, progress).await?;
+            report.received.push(rec.display_ref());
+        }
+    }
+
+    // 5. Upstream deletions, except what a lock holds here. The newest snapshot stays: it is
+    //    the next base.
+    let ours = node.catalog.snapshots(volume)?;
+    let newest = ours.last().map(|s| s.id);
+    for s in &ours {
+        if upstream_has.contains(&s.id) || Some(s.id) == newest {
+            continue;
+        }
+        match snapshot::delete(node, s, None).await {
+            Ok(_) => report.deleted.push(s.display_ref()),
+            Err(Error::Locked(_)) => report.kept_locked.push(s.display_ref()),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+
+    // 6. The lock set after the transfer: the new base replaces the old one.
+    if let Some(engine) = engine {
+        crate::policy::registry::decide_locks(
+            node,
+            engine,
+            volume,
+            crate::policy::Phase::AfterMirror,
+            crate::policy::registry::Asked::HandlingPhase,
+            true,
+        )?;
+    }
+    let after = lock_set(node, volume, &upstream_has, newest)?;
+    report.locks_sent_after = send_lock_set(&client, volume, &me, after).await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Fetches, verifies and commits one snapshot.
+async fn receive_snapshot(
+    node: &Node,
+    client: &PeerClient,
+    rec: &SnapshotRecord,
+    index: &mut ChunkIndex,
+    report: &mut MirrorReport,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
+    let raw = client.manifest(&rec.volume, &rec.id).await?;
+    let m = Manifest::decode(&raw, &what)?;
+    if m.id != rec.id
+        || m.volume != rec.volume
+        || m.size != rec.size
+        || m.block_size != rec.block_size
+    {
+        return Err(Error::corrupt(format!(
+            "the manifest of {what} does not match the snapshot it was listed as"
+        )));
+    }
+    // The chunks we lack, each once.
+    let mut seen = HashSet::new();
+    let needed: Vec<ChunkId> = m
+        .blocks
+        .iter()
+        .flatten()
+        .filter(|id| !index.contains(id) && seen.insert(**id))
+        .copied()
+        .collect();
+    progress.set_length(progress.length().unwrap_or(0) + needed.len() as u64);
+    let mut stats = SnapshotStats {
+        blocks: m.blocks.len() as u64,
+        zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
+        ..Default::default()
+    };
+
+    let mut builder = PackBuilder::new();
+    let mut batches = needed.chunks(CHUNKS_PER_REQUEST).map(<[ChunkId]>::to_vec);
+    let mut inflight: JoinSet<Result<(usize, Vec<ChunkId>, bytes::Bytes)>> = JoinSet::new();
+    let mut order = 0usize;
+    let mut pending: BTreeMap<usize, (Vec<ChunkId>, bytes::Bytes)> = BTreeMap::new();
+    let mut next_to_store = 0usize;
+    let client = Arc::new(client.clone());
+    loop {
+        while inflight.len() < FETCH_CONCURRENCY {
+            let Some(batch) = batches.next() else { break };
+            let (c, vol, id, n) = (client.clone(), rec.volume.clone(), rec.id, order);
+            order += 1;
+            inflight.spawn(async move {
+                let body = fetch_with_retry(&c, &vol, &id, batch.clone()).await?;
+                Ok((n, batch, body))
+            });
+        }
+        let Some(done) = inflight.join_next().await else {
+            break;
+        };
+        let (n, batch, body) =
+            done.map_err(|e| Error::internal(format!("chunk fetch task failed: {e}")))??;
+        pending.insert(n, (batch, body));
+        // Store in request order so packs fill deterministically.
+        while let Some((batch, body)) = pending.remove(&next_to_store) {
+            next_to_store += 1;
+            report.bytes_fetched += body.len() as u64;
+            let asked: HashSet<ChunkId> = batch.iter().copied().collect();
+            let verified = tokio::task::spawn_blocking(move || verify_frames(&body, &asked))
+                .await
+                .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
+            for (id, encoding, stored, raw_len) in verified {
+                report.chunks_fetched += 1;
+                report.plain_bytes_fetched += raw_len as u64;
+                stats.new_chunks += 1;
+                stats.new_bytes += raw_len as u64;
+                stats.new_stored_bytes += stored.len() as u64;
+                builder.add(id, encoding, &stored, raw_len);
+                progress.inc(1);
+                if builder.is_full() {
+                    seal(node, std::mem::take(&mut builder), index).await?;
+                }
+            }
+        }
+    }
+    if !builder.is_empty() {
+        seal(node, builder, index).await?;
+    }
+    // Every block must now be readable here.
+    if let Some((i, id)) = m
+        .blocks
+        .iter()
+        .enumerate()
+        .find_map(|(i, b)| b.filter(|id| !index.contains(id)).map(|id| (i, id)))
+    {
+        return Err(Error::corrupt(format!(
+            "{what}: block {i} needs chunk {id}, which the upstream did not send"
+        )));
+    }
+    node.repo
+        .put_manifest(&rec.volume, &rec.id, raw.to_vec())
+        .await?;
+    let mut local = m.record(stats);
+    local.labels = rec.labels.clone();
+    if let Err(e) = node.catalog.commit_snapshot(&local) {
+        let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
+        return Err(e);
+    }
+    tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
+    Ok(())
+}
+
+/// Seals a pack, makes it durable and adds it to the index.
+async fn seal(node: &Node, builder: PackBuilder, index: &mut ChunkIndex) -> Result<()> {
+    let pack = tokio::task::spawn_blocking(move || builder.finish())
+        .await
+        .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
+    node.repo.put_pack(&pack).await?;
+    index.insert(pack.index);
+    Ok(())
+}
+
+type Verified = Vec<(ChunkId, crate::chunk::Encoding, Vec<u8>, usize)>;
+
+/// Checks that the frames are exactly the chunks asked for and that each decodes to its id.
+fn verify_frames(body: &[u8], asked: &HashSet<ChunkId>) -> Result<Verified> {
+    use rayon::prelude::*;
+    let frames = parse_frames(body)?;
+    if frames.len() != asked.len() {
+        return Err(Error::corrupt(format!(
+            "the upstream sent {} chunks for {} asked",
+            frames.len(),
+            asked.len()
+        )));
+    }
+    frames
+        .par_iter()
+        .map(|f| {
+            if !asked.contains(&f.id) {
+                return Err(Error::corrupt(format!(
+                    "the upstream sent chunk {} that was not asked for",
+                    f.id
+                )));
+            }
+            crate::chunk::decode(&f.id, f.encoding, f.stored, f.raw_len)?;
+            Ok((f.id, f.encoding, f.stored.to_vec(), f.raw_len))
+        })
+        .collect()
+}
+
+async fn fetch_with_retry(
+    client: &PeerClient,
+    volume: &VolumeName,
+    id: &SnapshotId,
+    batch: Vec<ChunkId>,
+) -> Result<bytes::Bytes> {
+    debug_assert!(batch.len() <= MAX_CHUNKS_PER_REQUEST);
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1.. {
+        match client.chunks(volume, id, batch.clone()).await {
+            Err(e) if e.is_transient() && attempt < 4 => {
+                tracing::warn!(attempt, "fetching chunks failed, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
+}

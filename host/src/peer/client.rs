@@ -1,0 +1,200 @@
+//! The downstream's side of the peer protocol.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+use super::{ChunkRequest, PEER_HEADER, SnapshotList, WireError};
+use crate::config::{NodeConfig, Upstream};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
+use crate::softlock::{LockSetUpdate, ReplaceOutcome};
+
+/// A connection to one upstream (HTTP/2, pooled; cheap to clone).
+#[derive(Clone, Debug)]
+pub struct PeerClient {
+    pub upstream: NodeId,
+    base: reqwest::Url,
+    http: reqwest::Client,
+    token: String,
+    me: NodeId,
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(300))
+        .pool_idle_timeout(Duration::from_secs(60))
+}
+
+impl PeerClient {
+    /// A client for `upstream` as configured on node `me`.
+    pub fn new(cfg: &NodeConfig, me: &NodeId, upstream: &Upstream) -> Result<Self> {
+        let base = reqwest::Url::parse(&upstream.url)
+            .map_err(|e| Error::invalid(format!("upstream {} url: {e}", upstream.name)))?;
+        let mut b = client_builder();
+        if base.scheme() == "http" {
+            // Checked at load: only loopback. The upstream speaks HTTP/2 without TLS.
+            b = b.http2_prior_knowledge();
+        }
+        if let Some(ca) = &upstream.ca {
+            for c in super::tls::load_roots(&cfg.resolve(ca))? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let http = b
+            .build()
+            .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;
+        Ok(PeerClient {
+            upstream: upstream.name.clone(),
+            base,
+            http,
+            token: cfg.upstream_token(upstream)?,
+            me: me.clone(),
+        })
+    }
+
+    /// A client for a local daemon's admin routes (`status`).
+    pub fn admin(
+        url: &str,
+        token: &str,
+        ca: Option<&std::path::Path>,
+        me: &NodeId,
+    ) -> Result<Self> {
+        let base = reqwest::Url::parse(url)
+            .map_err(|e| Error::invalid(format!("daemon url {url:?}: {e}")))?;
+        let mut b = client_builder().timeout(Duration::from_secs(30));
+        if base.scheme() == "http" {
+            b = b.http2_prior_knowledge();
+        }
+        if let Some(ca) = ca {
+            for c in super::tls::load_roots(ca)? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let http = b
+            .build()
+            .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;
+        Ok(PeerClient {
+            upstream: me.clone(),
+            base,
+            http,
+            token: token.to_string(),
+            me: me.clone(),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let url = self.base.join(path).expect("relative route");
+        self.http
+            .request(method, url)
+            .bearer_auth(&self.token)
+            .header(PEER_HEADER, self.me.as_str())
+    }
+
+    fn who(&self) -> String {
+        format!("upstream {} ({})", self.upstream, self.base)
+    }
+
+    async fn send(&self, req: RequestBuilder) -> Result<Response> {
+        let resp = req.send().await.map_err(|e| {
+            let mut msg = format!("cannot reach {}: {e}", self.who());
+            let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Error::Unavailable {
+                message: msg,
+                source: None,
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(match serde_json::from_slice::<WireError>(&body) {
+            Ok(w) => w.into_error(&self.who()),
+            Err(_) => Error::Unavailable {
+                message: format!(
+                    "{} answered {status}: {}",
+                    self.who(),
+                    crate::id::shorten(&String::from_utf8_lossy(&body))
+                ),
+                source: None,
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
+        let resp = self.send(req).await?;
+        let body = resp.bytes().await.map_err(|e| Error::Unavailable {
+            message: format!("reading the answer of {}: {e}", self.who()),
+            source: None,
+        })?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::corrupt(format!("{} sent a malformed answer: {e}", self.who())))
+    }
+
+    async fn bytes(&self, req: RequestBuilder) -> Result<Bytes> {
+        let resp = self.send(req).await?;
+        resp.bytes().await.map_err(|e| Error::Unavailable {
+            message: format!("reading the answer of {}: {e}", self.who()),
+            source: None,
+        })
+    }
+
+    pub async fn snapshots(&self, volume: &VolumeName) -> Result<SnapshotList> {
+        let list: SnapshotList = self
+            .json(self.request(Method::GET, &format!("v1/volumes/{volume}/snapshots")))
+            .await?;
+        if &list.volume != volume {
+            return Err(Error::corrupt(format!(
+                "{} answered with the snapshots of {} when asked for {volume}",
+                self.who(),
+                list.volume
+            )));
+        }
+        Ok(list)
+    }
+
+    pub async fn manifest(&self, volume: &VolumeName, id: &SnapshotId) -> Result<Bytes> {
+        self.bytes(self.request(
+            Method::GET,
+            &format!("v1/volumes/{volume}/snapshots/{id}/manifest"),
+        ))
+        .await
+    }
+
+    /// The frames of `chunks` (referenced by snapshot `id`).
+    pub async fn chunks(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+        chunks: Vec<ChunkId>,
+    ) -> Result<Bytes> {
+        let req = self
+            .request(
+                Method::POST,
+                &format!("v1/volumes/{volume}/snapshots/{id}/chunks"),
+            )
+            .json(&ChunkRequest { chunks });
+        self.bytes(req).await
+    }
+
+    pub async fn put_lock_set(&self, update: &LockSetUpdate) -> Result<ReplaceOutcome> {
+        let req = self
+            .request(Method::PUT, &format!("v1/volumes/{}/locks", update.volume))
+            .json(update);
+        self.json(req).await
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        self.json(self.request(Method::GET, "v1/status")).await
+    }
+}

@@ -1,0 +1,484 @@
+//! The upstream's side of the peer protocol, plus the daemon's `status` and `/metrics`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use super::{
+    ChunkRequest, MAX_CHUNKS_PER_REQUEST, PEER_HEADER, SnapshotList, WireError, write_frame,
+};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName, shorten};
+use crate::repo::{ChunkIndex, ChunkLocation};
+use crate::softlock::registry::HolderSettings;
+use crate::softlock::{HolderId, LockSetUpdate};
+use crate::state::Node;
+
+/// What the daemon reports through the listener.
+pub trait Reporter: Send + Sync {
+    fn status(&self) -> Result<serde_json::Value>;
+    fn metrics(&self) -> String;
+}
+
+/// A downstream as this node knows it.
+#[derive(Debug)]
+struct Peer {
+    name: NodeId,
+    token: String,
+    volumes: HashSet<VolumeName>,
+    max_locks: usize,
+    max_snapshots: usize,
+    lease_ms: Option<u64>,
+}
+
+/// Counters the server keeps for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServedCounters {
+    pub chunk_bytes: Mutex<BTreeMap<String, u64>>,
+    pub lock_sets: Mutex<BTreeMap<String, u64>>,
+    pub denied: AtomicU64,
+}
+
+/// The server's shared state.
+pub struct ServerState {
+    node: Arc<Node>,
+    peers: HashMap<NodeId, Peer>,
+    admin_token: String,
+    index: tokio::sync::Mutex<Arc<ChunkIndex>>,
+    manifests: Mutex<VecDeque<((VolumeName, SnapshotId), Arc<HashSet<ChunkId>>)>>,
+    reporter: Arc<dyn Reporter>,
+    pub counters: Arc<ServedCounters>,
+}
+
+impl ServerState {
+    pub fn new(
+        node: Arc<Node>,
+        cfg: &NodeConfig,
+        admin_token: String,
+        reporter: Arc<dyn Reporter>,
+        counters: Arc<ServedCounters>,
+    ) -> Result<Self> {
+        let mut peers = HashMap::new();
+        for d in &cfg.downstream {
+            let lease_ms = match &d.lease {
+                Some(l) => Some(crate::config::parse_duration("lease", l)?.as_millis() as u64),
+                None => None,
+            };
+            // Settings for this downstream's holders, so `prune` honours release_stale.
+            for v in &d.volumes {
+                node.catalog.locks().set_settings(
+                    &HolderId::mirror(&d.name, v),
+                    &HolderSettings {
+                        auto_release_stale: d.release_stale,
+                    },
+                )?;
+            }
+            peers.insert(
+                d.name.clone(),
+                Peer {
+                    name: d.name.clone(),
+                    token: cfg.downstream_token(d)?,
+                    volumes: d.volumes.iter().cloned().collect(),
+                    max_locks: d.max_locks,
+                    max_snapshots: d.max_snapshots,
+                    lease_ms,
+                },
+            );
+        }
+        Ok(ServerState {
+            node,
+            peers,
+            admin_token,
+            index: tokio::sync::Mutex::new(Arc::new(ChunkIndex::default())),
+            manifests: Mutex::new(VecDeque::new()),
+            reporter,
+            counters,
+        })
+    }
+
+    fn bearer(headers: &HeaderMap) -> &str {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("")
+    }
+
+    /// The authenticated peer, or why not.
+    fn peer(&self, headers: &HeaderMap) -> Result<&Peer> {
+        let r = (|| {
+            let name = headers
+                .get(PEER_HEADER)
+                .ok_or_else(|| Error::denied(format!("no {PEER_HEADER} header: name this node")))?;
+            let name = name
+                .to_str()
+                .map_err(|_| Error::denied(format!("{PEER_HEADER} is not text")))?;
+            let id: NodeId = name
+                .parse()
+                .map_err(|e: Error| Error::denied(e.to_string()))?;
+            let peer = self.peers.get(&id).ok_or_else(|| {
+                Error::denied(format!(
+                    "unknown peer {id}: this node has no [[downstream]] named so"
+                ))
+            })?;
+            if !super::same_secret(Self::bearer(headers), &peer.token) {
+                return Err(Error::denied(format!("wrong token for peer {id}")));
+            }
+            Ok(peer)
+        })();
+        if let Err(e) = &r {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("refused a peer request: {e}");
+        }
+        r
+    }
+
+    fn granted(&self, peer: &Peer, volume: &str) -> Result<VolumeName> {
+        let volume: VolumeName = volume.parse()?;
+        if !peer.volumes.contains(&volume) {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %peer.name, %volume, "refused: volume not granted");
+            return Err(Error::denied(format!(
+                "peer {} is not granted volume {volume}",
+                peer.name
+            )));
+        }
+        Ok(volume)
+    }
+
+    fn snapshot(&self, volume: &VolumeName, id: &str) -> Result<SnapshotId> {
+        let id: SnapshotId = id.parse()?;
+        if !self
+            .node
+            .catalog
+            .snapshots(volume)?
+            .iter()
+            .any(|s| s.id == id)
+        {
+            return Err(Error::not_found(format!(
+                "volume {volume} has no snapshot {id} on this node"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// The chunks a snapshot references (a peer may read only those).
+    async fn chunk_set(
+        &self,
+        volume: &VolumeName,
+        id: SnapshotId,
+    ) -> Result<Arc<HashSet<ChunkId>>> {
+        let key = (volume.clone(), id);
+        if let Some((_, set)) = self
+            .manifests
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Ok(set.clone());
+        }
+        let rec = self
+            .node
+            .catalog
+            .snapshots(volume)?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| Error::not_found(format!("volume {volume} has no snapshot {id}")))?;
+        let m = crate::snapshot::load_manifest(&self.node.repo, &rec).await?;
+        let set: Arc<HashSet<ChunkId>> = Arc::new(m.blocks.iter().flatten().copied().collect());
+        let mut cache = self.manifests.lock().expect("not poisoned");
+        cache.push_back((key, set.clone()));
+        while cache.len() > 4 {
+            cache.pop_front();
+        }
+        Ok(set)
+    }
+
+    /// Where the chunks are; the index is reloaded when it lacks one (new packs).
+    async fn locate(&self, ids: &[ChunkId]) -> Result<Vec<ChunkLocation>> {
+        let mut index = self.index.lock().await;
+        if ids.iter().any(|id| !index.contains(id)) {
+            let (fresh, problems) = self.node.repo.load_index().await?;
+            for p in problems {
+                tracing::warn!("{p}");
+            }
+            *index = Arc::new(fresh);
+        }
+        ids.iter()
+            .map(|id| {
+                index.get(id).copied().ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "chunk {id} is referenced but missing from this node's repository; run \
+                         `holdfast verify` here"
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// An error as an HTTP response.
+struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = WireError::from_error(&self.0);
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Json(body),
+        )
+            .into_response()
+    }
+}
+
+type Api<T> = std::result::Result<T, ApiError>;
+type Shared = State<Arc<ServerState>>;
+
+async fn list_snapshots(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(volume): Path<String>,
+) -> Api<Json<SnapshotList>> {
+    let peer = s.peer(&headers)?;
+    let volume = s.granted(peer, &volume)?;
+    let snapshots = match s.node.catalog.snapshots(&volume) {
+        Ok(v) => v,
+        Err(Error::NotFound(_)) => vec![],
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(SnapshotList {
+        node: s.node.info.node_id.clone(),
+        volume,
+        snapshots,
+    }))
+}
+
+async fn manifest(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path((volume, id)): Path<(String, String)>,
+) -> Api<Bytes> {
+    let peer = s.peer(&headers)?;
+    let volume = s.granted(peer, &volume)?;
+    let id = s.snapshot(&volume, &id)?;
+    Ok(s.node.repo.read_manifest(&volume, &id).await?)
+}
+
+async fn chunks(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path((volume, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Api<Vec<u8>> {
+    let peer = s.peer(&headers)?;
+    let volume = s.granted(peer, &volume)?;
+    let id = s.snapshot(&volume, &id)?;
+    let req: ChunkRequest = serde_json::from_slice(&body).map_err(|e| {
+        Error::invalid(format!(
+            "malformed chunk request: {}",
+            shorten(&e.to_string())
+        ))
+    })?;
+    if req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(Error::invalid(format!(
+            "at most {MAX_CHUNKS_PER_REQUEST} chunks per request, not {}",
+            req.chunks.len()
+        ))
+        .into());
+    }
+    let set = s.chunk_set(&volume, id).await?;
+    if let Some(bad) = req.chunks.iter().find(|c| !set.contains(c)) {
+        return Err(
+            Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
+        );
+    }
+    // gc must not remove a pack while it is read.
+    let node = s.node.clone();
+    let _lock = tokio::task::spawn_blocking(move || node.lock_repo_shared())
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+    let locs = s.locate(&req.chunks).await?;
+    let mut by_pack: BTreeMap<crate::id::PackId, Vec<usize>> = BTreeMap::new();
+    for (i, l) in locs.iter().enumerate() {
+        by_pack.entry(l.pack).or_default().push(i);
+    }
+    let mut stored: Vec<Option<Bytes>> = vec![None; locs.len()];
+    for (pack, idx) in by_pack {
+        let ranges: Vec<_> = idx
+            .iter()
+            .map(|&i| locs[i].offset..locs[i].offset + locs[i].length as u64)
+            .collect();
+        let data = s.node.repo.read_pack_ranges(&pack, &ranges).await?;
+        for (&i, d) in idx.iter().zip(data) {
+            stored[i] = Some(d);
+        }
+    }
+    let total: usize = stored
+        .iter()
+        .flatten()
+        .map(|b| b.len() + super::FRAME_HEADER)
+        .sum();
+    let mut out = Vec::with_capacity(total);
+    for ((id, loc), data) in req.chunks.iter().zip(&locs).zip(&stored) {
+        let data = data.as_ref().expect("every range read");
+        write_frame(&mut out, id, loc.encoding, loc.raw_length, data);
+    }
+    *s.counters
+        .chunk_bytes
+        .lock()
+        .expect("not poisoned")
+        .entry(peer.name.to_string())
+        .or_default() += out.len() as u64;
+    Ok(out)
+}
+
+async fn put_locks(
+    State(s): Shared,
+    headers: HeaderMap,
+    Path(volume): Path<String>,
+    body: Bytes,
+) -> Api<Response> {
+    let peer = s.peer(&headers)?;
+    let volume = s.granted(peer, &volume)?;
+    let mut update: LockSetUpdate = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
+    let own = HolderId::mirror(&peer.name, &volume);
+    if update.volume != volume || update.holder != own {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %peer.name, holder = %update.holder, "refused a lock set in another holder's name");
+        return Err(Error::denied(format!(
+            "peer {} may send only its own lock set ({own}), not {} for {}",
+            peer.name, update.holder, update.volume
+        ))
+        .into());
+    }
+    let pinned: HashSet<SnapshotId> = update.locks.iter().map(|l| l.snapshot).collect();
+    if update.locks.len() > peer.max_locks || pinned.len() > peer.max_snapshots {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::denied(format!(
+            "peer {} may hold at most {} locks on at most {} snapshots of {volume}; its lock set \
+             has {} locks on {} snapshots (raise max_locks / max_snapshots in this node's \
+             [[downstream]] if that is intended)",
+            peer.name,
+            peer.max_locks,
+            peer.max_snapshots,
+            update.locks.len(),
+            pinned.len()
+        ))
+        .into());
+    }
+    for l in &mut update.locks {
+        l.lease_ms = peer.lease_ms;
+    }
+    let generation = update.generation;
+    let n = update.locks.len();
+    let outcome = s.node.catalog.locks().replace_set(update)?;
+    tracing::info!(holder = %own, generation, locks = n, ?outcome, "lock set received");
+    *s.counters
+        .lock_sets
+        .lock()
+        .expect("not poisoned")
+        .entry(peer.name.to_string())
+        .or_default() += 1;
+    Ok(Json(outcome).into_response())
+}
+
+async fn status(State(s): Shared, headers: HeaderMap) -> Api<Json<serde_json::Value>> {
+    if !super::same_secret(ServerState::bearer(&headers), &s.admin_token) {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::denied(
+            "status needs the daemon's admin token (in its state directory)",
+        )
+        .into());
+    }
+    Ok(Json(s.reporter.status()?))
+}
+
+async fn metrics(State(s): Shared) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.reporter.metrics(),
+    )
+        .into_response()
+}
+
+/// The routes.
+pub fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/v1/volumes/{volume}/snapshots", get(list_snapshots))
+        .route(
+            "/v1/volumes/{volume}/snapshots/{id}/manifest",
+            get(manifest),
+        )
+        .route("/v1/volumes/{volume}/snapshots/{id}/chunks", post(chunks))
+        .route("/v1/volumes/{volume}/locks", put(put_locks))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(64 << 20))
+        .with_state(state)
+}
+
+/// Accepts connections until the task is dropped: TLS when configured, else HTTP/2 (or 1.1)
+/// in plaintext (allowed only on loopback, checked when the config was loaded).
+pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app: Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let svc = TowerToHyperService::new(app);
+            let result = match acceptor {
+                Some(a) => match a.accept(stream).await {
+                    Ok(tls) => {
+                        Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(%remote, "TLS handshake failed: {e}");
+                        return;
+                    }
+                },
+                None => {
+                    Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%remote, "connection ended: {e}");
+            }
+        });
+    }
+}

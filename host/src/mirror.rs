@@ -172,8 +172,9 @@ async fn send_lock_set(
     )))
 }
 
-/// Takes the per-volume mirror lock (one update of a volume at a time, across processes).
-fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
+/// Takes the per-volume mirror lock (one update of a volume at a time, across processes),
+/// waiting for an update that is running (the daemon's, say) to finish.
+async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
     let mut o = cap_std::fs::OpenOptions::new();
     o.read(true).write(true).create(true);
     let name = format!("mirror.{volume}.lock");
@@ -184,9 +185,16 @@ fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
         .into_std();
     match f.try_lock() {
         Ok(()) => Ok(cap_std::fs::File::from_std(f)),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
-            "another mirror update of {volume} is running on this node; wait for it to finish"
-        ))),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::warn!(
+                "another mirror update of {volume} is running on this node; waiting for it"
+            );
+            tokio::task::spawn_blocking(move || f.lock().map(|()| f))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))?
+                .map(cap_std::fs::File::from_std)
+                .map_err(|e| Error::io(format!("locking {name}"), e))
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {name}"), e)),
     }
 }
@@ -203,7 +211,7 @@ pub async fn run(
     let relation = cfg.mirror_of(volume)?;
     let upstream = cfg.upstream(&relation.upstream)?;
     let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
-    let _volume_lock = lock_volume(node, volume)?;
+    let _volume_lock = lock_volume(node, volume).await?;
     let me = node.info.node_id.clone();
 
     // 1. The upstream's snapshots.

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
+pub mod cascade;
+
 /// The holdfast binary under test.
 pub fn holdfast_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("HOLDFAST_BIN") {

@@ -4,5 +4,6 @@ mod bad_input;
 mod corruption;
 mod crash;
 mod locks;
+mod mirror;
 mod policies;
 mod snapshots;

@@ -1,0 +1,285 @@
+//! Multi-node tests: real `holdfast daemon` processes on 127.0.0.1, TLS with one
+//! self-signed certificate, a token per node.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Run, TestNode, holdfast_bin};
+
+/// A free TCP port on 127.0.0.1 (bound, read and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// One node of a cascade: a state directory, a port, its token, perhaps a running daemon.
+pub struct Peer {
+    pub name: String,
+    pub node: TestNode,
+    pub port: u16,
+    /// The token this node presents to its upstream.
+    pub token: String,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+/// The shared certificate of a test cluster (every daemon listens on 127.0.0.1).
+pub struct Tls {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Tls {
+    pub fn new() -> Tls {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("node.crt"), dir.path().join("node.key"));
+        let out = Command::new(holdfast_bin())
+            .args(["tls", "self-signed", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .expect("run holdfast tls");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tls { dir, cert, key }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a node's configuration says, beyond its listener.
+#[derive(Default)]
+pub struct Relations<'a> {
+    /// (upstream, volume): pull this volume from that peer.
+    pub upstream: Option<(&'a Peer, &'a str)>,
+    /// (downstream, volumes, extra TOML lines for its [[downstream]] table).
+    pub downstreams: Vec<(&'a Peer, Vec<&'a str>, &'a str)>,
+    /// `every` for the mirror job (default one hour: tests run `mirror run` themselves).
+    pub mirror_every: Option<&'a str>,
+    /// Extra top-level TOML (schedules, retention).
+    pub extra: &'a str,
+}
+
+impl Peer {
+    /// A new initialised node named `name`.
+    pub fn new(name: &str) -> Peer {
+        let node = TestNode::uninitialised();
+        node.ok(&["init", "--node-id", name]);
+        let config = node.path("node.toml");
+        Peer {
+            name: name.into(),
+            node,
+            port: free_port(),
+            token: format!("token-of-{name}-{:016x}", rand::random::<u64>()),
+            config,
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Writes this node's configuration.
+    pub fn configure(&self, tls: &Tls, r: Relations<'_>) {
+        let mut t = format!(
+            "state = {:?}\n{}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            self.node.state, r.extra, self.port, tls.cert, tls.key
+        );
+        if let Some((up, vol)) = r.upstream {
+            t.push_str(&format!(
+                "\n[[upstream]]\nname = {:?}\nurl = {:?}\ntoken = {:?}\nca = {:?}\n\n[[mirror]]\nvolume = {vol:?}\nupstream = {:?}\nevery = {:?}\n",
+                up.name,
+                up.url(),
+                self.token,
+                tls.cert,
+                up.name,
+                r.mirror_every.unwrap_or("1h")
+            ));
+        }
+        for (d, vols, extra) in r.downstreams {
+            t.push_str(&format!(
+                "\n[[downstream]]\nname = {:?}\ntoken = {:?}\nvolumes = {vols:?}\n{extra}\n",
+                d.name, d.token
+            ));
+        }
+        std::fs::write(&self.config, t).expect("write node.toml");
+    }
+
+    /// Starts the daemon and waits until it answers `status`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        let log = std::fs::File::create(self.node.path("daemon.log")).expect("log file");
+        let child = self
+            .node
+            .cmd(&["-v", "daemon", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            if self.node.run(&["status", "--json"]).code == 0 {
+                return;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("daemon {} exited with {st}:\n{}", self.name, self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon {} did not come up:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.node.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the daemon with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `mirror run VOLUME --json`, which must succeed.
+    pub fn mirror(&self, volume: &str) -> Value {
+        let r = self.mirror_run(volume);
+        assert_eq!(
+            r.code, 0,
+            "{}: mirror run {volume} failed:\n{}",
+            self.name, r.stderr
+        );
+        r.json()
+    }
+
+    pub fn mirror_run(&self, volume: &str) -> Run {
+        let c = self.config.to_str().expect("utf-8 path");
+        self.node
+            .run(&["mirror", "run", volume, "--config", c, "--json"])
+    }
+
+    /// `status --json` of the running daemon.
+    pub fn status(&self) -> Value {
+        self.node.run(&["status", "--json"]).json()
+    }
+
+    /// The lock sets on this node as `lock list --json` shows them.
+    pub fn locks(&self) -> Vec<Value> {
+        match self.node.run(&["lock", "list", "--json"]).json() {
+            Value::Array(a) => a,
+            other => panic!("lock list: {other}"),
+        }
+    }
+
+    /// Ids of the snapshots locked by `holder` on this node.
+    pub fn locked_by(&self, holder: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .locks()
+            .iter()
+            .filter(|l| l["holder"] == holder)
+            .map(|l| l["snapshot"].as_str().expect("snapshot id").to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Snapshot ids of a volume, oldest first (empty if the volume is not here).
+    pub fn ids(&self, volume: &str) -> Vec<String> {
+        let r = self.node.run(&["snapshot", "list", volume, "--json"]);
+        if r.code != 0 {
+            return vec![];
+        }
+        r.json()
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|s| s["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    /// An HTTPS request to this node's daemon with Python's standard library (present on
+    /// every machine of this kind): returns (status, body).
+    pub fn request(
+        &self,
+        tls: &Tls,
+        method: &str,
+        path: &str,
+        peer: &str,
+        token: &str,
+        body: &str,
+    ) -> (u16, String) {
+        let script = r#"
+import ssl, sys, urllib.request, urllib.error
+url, method, peer, token, cafile, body = sys.argv[1:7]
+ctx = ssl.create_default_context(cafile=cafile)
+req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
+    headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": peer, "Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+        print(r.status); sys.stdout.write(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); sys.stdout.write(e.read().decode())
+"#;
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(format!("{}{path}", self.url()))
+            .arg(method)
+            .arg(peer)
+            .arg(token)
+            .arg(&tls.cert)
+            .arg(body)
+            .output()
+            .expect("python3");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+        let status = status.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "request failed: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (status, body.to_string())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

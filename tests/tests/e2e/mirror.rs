@@ -1,0 +1,671 @@
+//! Cascaded mirroring between real daemons on 127.0.0.1 (issue: cascaded asynchronous
+//! mirroring), one test per scenario.
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::{mixed_bytes, pack_files};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+const BLOCK: usize = 64 << 10;
+
+/// A source node with volume `vm1` on a mixed image of `size` bytes.
+fn source(name: &str, size: usize) -> (Peer, std::path::PathBuf) {
+    let a = Peer::new(name);
+    let img = a.node.image("vm1.img", &mixed_bytes(size, 7));
+    a.node.add_volume("vm1", &img, "64KiB");
+    (a, img)
+}
+
+/// Rewrites `blocks` blocks of the image with fresh random bytes, spread over the image.
+fn change(img: &std::path::Path, blocks: usize, seed: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    let n = (f.metadata().unwrap().len() as usize) / BLOCK;
+    for i in 0..blocks {
+        let at = ((i * 7919 + seed as usize * 104_729) % n) * BLOCK;
+        let bytes: Vec<u8> = (0..BLOCK).map(|_| rand::random::<u8>()).collect();
+        f.write_all_at(&bytes, at as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn snap(p: &Peer, name: &str) -> String {
+    p.node.snapshot("vm1", name)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Scenario 1: A → B → C baseline, then increments; C restores A's newest bit-identical.
+#[test]
+fn cascade_baseline_then_increments() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", 4 * MIB);
+    let mut b = Peer::new("b");
+    let c = Peer::new("c");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+
+    let s1 = snap(&a, "s1");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "baseline");
+    let r = c.mirror("vm1");
+    assert_eq!(r["kind"], "baseline");
+    assert_eq!(c.ids("vm1"), vec![s1.clone()]);
+
+    for (i, name) in ["s2", "s3"].iter().enumerate() {
+        change(&img, 3, i as u64);
+        snap(&a, name);
+        let rb = b.mirror("vm1");
+        assert_eq!(rb["kind"], "incremental", "{rb}");
+        // Only the changed blocks travel (mixed data compresses; random blocks do not).
+        assert!(u(&rb["chunks-fetched"]) <= 3, "{rb}");
+        assert!(u(&rb["bytes-fetched"]) <= (3 * BLOCK + 4096) as u64, "{rb}");
+        let rc = c.mirror("vm1");
+        assert_eq!(rc["kind"], "incremental", "{rc}");
+        assert!(u(&rc["chunks-fetched"]) <= 3, "{rc}");
+    }
+    assert_eq!(a.ids("vm1"), c.ids("vm1"));
+    // C's new base reaches A with B's next update.
+    b.mirror("vm1");
+    let restored = c.node.restore("vm1@s3");
+    assert_eq!(
+        restored,
+        std::fs::read(&img).unwrap(),
+        "C's copy of s3 differs from A's image"
+    );
+    c.node.ok(&["verify"]);
+    b.node.ok(&["verify"]);
+
+    // A holds B's base and, through B, C's base (the lock travelled one hop up).
+    let s3 = a.ids("vm1")[2].clone();
+    let locks = a.locks();
+    let values: Vec<(&str, &str)> = locks
+        .iter()
+        .filter(|l| l["snapshot"] == s3.as_str())
+        .map(|l| (l["holder"].as_str().unwrap(), l["value"].as_str().unwrap()))
+        .collect();
+    assert!(values.contains(&("b/vm1", "holdfast://b/vm1")), "{locks:?}");
+    assert!(values.contains(&("b/vm1", "holdfast://c/vm1")), "{locks:?}");
+    // The old bases were released: nothing else is locked on A.
+    assert_eq!(a.locked_by("b/vm1"), vec![s3]);
+    a.stop();
+    b.stop();
+}
+
+/// Scenario 2: C is away while A takes ten snapshots under keep-last-2 and B keeps up.
+/// Nothing C depends on disappears; C's return is incremental; then the old base goes.
+#[test]
+fn offline_downstream_keeps_its_base_through_the_cascade() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", 4 * MIB);
+    let mut b = Peer::new("b");
+    let mut c = Peer::new("c");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+
+    let s0 = snap(&a, "s0");
+    b.mirror("vm1");
+    c.mirror("vm1");
+    b.mirror("vm1"); // carries C's base to A
+    // C is away from here on (it runs no updates).
+
+    let mut changed = 0;
+    for i in 1..=10 {
+        change(&img, 2, 100 + i);
+        changed += 2;
+        snap(&a, &format!("s{i}"));
+        a.node.ok(&["prune", "vm1", "--keep-last", "2"]);
+        b.mirror("vm1");
+        assert!(a.ids("vm1").contains(&s0), "A pruned C's base at step {i}");
+        assert!(b.ids("vm1").contains(&s0), "B dropped C's base at step {i}");
+    }
+    // A kept only what retention or a lock asks for.
+    assert_eq!(a.ids("vm1").len(), 3, "{:?}", a.ids("vm1"));
+
+    // C comes back: its daemon catches up at once.
+    c.start();
+    let t0 = Instant::now();
+    let r = loop {
+        let st = c.status();
+        let t = &st["relations"][0]["job"]["last-transfer"];
+        if !t.is_null() {
+            break t.clone();
+        }
+        let err = &st["relations"][0]["job"]["last-error"];
+        assert!(err.is_null(), "C's update failed: {err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "C did not catch up: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r["kind"], "incremental", "{r}");
+    let fetched = u(&r["plain-bytes-fetched"]) as usize;
+    assert!(
+        fetched <= changed * BLOCK,
+        "C fetched {fetched} bytes for {changed} changed blocks"
+    );
+    assert!(
+        fetched < 4 * MIB / 2,
+        "C fetched most of the volume: {fetched}"
+    );
+    assert_eq!(c.node.restore("vm1@s10"), std::fs::read(&img).unwrap());
+
+    // C's new set released s0 on B; B's next update releases it on A; A's retention removes it.
+    assert!(!b.locked_by("c/vm1").contains(&s0));
+    b.mirror("vm1");
+    let held_on_a: Vec<String> = a.locked_by("b/vm1");
+    assert!(
+        !held_on_a.contains(&s0),
+        "A still holds {s0}: {held_on_a:?}"
+    );
+    a.node.ok(&["prune", "vm1", "--keep-last", "2"]);
+    assert!(!a.ids("vm1").contains(&s0));
+    b.mirror("vm1");
+    assert!(!b.ids("vm1").contains(&s0), "B kept the released base");
+    for p in [&a, &b, &c] {
+        p.node.ok(&["verify"]);
+    }
+}
+
+/// Scenario 3: lock sets replayed, or delivered out of order, change nothing wrong.
+#[test]
+fn lock_sets_out_of_order_or_twice() {
+    let tls = Tls::new();
+    let (mut a, _img) = source("a", MIB);
+    let b = Peer::new("b");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    a.start();
+    let s1 = snap(&a, "s1");
+    let s2 = snap(&a, "s2");
+    let set = |generation: u64, snap: &str| {
+        format!(
+            r#"{{"volume":"vm1","holder":"b/vm1","generation":{generation},"locks":[{{"snapshot":"{snap}","type":"destination-path","value":"holdfast://b/vm1"}}]}}"#
+        )
+    };
+    let put = |body: &str| a.request(&tls, "PUT", "/v1/volumes/vm1/locks", "b", &b.token, body);
+    let (st, body) = put(&set(10, &s2));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("replaced"), "{body}");
+    // An older generation arrives late: ignored.
+    let (st, body) = put(&set(5, &s1));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("ignored-stale"), "{body}");
+    assert_eq!(a.locked_by("b/vm1"), vec![s2.clone()]);
+    // The same set twice: refreshed, unchanged.
+    let (_, body) = put(&set(10, &s2));
+    assert!(body.contains("refreshed"), "{body}");
+    assert_eq!(a.locked_by("b/vm1"), vec![s2.clone()]);
+    // A newer one replaces it as a whole.
+    let (_, body) = put(&set(11, &s1));
+    assert!(body.contains("replaced"), "{body}");
+    assert_eq!(a.locked_by("b/vm1"), vec![s1]);
+    a.stop();
+}
+
+/// Scenario 4: B is killed in the middle of a transfer; the rerun resumes and finishes.
+#[test]
+fn killed_mid_transfer_resumes() {
+    let tls = Tls::new();
+    let size = 48 * MIB;
+    let a = Peer::new("a");
+    // Incompressible data: three 16 MiB packs, so a kill can land between them.
+    let mut x: u64 = rand::random::<u64>() | 1;
+    let data: Vec<u8> = (0..size / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let img = a.node.image("vm1.img", &data);
+    a.node.add_volume("vm1", &img, "64KiB");
+    let mut a = a;
+    let b = Peer::new("b");
+    let c = Peer::new("c");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    let mut b = b;
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    snap(&a, "s1");
+
+    // Kill `mirror run` as soon as its first pack is durable.
+    let mut killed_mid = false;
+    for _ in 0..3 {
+        let mut child = b
+            .node
+            .cmd(&[
+                "mirror",
+                "run",
+                "vm1",
+                "--config",
+                b.config.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let durable = || {
+            std::fs::read_dir(b.node.state.join("repo/index")).is_ok_and(|mut d| d.next().is_some())
+        };
+        while !durable() && t0.elapsed() < Duration::from_secs(60) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().ok();
+        child.wait().unwrap();
+        if !finished {
+            killed_mid = b.ids("vm1").is_empty();
+            break;
+        }
+    }
+    assert!(killed_mid, "could not interrupt the transfer");
+    // Nothing half-committed is visible, and what is there verifies.
+    assert!(b.ids("vm1").is_empty());
+    b.node.ok(&["verify"]);
+    let packs_before = pack_files(&b.node.state).len();
+    assert!(packs_before >= 1);
+
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "baseline");
+    let refetched = u(&r["plain-bytes-fetched"]) as usize;
+    assert!(
+        refetched < size,
+        "the rerun fetched everything again ({refetched} bytes)"
+    );
+    b.node.ok(&["verify"]);
+    b.start();
+    c.mirror("vm1");
+    c.node.ok(&["verify"]);
+    assert_eq!(c.node.restore("vm1@s1"), data);
+}
+
+/// Scenario 5: unknown peers, wrong tokens, volumes not granted and lock sets in another
+/// holder's name are refused, and nothing changes.
+#[test]
+fn peers_are_authenticated_and_confined() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", MIB);
+    a.node.add_volume("secret", &img, "64KiB");
+    let b = Peer::new("b");
+    let stranger = Peer::new("x");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "max_snapshots = 1")],
+            ..Default::default()
+        },
+    );
+    a.start();
+    let s1 = snap(&a, "s1");
+    a.node.snapshot("secret", "t1");
+    let before = a.node.fingerprint();
+
+    // Unknown peer.
+    stranger.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    let r = stranger.mirror_run("vm1");
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("unknown peer x"), "{}", r.stderr);
+    // Wrong token: b's name with another token.
+    let mut impostor = Peer::new("b");
+    impostor.token = "0123456789abcdef-wrong".into();
+    impostor.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    let r = impostor.mirror_run("vm1");
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("wrong token"), "{}", r.stderr);
+    // A volume not granted.
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "secret")),
+            ..Default::default()
+        },
+    );
+    let r = b.mirror_run("secret");
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("not granted"), "{}", r.stderr);
+    let (st, _) = a.request(
+        &tls,
+        "GET",
+        "/v1/volumes/secret/snapshots",
+        "b",
+        &b.token,
+        "",
+    );
+    assert_eq!(st, 403);
+    // A lock set in another holder's name.
+    let body = format!(
+        r#"{{"volume":"vm1","holder":"c/vm1","generation":1,"locks":[{{"snapshot":"{s1}","type":"owner-name","value":"x"}}]}}"#
+    );
+    let (st, resp) = a.request(&tls, "PUT", "/v1/volumes/vm1/locks", "b", &b.token, &body);
+    assert_eq!(st, 403, "{resp}");
+    assert!(resp.contains("only its own lock set"), "{resp}");
+    // Over its limit: b may pin one snapshot.
+    let s2 = snap(&a, "s2");
+    let body = format!(
+        r#"{{"volume":"vm1","holder":"b/vm1","generation":1,"locks":[{{"snapshot":"{s1}","type":"owner-name","value":"x"}},{{"snapshot":"{s2}","type":"owner-name","value":"x"}}]}}"#
+    );
+    let (st, resp) = a.request(&tls, "PUT", "/v1/volumes/vm1/locks", "b", &b.token, &body);
+    assert_eq!(st, 403, "{resp}");
+    assert!(resp.contains("at most 1 snapshots"), "{resp}");
+    // Hostile path segments never reach the catalog.
+    let (st, _) = a.request(
+        &tls,
+        "GET",
+        "/v1/volumes/..%2F..%2Fetc/snapshots",
+        "b",
+        &b.token,
+        "",
+    );
+    assert!(st == 400 || st == 404, "{st}");
+
+    // Nothing changed on A (besides the new snapshot s2), and nobody got data.
+    a.node.ok(&["snapshot", "delete", "vm1@s2"]);
+    assert_eq!(a.node.fingerprint(), before);
+    assert!(a.locks().is_empty());
+    for p in [&stranger, &impostor, &b] {
+        assert!(p.ids("vm1").is_empty() && p.ids("secret").is_empty());
+    }
+    let denied = u(&a.status()["denied-requests"]);
+    assert!(denied >= 6, "denied {denied}");
+}
+
+/// Scenario 6: fan-out A → B and A → D; each keeps its own base.
+#[test]
+fn fan_out_keeps_each_base() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", MIB);
+    let b = Peer::new("b");
+    let d = Peer::new("d");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], ""), (&d, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    d.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    let s1 = snap(&a, "s1");
+    b.mirror("vm1");
+    d.mirror("vm1");
+    change(&img, 2, 1);
+    let s2 = snap(&a, "s2");
+    b.mirror("vm1");
+    assert_eq!(a.locked_by("b/vm1"), vec![s2.clone()]);
+    assert_eq!(a.locked_by("d/vm1"), vec![s1.clone()]);
+    change(&img, 2, 2);
+    snap(&a, "s3");
+    a.node.ok(&["prune", "vm1", "--keep-last", "1"]);
+    let ids = a.ids("vm1");
+    assert!(ids.contains(&s1) && ids.contains(&s2), "{ids:?}");
+    // B moves on: its base changes, D's stays.
+    b.mirror("vm1");
+    a.node.ok(&["prune", "vm1", "--keep-last", "1"]);
+    let ids = a.ids("vm1");
+    assert!(ids.contains(&s1) && !ids.contains(&s2), "{ids:?}");
+    let r = d.mirror("vm1");
+    assert_eq!(r["kind"], "incremental");
+    assert_eq!(d.node.restore("vm1@s3"), std::fs::read(&img).unwrap());
+}
+
+/// Scenario 7: an application on C holds a snapshot; the lock reaches B and A, A's retention
+/// keeps it, and releasing it on C releases it upstream after the next updates.
+#[test]
+fn application_lock_travels_upstream_and_back() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", MIB);
+    let mut b = Peer::new("b");
+    let c = Peer::new("c");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+    let s1 = snap(&a, "s1");
+    b.mirror("vm1");
+    c.mirror("vm1");
+    c.node.ok(&[
+        "lock",
+        "add",
+        "vm1@s1",
+        "--holder",
+        "app:restic",
+        "--type",
+        "application",
+        "--value",
+        "nightly-copy",
+    ]);
+    for i in 2..=4 {
+        change(&img, 2, i);
+        snap(&a, &format!("s{i}"));
+        b.mirror("vm1");
+        c.mirror("vm1");
+    }
+    b.mirror("vm1");
+    let app_lock = a
+        .locks()
+        .into_iter()
+        .find(|l| l["type"] == "application")
+        .expect("the application lock reached A");
+    assert_eq!(app_lock["snapshot"], s1.as_str());
+    assert_eq!(app_lock["value"], "nightly-copy");
+    assert_eq!(app_lock["path"], serde_json::json!(["c", "b"]));
+    a.node.ok(&["prune", "vm1", "--keep-last", "1"]);
+    assert!(
+        a.ids("vm1").contains(&s1),
+        "A's retention removed a snapshot C's application holds"
+    );
+    assert!(b.ids("vm1").contains(&s1));
+
+    c.node
+        .ok(&["lock", "release", "--holder", "app:restic", "vm1@s1"]);
+    c.mirror("vm1");
+    b.mirror("vm1");
+    assert!(
+        a.locks().iter().all(|l| l["type"] != "application"),
+        "{:?}",
+        a.locks()
+    );
+    a.node.ok(&["prune", "vm1", "--keep-last", "1"]);
+    assert!(!a.ids("vm1").contains(&s1));
+    b.stop();
+}
+
+/// The daemon runs the schedules: snapshots and retention on A, mirrors on B; `status`
+/// and `/metrics` report them; a downstream past its lease is flagged stale.
+#[test]
+fn daemon_schedules_status_and_metrics() {
+    let tls = Tls::new();
+    let (mut a, _img) = source("a", MIB);
+    let mut b = Peer::new("b");
+    a.configure(&tls, Relations {
+        downstreams: vec![(&b, vec!["vm1"], "lease = \"2s\"")],
+        extra: "[[schedule]]\nvolume = \"vm1\"\nevery = \"700ms\"\n[[retention]]\nvolume = \"vm1\"\nkeep_last = 3\nevery = \"1s\"\n",
+        ..Default::default()
+    });
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            mirror_every: Some("500ms"),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+    let t0 = Instant::now();
+    loop {
+        let s = b.status();
+        let rel = &s["relations"][0];
+        let done = rel["job"]["last-transfer"]["kind"] == "incremental" && b.ids("vm1").len() >= 3;
+        if done {
+            assert_eq!(rel["upstream"], "a");
+            assert!(rel["lag-ms"].is_u64());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no scheduled increments: {s}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A's retention keeps at most 3 plus what B holds.
+    let t0 = Instant::now();
+    while a.ids("vm1").len() > 4 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "retention did not run: {:?}",
+            a.ids("vm1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = a.status();
+    let held = &st["volumes"][0]["from-downstream"][0];
+    assert_eq!(held["holder"], "b/vm1", "{st}");
+    let human = a.node.ok(&["status"]);
+    assert!(human.contains("from downstream b/vm1"), "{human}");
+    // B goes away; after its lease its set is flagged stale but kept.
+    b.stop();
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = a.status();
+    let held = &st["volumes"][0]["from-downstream"][0];
+    assert_eq!(held["stale"], true, "{st}");
+    let human = a.node.ok(&["status"]);
+    assert!(human.contains("STALE"), "{human}");
+    let (code, metrics) = a.request(&tls, "GET", "/metrics", "", "", "");
+    assert_eq!(code, 200);
+    for m in [
+        "holdfast_locks{",
+        "holdfast_stale_holders{",
+        "holdfast_served_chunk_bytes_total{",
+        "holdfast_snapshots{",
+    ] {
+        assert!(metrics.contains(m), "{m} missing:\n{metrics}");
+    }
+    assert!(a.log().contains("lock set received"), "{}", a.log());
+}

@@ -155,20 +155,20 @@ impl Daemon {
                 let has_policies = !crate::policy::registry::Policies::new(&self.node)
                     .for_volume(&job.volume)?
                     .is_empty();
-                if has_policies && let Some(engine) = &self.engine {
-                    if let Some(r) =
+                if has_policies
+                    && let Some(engine) = &self.engine
+                    && let Some(r) =
                         crate::retention::prune_by_policies(&self.node, engine, &job.volume, false)
                             .await?
-                    {
-                        return Ok((
-                            format!(
-                                "pruned {:?} by policies; kept locked {}",
-                                r.pruned,
-                                r.kept_locked.len()
-                            ),
-                            None,
-                        ));
-                    }
+                {
+                    return Ok((
+                        format!(
+                            "pruned {:?} by policies; kept locked {}",
+                            r.pruned,
+                            r.kept_locked.len()
+                        ),
+                        None,
+                    ));
                 }
                 if job.keep.keep_last.is_none() && job.keep.keep_within.is_none() {
                     return Err(Error::invalid(format!(

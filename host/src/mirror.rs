@@ -228,7 +228,7 @@ pub async fn run(
                 "volume {volume} on this node is {}; a mirror writes only into its own replica \
                  (remove the volume or mirror into another name)",
                 v.upstream
-                    .map_or_else(|| format!("a local volume of {}", v.image.display()), |u| u)
+                    .unwrap_or_else(|| format!("a local volume of {}", v.image.display()))
             )));
         }
         Err(Error::NotFound(_)) => {

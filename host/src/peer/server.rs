@@ -48,13 +48,16 @@ pub struct ServedCounters {
     pub denied: AtomicU64,
 }
 
+/// A snapshot's chunk set, cached.
+type ChunkSetEntry = ((VolumeName, SnapshotId), Arc<HashSet<ChunkId>>);
+
 /// The server's shared state.
 pub struct ServerState {
     node: Arc<Node>,
     peers: HashMap<NodeId, Peer>,
     admin_token: String,
     index: tokio::sync::Mutex<Arc<ChunkIndex>>,
-    manifests: Mutex<VecDeque<((VolumeName, SnapshotId), Arc<HashSet<ChunkId>>)>>,
+    manifests: Mutex<VecDeque<ChunkSetEntry>>,
     reporter: Arc<dyn Reporter>,
     pub counters: Arc<ServedCounters>,
 }

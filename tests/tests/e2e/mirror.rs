@@ -669,3 +669,25 @@ fn daemon_schedules_status_and_metrics() {
     }
     assert!(a.log().contains("lock set received"), "{}", a.log());
 }
+
+/// examples/cascade/run.sh is what a user copies: it must keep working (small volume here).
+#[test]
+fn the_cascade_example_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("examples/cascade/run.sh"))
+        .env("HOLDFAST_BIN", holdfast_tests::holdfast_bin())
+        .env("VOLUME_SIZE", "8MiB")
+        .env_remove("HOLDFAST_STATE")
+        .env_remove("HOLDFAST_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    let last: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("JSON last line");
+    assert_eq!(last["ok"], true);
+    assert_eq!(last["volume_bytes"], 8 << 20);
+    assert!(u(&last["catchup_bytes"]) < 4 << 20, "{last}");
+}

@@ -274,6 +274,35 @@ impl Daemon {
         }
     }
 
+    /// Forwards changed downstream lock sets upstream at once (see `mirror::forward_locks`).
+    async fn forward_loop(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<VolumeName>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut volumes = std::collections::BTreeSet::from([first]);
+            while let Ok(v) = rx.try_recv() {
+                volumes.insert(v);
+            }
+            for v in volumes {
+                if self.cfg.mirror_of(&v).is_err() {
+                    continue; // the top of the cascade: nobody to tell
+                }
+                let lock = self.volume_lock(&v);
+                let _guard = lock.lock().await;
+                let t0 = Instant::now();
+                match mirror::forward_locks(&self.node, &self.cfg, &v).await {
+                    Ok(n) => {
+                        tracing::info!(volume = %v, locks = n, ms = t0.elapsed().as_millis() as u64, outcome = "ok", "forwarded downstream locks upstream")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v, outcome = "error", "forwarding downstream locks failed (the next update sends them): {e}")
+                    }
+                }
+            }
+        }
+    }
+
     fn lock_report(&self) -> Result<serde_json::Value> {
         let now = crate::now_unix_ms();
         let mut vols = Vec::new();
@@ -660,13 +689,16 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             )?),
             _ => None,
         };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(ServerState::new(
             node.clone(),
             &cfg,
             admin_token.clone(),
             daemon.clone(),
             daemon.served.clone(),
+            Some(tx),
         )?);
+        tasks.spawn(daemon.clone().forward_loop(rx));
         let app = crate::peer::server::router(state);
         tasks.spawn(crate::peer::server::serve(sock, tls, app));
         write_daemon_file(

@@ -355,6 +355,28 @@ pub async fn run(
     Ok(report)
 }
 
+/// Sends this node's current lock set for `volume` to its upstream without a transfer: run
+/// when a downstream's lock set changed here, so that locks cross every hop of a cascade
+/// within moments instead of waiting for each hop's next scheduled update. It holds the
+/// volume's mirror lock, so it never races an update's own lock sets.
+pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -> Result<usize> {
+    let relation = cfg.mirror_of(volume)?;
+    let upstream = cfg.upstream(&relation.upstream)?;
+    let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
+    let _volume_lock = lock_volume(node, volume).await?;
+    let listed = client.snapshots(volume).await?;
+    let upstream_has: HashSet<SnapshotId> = listed.snapshots.iter().map(|s| s.id).collect();
+    let base = node
+        .catalog
+        .snapshots(volume)?
+        .iter()
+        .rev()
+        .find(|s| upstream_has.contains(&s.id))
+        .map(|s| s.id);
+    let locks = lock_set(node, volume, &upstream_has, base)?;
+    send_lock_set(&client, volume, &node.info.node_id, locks).await
+}
+
 /// Fetches, verifies and commits one snapshot.
 async fn receive_snapshot(
     node: &Node,

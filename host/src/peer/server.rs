@@ -60,6 +60,8 @@ pub struct ServerState {
     manifests: Mutex<VecDeque<ChunkSetEntry>>,
     reporter: Arc<dyn Reporter>,
     pub counters: Arc<ServedCounters>,
+    /// Told the volume whenever a downstream's lock set for it changed.
+    lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
 }
 
 impl ServerState {
@@ -69,6 +71,7 @@ impl ServerState {
         admin_token: String,
         reporter: Arc<dyn Reporter>,
         counters: Arc<ServedCounters>,
+        lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
     ) -> Result<Self> {
         let mut peers = HashMap::new();
         for d in &cfg.downstream {
@@ -105,6 +108,7 @@ impl ServerState {
             manifests: Mutex::new(VecDeque::new()),
             reporter,
             counters,
+            lock_changes,
         })
     }
 
@@ -393,6 +397,11 @@ async fn put_locks(
     let n = update.locks.len();
     let outcome = s.node.catalog.locks().replace_set(update)?;
     tracing::info!(holder = %own, generation, locks = n, ?outcome, "lock set received");
+    if let (crate::softlock::ReplaceOutcome::Replaced { .. }, Some(tx)) =
+        (&outcome, &s.lock_changes)
+    {
+        let _ = tx.send(volume.clone());
+    }
     *s.counters
         .lock_sets
         .lock()

@@ -91,8 +91,23 @@ fn cascade_baseline_then_increments() {
         assert!(u(&rc["chunks-fetched"]) <= 3, "{rc}");
     }
     assert_eq!(a.ids("vm1"), c.ids("vm1"));
-    // C's new base reaches A with B's next update.
-    b.mirror("vm1");
+    // C's new base reaches A without waiting for B's next update: B's daemon forwards a
+    // changed downstream lock set at once.
+    let s3 = a.ids("vm1")[2].clone();
+    let t0 = Instant::now();
+    while !a
+        .locks()
+        .iter()
+        .any(|l| l["value"] == "holdfast://c/vm1" && l["snapshot"] == s3.as_str())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "C's base never reached A: {:?}\n{}",
+            a.locks(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let restored = c.node.restore("vm1@s3");
     assert_eq!(
         restored,
@@ -103,7 +118,6 @@ fn cascade_baseline_then_increments() {
     b.node.ok(&["verify"]);
 
     // A holds B's base and, through B, C's base (the lock travelled one hop up).
-    let s3 = a.ids("vm1")[2].clone();
     let locks = a.locks();
     let values: Vec<(&str, &str)> = locks
         .iter()
@@ -321,8 +335,12 @@ fn killed_mid_transfer_resumes() {
             .spawn()
             .unwrap();
         let t0 = Instant::now();
+        // A pack counts once its index is complete (object_store stages files as `name#N`).
         let durable = || {
-            std::fs::read_dir(b.node.state.join("repo/index")).is_ok_and(|mut d| d.next().is_some())
+            std::fs::read_dir(b.node.state.join("repo/index")).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| !e.file_name().to_string_lossy().contains('#'))
+            })
         };
         while !durable() && t0.elapsed() < Duration::from_secs(60) {
             if child.try_wait().unwrap().is_some() {

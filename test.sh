@@ -4,13 +4,23 @@
 # It installs what the machine lacks (the Rust toolchain's wasm32-wasip2 target, named in
 # rust-toolchain.toml), builds the holdfast binary and the policy components once, and runs
 # every test (unit tests, property tests, and the end-to-end tests that drive real holdfast
-# processes and real WebAssembly policies).
+# processes, real WebAssembly policies, real daemons on 127.0.0.1 and a real S3-compatible
+# server, moto, installed from PyPI into target/moto-venv).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 echo "== toolchain" >&2
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install "$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)"
 rustup target add wasm32-wasip2 >/dev/null
+
+echo "== S3-compatible test server (moto, into target/moto-venv)" >&2
+if ! target/moto-venv/bin/python -c 'import moto, boto3' 2>/dev/null \
+  || ! cmp -s tests/s3/requirements.txt target/moto-venv/requirements.txt; then
+  rm -rf target/moto-venv
+  python3 -m venv target/moto-venv
+  target/moto-venv/bin/pip install --quiet --disable-pip-version-check -r tests/s3/requirements.txt
+  cp tests/s3/requirements.txt target/moto-venv/requirements.txt
+fi
 
 echo "== build" >&2
 cargo build --workspace --all-targets --locked

@@ -189,6 +189,23 @@ impl Catalog {
     }
 
     /// Unregisters a volume; refused while it still has snapshots.
+    /// Rewrites a volume's record (its name must exist).
+    pub fn update_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(VOLUMES)?;
+            if t.get(rec.name.as_str())?.is_none() {
+                return Err(Error::not_found(format!(
+                    "no volume named {:?}",
+                    rec.name.as_str()
+                )));
+            }
+            t.insert(rec.name.as_str(), encode(rec)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn remove_volume(&self, name: &VolumeName) -> Result<VolumeRecord> {
         let tx = self.db.begin_write()?;
         let rec = {

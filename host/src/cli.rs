@@ -10,6 +10,7 @@ mod policy;
 mod prune;
 mod sample;
 mod snapshot;
+mod target;
 mod verify;
 mod volume;
 
@@ -69,6 +70,9 @@ pub enum Command {
     Mirror(mirror::MirrorCommand),
     /// Ask the running daemon how its mirrors, schedules and locks are doing.
     Status(daemon::StatusCommand),
+    /// Register, list, check and remove mirror targets (a directory or an S3 bucket).
+    #[command(subcommand)]
+    Target(target::TargetCommand),
     /// Make TLS certificates for the daemon's listener.
     #[command(subcommand)]
     Tls(daemon::TlsCommand),
@@ -155,6 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mirror(c) => c.run(&ctx).await,
         Command::Status(c) => c.run(&ctx).await,
         Command::Tls(c) => c.run(&ctx).await,
+        Command::Target(c) => c.run(&ctx).await,
         Command::Token(c) => c.run(&ctx).await,
     }
 }

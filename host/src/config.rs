@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub schedule: Vec<SnapshotSchedule>,
     #[serde(default)]
     pub retention: Vec<Retention>,
+    #[serde(default)]
+    pub push: Vec<Push>,
     /// Where this file was read from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -129,6 +131,16 @@ pub struct Retention {
     pub volume: VolumeName,
     pub keep_last: Option<usize>,
     pub keep_within: Option<String>,
+    #[serde(flatten)]
+    pub when: When,
+}
+
+/// Scheduled pushes of a volume to a mirror target (`holdfast target add` registers it).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Push {
+    pub volume: VolumeName,
+    pub target: String,
     #[serde(flatten)]
     pub when: When,
 }
@@ -326,6 +338,11 @@ impl NodeConfig {
                     s.volume
                 )));
             }
+        }
+        for p in &self.push {
+            p.when
+                .schedule(&format!("push of {} to {}", p.volume, p.target))?;
+            crate::id::validate_name("target name", &p.target)?;
         }
         for r in &self.retention {
             r.when.schedule(&format!("retention of {}", r.volume))?;

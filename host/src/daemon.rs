@@ -40,6 +40,7 @@ pub struct DaemonFile {
 #[serde(rename_all = "kebab-case")]
 pub enum JobKind {
     Mirror,
+    Push,
     Snapshot,
     Retention,
 }
@@ -50,6 +51,8 @@ pub enum JobKind {
 pub struct JobStatus {
     pub kind: JobKind,
     pub volume: VolumeName,
+    /// Push jobs: the target.
+    pub target: Option<String>,
     pub upstream: Option<NodeId>,
     pub schedule: String,
     pub runs: u64,
@@ -69,6 +72,7 @@ pub struct JobStatus {
 struct Job {
     kind: JobKind,
     volume: VolumeName,
+    target: Option<String>,
     upstream: Option<NodeId>,
     schedule: Schedule,
     keep: crate::retention::KeepRules,
@@ -122,6 +126,23 @@ impl Daemon {
                 )
                 .await?;
                 Ok((summary(&r), Some(r)))
+            }
+            JobKind::Push => {
+                let name = job.target.as_deref().unwrap_or_default();
+                let rec = crate::target::Targets::new(&self.node).get(name)?;
+                let r = crate::target::push(&self.node, &rec, &job.volume, &hidden).await?;
+                Ok((
+                    format!(
+                        "{} push to {}: {} snapshot(s), {} chunks, {} bytes stored in {:.2}s",
+                        r.kind,
+                        r.target,
+                        r.transferred.len(),
+                        r.chunks,
+                        r.stored_bytes,
+                        r.seconds
+                    ),
+                    None,
+                ))
             }
             JobKind::Snapshot => {
                 let r = crate::snapshot::create::create(
@@ -596,6 +617,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         jobs.push(Job {
             kind: JobKind::Mirror,
             volume: m.volume.clone(),
+            target: None,
             upstream: Some(m.upstream.clone()),
             schedule: m.when.schedule("mirror")?,
             keep: Default::default(),
@@ -606,8 +628,20 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         jobs.push(Job {
             kind: JobKind::Snapshot,
             volume: s.volume.clone(),
+            target: None,
             upstream: None,
             schedule: s.when.schedule("schedule")?,
+            keep: Default::default(),
+        });
+    }
+    for p in &cfg.push {
+        crate::target::Targets::new(&node).get(&p.target)?;
+        jobs.push(Job {
+            kind: JobKind::Push,
+            volume: p.volume.clone(),
+            target: Some(p.target.clone()),
+            upstream: None,
+            schedule: p.when.schedule("push")?,
             keep: Default::default(),
         });
     }
@@ -615,6 +649,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         jobs.push(Job {
             kind: JobKind::Retention,
             volume: r.volume.clone(),
+            target: None,
             upstream: None,
             schedule: r.when.schedule("retention")?,
             keep: crate::retention::KeepRules {
@@ -656,6 +691,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                 .map(|j| JobStatus {
                     kind: j.kind,
                     volume: j.volume.clone(),
+                    target: j.target.clone(),
                     upstream: j.upstream.clone(),
                     schedule: j.schedule.to_string(),
                     runs: 0,

@@ -18,6 +18,7 @@
 //! - [`peer`]: the peer protocol (HTTP/2 over rustls): client, server, TLS, wire format.
 //! - [`mirror`]: one mirror update, pulled by the downstream, with lock sets sent before and after.
 //! - [`daemon`]: `holdfast daemon`: the listener, the scheduled jobs, status and metrics.
+//! - [`target`]: mirror targets (a directory or an S3 bucket): push, pull, locks, prune, gc.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
 //! - `cli` (binary only): the `holdfast` command line.
 //!
@@ -43,6 +44,7 @@ pub mod sample;
 pub mod snapshot;
 pub mod softlock;
 pub mod state;
+pub mod target;
 pub mod volume;
 
 pub use error::{Error, Result};

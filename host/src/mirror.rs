@@ -223,6 +223,16 @@ pub async fn run(
     let marker = format!("mirror of {}", relation.upstream);
     match node.catalog.volume(volume) {
         Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => {}
+        Ok(mut v)
+            if v.upstream
+                .as_deref()
+                .is_some_and(|u| u.starts_with("seeded from target ")) =>
+        {
+            // Seeded from a bucket (`mirror pull --target`): the snapshot ids are the
+            // upstream's, so mirroring continues incrementally from here.
+            v.upstream = Some(marker.clone());
+            node.catalog.update_volume(&v)?;
+        }
         Ok(v) => {
             return Err(Error::conflict(format!(
                 "volume {volume} on this node is {}; a mirror writes only into its own replica \

@@ -40,6 +40,11 @@ pub const FORMAT_NAME: &str = "holdfast-repository";
 /// The repository format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Packs bigger than this go to object stores as multipart uploads.
+const MULTIPART_THRESHOLD: usize = 8 << 20;
+/// Part size of those uploads.
+const MULTIPART_PART: usize = 5 << 20;
+
 /// The repository's `config` object.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -242,6 +247,15 @@ impl Repository {
                         )
                     })?;
             }
+            None if pack.bytes.len() > MULTIPART_THRESHOLD => {
+                // A pack is named by its content, so an overwrite by another writer is the
+                // same bytes: no condition is needed, and a failed upload is aborted.
+                let upload = self.store.put_multipart(&path).await?;
+                let mut w =
+                    object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
+                w.put(pack.bytes.clone());
+                w.finish().await?;
+            }
             None => self.put_idempotent(&path, pack.bytes.clone()).await?,
         }
         self.put_idempotent(&Self::index_path(id), pack.index.encode()?.into())
@@ -382,6 +396,93 @@ impl Repository {
             }
         }
         Ok(out)
+    }
+}
+
+/// Objects outside the repository format proper (lock records and leases of a mirror target):
+/// keys are built by the caller from validated names only.
+impl Repository {
+    /// Writes `key` only if it does not exist yet (`Ok(false)` if it does).
+    pub async fn put_object_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
+        match self.put_create(&Path::from(key), body.into()).await {
+            Ok(()) => Ok(true),
+            Err(Error::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes (or overwrites) `key`.
+    pub async fn put_object(&self, key: &str, body: Vec<u8>) -> Result<()> {
+        self.store
+            .put(&Path::from(key), PutPayload::from(body))
+            .await?;
+        Ok(())
+    }
+
+    /// Reads `key`, `None` if it does not exist.
+    pub async fn get_object(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&Path::from(key)).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Keys under `prefix`, with their sizes.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from(prefix)))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| (m.location.to_string(), m.size))
+            .collect())
+    }
+
+    pub async fn delete_object(&self, key: &str) -> Result<()> {
+        ignore_missing(self.store.delete(&Path::from(key)).await)
+    }
+
+    /// The stored bytes of `ids` (in that order), read pack by pack.
+    pub async fn read_chunks(
+        &self,
+        index: &ChunkIndex,
+        ids: &[ChunkId],
+    ) -> Result<Vec<(ChunkLocation, Bytes)>> {
+        let locs: Vec<ChunkLocation> = ids
+            .iter()
+            .map(|id| {
+                index.get(id).copied().ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "chunk {id} is referenced but missing from the repository at {}; run \
+                         `holdfast verify`",
+                        self.location
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut by_pack: std::collections::BTreeMap<PackId, Vec<usize>> = Default::default();
+        for (i, l) in locs.iter().enumerate() {
+            by_pack.entry(l.pack).or_default().push(i);
+        }
+        let mut out: Vec<Option<Bytes>> = vec![None; locs.len()];
+        for (pack, idx) in by_pack {
+            let ranges: Vec<_> = idx
+                .iter()
+                .map(|&i| locs[i].offset..locs[i].offset + locs[i].length as u64)
+                .collect();
+            let data = self.read_pack_ranges(&pack, &ranges).await?;
+            for (&i, d) in idx.iter().zip(data) {
+                out[i] = Some(d);
+            }
+        }
+        Ok(locs
+            .into_iter()
+            .zip(out)
+            .map(|(l, d)| (l, d.expect("every range read")))
+            .collect())
     }
 }
 

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 pub mod cascade;
+pub mod s3;
 
 /// The holdfast binary under test.
 pub fn holdfast_bin() -> PathBuf {
@@ -76,6 +77,8 @@ impl Run {
 pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub state: PathBuf,
+    /// Extra environment for every command (S3 credentials, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for TestNode {
@@ -99,13 +102,21 @@ impl TestNode {
             .tempdir()
             .expect("tempdir");
         let state = dir.path().join("state");
-        TestNode { dir, state }
+        TestNode {
+            dir,
+            state,
+            env: vec![],
+        }
     }
 
     /// A node whose state lives at `state` (for example on a small tmpfs).
     pub fn at(state: PathBuf) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
-        TestNode { dir, state }
+        TestNode {
+            dir,
+            state,
+            env: vec![],
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -115,6 +126,7 @@ impl TestNode {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(holdfast_bin());
         c.args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HOLDFAST_STATE", &self.state)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());

@@ -94,6 +94,7 @@ impl DemoCommand {
             snapshot: "demo@second".parse()?,
             to: restored.clone(),
             force: false,
+            target: None,
         }
         .run(&ctx)
         .await?;
@@ -111,6 +112,7 @@ impl DemoCommand {
         VerifyCommand {
             volume: None,
             json: false,
+            target: None,
         }
         .run(&ctx)
         .await?;

@@ -12,11 +12,31 @@ pub struct GcCommand {
     pub dry_run: bool,
     #[arg(long)]
     pub json: bool,
+    /// Reclaim space inside this mirror target (waits for no push; see host/TARGETS.md).
+    #[arg(long)]
+    pub target: Option<String>,
 }
 
 impl GcCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
+        if let Some(t) = &self.target {
+            let repo = holdfast::target::Targets::new(&node).open(t).await?;
+            let r = holdfast::target::gc(&repo, &node.info.node_id, self.dry_run).await?;
+            if self.json {
+                return print_json(&r);
+            }
+            ctx.summary(format!(
+                "gc of target {t}{}: {} snapshots, {} live chunks; {} packs deleted ({}), {} partly live packs kept",
+                if r.dry_run { " (dry run)" } else { "" },
+                r.snapshots,
+                r.live_chunks,
+                r.packs_deleted,
+                human_bytes(r.bytes_freed),
+                r.packs_kept_partly_live
+            ));
+            return Ok(());
+        }
         let pb = ctx.count_bar("gc");
         let r = snapshot::gc(&node, self.dry_run, &pb).await;
         pb.finish_and_clear();

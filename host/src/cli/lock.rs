@@ -31,6 +31,9 @@ pub enum LockCommand {
         /// Lease: the lock goes stale this long after its last refresh (e.g. 2h).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Set the lock inside this mirror target (honoured by every prune of the target).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Release a holder's locks: on one snapshot, or (without a snapshot) all of them.
     Release {
@@ -40,6 +43,9 @@ pub enum LockCommand {
         /// Only on this volume (without a snapshot).
         #[arg(long)]
         volume: Option<VolumeName>,
+        /// Release inside this mirror target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// List soft locks.
     List {
@@ -52,6 +58,9 @@ pub enum LockCommand {
         stale: bool,
         #[arg(long)]
         json: bool,
+        /// The lock records inside this mirror target (with --volume).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Why a snapshot cannot be deleted, and what deleting it would free and cost.
     Explain {
@@ -100,6 +109,7 @@ impl LockCommand {
                 value,
                 holder,
                 ttl,
+                target: None,
             } => {
                 let rec = node.catalog.resolve(&snapshot)?;
                 let l = locks.add(
@@ -119,6 +129,7 @@ impl LockCommand {
                 snapshot,
                 holder,
                 volume,
+                target: None,
             } => {
                 let released = match &snapshot {
                     Some(r) => {
@@ -147,6 +158,7 @@ impl LockCommand {
                 holder,
                 stale,
                 json,
+                target: None,
             } => {
                 locks.expire_stale()?;
                 let sets = locks.sets(volume.as_ref())?;
@@ -321,6 +333,102 @@ impl LockCommand {
                 let outcome = locks.replace_set(update)?;
                 print_json(&outcome)?;
             }
+            LockCommand::Add {
+                snapshot,
+                lock_type,
+                value,
+                holder,
+                ttl,
+                target: Some(t),
+            } => {
+                if ttl.is_some() {
+                    anyhow::bail!(holdfast::Error::invalid(
+                        "--ttl is not supported for locks inside a target (a target has no clock \
+                         of its own); release the lock when done"
+                    ));
+                }
+                holdfast::softlock::validate_value(&value)?;
+                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
+                let rec = holdfast::target::resolve(&repo, &snapshot).await?;
+                let mut mine = target_locks_of(&repo, &rec.volume, &holder).await?;
+                let l = holdfast::target::TargetLock {
+                    snapshot: rec.id,
+                    lock_type,
+                    value,
+                };
+                if !mine.contains(&l) {
+                    mine.push(l);
+                }
+                holdfast::target::write_lock_record(&repo, &rec.volume, &holder, mine).await?;
+                ctx.summary(format!(
+                    "locked {} in target {t} for {holder}",
+                    rec.display_ref()
+                ));
+            }
+            LockCommand::Release {
+                snapshot,
+                holder,
+                volume,
+                target: Some(t),
+            } => {
+                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
+                let (vol, id) = match &snapshot {
+                    Some(r) => {
+                        let rec = holdfast::target::resolve(&repo, r).await?;
+                        (rec.volume, Some(rec.id))
+                    }
+                    None => (
+                        volume.ok_or_else(|| {
+                            holdfast::Error::invalid(
+                                "give VOLUME@SNAPSHOT or --volume with --target",
+                            )
+                        })?,
+                        None,
+                    ),
+                };
+                let mine = target_locks_of(&repo, &vol, &holder).await?;
+                let before = mine.len();
+                let kept: Vec<_> = mine
+                    .into_iter()
+                    .filter(|l| id.is_some_and(|id| l.snapshot != id))
+                    .collect();
+                let released = before - kept.len();
+                holdfast::target::write_lock_record(&repo, &vol, &holder, kept).await?;
+                ctx.summary(format!(
+                    "released {released} lock(s) of {holder} in target {t}"
+                ));
+            }
+            LockCommand::List {
+                volume,
+                holder,
+                json,
+                target: Some(t),
+                ..
+            } => {
+                let volume = volume
+                    .ok_or_else(|| holdfast::Error::invalid("give --volume with --target"))?;
+                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
+                let recs: Vec<_> = holdfast::target::lock_records(&repo, &volume)
+                    .await?
+                    .into_iter()
+                    .filter(|r| holder.as_ref().is_none_or(|h| *h == r.holder))
+                    .collect();
+                if json {
+                    return print_json(&recs);
+                }
+                println!("{:<22} {:<28} {:<18} VALUE", "SNAPSHOT", "HOLDER", "TYPE");
+                for r in &recs {
+                    for l in &r.locks {
+                        println!(
+                            "{:<22} {:<28} {:<18} {}",
+                            l.snapshot.to_string(),
+                            r.holder.as_str(),
+                            l.lock_type.to_string(),
+                            l.value
+                        );
+                    }
+                }
+            }
             LockCommand::AutoRelease { holder, off } => {
                 locks.set_settings(
                     &holder,
@@ -457,4 +565,18 @@ fn break_cost(l: &SoftLock, rec: &SnapshotRecord) -> String {
             l.holder, l.value
         ),
     }
+}
+
+/// `holder`'s locks in a target's record for `volume`.
+async fn target_locks_of(
+    repo: &holdfast::repo::Repository,
+    volume: &VolumeName,
+    holder: &HolderId,
+) -> anyhow::Result<Vec<holdfast::target::TargetLock>> {
+    Ok(holdfast::target::lock_records(repo, volume)
+        .await?
+        .into_iter()
+        .filter(|r| &r.holder == holder)
+        .flat_map(|r| r.locks)
+        .collect())
 }

@@ -6,6 +6,11 @@ use super::daemon::ConfigArg;
 use super::{Context, human_bytes, print_json, throughput};
 use holdfast::id::VolumeName;
 
+enum Kind {
+    Push,
+    Other,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum MirrorCommand {
     /// Pull one update of VOLUME from its upstream now (locks before and after, as the daemon does).
@@ -13,6 +18,24 @@ pub enum MirrorCommand {
         volume: VolumeName,
         #[command(flatten)]
         config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push the volume's new snapshots to a mirror target (a directory or a bucket); the
+    /// node keeps a destination-path lock on the target's base.
+    Push {
+        volume: VolumeName,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a target's snapshots of the volume into this node (seed a new node from a bucket;
+    /// normal mirroring from an upstream continues incrementally afterwards).
+    Pull {
+        volume: VolumeName,
+        #[arg(long)]
+        target: String,
         #[arg(long)]
         json: bool,
     },
@@ -27,6 +50,10 @@ pub enum MirrorCommand {
 
 impl MirrorCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let self_kind = match &self {
+            MirrorCommand::Push { .. } => Kind::Push,
+            _ => Kind::Other,
+        };
         match self {
             MirrorCommand::Run {
                 volume,
@@ -64,6 +91,48 @@ impl MirrorCommand {
                     throughput(r.bytes_fetched, std::time::Duration::from_secs_f64(r.seconds)),
                     r.locks_sent_before,
                     r.locks_sent_after
+                ));
+                Ok(())
+            }
+            MirrorCommand::Push {
+                volume,
+                target,
+                json,
+            }
+            | MirrorCommand::Pull {
+                volume,
+                target,
+                json,
+            } => {
+                let pushing = matches!(self_kind, Kind::Push);
+                let node = ctx.open().await?;
+                let rec = holdfast::target::Targets::new(&node).get(&target)?;
+                let pb = ctx.count_bar("chunks");
+                let r = if pushing {
+                    holdfast::target::push(&node, &rec, &volume, &pb).await
+                } else {
+                    holdfast::target::pull(&node, &rec, &volume, &pb).await
+                };
+                pb.finish_and_clear();
+                let r = r?;
+                if json {
+                    return print_json(&r);
+                }
+                for s in &r.transferred {
+                    println!("{} {s}", if pushing { "pushed" } else { "pulled" });
+                }
+                ctx.summary(format!(
+                    "{volume} {} {}: {}{}, {} snapshot(s), {} chunks, {} ({} stored) in {:.2}s ({})",
+                    if pushing { "->" } else { "<-" },
+                    r.target,
+                    r.kind,
+                    r.base.as_ref().map_or(String::new(), |b| format!(" from {b}")),
+                    r.transferred.len(),
+                    r.chunks,
+                    human_bytes(r.plain_bytes),
+                    human_bytes(r.stored_bytes),
+                    r.seconds,
+                    throughput(r.stored_bytes, std::time::Duration::from_secs_f64(r.seconds))
                 ));
                 Ok(())
             }

@@ -21,6 +21,9 @@ pub struct PruneCommand {
     /// Say what would be pruned, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune inside this mirror target (its lock records are honoured).
+    #[arg(long)]
+    pub target: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -77,6 +80,30 @@ impl PruneCommand {
             keep_last: self.keep_last,
             keep_within: self.keep_within,
         };
+        if let Some(t) = &self.target {
+            if rules.keep_last.is_none() && rules.keep_within.is_none() {
+                anyhow::bail!(holdfast::Error::invalid(
+                    "give --keep-last N and/or --keep-within DURATION for a target (holdfast never \
+                     prunes without a rule)"
+                ));
+            }
+            let repo = holdfast::target::Targets::new(&node).open(t).await?;
+            let r = holdfast::target::prune(&repo, &self.volume, &rules, self.dry_run).await?;
+            if self.json {
+                return print_json(&r);
+            }
+            let label = format!("target {t}, {}", self.volume);
+            print_outcome(
+                ctx,
+                &label,
+                &r.plan,
+                &r.pruned,
+                &r.locked_meanwhile,
+                r.dry_run,
+                &format!("gc --target {t}"),
+            );
+            return Ok(());
+        }
         if rules.keep_last.is_none() && rules.keep_within.is_none() {
             // No rule on the command line: the volume's retention policies decide.
             node.catalog.volume(&self.volume)?;
@@ -92,7 +119,7 @@ impl PruneCommand {
                 }
             }
             anyhow::bail!(holdfast::Error::invalid(format!(
-                "volume {} has no retention policy; give --keep-last N and/or --keep-within                  DURATION (holdfast never prunes without a rule)",
+                "volume {} has no retention policy; give --keep-last N and/or --keep-within DURATION (holdfast never prunes without a rule)",
                 self.volume
             )));
         }
@@ -100,42 +127,60 @@ impl PruneCommand {
         if self.json {
             return print_json(&r);
         }
-        let verb = if r.dry_run { "would prune" } else { "pruned" };
-        for e in r.plan.to_prune() {
-            if r.dry_run || r.pruned.contains(&e.snapshot) {
-                println!("{verb} {} ({})", e.snapshot, e.id);
-            }
-        }
-        for e in r.plan.kept_for_locks() {
-            let holders: Vec<&str> = e.locked_by.iter().map(|h| h.as_str()).collect();
-            println!(
-                "kept   {} ({}): locked by {}",
-                e.snapshot,
-                e.id,
-                holders.join(", ")
-            );
-        }
-        for s in &r.locked_meanwhile {
-            println!("kept   {s}: a lock was set while pruning");
-        }
-        let kept = r.plan.entries.iter().filter(|e| !e.prune).count() + r.locked_meanwhile.len();
-        ctx.summary(format!(
-            "{}: {} {}, {} kept ({} only because of locks){}",
-            self.volume,
-            verb,
-            if r.dry_run {
-                r.plan.to_prune().count()
-            } else {
-                r.pruned.len()
-            },
-            kept,
-            r.plan.kept_for_locks().count() + r.locked_meanwhile.len(),
-            if r.dry_run {
-                ""
-            } else {
-                "; run `holdfast gc` to reclaim space"
-            }
-        ));
+        print_outcome(
+            ctx,
+            self.volume.as_str(),
+            &r.plan,
+            &r.pruned,
+            &r.locked_meanwhile,
+            r.dry_run,
+            "gc",
+        );
         Ok(())
     }
+}
+
+/// What a prune did (or would do), one line per snapshot, then a summary.
+fn print_outcome(
+    ctx: &Context,
+    label: &str,
+    plan: &retention::PrunePlan,
+    pruned: &[String],
+    locked_meanwhile: &[String],
+    dry_run: bool,
+    gc: &str,
+) {
+    let verb = if dry_run { "would prune" } else { "pruned" };
+    for e in plan.to_prune() {
+        if dry_run || pruned.contains(&e.snapshot) {
+            println!("{verb} {} ({})", e.snapshot, e.id);
+        }
+    }
+    for e in plan.kept_for_locks() {
+        let holders: Vec<&str> = e.locked_by.iter().map(|h| h.as_str()).collect();
+        println!(
+            "kept   {} ({}): locked by {}",
+            e.snapshot,
+            e.id,
+            holders.join(", ")
+        );
+    }
+    for s in locked_meanwhile {
+        println!("kept   {s}: a lock was set while pruning");
+    }
+    let kept = plan.entries.iter().filter(|e| !e.prune).count() + locked_meanwhile.len();
+    ctx.summary(format!(
+        "{label}: {verb} {}, {kept} kept ({} only because of locks){}",
+        if dry_run {
+            plan.to_prune().count()
+        } else {
+            pruned.len()
+        },
+        plan.kept_for_locks().count() + locked_meanwhile.len(),
+        if dry_run {
+            String::new()
+        } else {
+            format!("; run `holdfast {gc}` to reclaim space")
+        }
+    ));
 }

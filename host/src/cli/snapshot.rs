@@ -33,6 +33,9 @@ pub enum SnapshotCommand {
         volume: VolumeName,
         #[arg(long)]
         json: bool,
+        /// List the snapshots held in this mirror target instead.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Show one snapshot.
     Show {
@@ -55,6 +58,9 @@ pub enum SnapshotCommand {
         /// Overwrite the destination if it exists.
         #[arg(long)]
         force: bool,
+        /// Restore from this mirror target (disaster recovery on a new node).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Change a snapshot's labels (its data never changes), e.g. to mark it as copied.
     Label {
@@ -160,9 +166,27 @@ impl SnapshotCommand {
                     human_bytes(s.new_stored_bytes),
                 ));
             }
-            SnapshotCommand::List { volume, json } => {
-                node.catalog.volume(&volume)?;
-                let snaps = node.catalog.snapshots(&volume)?;
+            SnapshotCommand::List {
+                volume,
+                json,
+                target,
+            } => {
+                let snaps = match target {
+                    Some(t) => {
+                        let rec = holdfast::target::Targets::new(&node).get(&t)?;
+                        let repo = holdfast::target::open(&rec)?;
+                        repo.check().await?;
+                        holdfast::target::snapshots(&repo, &volume)
+                            .await?
+                            .into_iter()
+                            .map(|(s, _)| s)
+                            .collect()
+                    }
+                    None => {
+                        node.catalog.volume(&volume)?;
+                        node.catalog.snapshots(&volume)?
+                    }
+                };
                 if json {
                     return print_json(&snaps);
                 }
@@ -265,17 +289,29 @@ impl SnapshotCommand {
                 snapshot,
                 to,
                 force,
+                target,
             } => {
-                let rec = node.catalog.resolve(&snapshot)?;
-                // gc must not remove a pack while its chunks are being read.
-                let _repo_lock = node.lock_repo_shared()?;
-                let m = snapshot::load_manifest(&node.repo, &rec).await?;
+                // From a target (a new node with only its URL), or from this node's repository,
+                // whose lock is held shared so gc cannot remove a pack being read.
+                let (repo, rec, _repo_lock, from) = match &target {
+                    Some(t) => {
+                        let repo = holdfast::target::Targets::new(&node).open(t).await?;
+                        let rec = holdfast::target::resolve(&repo, &snapshot).await?;
+                        (repo, rec, None, format!(" from target {t}"))
+                    }
+                    None => {
+                        let rec = node.catalog.resolve(&snapshot)?;
+                        let lock = node.lock_repo_shared()?;
+                        (node.repo.clone(), rec, Some(lock), String::new())
+                    }
+                };
+                let m = snapshot::load_manifest(&repo, &rec).await?;
                 let pb = ctx.bytes_bar("restore");
-                let report = snapshot::restore(&node.repo, &m, &to, force, &pb).await;
+                let report = snapshot::restore(&repo, &m, &to, force, &pb).await;
                 pb.finish_and_clear();
                 let report = report?;
                 ctx.summary(format!(
-                    "restored {} to {}: {} in {:.2}s ({}), {} chunks verified",
+                    "restored {}{from} to {}: {} in {:.2}s ({}), {} chunks verified",
                     rec.display_ref(),
                     report.path.display(),
                     human_bytes(report.bytes_written),

@@ -13,13 +13,22 @@ pub struct VerifyCommand {
     pub volume: Option<VolumeName>,
     #[arg(long)]
     pub json: bool,
+    /// Verify the snapshots inside this mirror target instead.
+    #[arg(long)]
+    pub target: Option<String>,
 }
 
 impl VerifyCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
         let pb = ctx.bytes_bar("verify");
-        let r = snapshot::verify(&node, self.volume.as_ref(), &pb).await;
+        let r = match &self.target {
+            Some(t) => {
+                let repo = holdfast::target::Targets::new(&node).open(t).await?;
+                holdfast::target::verify(&repo, &pb).await
+            }
+            None => snapshot::verify(&node, self.volume.as_ref(), &pb).await,
+        };
         pb.finish_and_clear();
         let r = r?;
         if self.json {

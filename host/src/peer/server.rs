@@ -18,7 +18,7 @@ use super::{
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName, shorten};
-use crate::repo::{ChunkIndex, ChunkLocation};
+use crate::repo::ChunkIndex;
 use crate::softlock::registry::HolderSettings;
 use crate::softlock::{HolderId, LockSetUpdate};
 use crate::state::Node;
@@ -211,8 +211,8 @@ impl ServerState {
         Ok(set)
     }
 
-    /// Where the chunks are; the index is reloaded when it lacks one (new packs).
-    async fn locate(&self, ids: &[ChunkId]) -> Result<Vec<ChunkLocation>> {
+    /// The chunk index, reloaded when it lacks one of `ids` (new packs since).
+    async fn index_for(&self, ids: &[ChunkId]) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
         if ids.iter().any(|id| !index.contains(id)) {
             let (fresh, problems) = self.node.repo.load_index().await?;
@@ -221,16 +221,7 @@ impl ServerState {
             }
             *index = Arc::new(fresh);
         }
-        ids.iter()
-            .map(|id| {
-                index.get(id).copied().ok_or_else(|| {
-                    Error::corrupt(format!(
-                        "chunk {id} is referenced but missing from this node's repository; run \
-                         `holdfast verify` here"
-                    ))
-                })
-            })
-            .collect()
+        Ok(index.clone())
     }
 }
 
@@ -320,30 +311,14 @@ async fn chunks(
     let _lock = tokio::task::spawn_blocking(move || node.lock_repo_shared())
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
-    let locs = s.locate(&req.chunks).await?;
-    let mut by_pack: BTreeMap<crate::id::PackId, Vec<usize>> = BTreeMap::new();
-    for (i, l) in locs.iter().enumerate() {
-        by_pack.entry(l.pack).or_default().push(i);
-    }
-    let mut stored: Vec<Option<Bytes>> = vec![None; locs.len()];
-    for (pack, idx) in by_pack {
-        let ranges: Vec<_> = idx
-            .iter()
-            .map(|&i| locs[i].offset..locs[i].offset + locs[i].length as u64)
-            .collect();
-        let data = s.node.repo.read_pack_ranges(&pack, &ranges).await?;
-        for (&i, d) in idx.iter().zip(data) {
-            stored[i] = Some(d);
-        }
-    }
-    let total: usize = stored
+    let index = s.index_for(&req.chunks).await?;
+    let chunks = s.node.repo.read_chunks(&index, &req.chunks).await?;
+    let total: usize = chunks
         .iter()
-        .flatten()
-        .map(|b| b.len() + super::FRAME_HEADER)
+        .map(|(_, b)| b.len() + super::FRAME_HEADER)
         .sum();
     let mut out = Vec::with_capacity(total);
-    for ((id, loc), data) in req.chunks.iter().zip(&locs).zip(&stored) {
-        let data = data.as_ref().expect("every range read");
+    for (id, (loc, data)) in req.chunks.iter().zip(&chunks) {
         write_frame(&mut out, id, loc.encoding, loc.raw_length, data);
     }
     *s.counters

@@ -59,7 +59,6 @@ pub async fn verify(
     volume: Option<&VolumeName>,
     progress: &ProgressBar,
 ) -> Result<VerifyReport> {
-    let started = Instant::now();
     // Keep gc from removing packs under us.
     let _lock = node.lock_repo_shared()?;
     let snaps = match volume {
@@ -69,6 +68,16 @@ pub async fn verify(
         }
         None => node.catalog.all_snapshots()?,
     };
+    verify_snapshots(&node.repo, &snaps, progress).await
+}
+
+/// Verifies `snaps` in `repo` (a node's own repository, or a mirror target's).
+pub async fn verify_snapshots(
+    repo: &crate::repo::Repository,
+    snaps: &[crate::catalog::SnapshotRecord],
+    progress: &ProgressBar,
+) -> Result<VerifyReport> {
+    let started = Instant::now();
     let mut report = VerifyReport {
         snapshots: snaps.len() as u64,
         ..Default::default()
@@ -76,7 +85,7 @@ pub async fn verify(
     // chunk -> (snapshot index -> blocks)
     let mut users: HashMap<ChunkId, BTreeMap<usize, Vec<u64>>> = HashMap::new();
     for (si, rec) in snaps.iter().enumerate() {
-        match load_manifest(&node.repo, rec).await {
+        match load_manifest(repo, rec).await {
             Ok(m) => {
                 for (bi, b) in m.blocks.iter().enumerate() {
                     if let Some(id) = b {
@@ -98,7 +107,7 @@ pub async fn verify(
             }),
         }
     }
-    let (index, problems) = node.repo.load_index().await?;
+    let (index, problems) = repo.load_index().await?;
     report.notes.extend(problems);
 
     let mut bad: Vec<(ChunkId, String)> = Vec::new();
@@ -124,7 +133,7 @@ pub async fn verify(
                     .iter()
                     .map(|(_, l)| l.offset..l.offset + l.length as u64)
                     .collect();
-                let blobs = match node.repo.read_pack_ranges(&pack, &ranges).await {
+                let blobs = match repo.read_pack_ranges(&pack, &ranges).await {
                     Ok(b) => b,
                     Err(e) => {
                         let msg = format!("pack {} is unreadable: {e}", pack.short());

@@ -529,6 +529,27 @@ impl<'a> LockRegistry<'a> {
         Ok(stored)
     }
 
+    /// Replaces a set this node keeps for itself (a policy's, a target's) with `locks`, one
+    /// generation above the stored one.
+    pub fn replace_own_set(
+        &self,
+        volume: &VolumeName,
+        holder: HolderId,
+        locks: Vec<NewLock>,
+    ) -> Result<ReplaceOutcome> {
+        let generation = self
+            .sets(Some(volume))?
+            .iter()
+            .find(|s| s.holder == holder)
+            .map_or(0, |s| s.generation);
+        self.replace_set(LockSetUpdate {
+            volume: volume.clone(),
+            holder,
+            generation: generation + 1,
+            locks,
+        })
+    }
+
     /// Replaces the holder's whole set for the volume, unless `update` is older.
     pub fn replace_set(&self, update: LockSetUpdate) -> Result<ReplaceOutcome> {
         if update.locks.len() > MAX_LOCKS_PER_SET {

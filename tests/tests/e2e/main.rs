@@ -7,3 +7,4 @@ mod locks;
 mod mirror;
 mod policies;
 mod snapshots;
+mod targets;

@@ -1,0 +1,126 @@
+//! `holdfast target add|list|remove|check`.
+
+use clap::Subcommand;
+
+use super::{Context, print_json};
+use holdfast::target::{TargetRecord, Targets};
+
+#[derive(Debug, Subcommand)]
+pub enum TargetCommand {
+    /// Register a mirror target: checks it (reachable, writable, empty or a holdfast
+    /// repository of this format) and initialises an empty one. Credentials come from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never stored, never printed).
+    Add {
+        name: String,
+        /// `s3://BUCKET/PREFIX` or `file:///PATH`.
+        #[arg(long)]
+        url: String,
+        /// An S3-compatible endpoint (MinIO, Ceph RGW, Garage...); AWS when absent.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Allow a plain-HTTP endpoint (a local test server); never implied.
+        #[arg(long)]
+        allow_http: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The registered targets.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a target (its contents are not touched).
+    Remove { name: String },
+    /// Reachable, writable, format version, what it holds.
+    Check {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl TargetCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        let node = ctx.open().await?;
+        let targets = Targets::new(&node);
+        match self {
+            TargetCommand::Add {
+                name,
+                url,
+                endpoint,
+                region,
+                allow_http,
+                json,
+            } => {
+                let r = targets
+                    .add(TargetRecord {
+                        name,
+                        url,
+                        endpoint,
+                        region,
+                        allow_http,
+                        added_unix_ms: holdfast::now_unix_ms(),
+                    })
+                    .await?;
+                if json {
+                    return print_json(&r);
+                }
+                ctx.summary(format!(
+                    "added target {} ({}): format version {}{}, {} snapshot(s), {} pack(s)",
+                    r.target,
+                    r.url,
+                    r.format_version,
+                    if r.initialised_now {
+                        ", initialised now"
+                    } else {
+                        ""
+                    },
+                    r.snapshots,
+                    r.packs
+                ));
+            }
+            TargetCommand::List { json } => {
+                let list = targets.list()?;
+                if json {
+                    return print_json(&list);
+                }
+                println!("{:<20} {:<40} ENDPOINT", "NAME", "URL");
+                for t in list {
+                    println!(
+                        "{:<20} {:<40} {}{}",
+                        t.name,
+                        t.url,
+                        t.endpoint.as_deref().unwrap_or("-"),
+                        if t.allow_http {
+                            " (plain http allowed)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            TargetCommand::Remove { name } => {
+                let r = targets.remove(&name)?;
+                ctx.summary(format!(
+                    "removed target {} ({}); its contents were not touched",
+                    r.name, r.url
+                ));
+            }
+            TargetCommand::Check { name, json } => {
+                let rec = targets.get(&name)?;
+                let repo = holdfast::target::open(&rec)?;
+                let r = holdfast::target::check_or_init(&repo, &rec, &node.info.node_id).await?;
+                if json {
+                    return print_json(&r);
+                }
+                println!(
+                    "target {} ({}): reachable, writable, format version {}, {} snapshot(s), {} pack(s), checked in {:.2}s",
+                    r.target, r.url, r.format_version, r.snapshots, r.packs, r.seconds
+                );
+            }
+        }
+        Ok(())
+    }
+}

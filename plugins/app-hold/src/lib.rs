@@ -5,7 +5,7 @@
 //! Config: `label=KEY:VALUE` (e.g. `backup:pending`) and/or `name-prefix=PREFIX`;
 //! `owner=NAME` (default `backup-app`) is the lock's value.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.1.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::types::{LockType, Phase, Snapshot};

@@ -7,7 +7,7 @@
 //!
 //! Config (all optional, default 0): keep-last, hourly, daily, weekly, monthly, yearly.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.1.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::types::Phase;

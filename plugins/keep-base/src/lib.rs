@@ -3,7 +3,7 @@
 //!
 //! Config: `n` (default 1): how many common snapshots to keep per downstream.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.1.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::log::{Level, log};

@@ -3,7 +3,7 @@
 //! does not exist), prune-all (proposes every snapshot, locked or not), refuse (answers with
 //! an error), huge-value (a 10 MB lock value), ok (behaves).
 
-wit_bindgen::generate!({ world: "policy", path: "../../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../../wit/since_v0.1.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::types::{LockType, Phase};

@@ -237,7 +237,7 @@ fn components_that_are_not_policies_are_refused_at_registration() {
     let cases = [
         (
             wrong.as_path(),
-            "does not export the holdfast:policy@0.1.0 world",
+            "does not export a holdfast:policy world this host implements",
         ),
         (truncated.as_path(), "not a valid component"),
         (core.as_path(), "core WebAssembly module, not a component"),

@@ -13,7 +13,6 @@
 //!   copied into the policy's memory (under its cap); a policy that asks in a loop runs into
 //!   its deadline like any other loop.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use wasmtime::component::Resource;
@@ -32,20 +31,24 @@ use crate::id::SnapshotId;
 #[derive(Debug)]
 pub struct ViewIndex {
     pub view: NodeView,
-    /// Position of each local snapshot in `view.local_snapshots`.
-    by_id: HashMap<SnapshotId, usize>,
+    /// Each local snapshot's id and position in `view.local_snapshots`, sorted by id. The
+    /// catalog lists snapshots by id already, so sorting costs one pass; a binary search is
+    /// cheaper to build than a hash map and as quick to ask for a thousand ids.
+    by_id: Vec<(SnapshotId, usize)>,
     local: Vec<wit::SnapshotInfo>,
     downstreams: Vec<wit::Downstream>,
 }
 
 impl ViewIndex {
     pub fn new(view: NodeView) -> Self {
-        let by_id = view
+        let mut by_id: Vec<(SnapshotId, usize)> = view
             .local_snapshots
             .iter()
             .enumerate()
             .map(|(i, s)| (s.id, i))
-            .collect::<HashMap<_, _>>();
+            .collect();
+        by_id.sort_unstable();
+        let has = |id: &SnapshotId| by_id.binary_search_by_key(id, |(s, _)| *s).is_ok();
         let local = view.local_snapshots.iter().map(info).collect();
         // Only ids this node has: a downstream's lock on a snapshot pruned here (with
         // --break-locks) is no base for its next transfer.
@@ -56,7 +59,7 @@ impl ViewIndex {
                 holder: holder.to_string(),
                 common: ids
                     .iter()
-                    .filter(|id| by_id.contains_key(id))
+                    .filter(|id| has(id))
                     .map(|id| id_to_wit(*id))
                     .collect(),
             })
@@ -71,11 +74,12 @@ impl ViewIndex {
 
     /// The local snapshot with this id, if the volume has it on this node.
     pub fn local(&self, id: SnapshotId) -> Option<&SnapshotRecord> {
-        self.by_id.get(&id).map(|&i| &self.view.local_snapshots[i])
+        let i = self.by_id.binary_search_by_key(&id, |(s, _)| *s).ok()?;
+        Some(&self.view.local_snapshots[self.by_id[i].1])
     }
 
     pub fn has(&self, id: SnapshotId) -> bool {
-        self.by_id.contains_key(&id)
+        self.local(id).is_some()
     }
 
     fn matching(&self, keep: impl Fn(&SnapshotRecord) -> bool) -> Vec<wit::SnapshotInfo> {

@@ -1,10 +1,13 @@
 //! Policy benchmark: per-call latency of a lock decision with 1,000 snapshots and 1,000 locks
-//! in the view (fresh Store per call), load time from the precompiled cache versus the first
+//! in the view (fresh Store per call) by keep-base (holdfast:policy@0.2.0) and by the same
+//! policy built against 0.1.0, what passing the view costs in each version, a retention plan by
+//! gfs-retention over the same view, load time from the precompiled cache versus the first
 //! compile, memory per loaded policy, and a daemon-like start that loads 10 registered
 //! policies.
 //!
 //! `(cd plugins && cargo build --release) && cargo bench -p holdfast --bench policies`
-//! (uses plugins/target/wasm32-wasip2/{release,debug}/keep_base.wasm).
+//! (uses plugins/target/wasm32-wasip2/{release,debug}/: keep_base, keep_base_v01, hostile,
+//! hostile_v01, gfs_retention).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use holdfast::catalog::{SnapshotRecord, VolumeRecord};
 use holdfast::id::SnapshotId;
 use holdfast::policy::registry::{self, Policies};
-use holdfast::policy::{Limits, Phase, PolicyEngine};
+use holdfast::policy::{Limits, Phase, PolicyEngine, WorldVersion};
 use holdfast::softlock::{LockSetUpdate, LockType, NewLock};
 use holdfast::state::Node;
 
@@ -36,6 +39,7 @@ fn main() {
         .expect("build the policies first: (cd plugins && cargo build --release)");
     let wasm = std::fs::read(&wasm_path).unwrap();
     println!("component {} ({} bytes)", wasm_path.display(), wasm.len());
+    let sibling = |name: &str| std::fs::read(wasm_path.with_file_name(name)).unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,46 +126,89 @@ fn main() {
             Limits::default(),
         )
         .unwrap();
+    assert_eq!(policy.world(), WorldVersion::V0_2);
+    let load = |name: &str, file: &str, config: &[(&str, &str)]| {
+        let artifact = engine.compile(name, &sibling(file)).unwrap();
+        let config = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        engine
+            .load(name, &artifact, config, Limits::default())
+            .unwrap()
+    };
     let view = registry::view(&node, &vol, Phase::BeforeMirror).unwrap();
     assert_eq!(view.local_snapshots.len(), 1000);
     assert_eq!(view.locks_from_downstream.len(), 1000);
+    // Preparing a view (indexing it for 0.2 and for checking answers), once per decision;
+    // dropping the views is not part of it.
     let mut preps = Vec::new();
-    for _ in 0..200 {
+    let mut prepared = Vec::with_capacity(200);
+    for v in vec![view.clone(); 200] {
         let t = Instant::now();
-        std::hint::black_box(view.prepare());
+        prepared.push(v.prepare());
         preps.push(t.elapsed());
     }
+    drop(prepared);
     preps.sort();
-    let view = view.prepare();
-    for _ in 0..50 {
-        policy.decide_locks(&view).unwrap();
-    }
-    let mut calls = Vec::new();
+    let timed = |n: usize, mut f: Box<dyn FnMut() + '_>| {
+        for _ in 0..n.min(50) {
+            f();
+        }
+        let mut out: Vec<Duration> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let prepared = view.clone().prepare();
     let mut n_locks = 0;
-    for _ in 0..2000 {
-        let t = Instant::now();
-        n_locks = policy.decide_locks(&view).unwrap().len();
-        calls.push(t.elapsed());
+    let calls = timed(
+        2000,
+        Box::new(|| n_locks = policy.decide_locks(&prepared).unwrap().len()),
+    );
+    // The same decision by keep-base built against 0.1, which gets the whole view copied in.
+    let v01 = load("keep-base-v01", "keep_base_v01.wasm", &[("n", "2")]);
+    assert_eq!(v01.world(), WorldVersion::V0_1);
+    assert_eq!(
+        v01.decide_locks(&prepared).unwrap(),
+        policy.decide_locks(&prepared).unwrap(),
+        "0.1 and 0.2 keep-base decide alike"
+    );
+    let calls_v01 = timed(500, Box::new(|| drop(v01.decide_locks(&prepared).unwrap())));
+    // The view handed to a policy that ignores it: the cost of passing it in, per version.
+    let idle = load("idle", "hostile.wasm", &[]);
+    let transfer = timed(
+        500,
+        Box::new(|| drop(idle.decide_locks(&prepared).unwrap())),
+    );
+    let idle_v01 = load("idle-v01", "hostile_v01.wasm", &[]);
+    let transfer_v01 = timed(
+        500,
+        Box::new(|| drop(idle_v01.decide_locks(&prepared).unwrap())),
+    );
+    // A retention plan over the same 1,000 snapshots: 24 kept by keep-last, 7 by daily, the
+    // rest (969) proposed with a reason each.
+    let gfs = load(
+        "gfs",
+        "gfs_retention.wasm",
+        &[("keep-last", "24"), ("daily", "7")],
+    );
+    let retention = view.clone();
+    let retention = holdfast::policy::NodeView {
+        phase: Phase::Retention,
+        ..retention
     }
-    calls.sort();
-    // The same view handed to a policy that ignores it: the cost of passing it in.
-    let idle_wasm = std::fs::read(wasm_path.with_file_name("hostile.wasm")).unwrap();
-    let idle_artifact = engine.compile("idle", &idle_wasm).unwrap();
-    let idle = engine
-        .load(
-            "idle",
-            &idle_artifact,
-            Default::default(),
-            Limits::default(),
-        )
-        .unwrap();
-    let mut transfer = Vec::new();
-    for _ in 0..500 {
-        let t = Instant::now();
-        idle.decide_locks(&view).unwrap();
-        transfer.push(t.elapsed());
-    }
-    transfer.sort();
+    .prepare();
+    let mut n_prunes = 0;
+    let plans = timed(
+        500,
+        Box::new(|| n_prunes = gfs.plan_retention(&retention).unwrap().len()),
+    );
     // Fixed cost of a call: a fresh store, instantiation and a trivial export.
     let mut fixed = Vec::new();
     for _ in 0..500 {
@@ -218,23 +265,36 @@ fn main() {
     starts.sort();
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let summary = |d: &[Duration]| {
+        format!(
+            "p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            ms(percentile(d, 0.5)),
+            ms(percentile(d, 0.99)),
+            ms(*d.last().unwrap())
+        )
+    };
     println!(
         "lock decision, 1,000 snapshots + 1,000 locks in the view, fresh Store per call, 2,000 calls:"
     );
     println!(
-        "  p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({n_locks} locks answered)",
-        ms(percentile(&calls, 0.5)),
-        ms(percentile(&calls, 0.99)),
-        ms(*calls.last().unwrap())
+        "  keep-base (0.2.0)        {}   ({n_locks} locks answered)",
+        summary(&calls)
     );
     println!(
-        "  converting the view once per decision (shared by its policies): p50 {:.3} ms",
+        "  keep-base built for 0.1  {}   (500 calls)",
+        summary(&calls_v01)
+    );
+    println!(
+        "  preparing the view once per decision (shared by its policies): p50 {:.3} ms",
         ms(percentile(&preps, 0.5))
     );
     println!(
-        "  passing the view to a policy that ignores it: p50 {:.3} ms",
-        ms(percentile(&transfer, 0.5))
+        "  passing the view to a policy that ignores it: 0.2 p50 {:.3} ms, 0.1 p50 {:.3} ms",
+        ms(percentile(&transfer, 0.5)),
+        ms(percentile(&transfer_v01, 0.5))
     );
+    println!("retention plan, gfs-retention keep-last=24 daily=7 over 1,000 snapshots, 500 calls:");
+    println!("  {}   ({n_prunes} prunes proposed)", summary(&plans));
     println!(
         "  fixed cost per call (fresh store + instantiate + describe): p50 {:.3} ms",
         ms(percentile(&fixed, 0.5))

@@ -1,7 +1,14 @@
-//! Policies: sandboxed WebAssembly components (the WIT world `holdfast:policy/policy@0.1.0`)
-//! that decide which soft locks a node holds and which snapshots retention may prune. The only
-//! module that names wasmtime.
+//! Policies: sandboxed WebAssembly components (the WIT world `holdfast:policy/policy`, version
+//! 0.2.0 or 0.1.0) that decide which soft locks a node holds and which snapshots retention may
+//! prune. The only module that names wasmtime.
 //!
+//! - Both versions of the world are linked side by side (`bindings::since_v0_1`,
+//!   `bindings::since_v0_2`, as Zed's extension host does). A component's version is detected
+//!   from the holdfast interfaces it imports, else from the exports it fits; a loaded policy
+//!   dispatches each call to its version's bindings ([`WorldVersion`]).
+//! - 0.1 copies the whole view into every call, converted once per decision and only when a
+//!   0.1 policy is asked. 0.2 lends the policy a `node-view` resource ([`view`]) that answers
+//!   only what the policy asks for.
 //! - One shared [`PolicyEngine`] (epoch interruption, a ticker thread) and one linker with a
 //!   deny-all WASI: no preopens, no environment, no network, stdout discarded, stderr captured
 //!   into the log under the policy's name, and clocks that read the time the host passes in.
@@ -15,17 +22,20 @@
 //!   keep the previous locks).
 //!
 //! # Invariants
-//! - Answers are validated ([`convert`]): every snapshot named exists, values are bounded.
+//! - Answers are validated ([`convert`]), by the same checks for either version: every
+//!   snapshot named exists, values are bounded, at most a lock set's worth of locks.
 //! - Nothing a policy answers can delete a locked snapshot: prunes go through the same guard
 //!   as every deletion (`softlock::guard_delete`).
 
 pub mod bindings;
 mod convert;
 pub mod registry;
+mod view;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -38,11 +48,41 @@ use crate::catalog::SnapshotRecord;
 use crate::error::{Error, Result};
 use crate::id::{NodeId, SnapshotId, VolumeName};
 use crate::softlock::{HolderId, LockType, SoftLock};
-use bindings::holdfast::policy::{config as wit_config, log as wit_log, types as wit_types};
-use bindings::{Policy, PolicyPre};
+use bindings::{since_v0_1, since_v0_2};
+use view::{ViewHandle, ViewIndex};
 
-/// The WIT package version this host implements.
-pub const WORLD_VERSION: &str = "0.1.0";
+/// A version of the WIT package `holdfast:policy` that this host implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WorldVersion {
+    /// `wit/since_v0.1.0`: the view is a record copied whole into every call.
+    V0_1,
+    /// `wit/since_v0.2.0`: the view is a resource the policy queries.
+    V0_2,
+}
+
+impl WorldVersion {
+    /// Newest first: the order in which a component's exports are tried.
+    pub const ALL: [WorldVersion; 2] = [WorldVersion::V0_2, WorldVersion::V0_1];
+
+    /// `0.1.0`, `0.2.0`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorldVersion::V0_1 => "0.1.0",
+            WorldVersion::V0_2 => "0.2.0",
+        }
+    }
+
+    /// `holdfast:policy@0.2.0`.
+    pub fn world(self) -> String {
+        format!("holdfast:policy@{}", self.as_str())
+    }
+}
+
+impl fmt::Display for WorldVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 /// Default deadline of one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default memory cap of one call.
@@ -144,24 +184,42 @@ pub struct NodeView {
     pub downstreams: Vec<(HolderId, Vec<SnapshotId>)>,
 }
 
-/// A view converted once into the WIT form, to hand to several policies (the conversion
-/// allocates a string per id, name and label: worth doing once per decision, not per policy).
-pub struct PreparedView<'a> {
-    pub view: &'a NodeView,
-    wit: wit_types::NodeView,
+/// A view prepared once per decision, to hand to several policies: indexed by snapshot id
+/// (for 0.2's queries and for validating every answer), and converted into 0.1's record the
+/// first time a 0.1 policy is asked (that conversion allocates a string per id, name and
+/// label: worth doing once per decision, not per policy, and not at all without 0.1 policies).
+pub struct PreparedView {
+    index: Arc<ViewIndex>,
+    v01: OnceLock<since_v0_1::holdfast::policy::types::NodeView>,
 }
 
-impl fmt::Debug for PreparedView<'_> {
+impl fmt::Debug for PreparedView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PreparedView({}, {})", self.view.volume, self.view.phase)
+        write!(
+            f,
+            "PreparedView({}, {})",
+            self.view().volume,
+            self.view().phase
+        )
+    }
+}
+
+impl PreparedView {
+    pub fn view(&self) -> &NodeView {
+        &self.index.view
+    }
+
+    fn v01(&self) -> &since_v0_1::holdfast::policy::types::NodeView {
+        self.v01
+            .get_or_init(|| convert::since_v0_1::view_to_wit(self.view()))
     }
 }
 
 impl NodeView {
-    pub fn prepare(&self) -> PreparedView<'_> {
+    pub fn prepare(self) -> PreparedView {
         PreparedView {
-            view: self,
-            wit: convert::view_to_wit(self),
+            index: Arc::new(ViewIndex::new(self)),
+            v01: OnceLock::new(),
         }
     }
 }
@@ -201,32 +259,79 @@ impl WasiView for HostState {
     }
 }
 
-impl wit_types::Host for HostState {}
-
-impl wit_log::Host for HostState {
-    fn log(&mut self, level: wit_log::Level, message: String) {
-        let message = crate::id::shorten_to(&message, 4096);
+impl HostState {
+    fn log(&self, level: tracing::Level, message: &str) {
+        let message = crate::id::shorten_to(message, 4096);
         let policy = &self.policy;
         match level {
-            wit_log::Level::Trace => tracing::trace!(policy, "{message}"),
-            wit_log::Level::Debug => tracing::debug!(policy, "{message}"),
-            wit_log::Level::Info => tracing::info!(policy, "{message}"),
-            wit_log::Level::Warn => tracing::warn!(policy, "{message}"),
-            wit_log::Level::Error => tracing::error!(policy, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(policy, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(policy, "{message}"),
+            tracing::Level::INFO => tracing::info!(policy, "{message}"),
+            tracing::Level::WARN => tracing::warn!(policy, "{message}"),
+            tracing::Level::ERROR => tracing::error!(policy, "{message}"),
         }
+    }
+
+    fn config_pairs(&self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
-impl wit_config::Host for HostState {
+impl since_v0_1::holdfast::policy::types::Host for HostState {}
+
+impl since_v0_1::holdfast::policy::log::Host for HostState {
+    fn log(&mut self, level: since_v0_1::holdfast::policy::log::Level, message: String) {
+        use since_v0_1::holdfast::policy::log::Level as L;
+        let level = match level {
+            L::Trace => tracing::Level::TRACE,
+            L::Debug => tracing::Level::DEBUG,
+            L::Info => tracing::Level::INFO,
+            L::Warn => tracing::Level::WARN,
+            L::Error => tracing::Level::ERROR,
+        };
+        HostState::log(self, level, &message);
+    }
+}
+
+impl since_v0_1::holdfast::policy::config::Host for HostState {
     fn get(&mut self, key: String) -> Option<String> {
         self.config.get(&key).cloned()
     }
 
     fn all(&mut self) -> Vec<(String, String)> {
-        self.config
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.config_pairs()
+    }
+}
+
+impl since_v0_2::holdfast::policy::log::Host for HostState {
+    fn log(
+        &mut self,
+        level: since_v0_2::holdfast::policy::log::Level,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        use since_v0_2::holdfast::policy::log::Level as L;
+        let level = match level {
+            L::Trace => tracing::Level::TRACE,
+            L::Debug => tracing::Level::DEBUG,
+            L::Info => tracing::Level::INFO,
+            L::Warn => tracing::Level::WARN,
+            L::Error => tracing::Level::ERROR,
+        };
+        HostState::log(self, level, &message);
+        Ok(())
+    }
+}
+
+impl since_v0_2::holdfast::policy::config::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).cloned())
+    }
+
+    fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.config_pairs())
     }
 }
 
@@ -304,8 +409,11 @@ impl PolicyEngine {
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| wasm_error("linking WASI", e))?;
-        Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| wasm_error("linking the policy world", e))?;
+        // Both versions side by side: their interfaces have distinct versioned names.
+        since_v0_1::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| wasm_error("linking the holdfast:policy@0.1.0 world", e))?;
+        since_v0_2::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| wasm_error("linking the holdfast:policy@0.2.0 world", e))?;
         Ok(PolicyEngine { engine, linker })
     }
 
@@ -317,8 +425,8 @@ impl PolicyEngine {
         format!("{:016x}", h.finish())
     }
 
-    /// Checks untrusted bytes: a component (not a core module, not truncated) that fits the
-    /// `holdfast:policy@0.1.0` world. Returns the precompiled artifact.
+    /// Checks untrusted bytes: a component (not a core module, not truncated) that fits a
+    /// `holdfast:policy` world this host implements. Returns the precompiled artifact.
     pub fn compile(&self, what: &str, bytes: &[u8]) -> Result<Vec<u8>> {
         const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
         const CORE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
@@ -350,18 +458,60 @@ impl PolicyEngine {
         c.map_err(|e| wasm_error("loading a precompiled policy", e))
     }
 
-    fn pre(&self, what: &str, component: &Component) -> Result<PolicyPre<HostState>> {
+    /// The version a component was built against, from the holdfast interfaces it imports
+    /// (`holdfast:policy/log@0.2.0`, ...); none if it imports none of them (a policy that
+    /// neither logs nor reads its config may not).
+    fn detect(&self, component: &Component) -> Option<WorldVersion> {
+        let ty = component.component_type();
+        let mut found = None;
+        for (name, _) in ty.imports(&self.engine) {
+            let version = name
+                .strip_prefix("holdfast:policy/")
+                .and_then(|rest| rest.split_once('@'))
+                .and_then(|(_, v)| WorldVersion::ALL.into_iter().find(|w| w.as_str() == v));
+            // A component importing from both versions fits neither world: let the export
+            // check of the newest say why.
+            match (found, version) {
+                (None, v) => found = v,
+                (Some(a), Some(b)) if a != b => return Some(WorldVersion::V0_2),
+                _ => {}
+            }
+        }
+        found
+    }
+
+    fn pre(&self, what: &str, component: &Component) -> Result<PolicyPre> {
         let pre = self.linker.instantiate_pre(component).map_err(|e| {
             Error::invalid(format!(
-                "{what} does not fit the holdfast:policy@{WORLD_VERSION} world (it imports \
-                 something the host does not provide): {e:#}"
+                "{what} does not fit a holdfast:policy world this host implements (0.2.0, \
+                 0.1.0): it imports something the host does not provide: {e:#}"
             ))
         })?;
-        PolicyPre::new(pre).map_err(|e| {
-            Error::invalid(format!(
-                "{what} does not export the holdfast:policy@{WORLD_VERSION} world: {e:#}"
-            ))
-        })
+        let candidates = match self.detect(component) {
+            Some(v) => vec![v],
+            None => WorldVersion::ALL.to_vec(),
+        };
+        let mut why = Vec::new();
+        for v in &candidates {
+            let fits = match v {
+                WorldVersion::V0_1 => since_v0_1::PolicyPre::new(pre.clone()).map(PolicyPre::V0_1),
+                WorldVersion::V0_2 => since_v0_2::PolicyPre::new(pre.clone()).map(PolicyPre::V0_2),
+            };
+            match fits {
+                Ok(p) => return Ok(p),
+                Err(e) => why.push(format!("{}: {e:#}", v.world())),
+            }
+        }
+        Err(Error::invalid(match &candidates[..] {
+            [v] => format!(
+                "{what} imports holdfast:policy@{v} but does not export its world: {}",
+                why.join("; ")
+            ),
+            _ => format!(
+                "{what} does not export a holdfast:policy world this host implements ({})",
+                why.join("; ")
+            ),
+        }))
     }
 
     /// Loads a precompiled artifact into a callable policy.
@@ -384,11 +534,19 @@ impl PolicyEngine {
     }
 }
 
+/// A component checked against one version of the world: the dispatch over the versions'
+/// bindings (a new version adds a variant; the old ones stay).
+#[derive(Clone)]
+enum PolicyPre {
+    V0_1(since_v0_1::PolicyPre<HostState>),
+    V0_2(since_v0_2::PolicyPre<HostState>),
+}
+
 /// A loaded policy, ready to call.
 pub struct WasmPolicy<'e> {
     engine: &'e PolicyEngine,
     pub name: String,
-    pre: PolicyPre<HostState>,
+    pre: PolicyPre,
     config: BTreeMap<String, String>,
     limits: Limits,
 }
@@ -399,37 +557,104 @@ impl fmt::Debug for WasmPolicy<'_> {
     }
 }
 
+/// Lends a view to one call: the `node-view` resource the policy borrows.
+fn lend(
+    store: &mut Store<HostState>,
+    prepared: &PreparedView,
+) -> wasmtime::Result<wasmtime::component::Resource<ViewHandle>> {
+    Ok(store
+        .data_mut()
+        .table
+        .push(ViewHandle(Arc::clone(&prepared.index)))?)
+}
+
 impl WasmPolicy<'_> {
+    /// The version of the world the component implements.
+    pub fn world(&self) -> WorldVersion {
+        match self.pre {
+            PolicyPre::V0_1(_) => WorldVersion::V0_1,
+            PolicyPre::V0_2(_) => WorldVersion::V0_2,
+        }
+    }
+
     pub fn describe(&self) -> Result<Description> {
-        let d = self.call("describe", crate::now_unix_ms(), |p, s| p.call_describe(s))?;
-        convert::description_from_wit(d).map_err(|e| self.malformed("describe", e))
+        let now = crate::now_unix_ms();
+        let d = match &self.pre {
+            PolicyPre::V0_1(pre) => {
+                let d = self.call("describe", now, |s| {
+                    pre.instantiate(&mut *s)?.call_describe(s)
+                })?;
+                convert::since_v0_1::description_from_wit(d)
+            }
+            PolicyPre::V0_2(pre) => {
+                let d = self.call("describe", now, |s| {
+                    pre.instantiate(&mut *s)?.call_describe(s)
+                })?;
+                convert::since_v0_2::description_from_wit(d)
+            }
+        };
+        d.map_err(|e| self.malformed("describe", e))
     }
 
     /// The locks the policy wants, validated.
     pub fn decide_locks(
         &self,
-        prepared: &PreparedView<'_>,
+        prepared: &PreparedView,
     ) -> Result<Vec<(SnapshotId, LockType, String)>> {
-        let view = prepared.view;
+        let view = prepared.view();
         let what = format!("decide-locks ({})", view.phase);
-        let answer = self
-            .call(&what, view.now_unix_ms, |p, s| {
-                p.call_decide_locks(s, &prepared.wit)
-            })?
-            .map_err(|msg| self.refused(&what, msg))?;
-        convert::locks_from_wit(view, answer).map_err(|e| self.malformed(&what, e))
+        let index = &prepared.index;
+        let locks = match &self.pre {
+            PolicyPre::V0_1(pre) => {
+                let wit = prepared.v01();
+                let answer = self
+                    .call(&what, view.now_unix_ms, |s| {
+                        pre.instantiate(&mut *s)?.call_decide_locks(s, wit)
+                    })?
+                    .map_err(|msg| self.refused(&what, msg))?;
+                convert::since_v0_1::locks_from_wit(index, answer)
+            }
+            PolicyPre::V0_2(pre) => {
+                let answer = self
+                    .call(&what, view.now_unix_ms, |s| {
+                        let policy = pre.instantiate(&mut *s)?;
+                        let view = lend(s, prepared)?;
+                        policy.call_decide_locks(s, view)
+                    })?
+                    .map_err(|msg| self.refused(&what, msg))?;
+                convert::since_v0_2::locks_from_wit(index, answer)
+            }
+        };
+        locks.map_err(|e| self.malformed(&what, e))
     }
 
     /// The snapshots the policy would prune, validated.
-    pub fn plan_retention(&self, prepared: &PreparedView<'_>) -> Result<Vec<PruneProposal>> {
-        let view = prepared.view;
+    pub fn plan_retention(&self, prepared: &PreparedView) -> Result<Vec<PruneProposal>> {
+        let view = prepared.view();
         let what = format!("plan-retention ({})", view.phase);
-        let answer = self
-            .call(&what, view.now_unix_ms, |p, s| {
-                p.call_plan_retention(s, &prepared.wit)
-            })?
-            .map_err(|msg| self.refused(&what, msg))?;
-        convert::prunes_from_wit(view, answer).map_err(|e| self.malformed(&what, e))
+        let index = &prepared.index;
+        let prunes = match &self.pre {
+            PolicyPre::V0_1(pre) => {
+                let wit = prepared.v01();
+                let answer = self
+                    .call(&what, view.now_unix_ms, |s| {
+                        pre.instantiate(&mut *s)?.call_plan_retention(s, wit)
+                    })?
+                    .map_err(|msg| self.refused(&what, msg))?;
+                convert::since_v0_1::prunes_from_wit(index, answer)
+            }
+            PolicyPre::V0_2(pre) => {
+                let answer = self
+                    .call(&what, view.now_unix_ms, |s| {
+                        let policy = pre.instantiate(&mut *s)?;
+                        let view = lend(s, prepared)?;
+                        policy.call_plan_retention(s, view)
+                    })?
+                    .map_err(|msg| self.refused(&what, msg))?;
+                convert::since_v0_2::prunes_from_wit(index, answer)
+            }
+        };
+        prunes.map_err(|e| self.malformed(&what, e))
     }
 
     fn refused(&self, what: &str, msg: String) -> Error {
@@ -447,12 +672,13 @@ impl WasmPolicy<'_> {
         ))
     }
 
-    /// Runs one call in a fresh store with the deadline and memory cap.
+    /// Runs one call in a fresh store with the deadline and memory cap: `f` instantiates the
+    /// component in the store and calls it.
     fn call<T>(
         &self,
         what: &str,
         now_unix_ms: u64,
-        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<T>,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T> {
         // Synchronous WASI drives its I/O (a policy's stderr) with the ambient tokio runtime's
         // `block_on`, which must not run on an async worker thread: step aside first.
@@ -468,7 +694,7 @@ impl WasmPolicy<'_> {
         &self,
         what: &str,
         now_unix_ms: u64,
-        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<T>,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T> {
         let stderr = MemoryOutputPipe::new(STDERR_BYTES);
         let clock = Duration::from_millis(now_unix_ms);
@@ -500,10 +726,7 @@ impl WasmPolicy<'_> {
         store.limiter(|s| &mut s.limits);
         let ticks = (self.limits.timeout_ms / TICK.as_millis() as u64).max(1);
         store.set_epoch_deadline(ticks);
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| f(&p, &mut store));
+        let result = f(&mut store);
         let captured = stderr.contents();
         if !captured.is_empty() {
             let text = String::from_utf8_lossy(&captured);

@@ -17,7 +17,7 @@ pub enum PolicyCommand {
     /// Register a policy component for one or more volumes.
     Add {
         name: String,
-        /// The component (.wasm) built for wasm32-wasip2 against wit/policy.wit.
+        /// The component (.wasm) built for wasm32-wasip2 against wit/since_v0.2.0 (or 0.1.0).
         #[arg(long)]
         wasm: PathBuf,
         /// A volume the policy decides for; repeatable.

@@ -146,7 +146,7 @@ impl<'n> Policies<'n> {
             name: name.to_string(),
             component: hash,
             component_bytes: wasm.len() as u64,
-            world: format!("holdfast:policy@{}", super::WORLD_VERSION),
+            world: policy.world().world(),
             volumes,
             config,
             limits,
@@ -385,8 +385,7 @@ pub fn decide_locks(
     apply: bool,
 ) -> Result<Vec<LockDecision>> {
     let policies = Policies::new(node);
-    let view = view(node, volume, phase)?;
-    let prepared = view.prepare();
+    let prepared = view(node, volume, phase)?.prepare();
     let mut out = Vec::new();
     for rec in policies.for_volume(volume)? {
         let ask = match asked {
@@ -478,8 +477,7 @@ pub fn plan_retention(
     if recs.is_empty() {
         return Ok(None);
     }
-    let view = view(node, volume, Phase::Retention)?;
-    let prepared = view.prepare();
+    let prepared = view(node, volume, Phase::Retention)?.prepare();
     let mut proposals = BTreeMap::new();
     for rec in &recs {
         let r = policies

@@ -4,23 +4,18 @@
 //!
 //! Config: `label=KEY:VALUE` (e.g. `backup:pending`) and/or `name-prefix=PREFIX`;
 //! `owner=NAME` (default `backup-app`) is the lock's value.
+//!
+//! Built against holdfast:policy@0.2.0: the host does the matching, so only the matching
+//! snapshots' ids cross into the policy.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.2.0" });
+
+use std::collections::BTreeSet;
 
 use holdfast::policy::config;
-use holdfast::policy::types::{LockType, Phase, Snapshot};
+use holdfast::policy::types::{LockType, Phase};
 
 struct AppHold;
-
-fn matches(s: &Snapshot, label: &Option<(String, String)>, prefix: &Option<String>) -> bool {
-    let by_label = label
-        .as_ref()
-        .is_some_and(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v));
-    let by_name = prefix
-        .as_ref()
-        .is_some_and(|p| s.name.starts_with(p.as_str()));
-    by_label || by_name
-}
 
 impl Guest for AppHold {
     fn describe() -> Description {
@@ -35,7 +30,7 @@ impl Guest for AppHold {
         }
     }
 
-    fn decide_locks(view: NodeView) -> Result<Vec<LockRequest>, String> {
+    fn decide_locks(view: &NodeView) -> Result<Vec<LockRequest>, String> {
         let label = match config::get("label") {
             None => None,
             Some(l) => Some(
@@ -49,19 +44,30 @@ impl Guest for AppHold {
             return Err("configure label=KEY:VALUE and/or name-prefix=PREFIX".into());
         }
         let owner = config::get("owner").unwrap_or_else(|| "backup-app".into());
-        Ok(view
-            .local_snapshots
-            .iter()
-            .filter(|s| matches(s, &label, &prefix))
-            .map(|s| LockRequest {
-                snapshot_id: s.id.clone(),
+        // A snapshot matching both the label and the prefix is locked once; ids sort oldest
+        // first, as the view lists them.
+        let mut matched = BTreeSet::new();
+        if let Some((key, value)) = &label {
+            matched.extend(
+                view.snapshots_with_label(key, Some(value))
+                    .iter()
+                    .map(|s| s.id),
+            );
+        }
+        if let Some(prefix) = &prefix {
+            matched.extend(view.snapshots_with_name_prefix(prefix).iter().map(|s| s.id));
+        }
+        Ok(matched
+            .into_iter()
+            .map(|id| LockRequest {
+                snapshot: id,
                 lock_type: LockType::Application,
                 value: owner.clone(),
             })
             .collect())
     }
 
-    fn plan_retention(_view: NodeView) -> Result<Vec<PruneProposal>, String> {
+    fn plan_retention(_view: &NodeView) -> Result<Vec<PruneProposal>, String> {
         // It holds, it never prunes; it is not a retention policy (no retention phase in
         // `describe`), so this is never asked. The host refreshes every policy's locks
         // before it prunes anyway.

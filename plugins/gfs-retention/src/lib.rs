@@ -6,8 +6,11 @@
 //! Everything not kept is proposed for pruning; the host still never prunes a locked one.
 //!
 //! Config (all optional, default 0): keep-last, hourly, daily, weekly, monthly, yearly.
+//!
+//! Built against holdfast:policy@0.2.0: it asks the view for the local snapshots as
+//! fixed-size records (id and creation time), nothing else.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.2.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::types::Phase;
@@ -64,11 +67,11 @@ impl Guest for Gfs {
         }
     }
 
-    fn decide_locks(_view: NodeView) -> Result<Vec<LockRequest>, String> {
+    fn decide_locks(_view: &NodeView) -> Result<Vec<LockRequest>, String> {
         Ok(Vec::new())
     }
 
-    fn plan_retention(view: NodeView) -> Result<Vec<PruneProposal>, String> {
+    fn plan_retention(view: &NodeView) -> Result<Vec<PruneProposal>, String> {
         let keep_last = count("keep-last")?;
         let rules = [
             ("hourly", count("hourly")?),
@@ -84,15 +87,15 @@ impl Guest for Gfs {
             );
         }
         // Newest first.
-        let mut snaps: Vec<_> = view.local_snapshots.iter().collect();
+        let mut snaps = view.local_snapshots();
         snaps.sort_by(|a, b| {
             b.created_unix_ms
                 .cmp(&a.created_unix_ms)
                 .then(b.id.cmp(&a.id))
         });
-        let mut keep: Vec<Option<String>> = vec![None; snaps.len()];
+        let mut keep: Vec<Option<&str>> = vec![None; snaps.len()];
         for k in keep.iter_mut().take(keep_last) {
-            *k = Some("keep-last".into());
+            *k = Some("keep-last");
         }
         for (rule, n) in rules {
             if n == 0 {
@@ -107,7 +110,7 @@ impl Guest for Gfs {
                     continue;
                 }
                 if kept < n && covered.insert(p) {
-                    keep[i] = Some(rule.into());
+                    keep[i] = Some(rule);
                     kept += 1;
                 }
             }
@@ -125,7 +128,7 @@ impl Guest for Gfs {
             .zip(keep)
             .filter(|(_, k)| k.is_none())
             .map(|(s, _)| PruneProposal {
-                snapshot_id: s.id.clone(),
+                snapshot: s.id,
                 reason: summary.clone(),
             })
             .collect())

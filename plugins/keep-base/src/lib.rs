@@ -2,8 +2,11 @@
 //! so every downstream's next transfer stays incremental.
 //!
 //! Config: `n` (default 1): how many common snapshots to keep per downstream.
+//!
+//! Built against holdfast:policy@0.2.0: it asks the view only for the downstreams and what
+//! they share with this node (a few numbers per downstream), never for the whole snapshot list.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit" });
+wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.2.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::log::{Level, log};
@@ -25,27 +28,21 @@ impl Guest for KeepBase {
         }
     }
 
-    fn decide_locks(view: NodeView) -> Result<Vec<LockRequest>, String> {
+    fn decide_locks(view: &NodeView) -> Result<Vec<LockRequest>, String> {
         let n: usize = match config::get("n") {
             None => 1,
             Some(v) => v
                 .parse()
                 .map_err(|_| format!("config n={v:?} is not a number"))?,
         };
-        let local: std::collections::HashSet<&str> =
-            view.local_snapshots.iter().map(|s| s.id.as_str()).collect();
+        let downstreams = view.downstreams();
         let mut out = Vec::new();
-        for d in &view.downstreams {
-            // Ids sort by creation time: the newest common ones are at the end.
-            let mut common: Vec<&String> = d
-                .common_snapshot_ids
-                .iter()
-                .filter(|id| local.contains(id.as_str()))
-                .collect();
-            common.sort();
-            for id in common.iter().rev().take(n) {
+        for d in &downstreams {
+            // The host lists only snapshots this node has, oldest first: the newest common
+            // ones are at the end.
+            for id in d.common.iter().rev().take(n) {
                 out.push(LockRequest {
-                    snapshot_id: (*id).clone(),
+                    snapshot: *id,
                     lock_type: LockType::DestinationPath,
                     value: d.holder.clone(),
                 });
@@ -56,13 +53,13 @@ impl Guest for KeepBase {
             &format!(
                 "keeping {} base(s) for {} downstream(s)",
                 out.len(),
-                view.downstreams.len()
+                downstreams.len()
             ),
         );
         Ok(out)
     }
 
-    fn plan_retention(_view: NodeView) -> Result<Vec<PruneProposal>, String> {
+    fn plan_retention(_view: &NodeView) -> Result<Vec<PruneProposal>, String> {
         // Not a retention policy (its phases do not include retention): no opinion.
         Ok(Vec::new())
     }

@@ -1,5 +1,7 @@
-//! WebAssembly policies end to end: the three shipped policies through the CLI, and
-//! misbehaving components that must fail cleanly while the host and its data stay intact.
+//! WebAssembly policies end to end: the three shipped policies (holdfast:policy@0.2.0) through
+//! the CLI, a component built against 0.1.0 that must keep working beside them, and
+//! misbehaving components of either version that must fail cleanly while the host and its
+//! data stay intact.
 
 use holdfast_tests::{TestNode, mixed_bytes, plugin};
 use serde_json::Value;
@@ -28,6 +30,10 @@ fn names(n: &TestNode) -> Vec<String> {
 }
 
 fn add(n: &TestNode, name: &str, component: &str, config: &[&str]) {
+    add_with(n, name, component, config, &[]);
+}
+
+fn add_with(n: &TestNode, name: &str, component: &str, config: &[&str], more: &[&str]) {
     let wasm = plugin(component);
     let mut args = vec![
         "policy",
@@ -41,6 +47,7 @@ fn add(n: &TestNode, name: &str, component: &str, config: &[&str]) {
     for c in config {
         args.extend(["--config", c]);
     }
+    args.extend(more);
     n.ok(&args);
 }
 
@@ -113,6 +120,21 @@ fn app_hold_locks_labelled_snapshots_until_they_are_relabelled() {
     assert_eq!(l[0]["type"], "application");
     assert_eq!(l[0]["snapshot"], id_of(&n, "fresh").as_str());
     n.fails(&["snapshot", "delete", "v@fresh"], 5);
+    // Matched by its name and by its label at once (the host does the matching), a snapshot
+    // is asked for once.
+    add(
+        &n,
+        "byname",
+        "app_hold",
+        &["label=backup:pending", "name-prefix=fre"],
+    );
+    let t = n
+        .run(&["policy", "test", "byname", "--volume", "v", "--json"])
+        .json();
+    let asked = t["locks"][0]["locks"].as_array().unwrap();
+    assert_eq!(asked.len(), 1, "{t}");
+    assert_eq!(asked[0][0], id_of(&n, "fresh").as_str());
+    n.ok(&["policy", "remove", "byname"]);
     n.ok(&["snapshot", "label", "v@fresh", "backup=done"]);
     assert!(locks_of(&n, "app:policy.hold").is_empty());
     n.ok(&["snapshot", "delete", "v@fresh"]);
@@ -152,10 +174,70 @@ fn keep_base_locks_the_newest_common_snapshot_of_each_downstream() {
 }
 
 #[test]
+fn a_0_1_component_still_registers_and_decides_like_its_0_2_successor() {
+    // keep-base as built against holdfast:policy@0.1.0 registers as a 0.1 policy beside the
+    // 0.2 keep-base and, over the same view, asks for the same locks; both are applied.
+    let n = node(4, |_| None);
+    let ids: Vec<String> = (0..4).map(|i| id_of(&n, &format!("s{i}"))).collect();
+    for (holder, has) in [("nodeB/v", &ids[..3]), ("nodeC/v", &ids[1..2])] {
+        let set = serde_json::json!({"volume": "v", "holder": holder, "generation": 1,
+            "locks": has.iter().map(|id| serde_json::json!({"snapshot": id, "type": "destination-path", "value": format!("{holder}:/pool")})).collect::<Vec<_>>()});
+        let f = n.path("set.json");
+        std::fs::write(&f, serde_json::to_vec(&set).unwrap()).unwrap();
+        n.ok(&["lock", "replace-set", f.to_str().unwrap()]);
+    }
+    add(&n, "old", "keep_base_v01", &["n=2"]);
+    add(&n, "new", "keep_base", &["n=2"]);
+    let listed = n.run(&["policy", "list", "--json"]).json();
+    let world = |name: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["world"].clone())
+            .unwrap()
+    };
+    assert_eq!(world("old"), "holdfast:policy@0.1.0", "{listed}");
+    assert_eq!(world("new"), "holdfast:policy@0.2.0", "{listed}");
+    let decided = |name: &str| {
+        let t = n
+            .run(&["policy", "test", name, "--volume", "v", "--json"])
+            .json();
+        assert!(t["locks"][0]["error"].is_null(), "{t}");
+        t["locks"][0]["locks"].clone()
+    };
+    let old = decided("old");
+    // nodeB's two newest common snapshots, nodeC's only one.
+    let want = serde_json::json!([
+        [ids[2], "destination-path", "nodeB/v"],
+        [ids[1], "destination-path", "nodeB/v"],
+        [ids[1], "destination-path", "nodeC/v"],
+    ]);
+    assert_eq!(old, want);
+    assert_eq!(decided("new"), old);
+    // A snapshot applies every policy's locks: the 0.1 one's are held like the 0.2 one's.
+    std::fs::write(n.path("v.img"), mixed_bytes(100_000, 77)).unwrap();
+    n.ok(&["snapshot", "create", "v", "--name", "s4"]);
+    let held = |holder: &str| {
+        let mut l: Vec<String> = locks_of(&n, holder)
+            .iter()
+            .map(|l| format!("{} {}", l["snapshot"], l["value"]))
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(held("app:policy.old").len(), 3);
+    assert_eq!(held("app:policy.old"), held("app:policy.new"));
+}
+
+#[test]
 fn misbehaving_components_fail_cleanly_and_change_nothing() {
-    // Infinite loop, 1 GiB allocation, trap, a lock on a snapshot that does not exist and a
-    // refusal: each is an error naming the policy and the call; the previous locks and every
-    // snapshot stay; failures are counted; the host keeps working.
+    // Infinite loop, 1 GiB allocation, trap, a lock on a snapshot that does not exist, a
+    // refusal, a 10 MB value, and (0.2) more locks than a set holds and a loop of questions to
+    // the view: each is an error naming the policy and the call; the previous locks and every
+    // snapshot stay; failures are counted; the host keeps working. The same for a 0.1 and a
+    // 0.2 component.
     let n = node(3, |_| None);
     let cases = [
         ("loop", "ran past its deadline of 100 ms"),
@@ -164,10 +246,25 @@ fn misbehaving_components_fail_cleanly_and_change_nothing() {
         ("ghost", "does not exist on this node"),
         ("refuse", "refuses on purpose"),
         ("huge-value", "the limit is 1024"),
+        ("flood", "the limit is 100000"),
+        ("greedy", "ran past its deadline of 100 ms"),
     ];
-    for (mode, needle) in cases {
+    let components = ["hostile", "hostile_v01"];
+    for (component, (mode, needle)) in components
+        .iter()
+        .flat_map(|c| cases.iter().map(move |case| (*c, *case)))
+    {
+        if component == "hostile_v01" && matches!(mode, "flood" | "greedy") {
+            continue; // 0.2 modes
+        }
         let name = format!("h-{mode}");
-        add(&n, &name, "hostile", &[&format!("mode={mode}")]);
+        // Taking in 100,001 requests takes an unoptimised test build of the host longer than
+        // the default deadline: the flood must be refused for its size, not its time.
+        let more: &[&str] = match mode {
+            "flood" => &["--timeout", "10s"],
+            _ => &[],
+        };
+        add_with(&n, &name, component, &[&format!("mode={mode}")], more);
         let before = n.fingerprint();
         let t = n.run(&[
             "policy",
@@ -179,15 +276,19 @@ fn misbehaving_components_fail_cleanly_and_change_nothing() {
             "snapshot-created",
         ]);
         assert_eq!(t.code, 0, "{}", t.stderr);
-        assert!(t.stdout.contains(needle), "{mode}: {}", t.stdout);
+        assert!(
+            t.stdout.contains(needle),
+            "{component} {mode}: {}",
+            t.stdout
+        );
         assert!(
             t.stdout.contains(&format!("policy {name}")),
-            "{mode}: {}",
+            "{component} {mode}: {}",
             t.stdout
         );
         // As retention policies they make prune fail closed: nothing is pruned. (huge-value
-        // only misbehaves in its lock decision and proposes no prune.)
-        if mode == "huge-value" {
+        // and flood only misbehave in their lock decisions and propose no prune.)
+        if matches!(mode, "huge-value" | "flood") {
             let r = n.run(&["prune", "v"]);
             assert_eq!(r.code, 0, "{}", r.stderr);
             assert!(
@@ -197,15 +298,22 @@ fn misbehaving_components_fail_cleanly_and_change_nothing() {
             );
         } else {
             let err = n.fails(&["prune", "v"], 8);
-            assert!(err.contains("nothing was pruned"), "{mode}: {err}");
+            assert!(
+                err.contains("nothing was pruned"),
+                "{component} {mode}: {err}"
+            );
         }
-        assert_eq!(before, n.fingerprint(), "{mode} changed something");
+        assert_eq!(
+            before,
+            n.fingerprint(),
+            "{component} {mode} changed something"
+        );
         let shown = n.run(&["policy", "show", &name, "--json"]).json();
         assert!(shown["failures"]["count"].as_u64().unwrap() >= 1, "{shown}");
         n.ok(&["policy", "remove", &name]);
     }
-    // A policy that proposes everything prunes only what no lock holds.
-    add(&n, "all", "hostile", &["mode=prune-all"]);
+    // A policy that proposes everything prunes only what no lock holds, whatever its
+    // version.
     n.ok(&[
         "lock",
         "add",
@@ -217,8 +325,14 @@ fn misbehaving_components_fail_cleanly_and_change_nothing() {
         "--holder",
         "app:x",
     ]);
-    n.ok(&["prune", "v"]);
-    assert_eq!(names(&n), ["s1"]);
+    for (i, component) in components.into_iter().enumerate() {
+        std::fs::write(n.path("v.img"), mixed_bytes(100_000, 500 + i as u64)).unwrap();
+        n.ok(&["snapshot", "create", "v", "--name", &format!("x{i}")]);
+        add(&n, "all", component, &["mode=prune-all"]);
+        n.ok(&["prune", "v"]);
+        assert_eq!(names(&n), ["s1"], "{component}");
+        n.ok(&["policy", "remove", "all"]);
+    }
     n.ok(&["verify"]);
 }
 
@@ -237,7 +351,7 @@ fn components_that_are_not_policies_are_refused_at_registration() {
     let cases = [
         (
             wrong.as_path(),
-            "does not export the holdfast:policy@0.1.0 world",
+            "does not export a holdfast:policy world this host implements",
         ),
         (truncated.as_path(), "not a valid component"),
         (core.as_path(), "core WebAssembly module, not a component"),

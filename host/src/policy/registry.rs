@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{Description, Limits, NodeView, Phase, PolicyEngine, PruneProposal, WasmPolicy};
 use crate::error::{Error, Result};
 use crate::id::{SnapshotId, VolumeName, validate_name, validate_text};
-use crate::softlock::{HolderId, LockSetUpdate, NewLock};
+use crate::softlock::{HolderId, NewLock};
 use crate::state::{Node, write_atomic};
 
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
@@ -402,19 +402,10 @@ pub fn decide_locks(
         match result {
             Ok(locks) => {
                 if apply {
-                    let holder = rec.holder();
-                    let generation = node
-                        .catalog
-                        .locks()
-                        .sets(Some(volume))?
-                        .iter()
-                        .find(|s| s.holder == holder)
-                        .map_or(0, |s| s.generation);
-                    node.catalog.locks().replace_set(LockSetUpdate {
-                        volume: volume.clone(),
-                        holder,
-                        generation: generation + 1,
-                        locks: locks
+                    node.catalog.locks().replace_own_set(
+                        volume,
+                        rec.holder(),
+                        locks
                             .iter()
                             .map(|(snapshot, lock_type, value)| NewLock {
                                 snapshot: *snapshot,
@@ -424,7 +415,7 @@ pub fn decide_locks(
                                 path: vec![],
                             })
                             .collect(),
-                    })?;
+                    )?;
                 }
                 out.push(LockDecision {
                     policy: rec.name.clone(),

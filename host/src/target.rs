@@ -30,6 +30,8 @@ use crate::softlock::{HolderId, LockType, NewLock};
 use crate::state::Node;
 
 const TARGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("targets");
+/// (target name, pack id) → that pack's index as stored in the target (see [`load_index`]).
+const TARGET_INDEX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("target-index");
 /// Chunks read and written per batch.
 const BATCH: usize = 256;
 /// How long a push or gc lease lasts without being released.
@@ -47,7 +49,91 @@ pub struct TargetRecord {
     /// Allow a plain-HTTP endpoint (never implied).
     #[serde(default)]
     pub allow_http: bool,
+    /// A profile of an AWS shared credentials file (`--profile`); its keys are read when the
+    /// target is opened, never stored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// That file (`--credentials-file`); else `AWS_SHARED_CREDENTIALS_FILE` or
+    /// `~/.aws/credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
     pub added_unix_ms: u64,
+}
+
+/// Keys read from an AWS shared credentials file.
+struct ProfileKeys {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+/// Where a target's keys come from, in order: the target's own `--profile` /
+/// `--credentials-file`; else `AWS_ACCESS_KEY_ID` and friends (left to `object_store`); else
+/// the profile `AWS_PROFILE` (or `default`) of the shared credentials file, if that file
+/// exists; else instance credentials (`object_store` again).
+fn profile_keys(rec: &TargetRecord) -> Result<Option<ProfileKeys>> {
+    let explicit = rec.profile.is_some() || rec.credentials_file.is_some();
+    if !explicit && std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        return Ok(None);
+    }
+    let file = match (
+        &rec.credentials_file,
+        std::env::var_os("AWS_SHARED_CREDENTIALS_FILE"),
+    ) {
+        (Some(f), _) => f.clone(),
+        (None, Some(f)) => PathBuf::from(f),
+        (None, None) => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".aws/credentials"),
+            None => return Ok(None),
+        },
+    };
+    let profile = rec
+        .profile
+        .clone()
+        .or_else(|| std::env::var("AWS_PROFILE").ok())
+        .unwrap_or_else(|| "default".into());
+    let asked = explicit || std::env::var_os("AWS_PROFILE").is_some();
+    let ini = match ini::Ini::load_from_file(&file) {
+        Ok(i) => i,
+        Err(ini::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && !asked => {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "target {}: cannot read the credentials file {}: {e}",
+                rec.name,
+                file.display()
+            )));
+        }
+    };
+    let Some(sec) = ini.section(Some(profile.as_str())) else {
+        if asked {
+            return Err(Error::invalid(format!(
+                "target {}: no profile [{profile}] in {}",
+                rec.name,
+                file.display()
+            )));
+        }
+        return Ok(None);
+    };
+    let get = |k: &str| {
+        sec.get(k)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        (Some(access_key_id), Some(secret_access_key)) => Ok(Some(ProfileKeys {
+            access_key_id,
+            secret_access_key,
+            session_token: get("aws_session_token"),
+        })),
+        _ => Err(Error::invalid(format!(
+            "target {}: profile [{profile}] in {} lacks aws_access_key_id or aws_secret_access_key",
+            rec.name,
+            file.display()
+        ))),
+    }
 }
 
 /// Where a target's objects live.
@@ -140,10 +226,19 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
             if let Some(e) = &rec.endpoint {
                 b = b.with_endpoint(e);
             }
+            if let Some(k) = profile_keys(rec)? {
+                b = b
+                    .with_access_key_id(k.access_key_id)
+                    .with_secret_access_key(k.secret_access_key);
+                if let Some(t) = k.session_token {
+                    b = b.with_token(t);
+                }
+            }
             let s3 = b.build().map_err(|e| {
                 Error::invalid(format!(
-                    "target {}: {e} (credentials come from AWS_ACCESS_KEY_ID / \
-                     AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN)",
+                    "target {}: {e} (credentials come from --profile / --credentials-file, \
+                     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, or \
+                     AWS_PROFILE in ~/.aws/credentials)",
                     rec.name
                 ))
             })?;
@@ -152,7 +247,16 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
             } else {
                 Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()))
             };
-            Ok(Repository::from_store(store, rec.url.clone()))
+            let mut repo = Repository::from_store(store, rec.url.clone());
+            if let Ok(t) = std::env::var("HOLDFAST_TARGET_MULTIPART_THRESHOLD") {
+                let bytes: bytesize::ByteSize = t.parse().map_err(|e| {
+                    Error::invalid(format!(
+                        "HOLDFAST_TARGET_MULTIPART_THRESHOLD={t:?}: {e} (say 8MiB)"
+                    ))
+                })?;
+                repo = repo.with_multipart_threshold(bytes.as_u64() as usize);
+            }
+            Ok(repo)
         }
     }
 }
@@ -219,6 +323,17 @@ impl<'n> Targets<'n> {
                 )));
             }
         }
+        if let Some(p) = &rec.profile {
+            validate_name("credentials profile", p)?;
+        }
+        if matches!(parse_url(&rec.url)?, TargetUrl::File(_))
+            && (rec.profile.is_some() || rec.credentials_file.is_some() || rec.endpoint.is_some())
+        {
+            return Err(Error::invalid(format!(
+                "target {}: --endpoint, --profile and --credentials-file are for s3:// targets",
+                rec.name
+            )));
+        }
         if self.list()?.iter().any(|t| t.name == rec.name) {
             return Err(Error::conflict(format!(
                 "a target named {} exists; remove it first or choose another name",
@@ -244,6 +359,8 @@ impl<'n> Targets<'n> {
         {
             let mut t = tx.open_table(TARGETS)?;
             t.remove(name)?;
+            let mut cache = tx.open_table(TARGET_INDEX)?;
+            cache.retain(|(target, _), _| target != name)?;
         }
         tx.commit()?;
         Ok(rec)
@@ -354,6 +471,65 @@ pub async fn resolve(repo: &Repository, r: &crate::id::SnapshotRef) -> Result<Sn
         .map(|(s, _)| s)
         .collect();
     crate::catalog::resolve_in(&snaps, r)
+}
+
+/// The target's chunk index, reading only the pack indexes this node has not read before:
+/// one LIST per 1,000 packs, then one GET per pack new since the last push or pull, so an
+/// incremental push costs requests in proportion to the change, not to the target's size.
+/// The cache lives in the node's catalog; what is no longer listed is dropped from it.
+pub async fn load_index(
+    node: &Node,
+    rec: &TargetRecord,
+    repo: &Repository,
+) -> Result<(ChunkIndex, Vec<String>)> {
+    let mut known = HashMap::new();
+    {
+        let tx = node.catalog.db().begin_read()?;
+        match tx.open_table(TARGET_INDEX) {
+            Ok(t) => {
+                for row in t.range((rec.name.as_str(), "")..)? {
+                    let (k, v) = row?;
+                    let (target, pack) = k.value();
+                    if target != rec.name {
+                        break;
+                    }
+                    // A cache entry that does not decode is only read again from the target.
+                    if let (Ok(id), Ok(pi)) = (
+                        pack.parse(),
+                        crate::repo::pack::PackIndex::decode(v.value(), "cached index"),
+                    ) {
+                        known.insert(id, pi);
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let before: HashSet<crate::id::PackId> = known.keys().copied().collect();
+    let (index, problems, fresh) = repo.load_index_known(known).await?;
+    let gone: Vec<String> = before
+        .iter()
+        .filter(|id| !index.packs.contains_key(id))
+        .map(|id| id.to_string())
+        .collect();
+    if !fresh.is_empty() || !gone.is_empty() {
+        let tx = node.catalog.db().begin_write()?;
+        {
+            let mut t = tx.open_table(TARGET_INDEX)?;
+            for pi in &fresh {
+                t.insert(
+                    (rec.name.as_str(), pi.pack.to_string().as_str()),
+                    pi.encode()?.as_slice(),
+                )?;
+            }
+            for id in &gone {
+                t.remove((rec.name.as_str(), id.as_str()))?;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok((index, problems))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -575,11 +751,20 @@ pub async fn lease_gc(repo: &Repository, me: &NodeId) -> Result<LeaseGuard> {
 // ---------------------------------------------------------------------------------------
 // Moving chunks.
 
+/// How many sealed packs upload at once while the next one fills.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
 /// Verified chunks go into packs of `repo`; each pack is durable before it is indexed.
+/// Sealed packs upload in the background (up to [`UPLOADS_IN_FLIGHT`]) while the next one
+/// fills; [`PackSink::seal`] returns only when every pack so far is durable, so a manifest
+/// written after it never names a chunk that is not stored.
 pub struct PackSink<'a> {
     repo: &'a Repository,
     index: &'a mut ChunkIndex,
     builder: crate::repo::pack::PackBuilder,
+    /// Chunks in packs that are uploading (not yet in `index`).
+    pending: HashSet<ChunkId>,
+    uploads: tokio::task::JoinSet<Result<crate::repo::pack::PackIndex>>,
     pub stats: SnapshotStats,
 }
 
@@ -589,12 +774,14 @@ impl<'a> PackSink<'a> {
             repo,
             index,
             builder: Default::default(),
+            pending: HashSet::new(),
+            uploads: tokio::task::JoinSet::new(),
             stats: Default::default(),
         }
     }
 
     pub fn has(&self, id: &ChunkId) -> bool {
-        self.index.contains(id)
+        self.index.contains(id) || self.pending.contains(id)
     }
 
     /// Adds a chunk that was verified against its id.
@@ -609,23 +796,54 @@ impl<'a> PackSink<'a> {
         self.stats.new_bytes += raw_len as u64;
         self.stats.new_stored_bytes += stored.len() as u64;
         self.builder.add(id, encoding, stored, raw_len);
+        self.pending.insert(id);
         if self.builder.is_full() {
-            self.seal().await?;
+            self.start_upload().await?;
         }
         Ok(())
     }
 
-    /// Makes everything added so far durable and indexed.
-    pub async fn seal(&mut self) -> Result<()> {
+    /// Seals the pack being filled and starts its upload, first waiting for a slot.
+    async fn start_upload(&mut self) -> Result<()> {
         if self.builder.is_empty() {
             return Ok(());
         }
+        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+            self.finish_one().await?;
+        }
         let b = std::mem::take(&mut self.builder);
-        let pack = tokio::task::spawn_blocking(move || b.finish())
-            .await
-            .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
-        self.repo.put_pack(&pack).await?;
-        self.index.insert(pack.index);
+        let repo = self.repo.clone();
+        self.uploads.spawn(async move {
+            let pack = tokio::task::spawn_blocking(move || b.finish())
+                .await
+                .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
+            repo.put_pack(&pack).await?;
+            Ok(pack.index)
+        });
+        Ok(())
+    }
+
+    /// Waits for one upload; its chunks become indexed.
+    async fn finish_one(&mut self) -> Result<()> {
+        let Some(done) = self.uploads.join_next().await else {
+            return Ok(());
+        };
+        let pi = done.map_err(|e| Error::internal(format!("pack upload failed: {e}")))??;
+        for e in &pi.entries {
+            self.pending.remove(&e.id);
+        }
+        self.index.insert(pi);
+        Ok(())
+    }
+
+    /// Makes everything added so far durable and indexed. On an error the other uploads
+    /// are stopped (dropping the set aborts them; a multipart upload left behind is
+    /// invisible and named by its content).
+    pub async fn seal(&mut self) -> Result<()> {
+        self.start_upload().await?;
+        while !self.uploads.is_empty() {
+            self.finish_one().await?;
+        }
         Ok(())
     }
 }
@@ -791,7 +1009,7 @@ async fn push_leased(
     if !wanted.is_empty() {
         let _repo_lock = node.lock_repo_shared()?;
         let (local_index, _) = node.repo.load_index().await?;
-        let (mut target_index, problems) = repo.load_index().await?;
+        let (mut target_index, problems) = load_index(node, rec, repo).await?;
         for p in problems {
             tracing::warn!("{p}; its chunks will be pushed again");
         }
@@ -880,7 +1098,7 @@ pub async fn pull(
     };
     if !wanted.is_empty() {
         let _repo_lock = node.lock_repo_shared()?;
-        let (target_index, _) = repo.load_index().await?;
+        let (target_index, _) = load_index(node, rec, &repo).await?;
         let (mut local_index, _) = node.repo.load_index().await?;
         for (s, raw) in wanted {
             let m = Manifest::decode(raw, &s.display_ref())?;

@@ -23,6 +23,13 @@ pub enum TargetCommand {
         /// Allow a plain-HTTP endpoint (a local test server); never implied.
         #[arg(long)]
         allow_http: bool,
+        /// Take the keys from this profile of an AWS shared credentials file (read each time
+        /// the target is used; the keys are never stored or printed).
+        #[arg(long)]
+        profile: Option<String>,
+        /// That file (default: AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials).
+        #[arg(long)]
+        credentials_file: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -52,8 +59,14 @@ impl TargetCommand {
                 endpoint,
                 region,
                 allow_http,
+                profile,
+                credentials_file,
                 json,
             } => {
+                let credentials_file = credentials_file
+                    .map(|f| std::path::absolute(&f))
+                    .transpose()
+                    .map_err(|e| holdfast::Error::io("resolving --credentials-file", e))?;
                 let r = targets
                     .add(TargetRecord {
                         name,
@@ -61,6 +74,8 @@ impl TargetCommand {
                         endpoint,
                         region,
                         allow_http,
+                        profile,
+                        credentials_file,
                         added_unix_ms: holdfast::now_unix_ms(),
                     })
                     .await?;

@@ -207,8 +207,10 @@ fn interrupted_push_resumes() {
     a.snapshot("vm1", "s1");
 
     let mut watcher = s3.freeze_when_key_appears("holdfast-resume", "backups/index/");
+    // Packs of 16 MiB go up as multipart uploads here, so one is cut off mid-way.
     let mut child = a
         .cmd(&["mirror", "push", "vm1", "--target", "bucket"])
+        .env("HOLDFAST_TARGET_MULTIPART_THRESHOLD", "8MiB")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -572,4 +574,115 @@ fn the_bucket_example_runs() {
     assert_eq!(last["ok"], true);
     assert_eq!(last["volume_bytes"], 8 << 20);
     assert!(u(&last["incremental_stored_bytes"]) < 1 << 20, "{last}");
+}
+
+/// Keys can come from a profile of an AWS credentials file, read when the target is used and
+/// never stored or printed; a missing profile or wrong keys are clear errors that record nothing.
+#[test]
+fn credentials_come_from_a_profile() {
+    let s3 = S3Server::start();
+    s3.create_bucket("holdfast-profile");
+    let mut n = TestNode::new();
+    n.env = s3
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "AWS_ACCESS_KEY_ID" && k != "AWS_SECRET_ACCESS_KEY")
+        .collect();
+    let home = n.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    n.env.push(("HOME".into(), home.to_str().unwrap().into()));
+    let creds = n.path("credentials");
+    std::fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+             [backup]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            s3.access_key, s3.secret_key
+        ),
+    )
+    .unwrap();
+    let img = n.image("vm1.img", &mixed_bytes(MIB, 30));
+    n.add_volume("vm1", &img, "64KiB");
+    n.snapshot("vm1", "s1");
+    let endpoint = s3.endpoint();
+    let add = |extra: &[&str]| {
+        let mut args = vec![
+            "target",
+            "add",
+            "bucket",
+            "--url",
+            "s3://holdfast-profile/p",
+            "--endpoint",
+            &endpoint,
+            "--allow-http",
+        ];
+        args.extend_from_slice(extra);
+        n.run(&args)
+    };
+    let creds_arg = creds.to_str().unwrap();
+
+    let r = add(&["--profile", "nosuch", "--credentials-file", creds_arg]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no profile [nosuch]"), "{}", r.stderr);
+    let r = add(&["--credentials-file", creds_arg]); // [default] holds wrong keys
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains(&s3.secret_key));
+    assert_eq!(
+        n.run(&["target", "list", "--json"]).json(),
+        serde_json::json!([])
+    );
+
+    let r = add(&["--profile", "backup", "--credentials-file", creds_arg]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    push(&n, "vm1", "bucket");
+    let listed = n.ok(&["target", "list", "--json"]);
+    assert!(
+        listed.contains("backup") && !listed.contains(&s3.secret_key),
+        "{listed}"
+    );
+    // The keys are read from the file each time, never copied into the state directory.
+    for f in walk(&n.state) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes
+                .windows(s3.secret_key.len())
+                .any(|w| w == s3.secret_key.as_bytes()),
+            "{} holds the secret key",
+            f.display()
+        );
+    }
+
+    // AWS_PROFILE picks a profile of AWS_SHARED_CREDENTIALS_FILE, as the AWS tools do.
+    let mut m = TestNode::new();
+    m.env = n.env.clone();
+    m.env
+        .push(("AWS_SHARED_CREDENTIALS_FILE".into(), creds_arg.into()));
+    m.env.push(("AWS_PROFILE".into(), "backup".into()));
+    m.ok(&[
+        "target",
+        "add",
+        "bucket",
+        "--url",
+        "s3://holdfast-profile/p",
+        "--endpoint",
+        &endpoint,
+        "--allow-http",
+    ]);
+    let listed = m
+        .run(&["snapshot", "list", "vm1", "--target", "bucket", "--json"])
+        .json();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Benchmark: pushing to an S3-compatible bucket (a local moto server on 127.0.0.1) against
+# restic backing up the same image to the same server. Release build; medians of RUNS runs.
+#   - holdfast: snapshot create (image -> node repository) and mirror push (-> bucket), the
+#     baseline and then after 1% of the 64 KiB blocks changed; both steps timed apart;
+#   - restic: backup of the same image, then of the changed image, to s3:... on the same server;
+#   - S3 requests per push, counted from the server's request log.
+# Usage: tests/bench/targets-vs-restic.sh      (SIZE=1GiB RUNS=3 CHANGE=0.01)
+# Needs restic (Debian package; installed with apt-get when missing) and moto (from
+# target/moto-venv, which ./test.sh installs, or $HOLDFAST_MOTO_VENV).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+SIZE=${SIZE:-1GiB}
+RUNS=${RUNS:-3}
+CHANGE=${CHANGE:-0.01}
+H=${HOLDFAST_BIN:-$ROOT/target/release/holdfast}
+if [ -z "${HOLDFAST_BIN:-}" ]; then cargo build --release -p holdfast --bin holdfast >&2; fi
+command -v restic >/dev/null || { echo "installing restic (Debian package)" >&2; apt-get install -y restic >&2; }
+VENV=${HOLDFAST_MOTO_VENV:-$ROOT/target/moto-venv}
+"$VENV/bin/python" -c 'import moto' 2>/dev/null || { echo "no moto in $VENV: run ./test.sh once (it installs it)" >&2; exit 1; }
+WORK=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" holdfast-target-bench.XXXXXX)
+MOTO_PID=
+stop_moto() { [ -z "$MOTO_PID" ] || { kill "$MOTO_PID" 2>/dev/null || true; wait "$MOTO_PID" 2>/dev/null || true; MOTO_PID=; }; }
+trap 'stop_moto; rm -rf "$WORK"' EXIT
+cd "$WORK"
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+export RESTIC_PASSWORD=bench
+now() { date +%s.%N; }
+since() { python3 -c "print($(now) - $1)"; }
+median() { python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 3))" "$@"; }
+j() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {'d': d}))" "$1"; }
+# Requests the server has logged so far (werkzeug logs one line per request).
+requests() { grep -cE '(GET|PUT|POST|DELETE|HEAD) /[^ ]* HTTP/' moto.log || true; }
+start_moto() {
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  EP=http://127.0.0.1:$PORT
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" >moto.log 2>&1 & MOTO_PID=$!
+  for _ in $(seq 100); do
+    "$VENV/bin/python" - "$EP" <<'PY' 2>/dev/null && return
+import boto3, sys
+c = boto3.client("s3", endpoint_url=sys.argv[1])
+c.create_bucket(Bucket="holdfast-bench"); c.create_bucket(Bucket="restic-bench")
+PY
+    sleep 0.1
+  done
+  echo "moto did not start" >&2; exit 1
+}
+
+"$H" -q sample write base.img --size "$SIZE" --seed 1
+declare -A R
+record() { R[$1]="${R[$1]:-} $2"; }
+for run in $(seq "$RUNS"); do
+  echo "run $run/$RUNS" >&2
+  start_moto
+  cp base.img vol.img; cp base.img r.img; sync
+  # holdfast
+  export HOLDFAST_STATE=$WORK/hf
+  rm -rf hf; "$H" -q init >/dev/null
+  "$H" -q volume add vol --image "$WORK/vol.img" --block-size 64KiB
+  "$H" -q target add bucket --url s3://holdfast-bench/site --endpoint "$EP" --allow-http >/dev/null
+  t=$(now); "$H" -q snapshot create vol --name full >/dev/null; record hf_snap_full "$(since "$t")"
+  q0=$(requests)
+  t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_full "$(since "$t")"
+  [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline" >&2; exit 1; }
+  q1=$(requests); record hf_req_full "$((q1 - q0))"; record hf_stored_full "$(j 'd["stored-bytes"]' < p.json)"
+  "$H" -q sample rewrite vol.img --fraction "$CHANGE" --seed "$((run + 1))" >/dev/null; sync
+  t=$(now); "$H" -q snapshot create vol --name incr >/dev/null; record hf_snap_incr "$(since "$t")"
+  q0=$(requests)
+  t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_incr "$(since "$t")"
+  [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental" >&2; exit 1; }
+  q1=$(requests); record hf_req_incr "$((q1 - q0))"; record hf_stored_incr "$(j 'd["stored-bytes"]' < p.json)"
+  record hf_chunks_incr "$(j 'd["chunks"]' < p.json)"
+  # restic, same image, same server
+  q0=$(requests)
+  restic -q -r "s3:$EP/restic-bench" init >/dev/null
+  t=$(now); restic -q -r "s3:$EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_full "$(since "$t")"
+  q1=$(requests); record restic_req_full "$((q1 - q0))"
+  cp vol.img r.img; sync
+  q0=$(requests)
+  t=$(now); restic -q -r "s3:$EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_incr "$(since "$t")"
+  q1=$(requests); record restic_req_incr "$((q1 - q0))"
+  stop_moto
+done
+
+m() { median ${R[$1]}; }
+python3 - "$SIZE" "$CHANGE" "$RUNS" \
+  "$(m hf_snap_full)" "$(m hf_push_full)" "$(m hf_snap_incr)" "$(m hf_push_incr)" \
+  "$(m restic_full)" "$(m restic_incr)" \
+  "$(m hf_req_full)" "$(m hf_req_incr)" "$(m restic_req_full)" "$(m restic_req_incr)" \
+  "$(m hf_stored_full)" "$(m hf_stored_incr)" "$(m hf_chunks_incr)" <<'PY'
+import json, sys
+a = sys.argv[1:]
+size, change, runs = a[0], float(a[1]), a[2]
+sf, pf, si, pi, rf, ri, qf, qi, rqf, rqi, bf, bi, ci = map(float, a[3:])
+print(f"\nPush to a local S3 server (moto), {size} mixed image, {change:.0%} of blocks changed, medians of {runs} runs")
+print(f"{'':34}{'baseline':>12}{'incremental':>14}")
+print(f"{'holdfast snapshot create':34}{sf:>11.2f}s{si:>13.2f}s")
+print(f"{'holdfast mirror push':34}{pf:>11.2f}s{pi:>13.2f}s")
+print(f"{'holdfast snapshot + push':34}{sf+pf:>11.2f}s{si+pi:>13.2f}s")
+print(f"{'restic backup':34}{rf:>11.2f}s{ri:>13.2f}s")
+print(f"{'restic / holdfast (snapshot+push)':34}{rf/(sf+pf):>11.1f}x{ri/(si+pi):>13.1f}x")
+print(f"{'restic / holdfast (push alone)':34}{rf/pf:>11.1f}x{ri/pi:>13.1f}x")
+print(f"{'S3 requests, holdfast push':34}{qf:>12.0f}{qi:>14.0f}")
+print(f"{'S3 requests, restic backup':34}{rqf:>12.0f}{rqi:>14.0f}")
+print(f"{'holdfast bytes stored in bucket':34}{bf:>12.0f}{bi:>14.0f}")
+print(f"{'holdfast chunks pushed':34}{'':>12}{ci:>14.0f}")
+print(f"goal baseline >= 2x faster than restic: {'met' if rf/(sf+pf) >= 2 else 'NOT met'} (snapshot+push)")
+print(f"goal incremental >= 3x faster than restic: {'met' if ri/(si+pi) >= 3 else 'NOT met'} (snapshot+push)")
+print(json.dumps({"size": size, "hf_snapshot_full_s": sf, "hf_push_full_s": pf, "hf_snapshot_incr_s": si,
+    "hf_push_incr_s": pi, "restic_full_s": rf, "restic_incr_s": ri, "hf_requests_full": qf,
+    "hf_requests_incr": qi, "restic_requests_full": rqf, "restic_requests_incr": rqi,
+    "hf_stored_full": bf, "hf_stored_incr": bi, "hf_chunks_incr": ci}))
+PY

@@ -215,7 +215,9 @@ impl ServerState {
     async fn index_for(&self, ids: &[ChunkId]) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
         if ids.iter().any(|id| !index.contains(id)) {
-            let (fresh, problems) = self.node.repo.load_index().await?;
+            // Index objects never change: read only those of packs that are new since.
+            let known = index.packs.clone();
+            let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
             for p in problems {
                 tracing::warn!("{p}");
             }

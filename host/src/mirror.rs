@@ -69,7 +69,7 @@ pub struct MirrorReport {
     pub base: Option<String>,
     pub received: Vec<String>,
     pub chunks_fetched: u64,
-    /// Bytes of chunk frames received (what crossed the wire, compressed).
+    /// Bytes received (what crossed the wire, compressed): chunk frames and manifests.
     pub bytes_fetched: u64,
     /// Plain bytes of those chunks.
     pub plain_bytes_fetched: u64,
@@ -398,6 +398,8 @@ async fn receive_snapshot(
 ) -> Result<()> {
     let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
     let raw = client.manifest(&rec.volume, &rec.id).await?;
+    // The manifest crosses the wire too (one chunk id per block): count it.
+    report.bytes_fetched += raw.len() as u64;
     let m = Manifest::decode(&raw, &what)?;
     if m.id != rec.id
         || m.volume != rec.volume

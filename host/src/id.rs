@@ -154,11 +154,7 @@ macro_rules! hash_type {
 
         impl $name {
             pub fn to_hex(&self) -> String {
-                let mut s = String::with_capacity(64);
-                for b in self.0 {
-                    s.push_str(&format!("{b:02x}"));
-                }
-                s
+                hex32(&self.0).to_string()
             }
 
             /// The first 12 hex digits, for humans.
@@ -190,7 +186,7 @@ macro_rules! hash_type {
 
         impl Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                s.serialize_str(&hex32(&self.0))
             }
         }
 
@@ -213,6 +209,26 @@ hash_type!(
     PackId,
     "pack id"
 );
+
+/// 64 lowercase hex digits, without allocating (manifests hold one per block).
+struct Hex32([u8; 64]);
+
+impl std::ops::Deref for Hex32 {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+fn hex32(bytes: &[u8; 32]) -> Hex32 {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    Hex32(out)
+}
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     let bytes = s.as_bytes();

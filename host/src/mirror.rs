@@ -322,7 +322,7 @@ pub async fn run(
     if !wanted.is_empty() {
         // gc must not remove a pack this update reuses or writes before it is committed.
         let _repo_lock = node.lock_repo_shared()?;
-        let (mut index, problems) = node.repo.load_index().await?;
+        let (mut index, problems) = node.load_index().await?;
         for p in problems {
             tracing::warn!("{p}; its chunks will be fetched again");
         }

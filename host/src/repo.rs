@@ -17,6 +17,7 @@
 //! - Writing the same pack twice is harmless: a pack is named by the hash of its entry list.
 
 mod direct;
+pub mod index_cache;
 pub mod pack;
 
 use std::collections::HashMap;

@@ -167,6 +167,29 @@ impl Node {
         })
     }
 
+    /// The repository's chunk index, decoding only the pack indexes this node has not cached
+    /// (`repo::index_cache`): what snapshot creation and mirror updates use, so that their cost
+    /// follows the change rather than the repository's size. `gc` and `verify` read every
+    /// index object instead.
+    pub async fn load_index(&self) -> Result<(crate::repo::ChunkIndex, Vec<String>)> {
+        use crate::repo::index_cache;
+        let known = index_cache::load(&self.dir);
+        let cached = known.len();
+        let (index, problems, fresh) = self.repo.load_index_known(known).await?;
+        let kept = index.packs.len() - fresh.len();
+        let written = if kept < cached {
+            index_cache::rewrite(&self.dir, index.packs.values())
+        } else if !fresh.is_empty() {
+            index_cache::append(&self.dir, &fresh)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = written {
+            tracing::warn!("could not update the index cache: {e}");
+        }
+        Ok((index, problems))
+    }
+
     /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
     pub fn lock_repo_shared(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;

@@ -655,7 +655,11 @@ async fn live_leases(repo: &Repository) -> Result<Vec<(String, Lease)>> {
         };
         match serde_json::from_slice::<Lease>(&raw) {
             Ok(l) if l.expires_unix_ms > now => out.push((key, l)),
-            Ok(_) => tracing::info!("ignoring expired lease {key}"),
+            Ok(_) => {
+                // Its owner is gone (a lease key is never written twice): clear it away.
+                tracing::info!("removing expired lease {key}");
+                repo.delete_object(&key).await?;
+            }
             Err(e) => tracing::warn!("ignoring unreadable lease {key}: {e}"),
         }
     }
@@ -700,36 +704,37 @@ pub async fn lease_push(repo: &Repository, me: &NodeId, wait: Duration) -> Resul
     }
 }
 
-/// Takes the gc lease: refused while another gc or any push holds a lease.
+/// Takes a gc lease: refused while another gc or any push holds a lease. Like a push lease it
+/// has a key of its own, created first and then looked around: of two gcs (or a gc and a push)
+/// starting at once, at least one sees the other. Nothing is ever taken over, so a lease is
+/// only ever deleted by its owner, or by anyone once it has expired (it cannot come back).
 pub async fn lease_gc(repo: &Repository, me: &NodeId) -> Result<LeaseGuard> {
-    let key = "leases/gc".to_string();
+    let key = format!("leases/gc-{me}-{:016x}", rand::random::<u64>());
     let lease = Lease {
         owner: me.to_string(),
         kind: "gc".into(),
         expires_unix_ms: crate::now_unix_ms() + LEASE_MS,
     };
-    let body = serde_json::to_vec(&lease).map_err(|e| Error::internal(e.to_string()))?;
-    if !repo.put_object_if_absent(&key, body.clone()).await? {
-        let live = live_leases(repo).await?;
-        if let Some((_, other)) = live.iter().find(|(k, _)| k == &key) {
-            return Err(Error::conflict(format!(
-                "a gc by {} is running on {}; wait for it",
-                other.owner,
-                repo.location()
-            )));
-        }
-        // Expired: take it over (create-only again, so two takers cannot both win).
-        repo.delete_object(&key).await?;
-        if !repo.put_object_if_absent(&key, body).await? {
-            return Err(Error::conflict(format!(
-                "another gc just started on {}",
-                repo.location()
-            )));
-        }
-    }
+    repo.put_object(
+        &key,
+        serde_json::to_vec(&lease).map_err(|e| Error::internal(e.to_string()))?,
+    )
+    .await?;
     let guard = LeaseGuard { key };
-    let pushes: Vec<String> = live_leases(repo)
+    let others: Vec<(String, Lease)> = live_leases(repo)
         .await?
+        .into_iter()
+        .filter(|(k, _)| *k != guard.key)
+        .collect();
+    if let Some((_, other)) = others.iter().find(|(_, l)| l.kind == "gc") {
+        let owner = other.owner.clone();
+        guard.release(repo).await?;
+        return Err(Error::conflict(format!(
+            "a gc by {owner} is running on {}; wait for it",
+            repo.location()
+        )));
+    }
+    let pushes: Vec<String> = others
         .into_iter()
         .filter(|(_, l)| l.kind == "push")
         .map(|(_, l)| l.owner)
@@ -1008,7 +1013,7 @@ async fn push_leased(
     };
     if !wanted.is_empty() {
         let _repo_lock = node.lock_repo_shared()?;
-        let (local_index, _) = node.repo.load_index().await?;
+        let (local_index, _) = node.load_index().await?;
         let (mut target_index, problems) = load_index(node, rec, repo).await?;
         for p in problems {
             tracing::warn!("{p}; its chunks will be pushed again");
@@ -1099,7 +1104,7 @@ pub async fn pull(
     if !wanted.is_empty() {
         let _repo_lock = node.lock_repo_shared()?;
         let (target_index, _) = load_index(node, rec, &repo).await?;
-        let (mut local_index, _) = node.repo.load_index().await?;
+        let (mut local_index, _) = node.load_index().await?;
         for (s, raw) in wanted {
             let m = Manifest::decode(raw, &s.display_ref())?;
             let mut sink = PackSink::new(&node.repo, &mut local_index);

@@ -215,9 +215,15 @@ impl ServerState {
     async fn index_for(&self, ids: &[ChunkId]) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
         if ids.iter().any(|id| !index.contains(id)) {
-            // Index objects never change: read only those of packs that are new since.
-            let known = index.packs.clone();
-            let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
+            // Index objects never change: read only those of packs that are new since (on
+            // the first request, those the node's index cache lacks).
+            let (fresh, problems) = if index.packs.is_empty() {
+                self.node.load_index().await?
+            } else {
+                let known = index.packs.clone();
+                let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
+                (fresh, problems)
+            };
             for p in problems {
                 tracing::warn!("{p}");
             }

@@ -84,7 +84,7 @@ pub async fn create(
 
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
     let _repo_lock = node.lock_repo_shared()?;
-    let (index, problems) = node.repo.load_index().await?;
+    let (index, problems) = node.load_index().await?;
     for p in problems {
         tracing::warn!("{p}; its chunks will be stored again");
     }

@@ -1,0 +1,178 @@
+//! A node's cache of its repository's pack indexes, so that a command does not decode every
+//! index object (zstd JSON) each time it starts: an incremental snapshot or mirror update then
+//! costs time in proportion to what changed, not to the repository's size.
+//!
+//! The file is a log of binary records, one per pack index, each
+//! `length (u32 LE) | BLAKE3 of the body (32 bytes) | body`, where the body is the pack id
+//! followed by its entries (`id (32) | offset (u64) | length (u32) | raw length (u32) |
+//! encoding (u8)`). New indexes are appended; the file is rewritten only when packs it names are
+//! gone (after a gc). It is only a cache: pack indexes never change once written and are named
+//! by their pack, so a cached one is true for as long as the repository lists it, and the
+//! repository's listing decides ([`crate::repo::Repository::load_index_known`]). A record that
+//! is torn or fails its checksum ends the read; what follows is read from the repository again.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use cap_std::fs::{Dir, OpenOptions};
+
+use crate::chunk::Encoding;
+use crate::id::{ChunkId, PackId};
+use crate::repo::pack::{MAX_PACK_ENTRIES, PackEntry, PackIndex};
+
+/// The cache's file name in the state directory.
+pub const FILE: &str = "index-cache";
+const ENTRY: usize = 32 + 8 + 4 + 4 + 1;
+
+fn encode(pi: &PackIndex, out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(32 + pi.entries.len() * ENTRY);
+    body.extend_from_slice(&pi.pack.0);
+    for e in &pi.entries {
+        body.extend_from_slice(&e.id.0);
+        body.extend_from_slice(&e.offset.to_le_bytes());
+        body.extend_from_slice(&e.length.to_le_bytes());
+        body.extend_from_slice(&e.raw_length.to_le_bytes());
+        body.push(match e.encoding {
+            Encoding::Raw => 0,
+            Encoding::Zstd => 1,
+        });
+    }
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+}
+
+fn decode_body(body: &[u8]) -> Option<PackIndex> {
+    if body.len() < 32
+        || !(body.len() - 32).is_multiple_of(ENTRY)
+        || (body.len() - 32) / ENTRY > MAX_PACK_ENTRIES
+    {
+        return None;
+    }
+    let pack = PackId(body[..32].try_into().ok()?);
+    let entries = body[32..]
+        .chunks_exact(ENTRY)
+        .map(|e| {
+            Some(PackEntry {
+                id: ChunkId(e[..32].try_into().ok()?),
+                offset: u64::from_le_bytes(e[32..40].try_into().ok()?),
+                length: u32::from_le_bytes(e[40..44].try_into().ok()?),
+                raw_length: u32::from_le_bytes(e[44..48].try_into().ok()?),
+                encoding: match e[48] {
+                    0 => Encoding::Raw,
+                    1 => Encoding::Zstd,
+                    _ => return None,
+                },
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(PackIndex { pack, entries })
+}
+
+/// Every pack index in the cache (none if it is missing or unreadable).
+pub fn load(dir: &Dir) -> HashMap<PackId, PackIndex> {
+    let mut out = HashMap::new();
+    let mut raw = Vec::new();
+    match dir.open(FILE) {
+        Ok(mut f) => {
+            if let Err(e) = f.read_to_end(&mut raw) {
+                tracing::debug!("index cache unreadable ({e}); reading the repository's indexes");
+                return out;
+            }
+        }
+        Err(_) => return out,
+    }
+    let mut at = 0usize;
+    while raw.len() - at >= 36 {
+        let len = u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let sum = &raw[at + 4..at + 36];
+        let Some(body) = raw.get(at + 36..at + 36 + len) else {
+            break;
+        };
+        if blake3::hash(body).as_bytes() != sum {
+            break;
+        }
+        let Some(pi) = decode_body(body) else { break };
+        out.insert(pi.pack, pi);
+        at += 36 + len;
+    }
+    out
+}
+
+/// Appends pack indexes read since.
+pub fn append(dir: &Dir, new: &[PackIndex]) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for pi in new {
+        encode(pi, &mut buf);
+    }
+    let mut f = dir.open_with(FILE, OpenOptions::new().append(true).create(true))?;
+    // One write: concurrent appenders do not interleave records (and a torn one only ends
+    // the next read early).
+    f.write_all(&buf)
+}
+
+/// Replaces the cache with exactly `all` (after packs were deleted).
+pub fn rewrite<'a>(dir: &Dir, all: impl Iterator<Item = &'a PackIndex>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for pi in all {
+        encode(pi, &mut buf);
+    }
+    let tmp = format!("{FILE}.tmp-{:016x}", rand::random::<u64>());
+    let mut f = dir.create(&tmp)?;
+    f.write_all(&buf)?;
+    drop(f);
+    dir.rename(&tmp, dir, FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pi(seed: u8, n: usize) -> PackIndex {
+        PackIndex {
+            pack: PackId([seed; 32]),
+            entries: (0..n)
+                .map(|i| PackEntry {
+                    id: ChunkId([seed.wrapping_add(i as u8); 32]),
+                    offset: i as u64 * 100,
+                    length: 100,
+                    raw_length: 65536,
+                    encoding: if i % 2 == 0 {
+                        Encoding::Zstd
+                    } else {
+                        Encoding::Raw
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn appends_rewrites_and_stops_at_a_torn_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority()).unwrap();
+        assert!(load(&dir).is_empty());
+        append(&dir, &[pi(1, 3), pi(2, 0)]).unwrap();
+        append(&dir, &[pi(3, 5)]).unwrap();
+        let got = load(&dir);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[&PackId([3; 32])], pi(3, 5));
+        rewrite(&dir, [pi(2, 0)].iter()).unwrap();
+        assert_eq!(load(&dir).len(), 1);
+
+        // A torn tail or a flipped byte: the good records before it still count.
+        append(&dir, &[pi(4, 2), pi(5, 2)]).unwrap();
+        let path = tmp.path().join(FILE);
+        let mut raw = std::fs::read(&path).unwrap();
+        let n = raw.len();
+        raw[n - 3] ^= 1;
+        std::fs::write(&path, &raw).unwrap();
+        let got = load(&dir);
+        assert_eq!(got.len(), 2, "{:?}", got.keys());
+        assert!(got.contains_key(&PackId([4; 32])));
+        std::fs::write(&path, &raw[..n - 10]).unwrap();
+        assert_eq!(load(&dir).len(), 2);
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(load(&dir).is_empty());
+    }
+}

@@ -174,7 +174,7 @@ async fn send_lock_set(
 
 /// Takes the per-volume mirror lock (one update of a volume at a time, across processes),
 /// waiting for an update that is running (the daemon's, say) to finish.
-async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
+pub(crate) async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_std::fs::File> {
     let mut o = cap_std::fs::OpenOptions::new();
     o.read(true).write(true).create(true);
     let name = format!("mirror.{volume}.lock");

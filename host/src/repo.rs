@@ -402,12 +402,26 @@ impl Repository {
     }
 
     pub async fn read_manifest(&self, volume: &VolumeName, id: &SnapshotId) -> Result<Bytes> {
+        self.read_manifest_if_present(volume, id)
+            .await?
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "the manifest of snapshot {volume}@{id} is missing from the repository at {}",
+                    self.location
+                ))
+            })
+    }
+
+    /// A manifest, or `None` if it is not (or no longer) there: in a target that several nodes
+    /// prune, one listed a moment ago may have been pruned since.
+    pub async fn read_manifest_if_present(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+    ) -> Result<Option<Bytes>> {
         match self.store.get(&Self::manifest_path(volume, id)).await {
-            Ok(r) => Ok(r.bytes().await?),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::corrupt(format!(
-                "the manifest of snapshot {volume}@{id} is missing from the repository at {}",
-                self.location
-            ))),
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -476,6 +490,25 @@ impl Repository {
         Ok(metas
             .into_iter()
             .map(|m| (m.location.to_string(), m.size))
+            .collect())
+    }
+
+    /// Keys under `prefix` with the store's own modification time (unix ms): lease expiry is
+    /// judged by the server's clock, not by the clocks of the nodes that share a target.
+    pub async fn list_objects_modified(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from(prefix)))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| {
+                (
+                    m.location.to_string(),
+                    m.last_modified.timestamp_millis().max(0) as u64,
+                )
+            })
             .collect())
     }
 

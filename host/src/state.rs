@@ -173,11 +173,11 @@ impl Node {
     /// index object instead.
     pub async fn load_index(&self) -> Result<(crate::repo::ChunkIndex, Vec<String>)> {
         use crate::repo::index_cache;
-        let known = index_cache::load(&self.dir);
+        let (known, torn) = index_cache::load(&self.dir);
         let cached = known.len();
         let (index, problems, fresh) = self.repo.load_index_known(known).await?;
         let kept = index.packs.len() - fresh.len();
-        let written = if kept < cached {
+        let written = if kept < cached || torn {
             index_cache::rewrite(&self.dir, index.packs.values())
         } else if !fresh.is_empty() {
             index_cache::append(&self.dir, &fresh)

@@ -448,7 +448,10 @@ pub async fn snapshots(
     ids.sort();
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let raw = repo.read_manifest(volume, &id).await?;
+        // Pruned since it was listed (by another node, say): it is simply not there.
+        let Some(raw) = repo.read_manifest_if_present(volume, &id).await? else {
+            continue;
+        };
         let m = Manifest::decode(&raw, &format!("{volume}@{id} in {}", repo.location()))?;
         if m.id != id || &m.volume != volume {
             return Err(Error::corrupt(format!(
@@ -471,6 +474,30 @@ pub async fn resolve(repo: &Repository, r: &crate::id::SnapshotRef) -> Result<Sn
         .map(|(s, _)| s)
         .collect();
     crate::catalog::resolve_in(&snaps, r)
+}
+
+/// Remembers the indexes of packs this node stored in the target, so that its next push does
+/// not read them back.
+fn remember_indexes(
+    node: &Node,
+    rec: &TargetRecord,
+    packs: &[crate::repo::pack::PackIndex],
+) -> Result<()> {
+    if packs.is_empty() {
+        return Ok(());
+    }
+    let tx = node.catalog.db().begin_write()?;
+    {
+        let mut t = tx.open_table(TARGET_INDEX)?;
+        for pi in packs {
+            t.insert(
+                (rec.name.as_str(), pi.pack.to_string().as_str()),
+                pi.encode()?.as_slice(),
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// The target's chunk index, reading only the pack indexes this node has not read before:
@@ -646,24 +673,65 @@ impl LeaseGuard {
     }
 }
 
-async fn live_leases(repo: &Repository) -> Result<Vec<(String, Lease)>> {
-    let now = crate::now_unix_ms();
+/// The leases that are live, judged by the server's clock: `now` is the modification time of
+/// our own lease (`own`, just written), a lease is live for [`LEASE_MS`] after its own.
+/// An expired lease is deleted (a lease key is never written twice, so it cannot come back).
+/// A lease that cannot be read counts as live and blocking (kind "unknown"): fail closed.
+async fn live_leases(repo: &Repository, own: &str) -> Result<Vec<(String, Lease)>> {
+    let listed = repo.list_objects_modified("leases").await?;
+    let now = listed
+        .iter()
+        .find(|(k, _)| k == own)
+        .map_or_else(crate::now_unix_ms, |(_, t)| *t);
     let mut out = Vec::new();
-    for (key, _) in repo.list_objects("leases").await? {
+    for (key, modified) in listed {
+        if key == own {
+            continue;
+        }
+        if modified + LEASE_MS < now {
+            tracing::info!("removing expired lease {key}");
+            repo.delete_object(&key).await?;
+            continue;
+        }
         let Some(raw) = repo.get_object(&key).await? else {
             continue;
         };
         match serde_json::from_slice::<Lease>(&raw) {
-            Ok(l) if l.expires_unix_ms > now => out.push((key, l)),
-            Ok(_) => {
-                // Its owner is gone (a lease key is never written twice): clear it away.
-                tracing::info!("removing expired lease {key}");
-                repo.delete_object(&key).await?;
+            Ok(l) => out.push((key, l)),
+            Err(e) => {
+                tracing::warn!("unreadable lease {key} ({e}): treated as held");
+                out.push((
+                    key.clone(),
+                    Lease {
+                        owner: format!(
+                            "unknown (unreadable lease object {key}; delete it if no holdfast \
+                             uses the target)"
+                        ),
+                        kind: "unknown".into(),
+                        expires_unix_ms: modified + LEASE_MS,
+                    },
+                ));
             }
-            Err(e) => tracing::warn!("ignoring unreadable lease {key}: {e}"),
         }
     }
     Ok(out)
+}
+
+/// Fails unless our lease is still there (another node may have removed it as expired).
+async fn still_leased(repo: &Repository, lease: &LeaseGuard) -> Result<()> {
+    if repo.get_object(&lease.key).await?.is_some() {
+        return Ok(());
+    }
+    Err(Error::Unavailable {
+        message: format!(
+            "our lease {} on {} is gone (it ran past {} minutes, or another node removed it); \
+             stopped before committing anything more: run it again",
+            lease.key,
+            repo.location(),
+            LEASE_MS / 60_000
+        ),
+        source: None,
+    })
 }
 
 /// Takes a push lease, waiting (up to `wait`) while a gc holds the target.
@@ -682,10 +750,10 @@ pub async fn lease_push(repo: &Repository, me: &NodeId, wait: Duration) -> Resul
         )
         .await?;
         // Created first, then looked: a gc that looks after us sees our lease.
-        let gc = live_leases(repo)
+        let gc = live_leases(repo, &key)
             .await?
             .into_iter()
-            .find(|(_, l)| l.kind == "gc");
+            .find(|(_, l)| l.kind != "push");
         let Some((_, gc)) = gc else {
             return Ok(LeaseGuard { key });
         };
@@ -721,12 +789,8 @@ pub async fn lease_gc(repo: &Repository, me: &NodeId) -> Result<LeaseGuard> {
     )
     .await?;
     let guard = LeaseGuard { key };
-    let others: Vec<(String, Lease)> = live_leases(repo)
-        .await?
-        .into_iter()
-        .filter(|(k, _)| *k != guard.key)
-        .collect();
-    if let Some((_, other)) = others.iter().find(|(_, l)| l.kind == "gc") {
+    let others = live_leases(repo, &guard.key).await?;
+    if let Some((_, other)) = others.iter().find(|(_, l)| l.kind != "push") {
         let owner = other.owner.clone();
         guard.release(repo).await?;
         return Err(Error::conflict(format!(
@@ -770,6 +834,8 @@ pub struct PackSink<'a> {
     /// Chunks in packs that are uploading (not yet in `index`).
     pending: HashSet<ChunkId>,
     uploads: tokio::task::JoinSet<Result<crate::repo::pack::PackIndex>>,
+    /// The indexes of the packs this sink stored.
+    pub stored: Vec<crate::repo::pack::PackIndex>,
     pub stats: SnapshotStats,
 }
 
@@ -781,6 +847,7 @@ impl<'a> PackSink<'a> {
             builder: Default::default(),
             pending: HashSet::new(),
             uploads: tokio::task::JoinSet::new(),
+            stored: Vec::new(),
             stats: Default::default(),
         }
     }
@@ -837,6 +904,7 @@ impl<'a> PackSink<'a> {
         for e in &pi.entries {
             self.pending.remove(&e.id);
         }
+        self.stored.push(pi.clone());
         self.index.insert(pi);
         Ok(())
     }
@@ -951,8 +1019,10 @@ pub async fn push(
     repo.check().await?;
     let ours = node.catalog.snapshots(volume)?;
     node.catalog.volume(volume)?;
+    // One push of a volume at a time from this node (the daemon's [[push]] and a CLI run).
+    let _volume_lock = crate::mirror::lock_volume(node, volume).await?;
     let lease = lease_push(&repo, &node.info.node_id, Duration::from_secs(60)).await?;
-    let result = push_leased(node, rec, &repo, volume, &ours, progress).await;
+    let result = push_leased(node, rec, &repo, &lease, volume, &ours, progress).await;
     let released = lease.release(&repo).await;
     let mut report = result?;
     released?;
@@ -965,6 +1035,7 @@ async fn push_leased(
     node: &Node,
     rec: &TargetRecord,
     repo: &Repository,
+    lease: &LeaseGuard,
     volume: &VolumeName,
     ours: &[SnapshotRecord],
     progress: &ProgressBar,
@@ -1023,12 +1094,15 @@ async fn push_leased(
             let raw = node.repo.read_manifest(volume, &s.id).await?;
             let m = Manifest::decode(&raw, &s.display_ref())?;
             copy_chunks(&node.repo, &local_index, &m, &mut sink, progress).await?;
+            // Without our lease a gc may have run: the chunks could be gone. Commit nothing.
+            still_leased(repo, lease).await?;
             match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
                 Ok(()) | Err(Error::Conflict(_)) => {} // another pusher of the same snapshot
                 Err(e) => return Err(e),
             }
             report.transferred.push(s.display_ref());
         }
+        remember_indexes(node, rec, &sink.stored)?;
         report.chunks = sink.stats.new_chunks;
         report.plain_bytes = sink.stats.new_bytes;
         report.stored_bytes = sink.stats.new_stored_bytes;
@@ -1195,18 +1269,21 @@ pub struct TargetGcReport {
 pub async fn gc(repo: &Repository, me: &NodeId, dry_run: bool) -> Result<TargetGcReport> {
     repo.check().await?;
     let lease = lease_gc(repo, me).await?;
-    let r = gc_leased(repo, dry_run).await;
+    let r = gc_leased(repo, &lease, dry_run).await;
     let released = lease.release(repo).await;
     let r = r?;
     released?;
     Ok(r)
 }
 
-async fn gc_leased(repo: &Repository, dry_run: bool) -> Result<TargetGcReport> {
+async fn gc_leased(repo: &Repository, lease: &LeaseGuard, dry_run: bool) -> Result<TargetGcReport> {
     let mut live: HashSet<ChunkId> = HashSet::new();
     let manifests = repo.list_manifests().await?;
     for (v, id) in &manifests {
-        let raw = repo.read_manifest(v, id).await?;
+        // Pruned since the listing: its chunks are no longer referenced by it.
+        let Some(raw) = repo.read_manifest_if_present(v, id).await? else {
+            continue;
+        };
         // A manifest that cannot be read could reference anything: stop before deleting.
         let m = Manifest::decode(&raw, &format!("{v}@{id} in {}", repo.location()))?;
         live.extend(m.blocks.iter().flatten().copied());
@@ -1224,6 +1301,20 @@ async fn gc_leased(repo: &Repository, dry_run: bool) -> Result<TargetGcReport> {
         live_chunks: live.len(),
         ..Default::default()
     };
+    // Before deleting: still ours, and no push slipped in (it would have seen our lease).
+    still_leased(repo, lease).await?;
+    if let Some((_, l)) = live_leases(repo, &lease.key).await?.first() {
+        return Err(Error::Unavailable {
+            message: format!(
+                "a {} by {} is running on {} since gc started; nothing was deleted, gc again \
+                 later",
+                l.kind,
+                l.owner,
+                repo.location()
+            ),
+            source: None,
+        });
+    }
     let sizes: BTreeMap<crate::id::PackId, u64> = repo.list_packs().await?.into_iter().collect();
     for (pack, pi) in &index.packs {
         if pi.entries.iter().any(|e| live.contains(&e.id)) {

@@ -211,6 +211,18 @@ impl ServerState {
         Ok(set)
     }
 
+    /// Reloads the chunk index (packs gone since are dropped, new ones read).
+    async fn reload_index(&self) -> Result<Arc<ChunkIndex>> {
+        let mut index = self.index.lock().await;
+        let known = index.packs.clone();
+        let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
+        for p in problems {
+            tracing::warn!("{p}");
+        }
+        *index = Arc::new(fresh);
+        Ok(index.clone())
+    }
+
     /// The chunk index, reloaded when it lacks one of `ids` (new packs since).
     async fn index_for(&self, ids: &[ChunkId]) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
@@ -320,7 +332,14 @@ async fn chunks(
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
     let index = s.index_for(&req.chunks).await?;
-    let chunks = s.node.repo.read_chunks(&index, &req.chunks).await?;
+    let chunks = match s.node.repo.read_chunks(&index, &req.chunks).await {
+        // A gc here repacked or removed a pack since the index was loaded: reload, retry once.
+        Err(Error::NotFound(_)) => {
+            let index = s.reload_index().await?;
+            s.node.repo.read_chunks(&index, &req.chunks).await?
+        }
+        other => other?,
+    };
     let total: usize = chunks
         .iter()
         .map(|(_, b)| b.len() + super::FRAME_HEADER)

@@ -69,18 +69,20 @@ fn decode_body(body: &[u8]) -> Option<PackIndex> {
     Some(PackIndex { pack, entries })
 }
 
-/// Every pack index in the cache (none if it is missing or unreadable).
-pub fn load(dir: &Dir) -> HashMap<PackId, PackIndex> {
+/// Every pack index in the cache (none if it is missing or unreadable), and whether a torn or
+/// damaged record cut the read short (then the caller rewrites it, or appends would be lost
+/// behind the tear).
+pub fn load(dir: &Dir) -> (HashMap<PackId, PackIndex>, bool) {
     let mut out = HashMap::new();
     let mut raw = Vec::new();
     match dir.open(FILE) {
         Ok(mut f) => {
             if let Err(e) = f.read_to_end(&mut raw) {
                 tracing::debug!("index cache unreadable ({e}); reading the repository's indexes");
-                return out;
+                return (out, true);
             }
         }
-        Err(_) => return out,
+        Err(_) => return (out, false),
     }
     let mut at = 0usize;
     while raw.len() - at >= 36 {
@@ -96,7 +98,7 @@ pub fn load(dir: &Dir) -> HashMap<PackId, PackIndex> {
         out.insert(pi.pack, pi);
         at += 36 + len;
     }
-    out
+    (out, at != raw.len())
 }
 
 /// Appends pack indexes read since.
@@ -151,14 +153,15 @@ mod tests {
     fn appends_rewrites_and_stops_at_a_torn_record() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority()).unwrap();
-        assert!(load(&dir).is_empty());
+        assert!(load(&dir).0.is_empty());
         append(&dir, &[pi(1, 3), pi(2, 0)]).unwrap();
         append(&dir, &[pi(3, 5)]).unwrap();
-        let got = load(&dir);
+        let (got, torn) = load(&dir);
         assert_eq!(got.len(), 3);
+        assert!(!torn);
         assert_eq!(got[&PackId([3; 32])], pi(3, 5));
         rewrite(&dir, [pi(2, 0)].iter()).unwrap();
-        assert_eq!(load(&dir).len(), 1);
+        assert_eq!(load(&dir).0.len(), 1);
 
         // A torn tail or a flipped byte: the good records before it still count.
         append(&dir, &[pi(4, 2), pi(5, 2)]).unwrap();
@@ -167,12 +170,14 @@ mod tests {
         let n = raw.len();
         raw[n - 3] ^= 1;
         std::fs::write(&path, &raw).unwrap();
-        let got = load(&dir);
+        let (got, torn) = load(&dir);
+        assert!(torn);
         assert_eq!(got.len(), 2, "{:?}", got.keys());
         assert!(got.contains_key(&PackId([4; 32])));
         std::fs::write(&path, &raw[..n - 10]).unwrap();
-        assert_eq!(load(&dir).len(), 2);
+        assert!(load(&dir).1);
+        assert_eq!(load(&dir).0.len(), 2);
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(load(&dir).is_empty());
+        assert!(load(&dir).0.is_empty());
     }
 }

@@ -821,7 +821,15 @@ pub async fn lease_gc(repo: &Repository, me: &NodeId) -> Result<LeaseGuard> {
 // Moving chunks.
 
 /// How many sealed packs upload at once while the next one fills.
+/// (`HOLDFAST_TARGET_UPLOADS` sets it, 1 to 64.)
 const UPLOADS_IN_FLIGHT: usize = 4;
+
+fn uploads_in_flight() -> usize {
+    std::env::var("HOLDFAST_TARGET_UPLOADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(UPLOADS_IN_FLIGHT, |n| n.clamp(1, 64))
+}
 
 /// Verified chunks go into packs of `repo`; each pack is durable before it is indexed.
 /// Sealed packs upload in the background (up to [`UPLOADS_IN_FLIGHT`]) while the next one
@@ -880,7 +888,7 @@ impl<'a> PackSink<'a> {
         if self.builder.is_empty() {
             return Ok(());
         }
-        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+        while self.uploads.len() >= uploads_in_flight() {
             self.finish_one().await?;
         }
         let b = std::mem::take(&mut self.builder);

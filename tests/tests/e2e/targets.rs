@@ -686,3 +686,30 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A lease object that cannot be read counts as held: gc refuses, names it and deletes nothing.
+#[test]
+fn an_unreadable_lease_stops_gc() {
+    let s3 = S3Server::start();
+    s3.create_bucket("holdfast-lease");
+    let a = node_for(&s3);
+    let img = a.image("vm1.img", &mixed_bytes(MIB, 40));
+    a.add_volume("vm1", &img, "64KiB");
+    add_s3_target(&a, &s3, "bucket", "holdfast-lease");
+    a.snapshot("vm1", "s1");
+    push(&a, "vm1", "bucket");
+    s3.put(
+        "holdfast-lease",
+        "backups/leases/gc-other-0000000000000001",
+        "not json",
+    );
+    let before = s3.objects("holdfast-lease");
+    let r = a.run(&["gc", "--target", "bucket"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("unreadable lease object"), "{}", r.stderr);
+    assert_eq!(
+        s3.objects("holdfast-lease"),
+        before,
+        "gc changed the bucket"
+    );
+}

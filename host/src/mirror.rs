@@ -504,6 +504,7 @@ async fn seal(node: &Node, builder: PackBuilder, index: &mut ChunkIndex) -> Resu
         .await
         .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
     node.repo.put_pack(&pack).await?;
+    node.remember_packs(std::slice::from_ref(&pack.index));
     index.insert(pack.index);
     Ok(())
 }

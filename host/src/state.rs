@@ -190,6 +190,17 @@ impl Node {
         Ok((index, problems))
     }
 
+    /// Adds indexes of packs this process stored to the index cache (best effort: a pack
+    /// missing from the cache is only read from the repository next time).
+    pub fn remember_packs(&self, packs: &[crate::repo::pack::PackIndex]) {
+        if packs.is_empty() {
+            return;
+        }
+        if let Err(e) = crate::repo::index_cache::append(&self.dir, packs) {
+            tracing::warn!("could not update the index cache: {e}");
+        }
+    }
+
     /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
     pub fn lock_repo_shared(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;

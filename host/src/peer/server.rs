@@ -295,7 +295,16 @@ async fn manifest(
     let peer = s.peer(&headers)?;
     let volume = s.granted(peer, &volume)?;
     let id = s.snapshot(&volume, &id)?;
-    Ok(s.node.repo.read_manifest(&volume, &id).await?)
+    let raw = s.node.repo.read_manifest(&volume, &id).await?;
+    // The peer asks for chunks of this snapshot next: work out which it may read while it
+    // decodes the manifest, instead of after its request arrives.
+    let state = s.clone();
+    tokio::spawn(async move {
+        if let Err(e) = state.chunk_set(&volume, id).await {
+            tracing::debug!("precomputing the chunks of {volume}@{id}: {e}");
+        }
+    });
+    Ok(raw)
 }
 
 async fn chunks(

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId, SnapshotName, VolumeName};
 use crate::repo::ChunkIndex;
 use crate::repo::pack::PackBuilder;
+use crate::repo::pack::PackIndex;
 use crate::state::Node;
 use crate::volume::FileVolume;
 
@@ -98,7 +99,8 @@ pub async fn create(
     // Upload sealed packs as they come, a bounded number at a time. Spawned tasks make
     // progress on their own while this loop waits for the next pack.
     let sem = Arc::new(Semaphore::new(UPLOAD_CONCURRENCY));
-    let mut uploads: JoinSet<Result<()>> = JoinSet::new();
+    let mut uploads: JoinSet<Result<PackIndex>> = JoinSet::new();
+    let mut stored: Vec<PackIndex> = Vec::new();
     let mut upload_error: Option<Error> = None;
     while let Some(pack) = pack_rx.recv().await {
         let permit = sem.clone().acquire_owned().await.expect("never closed");
@@ -109,15 +111,16 @@ pub async fn create(
                 let pack = tokio::task::spawn_blocking(move || pack.finish())
                     .await
                     .map_err(|e| Error::internal(format!("pack sealer failed: {e}")))??;
-                repo.put_pack(&pack).await
+                repo.put_pack(&pack).await.map(|()| pack.index)
             }
             .await;
             drop(permit);
             r
         });
         while let Some(done) = uploads.try_join_next() {
-            if let Err(e) = flatten(done) {
-                upload_error = Some(e);
+            match flatten(done) {
+                Ok(pi) => stored.push(pi),
+                Err(e) => upload_error = Some(e),
             }
         }
         if upload_error.is_some() {
@@ -127,10 +130,15 @@ pub async fn create(
     }
     drop(pack_rx);
     while let Some(done) = uploads.join_next().await {
-        if let Err(e) = flatten(done) {
-            upload_error.get_or_insert(e);
+        match flatten(done) {
+            Ok(pi) => stored.push(pi),
+            Err(e) => {
+                upload_error.get_or_insert(e);
+            }
         }
     }
+    // The next snapshot or mirror update on this node need not read these indexes back.
+    node.remember_packs(&stored);
     let computed = compute
         .await
         .map_err(|e| Error::internal(format!("snapshot worker failed: {e}")));
@@ -175,7 +183,7 @@ pub async fn create(
     })
 }
 
-fn flatten(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+fn flatten(r: std::result::Result<Result<PackIndex>, tokio::task::JoinError>) -> Result<PackIndex> {
     r.map_err(|e| Error::internal(format!("pack upload task failed: {e}")))?
 }
 

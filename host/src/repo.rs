@@ -480,22 +480,9 @@ impl Repository {
         }
     }
 
-    /// Keys under `prefix`, with their sizes.
-    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&Path::from(prefix)))
-            .try_collect()
-            .await?;
-        Ok(metas
-            .into_iter()
-            .map(|m| (m.location.to_string(), m.size))
-            .collect())
-    }
-
-    /// Keys under `prefix` with the store's own modification time (unix ms): lease expiry is
-    /// judged by the server's clock, not by the clocks of the nodes that share a target.
-    pub async fn list_objects_modified(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+    /// Keys under `prefix`, each with its size and the store's own modification time (unix
+    /// ms: lease expiry is judged by the server's clock, not by the nodes' clocks).
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>> {
         let metas: Vec<_> = self
             .store
             .list(Some(&Path::from(prefix)))
@@ -504,10 +491,8 @@ impl Repository {
         Ok(metas
             .into_iter()
             .map(|m| {
-                (
-                    m.location.to_string(),
-                    m.last_modified.timestamp_millis().max(0) as u64,
-                )
+                let modified = m.last_modified.timestamp_millis().max(0) as u64;
+                (m.location.to_string(), m.size, modified)
             })
             .collect())
     }

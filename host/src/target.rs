@@ -593,7 +593,7 @@ fn lock_key(volume: &VolumeName, holder: &HolderId) -> String {
 /// Every lock record of `volume` in the target.
 pub async fn lock_records(repo: &Repository, volume: &VolumeName) -> Result<Vec<LockRecord>> {
     let mut out = Vec::new();
-    for (key, _) in repo.list_objects(&format!("locks/{volume}")).await? {
+    for (key, _, _) in repo.list_objects(&format!("locks/{volume}")).await? {
         let Some(raw) = repo.get_object(&key).await? else {
             continue;
         };
@@ -678,13 +678,13 @@ impl LeaseGuard {
 /// An expired lease is deleted (a lease key is never written twice, so it cannot come back).
 /// A lease that cannot be read counts as live and blocking (kind "unknown"): fail closed.
 async fn live_leases(repo: &Repository, own: &str) -> Result<Vec<(String, Lease)>> {
-    let listed = repo.list_objects_modified("leases").await?;
+    let listed = repo.list_objects("leases").await?;
     let now = listed
         .iter()
-        .find(|(k, _)| k == own)
-        .map_or_else(crate::now_unix_ms, |(_, t)| *t);
+        .find(|(k, _, _)| k == own)
+        .map_or_else(crate::now_unix_ms, |(_, _, t)| *t);
     let mut out = Vec::new();
-    for (key, modified) in listed {
+    for (key, _, modified) in listed {
         if key == own {
             continue;
         }
@@ -734,21 +734,24 @@ async fn still_leased(repo: &Repository, lease: &LeaseGuard) -> Result<()> {
     })
 }
 
+/// Writes a new lease of `kind` under its own key and returns the key.
+async fn put_lease(repo: &Repository, me: &NodeId, kind: &str) -> Result<String> {
+    let key = format!("leases/{kind}-{me}-{:016x}", rand::random::<u64>());
+    let lease = Lease {
+        owner: me.to_string(),
+        kind: kind.into(),
+        expires_unix_ms: crate::now_unix_ms() + LEASE_MS,
+    };
+    let body = serde_json::to_vec(&lease).map_err(|e| Error::internal(e.to_string()))?;
+    repo.put_object(&key, body).await?;
+    Ok(key)
+}
+
 /// Takes a push lease, waiting (up to `wait`) while a gc holds the target.
 pub async fn lease_push(repo: &Repository, me: &NodeId, wait: Duration) -> Result<LeaseGuard> {
     let t0 = Instant::now();
     loop {
-        let key = format!("leases/push-{me}-{:016x}", rand::random::<u64>());
-        let lease = Lease {
-            owner: me.to_string(),
-            kind: "push".into(),
-            expires_unix_ms: crate::now_unix_ms() + LEASE_MS,
-        };
-        repo.put_object(
-            &key,
-            serde_json::to_vec(&lease).map_err(|e| Error::internal(e.to_string()))?,
-        )
-        .await?;
+        let key = put_lease(repo, me, "push").await?;
         // Created first, then looked: a gc that looks after us sees our lease.
         let gc = live_leases(repo, &key)
             .await?
@@ -777,18 +780,9 @@ pub async fn lease_push(repo: &Repository, me: &NodeId, wait: Duration) -> Resul
 /// starting at once, at least one sees the other. Nothing is ever taken over, so a lease is
 /// only ever deleted by its owner, or by anyone once it has expired (it cannot come back).
 pub async fn lease_gc(repo: &Repository, me: &NodeId) -> Result<LeaseGuard> {
-    let key = format!("leases/gc-{me}-{:016x}", rand::random::<u64>());
-    let lease = Lease {
-        owner: me.to_string(),
-        kind: "gc".into(),
-        expires_unix_ms: crate::now_unix_ms() + LEASE_MS,
+    let guard = LeaseGuard {
+        key: put_lease(repo, me, "gc").await?,
     };
-    repo.put_object(
-        &key,
-        serde_json::to_vec(&lease).map_err(|e| Error::internal(e.to_string()))?,
-    )
-    .await?;
-    let guard = LeaseGuard { key };
     let others = live_leases(repo, &guard.key).await?;
     if let Some((_, other)) = others.iter().find(|(_, l)| l.kind != "push") {
         let owner = other.owner.clone();
@@ -844,6 +838,7 @@ pub struct PackSink<'a> {
     uploads: tokio::task::JoinSet<Result<crate::repo::pack::PackIndex>>,
     /// The indexes of the packs this sink stored.
     pub stored: Vec<crate::repo::pack::PackIndex>,
+    max_uploads: usize,
     pub stats: SnapshotStats,
 }
 
@@ -856,6 +851,7 @@ impl<'a> PackSink<'a> {
             pending: HashSet::new(),
             uploads: tokio::task::JoinSet::new(),
             stored: Vec::new(),
+            max_uploads: uploads_in_flight(),
             stats: Default::default(),
         }
     }
@@ -888,7 +884,7 @@ impl<'a> PackSink<'a> {
         if self.builder.is_empty() {
             return Ok(());
         }
-        while self.uploads.len() >= uploads_in_flight() {
+        while self.uploads.len() >= self.max_uploads {
             self.finish_one().await?;
         }
         let b = std::mem::take(&mut self.builder);

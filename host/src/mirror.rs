@@ -26,11 +26,11 @@ use crate::catalog::{SnapshotRecord, SnapshotStats, VolumeRecord};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
-use crate::peer::client::PeerClient;
+use crate::peer::client::{ManifestAnswer, PeerClient};
 use crate::peer::{MAX_CHUNKS_PER_REQUEST, parse_frames};
 use crate::repo::ChunkIndex;
 use crate::repo::pack::PackBuilder;
-use crate::snapshot::{self, Manifest};
+use crate::snapshot::{self, Manifest, ManifestDelta};
 use crate::softlock::{LockSetUpdate, LockType, NewLock, ReplaceOutcome};
 use crate::state::Node;
 
@@ -73,6 +73,12 @@ pub struct MirrorReport {
     pub bytes_fetched: u64,
     /// Plain bytes of those chunks.
     pub plain_bytes_fetched: u64,
+    /// Of `bytes_fetched`, the manifests' (whole, or as deltas against the base).
+    #[serde(default)]
+    pub manifest_bytes_fetched: u64,
+    /// Manifests received as a delta against the one before (the others came whole).
+    #[serde(default)]
+    pub manifest_deltas: u64,
     /// Snapshots deleted here because the upstream deleted them.
     pub deleted: Vec<String>,
     /// Deleted upstream but kept here because a lock holds them.
@@ -80,6 +86,14 @@ pub struct MirrorReport {
     pub locks_sent_before: usize,
     pub locks_sent_after: usize,
     pub seconds: f64,
+}
+
+impl MirrorReport {
+    fn count_manifest(&mut self, bytes: usize, delta: bool) {
+        self.bytes_fetched += bytes as u64;
+        self.manifest_bytes_fetched += bytes as u64;
+        self.manifest_deltas += delta as u64;
+    }
 }
 
 /// The holder-visible value of a mirror's base lock: `holdfast://NODE/VOLUME`.
@@ -252,6 +266,8 @@ pub async fn run(
                     chunks_fetched: 0,
                     bytes_fetched: 0,
                     plain_bytes_fetched: 0,
+                    manifest_bytes_fetched: 0,
+                    manifest_deltas: 0,
                     deleted: vec![],
                     kept_locked: vec![],
                     locks_sent_before: 0,
@@ -313,6 +329,8 @@ pub async fn run(
         chunks_fetched: 0,
         bytes_fetched: 0,
         plain_bytes_fetched: 0,
+        manifest_bytes_fetched: 0,
+        manifest_deltas: 0,
         deleted: vec![],
         kept_locked: vec![],
         locks_sent_before,
@@ -322,12 +340,31 @@ pub async fn run(
     if !wanted.is_empty() {
         // gc must not remove a pack this update reuses or writes before it is committed.
         let _repo_lock = node.lock_repo_shared()?;
-        let (mut index, problems) = node.load_index().await?;
+        // The base's manifest, read here while the index loads: the upstream sends each new
+        // manifest as a delta against the one before it.
+        let (loaded, mut prev) = tokio::join!(node.load_index(), async {
+            let b = base.as_ref()?;
+            snapshot::load_manifest(&node.repo, b)
+                .await
+                .inspect_err(|e| tracing::warn!("{e}; asking the upstream for whole manifests"))
+                .ok()
+        });
+        let (mut index, problems) = loaded?;
+        // A pack whose index is unreadable may hold chunks of the base too: then look for
+        // missing chunks in every block, not only the changed ones.
+        let whole = !problems.is_empty();
         for p in problems {
             tracing::warn!("{p}; its chunks will be fetched again");
         }
         for rec in wanted {
-            receive_snapshot(node, &client, rec, &mut index, &mut report, progress).await?;
+            let got = Receive {
+                node,
+                client: &client,
+                rec,
+                prev: prev.as_ref(),
+                whole,
+            };
+            prev = Some(got.run(&mut index, &mut report, progress).await?);
             report.received.push(rec.display_ref());
         }
     }
@@ -387,115 +424,188 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
     send_lock_set(&client, volume, &node.info.node_id, locks).await
 }
 
-/// Fetches, verifies and commits one snapshot.
-async fn receive_snapshot(
-    node: &Node,
-    client: &PeerClient,
-    rec: &SnapshotRecord,
-    index: &mut ChunkIndex,
-    report: &mut MirrorReport,
-    progress: &ProgressBar,
-) -> Result<()> {
-    let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
-    let raw = client.manifest(&rec.volume, &rec.id).await?;
-    // The manifest crosses the wire too (one chunk id per block): count it.
-    report.bytes_fetched += raw.len() as u64;
-    let m = Manifest::decode(&raw, &what)?;
-    if m.id != rec.id
-        || m.volume != rec.volume
-        || m.size != rec.size
-        || m.block_size != rec.block_size
-    {
-        return Err(Error::corrupt(format!(
-            "the manifest of {what} does not match the snapshot it was listed as"
-        )));
-    }
-    // The chunks we lack, each once.
-    let mut seen = HashSet::new();
-    let needed: Vec<ChunkId> = m
-        .blocks
-        .iter()
-        .flatten()
-        .filter(|id| !index.contains(id) && seen.insert(**id))
-        .copied()
-        .collect();
-    progress.set_length(progress.length().unwrap_or(0) + needed.len() as u64);
-    let mut stats = SnapshotStats {
-        blocks: m.blocks.len() as u64,
-        zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
-        ..Default::default()
-    };
+/// One snapshot to fetch, verify and commit.
+struct Receive<'a> {
+    node: &'a Node,
+    client: &'a PeerClient,
+    rec: &'a SnapshotRecord,
+    /// The manifest of a snapshot held here and upstream, to receive this one as a delta of.
+    prev: Option<&'a Manifest>,
+    /// Look for missing chunks in every block, not only those that differ from `prev`.
+    whole: bool,
+}
 
-    let mut builder = PackBuilder::new();
-    let mut batches = needed.chunks(CHUNKS_PER_REQUEST).map(<[ChunkId]>::to_vec);
-    let mut inflight: JoinSet<Result<(usize, Vec<ChunkId>, bytes::Bytes)>> = JoinSet::new();
-    let mut order = 0usize;
-    let mut pending: BTreeMap<usize, (Vec<ChunkId>, bytes::Bytes)> = BTreeMap::new();
-    let mut next_to_store = 0usize;
-    let client = Arc::new(client.clone());
-    loop {
-        while inflight.len() < FETCH_CONCURRENCY {
-            let Some(batch) = batches.next() else { break };
-            let (c, vol, id, n) = (client.clone(), rec.volume.clone(), rec.id, order);
-            order += 1;
-            inflight.spawn(async move {
-                let body = fetch_with_retry(&c, &vol, &id, batch.clone()).await?;
-                Ok((n, batch, body))
-            });
-        }
-        let Some(done) = inflight.join_next().await else {
-            break;
+impl Receive<'_> {
+    /// The manifest, as a delta against `prev` when there is one, checked against the listing.
+    /// Returns it, its stored form, and the indexes of the blocks that differ from `prev` (all
+    /// of them when it came whole).
+    async fn manifest(
+        &self,
+        what: &str,
+        report: &mut MirrorReport,
+    ) -> Result<(Manifest, Vec<u8>, Option<Vec<u64>>)> {
+        let rec = self.rec;
+        let answer = self
+            .client
+            .manifest(&rec.volume, &rec.id, self.prev.map(|p| p.id))
+            .await?;
+        let (m, stored, changed) = match answer {
+            ManifestAnswer::Delta(raw) => {
+                // The manifest crosses the wire too: count it.
+                report.count_manifest(raw.len(), true);
+                let prev = self.prev.ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "{what}: the upstream sent a delta nobody asked for"
+                    ))
+                })?;
+                let delta = ManifestDelta::decode(&raw, what)?;
+                match delta.apply(prev, what) {
+                    Ok(m) => {
+                        let changed = delta.changes.iter().map(|(i, _)| *i).collect();
+                        let m2 = m.clone();
+                        let stored = tokio::task::spawn_blocking(move || m2.encode())
+                            .await
+                            .map_err(|e| Error::internal(format!("manifest encoder: {e}")))??;
+                        (m, stored, Some(changed))
+                    }
+                    Err(e) => {
+                        // A diverged copy of the base here: take the whole manifest instead.
+                        tracing::warn!("{e}; fetching the whole manifest");
+                        let raw = match self.client.manifest(&rec.volume, &rec.id, None).await? {
+                            ManifestAnswer::Full(raw) => raw,
+                            ManifestAnswer::Delta(_) => {
+                                return Err(Error::corrupt(format!(
+                                    "{what}: the upstream sent a delta nobody asked for"
+                                )));
+                            }
+                        };
+                        report.count_manifest(raw.len(), false);
+                        (Manifest::decode(&raw, what)?, raw.to_vec(), None)
+                    }
+                }
+            }
+            ManifestAnswer::Full(raw) => {
+                report.count_manifest(raw.len(), false);
+                (Manifest::decode(&raw, what)?, raw.to_vec(), None)
+            }
         };
-        let (n, batch, body) =
-            done.map_err(|e| Error::internal(format!("chunk fetch task failed: {e}")))??;
-        pending.insert(n, (batch, body));
-        // Store in request order so packs fill deterministically.
-        while let Some((batch, body)) = pending.remove(&next_to_store) {
-            next_to_store += 1;
-            report.bytes_fetched += body.len() as u64;
-            let asked: HashSet<ChunkId> = batch.iter().copied().collect();
-            let verified = tokio::task::spawn_blocking(move || verify_frames(&body, &asked))
-                .await
-                .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
-            for (id, encoding, stored, raw_len) in verified {
-                report.chunks_fetched += 1;
-                report.plain_bytes_fetched += raw_len as u64;
-                stats.new_chunks += 1;
-                stats.new_bytes += raw_len as u64;
-                stats.new_stored_bytes += stored.len() as u64;
-                builder.add(id, encoding, &stored, raw_len);
-                progress.inc(1);
-                if builder.is_full() {
-                    seal(node, std::mem::take(&mut builder), index).await?;
+        if m.id != rec.id
+            || m.volume != rec.volume
+            || m.size != rec.size
+            || m.block_size != rec.block_size
+        {
+            return Err(Error::corrupt(format!(
+                "the manifest of {what} does not match the snapshot it was listed as"
+            )));
+        }
+        Ok((m, stored, changed))
+    }
+
+    /// Fetches, verifies and commits the snapshot; returns its manifest.
+    async fn run(
+        self,
+        index: &mut ChunkIndex,
+        report: &mut MirrorReport,
+        progress: &ProgressBar,
+    ) -> Result<Manifest> {
+        let (node, client, rec) = (self.node, self.client, self.rec);
+        let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
+        let (m, stored_manifest, changed) = self.manifest(&what, report).await?;
+        // The blocks that may name a chunk this node lacks: those that differ from a snapshot
+        // committed here (whose chunks are all here), or every block.
+        let candidates: Vec<(usize, ChunkId)> = match changed.filter(|_| !self.whole) {
+            Some(changed) => changed
+                .into_iter()
+                .filter_map(|i| m.blocks[i as usize].map(|id| (i as usize, id)))
+                .collect(),
+            None => m
+                .blocks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.map(|id| (i, id)))
+                .collect(),
+        };
+        // The chunks we lack, each once.
+        let mut seen = HashSet::new();
+        let needed: Vec<ChunkId> = candidates
+            .iter()
+            .map(|(_, id)| id)
+            .filter(|id| !index.contains(id) && seen.insert(**id))
+            .copied()
+            .collect();
+        progress.set_length(progress.length().unwrap_or(0) + needed.len() as u64);
+        let mut stats = SnapshotStats {
+            blocks: m.blocks.len() as u64,
+            zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
+            ..Default::default()
+        };
+
+        let mut builder = PackBuilder::new();
+        let mut batches = needed.chunks(CHUNKS_PER_REQUEST).map(<[ChunkId]>::to_vec);
+        let mut inflight: JoinSet<Result<(usize, Vec<ChunkId>, bytes::Bytes)>> = JoinSet::new();
+        let mut order = 0usize;
+        let mut pending: BTreeMap<usize, (Vec<ChunkId>, bytes::Bytes)> = BTreeMap::new();
+        let mut next_to_store = 0usize;
+        let client = Arc::new(client.clone());
+        loop {
+            while inflight.len() < FETCH_CONCURRENCY {
+                let Some(batch) = batches.next() else { break };
+                let (c, vol, id, n) = (client.clone(), rec.volume.clone(), rec.id, order);
+                order += 1;
+                inflight.spawn(async move {
+                    let body = fetch_with_retry(&c, &vol, &id, batch.clone()).await?;
+                    Ok((n, batch, body))
+                });
+            }
+            let Some(done) = inflight.join_next().await else {
+                break;
+            };
+            let (n, batch, body) =
+                done.map_err(|e| Error::internal(format!("chunk fetch task failed: {e}")))??;
+            pending.insert(n, (batch, body));
+            // Store in request order so packs fill deterministically.
+            while let Some((batch, body)) = pending.remove(&next_to_store) {
+                next_to_store += 1;
+                report.bytes_fetched += body.len() as u64;
+                let asked: HashSet<ChunkId> = batch.iter().copied().collect();
+                let verified = tokio::task::spawn_blocking(move || verify_frames(&body, &asked))
+                    .await
+                    .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
+                for (id, encoding, stored, raw_len) in verified {
+                    report.chunks_fetched += 1;
+                    report.plain_bytes_fetched += raw_len as u64;
+                    stats.new_chunks += 1;
+                    stats.new_bytes += raw_len as u64;
+                    stats.new_stored_bytes += stored.len() as u64;
+                    builder.add(id, encoding, &stored, raw_len);
+                    progress.inc(1);
+                    if builder.is_full() {
+                        seal(node, std::mem::take(&mut builder), index).await?;
+                    }
                 }
             }
         }
+        if !builder.is_empty() {
+            seal(node, builder, index).await?;
+        }
+        // Every block must now be readable here.
+        if let Some((i, id)) = candidates.iter().find(|(_, id)| !index.contains(id)) {
+            return Err(Error::corrupt(format!(
+                "{what}: block {i} needs chunk {id}, which the upstream did not send"
+            )));
+        }
+        node.repo
+            .put_manifest(&rec.volume, &rec.id, stored_manifest)
+            .await?;
+        let mut local = m.record(stats);
+        local.labels = rec.labels.clone();
+        if let Err(e) = node.catalog.commit_snapshot(&local) {
+            let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
+            return Err(e);
+        }
+        tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
+        Ok(m)
     }
-    if !builder.is_empty() {
-        seal(node, builder, index).await?;
-    }
-    // Every block must now be readable here.
-    if let Some((i, id)) = m
-        .blocks
-        .iter()
-        .enumerate()
-        .find_map(|(i, b)| b.filter(|id| !index.contains(id)).map(|id| (i, id)))
-    {
-        return Err(Error::corrupt(format!(
-            "{what}: block {i} needs chunk {id}, which the upstream did not send"
-        )));
-    }
-    node.repo
-        .put_manifest(&rec.volume, &rec.id, raw.to_vec())
-        .await?;
-    let mut local = m.record(stats);
-    local.labels = rec.labels.clone();
-    if let Err(e) = node.catalog.commit_snapshot(&local) {
-        let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
-        return Err(e);
-    }
-    tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
-    Ok(())
 }
 
 /// Seals a pack, makes it durable and adds it to the index.

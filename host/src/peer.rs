@@ -7,7 +7,7 @@
 //! | route | what |
 //! |---|---|
 //! | `GET  /v1/volumes/{volume}/snapshots` | the volume's snapshots, oldest first |
-//! | `GET  /v1/volumes/{volume}/snapshots/{id}/manifest` | the stored manifest (zstd JSON bytes) |
+//! | `GET  /v1/volumes/{volume}/snapshots/{id}/manifest[?base=ID]` | the stored manifest, or with `base` a delta against that snapshot's (header `x-holdfast-manifest: full` or `delta`) |
 //! | `POST /v1/volumes/{volume}/snapshots/{id}/chunks` | `{"chunks": [hex, …]}` → chunk frames |
 //! | `PUT  /v1/volumes/{volume}/locks` | the peer's whole lock set for the volume ([`LockSetUpdate`]) |
 //! | `GET  /v1/status` | the daemon's status (admin token from the state directory) |
@@ -31,6 +31,8 @@ use crate::id::{ChunkId, NodeId, VolumeName};
 
 /// The header a peer names itself with.
 pub const PEER_HEADER: &str = "x-holdfast-peer";
+/// The header that says whether a manifest answer is `full` or a `delta`.
+pub const MANIFEST_KIND_HEADER: &str = "x-holdfast-manifest";
 /// Most chunks one request may ask for.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
 /// Largest plain chunk accepted (the largest block size).

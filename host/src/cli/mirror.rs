@@ -79,13 +79,14 @@ impl MirrorCommand {
                     println!("kept     {s} (gone upstream, locked here)");
                 }
                 ctx.summary(format!(
-                    "{volume} <- {}: {}{}, {} snapshot(s), {} chunks, {} on the wire ({} plain) in {:.2}s ({}); locks sent {} before, {} after",
+                    "{volume} <- {}: {}{}, {} snapshot(s), {} chunks, {} on the wire (manifests {}) ({} plain) in {:.2}s ({}); locks sent {} before, {} after",
                     r.upstream,
                     r.kind,
                     r.base.as_ref().map_or(String::new(), |b| format!(" from {b}")),
                     r.received.len(),
                     r.chunks_fetched,
                     human_bytes(r.bytes_fetched),
+                    human_bytes(r.manifest_bytes_fetched),
                     human_bytes(r.plain_bytes_fetched),
                     r.seconds,
                     throughput(r.bytes_fetched, std::time::Duration::from_secs_f64(r.seconds)),

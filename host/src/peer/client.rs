@@ -6,11 +6,20 @@ use bytes::Bytes;
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 
-use super::{ChunkRequest, PEER_HEADER, SnapshotList, WireError};
+use super::{ChunkRequest, MANIFEST_KIND_HEADER, PEER_HEADER, SnapshotList, WireError};
 use crate::config::{NodeConfig, Upstream};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
 use crate::softlock::{LockSetUpdate, ReplaceOutcome};
+
+/// A manifest as an upstream sent it.
+#[derive(Debug)]
+pub enum ManifestAnswer {
+    /// The stored manifest.
+    Full(Bytes),
+    /// A [`crate::snapshot::ManifestDelta`] against the base asked for.
+    Delta(Bytes),
+}
 
 /// A connection to one upstream (HTTP/2, pooled; cheap to clone).
 #[derive(Clone, Debug)]
@@ -132,17 +141,17 @@ impl PeerClient {
     }
 
     async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        let resp = self.send(req).await?;
-        let body = resp.bytes().await.map_err(|e| Error::Unavailable {
-            message: format!("reading the answer of {}: {e}", self.who()),
-            source: None,
-        })?;
+        let body = self.bytes(req).await?;
         serde_json::from_slice(&body)
             .map_err(|e| Error::corrupt(format!("{} sent a malformed answer: {e}", self.who())))
     }
 
     async fn bytes(&self, req: RequestBuilder) -> Result<Bytes> {
         let resp = self.send(req).await?;
+        self.body(resp).await
+    }
+
+    async fn body(&self, resp: Response) -> Result<Bytes> {
         resp.bytes().await.map_err(|e| Error::Unavailable {
             message: format!("reading the answer of {}: {e}", self.who()),
             source: None,
@@ -163,12 +172,29 @@ impl PeerClient {
         Ok(list)
     }
 
-    pub async fn manifest(&self, volume: &VolumeName, id: &SnapshotId) -> Result<Bytes> {
-        self.bytes(self.request(
-            Method::GET,
-            &format!("v1/volumes/{volume}/snapshots/{id}/manifest"),
-        ))
-        .await
+    /// The manifest of snapshot `id`; with `base`, preferably as a delta against that
+    /// snapshot's manifest (an upstream without `base` sends the whole manifest).
+    pub async fn manifest(
+        &self,
+        volume: &VolumeName,
+        id: &SnapshotId,
+        base: Option<SnapshotId>,
+    ) -> Result<ManifestAnswer> {
+        let mut path = format!("v1/volumes/{volume}/snapshots/{id}/manifest");
+        if let Some(b) = base {
+            path.push_str(&format!("?base={b}"));
+        }
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let delta = resp
+            .headers()
+            .get(MANIFEST_KIND_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"delta");
+        let body = self.body(resp).await?;
+        Ok(if delta {
+            ManifestAnswer::Delta(body)
+        } else {
+            ManifestAnswer::Full(body)
+        })
     }
 
     /// The frames of `chunks` (referenced by snapshot `id`).

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -13,12 +13,15 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 use super::{
-    ChunkRequest, MAX_CHUNKS_PER_REQUEST, PEER_HEADER, SnapshotList, WireError, write_frame,
+    ChunkRequest, MANIFEST_KIND_HEADER, MAX_CHUNKS_PER_REQUEST, PEER_HEADER, SnapshotList,
+    WireError, write_frame,
 };
+use crate::catalog::SnapshotRecord;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName, shorten};
 use crate::repo::ChunkIndex;
+use crate::snapshot::Manifest;
 use crate::softlock::registry::HolderSettings;
 use crate::softlock::{HolderId, LockSetUpdate};
 use crate::state::Node;
@@ -163,19 +166,19 @@ impl ServerState {
     }
 
     fn snapshot(&self, volume: &VolumeName, id: &str) -> Result<SnapshotId> {
+        Ok(self.record(volume, id)?.id)
+    }
+
+    fn record(&self, volume: &VolumeName, id: &str) -> Result<SnapshotRecord> {
         let id: SnapshotId = id.parse()?;
-        if !self
-            .node
+        self.node
             .catalog
             .snapshots(volume)?
-            .iter()
-            .any(|s| s.id == id)
-        {
-            return Err(Error::not_found(format!(
-                "volume {volume} has no snapshot {id} on this node"
-            )));
-        }
-        Ok(id)
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| {
+                Error::not_found(format!("volume {volume} has no snapshot {id} on this node"))
+            })
     }
 
     /// The chunks a snapshot references (a peer may read only those).
@@ -194,21 +197,21 @@ impl ServerState {
         {
             return Ok(set.clone());
         }
-        let rec = self
-            .node
-            .catalog
-            .snapshots(volume)?
-            .into_iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| Error::not_found(format!("volume {volume} has no snapshot {id}")))?;
+        let rec = self.record(volume, &id.to_string())?;
         let m = crate::snapshot::load_manifest(&self.node.repo, &rec).await?;
+        Ok(self.remember_chunk_set(&m))
+    }
+
+    /// Caches the chunks of manifest `m` (the last few snapshots served).
+    fn remember_chunk_set(&self, m: &Manifest) -> Arc<HashSet<ChunkId>> {
         let set: Arc<HashSet<ChunkId>> = Arc::new(m.blocks.iter().flatten().copied().collect());
         let mut cache = self.manifests.lock().expect("not poisoned");
-        cache.push_back((key, set.clone()));
+        cache.retain(|(k, _)| *k != (m.volume.clone(), m.id));
+        cache.push_back(((m.volume.clone(), m.id), set.clone()));
         while cache.len() > 4 {
             cache.pop_front();
         }
-        Ok(set)
+        set
     }
 
     /// Reloads the chunk index (packs gone since are dropped, new ones read).
@@ -287,24 +290,52 @@ async fn list_snapshots(
     }))
 }
 
+/// `?base=ID`: the snapshot the peer already has, to send the manifest as a delta against.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestQuery {
+    base: Option<String>,
+}
+
 async fn manifest(
     State(s): Shared,
     headers: HeaderMap,
     Path((volume, id)): Path<(String, String)>,
-) -> Api<Bytes> {
+    Query(q): Query<ManifestQuery>,
+) -> Api<Response> {
     let peer = s.peer(&headers)?;
     let volume = s.granted(peer, &volume)?;
-    let id = s.snapshot(&volume, &id)?;
-    let raw = s.node.repo.read_manifest(&volume, &id).await?;
-    // The peer asks for chunks of this snapshot next: work out which it may read while it
-    // decodes the manifest, instead of after its request arrives.
-    let state = s.clone();
-    tokio::spawn(async move {
-        if let Err(e) = state.chunk_set(&volume, id).await {
-            tracing::debug!("precomputing the chunks of {volume}@{id}: {e}");
-        }
-    });
-    Ok(raw)
+    let rec = s.record(&volume, &id)?;
+    // A base this node no longer has (pruned since the peer listed it) means the whole
+    // manifest, as for a baseline.
+    let base = match q.base.as_deref().map(|b| s.record(&volume, b)) {
+        Some(Ok(b)) if b.block_size == rec.block_size => Some(b),
+        Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
+        Some(Err(e)) => return Err(e.into()),
+    };
+    let Some(base) = base else {
+        let raw = s.node.repo.read_manifest(&volume, &rec.id).await?;
+        // The peer asks for chunks of this snapshot next: work out which it may read while it
+        // decodes the manifest, instead of after its request arrives.
+        let state = s.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.chunk_set(&volume, rec.id).await {
+                tracing::debug!("precomputing the chunks of {volume}@{}: {e}", rec.id);
+            }
+        });
+        return Ok(([(MANIFEST_KIND_HEADER, "full")], raw).into_response());
+    };
+    let (m, b) = tokio::try_join!(
+        crate::snapshot::load_manifest(&s.node.repo, &rec),
+        crate::snapshot::load_manifest(&s.node.repo, &base)
+    )?;
+    let m = Arc::new(m);
+    let (state, m2) = (s.clone(), m.clone());
+    tokio::task::spawn_blocking(move || state.remember_chunk_set(&m2));
+    let delta = tokio::task::spawn_blocking(move || m.delta_from(&b).encode())
+        .await
+        .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))??;
+    Ok(([(MANIFEST_KIND_HEADER, "delta")], delta).into_response())
 }
 
 async fn chunks(

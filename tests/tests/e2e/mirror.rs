@@ -77,6 +77,8 @@ fn cascade_baseline_then_increments() {
     let r = c.mirror("vm1");
     assert_eq!(r["kind"], "baseline");
     assert_eq!(c.ids("vm1"), vec![s1.clone()]);
+    let whole_manifest = u(&r["manifest-bytes-fetched"]);
+    assert!(whole_manifest > 0, "{r}");
 
     for (i, name) in ["s2", "s3"].iter().enumerate() {
         change(&img, 3, i as u64);
@@ -89,6 +91,12 @@ fn cascade_baseline_then_increments() {
         let rc = c.mirror("vm1");
         assert_eq!(rc["kind"], "incremental", "{rc}");
         assert!(u(&rc["chunks-fetched"]) <= 3, "{rc}");
+        // The manifests come as deltas against the base: a few changed blocks, not one id
+        // per block of the volume.
+        for r in [&rb, &rc] {
+            assert_eq!(u(&r["manifest-deltas"]), 1, "{r}");
+            assert!(u(&r["manifest-bytes-fetched"]) * 3 < whole_manifest, "{r}");
+        }
     }
     assert_eq!(a.ids("vm1"), c.ids("vm1"));
     // C's new base reaches A without waiting for B's next update: B's daemon forwards a

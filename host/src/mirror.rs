@@ -230,6 +230,10 @@ pub async fn run(
 
     // 1. The upstream's snapshots.
     let listed = client.snapshots(volume).await?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "listed the upstream's snapshots"
+    );
     let theirs = listed.snapshots;
     let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
 
@@ -306,6 +310,7 @@ pub async fn run(
     // 2–3. The lock set, before the transfer.
     let before = lock_set(node, volume, &upstream_has, base.as_ref().map(|b| b.id))?;
     let locks_sent_before = send_lock_set(&client, volume, &me, before).await?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "sent the lock set");
 
     // 4. The snapshots newer than our newest, oldest first.
     let newest_ours = ours.last().map(|s| s.id);
@@ -340,31 +345,27 @@ pub async fn run(
     if !wanted.is_empty() {
         // gc must not remove a pack this update reuses or writes before it is committed.
         let _repo_lock = node.lock_repo_shared()?;
-        // The base's manifest, read here while the index loads: the upstream sends each new
-        // manifest as a delta against the one before it.
-        let (loaded, mut prev) = tokio::join!(node.load_index(), async {
-            let b = base.as_ref()?;
-            snapshot::load_manifest(&node.repo, b)
+        // The base's manifest: the upstream sends each new manifest as a delta against the
+        // one before it.
+        let mut prev = match &base {
+            Some(b) => snapshot::load_manifest(&node.repo, b)
                 .await
                 .inspect_err(|e| tracing::warn!("{e}; asking the upstream for whole manifests"))
-                .ok()
-        });
-        let (mut index, problems) = loaded?;
-        // A pack whose index is unreadable may hold chunks of the base too: then look for
-        // missing chunks in every block, not only the changed ones.
-        let whole = !problems.is_empty();
-        for p in problems {
-            tracing::warn!("{p}; its chunks will be fetched again");
-        }
+                .ok(),
+            None => None,
+        };
+        tracing::debug!(ms = started.elapsed().as_millis(), "loaded the base");
+        // Where the chunks this update looks for are held here (filled as it goes).
+        let mut index = ChunkIndex::default();
         for rec in wanted {
             let got = Receive {
                 node,
                 client: &client,
                 rec,
                 prev: prev.as_ref(),
-                whole,
             };
             prev = Some(got.run(&mut index, &mut report, progress).await?);
+            tracing::debug!(ms = started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
             report.received.push(rec.display_ref());
         }
     }
@@ -396,6 +397,7 @@ pub async fn run(
             true,
         )?;
     }
+    tracing::debug!(ms = started.elapsed().as_millis(), "applied deletions");
     let after = lock_set(node, volume, &upstream_has, newest)?;
     report.locks_sent_after = send_lock_set(&client, volume, &me, after).await?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -431,8 +433,6 @@ struct Receive<'a> {
     rec: &'a SnapshotRecord,
     /// The manifest of a snapshot held here and upstream, to receive this one as a delta of.
     prev: Option<&'a Manifest>,
-    /// Look for missing chunks in every block, not only those that differ from `prev`.
-    whole: bool,
 }
 
 impl Receive<'_> {
@@ -510,21 +510,37 @@ impl Receive<'_> {
     ) -> Result<Manifest> {
         let (node, client, rec) = (self.node, self.client, self.rec);
         let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
+        let t = Instant::now();
         let (m, stored_manifest, changed) = self.manifest(&what, report).await?;
+        tracing::debug!(ms = t.elapsed().as_millis(), "received the manifest");
         // The blocks that may name a chunk this node lacks: those that differ from a snapshot
         // committed here (whose chunks are all here), or every block.
-        let candidates: Vec<(usize, ChunkId)> = match changed.filter(|_| !self.whole) {
-            Some(changed) => changed
-                .into_iter()
-                .filter_map(|i| m.blocks[i as usize].map(|id| (i as usize, id)))
-                .collect(),
-            None => m
-                .blocks
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.map(|id| (i, id)))
-                .collect(),
+        let blocks = |changed: Option<&[u64]>| -> Vec<(usize, ChunkId)> {
+            match changed {
+                Some(changed) => changed
+                    .iter()
+                    .filter_map(|&i| m.blocks[i as usize].map(|id| (i as usize, id)))
+                    .collect(),
+                None => m
+                    .blocks
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, b)| b.map(|id| (i, id)))
+                    .collect(),
+            }
         };
+        let mut candidates = blocks(changed.as_deref());
+        let mut problems = look_up(node, index, &candidates).await?;
+        if !problems.is_empty() && changed.is_some() {
+            // A pack whose index is unreadable may hold chunks of the base too: look for
+            // missing chunks in every block, not only the changed ones.
+            candidates = blocks(None);
+            problems = look_up(node, index, &candidates).await?;
+        }
+        for p in problems {
+            tracing::warn!("{p}; its chunks will be fetched again");
+        }
+        tracing::debug!(ms = t.elapsed().as_millis(), "looked up the chunks");
         // The chunks we lack, each once.
         let mut seen = HashSet::new();
         let needed: Vec<ChunkId> = candidates
@@ -588,6 +604,7 @@ impl Receive<'_> {
         if !builder.is_empty() {
             seal(node, builder, index).await?;
         }
+        tracing::debug!(ms = t.elapsed().as_millis(), "stored the chunks");
         // Every block must now be readable here.
         if let Some((i, id)) = candidates.iter().find(|(_, id)| !index.contains(id)) {
             return Err(Error::corrupt(format!(
@@ -606,6 +623,26 @@ impl Receive<'_> {
         tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
         Ok(m)
     }
+}
+
+/// Adds to `index` where this node holds the chunks of `blocks` it does not know yet;
+/// returns the problems found with the repository's pack indexes.
+async fn look_up(
+    node: &Node,
+    index: &mut ChunkIndex,
+    blocks: &[(usize, ChunkId)],
+) -> Result<Vec<String>> {
+    let wanted: HashSet<ChunkId> = blocks
+        .iter()
+        .map(|(_, id)| *id)
+        .filter(|id| !index.contains(id))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![]);
+    }
+    let (found, problems) = node.find_chunks(&wanted).await?;
+    index.merge(found);
+    Ok(problems)
 }
 
 /// Seals a pack, makes it durable and adds it to the index.

@@ -92,6 +92,16 @@ impl ChunkIndex {
         self.packs.insert(index.pack, index);
     }
 
+    /// Adds what `other` knows and this does not.
+    pub fn merge(&mut self, other: ChunkIndex) {
+        for (id, loc) in other.chunks {
+            self.chunks.entry(id).or_insert(loc);
+        }
+        for (id, pi) in other.packs {
+            self.packs.entry(id).or_insert(pi);
+        }
+    }
+
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.chunks.contains_key(id)
     }
@@ -303,28 +313,32 @@ impl Repository {
             .into_iter()
             .filter(|id| !known.contains_key(id))
             .collect();
-        let results: Vec<(PackId, Result<PackIndex>)> = futures::stream::iter(missing)
+        let (fresh, problems) = self.read_indexes(missing).await?;
+        let mut index = ChunkIndex::default();
+        for pi in fresh.iter().cloned().chain(known.into_values()) {
+            index.insert(pi);
+        }
+        Ok((index, problems, fresh))
+    }
+
+    /// Reads the index objects of `ids`, several at once; a damaged one is a problem (its
+    /// pack's chunks count as absent), not an error.
+    pub async fn read_indexes(&self, ids: Vec<PackId>) -> Result<(Vec<PackIndex>, Vec<String>)> {
+        let results: Vec<(PackId, Result<PackIndex>)> = futures::stream::iter(ids)
             .map(|id| async move { (id, self.read_index(&id).await) })
             .buffer_unordered(16)
             .collect()
             .await;
-        let mut index = ChunkIndex::default();
         let mut problems = Vec::new();
         let mut fresh = Vec::new();
         for (id, r) in results {
             match r {
-                Ok(pi) => {
-                    fresh.push(pi.clone());
-                    index.insert(pi);
-                }
+                Ok(pi) => fresh.push(pi),
                 Err(e @ Error::Corrupt(_)) => problems.push(format!("index of pack {id}: {e}")),
                 Err(e) => return Err(e),
             }
         }
-        for pi in known.into_values() {
-            index.insert(pi);
-        }
-        Ok((index, problems, fresh))
+        Ok((fresh, problems))
     }
 
     pub async fn read_index(&self, id: &PackId) -> Result<PackIndex> {

@@ -190,6 +190,49 @@ impl Node {
         Ok((index, problems))
     }
 
+    /// Where the `wanted` chunks are, among those this node's repository holds: an index of
+    /// just those (plus every chunk of packs new to the index cache), and the problems
+    /// [`Node::load_index`] would report. A mirror update asks this for the chunks of the
+    /// blocks that changed, so it never builds a map of the whole repository.
+    pub async fn find_chunks(
+        &self,
+        wanted: &std::collections::HashSet<crate::id::ChunkId>,
+    ) -> Result<(crate::repo::ChunkIndex, Vec<String>)> {
+        use crate::repo::index_cache;
+        // Scan the cache while the repository lists its indexes.
+        let dir = self
+            .dir
+            .try_clone()
+            .map_err(|e| Error::io(format!("opening {}", self.path.display()), e))?;
+        let w = wanted.clone();
+        let (m, listed) = tokio::join!(
+            tokio::task::spawn_blocking(move || index_cache::load_matching(&dir, &w)),
+            self.repo.list_indexes()
+        );
+        let m = m.map_err(|e| Error::internal(format!("index cache reader failed: {e}")))?;
+        if m.torn {
+            // The full load rewrites a torn cache.
+            return self.load_index().await;
+        }
+        let listed: std::collections::HashSet<_> = listed?.into_iter().collect();
+        let missing: Vec<_> = listed
+            .iter()
+            .filter(|p| !m.packs.contains(p))
+            .copied()
+            .collect();
+        let (fresh, problems) = self.repo.read_indexes(missing).await?;
+        self.remember_packs(&fresh);
+        let mut index = crate::repo::ChunkIndex::default();
+        // A cached pack that is no longer listed is gone (gc): its chunks are not here.
+        for pi in m.found.into_iter().filter(|pi| listed.contains(&pi.pack)) {
+            index.insert(pi);
+        }
+        for pi in fresh {
+            index.insert(pi);
+        }
+        Ok((index, problems))
+    }
+
     /// Adds indexes of packs this process stored to the index cache (best effort: a pack
     /// missing from the cache is only read from the repository next time).
     pub fn remember_packs(&self, packs: &[crate::repo::pack::PackIndex]) {

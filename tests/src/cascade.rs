@@ -251,9 +251,9 @@ req = urllib.request.Request(url, method=method, data=body.encode() if body else
     headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": peer, "Content-Type": "application/json"})
 try:
     with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
-        print(r.status); sys.stdout.write(r.read().decode())
+        print(r.status); sys.stdout.write(r.read().decode(errors="replace"))
 except urllib.error.HTTPError as e:
-    print(e.code); sys.stdout.write(e.read().decode())
+    print(e.code); sys.stdout.write(e.read().decode(errors="replace"))
 "#;
         let out = Command::new("python3")
             .arg("-c")

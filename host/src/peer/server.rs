@@ -51,8 +51,19 @@ pub struct ServedCounters {
     pub denied: AtomicU64,
 }
 
-/// A snapshot's chunk set, cached.
-type ChunkSetEntry = ((VolumeName, SnapshotId), Arc<HashSet<ChunkId>>);
+/// A snapshot served lately: its manifest, and which chunks a peer may read from it.
+struct Served {
+    volume: VolumeName,
+    manifest: Arc<Manifest>,
+    /// Chunks known to be in it: those of the deltas sent for it. Enough to allow the requests
+    /// of a peer that received a delta, without hashing every block.
+    known: HashSet<ChunkId>,
+    /// All its chunks, made when a request asks for one outside `known`.
+    all: Option<Arc<HashSet<ChunkId>>>,
+}
+
+/// Snapshots whose manifests are kept decoded (the newest is the next update's base).
+const SERVED_CACHE: usize = 4;
 
 /// The server's shared state.
 pub struct ServerState {
@@ -60,7 +71,7 @@ pub struct ServerState {
     peers: HashMap<NodeId, Peer>,
     admin_token: String,
     index: tokio::sync::Mutex<Arc<ChunkIndex>>,
-    manifests: Mutex<VecDeque<ChunkSetEntry>>,
+    served: Mutex<VecDeque<Served>>,
     reporter: Arc<dyn Reporter>,
     pub counters: Arc<ServedCounters>,
     /// Told the volume whenever a downstream's lock set for it changed.
@@ -108,7 +119,7 @@ impl ServerState {
             peers,
             admin_token,
             index: tokio::sync::Mutex::new(Arc::new(ChunkIndex::default())),
-            manifests: Mutex::new(VecDeque::new()),
+            served: Mutex::new(VecDeque::new()),
             reporter,
             counters,
             lock_changes,
@@ -165,10 +176,6 @@ impl ServerState {
         Ok(volume)
     }
 
-    fn snapshot(&self, volume: &VolumeName, id: &str) -> Result<SnapshotId> {
-        Ok(self.record(volume, id)?.id)
-    }
-
     fn record(&self, volume: &VolumeName, id: &str) -> Result<SnapshotRecord> {
         let id: SnapshotId = id.parse()?;
         self.node
@@ -181,37 +188,69 @@ impl ServerState {
             })
     }
 
-    /// The chunks a snapshot references (a peer may read only those).
-    async fn chunk_set(
+    /// The decoded manifest of a snapshot (kept for the last few served).
+    async fn manifest_of(&self, rec: &SnapshotRecord) -> Result<Arc<Manifest>> {
+        if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
+            return Ok(m);
+        }
+        let m = Arc::new(crate::snapshot::load_manifest(&self.node.repo, rec).await?);
+        let mut cache = self.served.lock().expect("not poisoned");
+        if !cache
+            .iter()
+            .any(|e| e.volume == rec.volume && e.manifest.id == rec.id)
+        {
+            cache.push_back(Served {
+                volume: rec.volume.clone(),
+                manifest: m.clone(),
+                known: HashSet::new(),
+                all: None,
+            });
+            while cache.len() > SERVED_CACHE {
+                cache.pop_front();
+            }
+        }
+        Ok(m)
+    }
+
+    fn with_served<T>(
         &self,
         volume: &VolumeName,
         id: SnapshotId,
-    ) -> Result<Arc<HashSet<ChunkId>>> {
-        let key = (volume.clone(), id);
-        if let Some((_, set)) = self
-            .manifests
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .find(|(k, _)| *k == key)
-        {
-            return Ok(set.clone());
-        }
-        let rec = self.record(volume, &id.to_string())?;
-        let m = crate::snapshot::load_manifest(&self.node.repo, &rec).await?;
-        Ok(self.remember_chunk_set(&m))
+        f: impl FnOnce(&mut Served) -> T,
+    ) -> Option<T> {
+        let mut cache = self.served.lock().expect("not poisoned");
+        cache
+            .iter_mut()
+            .find(|e| e.volume == *volume && e.manifest.id == id)
+            .map(f)
     }
 
-    /// Caches the chunks of manifest `m` (the last few snapshots served).
-    fn remember_chunk_set(&self, m: &Manifest) -> Arc<HashSet<ChunkId>> {
-        let set: Arc<HashSet<ChunkId>> = Arc::new(m.blocks.iter().flatten().copied().collect());
-        let mut cache = self.manifests.lock().expect("not poisoned");
-        cache.retain(|(k, _)| *k != (m.volume.clone(), m.id));
-        cache.push_back(((m.volume.clone(), m.id), set.clone()));
-        while cache.len() > 4 {
-            cache.pop_front();
+    /// The first of `chunks` that snapshot `rec` does not reference (a peer may read only
+    /// those), if any.
+    async fn not_in_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+        chunks: &[ChunkId],
+    ) -> Result<Option<ChunkId>> {
+        let quick = self.with_served(&rec.volume, rec.id, |e| {
+            if chunks.iter().all(|c| e.known.contains(c)) {
+                return Some(None);
+            }
+            e.all
+                .as_ref()
+                .map(|all| chunks.iter().find(|c| !all.contains(c)).copied())
+        });
+        if let Some(Some(answer)) = quick {
+            return Ok(answer);
         }
-        set
+        let m = self.manifest_of(rec).await?;
+        let all: Arc<HashSet<ChunkId>> = tokio::task::spawn_blocking(move || {
+            Arc::new(m.blocks.iter().flatten().copied().collect())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("chunk set worker failed: {e}")))?;
+        self.with_served(&rec.volume, rec.id, |e| e.all = Some(all.clone()));
+        Ok(chunks.iter().find(|c| !all.contains(c)).copied())
     }
 
     /// Reloads the chunk index (packs gone since are dropped, new ones read).
@@ -315,27 +354,18 @@ async fn manifest(
     };
     let Some(base) = base else {
         let raw = s.node.repo.read_manifest(&volume, &rec.id).await?;
-        // The peer asks for chunks of this snapshot next: work out which it may read while it
-        // decodes the manifest, instead of after its request arrives.
-        let state = s.clone();
-        tokio::spawn(async move {
-            if let Err(e) = state.chunk_set(&volume, rec.id).await {
-                tracing::debug!("precomputing the chunks of {volume}@{}: {e}", rec.id);
-            }
-        });
         return Ok(([(MANIFEST_KIND_HEADER, "full")], raw).into_response());
     };
-    let (m, b) = tokio::try_join!(
-        crate::snapshot::load_manifest(&s.node.repo, &rec),
-        crate::snapshot::load_manifest(&s.node.repo, &base)
-    )?;
-    let m = Arc::new(m);
-    let (state, m2) = (s.clone(), m.clone());
-    tokio::task::spawn_blocking(move || state.remember_chunk_set(&m2));
-    let delta = tokio::task::spawn_blocking(move || m.delta_from(&b).encode())
+    let (m, b) = tokio::try_join!(s.manifest_of(&rec), s.manifest_of(&base))?;
+    let delta = tokio::task::spawn_blocking(move || m.delta_from(&b))
         .await
-        .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))??;
-    Ok(([(MANIFEST_KIND_HEADER, "delta")], delta).into_response())
+        .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))?;
+    // The peer asks for chunks of the changed blocks next: allow those without hashing every
+    // block of the snapshot.
+    s.with_served(&volume, rec.id, |e| {
+        e.known.extend(delta.changes.iter().filter_map(|(_, c)| *c))
+    });
+    Ok(([(MANIFEST_KIND_HEADER, "delta")], delta.encode()?).into_response())
 }
 
 async fn chunks(
@@ -346,7 +376,8 @@ async fn chunks(
 ) -> Api<Vec<u8>> {
     let peer = s.peer(&headers)?;
     let volume = s.granted(peer, &volume)?;
-    let id = s.snapshot(&volume, &id)?;
+    let rec = s.record(&volume, &id)?;
+    let id = rec.id;
     let req: ChunkRequest = serde_json::from_slice(&body).map_err(|e| {
         Error::invalid(format!(
             "malformed chunk request: {}",
@@ -360,8 +391,7 @@ async fn chunks(
         ))
         .into());
     }
-    let set = s.chunk_set(&volume, id).await?;
-    if let Some(bad) = req.chunks.iter().find(|c| !set.contains(c)) {
+    if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
         return Err(
             Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
         );

@@ -11,7 +11,7 @@
 //! repository's listing decides ([`crate::repo::Repository::load_index_known`]). A record that
 //! is torn or fails its checksum ends the read; what follows is read from the repository again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 
 use cap_std::fs::{Dir, OpenOptions};
@@ -101,6 +101,68 @@ pub fn load(dir: &Dir) -> (HashMap<PackId, PackIndex>, bool) {
     (out, at != raw.len())
 }
 
+/// What [`load_matching`] found.
+#[derive(Debug, Default)]
+pub struct Matches {
+    /// Every pack the cache names.
+    pub packs: HashSet<PackId>,
+    /// The entries of `wanted` chunks, by pack.
+    pub found: Vec<PackIndex>,
+    /// A torn or damaged record cut the read short.
+    pub torn: bool,
+}
+
+/// Looks for the `wanted` chunks in the cache without building an index of everything in it:
+/// a sequential scan of the records that keeps only the entries asked for, so a mirror update
+/// that needs a few hundred chunks does not hash the whole repository's chunk ids into a map.
+pub fn load_matching(dir: &Dir, wanted: &HashSet<ChunkId>) -> Matches {
+    let mut out = Matches::default();
+    let mut raw = Vec::new();
+    match dir.open(FILE) {
+        Ok(mut f) => {
+            if let Err(e) = f.read_to_end(&mut raw) {
+                tracing::debug!("index cache unreadable ({e}); reading the repository's indexes");
+                out.torn = true;
+                return out;
+            }
+        }
+        Err(_) => return out,
+    }
+    let mut at = 0usize;
+    while raw.len() - at >= 36 {
+        let len = u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let sum = &raw[at + 4..at + 36];
+        let Some(body) = raw.get(at + 36..at + 36 + len) else {
+            break;
+        };
+        if blake3::hash(body).as_bytes() != sum
+            || body.len() < 32
+            || !(body.len() - 32).is_multiple_of(ENTRY)
+        {
+            break;
+        }
+        let pack = PackId(body[..32].try_into().expect("32 bytes"));
+        let hits: Vec<&[u8]> = body[32..]
+            .chunks_exact(ENTRY)
+            .filter(|e| wanted.contains(&ChunkId(e[..32].try_into().expect("32 bytes"))))
+            .collect();
+        if !hits.is_empty() {
+            // Decode only the records that hold a hit (a damaged one ends the read, as in
+            // `load`).
+            let mut one = pack.0.to_vec();
+            for e in hits {
+                one.extend_from_slice(e);
+            }
+            let Some(pi) = decode_body(&one) else { break };
+            out.found.push(pi);
+        }
+        out.packs.insert(pack);
+        at += 36 + len;
+    }
+    out.torn = at != raw.len();
+    out
+}
+
 /// Appends pack indexes read since.
 pub fn append(dir: &Dir, new: &[PackIndex]) -> std::io::Result<()> {
     let mut buf = Vec::new();
@@ -147,6 +209,38 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn matching_keeps_only_the_wanted_chunks_and_names_every_pack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority()).unwrap();
+        append(&dir, &[pi(1, 3), pi(10, 4), pi(20, 0)]).unwrap();
+        // Chunks 2 (in pack 1) and 12 (in pack 10, its third entry), and one nobody has.
+        let wanted = [ChunkId([2; 32]), ChunkId([12; 32]), ChunkId([99; 32])].into();
+        let m = load_matching(&dir, &wanted);
+        assert!(!m.torn);
+        assert_eq!(m.packs.len(), 3);
+        let mut found: Vec<_> = m
+            .found
+            .iter()
+            .flat_map(|p| {
+                p.entries
+                    .iter()
+                    .map(move |e| (p.pack.0[0], e.id.0[0], e.offset))
+            })
+            .collect();
+        found.sort();
+        assert_eq!(found, vec![(1, 2, 100), (10, 12, 200)]);
+        // A damaged tail is reported, and what came before it still counts.
+        let path = tmp.path().join(FILE);
+        let mut raw = std::fs::read(&path).unwrap();
+        let n = raw.len();
+        raw.truncate(n - 5);
+        std::fs::write(&path, &raw).unwrap();
+        let m = load_matching(&dir, &wanted);
+        assert!(m.torn);
+        assert_eq!(m.packs.len(), 2);
     }
 
     #[test]

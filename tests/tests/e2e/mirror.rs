@@ -124,6 +124,23 @@ fn cascade_baseline_then_increments() {
     );
     c.node.ok(&["verify"]);
     b.node.ok(&["verify"]);
+    // B received s3 as a delta, yet may still read any chunk of it (the upstream then checks
+    // against every block, not only the changed ones it sent).
+    let unchanged: Vec<String> = restored
+        .chunks(BLOCK)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .take(4)
+        .map(|b| format!("\"{}\"", blake3::hash(b).to_hex()))
+        .collect();
+    let (st, resp) = a.request(
+        &tls,
+        "POST",
+        &format!("/v1/volumes/vm1/snapshots/{s3}/chunks"),
+        "b",
+        &b.token,
+        &format!(r#"{{"chunks":[{}]}}"#, unchanged.join(",")),
+    );
+    assert_eq!(st, 200, "{resp}");
 
     // A holds B's base and, through B, C's base (the lock travelled one hop up).
     let locks = a.locks();
@@ -403,7 +420,21 @@ fn peers_are_authenticated_and_confined() {
     );
     a.start();
     let s1 = snap(&a, "s1");
+    // A block only the secret volume's snapshot holds.
+    let secret_block: Vec<u8> = b"only in secret "
+        .iter()
+        .copied()
+        .cycle()
+        .take(BLOCK)
+        .collect();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all(&secret_block).unwrap();
+        f.sync_all().unwrap();
+    }
     a.node.snapshot("secret", "t1");
+    let secret_chunk = blake3::hash(&secret_block).to_hex().to_string();
     let before = a.node.fingerprint();
 
     // Unknown peer.
@@ -475,6 +506,17 @@ fn peers_are_authenticated_and_confined() {
         "",
     );
     assert!(st == 400 || st == 404, "{st}");
+    // A chunk of a volume it is not granted, asked for through one it is.
+    let (st, resp) = a.request(
+        &tls,
+        "POST",
+        &format!("/v1/volumes/vm1/snapshots/{s1}/chunks"),
+        "b",
+        &b.token,
+        &format!(r#"{{"chunks":["{secret_chunk}"]}}"#),
+    );
+    assert_eq!(st, 403, "{resp}");
+    assert!(resp.contains("is not part of snapshot"), "{resp}");
 
     // Nothing changed on A (besides the new snapshot s2), and nobody got data.
     a.node.ok(&["snapshot", "delete", "vm1@s2"]);

@@ -1,12 +1,13 @@
 //! Manifests: the block list of one snapshot, as stored in a repository, and the delta of one
 //! manifest against another that a mirror update sends instead of the whole list.
 //!
-//! Format 2 (written since the mirror's manifest deltas) is binary inside zstd:
+//! Format 2 (written since the mirror's manifest deltas) is binary and not compressed (chunk
+//! ids do not compress, and all-zero blocks already cost one bit):
 //! `"HFMNFST2" | header length (u32 LE) | header (JSON, everything but the blocks) |
 //! presence bitmap (one bit per block, least significant bit first; clear is an all-zero block)
-//! | 32-byte chunk id of each present block, in order`. Decoding it is a copy, so reading a
-//! manifest costs little more than reading its bytes. Format 1 (zstd JSON, one hex id per block)
-//! is still read; nothing writes it.
+//! | 32-byte chunk id of each present block, in order | BLAKE3 of everything before (32
+//! bytes)`. Decoding it is a copy, so reading a manifest costs little more than reading its
+//! bytes. Format 1 (zstd JSON, one hex id per block) is still read; nothing writes it.
 //!
 //! A delta is `"HFMDLTA1" | base snapshot id (u128 LE) | BLAKE3 of the target's block list
 //! (32 bytes) | header length (u32 LE) | the target's header (JSON) | change count (u64 LE) |
@@ -33,8 +34,8 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 const MAX_HEADER_BYTES: usize = 1 << 20;
 const MAGIC: &[u8; 8] = b"HFMNFST2";
 const DELTA_MAGIC: &[u8; 8] = b"HFMDLTA1";
-/// zstd level: chunk ids do not compress, so a higher level only costs time.
-const ZSTD_LEVEL: i32 = 1;
+/// zstd level for deltas (they are small).
+const ZSTD_LEVEL: i32 = 3;
 
 /// The block list of one snapshot, stored in the repository.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,21 +229,30 @@ impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let header =
             serde_json::to_vec(&Header::of(self)).map_err(|e| Error::internal(e.to_string()))?;
-        let mut raw = Vec::with_capacity(12 + header.len() + self.blocks.len() * 33 / 8 * 8);
+        let mut raw = Vec::with_capacity(44 + header.len());
         raw.extend_from_slice(MAGIC);
         raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
         raw.extend_from_slice(&header);
         write_blocks(&self.blocks, &mut raw);
-        compress(&raw)
+        let sum = blake3::hash(&raw);
+        raw.extend_from_slice(sum.as_bytes());
+        Ok(raw)
     }
 
     /// Parses and checks a manifest read from a repository or a peer (format 2 or 1).
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
         let what = format!("manifest of {what}");
-        let raw = decompress(bytes, &what)?;
-        let m = if let Some(rest) = raw.strip_prefix(MAGIC) {
+        let m = if let Some(rest) = bytes.strip_prefix(MAGIC) {
+            let Some((body, sum)) = rest.split_last_chunk::<32>() else {
+                return Err(Error::corrupt(format!("{what} is truncated")));
+            };
+            if blake3::hash(&bytes[..bytes.len() - 32]).as_bytes() != sum {
+                return Err(Error::corrupt(format!(
+                    "{what} does not match its checksum (damaged)"
+                )));
+            }
             let mut c = Cursor {
-                buf: rest,
+                buf: body,
                 what: &what,
             };
             let h = c.header()?;
@@ -257,6 +267,7 @@ impl Manifest {
             let blocks = read_blocks(&mut c, block_count(h.size, h.block_size))?;
             h.with_blocks(blocks)
         } else {
+            let raw = decompress(bytes, &what)?;
             let m: Manifest = serde_json::from_slice(&raw)
                 .map_err(|e| Error::corrupt(format!("{what} is malformed: {e}")))?;
             if m.format != MANIFEST_FORMAT_JSON {
@@ -514,14 +525,30 @@ mod tests {
     #[test]
     fn damaged_format_2_is_corrupt_not_a_panic() {
         let m = manifest(9 * 4096, 4096, vec![c(1); 9]);
-        let raw = decompress(&m.encode().unwrap(), "t").unwrap();
-        for cut in [0, 8, 11, 20, raw.len() - 1] {
-            let r = Manifest::decode(&compress(&raw[..cut]).unwrap(), "t");
+        let raw = m.encode().unwrap();
+        // Cut short, one byte more, one bit flipped: each is damage (the checksum), and a
+        // body that passes its checksum but lies about its layout is damage too.
+        for cut in [0, 8, 11, 20, 43, raw.len() - 1] {
+            let r = Manifest::decode(&raw[..cut], "t");
             assert!(matches!(r, Err(Error::Corrupt(_))), "cut at {cut}: {r:?}");
         }
         let mut extra = raw.clone();
         extra.push(0);
-        assert!(Manifest::decode(&compress(&extra).unwrap(), "t").is_err());
+        assert!(matches!(
+            Manifest::decode(&extra, "t"),
+            Err(Error::Corrupt(_))
+        ));
+        let mut flipped = raw.clone();
+        flipped[raw.len() - 40] ^= 1;
+        assert!(matches!(
+            Manifest::decode(&flipped, "t"),
+            Err(Error::Corrupt(_))
+        ));
+        let body = &raw[..raw.len() - 32 - 32];
+        let mut lying = body.to_vec();
+        lying.extend_from_slice(blake3::hash(body).as_bytes());
+        let r = Manifest::decode(&lying, "t");
+        assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
     }
 
     #[test]

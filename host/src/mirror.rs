@@ -584,6 +584,11 @@ impl Receive<'_> {
                 next_to_store += 1;
                 report.bytes_fetched += body.len() as u64;
                 let asked: HashSet<ChunkId> = batch.iter().copied().collect();
+                tracing::debug!(
+                    ms = t.elapsed().as_millis(),
+                    bytes = body.len(),
+                    "fetched chunks"
+                );
                 let verified = tokio::task::spawn_blocking(move || verify_frames(&body, &asked))
                     .await
                     .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
@@ -602,6 +607,7 @@ impl Receive<'_> {
             }
         }
         if !builder.is_empty() {
+            tracing::debug!(ms = t.elapsed().as_millis(), "verified chunks");
             seal(node, builder, index).await?;
         }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the chunks");

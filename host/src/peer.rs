@@ -37,6 +37,9 @@ pub const MANIFEST_KIND_HEADER: &str = "x-holdfast-manifest";
 pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
 /// Largest plain chunk accepted (the largest block size).
 pub const MAX_CHUNK_BYTES: usize = crate::volume::MAX_BLOCK_SIZE as usize;
+/// HTTP/2 flow-control window of a stream (a connection's is twice that): one chunk answer
+/// (up to 16 MiB) flows without waiting for window updates.
+pub const H2_WINDOW: u32 = 16 << 20;
 /// Bytes of a frame before its stored bytes.
 pub const FRAME_HEADER: usize = 32 + 1 + 4 + 4;
 

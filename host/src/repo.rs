@@ -72,7 +72,7 @@ pub struct ChunkLocation {
 }
 
 /// Every chunk in the repository, by id, as loaded from the index objects.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ChunkIndex {
     pub chunks: HashMap<ChunkId, ChunkLocation>,
     pub packs: HashMap<PackId, PackIndex>,
@@ -90,6 +90,30 @@ impl ChunkIndex {
             });
         }
         self.packs.insert(index.pack, index);
+    }
+
+    /// Brings the index up to the repository's listing: reads the index objects of packs
+    /// that are new since, which costs the listing and the change, not a rebuild. If packs
+    /// are gone (a gc), it is rebuilt (a chunk stored twice may live on in another pack).
+    /// Returns the problems with index objects, as [`Repository::load_index`] does.
+    pub async fn refresh(&mut self, repo: &Repository) -> Result<Vec<String>> {
+        let listed: std::collections::HashSet<PackId> =
+            repo.list_indexes().await?.into_iter().collect();
+        if self.packs.keys().any(|p| !listed.contains(p)) {
+            let known = std::mem::take(&mut self.packs);
+            let (fresh, problems, _) = repo.load_index_known(known).await?;
+            *self = fresh;
+            return Ok(problems);
+        }
+        let new: Vec<PackId> = listed
+            .into_iter()
+            .filter(|p| !self.packs.contains_key(p))
+            .collect();
+        let (fresh, problems) = repo.read_indexes(new).await?;
+        for pi in fresh {
+            self.insert(pi);
+        }
+        Ok(problems)
     }
 
     /// Adds what `other` knows and this does not.

@@ -81,6 +81,7 @@ bench_volume() {
     inc_b+=("$(j 'd["bytes-fetched"]' < m.json)")
   done
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
+  echo "  $label: incremental seconds per run: ${inc_s[*]}" >&2
   echo "$label $vol_bytes $(median "${base_s[@]}") $(median "${inc_s[@]}") $(median "${inc_b[@]}") $(median "${changed[@]}")"
 }
 

@@ -38,6 +38,9 @@ fn client_builder() -> reqwest::ClientBuilder {
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(300))
         .pool_idle_timeout(Duration::from_secs(60))
+        .http2_initial_stream_window_size(super::H2_WINDOW)
+        .http2_initial_connection_window_size(2 * super::H2_WINDOW)
+        .http2_max_frame_size(1 << 20)
 }
 
 impl PeerClient {

@@ -253,35 +253,33 @@ impl ServerState {
         Ok(chunks.iter().find(|c| !all.contains(c)).copied())
     }
 
-    /// Reloads the chunk index (packs gone since are dropped, new ones read).
+    /// Brings the chunk index up to the repository (packs gone since are dropped, new ones
+    /// read).
     async fn reload_index(&self) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
-        let known = index.packs.clone();
-        let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
+        let problems = Arc::make_mut(&mut index).refresh(&self.node.repo).await?;
         for p in problems {
             tracing::warn!("{p}");
         }
-        *index = Arc::new(fresh);
         Ok(index.clone())
     }
 
-    /// The chunk index, reloaded when it lacks one of `ids` (new packs since).
+    /// The chunk index, brought up to date when it lacks one of `ids` (new packs since).
     async fn index_for(&self, ids: &[ChunkId]) -> Result<Arc<ChunkIndex>> {
         let mut index = self.index.lock().await;
         if ids.iter().any(|id| !index.contains(id)) {
             // Index objects never change: read only those of packs that are new since (on
             // the first request, those the node's index cache lacks).
-            let (fresh, problems) = if index.packs.is_empty() {
-                self.node.load_index().await?
+            let problems = if index.packs.is_empty() {
+                let (fresh, problems) = self.node.load_index().await?;
+                *index = Arc::new(fresh);
+                problems
             } else {
-                let known = index.packs.clone();
-                let (fresh, problems, _) = self.node.repo.load_index_known(known).await?;
-                (fresh, problems)
+                Arc::make_mut(&mut index).refresh(&self.node.repo).await?
             };
             for p in problems {
                 tracing::warn!("{p}");
             }
-            *index = Arc::new(fresh);
         }
         Ok(index.clone())
     }
@@ -374,6 +372,7 @@ async fn chunks(
     Path((volume, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Api<Vec<u8>> {
+    let started = std::time::Instant::now();
     let peer = s.peer(&headers)?;
     let volume = s.granted(peer, &volume)?;
     let rec = s.record(&volume, &id)?;
@@ -402,6 +401,7 @@ async fn chunks(
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
     let index = s.index_for(&req.chunks).await?;
+    let indexed = started.elapsed();
     let chunks = match s.node.repo.read_chunks(&index, &req.chunks).await {
         // A gc here repacked or removed a pack since the index was loaded: reload, retry once.
         Err(Error::NotFound(_)) => {
@@ -410,6 +410,12 @@ async fn chunks(
         }
         other => other?,
     };
+    tracing::debug!(
+        chunks = req.chunks.len(),
+        checked_and_indexed_ms = indexed.as_millis(),
+        read_ms = started.elapsed().as_millis(),
+        "serving chunks"
+    );
     let total: usize = chunks
         .iter()
         .map(|(_, b)| b.len() + super::FRAME_HEADER)
@@ -524,8 +530,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
 /// Accepts connections until the task is dropped: TLS when configured, else HTTP/2 (or 1.1)
 /// in plaintext (allowed only on loopback, checked when the config was loaded).
 pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app: Router) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     loop {
@@ -545,7 +550,7 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
             let result = match acceptor {
                 Some(a) => match a.accept(stream).await {
                     Ok(tls) => {
-                        Builder::new(TokioExecutor::new())
+                        connection_builder()
                             .serve_connection(TokioIo::new(tls), svc)
                             .await
                     }
@@ -555,7 +560,7 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
                     }
                 },
                 None => {
-                    Builder::new(TokioExecutor::new())
+                    connection_builder()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await
                 }
@@ -565,4 +570,15 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
             }
         });
     }
+}
+
+/// HTTP/2 settings for peers: chunk answers are megabytes, so let a stream buffer a whole
+/// answer instead of trickling it out in 400 KiB steps.
+fn connection_builder() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http2()
+        .max_send_buf_size(super::H2_WINDOW as usize)
+        .initial_stream_window_size(super::H2_WINDOW)
+        .initial_connection_window_size(2 * super::H2_WINDOW);
+    b
 }

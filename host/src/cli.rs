@@ -1,5 +1,16 @@
 //! The command line: one file per subcommand under `cli/`.
 
+/// `println!` for command output, as a `?`-propagated `io::Error`: output piped into a command
+/// that stops reading early (`holdfast snapshot list | head -1`) ends the command cleanly
+/// (`main` treats a broken pipe as success) instead of panicking, and whatever the command
+/// holds, such as a lock taken by `snapshot read --hold-as`, is released on the way out.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?;
+    }};
+}
+
 mod daemon;
 mod demo;
 mod gc;

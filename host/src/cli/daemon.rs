@@ -84,7 +84,7 @@ impl StatusCommand {
         }
         let now = s["now-unix-ms"].as_u64().unwrap_or(0);
         let u = |v: &serde_json::Value| v.as_u64();
-        println!(
+        outln!(
             "node {} (holdfast {}, pid {}), up {}, listening on {}",
             s["node"].as_str().unwrap_or("?"),
             s["version"].as_str().unwrap_or("?"),
@@ -92,10 +92,10 @@ impl StatusCommand {
             human_duration(now.saturating_sub(u(&s["started-unix-ms"]).unwrap_or(now))),
             s["listen"].as_str().unwrap_or("-")
         );
-        println!("\nMIRRORS");
+        outln!("\nMIRRORS");
         for r in s["relations"].as_array().into_iter().flatten() {
             let j = &r["job"];
-            println!(
+            outln!(
                 "  {} <- {}: lag {}, last run {} ({}), next {}, {}",
                 r["volume"].as_str().unwrap_or("?"),
                 r["upstream"].as_str().unwrap_or("?"),
@@ -111,7 +111,7 @@ impl StatusCommand {
             );
             let t = &j["last-transfer"];
             if !t.is_null() {
-                println!(
+                outln!(
                     "      last transfer: {}, {} snapshot(s), {} on the wire, {:.2}s",
                     t["kind"].as_str().unwrap_or("?"),
                     t["received"].as_array().map_or(0, Vec::len),
@@ -120,15 +120,15 @@ impl StatusCommand {
                 );
             }
             if let Some(e) = j["last-error"].as_str() {
-                println!("      error ({} in a row): {e}", j["consecutive-failures"]);
+                outln!("      error ({} in a row): {e}", j["consecutive-failures"]);
             }
         }
-        println!("\nSCHEDULES");
+        outln!("\nSCHEDULES");
         for j in s["jobs"].as_array().into_iter().flatten() {
             if j["kind"] == "mirror" {
                 continue;
             }
-            println!(
+            outln!(
                 "  {} {}: {}, last {} ({}), next {}{}",
                 j["kind"].as_str().unwrap_or("?"),
                 j["volume"].as_str().unwrap_or("?"),
@@ -145,9 +145,9 @@ impl StatusCommand {
                     .map_or(String::new(), |e| format!("\n      error: {e}"))
             );
         }
-        println!("\nLOCKS");
+        outln!("\nLOCKS");
         for v in s["volumes"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "  {} ({} snapshots{}):",
                 v["volume"].as_str().unwrap_or("?"),
                 v["snapshots"],
@@ -169,7 +169,7 @@ impl StatusCommand {
                     } else {
                         String::new()
                     };
-                    println!(
+                    outln!(
                         "    {label:<15} {:<28} {} lock(s) on {} snapshot(s), generation {}, refreshed {} ago{stale}",
                         h["holder"].as_str().unwrap_or("?"),
                         h["locks"],
@@ -181,9 +181,9 @@ impl StatusCommand {
             }
         }
         if let Some(f) = s["policy-failures"].as_object().filter(|f| !f.is_empty()) {
-            println!("\nPOLICY FAILURES");
+            outln!("\nPOLICY FAILURES");
             for (name, c) in f {
-                println!(
+                outln!(
                     "  {name}: {} failure(s), last: {}",
                     c["count"],
                     c["last-error"].as_str().unwrap_or("")
@@ -262,7 +262,7 @@ pub enum TokenCommand {
 impl TokenCommand {
     pub async fn run(self, _ctx: &Context) -> anyhow::Result<()> {
         match self {
-            TokenCommand::New => println!("{}", holdfast::peer::new_token()),
+            TokenCommand::New => outln!("{}", holdfast::peer::new_token()),
         }
         Ok(())
     }

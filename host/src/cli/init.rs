@@ -16,7 +16,7 @@ pub struct InitCommand {
 impl InitCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = Node::init(&ctx.state, self.node_id).await?;
-        println!("{}", node.info.node_id);
+        outln!("{}", node.info.node_id);
         ctx.summary(format!(
             "initialised node {} in {} (repository format {})",
             node.info.node_id,

@@ -260,7 +260,7 @@ impl LockCommand {
                 if json {
                     return print_json(&e);
                 }
-                println!(
+                outln!(
                     "{} ({}), taken {}, {}",
                     rec.display_ref(),
                     rec.id,
@@ -268,21 +268,21 @@ impl LockCommand {
                     human_bytes(rec.size)
                 );
                 if e.locks.is_empty() {
-                    println!(
+                    outln!(
                         "no soft lock holds it: `holdfast snapshot delete {}` would delete it",
                         rec.display_ref()
                     );
                 } else {
-                    println!(
+                    outln!(
                         "it cannot be deleted: {} soft lock(s) hold it",
                         e.locks.len()
                     );
                     for (l, cost) in e.locks.iter().zip(&e.break_costs) {
-                        println!("  - {}", l.describe(now));
-                        println!("    breaking it: {cost}");
+                        outln!("  - {}", l.describe(now));
+                        outln!("    breaking it: {cost}");
                     }
                 }
-                println!(
+                outln!(
                     "deleting it would free up to {} before compression ({} blocks it shares \
                      with neither {} nor {}); `holdfast gc --dry-run` after a delete gives the \
                      exact figure",
@@ -297,12 +297,17 @@ impl LockCommand {
                 if json {
                     return print_json(&h);
                 }
-                println!(
+                outln!(
                     "{:<20} {:<8} {:<24} {:<30} {:<18} {:<20}  DETAIL",
-                    "TIME", "EVENT", "HOLDER", "SNAPSHOT", "TYPE", "VALUE"
+                    "TIME",
+                    "EVENT",
+                    "HOLDER",
+                    "SNAPSHOT",
+                    "TYPE",
+                    "VALUE"
                 );
                 for e in h {
-                    println!(
+                    outln!(
                         "{:<20} {:<8} {:<24} {:<30} {:<18} {:<20}  {}",
                         format_time(e.unix_ms),
                         e.event,
@@ -416,10 +421,10 @@ impl LockCommand {
                 if json {
                     return print_json(&recs);
                 }
-                println!("{:<22} {:<28} {:<18} VALUE", "SNAPSHOT", "HOLDER", "TYPE");
+                outln!("{:<22} {:<28} {:<18} VALUE", "SNAPSHOT", "HOLDER", "TYPE");
                 for r in &recs {
                     for l in &r.locks {
-                        println!(
+                        outln!(
                             "{:<22} {:<28} {:<18} {}",
                             l.snapshot.to_string(),
                             r.holder.as_str(),

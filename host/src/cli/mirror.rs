@@ -70,13 +70,13 @@ impl MirrorCommand {
                     return print_json(&r);
                 }
                 for s in &r.received {
-                    println!("received {s}");
+                    outln!("received {s}");
                 }
                 for s in &r.deleted {
-                    println!("deleted  {s} (gone upstream)");
+                    outln!("deleted  {s} (gone upstream)");
                 }
                 for s in &r.kept_locked {
-                    println!("kept     {s} (gone upstream, locked here)");
+                    outln!("kept     {s} (gone upstream, locked here)");
                 }
                 ctx.summary(format!(
                     "{volume} <- {}: {}{}, {} snapshot(s), {} chunks, {} on the wire (manifests {}) ({} plain) in {:.2}s ({}); locks sent {} before, {} after",
@@ -120,7 +120,7 @@ impl MirrorCommand {
                     return print_json(&r);
                 }
                 for s in &r.transferred {
-                    println!("{} {s}", if pushing { "pushed" } else { "pulled" });
+                    outln!("{} {s}", if pushing { "pushed" } else { "pulled" });
                 }
                 ctx.summary(format!(
                     "{volume} {} {}: {}{}, {} snapshot(s), {} chunks, {} ({} stored) in {:.2}s ({})",
@@ -155,12 +155,15 @@ impl MirrorCommand {
                 if json {
                     return print_json(&rows);
                 }
-                println!(
+                outln!(
                     "{:<20} {:<16} {:<28} {:>9}  NEWEST",
-                    "VOLUME", "UPSTREAM", "SCHEDULE", "SNAPSHOTS"
+                    "VOLUME",
+                    "UPSTREAM",
+                    "SCHEDULE",
+                    "SNAPSHOTS"
                 );
                 for r in rows {
-                    println!(
+                    outln!(
                         "{:<20} {:<16} {:<28} {:>9}  {}",
                         r["volume"].as_str().unwrap_or(""),
                         r["upstream"].as_str().unwrap_or(""),

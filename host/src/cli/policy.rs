@@ -132,12 +132,16 @@ impl PolicyCommand {
                         .collect();
                     return print_json(&shown);
                 }
-                println!(
+                outln!(
                     "{:<20} {:<24} {:<44} {:<20} {:>8}",
-                    "NAME", "POLICY", "PHASES", "VOLUMES", "FAILURES"
+                    "NAME",
+                    "POLICY",
+                    "PHASES",
+                    "VOLUMES",
+                    "FAILURES"
                 );
                 for r in &list {
-                    println!(
+                    outln!(
                         "{:<20} {:<24} {:<44} {:<20} {:>8}",
                         r.name,
                         format!("{} {}", r.description.name, r.description.version),
@@ -162,13 +166,15 @@ impl PolicyCommand {
                         failures: f,
                     });
                 }
-                println!("policy       {}", r.name);
-                println!(
+                outln!("policy       {}", r.name);
+                outln!(
                     "implements   {} {} ({})",
-                    r.description.name, r.description.version, r.world
+                    r.description.name,
+                    r.description.version,
+                    r.world
                 );
-                println!("phases       {}", phases(&r));
-                println!(
+                outln!("phases       {}", phases(&r));
+                outln!(
                     "volumes      {}",
                     r.volumes
                         .iter()
@@ -176,29 +182,29 @@ impl PolicyCommand {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                println!(
+                outln!(
                     "component    {} ({})",
                     r.component,
                     human_bytes(r.component_bytes)
                 );
-                println!(
+                outln!(
                     "limits       {} ms, {}",
                     r.limits.timeout_ms,
                     human_bytes(r.limits.memory_bytes)
                 );
-                println!("locks held   as {}", r.holder());
+                outln!("locks held   as {}", r.holder());
                 for (k, v) in &r.config {
-                    println!("config       {k}={v}");
+                    outln!("config       {k}={v}");
                 }
-                println!("added        {}", format_time(r.added_unix_ms));
+                outln!("added        {}", format_time(r.added_unix_ms));
                 match f {
-                    Some(f) => println!(
+                    Some(f) => outln!(
                         "failures     {} (last {}: {})",
                         f.count,
                         format_time(f.last_unix_ms),
                         f.last_error
                     ),
-                    None => println!("failures     0"),
+                    None => outln!("failures     0"),
                 }
             }
             PolicyCommand::Remove { name } => {
@@ -267,33 +273,31 @@ impl PolicyCommand {
                         retention,
                     });
                 }
-                println!(
+                outln!(
                     "dry run of policy {name} on volume {volume}, phase {phase}; nothing is changed"
                 );
                 for d in &locks {
                     if let Some(e) = &d.error {
-                        println!("locks: FAILED: {e}");
-                        println!(
-                            "       (on a real run the policy's previous locks stay in force)"
-                        );
+                        outln!("locks: FAILED: {e}");
+                        outln!("       (on a real run the policy's previous locks stay in force)");
                     } else if d.locks.is_empty() {
-                        println!("locks: none");
+                        outln!("locks: none");
                     }
                     for (snap, t, v) in &d.locks {
                         let n = names.get(snap).cloned().unwrap_or_else(|| snap.to_string());
-                        println!("lock   {n}  {t} {v:?}");
+                        outln!("lock   {n}  {t} {v:?}");
                     }
                 }
                 match retention {
-                    None => println!("prune: not a retention policy"),
+                    None => outln!("prune: not a retention policy"),
                     Some(Err(e)) => {
-                        println!("prune: FAILED: {e}");
+                        outln!("prune: FAILED: {e}");
                     }
                     Some(Ok(None)) => {}
                     Some(Ok(Some(d))) => {
                         let props = d.proposals.get(&name).cloned().unwrap_or_default();
                         if props.is_empty() {
-                            println!("prune: nothing");
+                            outln!("prune: nothing");
                         }
                         for p in props {
                             let n = names
@@ -301,12 +305,12 @@ impl PolicyCommand {
                                 .cloned()
                                 .unwrap_or_else(|| p.snapshot.to_string());
                             match locked.get(&p.snapshot) {
-                                Some(h) => println!(
+                                Some(h) => outln!(
                                     "keep   {n}  (proposed: {}; refused: locked by {})",
                                     p.reason,
                                     h.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", ")
                                 ),
-                                None => println!("prune  {n}  ({})", p.reason),
+                                None => outln!("prune  {n}  ({})", p.reason),
                             }
                         }
                     }

@@ -44,11 +44,11 @@ impl PruneCommand {
         }
         let verb = if r.dry_run { "would prune" } else { "pruned" };
         for s in &r.pruned {
-            println!("{verb} {s}");
+            outln!("{verb} {s}");
         }
         for (s, holders) in &r.kept_locked {
             let h: Vec<&str> = holders.iter().map(|h| h.as_str()).collect();
-            println!(
+            outln!(
                 "kept   {s}: every retention policy proposed it, but it is locked by {}",
                 h.join(", ")
             );
@@ -101,7 +101,7 @@ impl PruneCommand {
                 &r.locked_meanwhile,
                 r.dry_run,
                 &format!("gc --target {t}"),
-            );
+            )?;
             return Ok(());
         }
         if rules.keep_last.is_none() && rules.keep_within.is_none() {
@@ -135,8 +135,7 @@ impl PruneCommand {
             &r.locked_meanwhile,
             r.dry_run,
             "gc",
-        );
-        Ok(())
+        )
     }
 }
 
@@ -149,16 +148,16 @@ fn print_outcome(
     locked_meanwhile: &[String],
     dry_run: bool,
     gc: &str,
-) {
+) -> anyhow::Result<()> {
     let verb = if dry_run { "would prune" } else { "pruned" };
     for e in plan.to_prune() {
         if dry_run || pruned.contains(&e.snapshot) {
-            println!("{verb} {} ({})", e.snapshot, e.id);
+            outln!("{verb} {} ({})", e.snapshot, e.id);
         }
     }
     for e in plan.kept_for_locks() {
         let holders: Vec<&str> = e.locked_by.iter().map(|h| h.as_str()).collect();
-        println!(
+        outln!(
             "kept   {} ({}): locked by {}",
             e.snapshot,
             e.id,
@@ -166,7 +165,7 @@ fn print_outcome(
         );
     }
     for s in locked_meanwhile {
-        println!("kept   {s}: a lock was set while pruning");
+        outln!("kept   {s}: a lock was set while pruning");
     }
     let kept = plan.entries.iter().filter(|e| !e.prune).count() + locked_meanwhile.len();
     ctx.summary(format!(
@@ -183,4 +182,5 @@ fn print_outcome(
             format!("; run `holdfast {gc}` to reclaim space")
         }
     ));
+    Ok(())
 }

@@ -51,7 +51,7 @@ impl SampleCommand {
                 }
                 let blocks =
                     sample::rewrite_blocks(&path, block_size.as_u64() as usize, fraction, seed)?;
-                println!("{}", blocks.len());
+                outln!("{}", blocks.len());
             }
         }
         Ok(())

@@ -143,7 +143,7 @@ impl SnapshotCommand {
                 if json {
                     print_json(r)?;
                 } else {
-                    println!("{}", r.id);
+                    outln!("{}", r.id);
                 }
                 let s = &r.stats;
                 let ratio = if s.new_stored_bytes > 0 {
@@ -190,14 +190,18 @@ impl SnapshotCommand {
                 if json {
                     return print_json(&snaps);
                 }
-                println!(
+                outln!(
                     "{:<28} {:<20} {:<20} {:>10} {:>10}  LABELS",
-                    "NAME", "ID", "CREATED", "SIZE", "NEW"
+                    "NAME",
+                    "ID",
+                    "CREATED",
+                    "SIZE",
+                    "NEW"
                 );
                 for s in snaps {
                     let labels: Vec<String> =
                         s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!(
+                    outln!(
                         "{:<28} {:<20} {:<20} {:>10} {:>10}  {}",
                         s.name.as_str(),
                         s.id,
@@ -222,30 +226,31 @@ impl SnapshotCommand {
                         zero_blocks_percent: zero_pct,
                     });
                 }
-                println!("snapshot     {}", rec.display_ref());
-                println!("id           {}", rec.id);
-                println!("created      {}", format_time(rec.created_unix_ms));
-                println!(
+                outln!("snapshot     {}", rec.display_ref());
+                outln!("id           {}", rec.id);
+                outln!("created      {}", format_time(rec.created_unix_ms));
+                outln!(
                     "size         {} ({} bytes)",
                     human_bytes(rec.size),
                     rec.size
                 );
-                println!("block size   {}", human_bytes(rec.block_size as u64));
-                println!(
+                outln!("block size   {}", human_bytes(rec.block_size as u64));
+                outln!(
                     "blocks       {} ({} zero, {zero_pct:.1}%)",
-                    rec.stats.blocks, rec.stats.zero_blocks
+                    rec.stats.blocks,
+                    rec.stats.zero_blocks
                 );
-                println!(
+                outln!(
                     "added        {} chunks, {} stored as {}",
                     rec.stats.new_chunks,
                     human_bytes(rec.stats.new_bytes),
                     human_bytes(rec.stats.new_stored_bytes)
                 );
                 if let Some(p) = rec.parent {
-                    println!("previous     {p}");
+                    outln!("previous     {p}");
                 }
                 for (k, v) in &rec.labels {
-                    println!("label        {k}={v}");
+                    outln!("label        {k}={v}");
                 }
             }
             SnapshotCommand::Diff { from, to, json } => {
@@ -258,7 +263,7 @@ impl SnapshotCommand {
                     return print_json(&d);
                 }
                 for r in &d.ranges {
-                    println!(
+                    outln!(
                         "changed  offset {:>14}  length {:>12}  blocks {}..{}",
                         r.offset,
                         r.length,

@@ -101,9 +101,9 @@ impl TargetCommand {
                 if json {
                     return print_json(&list);
                 }
-                println!("{:<20} {:<40} ENDPOINT", "NAME", "URL");
+                outln!("{:<20} {:<40} ENDPOINT", "NAME", "URL");
                 for t in list {
-                    println!(
+                    outln!(
                         "{:<20} {:<40} {}{}",
                         t.name,
                         t.url,
@@ -130,9 +130,14 @@ impl TargetCommand {
                 if json {
                     return print_json(&r);
                 }
-                println!(
+                outln!(
                     "target {} ({}): reachable, writable, format version {}, {} snapshot(s), {} pack(s), checked in {:.2}s",
-                    r.target, r.url, r.format_version, r.snapshots, r.packs, r.seconds
+                    r.target,
+                    r.url,
+                    r.format_version,
+                    r.snapshots,
+                    r.packs,
+                    r.seconds
                 );
             }
         }

@@ -39,7 +39,7 @@ impl VerifyCommand {
             }
             for d in &r.damage {
                 let blocks = summarize_blocks(&d.blocks);
-                println!(
+                outln!(
                     "DAMAGED {} ({}) {}: {}",
                     d.snapshot,
                     d.snapshot_id,

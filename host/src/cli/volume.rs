@@ -61,9 +61,12 @@ impl VolumeCommand {
                 if json {
                     return print_json(&vols);
                 }
-                println!(
+                outln!(
                     "{:<24} {:>10} {:>10} {:>9}  IMAGE",
-                    "NAME", "SIZE", "BLOCK", "SNAPSHOTS"
+                    "NAME",
+                    "SIZE",
+                    "BLOCK",
+                    "SNAPSHOTS"
                 );
                 for v in vols {
                     let snaps = node.catalog.snapshots(&v.name)?;
@@ -72,7 +75,7 @@ impl VolumeCommand {
                         let size = snaps
                             .last()
                             .map_or_else(|| "-".into(), |s| human_bytes(s.size));
-                        println!(
+                        outln!(
                             "{:<24} {:>10} {:>10} {:>9}  ({from})",
                             v.name.as_str(),
                             size,
@@ -84,7 +87,7 @@ impl VolumeCommand {
                     let size = FileVolume::open(&v.image)
                         .map(|f| human_bytes(f.size()))
                         .unwrap_or_else(|_| "missing".into());
-                    println!(
+                    outln!(
                         "{:<24} {:>10} {:>10} {:>9}  {}",
                         v.name.as_str(),
                         size,

@@ -283,3 +283,33 @@ fn is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_and_releases_what_it_held() {
+    // `holdfast … | head -0`: every write fails with a broken pipe. Commands stop with exit 0
+    // and no panic message, and `snapshot read --hold-as` releases its lock on the way out.
+    let n = node_with_snapshot();
+    for args in [
+        &["snapshot", "list", "v"][..],
+        &["snapshot", "show", "v@s"],
+        &["volume", "list"],
+        &["lock", "list"],
+        &["snapshot", "read", "v@s", "--hold-as", "reader"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = n
+            .cmd(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "holdfast {args:?}: {err}");
+        assert!(!err.contains("panicked"), "holdfast {args:?}: {err}");
+    }
+    assert!(
+        !n.ok(&["lock", "list"]).contains("reader"),
+        "the reader's lock outlived it"
+    );
+}

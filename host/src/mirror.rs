@@ -13,6 +13,13 @@
 //!
 //! A crash anywhere leaves no half snapshot visible; chunks already in durable packs are not
 //! fetched again on the next run.
+//!
+//! Each new manifest arrives as a delta against one this node holds (the base, then each
+//! snapshot received), checked against the sender's digest of the whole block list. Only the
+//! changed blocks are looked up in the repository: the others name chunks of a snapshot
+//! committed here, which are here unless the repository is damaged, and finding such damage
+//! is `verify`'s job. When reading the pack indexes reports a problem, every block is looked
+//! up, and what is missing is fetched again.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -6,7 +6,8 @@
 //! config                       RepoConfig (JSON): format name and version, repository id
 //! packs/<2 hex>/<pack id>      pack objects (see repo/pack.rs)
 //! index/<pack id>              the index of that pack (zstd JSON), written after the pack
-//! manifests/<volume>/<id>      one snapshot's manifest (zstd JSON), written after its packs
+//! manifests/<volume>/<id>      one snapshot's manifest (snapshot/manifest.rs), written after
+//!                              its packs
 //! ```
 //!
 //! # Invariants
@@ -71,7 +72,8 @@ pub struct ChunkLocation {
     pub encoding: Encoding,
 }
 
-/// Every chunk in the repository, by id, as loaded from the index objects.
+/// Chunks of the repository by id, as loaded from the index objects: every chunk, except in
+/// a mirror update, which looks up only the chunks it needs ([`crate::state::Node::find_chunks`]).
 #[derive(Clone, Debug, Default)]
 pub struct ChunkIndex {
     pub chunks: HashMap<ChunkId, ChunkLocation>,
@@ -100,8 +102,9 @@ impl ChunkIndex {
         let listed: std::collections::HashSet<PackId> =
             repo.list_indexes().await?.into_iter().collect();
         if self.packs.keys().any(|p| !listed.contains(p)) {
-            let known = std::mem::take(&mut self.packs);
-            let (fresh, problems, _) = repo.load_index_known(known).await?;
+            // Built aside and swapped in only when complete: an error, or a request dropped
+            // half-way, leaves the index as it was.
+            let (fresh, problems, _) = repo.load_index_known(self.packs.clone()).await?;
             *self = fresh;
             return Ok(problems);
         }

@@ -63,7 +63,7 @@ struct Served {
 }
 
 /// Snapshots whose manifests are kept decoded (the newest is the next update's base).
-const SERVED_CACHE: usize = 4;
+const SERVED_CACHE: usize = 8;
 
 /// The server's shared state.
 pub struct ServerState {

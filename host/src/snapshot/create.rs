@@ -82,6 +82,7 @@ pub async fn create(
     let image = FileVolume::open(&vol.image)?;
     let size = image.size();
     let block_size = vol.block_size;
+    super::manifest::check_block_count(size, block_size, &format!("volume {volume}"))?;
 
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
     let _repo_lock = node.lock_repo_shared()?;

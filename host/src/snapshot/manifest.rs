@@ -30,6 +30,10 @@ pub const MANIFEST_FORMAT: u32 = 2;
 const MANIFEST_FORMAT_JSON: u32 = 1;
 /// Largest manifest or delta accepted when reading (decompressed), against hostile input.
 const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+/// Most blocks a manifest may list (2 TiB of 64 KiB blocks; 128 GiB of 4 KiB ones): the
+/// block list is held in memory whole, so this bounds what a snapshot, or a peer's claim, can
+/// make a node allocate. Snapshot creation refuses a bigger volume before reading it.
+pub const MAX_BLOCKS: u64 = 1 << 25;
 /// Largest header accepted.
 const MAX_HEADER_BYTES: usize = 1 << 20;
 const MAGIC: &[u8; 8] = b"HFMNFST2";
@@ -227,6 +231,7 @@ impl Manifest {
 
     /// The stored form (format 2).
     pub fn encode(&self) -> Result<Vec<u8>> {
+        check_block_count(self.size, self.block_size, &format!("snapshot {}", self.id))?;
         let header =
             serde_json::to_vec(&Header::of(self)).map_err(|e| Error::internal(e.to_string()))?;
         let mut raw = Vec::with_capacity(44 + header.len());
@@ -337,10 +342,17 @@ impl Manifest {
 fn check_geometry(h: &Header, what: &str) -> Result<()> {
     crate::volume::validate_block_size(h.block_size as u64)
         .map_err(|e| Error::corrupt(format!("{what}: {e}")))?;
-    if block_count(h.size, h.block_size) > MAX_MANIFEST_BYTES / 32 {
-        return Err(Error::corrupt(format!(
-            "{what} describes {} bytes, more than a manifest can list",
-            h.size
+    check_block_count(h.size, h.block_size, what).map_err(|e| Error::corrupt(e.to_string()))
+}
+
+/// Refuses a volume of more than [`MAX_BLOCKS`] blocks, saying what to do instead.
+pub fn check_block_count(size: u64, block_size: u32, what: &str) -> Result<()> {
+    let n = block_count(size, block_size);
+    if n > MAX_BLOCKS {
+        return Err(Error::invalid(format!(
+            "{what}: {size} bytes in {block_size}-byte blocks is {n} blocks; a snapshot lists at \
+             most {MAX_BLOCKS} (use a block size of at least {} for this volume)",
+            size.div_ceil(MAX_BLOCKS).next_power_of_two()
         )));
     }
     Ok(())
@@ -411,7 +423,8 @@ impl ManifestDelta {
                 "{what} changes {count} of {n} blocks"
             )));
         }
-        let mut changes = Vec::with_capacity(count as usize);
+        // Each change takes at least 9 bytes: a count the bytes cannot back is not allocated.
+        let mut changes = Vec::with_capacity((count as usize).min(c.buf.len() / 9));
         let mut next = 0u64;
         for _ in 0..count {
             let i = c.u64()?;
@@ -548,6 +561,30 @@ mod tests {
         let mut lying = body.to_vec();
         lying.extend_from_slice(blake3::hash(body).as_bytes());
         let r = Manifest::decode(&lying, "t");
+        assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_volume_with_too_many_blocks_is_refused_with_the_block_size_to_use() {
+        // 4 TiB of 64 KiB blocks is 2^26 blocks: refused, naming 128 KiB.
+        let e = check_block_count(4 << 40, 64 << 10, "volume v").unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidInput(m) if m.contains("at least 131072")),
+            "{e}"
+        );
+        check_block_count(2 << 40, 64 << 10, "volume v").unwrap();
+        // A delta claiming a huge count with no bytes behind it allocates nothing big.
+        let a = manifest(4096, 4096, vec![c(1)]);
+        let mut raw = DELTA_MAGIC.to_vec();
+        raw.extend_from_slice(&a.id.as_u128().to_le_bytes());
+        raw.extend_from_slice(&[0; 32]);
+        let mut h = Header::of(&a);
+        h.size = MAX_BLOCKS * 4096;
+        let hj = serde_json::to_vec(&h).unwrap();
+        raw.extend_from_slice(&(hj.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&hj);
+        raw.extend_from_slice(&MAX_BLOCKS.to_le_bytes());
+        let r = ManifestDelta::decode(&compress(&raw).unwrap(), "t");
         assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
     }
 

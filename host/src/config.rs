@@ -123,6 +123,10 @@ pub struct SnapshotSchedule {
     pub when: When,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Scheduled retention of a volume: the volume's retention policies when it has any,
 /// otherwise these rules. Never removes a locked snapshot.
 #[derive(Clone, Debug, Deserialize)]
@@ -131,6 +135,9 @@ pub struct Retention {
     pub volume: VolumeName,
     pub keep_last: Option<usize>,
     pub keep_within: Option<String>,
+    /// After pruning something, reclaim its space (`holdfast gc`) when the repository is idle.
+    #[serde(default = "yes")]
+    pub gc: bool,
     #[serde(flatten)]
     pub when: When,
 }

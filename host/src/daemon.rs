@@ -76,6 +76,8 @@ struct Job {
     upstream: Option<NodeId>,
     schedule: Schedule,
     keep: crate::retention::KeepRules,
+    /// Retention jobs: gc after pruning.
+    gc: bool,
 }
 
 /// Totals for the metrics.
@@ -182,9 +184,10 @@ impl Daemon {
                         crate::retention::prune_by_policies(&self.node, engine, &job.volume, false)
                             .await?
                 {
+                    let gc = self.gc_after_prune(job, r.pruned.len()).await?;
                     return Ok((
                         format!(
-                            "pruned {:?} by policies; kept locked {}",
+                            "pruned {:?} by policies; kept locked {}{gc}",
                             r.pruned,
                             r.kept_locked.len()
                         ),
@@ -199,9 +202,10 @@ impl Daemon {
                     )));
                 }
                 let r = crate::retention::prune(&self.node, &job.volume, &job.keep, false).await?;
+                let gc = self.gc_after_prune(job, r.pruned.len()).await?;
                 Ok((
                     format!(
-                        "pruned {:?}; {} kept only because of locks",
+                        "pruned {:?}; {} kept only because of locks{gc}",
                         r.pruned,
                         r.plan.kept_for_locks().count() + r.locked_meanwhile.len()
                     ),
@@ -209,6 +213,32 @@ impl Daemon {
                 ))
             }
         }
+    }
+
+    /// Reclaims what a retention run pruned, if the job asks for it and the repository is
+    /// idle (otherwise the next run does); returns the words for the job's summary.
+    async fn gc_after_prune(&self, job: &Job, pruned: usize) -> Result<String> {
+        if !job.gc || pruned == 0 {
+            return Ok(String::new());
+        }
+        let hidden = indicatif::ProgressBar::hidden();
+        Ok(
+            match crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await? {
+                Some(g) => {
+                    tracing::info!(
+                        packs_deleted = g.packs_deleted,
+                        packs_repacked = g.packs_repacked,
+                        bytes_freed = g.bytes_freed,
+                        "gc after retention"
+                    );
+                    format!(
+                        "; gc freed {} bytes ({} packs deleted, {} repacked)",
+                        g.bytes_freed, g.packs_deleted, g.packs_repacked
+                    )
+                }
+                None => "; gc deferred: the repository is busy".to_string(),
+            },
+        )
     }
 
     async fn job_loop(self: Arc<Self>, i: usize, job: Job) {
@@ -621,6 +651,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             upstream: Some(m.upstream.clone()),
             schedule: m.when.schedule("mirror")?,
             keep: Default::default(),
+            gc: false,
         });
     }
     for s in &cfg.schedule {
@@ -632,6 +663,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             upstream: None,
             schedule: s.when.schedule("schedule")?,
             keep: Default::default(),
+            gc: false,
         });
     }
     for p in &cfg.push {
@@ -643,6 +675,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             upstream: None,
             schedule: p.when.schedule("push")?,
             keep: Default::default(),
+            gc: false,
         });
     }
     for r in &cfg.retention {
@@ -659,6 +692,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                     None => None,
                 },
             },
+            gc: r.gc,
         });
     }
 

@@ -252,6 +252,16 @@ impl Node {
         Ok(RepoLock { _file: f })
     }
 
+    /// The exclusive lock if no one holds the repository now, else `None`.
+    pub fn try_lock_repo_exclusive(&self) -> Result<Option<RepoLock>> {
+        let f = self.lock_file()?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(RepoLock { _file: f })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("locking the repository", e)),
+        }
+    }
+
     /// Exclusive lock: gc runs alone.
     pub fn lock_repo_exclusive(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;

@@ -47,8 +47,26 @@ pub struct GcReport {
 }
 
 pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<GcReport> {
+    let lock = node.lock_repo_exclusive()?;
+    gc_locked(node, dry_run, progress, lock).await
+}
+
+/// Runs gc now if nothing is writing or reading snapshots on this node, else returns `None`
+/// (the daemon's scheduled gc: it tries again next time rather than hold up other jobs).
+pub async fn gc_when_idle(node: &Node, progress: &ProgressBar) -> Result<Option<GcReport>> {
+    match node.try_lock_repo_exclusive()? {
+        Some(lock) => Ok(Some(gc_locked(node, false, progress, lock).await?)),
+        None => Ok(None),
+    }
+}
+
+async fn gc_locked(
+    node: &Node,
+    dry_run: bool,
+    progress: &ProgressBar,
+    _lock: crate::state::RepoLock,
+) -> Result<GcReport> {
     let started = Instant::now();
-    let _lock = node.lock_repo_exclusive()?;
     let mut report = GcReport {
         dry_run,
         ..Default::default()

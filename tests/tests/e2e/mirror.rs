@@ -663,12 +663,12 @@ fn application_lock_travels_upstream_and_back() {
     b.stop();
 }
 
-/// The daemon runs the schedules: snapshots and retention on A, mirrors on B; `status`
-/// and `/metrics` report them; a downstream past its lease is flagged stale.
+/// The daemon runs the schedules: snapshots and retention (with gc) on A, mirrors on B;
+/// `status` and `/metrics` report them; a downstream past its lease is flagged stale.
 #[test]
 fn daemon_schedules_status_and_metrics() {
     let tls = Tls::new();
-    let (mut a, _img) = source("a", MIB);
+    let (mut a, img) = source("a", MIB);
     let mut b = Peer::new("b");
     a.configure(&tls, Relations {
         downstreams: vec![(&b, vec!["vm1"], "lease = \"2s\"")],
@@ -686,7 +686,9 @@ fn daemon_schedules_status_and_metrics() {
     a.start();
     b.start();
     let t0 = Instant::now();
-    loop {
+    for i in 0.. {
+        // New data for each scheduled snapshot, so pruning one frees its chunks.
+        change(&img, 2, i);
         let s = b.status();
         let rel = &s["relations"][0];
         let done = rel["job"]["last-transfer"]["kind"] == "incremental" && b.ids("vm1").len() >= 3;
@@ -712,7 +714,27 @@ fn daemon_schedules_status_and_metrics() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let st = a.status();
+    // ...and gc reclaims what it pruned (or says it will when the repository is busy).
+    let t0 = Instant::now();
+    let st = loop {
+        let st = a.status();
+        let freed = st["jobs"].as_array().unwrap().iter().any(|j| {
+            j["kind"] == "retention"
+                && j["last-summary"]
+                    .as_str()
+                    .is_some_and(|l| l.contains("gc freed") && !l.contains("gc freed 0 bytes"))
+        });
+        if freed {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "gc never ran after retention: {}\n{}",
+            st["jobs"],
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let held = &st["volumes"][0]["from-downstream"][0];
     assert_eq!(held["holder"], "b/vm1", "{st}");
     let human = a.node.ok(&["status"]);

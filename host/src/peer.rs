@@ -7,7 +7,7 @@
 //! | route | what |
 //! |---|---|
 //! | `GET  /v1/volumes/{volume}/snapshots` | the volume's snapshots, oldest first |
-//! | `GET  /v1/volumes/{volume}/snapshots/{id}/manifest[?base=ID]` | the stored manifest, or with `base` a delta against that snapshot's (header `x-holdfast-manifest: full` or `delta`) |
+//! | `GET  /v1/volumes/{volume}/snapshots/{id}/manifest?format=2[&base=ID]` | the stored manifest, or with `base` a delta against that snapshot's (header `x-holdfast-manifest: full` or `delta`); without `format`, format 1 (zstd JSON), for older peers |
 //! | `POST /v1/volumes/{volume}/snapshots/{id}/chunks` | `{"chunks": [hex, …]}` → chunk frames |
 //! | `PUT  /v1/volumes/{volume}/locks` | the peer's whole lock set for the volume ([`LockSetUpdate`]) |
 //! | `GET  /v1/status` | the daemon's status (admin token from the state directory) |

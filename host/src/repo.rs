@@ -39,8 +39,12 @@ use pack::{FinishedPack, PackIndex};
 
 /// Name written into every repository's config.
 pub const FORMAT_NAME: &str = "holdfast-repository";
-/// The repository format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format this build writes. Version 2 holds format-2 manifests
+/// (`snapshot/manifest.rs`), which older releases cannot read; a version-1 repository is
+/// upgraded in place when this build opens it (its objects stay readable as they are).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest repository format this build reads (and upgrades).
+const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Packs bigger than this go to object stores as multipart uploads. Above a sealed pack's
 /// size (16 MiB plus at most one chunk) by default: one PUT of 16 MiB is one request where
@@ -238,14 +242,48 @@ impl Repository {
                 self.location, config.format
             )));
         }
-        if config.version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&config.version) {
             return Err(Error::invalid(format!(
-                "the repository at {} has format version {}; this holdfast reads version \
-                 {FORMAT_VERSION}; use a holdfast release that matches it",
+                "the repository at {} has format version {}; this holdfast reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; use a holdfast release that \
+                 matches it",
                 self.location, config.version
             )));
         }
+        if config.version < FORMAT_VERSION {
+            return self.upgrade(config).await;
+        }
         Ok(config)
+    }
+
+    /// Marks a version-1 repository as version 2 before anything of version 2 is written into
+    /// it, so that an older holdfast refuses it with a clear message instead of reporting the
+    /// new manifests as damaged. The one object ever rewritten; what it held is unchanged. A
+    /// store that refuses the write (read-only credentials) is still read, as it is.
+    async fn upgrade(&self, mut config: RepoConfig) -> Result<RepoConfig> {
+        let from = config.version;
+        config.version = FORMAT_VERSION;
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
+        match self.store.put(&Path::from("config"), body.into()).await {
+            Ok(_) => {
+                tracing::info!(
+                    "upgraded the repository at {} from format version {from} to \
+                     {FORMAT_VERSION}: releases before it cannot read it any more",
+                    self.location
+                );
+                Ok(config)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the repository at {} has format version {from} and could not be upgraded \
+                     ({e}); reading it as it is",
+                    self.location
+                );
+                config.version = from;
+                Ok(config)
+            }
+        }
     }
 
     async fn put_create(&self, path: &Path, body: Bytes) -> Result<()> {
@@ -655,6 +693,33 @@ mod tests {
     async fn conformance_local_filesystem() {
         let dir = tempfile::tempdir().unwrap();
         conformance(Repository::local(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn a_version_1_repository_is_upgraded_when_opened() {
+        let repo = mem();
+        let mut cfg = repo.init().await.unwrap();
+        cfg.version = 1;
+        repo.store
+            .put(
+                &Path::from("config"),
+                serde_json::to_vec(&cfg).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(repo.check().await.unwrap().version, FORMAT_VERSION);
+        let stored: RepoConfig = serde_json::from_slice(
+            &repo
+                .store
+                .get(&Path::from("config"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((stored.version, stored.id), (FORMAT_VERSION, cfg.id));
     }
 
     #[tokio::test]

@@ -183,9 +183,12 @@ impl PeerClient {
         id: &SnapshotId,
         base: Option<SnapshotId>,
     ) -> Result<ManifestAnswer> {
-        let mut path = format!("v1/volumes/{volume}/snapshots/{id}/manifest");
+        let mut path = format!(
+            "v1/volumes/{volume}/snapshots/{id}/manifest?format={}",
+            crate::snapshot::MANIFEST_FORMAT
+        );
         if let Some(b) = base {
-            path.push_str(&format!("?base={b}"));
+            path.push_str(&format!("&base={b}"));
         }
         let resp = self.send(self.request(Method::GET, &path)).await?;
         let delta = resp

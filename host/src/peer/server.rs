@@ -327,10 +327,13 @@ async fn list_snapshots(
     }))
 }
 
-/// `?base=ID`: the snapshot the peer already has, to send the manifest as a delta against.
+/// `?format=2&base=ID`: the manifest formats the peer reads, and the snapshot it already has,
+/// to send the manifest as a delta against.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ManifestQuery {
+    /// Absent from releases before format 2: they get format 1 (zstd JSON).
+    format: Option<u32>,
     base: Option<String>,
 }
 
@@ -350,6 +353,14 @@ async fn manifest(
         Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
         Some(Err(e)) => return Err(e.into()),
     };
+    if q.format.is_none() {
+        // A downstream from before format 2: the manifest as it reads them.
+        let m = s.manifest_of(&rec).await?;
+        let json = tokio::task::spawn_blocking(move || m.encode_format_1())
+            .await
+            .map_err(|e| Error::internal(format!("manifest encoder failed: {e}")))??;
+        return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
+    }
     let Some(base) = base else {
         let raw = s.node.repo.read_manifest(&volume, &rec.id).await?;
         return Ok(([(MANIFEST_KIND_HEADER, "full")], raw).into_response());

@@ -244,6 +244,14 @@ impl Manifest {
         Ok(raw)
     }
 
+    /// Format 1 (zstd JSON), for peers from before format 2.
+    pub fn encode_format_1(&self) -> Result<Vec<u8>> {
+        let mut m = self.clone();
+        m.format = MANIFEST_FORMAT_JSON;
+        let json = serde_json::to_vec(&m).map_err(|e| Error::internal(e.to_string()))?;
+        zstd::bulk::compress(&json, 3).map_err(|e| Error::io("compressing a manifest", e))
+    }
+
     /// Parses and checks a manifest read from a repository or a peer (format 2 or 1).
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
         let what = format!("manifest of {what}");
@@ -527,8 +535,8 @@ mod tests {
     fn format_1_json_is_still_read() {
         // Repositories written before format 2 hold zstd JSON manifests.
         let mut m = manifest(2 * 4096, 4096, vec![c(1), None]);
+        let json = m.encode_format_1().unwrap();
         m.format = MANIFEST_FORMAT_JSON;
-        let json = zstd::bulk::compress(&serde_json::to_vec(&m).unwrap(), 3).unwrap();
         assert_eq!(Manifest::decode(&json, "t").unwrap(), m);
         // And re-encoding it writes format 2 with the same blocks.
         let again = Manifest::decode(&m.encode().unwrap(), "t").unwrap();

@@ -141,6 +141,23 @@ fn cascade_baseline_then_increments() {
         &format!(r#"{{"chunks":[{}]}}"#, unchanged.join(",")),
     );
     assert_eq!(st, 200, "{resp}");
+    // A downstream from before manifest format 2 (no `format` in its query) gets format 1,
+    // zstd JSON; a current one gets the stored format 2.
+    let path = format!("/v1/volumes/vm1/snapshots/{s3}/manifest");
+    let (st, old) = a.request(&tls, "GET", &path, "b", &b.token, "");
+    assert_eq!(st, 200, "{old}");
+    assert!(
+        old.starts_with('('),
+        "not a zstd frame: {:?}",
+        &old[..old.len().min(16)]
+    );
+    let (st, new) = a.request(&tls, "GET", &format!("{path}?format=2"), "b", &b.token, "");
+    assert_eq!(st, 200, "{new}");
+    assert!(
+        new.starts_with("HFMNFST2"),
+        "{:?}",
+        &new[..new.len().min(16)]
+    );
 
     // A holds B's base and, through B, C's base (the lock travelled one hop up).
     let locks = a.locks();

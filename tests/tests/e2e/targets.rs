@@ -88,7 +88,7 @@ fn push_then_recover_on_a_new_node() {
     let url = add_s3_target(&a, &s3, "bucket", "holdfast-dr");
     a.ok(&["target", "add", "disk", "--url", &dir_url]);
     let check = a.run(&["target", "check", "bucket", "--json"]).json();
-    assert_eq!(check["format-version"], 1);
+    assert_eq!(check["format-version"], 2);
     assert_eq!(check["writable"], true);
 
     a.snapshot("vm1", "s1");

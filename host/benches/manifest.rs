@@ -82,4 +82,26 @@ fn main() {
                 .unwrap()
         }),
     );
+
+    // The same through a local repository (page cache warm): what an update pays to read
+    // its base and to commit the new manifest (write + fsync).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = holdfast::repo::Repository::local(dir.path()).unwrap();
+    rt.block_on(repo.init()).unwrap();
+    let vol: holdfast::id::VolumeName = "vm1".parse().unwrap();
+    rt.block_on(repo.put_manifest(&vol, &next.id, stored.clone()))
+        .unwrap();
+    row(
+        "read from a local repository",
+        time(|| rt.block_on(repo.read_manifest(&vol, &next.id)).unwrap()),
+    );
+    let mut ids = (3..).map(SnapshotId::generate);
+    row(
+        "write to a local repository (fsync)",
+        time(|| {
+            rt.block_on(repo.put_manifest(&vol, &ids.next().unwrap(), stored.clone()))
+                .unwrap()
+        }),
+    );
 }

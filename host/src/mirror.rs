@@ -596,16 +596,19 @@ impl Receive<'_> {
                     bytes = body.len(),
                     "fetched chunks"
                 );
-                let verified = tokio::task::spawn_blocking(move || verify_frames(&body, &asked))
-                    .await
-                    .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
-                for (id, encoding, stored, raw_len) in verified {
+                let (body, verified) = tokio::task::spawn_blocking(move || {
+                    verify_frames(&body, &asked).map(|v| (body, v))
+                })
+                .await
+                .map_err(|e| Error::internal(format!("chunk verifier failed: {e}")))??;
+                for (id, encoding, at, raw_len) in verified {
+                    let stored = &body[at];
                     report.chunks_fetched += 1;
                     report.plain_bytes_fetched += raw_len as u64;
                     stats.new_chunks += 1;
                     stats.new_bytes += raw_len as u64;
                     stats.new_stored_bytes += stored.len() as u64;
-                    builder.add(id, encoding, &stored, raw_len);
+                    builder.add(id, encoding, stored, raw_len);
                     progress.inc(1);
                     if builder.is_full() {
                         seal(node, std::mem::take(&mut builder), index).await?;
@@ -613,8 +616,8 @@ impl Receive<'_> {
                 }
             }
         }
+        tracing::debug!(ms = t.elapsed().as_millis(), "verified chunks");
         if !builder.is_empty() {
-            tracing::debug!(ms = t.elapsed().as_millis(), "verified chunks");
             seal(node, builder, index).await?;
         }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the chunks");
@@ -669,7 +672,13 @@ async fn seal(node: &Node, builder: PackBuilder, index: &mut ChunkIndex) -> Resu
     Ok(())
 }
 
-type Verified = Vec<(ChunkId, crate::chunk::Encoding, Vec<u8>, usize)>;
+/// Verified chunks: id, encoding, where its stored bytes lie in the body, plain length.
+type Verified = Vec<(
+    ChunkId,
+    crate::chunk::Encoding,
+    std::ops::Range<usize>,
+    usize,
+)>;
 
 /// Checks that the frames are exactly the chunks asked for and that each decodes to its id.
 fn verify_frames(body: &[u8], asked: &HashSet<ChunkId>) -> Result<Verified> {
@@ -692,7 +701,12 @@ fn verify_frames(body: &[u8], asked: &HashSet<ChunkId>) -> Result<Verified> {
                 )));
             }
             crate::chunk::decode(&f.id, f.encoding, f.stored, f.raw_len)?;
-            Ok((f.id, f.encoding, f.stored.to_vec(), f.raw_len))
+            Ok((
+                f.id,
+                f.encoding,
+                f.offset..f.offset + f.stored.len(),
+                f.raw_len,
+            ))
         })
         .collect()
 }

@@ -114,6 +114,8 @@ pub struct Frame<'a> {
     pub encoding: Encoding,
     pub raw_len: usize,
     pub stored: &'a [u8],
+    /// Where `stored` starts in the buffer.
+    pub offset: usize,
 }
 
 /// Appends one frame.
@@ -170,6 +172,7 @@ pub fn parse_frames(buf: &[u8]) -> Result<Vec<Frame<'_>>> {
             encoding,
             raw_len,
             stored: &buf[start..start + stored_len],
+            offset: start,
         });
         pos = start + stored_len;
     }

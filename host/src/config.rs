@@ -49,6 +49,10 @@ pub struct Listen {
     /// Plain TCP (HTTP/2 without TLS): refused unless the address is a loopback address.
     #[serde(default)]
     pub plaintext: bool,
+    /// A bearer token `/metrics` requires (give one of these two); without one, the metrics
+    /// are open to whoever reaches the listener, as Prometheus exporters usually are.
+    pub metrics_token: Option<String>,
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// A peer this node pulls from.
@@ -269,6 +273,7 @@ impl NodeConfig {
                      makes a pair), or plaintext = true on a loopback address",
                 ));
             }
+            self.metrics_token()?;
         }
         let mut names = BTreeSet::new();
         for u in &self.upstream {
@@ -301,14 +306,14 @@ impl NodeConfig {
                     )));
                 }
             }
-            self.token_of("upstream", &u.name, &u.token, &u.token_file)?;
+            self.upstream_token(u)?;
         }
         let mut names = BTreeSet::new();
         for d in &self.downstream {
             if !names.insert(d.name.clone()) {
                 return Err(self.err(format!("downstream {} is listed twice", d.name)));
             }
-            self.token_of("downstream", &d.name, &d.token, &d.token_file)?;
+            self.downstream_token(d)?;
             if let Some(l) = &d.lease {
                 parse_duration(&format!("downstream {} lease", d.name), l)?;
             } else if d.release_stale {
@@ -362,8 +367,7 @@ impl NodeConfig {
 
     fn token_of(
         &self,
-        kind: &str,
-        name: &NodeId,
+        who: &str,
         token: &Option<String>,
         file: &Option<PathBuf>,
     ) -> Result<String> {
@@ -373,23 +377,18 @@ impl NodeConfig {
                 let f = self.resolve(f);
                 std::fs::read_to_string(&f)
                     .map_err(|e| {
-                        Error::io(
-                            format!("{kind} {name}: reading token file {}", f.display()),
-                            e,
-                        )
+                        Error::io(format!("{who}: reading token file {}", f.display()), e)
                     })?
                     .trim()
                     .to_string()
             }
             _ => {
-                return Err(self.err(format!(
-                    "{kind} {name}: give exactly one of token or token_file"
-                )));
+                return Err(self.err(format!("{who}: give exactly one of token or token_file")));
             }
         };
         if t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic()) {
             return Err(self.err(format!(
-                "{kind} {name}: a token must be at least 16 printable ASCII characters \
+                "{who}: a token must be at least 16 printable ASCII characters \
                  (`holdfast token new` makes one)"
             )));
         }
@@ -397,11 +396,21 @@ impl NodeConfig {
     }
 
     pub fn upstream_token(&self, u: &Upstream) -> Result<String> {
-        self.token_of("upstream", &u.name, &u.token, &u.token_file)
+        self.token_of(&format!("upstream {}", u.name), &u.token, &u.token_file)
     }
 
     pub fn downstream_token(&self, d: &Downstream) -> Result<String> {
-        self.token_of("downstream", &d.name, &d.token, &d.token_file)
+        self.token_of(&format!("downstream {}", d.name), &d.token, &d.token_file)
+    }
+
+    /// The token `/metrics` requires, if the listener names one.
+    pub fn metrics_token(&self) -> Result<Option<String>> {
+        match &self.listen {
+            Some(l) if l.metrics_token.is_some() || l.metrics_token_file.is_some() => self
+                .token_of("[listen] metrics", &l.metrics_token, &l.metrics_token_file)
+                .map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub fn upstream(&self, name: &NodeId) -> Result<&Upstream> {

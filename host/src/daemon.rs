@@ -799,6 +799,14 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         node.info.node_id,
         listen.as_deref().unwrap_or("(no listener)")
     );
+    if let Some(url) = &listen
+        && cfg.metrics_token()?.is_none()
+    {
+        tracing::info!(
+            "{url}/metrics is open to whoever reaches the listener; set metrics_token_file in \
+             [listen] to require a token"
+        );
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;

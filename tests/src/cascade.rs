@@ -72,6 +72,8 @@ pub struct Relations<'a> {
     pub mirror_every: Option<&'a str>,
     /// Extra top-level TOML (schedules, retention).
     pub extra: &'a str,
+    /// Extra lines for the [listen] table.
+    pub listen_extra: &'a str,
 }
 
 impl Peer {
@@ -97,8 +99,8 @@ impl Peer {
     /// Writes this node's configuration.
     pub fn configure(&self, tls: &Tls, r: Relations<'_>) {
         let mut t = format!(
-            "state = {:?}\n{}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
-            self.node.state, r.extra, self.port, tls.cert, tls.key
+            "state = {:?}\n{}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n{}\n",
+            self.node.state, r.extra, self.port, tls.cert, tls.key, r.listen_extra
         );
         if let Some((up, vol)) = r.upstream {
             t.push_str(&format!(

@@ -70,6 +70,8 @@ pub struct ServerState {
     node: Arc<Node>,
     peers: HashMap<NodeId, Peer>,
     admin_token: String,
+    /// What `/metrics` requires, if anything.
+    metrics_token: Option<String>,
     index: tokio::sync::Mutex<Arc<ChunkIndex>>,
     served: Mutex<VecDeque<Served>>,
     reporter: Arc<dyn Reporter>,
@@ -118,6 +120,7 @@ impl ServerState {
             node,
             peers,
             admin_token,
+            metrics_token: cfg.metrics_token()?,
             index: tokio::sync::Mutex::new(Arc::new(ChunkIndex::default())),
             served: Mutex::new(VecDeque::new()),
             reporter,
@@ -511,7 +514,16 @@ async fn status(State(s): Shared, headers: HeaderMap) -> Api<Json<serde_json::Va
     Ok(Json(s.reporter.status()?))
 }
 
-async fn metrics(State(s): Shared) -> Response {
+async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
+    if let Some(t) = &s.metrics_token
+        && !super::same_secret(ServerState::bearer(&headers), t)
+    {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        return ApiError(Error::denied(
+            "/metrics needs the token set in this node's [listen] metrics_token(_file)",
+        ))
+        .into_response();
+    }
     (
         [(
             header::CONTENT_TYPE,

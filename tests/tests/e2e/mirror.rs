@@ -690,6 +690,7 @@ fn daemon_schedules_status_and_metrics() {
     a.configure(&tls, Relations {
         downstreams: vec![(&b, vec!["vm1"], "lease = \"2s\"")],
         extra: "[[schedule]]\nvolume = \"vm1\"\nevery = \"700ms\"\n[[retention]]\nvolume = \"vm1\"\nkeep_last = 3\nevery = \"1s\"\n",
+        listen_extra: "metrics_token = \"metrics-token-0123456789\"",
         ..Default::default()
     });
     b.configure(
@@ -764,7 +765,12 @@ fn daemon_schedules_status_and_metrics() {
     assert_eq!(held["stale"], true, "{st}");
     let human = a.node.ok(&["status"]);
     assert!(human.contains("STALE"), "{human}");
-    let (code, metrics) = a.request(&tls, "GET", "/metrics", "", "", "");
+    // /metrics wants the token [listen] names, and nothing else.
+    for wrong in ["", &b.token] {
+        let (code, body) = a.request(&tls, "GET", "/metrics", "", wrong, "");
+        assert_eq!(code, 403, "{body}");
+    }
+    let (code, metrics) = a.request(&tls, "GET", "/metrics", "", "metrics-token-0123456789", "");
     assert_eq!(code, 200);
     for m in [
         "holdfast_locks{",

@@ -1,14 +1,37 @@
 //! The command line: one file per subcommand under `cli/`.
 
-/// `println!` for command output, as a `?`-propagated `io::Error`: output piped into a command
+/// `println!` for command output, as a `?`-propagated error: output piped into a command
 /// that stops reading early (`holdfast snapshot list | head -1`) ends the command cleanly
-/// (`main` treats a broken pipe as success) instead of panicking, and whatever the command
-/// holds, such as a lock taken by `snapshot read --hold-as`, is released on the way out.
+/// ([`StdoutClosed`], which `main` treats as success) instead of panicking, and whatever the
+/// command holds, such as a lock taken by `snapshot read --hold-as`, is released on the way out.
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*)?;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)?;
     }};
+}
+
+/// Standard output was closed by its reader: the end of the output, not a failure. Only
+/// writes to stdout are mapped to it, so a broken pipe anywhere else (a peer, a bucket) stays
+/// an error.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed by its reader")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// An error writing to stdout, as the command should report it.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
 }
 
 mod daemon;
@@ -197,7 +220,9 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     // Through io::Error, so a closed pipe (`| grep -q`) is recognised as such by main.
-    serde_json::to_writer_pretty(&mut out, v).map_err(std::io::Error::from)?;
-    writeln!(out)?;
+    serde_json::to_writer_pretty(&mut out, v)
+        .map_err(std::io::Error::from)
+        .map_err(stdout_error)?;
+    writeln!(out).map_err(stdout_error)?;
     Ok(())
 }

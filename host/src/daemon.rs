@@ -99,6 +99,8 @@ pub struct Daemon {
     volume_locks: Mutex<HashMap<VolumeName, Arc<tokio::sync::Mutex<()>>>>,
     started_unix_ms: u64,
     listen: Option<String>,
+    /// A retention run pruned something but could not gc: the next retention run does.
+    gc_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -216,29 +218,36 @@ impl Daemon {
     }
 
     /// Reclaims what a retention run pruned, if the job asks for it and the repository is
-    /// idle (otherwise the next run does); returns the words for the job's summary.
+    /// idle (otherwise the next retention run does); returns the words for the job's summary.
+    /// A gc that fails does not fail the prune before it.
     async fn gc_after_prune(&self, job: &Job, pruned: usize) -> Result<String> {
-        if !job.gc || pruned == 0 {
+        use std::sync::atomic::Ordering;
+        if !job.gc || (pruned == 0 && !self.gc_pending.load(Ordering::Relaxed)) {
             return Ok(String::new());
         }
         let hidden = indicatif::ProgressBar::hidden();
-        Ok(
-            match crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await? {
-                Some(g) => {
-                    tracing::info!(
-                        packs_deleted = g.packs_deleted,
-                        packs_repacked = g.packs_repacked,
-                        bytes_freed = g.bytes_freed,
-                        "gc after retention"
-                    );
-                    format!(
-                        "; gc freed {} bytes ({} packs deleted, {} repacked)",
-                        g.bytes_freed, g.packs_deleted, g.packs_repacked
-                    )
-                }
-                None => "; gc deferred: the repository is busy".to_string(),
-            },
-        )
+        let outcome = crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await;
+        self.gc_pending
+            .store(!matches!(outcome, Ok(Some(_))), Ordering::Relaxed);
+        Ok(match outcome {
+            Err(e) => {
+                tracing::warn!("gc after retention failed (the next run tries again): {e}");
+                format!("; gc failed: {e}")
+            }
+            Ok(Some(g)) => {
+                tracing::info!(
+                    packs_deleted = g.packs_deleted,
+                    packs_repacked = g.packs_repacked,
+                    bytes_freed = g.bytes_freed,
+                    "gc after retention"
+                );
+                format!(
+                    "; gc freed {} bytes ({} packs deleted, {} repacked)",
+                    g.bytes_freed, g.packs_deleted, g.packs_repacked
+                )
+            }
+            Ok(None) => "; gc deferred: the repository is busy".to_string(),
+        })
     }
 
     async fn job_loop(self: Arc<Self>, i: usize, job: Job) {
@@ -747,6 +756,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         volume_locks: Default::default(),
         started_unix_ms: crate::now_unix_ms(),
         listen: listen.clone(),
+        gc_pending: Default::default(),
     });
 
     let admin_token = crate::peer::new_token();

@@ -56,11 +56,8 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // A closed pipe (`holdfast snapshot list | head`) is not a failure.
-            if err.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            }) {
+            // A closed stdout (`holdfast snapshot list | head`) is not a failure.
+            if err.chain().any(|c| c.is::<cli::StdoutClosed>()) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("holdfast: error: {err:#}");

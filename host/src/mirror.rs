@@ -351,7 +351,7 @@ pub async fn run(
     };
     if !wanted.is_empty() {
         // gc must not remove a pack this update reuses or writes before it is committed.
-        let _repo_lock = node.lock_repo_shared()?;
+        let _repo_lock = node.lock_repo_shared().await?;
         // The base's manifest: the upstream sends each new manifest as a delta against the
         // one before it.
         let mut prev = match &base {

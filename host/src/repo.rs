@@ -12,7 +12,9 @@
 //!
 //! # Invariants
 //! - Every object is written once (`PutMode::Create`) and never modified; objects are released
-//!   by deleting them. Nothing depends on read-modify-write of a shared object.
+//!   by deleting them. Nothing depends on read-modify-write of a shared object. The exceptions:
+//!   `config`, rewritten once from version 1 to 2 by the first writer of this release
+//!   (conditionally where the store can), and a target's lock records (`target.rs`).
 //! - On local disk every write is fsynced (file and directory) before it returns, so a pack is
 //!   durable before the index naming it, and both before a manifest that references them.
 //! - Writing the same pack twice is harmless: a pack is named by the hash of its entry list.
@@ -41,7 +43,8 @@ use pack::{FinishedPack, PackIndex};
 pub const FORMAT_NAME: &str = "holdfast-repository";
 /// The repository format this build writes. Version 2 holds format-2 manifests
 /// (`snapshot/manifest.rs`), which older releases cannot read; a version-1 repository is
-/// upgraded in place when this build opens it (its objects stay readable as they are).
+/// marked version 2 before this build writes into it ([`Repository::check_for_writing`]);
+/// its objects stay as they are.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest repository format this build reads (and upgrades).
 const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -250,39 +253,70 @@ impl Repository {
                 self.location, config.version
             )));
         }
-        if config.version < FORMAT_VERSION {
-            return self.upgrade(config).await;
-        }
         Ok(config)
     }
 
-    /// Marks a version-1 repository as version 2 before anything of version 2 is written into
-    /// it, so that an older holdfast refuses it with a clear message instead of reporting the
-    /// new manifests as damaged. The one object ever rewritten; what it held is unchanged. A
-    /// store that refuses the write (read-only credentials) is still read, as it is.
-    async fn upgrade(&self, mut config: RepoConfig) -> Result<RepoConfig> {
-        let from = config.version;
-        config.version = FORMAT_VERSION;
+    /// Reads the config as [`Repository::check`] does and, for a version-1 repository, marks
+    /// it version 2 before anything of version 2 is written into it (format-2 manifests), so
+    /// that an older holdfast refuses it by its version instead of reporting the new
+    /// manifests as damaged. Called by writers only (a node opening its own repository, a
+    /// push into a target): reading a bucket never changes it. The config is the only object
+    /// rewritten, once, and on stores that support it only if it is still the one read (a
+    /// conditional PUT); if the upgrade cannot be written, the writer stops.
+    pub async fn check_for_writing(&self) -> Result<RepoConfig> {
+        let config = self.check().await?;
+        if config.version == FORMAT_VERSION {
+            return Ok(config);
+        }
+        let path = Path::from("config");
+        let meta = self.store.head(&path).await?;
+        let mut upgraded = config.clone();
+        upgraded.version = FORMAT_VERSION;
         let body =
-            serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
-        match self.store.put(&Path::from("config"), body.into()).await {
+            serde_json::to_vec_pretty(&upgraded).map_err(|e| Error::internal(e.to_string()))?;
+        let conditional = PutOptions {
+            mode: PutMode::Update(object_store::UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            }),
+            ..Default::default()
+        };
+        let written = match self
+            .store
+            .put_opts(&path, PutPayload::from(body.clone()), conditional)
+            .await
+        {
+            // A local directory has one writer at a time per node; it cannot compare.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.store.put(&path, PutPayload::from(body)).await
+            }
+            other => other,
+        };
+        match written {
             Ok(_) => {
                 tracing::info!(
-                    "upgraded the repository at {} from format version {from} to \
+                    "upgraded the repository at {} from format version {} to \
                      {FORMAT_VERSION}: releases before it cannot read it any more",
-                    self.location
+                    self.location,
+                    config.version
                 );
-                Ok(config)
+                Ok(upgraded)
             }
-            Err(e) => {
-                tracing::warn!(
-                    "the repository at {} has format version {from} and could not be upgraded \
-                     ({e}); reading it as it is",
-                    self.location
-                );
-                config.version = from;
-                Ok(config)
-            }
+            Err(object_store::Error::Precondition { .. }) => Err(Error::conflict(format!(
+                "the config of the repository at {} changed while it was being upgraded to \
+                 format version {FORMAT_VERSION}; run the command again",
+                self.location
+            ))),
+            Err(e) => Err(Error::Unavailable {
+                message: format!(
+                    "the repository at {} has format version {} and must be marked version \
+                     {FORMAT_VERSION} before this holdfast writes into it, but its config \
+                     could not be rewritten ({e}); allow writing `config`, or use the release \
+                     that wrote it",
+                    self.location, config.version
+                ),
+                source: None,
+            }),
         }
     }
 
@@ -696,7 +730,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_version_1_repository_is_upgraded_when_opened() {
+    async fn a_version_1_repository_is_upgraded_by_its_first_writer() {
         let repo = mem();
         let mut cfg = repo.init().await.unwrap();
         cfg.version = 1;
@@ -707,7 +741,12 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(repo.check().await.unwrap().version, FORMAT_VERSION);
+        // Reading does not change it; the first writer marks it.
+        assert_eq!(repo.check().await.unwrap().version, 1);
+        assert_eq!(
+            repo.check_for_writing().await.unwrap().version,
+            FORMAT_VERSION
+        );
         let stored: RepoConfig = serde_json::from_slice(
             &repo
                 .store

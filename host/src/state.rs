@@ -157,7 +157,8 @@ impl Node {
         }
         let catalog = open_catalog(&dir, path)?;
         let repo = Repository::local(&path.join("repo"))?;
-        repo.check().await?;
+        // The node's own repository: this release writes into it.
+        repo.check_for_writing().await?;
         Ok(Node {
             path: path.to_path_buf(),
             dir,
@@ -245,11 +246,23 @@ impl Node {
     }
 
     /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
-    pub fn lock_repo_shared(&self) -> Result<RepoLock> {
+    ///
+    /// Waits off the async runtime's threads: the daemon runs gc in-process, and blocking
+    /// workers on it would leave gc itself no thread to finish on.
+    pub async fn lock_repo_shared(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;
-        f.lock_shared()
-            .map_err(|e| Error::io("locking the repository", e))?;
-        Ok(RepoLock { _file: f })
+        match f.try_lock_shared() {
+            Ok(()) => return Ok(RepoLock { _file: f }),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io("locking the repository", e));
+            }
+        }
+        tracing::info!("waiting for gc on this node to finish");
+        tokio::task::spawn_blocking(move || f.lock_shared().map(|()| RepoLock { _file: f }))
+            .await
+            .map_err(|e| Error::internal(format!("repository lock task failed: {e}")))?
+            .map_err(|e| Error::io("locking the repository", e))
     }
 
     /// The exclusive lock if no one holds the repository now, else `None`.

@@ -1020,7 +1020,8 @@ pub async fn push(
 ) -> Result<TransferReport> {
     let t0 = Instant::now();
     let repo = open(rec)?;
-    repo.check().await?;
+    // A push writes format-2 manifests: a version-1 target is marked version 2 first.
+    repo.check_for_writing().await?;
     let ours = node.catalog.snapshots(volume)?;
     node.catalog.volume(volume)?;
     // One push of a volume at a time from this node (the daemon's [[push]] and a CLI run).
@@ -1087,7 +1088,7 @@ async fn push_leased(
         seconds: 0.0,
     };
     if !wanted.is_empty() {
-        let _repo_lock = node.lock_repo_shared()?;
+        let _repo_lock = node.lock_repo_shared().await?;
         let (local_index, _) = node.load_index().await?;
         let (mut target_index, problems) = load_index(node, rec, repo).await?;
         for p in problems {
@@ -1180,7 +1181,7 @@ pub async fn pull(
         seconds: 0.0,
     };
     if !wanted.is_empty() {
-        let _repo_lock = node.lock_repo_shared()?;
+        let _repo_lock = node.lock_repo_shared().await?;
         let (target_index, _) = load_index(node, rec, &repo).await?;
         let (mut local_index, _) = node.load_index().await?;
         for (s, raw) in wanted {

@@ -247,12 +247,12 @@ impl LockCommand {
                     }
                     out.push(b'\n');
                     if out.len() > (1 << 20) - 4096 {
-                        stdout.write_all(&out)?;
+                        stdout.write_all(&out).map_err(super::stdout_error)?;
                         out.clear();
                     }
                 }
-                stdout.write_all(&out)?;
-                stdout.flush()?;
+                stdout.write_all(&out).map_err(super::stdout_error)?;
+                stdout.flush().map_err(super::stdout_error)?;
             }
             LockCommand::Explain { snapshot, json } => {
                 let rec = node.catalog.resolve(&snapshot)?;

@@ -306,7 +306,7 @@ impl SnapshotCommand {
                     }
                     None => {
                         let rec = node.catalog.resolve(&snapshot)?;
-                        let lock = node.lock_repo_shared()?;
+                        let lock = node.lock_repo_shared().await?;
                         (node.repo.clone(), rec, Some(lock), String::new())
                     }
                 };
@@ -463,7 +463,7 @@ async fn read(
     let holder = HolderId::application(hold_as)?;
     let rec = node.catalog.resolve(r)?;
     // gc must not remove a pack while its chunks are being streamed.
-    let _repo_lock = node.lock_repo_shared()?;
+    let _repo_lock = node.lock_repo_shared().await?;
     let m = snapshot::load_manifest(&node.repo, &rec).await?;
     let new_lock = || NewLock {
         snapshot: rec.id,
@@ -485,7 +485,18 @@ async fn read(
         refresh.tick().await;
         loop {
             tokio::select! {
-                r = &mut stream => break r.map_err(anyhow::Error::from),
+                // The stream writes only to stdout and reads the local repository: a broken
+                // pipe is its reader going away.
+                r = &mut stream => break r.map_err(|e| {
+                    if std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    {
+                        anyhow::Error::new(super::StdoutClosed)
+                    } else {
+                        anyhow::Error::from(e)
+                    }
+                }),
                 _ = refresh.tick() => {
                     if let Err(e) = locks.add(&rec.volume, &holder, new_lock()) {
                         tracing::warn!("could not refresh the read lock: {e}");

@@ -31,40 +31,44 @@ impl VerifyCommand {
         };
         pb.finish_and_clear();
         let r = r?;
-        if self.json {
-            print_json(&r)?;
-        } else {
-            for n in &r.notes {
-                eprintln!("note: {n}");
-            }
-            for d in &r.damage {
-                let blocks = summarize_blocks(&d.blocks);
-                outln!(
-                    "DAMAGED {} ({}) {}: {}",
-                    d.snapshot,
-                    d.snapshot_id,
-                    if blocks.is_empty() {
-                        "manifest".into()
-                    } else {
-                        format!("blocks {blocks}")
-                    },
-                    d.problem
-                );
-            }
-            ctx.summary(format!(
-                "verified {} snapshots, {} chunks ({}) in {:.2}s ({}): {}",
-                r.snapshots,
-                r.chunks,
-                human_bytes(r.stored_bytes),
-                r.elapsed.as_secs_f64(),
-                throughput(r.stored_bytes, r.elapsed),
-                if r.is_clean() {
-                    "no damage".to_string()
-                } else {
-                    format!("{} damaged snapshot/chunk pairs", r.damage.len())
+        // Damage decides the exit code even if stdout was closed while it was listed.
+        let printed = (|| -> anyhow::Result<()> {
+            if self.json {
+                print_json(&r)?;
+            } else {
+                for n in &r.notes {
+                    eprintln!("note: {n}");
                 }
-            ));
-        }
+                for d in &r.damage {
+                    let blocks = summarize_blocks(&d.blocks);
+                    outln!(
+                        "DAMAGED {} ({}) {}: {}",
+                        d.snapshot,
+                        d.snapshot_id,
+                        if blocks.is_empty() {
+                            "manifest".into()
+                        } else {
+                            format!("blocks {blocks}")
+                        },
+                        d.problem
+                    );
+                }
+                ctx.summary(format!(
+                    "verified {} snapshots, {} chunks ({}) in {:.2}s ({}): {}",
+                    r.snapshots,
+                    r.chunks,
+                    human_bytes(r.stored_bytes),
+                    r.elapsed.as_secs_f64(),
+                    throughput(r.stored_bytes, r.elapsed),
+                    if r.is_clean() {
+                        "no damage".to_string()
+                    } else {
+                        format!("{} damaged snapshot/chunk pairs", r.damage.len())
+                    }
+                ));
+            }
+            Ok(())
+        })();
         if !r.is_clean() {
             anyhow::bail!(holdfast::Error::corrupt(format!(
                 "verification found damage in {} place(s); the snapshots named above cannot be \
@@ -72,7 +76,7 @@ impl VerifyCommand {
                 r.damage.len()
             )));
         }
-        Ok(())
+        printed
     }
 }
 

@@ -410,10 +410,7 @@ async fn chunks(
         );
     }
     // gc must not remove a pack while it is read.
-    let node = s.node.clone();
-    let _lock = tokio::task::spawn_blocking(move || node.lock_repo_shared())
-        .await
-        .map_err(|e| Error::internal(e.to_string()))??;
+    let _lock = s.node.lock_repo_shared().await?;
     let index = s.index_for(&req.chunks).await?;
     let indexed = started.elapsed();
     let chunks = match s.node.repo.read_chunks(&index, &req.chunks).await {

@@ -85,7 +85,7 @@ pub async fn create(
     super::manifest::check_block_count(size, block_size, &format!("volume {volume}"))?;
 
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
-    let _repo_lock = node.lock_repo_shared()?;
+    let _repo_lock = node.lock_repo_shared().await?;
     let (index, problems) = node.load_index().await?;
     for p in problems {
         tracing::warn!("{p}; its chunks will be stored again");

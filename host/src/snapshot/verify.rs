@@ -60,7 +60,7 @@ pub async fn verify(
     progress: &ProgressBar,
 ) -> Result<VerifyReport> {
     // Keep gc from removing packs under us.
-    let _lock = node.lock_repo_shared()?;
+    let _lock = node.lock_repo_shared().await?;
     let snaps = match volume {
         Some(v) => {
             node.catalog.volume(v)?;

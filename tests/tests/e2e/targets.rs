@@ -713,3 +713,36 @@ fn an_unreadable_lease_stops_gc() {
         "gc changed the bucket"
     );
 }
+
+/// A bucket written by a release before repository format 2: reading it changes nothing; the
+/// first push marks it version 2 (a conditional put) and then writes format-2 manifests.
+#[test]
+fn a_version_1_bucket_is_marked_version_2_by_its_first_push_only() {
+    let s3 = S3Server::start();
+    s3.create_bucket("holdfast-old");
+    let n = node_for(&s3);
+    let img = n.image("v.img", &mixed_bytes(2 << 20, 4));
+    n.add_volume("vm1", &img, "64KiB");
+    add_s3_target(&n, &s3, "old", "holdfast-old");
+    // Back to version 1, as an older release left it.
+    s3.python(
+        r#"
+import boto3, json, sys
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])
+c = json.loads(s3.get_object(Bucket="holdfast-old", Key="backups/config")["Body"].read())
+c["version"] = 1
+s3.put_object(Bucket="holdfast-old", Key="backups/config", Body=json.dumps(c).encode())
+"#,
+        &[],
+    );
+    let version = || n.run(&["target", "check", "old", "--json"]).json()["format-version"].clone();
+    assert_eq!(version(), 1);
+    n.ok(&["snapshot", "list", "vm1", "--target", "old"]);
+    assert_eq!(version(), 1, "reading the bucket changed it");
+    n.snapshot("vm1", "s1");
+    let r = push(&n, "vm1", "old");
+    assert_eq!(r["kind"], "baseline", "{r}");
+    assert_eq!(version(), 2);
+    assert_eq!(target_ids(&n, "vm1", "old").len(), 1);
+    n.ok(&["verify", "--target", "old"]);
+}

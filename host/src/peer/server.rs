@@ -331,9 +331,9 @@ async fn list_snapshots(
 }
 
 /// `?format=2&base=ID`: the manifest formats the peer reads, and the snapshot it already has,
-/// to send the manifest as a delta against.
+/// to send the manifest as a delta against. Unknown parameters are ignored, so that a later
+/// release may add some.
 #[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ManifestQuery {
     /// Absent from releases before format 2: they get format 1 (zstd JSON).
     format: Option<u32>,
@@ -356,7 +356,17 @@ async fn manifest(
         Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
         Some(Err(e)) => return Err(e.into()),
     };
-    if q.format.is_none() {
+    match q.format {
+        None | Some(1) | Some(crate::snapshot::MANIFEST_FORMAT) => {}
+        Some(f) => {
+            return Err(Error::invalid(format!(
+                "manifest format {f} is unknown here; this node sends formats 1 and {}",
+                crate::snapshot::MANIFEST_FORMAT
+            ))
+            .into());
+        }
+    }
+    if q.format.unwrap_or(1) == 1 {
         // A downstream from before format 2: the manifest as it reads them.
         let m = s.manifest_of(&rec).await?;
         let json = tokio::task::spawn_blocking(move || m.encode_format_1())

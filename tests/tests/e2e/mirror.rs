@@ -158,6 +158,11 @@ fn cascade_baseline_then_increments() {
         "{:?}",
         &new[..new.len().min(16)]
     );
+    let (st, one) = a.request(&tls, "GET", &format!("{path}?format=1"), "b", &b.token, "");
+    assert_eq!((st, one.starts_with('(')), (200, true), "{one:?}");
+    let (st, resp) = a.request(&tls, "GET", &format!("{path}?format=9"), "b", &b.token, "");
+    assert_eq!(st, 400, "{resp}");
+    assert!(resp.contains("format 9 is unknown"), "{resp}");
 
     // A holds B's base and, through B, C's base (the lock travelled one hop up).
     let locks = a.locks();

@@ -319,6 +319,52 @@ fn lock_sets_out_of_order_or_twice() {
 }
 
 /// Scenario 4: B is killed in the middle of a transfer; the rerun resumes and finishes.
+/// An unreadable pack index on the downstream: the next update looks up every block, not
+/// only the changed ones, fetches again what that pack held, and the new snapshot restores
+/// whole.
+#[test]
+fn a_damaged_index_downstream_is_repaired_by_the_next_update() {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", 4 * MIB);
+    let b = Peer::new("b");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    snap(&a, "s1");
+    assert_eq!(b.mirror("vm1")["kind"], "baseline");
+    // B's only pack index is damaged, and its index cache is gone.
+    let index_dir = b.node.state.join("repo/index");
+    let damaged: Vec<_> = std::fs::read_dir(&index_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!damaged.is_empty());
+    for p in &damaged {
+        std::fs::write(p, b"damaged").unwrap();
+    }
+    std::fs::remove_file(b.node.state.join("index-cache")).unwrap();
+
+    change(&img, 3, 1);
+    snap(&a, "s2");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "incremental", "{r}");
+    // Every chunk of s2 came again, not only the 3 changed ones.
+    assert!(u(&r["chunks-fetched"]) > 3, "{r}");
+    assert_eq!(b.node.restore("vm1@s2"), std::fs::read(&img).unwrap());
+}
+
 #[test]
 fn killed_mid_transfer_resumes() {
     let tls = Tls::new();

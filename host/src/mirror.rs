@@ -43,6 +43,10 @@ use crate::state::Node;
 
 /// Chunk requests in flight at once: keeps the link and both sides' disks busy.
 const FETCH_CONCURRENCY: usize = 4;
+/// Snapshots whose manifests one update holds at once (a catch-up goes in batches of this),
+/// and most blocks they may list together (about 140 MB of block lists).
+const RECEIVE_BATCH: usize = 16;
+const RECEIVE_BLOCKS: u64 = 1 << 22;
 /// Chunks per request: up to 16 MiB of 64 KiB blocks.
 const CHUNKS_PER_REQUEST: usize = 256;
 
@@ -364,16 +368,48 @@ pub async fn run(
         tracing::debug!(ms = started.elapsed().as_millis(), "loaded the base");
         // Where the chunks this update looks for are held here (filled as it goes).
         let mut index = ChunkIndex::default();
-        for rec in wanted {
-            let got = Receive {
-                node,
-                client: &client,
-                rec,
-                prev: prev.as_ref(),
-            };
-            prev = Some(got.run(&mut index, &mut report, progress).await?);
-            tracing::debug!(ms = started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
-            report.received.push(rec.display_ref());
+        let mut rest: &[&SnapshotRecord] = &wanted;
+        while !rest.is_empty() {
+            // As many snapshots as fit the batch limits (at least one).
+            let mut n = 0;
+            let mut blocks = 0u64;
+            while n < rest.len().min(RECEIVE_BATCH) {
+                blocks += snapshot::block_count(rest[n].size, rest[n].block_size);
+                if n > 0 && blocks > RECEIVE_BLOCKS {
+                    break;
+                }
+                n += 1;
+            }
+            let (batch, later) = rest.split_at(n);
+            rest = later;
+            // The batch's manifests first, each a delta against the one before, so that one
+            // look-up in the repository serves them all (a catch-up of many snapshots).
+            let mut got = Vec::with_capacity(batch.len());
+            for rec in batch {
+                let r = Receive {
+                    node,
+                    client: &client,
+                    rec,
+                    prev: prev.as_ref(),
+                };
+                let received = r.manifest(&mut report).await?;
+                prev = Some(received.manifest.clone());
+                got.push(received);
+            }
+            tracing::debug!(ms = started.elapsed().as_millis(), "received the manifests");
+            look_up_all(node, &mut index, &mut got).await?;
+            tracing::debug!(ms = started.elapsed().as_millis(), "looked up the chunks");
+            for (rec, received) in batch.iter().zip(got) {
+                let r = Receive {
+                    node,
+                    client: &client,
+                    rec,
+                    prev: None,
+                };
+                r.store(received, &mut index, &mut report, progress).await?;
+                tracing::debug!(ms = started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
+                report.received.push(rec.display_ref());
+            }
         }
     }
 
@@ -442,15 +478,70 @@ struct Receive<'a> {
     prev: Option<&'a Manifest>,
 }
 
+/// A manifest received, and what to look for in the repository before its chunks are fetched.
+struct Received {
+    manifest: Manifest,
+    /// Its stored form.
+    stored: Vec<u8>,
+    /// The blocks that differ from the manifest it came as a delta of (`None`: it came whole).
+    changed: Option<Vec<u64>>,
+    /// The blocks whose chunks this node may lack: the changed ones (the others name chunks
+    /// of a snapshot committed here), or every block.
+    candidates: Vec<(usize, ChunkId)>,
+}
+
+impl Received {
+    fn candidates(&self, every_block: bool) -> Vec<(usize, ChunkId)> {
+        let m = &self.manifest;
+        match self.changed.as_deref().filter(|_| !every_block) {
+            Some(changed) => changed
+                .iter()
+                .filter_map(|&i| m.blocks[i as usize].map(|id| (i as usize, id)))
+                .collect(),
+            None => m
+                .blocks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.map(|id| (i, id)))
+                .collect(),
+        }
+    }
+}
+
+/// Finds where this node holds the chunks of the `got` manifests' candidate blocks, in one
+/// look-up. When reading the pack indexes reports a problem (a pack whose chunks may belong
+/// to the base too), every block of every manifest becomes a candidate.
+async fn look_up_all(node: &Node, index: &mut ChunkIndex, got: &mut [Received]) -> Result<()> {
+    for r in got.iter_mut() {
+        r.candidates = r.candidates(false);
+    }
+    let all: Vec<(usize, ChunkId)> = got.iter().flat_map(|r| r.candidates.clone()).collect();
+    let mut problems = look_up(node, index, &all).await?;
+    if !problems.is_empty() && got.iter().any(|r| r.changed.is_some()) {
+        for r in got.iter_mut() {
+            r.candidates = r.candidates(true);
+        }
+        let all: Vec<(usize, ChunkId)> = got.iter().flat_map(|r| r.candidates.clone()).collect();
+        problems = look_up(node, index, &all).await?;
+    }
+    for p in problems {
+        tracing::warn!("{p}; its chunks will be fetched again");
+    }
+    Ok(())
+}
+
 impl Receive<'_> {
+    fn what(&self) -> String {
+        format!(
+            "{} from upstream {}",
+            self.rec.display_ref(),
+            self.client.upstream
+        )
+    }
+
     /// The manifest, as a delta against `prev` when there is one, checked against the listing.
-    /// Returns it, its stored form, and the indexes of the blocks that differ from `prev` (all
-    /// of them when it came whole).
-    async fn manifest(
-        &self,
-        what: &str,
-        report: &mut MirrorReport,
-    ) -> Result<(Manifest, Vec<u8>, Option<Vec<u64>>)> {
+    async fn manifest(&self, report: &mut MirrorReport) -> Result<Received> {
+        let what = &self.what();
         let rec = self.rec;
         let answer = self
             .client
@@ -505,49 +596,32 @@ impl Receive<'_> {
                 "the manifest of {what} does not match the snapshot it was listed as"
             )));
         }
-        Ok((m, stored, changed))
+        Ok(Received {
+            manifest: m,
+            stored,
+            changed,
+            candidates: vec![],
+        })
     }
 
-    /// Fetches, verifies and commits the snapshot; returns its manifest.
-    async fn run(
+    /// Fetches the chunks of a received manifest this node lacks, verifies them, and commits
+    /// the snapshot.
+    async fn store(
         self,
+        received: Received,
         index: &mut ChunkIndex,
         report: &mut MirrorReport,
         progress: &ProgressBar,
-    ) -> Result<Manifest> {
+    ) -> Result<()> {
         let (node, client, rec) = (self.node, self.client, self.rec);
-        let what = format!("{} from upstream {}", rec.display_ref(), client.upstream);
+        let what = self.what();
         let t = Instant::now();
-        let (m, stored_manifest, changed) = self.manifest(&what, report).await?;
-        tracing::debug!(ms = t.elapsed().as_millis(), "received the manifest");
-        // The blocks that may name a chunk this node lacks: those that differ from a snapshot
-        // committed here (whose chunks are all here), or every block.
-        let blocks = |changed: Option<&[u64]>| -> Vec<(usize, ChunkId)> {
-            match changed {
-                Some(changed) => changed
-                    .iter()
-                    .filter_map(|&i| m.blocks[i as usize].map(|id| (i as usize, id)))
-                    .collect(),
-                None => m
-                    .blocks
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, b)| b.map(|id| (i, id)))
-                    .collect(),
-            }
-        };
-        let mut candidates = blocks(changed.as_deref());
-        let mut problems = look_up(node, index, &candidates).await?;
-        if !problems.is_empty() && changed.is_some() {
-            // A pack whose index is unreadable may hold chunks of the base too: look for
-            // missing chunks in every block, not only the changed ones.
-            candidates = blocks(None);
-            problems = look_up(node, index, &candidates).await?;
-        }
-        for p in problems {
-            tracing::warn!("{p}; its chunks will be fetched again");
-        }
-        tracing::debug!(ms = t.elapsed().as_millis(), "looked up the chunks");
+        let Received {
+            manifest: m,
+            stored: stored_manifest,
+            candidates,
+            ..
+        } = received;
         // The chunks we lack, each once.
         let mut seen = HashSet::new();
         let needed: Vec<ChunkId> = candidates
@@ -637,7 +711,7 @@ impl Receive<'_> {
             return Err(e);
         }
         tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
-        Ok(m)
+        Ok(())
     }
 }
 

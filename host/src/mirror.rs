@@ -386,14 +386,14 @@ pub async fn run(
             // look-up in the repository serves them all (a catch-up of many snapshots).
             let mut got = Vec::with_capacity(batch.len());
             for rec in batch {
-                let r = Receive {
+                let received = Receive {
                     node,
                     client: &client,
                     rec,
-                    prev: prev.as_ref(),
-                };
-                let received = r.manifest(&mut report).await?;
-                prev = Some(received.manifest.clone());
+                    prev: got.last().map(|g: &Received| &g.manifest).or(prev.as_ref()),
+                }
+                .manifest(&mut report)
+                .await?;
                 got.push(received);
             }
             tracing::debug!(ms = started.elapsed().as_millis(), "received the manifests");
@@ -406,7 +406,7 @@ pub async fn run(
                     rec,
                     prev: None,
                 };
-                r.store(received, &mut index, &mut report, progress).await?;
+                prev = Some(r.store(received, &mut index, &mut report, progress).await?);
                 tracing::debug!(ms = started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
                 report.received.push(rec.display_ref());
             }
@@ -605,14 +605,14 @@ impl Receive<'_> {
     }
 
     /// Fetches the chunks of a received manifest this node lacks, verifies them, and commits
-    /// the snapshot.
+    /// the snapshot; returns its manifest (the next batch's base).
     async fn store(
         self,
         received: Received,
         index: &mut ChunkIndex,
         report: &mut MirrorReport,
         progress: &ProgressBar,
-    ) -> Result<()> {
+    ) -> Result<Manifest> {
         let (node, client, rec) = (self.node, self.client, self.rec);
         let what = self.what();
         let t = Instant::now();
@@ -711,7 +711,7 @@ impl Receive<'_> {
             return Err(e);
         }
         tracing::info!(snapshot = %local.display_ref(), id = %local.id, new_chunks = local.stats.new_chunks, "received");
-        Ok(())
+        Ok(m)
     }
 }
 

@@ -704,6 +704,7 @@ impl Receive<'_> {
         node.repo
             .put_manifest(&rec.volume, &rec.id, stored_manifest)
             .await?;
+        tracing::debug!(ms = t.elapsed().as_millis(), "stored the manifest");
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();
         if let Err(e) = node.catalog.commit_snapshot(&local) {

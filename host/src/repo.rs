@@ -729,11 +729,10 @@ mod tests {
         conformance(Repository::local(dir.path()).unwrap()).await;
     }
 
-    #[tokio::test]
-    async fn a_version_1_repository_is_upgraded_by_its_first_writer() {
-        let repo = mem();
+    /// A new repository whose config then claims format `version`.
+    async fn with_config_version(repo: &Repository, version: u32) -> RepoConfig {
         let mut cfg = repo.init().await.unwrap();
-        cfg.version = 1;
+        cfg.version = version;
         repo.store
             .put(
                 &Path::from("config"),
@@ -741,6 +740,13 @@ mod tests {
             )
             .await
             .unwrap();
+        cfg
+    }
+
+    #[tokio::test]
+    async fn a_version_1_repository_is_upgraded_by_its_first_writer() {
+        let repo = mem();
+        let cfg = with_config_version(&repo, 1).await;
         // Reading does not change it; the first writer marks it.
         assert_eq!(repo.check().await.unwrap().version, 1);
         assert_eq!(
@@ -765,15 +771,7 @@ mod tests {
     async fn a_repository_of_another_version_is_refused() {
         // A config with a different format version is a clear error, not a misread.
         let repo = mem();
-        let mut cfg = repo.init().await.unwrap();
-        cfg.version = 99;
-        repo.store
-            .put(
-                &Path::from("config"),
-                serde_json::to_vec(&cfg).unwrap().into(),
-            )
-            .await
-            .unwrap();
+        with_config_version(&repo, 99).await;
         let err = repo.check().await.unwrap_err().to_string();
         assert!(err.contains("format version 99"), "{err}");
     }

@@ -137,28 +137,10 @@ pub async fn delete(
 
 #[cfg(test)]
 mod tests {
+    use super::manifest::tests::{c, manifest};
     use super::*;
-    use crate::id::{ChunkId, SnapshotId};
+    use crate::id::ChunkId;
     use proptest::prelude::*;
-
-    fn manifest(size: u64, bs: u32, blocks: Vec<Option<ChunkId>>) -> Manifest {
-        Manifest {
-            format: MANIFEST_FORMAT,
-            id: SnapshotId::generate(1),
-            volume: "v".parse().unwrap(),
-            name: "s".parse().unwrap(),
-            created_unix_ms: 1,
-            size,
-            block_size: bs,
-            labels: Default::default(),
-            parent: None,
-            blocks,
-        }
-    }
-
-    fn c(n: u8) -> Option<ChunkId> {
-        Some(ChunkId([n; 32]))
-    }
 
     #[test]
     fn diff_merges_adjacent_changed_blocks() {

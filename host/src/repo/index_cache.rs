@@ -69,20 +69,19 @@ fn decode_body(body: &[u8]) -> Option<PackIndex> {
     Some(PackIndex { pack, entries })
 }
 
-/// Every pack index in the cache (none if it is missing or unreadable), and whether a torn or
-/// damaged record cut the read short (then the caller rewrites it, or appends would be lost
-/// behind the tear).
-pub fn load(dir: &Dir) -> (HashMap<PackId, PackIndex>, bool) {
-    let mut out = HashMap::new();
+/// Walks the cache's checksummed records, handing each body to `each` until it returns `false`
+/// (a body it cannot use). Returns whether the walk stopped short of the end: a torn or
+/// damaged record, or a file that exists but cannot be read.
+fn scan(dir: &Dir, mut each: impl FnMut(&[u8]) -> bool) -> bool {
     let mut raw = Vec::new();
     match dir.open(FILE) {
         Ok(mut f) => {
             if let Err(e) = f.read_to_end(&mut raw) {
                 tracing::debug!("index cache unreadable ({e}); reading the repository's indexes");
-                return (out, true);
+                return true;
             }
         }
-        Err(_) => return (out, false),
+        Err(_) => return false,
     }
     let mut at = 0usize;
     while raw.len() - at >= 36 {
@@ -91,14 +90,27 @@ pub fn load(dir: &Dir) -> (HashMap<PackId, PackIndex>, bool) {
         let Some(body) = raw.get(at + 36..at + 36 + len) else {
             break;
         };
-        if blake3::hash(body).as_bytes() != sum {
+        if blake3::hash(body).as_bytes() != sum || !each(body) {
             break;
         }
-        let Some(pi) = decode_body(body) else { break };
-        out.insert(pi.pack, pi);
         at += 36 + len;
     }
-    (out, at != raw.len())
+    at != raw.len()
+}
+
+/// Every pack index in the cache (none if it is missing or unreadable), and whether a torn or
+/// damaged record cut the read short (then the caller rewrites it, or appends would be lost
+/// behind the tear).
+pub fn load(dir: &Dir) -> (HashMap<PackId, PackIndex>, bool) {
+    let mut out = HashMap::new();
+    let torn = scan(dir, |body| match decode_body(body) {
+        Some(pi) => {
+            out.insert(pi.pack, pi);
+            true
+        }
+        None => false,
+    });
+    (out, torn)
 }
 
 /// What [`load_matching`] found.
@@ -117,29 +129,9 @@ pub struct Matches {
 /// that needs a few hundred chunks does not hash the whole repository's chunk ids into a map.
 pub fn load_matching(dir: &Dir, wanted: &HashSet<ChunkId>) -> Matches {
     let mut out = Matches::default();
-    let mut raw = Vec::new();
-    match dir.open(FILE) {
-        Ok(mut f) => {
-            if let Err(e) = f.read_to_end(&mut raw) {
-                tracing::debug!("index cache unreadable ({e}); reading the repository's indexes");
-                out.torn = true;
-                return out;
-            }
-        }
-        Err(_) => return out,
-    }
-    let mut at = 0usize;
-    while raw.len() - at >= 36 {
-        let len = u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let sum = &raw[at + 4..at + 36];
-        let Some(body) = raw.get(at + 36..at + 36 + len) else {
-            break;
-        };
-        if blake3::hash(body).as_bytes() != sum
-            || body.len() < 32
-            || !(body.len() - 32).is_multiple_of(ENTRY)
-        {
-            break;
+    out.torn = scan(dir, |body| {
+        if body.len() < 32 || !(body.len() - 32).is_multiple_of(ENTRY) {
+            return false;
         }
         let pack = PackId(body[..32].try_into().expect("32 bytes"));
         let hits: Vec<&[u8]> = body[32..]
@@ -153,13 +145,14 @@ pub fn load_matching(dir: &Dir, wanted: &HashSet<ChunkId>) -> Matches {
             for e in hits {
                 one.extend_from_slice(e);
             }
-            let Some(pi) = decode_body(&one) else { break };
+            let Some(pi) = decode_body(&one) else {
+                return false;
+            };
             out.found.push(pi);
         }
         out.packs.insert(pack);
-        at += 36 + len;
-    }
-    out.torn = at != raw.len();
+        true
+    });
     out
 }
 

@@ -492,11 +492,12 @@ impl ManifestDelta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn manifest(size: u64, bs: u32, blocks: Vec<Option<ChunkId>>) -> Manifest {
+    /// A manifest of `blocks` (shared with the snapshot module's tests).
+    pub(crate) fn manifest(size: u64, bs: u32, blocks: Vec<Option<ChunkId>>) -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             id: SnapshotId::generate(1),
@@ -511,7 +512,7 @@ mod tests {
         }
     }
 
-    fn c(n: u8) -> Option<ChunkId> {
+    pub(crate) fn c(n: u8) -> Option<ChunkId> {
         Some(ChunkId([n; 32]))
     }
 

@@ -1,0 +1,102 @@
+//! Pulling a target's snapshots into a node (seeding a replica, disaster recovery).
+
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+
+use crate::catalog::{SnapshotRecord, SnapshotStats, VolumeRecord};
+use crate::error::{Error, Result};
+use crate::id::VolumeName;
+use crate::snapshot::Manifest;
+use crate::state::Node;
+
+use super::sink::copy_chunks;
+use super::*;
+
+/// Copies the target's snapshots of `volume` newer than the node's newest into the node,
+/// seeding a replica (on a new node, say, before normal mirroring continues).
+pub async fn pull(
+    node: &Node,
+    rec: &TargetRecord,
+    volume: &VolumeName,
+    progress: &ProgressBar,
+) -> Result<TransferReport> {
+    let t0 = Instant::now();
+    let repo = open(rec)?;
+    repo.check().await?;
+    let theirs = snapshots(&repo, volume).await?;
+    let marker = format!("seeded from target {}", rec.name);
+    match node.catalog.volume(volume) {
+        Ok(v) if v.upstream.is_some() => {}
+        Ok(_) => {
+            return Err(Error::conflict(format!(
+                "volume {volume} is a local volume on this node; pull into another name"
+            )));
+        }
+        Err(Error::NotFound(_)) => {
+            let Some((first, _)) = theirs.first() else {
+                return Err(Error::not_found(format!(
+                    "target {} has no snapshot of {volume}",
+                    rec.name
+                )));
+            };
+            node.catalog.add_volume(&VolumeRecord {
+                name: volume.clone(),
+                image: Default::default(),
+                block_size: first.block_size,
+                added_unix_ms: crate::now_unix_ms(),
+                upstream: Some(marker),
+            })?;
+        }
+        Err(e) => return Err(e),
+    }
+    let ours = node.catalog.snapshots(volume)?;
+    let newest = ours.last().map(|s| s.id);
+    let wanted: Vec<&(SnapshotRecord, bytes::Bytes)> = theirs
+        .iter()
+        .filter(|(s, _)| newest.is_none_or(|n| s.id > n))
+        .collect();
+    let mut report = TransferReport {
+        volume: volume.clone(),
+        target: rec.name.clone(),
+        kind: if wanted.is_empty() {
+            crate::mirror::TransferKind::UpToDate
+        } else if ours.is_empty() {
+            crate::mirror::TransferKind::Baseline
+        } else {
+            crate::mirror::TransferKind::Incremental
+        },
+        base: ours.last().map(|s| s.display_ref()),
+        transferred: vec![],
+        chunks: 0,
+        plain_bytes: 0,
+        stored_bytes: 0,
+        seconds: 0.0,
+    };
+    if !wanted.is_empty() {
+        let _repo_lock = node.lock_repo_shared().await?;
+        let (target_index, _) = load_index(node, rec, &repo).await?;
+        let (mut local_index, _) = node.load_index().await?;
+        for (s, raw) in wanted {
+            let m = Manifest::decode(raw, &s.display_ref())?;
+            let mut sink = PackSink::new(&node.repo, &mut local_index);
+            copy_chunks(&repo, &target_index, &m, &mut sink, progress).await?;
+            let stats = SnapshotStats {
+                blocks: m.blocks.len() as u64,
+                zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
+                ..sink.stats.clone()
+            };
+            report.chunks += stats.new_chunks;
+            report.plain_bytes += stats.new_bytes;
+            report.stored_bytes += stats.new_stored_bytes;
+            node.repo.put_manifest(volume, &s.id, raw.to_vec()).await?;
+            if let Err(e) = node.catalog.commit_snapshot(&m.record(stats)) {
+                let _ = node.repo.delete_manifest(volume, &s.id).await;
+                return Err(e);
+            }
+            report.transferred.push(s.display_ref());
+        }
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -41,11 +41,17 @@ use pack::{FinishedPack, PackIndex};
 
 /// Name written into every repository's config.
 pub const FORMAT_NAME: &str = "holdfast-repository";
-/// The repository format this build writes. Version 2 holds format-2 manifests
-/// (`snapshot/manifest.rs`), which older releases cannot read; a version-1 repository is
-/// marked version 2 before this build writes into it ([`Repository::check_for_writing`]);
-/// its objects stay as they are.
+/// The repository format this build writes into a node's own repository. Version 2 holds
+/// format-2 manifests (`snapshot/manifest.rs`), which older releases cannot read; a version-1
+/// repository is marked version 2 before this build writes into it
+/// ([`Repository::check_for_writing`]); its objects stay as they are.
 pub const FORMAT_VERSION: u32 = 2;
+/// The format this build writes into mirror targets: version 3 adds salted pack names, push
+/// intents (`pending/`) and gc records (`gc/`), whose protocol older releases do not follow
+/// (`host/TARGETS.md`), so they must refuse to write into such a target.
+pub const TARGET_FORMAT_VERSION: u32 = 3;
+/// The newest repository format this build reads.
+const NEWEST_FORMAT_VERSION: u32 = TARGET_FORMAT_VERSION;
 /// The oldest repository format this build reads (and upgrades).
 const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -67,6 +73,13 @@ pub struct RepoConfig {
     pub created_unix_ms: u64,
     pub chunk_hash: String,
     pub compression: String,
+}
+
+/// A listed object's size and the store's own modification time (the server's clock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub modified_unix_ms: u64,
 }
 
 /// Where one chunk is stored.
@@ -126,6 +139,22 @@ impl ChunkIndex {
         Ok(problems)
     }
 
+    /// Keeps only the packs for which `keep` holds; a chunk stored in a removed pack and in a
+    /// kept one is then found in the kept one. Returns how many packs were removed.
+    pub fn retain_packs(&mut self, mut keep: impl FnMut(&PackId) -> bool) -> usize {
+        let before = self.packs.len();
+        self.packs.retain(|id, _| keep(id));
+        let removed = before - self.packs.len();
+        if removed > 0 {
+            let packs = std::mem::take(&mut self.packs);
+            self.chunks.clear();
+            for pi in packs.into_values() {
+                self.insert(pi);
+            }
+        }
+        removed
+    }
+
     /// Adds what `other` knows and this does not.
     pub fn merge(&mut self, other: ChunkIndex) {
         for (id, loc) in other.chunks {
@@ -155,6 +184,8 @@ pub struct Repository {
     local: Option<Arc<cap_std::fs::Dir>>,
     /// Packs bigger than this are multipart uploads (object stores only).
     multipart_threshold: usize,
+    /// The format version this repository is created with and upgraded to before writing.
+    format_version: u32,
 }
 
 impl Repository {
@@ -176,6 +207,7 @@ impl Repository {
             location: dir.display().to_string(),
             local: Some(Arc::new(root)),
             multipart_threshold: MULTIPART_THRESHOLD,
+            format_version: FORMAT_VERSION,
         })
     }
 
@@ -186,7 +218,14 @@ impl Repository {
             location: location.into(),
             local: None,
             multipart_threshold: MULTIPART_THRESHOLD,
+            format_version: FORMAT_VERSION,
         }
+    }
+
+    /// Writes format `version` (a mirror target: [`TARGET_FORMAT_VERSION`]).
+    pub fn with_format_version(mut self, version: u32) -> Self {
+        self.format_version = version;
+        self
     }
 
     /// Packs bigger than `bytes` go up as multipart uploads.
@@ -203,7 +242,7 @@ impl Repository {
     pub async fn init(&self) -> Result<RepoConfig> {
         let config = RepoConfig {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: self.format_version,
             id: format!("{:032x}", rand::random::<u128>()),
             created_unix_ms: crate::now_unix_ms(),
             chunk_hash: "blake3".into(),
@@ -245,33 +284,35 @@ impl Repository {
                 self.location, config.format
             )));
         }
-        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&config.version) {
+        if !(OLDEST_FORMAT_VERSION..=NEWEST_FORMAT_VERSION).contains(&config.version) {
             return Err(Error::invalid(format!(
                 "the repository at {} has format version {}; this holdfast reads versions \
-                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}; use a holdfast release that \
-                 matches it",
+                 {OLDEST_FORMAT_VERSION} to {NEWEST_FORMAT_VERSION}; use a holdfast release \
+                 that matches it",
                 self.location, config.version
             )));
         }
         Ok(config)
     }
 
-    /// Reads the config as [`Repository::check`] does and, for a version-1 repository, marks
-    /// it version 2 before anything of version 2 is written into it (format-2 manifests), so
-    /// that an older holdfast refuses it by its version instead of reporting the new
-    /// manifests as damaged. Called by writers only (a node opening its own repository, a
+    /// Reads the config as [`Repository::check`] does and, for a repository of an older
+    /// version than the one this repository writes (2 for a node's own, 3 for a target),
+    /// marks it that version before anything of it is written (format-2 manifests; a target's
+    /// salted packs, intents and gc records), so that an older holdfast refuses it by its
+    /// version instead of misreading it or ignoring the target's gc protocol. Called by writers only (a node opening its own repository, a
     /// push into a target): reading a bucket never changes it. The config is the only object
     /// rewritten, once, and on stores that support it only if it is still the one read (a
     /// conditional PUT); if the upgrade cannot be written, the writer stops.
     pub async fn check_for_writing(&self) -> Result<RepoConfig> {
         let config = self.check().await?;
-        if config.version == FORMAT_VERSION {
+        if config.version >= self.format_version {
             return Ok(config);
         }
+        let target_version = self.format_version;
         let path = Path::from("config");
         let meta = self.store.head(&path).await?;
         let mut upgraded = config.clone();
-        upgraded.version = FORMAT_VERSION;
+        upgraded.version = target_version;
         let body =
             serde_json::to_vec_pretty(&upgraded).map_err(|e| Error::internal(e.to_string()))?;
         let conditional = PutOptions {
@@ -296,7 +337,7 @@ impl Repository {
             Ok(_) => {
                 tracing::info!(
                     "upgraded the repository at {} from format version {} to \
-                     {FORMAT_VERSION}: releases before it cannot read it any more",
+                     {target_version}: releases before it cannot read it any more",
                     self.location,
                     config.version
                 );
@@ -304,13 +345,13 @@ impl Repository {
             }
             Err(object_store::Error::Precondition { .. }) => Err(Error::conflict(format!(
                 "the config of the repository at {} changed while it was being upgraded to \
-                 format version {FORMAT_VERSION}; run the command again",
+                 format version {target_version}; run the command again",
                 self.location
             ))),
             Err(e) => Err(Error::Unavailable {
                 message: format!(
                     "the repository at {} has format version {} and must be marked version \
-                     {FORMAT_VERSION} before this holdfast writes into it, but its config \
+                     {target_version} before this holdfast writes into it, but its config \
                      could not be rewritten ({e}); allow writing `config`, or use the release \
                      that wrote it",
                     self.location, config.version
@@ -477,6 +518,56 @@ impl Repository {
             .iter()
             .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.size)))
             .collect())
+    }
+
+    /// Every pack object with its size and the store's modification time.
+    pub async fn pack_listing(&self) -> Result<HashMap<PackId, ObjectInfo>> {
+        self.listing("packs").await
+    }
+
+    /// Every index object with its size and the store's modification time.
+    pub async fn index_listing(&self) -> Result<HashMap<PackId, ObjectInfo>> {
+        self.listing("index").await
+    }
+
+    async fn listing(&self, prefix: &str) -> Result<HashMap<PackId, ObjectInfo>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&Path::from(prefix)))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.parse().ok()?;
+                Some((
+                    id,
+                    ObjectInfo {
+                        size: m.size,
+                        modified_unix_ms: m.last_modified.timestamp_millis().max(0) as u64,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Reads a pack's index from its trailer (two ranged reads), for a pack whose index
+    /// object is missing or damaged; checked against the pack's name.
+    pub async fn read_pack_trailer(&self, id: &PackId, pack_len: u64) -> Result<PackIndex> {
+        let path = Self::pack_path(id);
+        if pack_len < 20 {
+            return Err(Error::corrupt(format!(
+                "pack {} is not a holdfast pack ({pack_len} bytes)",
+                id.short()
+            )));
+        }
+        let last = self.store.get_range(&path, pack_len - 12..pack_len).await?;
+        let tlen = pack::trailer_len(id, pack_len, &last)?;
+        let trailer = self
+            .store
+            .get_range(&path, pack_len - 12 - tlen..pack_len - 12)
+            .await?;
+        pack::parse_trailer(id, pack_len, &trailer)
     }
 
     /// Reads byte ranges of a pack (adjacent ranges are coalesced into one request).

@@ -7,10 +7,16 @@
 //!   lock sets, its upstreams honour; and a lock record inside the target;
 //! - lock records live under `locks/VOLUME/HOLDER.json` (HOLDER hex-encoded), one object per
 //!   holder and volume, rewritten only by that holder; every prune of the target honours them;
-//! - concurrent writers coordinate with create-only writes (`If-None-Match: *`) and leases
-//!   (see `host/TARGETS.md`): a snapshot is visible once its manifest exists, packs and
-//!   manifests are never overwritten with different bytes, and `gc` runs only while no push
-//!   holds a lease.
+//! - concurrent writers need no lock between them (`host/TARGETS.md`): every object is
+//!   written create-only (`If-None-Match: *`) under a name never used before; a pushed
+//!   snapshot is visible once its manifest exists and its push's intent is gone
+//!   (`pending.rs`); gc condemns unreferenced packs first and deletes them a grace period
+//!   later, and no push relies on a condemned pack (`gc.rs`).
+//!
+//! Files: `url.rs` and `credentials.rs` (reaching a target), `index.rs` (its pack indexes, with
+//! the node's cache), `sink.rs` (verified chunks into packs), `locks.rs` (lock records),
+//! `push.rs` and `pending.rs` (pushing and committing), `pull.rs`, `gc.rs` (space) and
+//! `maintenance.rs` (prune, verify).
 
 use std::path::{Component, PathBuf};
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::error::{Error, Result};
 use crate::id::{NodeId, SnapshotId, VolumeName, shorten, validate_name};
-use crate::repo::Repository;
+use crate::repo::{Repository, TARGET_FORMAT_VERSION};
 use crate::snapshot::Manifest;
 use crate::state::Node;
 use credentials::profile_keys;
@@ -32,23 +38,23 @@ const TARGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("targets");
 const TARGET_INDEX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("target-index");
 /// Chunks read and written per batch.
 const BATCH: usize = 256;
-/// How long a push or gc lease lasts without being released.
-const LEASE_MS: u64 = 3_600_000;
 
 mod credentials;
+mod gc;
 mod index;
-mod lease;
 mod locks;
 mod maintenance;
+mod pending;
 mod pull;
 mod push;
 mod sink;
 mod url;
 
+pub use gc::{TargetGcReport, gc, grace, server_now};
 pub use index::load_index;
-pub use lease::{LeaseGuard, lease_gc, lease_push};
 pub use locks::{LockRecord, TargetLock, lock_records, locked, write_lock_record};
-pub use maintenance::{TargetGcReport, TargetPruneReport, gc, prune, verify};
+pub use maintenance::{TargetPruneReport, prune, verify};
+pub use pending::{ClearedPush, PendingPush, PushView, clear_pending};
 pub use pull::pull;
 pub use push::{TransferReport, local_holder, push};
 pub use sink::PackSink;
@@ -83,7 +89,7 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
         TargetUrl::File(p) => {
             std::fs::create_dir_all(&p)
                 .map_err(|e| Error::io(format!("creating target directory {}", p.display()), e))?;
-            Repository::local(&p)
+            Ok(Repository::local(&p)?.with_format_version(TARGET_FORMAT_VERSION))
         }
         TargetUrl::S3 { bucket, prefix } => {
             use object_store::aws::AmazonS3Builder;
@@ -137,7 +143,8 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
             } else {
                 Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()))
             };
-            let mut repo = Repository::from_store(store, rec.url.clone());
+            let mut repo = Repository::from_store(store, rec.url.clone())
+                .with_format_version(TARGET_FORMAT_VERSION);
             if let Ok(t) = std::env::var("HOLDFAST_TARGET_MULTIPART_THRESHOLD") {
                 let bytes: bytesize::ByteSize = t.parse().map_err(|e| {
                     Error::invalid(format!(
@@ -268,6 +275,12 @@ pub struct CheckReport {
     pub writable: bool,
     pub snapshots: usize,
     pub packs: usize,
+    /// Pushes that wrote an intent and have not finished: their snapshots stay hidden until
+    /// the node that pushed finishes them (its next push of the volume), or the operator
+    /// clears them (`holdfast target clear-pending`) for a node that is gone.
+    pub pending_pushes: Vec<PendingPush>,
+    /// Records of packs a gc condemned (deleted by a gc a grace period later).
+    pub gc_records: usize,
     pub seconds: f64,
 }
 
@@ -308,9 +321,19 @@ pub async fn check_or_init(
     repo.put_object(&probe, b"holdfast write check".to_vec())
         .await
         .map_err(ctx)?;
+    // The probe's time is the store's clock, by which pending pushes are aged.
+    let now = repo
+        .list_objects("probe")
+        .await
+        .map_err(ctx)?
+        .into_iter()
+        .find(|(k, _, _)| *k == probe)
+        .map_or_else(crate::now_unix_ms, |(_, _, t)| t);
     repo.delete_object(&probe).await.map_err(ctx)?;
     let snapshots = repo.list_manifests().await.map_err(ctx)?.len();
     let packs = repo.list_packs().await.map_err(ctx)?.len();
+    let pending_pushes = pending::pending_pushes(repo, now).await.map_err(ctx)?;
+    let gc_records = repo.list_objects(gc::CONDEMNED).await.map_err(ctx)?.len();
     Ok(CheckReport {
         target: rec.name.clone(),
         url: rec.url.clone(),
@@ -319,21 +342,21 @@ pub async fn check_or_init(
         writable: true,
         snapshots,
         packs,
+        pending_pushes,
+        gc_records,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
-/// A target's snapshots of `volume`, oldest first, read from their manifests.
+/// A target's committed snapshots of `volume`, oldest first, read from their manifests (a
+/// snapshot whose push has not finished is not one: see `pending.rs`).
 pub async fn snapshots(
     repo: &Repository,
     volume: &VolumeName,
 ) -> Result<Vec<(SnapshotRecord, bytes::Bytes)>> {
-    let mut ids: Vec<SnapshotId> = repo
-        .list_manifests()
+    let mut ids: Vec<SnapshotId> = pending::committed_ids(repo, volume)
         .await?
         .into_iter()
-        .filter(|(v, _)| v == volume)
-        .map(|(_, id)| id)
         .collect();
     ids.sort();
     let mut out = Vec::with_capacity(ids.len());

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 pub mod cascade;
+pub mod proxy;
 pub mod s3;
 
 /// The holdfast binary under test.
@@ -125,6 +126,13 @@ impl TestNode {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(holdfast_bin());
+        // The runner's own settings must not change what a test sees.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("HOLDFAST_") || k.starts_with("AWS_") {
+                c.env_remove(k.as_ref());
+            }
+        }
         c.args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HOLDFAST_STATE", &self.state)

@@ -12,7 +12,9 @@ pub struct GcCommand {
     pub dry_run: bool,
     #[arg(long)]
     pub json: bool,
-    /// Reclaim space inside this mirror target (waits for no push; see host/TARGETS.md).
+    /// Reclaim space inside this mirror target: deletes the packs an earlier gc condemned at
+    /// least the grace period ago (HOLDFAST_TARGET_GRACE, 1h) that are still unreferenced,
+    /// and condemns what is unreferenced now. Runs beside pushes and other gcs.
     #[arg(long)]
     pub target: Option<String>,
 }
@@ -26,15 +28,49 @@ impl GcCommand {
             if self.json {
                 return print_json(&r);
             }
+            let (did, will) = if r.dry_run {
+                ("would be ", "would be ")
+            } else {
+                ("", "")
+            };
             ctx.summary(format!(
-                "gc of target {t}{}: {} snapshots, {} live chunks; {} packs deleted ({}), {} partly live packs kept",
+                "gc of target {t}{}: {} snapshots, {} live chunks; {} packs {did}deleted ({}), \
+                 {} packs {will}condemned ({}), {} partly live packs kept",
                 if r.dry_run { " (dry run)" } else { "" },
                 r.snapshots,
                 r.live_chunks,
                 r.packs_deleted,
                 human_bytes(r.bytes_freed),
+                r.packs_condemned,
+                human_bytes(r.bytes_condemned),
                 r.packs_kept_partly_live
             ));
+            if let Some(at) = r.next_deletion_unix_ms.filter(|_| r.packs_waiting > 0) {
+                eprintln!(
+                    "note: {} condemned packs ({}) wait out the grace period ({}); a gc after {} \
+                     (the store's clock) deletes those still unreferenced",
+                    r.packs_waiting,
+                    human_bytes(r.bytes_waiting),
+                    humantime::format_duration(std::time::Duration::from_secs(r.grace_seconds)),
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(at)
+                    )
+                );
+            }
+            if r.packs_too_young > 0 {
+                eprintln!(
+                    "note: {} unreferenced packs are younger than the grace period; a later gc \
+                     condemns them",
+                    r.packs_too_young
+                );
+            }
+            for p in &r.pending_pushes {
+                eprintln!(
+                    "note: unfinished push of {}@{} by node {} ({}s ago); its chunks are kept \
+                     (`holdfast target check {t}`)",
+                    p.volume, p.snapshot, p.node, p.age_seconds
+                );
+            }
             return Ok(());
         }
         let pb = ctx.count_bar("gc");

@@ -1,4 +1,4 @@
-//! `holdfast target add|list|remove|check`.
+//! `holdfast target add|list|remove|check|clear-pending`.
 
 use clap::Subcommand;
 
@@ -40,9 +40,23 @@ pub enum TargetCommand {
     },
     /// Forget a target (its contents are not touched).
     Remove { name: String },
-    /// Reachable, writable, format version, what it holds.
+    /// Reachable, writable, format version, what it holds, and any unfinished pushes.
     Check {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish the unfinished pushes of another node that has stopped for good: each of its
+    /// hidden snapshots becomes visible if every chunk is safely stored, else it is removed.
+    /// Only for a node that is not running (its own next push finishes them otherwise).
+    ClearPending {
+        name: String,
+        /// The node whose pushes to finish (as `target check` names it).
+        #[arg(long)]
+        node: String,
+        /// Do it without asking (required when not run on a terminal).
+        #[arg(long)]
+        yes: bool,
         #[arg(long)]
         json: bool,
     },
@@ -131,16 +145,88 @@ impl TargetCommand {
                     return print_json(&r);
                 }
                 outln!(
-                    "target {} ({}): reachable, writable, format version {}, {} snapshot(s), {} pack(s), checked in {:.2}s",
+                    "target {} ({}): reachable, writable, format version {}, {} snapshot(s), {} pack(s), {} gc record(s), checked in {:.2}s",
                     r.target,
                     r.url,
                     r.format_version,
                     r.snapshots,
                     r.packs,
+                    r.gc_records,
                     r.seconds
                 );
+                for p in &r.pending_pushes {
+                    outln!(
+                        "unfinished push: {}@{} by node {}, {} ago (hidden until that node's next \
+                         push finishes it; if the node is gone for good: holdfast target \
+                         clear-pending {} --node {})",
+                        p.volume,
+                        p.snapshot,
+                        p.node,
+                        humantime::format_duration(std::time::Duration::from_secs(p.age_seconds)),
+                        r.target,
+                        p.node
+                    );
+                }
+            }
+            TargetCommand::ClearPending {
+                name,
+                node: of,
+                yes,
+                json,
+            } => {
+                let of: holdfast::id::NodeId = of.parse()?;
+                let rec = targets.get(&name)?;
+                if !yes {
+                    confirm_clear(&name, &of)?;
+                }
+                let pb = ctx.count_bar("checking chunks");
+                let r = holdfast::target::clear_pending(&node, &rec, &of, &pb).await;
+                pb.finish_and_clear();
+                let r = r?;
+                if json {
+                    return print_json(&r);
+                }
+                for c in &r {
+                    outln!(
+                        "{}@{} {}",
+                        c.volume,
+                        c.snapshot,
+                        if c.committed {
+                            "committed (every chunk is stored)"
+                        } else {
+                            "removed (incomplete; the node pushes it again if it returns)"
+                        }
+                    );
+                }
+                ctx.summary(format!(
+                    "finished {} unfinished push(es) of node {of} in target {name}",
+                    r.len()
+                ));
             }
         }
         Ok(())
     }
+}
+
+/// Asks on the terminal before finishing another node's pushes; refuses without a terminal.
+fn confirm_clear(target: &str, of: &holdfast::id::NodeId) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(holdfast::Error::invalid(format!(
+            "clear-pending needs --yes when not run on a terminal (node {of}, target {target})"
+        )));
+    }
+    eprint!(
+        "node {of} must not be running a push to {target}: its unfinished snapshots are \
+         committed if whole, else removed. Type yes: "
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        anyhow::bail!(holdfast::Error::conflict(
+            "not confirmed; nothing was changed"
+        ));
+    }
+    Ok(())
 }

@@ -66,7 +66,11 @@ fn decode_body(body: &[u8]) -> Option<PackIndex> {
             })
         })
         .collect::<Option<Vec<_>>>()?;
-    Some(PackIndex { pack, entries })
+    Some(PackIndex {
+        pack,
+        entries,
+        salt: None,
+    })
 }
 
 /// Walks the cache's checksummed records, handing each body to `each` until it returns `false`
@@ -201,6 +205,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            salt: None,
         }
     }
 

@@ -8,6 +8,11 @@
 //! two packs with the same entries hold the same chunks at the same places, so writing one
 //! twice is harmless. Hashing the list rather than the bytes saves a pass over every byte;
 //! each chunk's bytes are verified against the chunk's own id whenever they are read.
+//!
+//! A pack written into a mirror target also carries a random **salt**, hashed into its name,
+//! so that its name is never written twice: a target's gc deletes by name what it condemned
+//! (`host/TARGETS.md`), and a pack with the same chunks stored again later must not share a
+//! name with a condemned one.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -41,6 +46,9 @@ pub struct PackEntry {
 pub struct PackIndex {
     pub pack: PackId,
     pub entries: Vec<PackEntry>,
+    /// 32 hex digits hashed into the pack's name (packs written into targets), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
 }
 
 impl PackIndex {
@@ -58,10 +66,17 @@ impl PackIndex {
         Ok(index)
     }
 
-    /// The pack id implied by a list of entries.
-    pub fn id_of(entries: &[PackEntry]) -> Result<PackId> {
+    /// The pack id implied by a list of entries (and the salt, if the pack has one).
+    pub fn id_of(entries: &[PackEntry], salt: Option<&str>) -> Result<PackId> {
         let json = serde_json::to_vec(entries).map_err(|e| Error::internal(e.to_string()))?;
-        Ok(PackId(*blake3::hash(&json).as_bytes()))
+        let mut h = blake3::Hasher::new();
+        if let Some(salt) = salt {
+            h.update(b"salt:");
+            h.update(salt.as_bytes());
+            h.update(b"\n");
+        }
+        h.update(&json);
+        Ok(PackId(*h.finalize().as_bytes()))
     }
 
     /// Total stored bytes of the entries.
@@ -78,6 +93,7 @@ pub struct PackBuilder {
     buf: Vec<u8>,
     start: usize,
     entries: Vec<PackEntry>,
+    salt: Option<String>,
 }
 
 impl Default for PackBuilder {
@@ -97,6 +113,15 @@ impl PackBuilder {
             buf,
             start,
             entries: Vec::new(),
+            salt: None,
+        }
+    }
+
+    /// A builder whose pack gets a random salt in its name (for mirror targets).
+    pub fn salted() -> Self {
+        PackBuilder {
+            salt: Some(format!("{:032x}", rand::random::<u128>())),
+            ..Self::new()
         }
     }
 
@@ -126,6 +151,7 @@ impl PackBuilder {
         let trailer = PackIndex {
             pack: PackId([0; 32]),
             entries: self.entries.clone(),
+            salt: self.salt.clone(),
         }
         .encode()?;
         self.buf.extend_from_slice(&trailer);
@@ -133,11 +159,12 @@ impl PackBuilder {
             .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(END_MAGIC);
         let start = self.start;
-        let id = PackIndex::id_of(&self.entries)?;
+        let id = PackIndex::id_of(&self.entries, self.salt.as_deref())?;
         Ok(FinishedPack {
             index: PackIndex {
                 pack: id,
                 entries: self.entries,
+                salt: self.salt,
             },
             bytes: Bytes::from(self.buf).slice(start..),
         })
@@ -153,22 +180,39 @@ pub struct FinishedPack {
 
 /// Reads the index from a whole pack's bytes, checking the pack's own hash first.
 pub fn read_trailer(id: &PackId, bytes: &[u8]) -> Result<PackIndex> {
-    let what = format!("pack {}", id.short());
     let n = bytes.len();
-    if n < MAGIC.len() + 12 || &bytes[..8] != MAGIC || &bytes[n - 8..] != END_MAGIC {
+    let what = format!("pack {}", id.short());
+    if n < MAGIC.len() + 12 || &bytes[..8] != MAGIC {
         return Err(Error::corrupt(format!("{what} is not a holdfast pack")));
     }
-    let tlen = u32::from_le_bytes(bytes[n - 12..n - 8].try_into().expect("4 bytes")) as usize;
-    if tlen > n - 12 - MAGIC.len() {
+    let tlen = trailer_len(id, n as u64, &bytes[n - 12..])?;
+    parse_trailer(id, n as u64, &bytes[n - 12 - tlen as usize..n - 12])
+}
+
+/// The trailer's length, from the last 12 bytes of a pack of `pack_len` bytes.
+pub fn trailer_len(id: &PackId, pack_len: u64, last12: &[u8]) -> Result<u64> {
+    let what = format!("pack {}", id.short());
+    if pack_len < MAGIC.len() as u64 + 12 || last12.len() != 12 || &last12[4..] != END_MAGIC {
+        return Err(Error::corrupt(format!("{what} is not a holdfast pack")));
+    }
+    let tlen = u32::from_le_bytes(last12[..4].try_into().expect("4 bytes")) as u64;
+    if tlen > pack_len - 12 - MAGIC.len() as u64 {
         return Err(Error::corrupt(format!("{what} has a truncated trailer")));
     }
-    let mut index = PackIndex::decode(&bytes[n - 12 - tlen..n - 12], &what)?;
-    if PackIndex::id_of(&index.entries)? != *id {
+    Ok(tlen)
+}
+
+/// Decodes a trailer read from a pack of `pack_len` bytes and checks it against the pack's
+/// name (the hash of its entries and salt) and its size.
+pub fn parse_trailer(id: &PackId, pack_len: u64, trailer: &[u8]) -> Result<PackIndex> {
+    let what = format!("pack {}", id.short());
+    let mut index = PackIndex::decode(trailer, &what)?;
+    if PackIndex::id_of(&index.entries, index.salt.as_deref())? != *id {
         return Err(Error::corrupt(format!(
             "{what} is damaged: its trailer does not match its name"
         )));
     }
-    let end = (n - 12 - tlen) as u64;
+    let end = pack_len - 12 - trailer.len() as u64;
     if index
         .entries
         .iter()
@@ -224,5 +268,25 @@ mod tests {
             read_trailer(&other.index.pack, &p.bytes),
             Err(Error::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn salted_packs_of_the_same_chunks_have_different_names() {
+        // Two salted packs of identical chunks get different names, and each trailer still
+        // proves its own name (the salt travels in the trailer and the index).
+        let build = |b: PackBuilder| {
+            let mut b = b;
+            b.add(chunk::hash(b"x"), Encoding::Raw, b"x", 1);
+            b.finish().unwrap()
+        };
+        let (a, b) = (build(PackBuilder::salted()), build(PackBuilder::salted()));
+        let plain = build(PackBuilder::new());
+        assert_ne!(a.index.pack, b.index.pack);
+        assert_ne!(a.index.pack, plain.index.pack);
+        assert_eq!(plain.index.pack, build(PackBuilder::new()).index.pack);
+        assert_eq!(read_trailer(&a.index.pack, &a.bytes).unwrap(), a.index);
+        assert!(read_trailer(&b.index.pack, &a.bytes).is_err());
+        let decoded = PackIndex::decode(&a.index.encode().unwrap(), "index").unwrap();
+        assert_eq!(decoded, a.index);
     }
 }

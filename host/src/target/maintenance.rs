@@ -1,17 +1,13 @@
-//! Retention, space reclamation and verification inside a target.
-
-use std::collections::{BTreeMap, HashSet};
+//! Retention and verification inside a target (space reclamation is `gc.rs`).
 
 use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::catalog::SnapshotRecord;
-use crate::error::{Error, Result};
-use crate::id::{ChunkId, NodeId, VolumeName};
+use crate::error::Result;
+use crate::id::VolumeName;
 use crate::repo::Repository;
-use crate::snapshot::Manifest;
 
-use super::lease::{live_leases, still_leased};
 use super::*;
 
 // ---------------------------------------------------------------------------------------
@@ -59,85 +55,6 @@ pub async fn prune(
         }
         repo.delete_manifest(volume, &e.id).await?;
         report.pruned.push(e.snapshot.clone());
-    }
-    Ok(report)
-}
-
-/// What a gc of a target did.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct TargetGcReport {
-    pub dry_run: bool,
-    pub snapshots: usize,
-    pub live_chunks: usize,
-    pub packs_deleted: usize,
-    pub bytes_freed: u64,
-    pub packs_kept_partly_live: usize,
-}
-
-/// Deletes the target's packs that no manifest references (whole packs; a partly live pack
-/// stays). Runs under the gc lease, so no push is between writing packs and their manifest.
-pub async fn gc(repo: &Repository, me: &NodeId, dry_run: bool) -> Result<TargetGcReport> {
-    repo.check().await?;
-    let lease = lease_gc(repo, me).await?;
-    let r = gc_leased(repo, &lease, dry_run).await;
-    let released = lease.release(repo).await;
-    let r = r?;
-    released?;
-    Ok(r)
-}
-
-async fn gc_leased(repo: &Repository, lease: &LeaseGuard, dry_run: bool) -> Result<TargetGcReport> {
-    let mut live: HashSet<ChunkId> = HashSet::new();
-    let manifests = repo.list_manifests().await?;
-    for (v, id) in &manifests {
-        // Pruned since the listing: its chunks are no longer referenced by it.
-        let Some(raw) = repo.read_manifest_if_present(v, id).await? else {
-            continue;
-        };
-        // A manifest that cannot be read could reference anything: stop before deleting.
-        let m = Manifest::decode(&raw, &format!("{v}@{id} in {}", repo.location()))?;
-        live.extend(m.blocks.iter().flatten().copied());
-    }
-    let (index, problems) = repo.load_index().await?;
-    if !problems.is_empty() {
-        return Err(Error::corrupt(format!(
-            "gc stopped before deleting anything: {}",
-            problems.join("; ")
-        )));
-    }
-    let mut report = TargetGcReport {
-        dry_run,
-        snapshots: manifests.len(),
-        live_chunks: live.len(),
-        ..Default::default()
-    };
-    // Before deleting: still ours, and no push slipped in (it would have seen our lease).
-    still_leased(repo, lease).await?;
-    if let Some((_, l)) = live_leases(repo, &lease.key).await?.first() {
-        return Err(Error::Unavailable {
-            message: format!(
-                "a {} by {} is running on {} since gc started; nothing was deleted, gc again \
-                 later",
-                l.kind,
-                l.owner,
-                repo.location()
-            ),
-            source: None,
-        });
-    }
-    let sizes: BTreeMap<crate::id::PackId, u64> = repo.list_packs().await?.into_iter().collect();
-    for (pack, pi) in &index.packs {
-        if pi.entries.iter().any(|e| live.contains(&e.id)) {
-            report.packs_kept_partly_live +=
-                usize::from(pi.entries.iter().any(|e| !live.contains(&e.id)));
-            continue;
-        }
-        report.packs_deleted += 1;
-        report.bytes_freed += sizes.get(pack).copied().unwrap_or(0);
-        if !dry_run {
-            repo.delete_pack(pack).await?;
-        }
     }
     Ok(report)
 }

@@ -71,6 +71,8 @@ pub async fn pull(
         chunks: 0,
         plain_bytes: 0,
         stored_bytes: 0,
+        restored_chunks: 0,
+        finished_pending: vec![],
         seconds: 0.0,
     };
     if !wanted.is_empty() {
@@ -80,7 +82,7 @@ pub async fn pull(
         for (s, raw) in wanted {
             let m = Manifest::decode(raw, &s.display_ref())?;
             let mut sink = PackSink::new(&node.repo, &mut local_index);
-            copy_chunks(&repo, &target_index, &m, &mut sink, progress).await?;
+            copy_chunks(&repo, &target_index, &m.blocks, &mut sink, progress).await?;
             let stats = SnapshotStats {
                 blocks: m.blocks.len() as u64,
                 zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,

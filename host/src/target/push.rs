@@ -1,7 +1,6 @@
 //! Pushing a node's snapshots into a target.
 
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -14,8 +13,9 @@ use crate::snapshot::Manifest;
 use crate::softlock::{HolderId, LockType, NewLock};
 use crate::state::Node;
 
+use super::pending::{self, PushView};
 use super::*;
-use super::{index::remember_indexes, lease::still_leased, sink::copy_chunks};
+use super::{index::remember_indexes, sink::copy_chunks};
 
 /// What a push or a pull did.
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +29,10 @@ pub struct TransferReport {
     pub chunks: u64,
     pub plain_bytes: u64,
     pub stored_bytes: u64,
+    /// Chunks stored again because a gc condemned their packs while the push ran.
+    pub restored_chunks: u64,
+    /// This node's interrupted pushes that this one finished ("VOL@ID committed|dropped").
+    pub finished_pending: Vec<String>,
     pub seconds: f64,
 }
 
@@ -62,6 +66,10 @@ fn lock_base_locally(
 }
 
 /// Pushes the node's snapshots of `volume` that are newer than the target's newest.
+///
+/// Each snapshot: its missing chunks into new packs, an intent, the manifest, then the check
+/// that every chunk it names is in a pack no gc has condemned (storing again what was), and
+/// only then the intent goes (`pending.rs`). No lease: gcs and other pushes may run meanwhile.
 pub async fn push(
     node: &Node,
     rec: &TargetRecord,
@@ -70,40 +78,101 @@ pub async fn push(
 ) -> Result<TransferReport> {
     let t0 = Instant::now();
     let repo = open(rec)?;
-    // A push writes format-2 manifests: a version-1 target is marked version 2 first.
+    // A push writes salted packs and intents (format 3): an older target is marked first.
     repo.check_for_writing().await?;
-    let ours = node.catalog.snapshots(volume)?;
     node.catalog.volume(volume)?;
     // One push of a volume at a time from this node (the daemon's [[push]] and a CLI run).
+    // Holding it also proves that an intent of this node for this volume is left by a push
+    // that stopped, which this one may finish.
     let _volume_lock = crate::mirror::lock_volume(node, volume).await?;
-    let lease = lease_push(&repo, &node.info.node_id, Duration::from_secs(60)).await?;
-    let result = push_leased(node, rec, &repo, &lease, volume, &ours, progress).await;
-    let released = lease.release(&repo).await;
-    let mut report = result?;
-    released?;
+    let ours = node.catalog.snapshots(volume)?;
+    let mut report = push_locked(node, rec, &repo, volume, &ours, progress).await?;
     report.seconds = t0.elapsed().as_secs_f64();
-    tracing::info!(volume = %volume, target = %rec.name, kind = %report.kind, snapshots = report.transferred.len(), stored_bytes = report.stored_bytes, seconds = report.seconds, outcome = "ok", "push");
+    tracing::info!(volume = %volume, target = %rec.name, kind = %report.kind, snapshots = report.transferred.len(), stored_bytes = report.stored_bytes, restored_chunks = report.restored_chunks, seconds = report.seconds, outcome = "ok", "push");
     Ok(report)
 }
 
-async fn push_leased(
+/// What a push loads once it has something to move: the node's repository (held shared, so
+/// the node's own gc waits) and its index, and the push's view of the target.
+struct Session {
+    _repo_lock: crate::state::RepoLock,
+    local_index: crate::repo::ChunkIndex,
+    view: PushView,
+}
+
+impl Session {
+    async fn load(node: &Node, rec: &TargetRecord, repo: &Repository) -> Result<Session> {
+        let repo_lock = node.lock_repo_shared().await?;
+        let (local_index, _) = node.load_index().await?;
+        let (view, problems) = PushView::load(node, rec, repo).await?;
+        for p in problems {
+            tracing::warn!("{p}; its chunks will be pushed again");
+        }
+        Ok(Session {
+            _repo_lock: repo_lock,
+            local_index,
+            view,
+        })
+    }
+}
+
+async fn session<'s>(
+    s: &'s mut Option<Session>,
     node: &Node,
     rec: &TargetRecord,
     repo: &Repository,
-    lease: &LeaseGuard,
+) -> Result<&'s mut Session> {
+    if s.is_none() {
+        *s = Some(Session::load(node, rec, repo).await?);
+    }
+    Ok(s.as_mut().expect("loaded"))
+}
+
+async fn push_locked(
+    node: &Node,
+    rec: &TargetRecord,
+    repo: &Repository,
     volume: &VolumeName,
     ours: &[SnapshotRecord],
     progress: &ProgressBar,
 ) -> Result<TransferReport> {
-    let theirs: HashSet<SnapshotId> = repo
-        .list_manifests()
+    let me = &node.info.node_id;
+    let mut loaded: Option<Session> = None;
+    let mut report = TransferReport {
+        volume: volume.clone(),
+        target: rec.name.clone(),
+        kind: crate::mirror::TransferKind::UpToDate,
+        base: None,
+        transferred: vec![],
+        chunks: 0,
+        plain_bytes: 0,
+        stored_bytes: 0,
+        restored_chunks: 0,
+        finished_pending: vec![],
+        seconds: 0.0,
+    };
+
+    // 1. This node's unfinished pushes of the volume (stopped: we hold the volume's lock).
+    for intent in pending::intents(repo, Some(volume))
         .await?
         .into_iter()
-        .filter(|(v, _)| v == volume)
-        .map(|(_, id)| id)
-        .collect();
+        .filter(|i| &i.node == me)
+    {
+        let s = session(&mut loaded, node, rec, repo).await?;
+        let src = Some((&node.repo, &s.local_index));
+        let kept = pending::finish(&mut s.view, repo, src, &intent, progress).await?;
+        report.finished_pending.push(format!(
+            "{volume}@{} {}",
+            intent.snapshot,
+            if kept { "committed" } else { "dropped" }
+        ));
+    }
+
+    // 2. The base: the newest of our snapshots committed in the target.
+    let theirs = pending::committed_ids(repo, volume).await?;
     let base = ours.iter().rev().find(|s| theirs.contains(&s.id));
-    let holder = HolderId::mirror(&node.info.node_id, volume);
+    report.base = base.map(|b| b.display_ref());
+    let holder = HolderId::mirror(me, volume);
     let record_of = |id: SnapshotId| {
         vec![TargetLock {
             snapshot: id,
@@ -121,51 +190,104 @@ async fn push_leased(
         .iter()
         .filter(|s| newest_theirs.is_none_or(|n| s.id > n))
         .collect();
-    let kind = match (wanted.is_empty(), base.is_some() || !theirs.is_empty()) {
+    report.kind = match (wanted.is_empty(), base.is_some() || !theirs.is_empty()) {
         (true, _) => crate::mirror::TransferKind::UpToDate,
         (false, false) => crate::mirror::TransferKind::Baseline,
         (false, true) => crate::mirror::TransferKind::Incremental,
     };
-    let mut report = TransferReport {
-        volume: volume.clone(),
-        target: rec.name.clone(),
-        kind,
-        base: base.map(|b| b.display_ref()),
-        transferred: vec![],
-        chunks: 0,
-        plain_bytes: 0,
-        stored_bytes: 0,
-        seconds: 0.0,
-    };
-    if !wanted.is_empty() {
-        let _repo_lock = node.lock_repo_shared().await?;
-        let (local_index, _) = node.load_index().await?;
-        let (mut target_index, problems) = load_index(node, rec, repo).await?;
-        for p in problems {
-            tracing::warn!("{p}; its chunks will be pushed again");
-        }
-        let mut sink = PackSink::new(repo, &mut target_index);
-        for s in &wanted {
-            let raw = node.repo.read_manifest(volume, &s.id).await?;
-            let m = Manifest::decode(&raw, &s.display_ref())?;
-            copy_chunks(&node.repo, &local_index, &m, &mut sink, progress).await?;
-            // Without our lease a gc may have run: the chunks could be gone. Commit nothing.
-            still_leased(repo, lease).await?;
-            match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
-                Ok(()) | Err(Error::Conflict(_)) => {} // another pusher of the same snapshot
-                Err(e) => return Err(e),
-            }
-            report.transferred.push(s.display_ref());
-        }
-        remember_indexes(node, rec, &sink.stored)?;
-        report.chunks = sink.stats.new_chunks;
-        report.plain_bytes = sink.stats.new_bytes;
-        report.stored_bytes = sink.stats.new_stored_bytes;
+
+    // 3. Each new snapshot, oldest first.
+    for s in &wanted {
+        let sess = session(&mut loaded, node, rec, repo).await?;
+        let raw = node.repo.read_manifest(volume, &s.id).await?;
+        let m = Manifest::decode(&raw, &s.display_ref())?;
+        let mut sink = PackSink::into_target(repo, &mut sess.view.index);
+        copy_chunks(
+            &node.repo,
+            &sess.local_index,
+            &m.blocks,
+            &mut sink,
+            progress,
+        )
+        .await?;
+        let (stats, stored) = (sink.stats.clone(), std::mem::take(&mut sink.stored));
+        drop(sink);
+        remember_indexes(node, rec, &stored)?;
+        report.chunks += stats.new_chunks;
+        report.plain_bytes += stats.new_bytes;
+        report.stored_bytes += stats.new_stored_bytes;
+        report.restored_chunks += commit(sess, node, repo, volume, s, &m, raw, progress).await?;
+        report.transferred.push(s.display_ref());
     }
+
     // After: the new base replaces the old one.
     if let Some(newest) = ours.last().filter(|_| !wanted.is_empty()).or(base) {
         write_lock_record(repo, volume, &holder, record_of(newest.id)).await?;
         lock_base_locally(node, rec, volume, Some(newest.id))?;
     }
     Ok(report)
+}
+
+/// Commits one snapshot whose chunks are stored: intent, manifest, confirmation, and the
+/// intent removed. Returns how many chunks had to be stored again (a gc condemned their packs
+/// while this push ran). On an error after the manifest the intent stays, so the snapshot
+/// stays hidden until this node's next push of the volume finishes it.
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    sess: &mut Session,
+    node: &Node,
+    repo: &Repository,
+    volume: &VolumeName,
+    s: &SnapshotRecord,
+    m: &Manifest,
+    raw: bytes::Bytes,
+    progress: &ProgressBar,
+) -> Result<u64> {
+    let intent = pending::write_intent(repo, volume, &s.id, &node.info.node_id).await?;
+    let mut shared = false;
+    match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
+        Ok(()) => {}
+        Err(Error::Conflict(_)) => {
+            // Another node pushed the same snapshot (the same volume mirrored to both): it
+            // must be the same manifest, which this push then confirms like its own.
+            let existing = repo.read_manifest(volume, &s.id).await?;
+            let what = format!("{volume}@{} in {}", s.id, repo.location());
+            if Manifest::decode(&existing, &what)?.blocks != m.blocks {
+                repo.delete_object(&intent).await?;
+                return Err(Error::corrupt(format!(
+                    "{what} exists with other blocks than this node's snapshot of the same id; \
+                     nothing was changed (verify both)"
+                )));
+            }
+            shared = true;
+        }
+        Err(e) => {
+            // Nothing was committed; the intent is only tidied up.
+            let _ = repo.delete_object(&intent).await;
+            return Err(e);
+        }
+    }
+    let src = Some((&node.repo, &sess.local_index));
+    let restored = match pending::confirm(&mut sess.view, repo, src, &m.blocks, progress).await? {
+        pending::Confirmed::Whole { restored } => restored,
+        pending::Confirmed::Incomplete { missing } => {
+            return Err(Error::corrupt(format!(
+                "{missing} chunks of {} are neither safely in {} nor in this node's repository; \
+                 run `holdfast verify`; the snapshot stays hidden in the target",
+                s.display_ref(),
+                repo.location()
+            )));
+        }
+    };
+    if shared {
+        // The manifest is whole: no intent needs to hide it any more, another node's included.
+        for i in pending::intents(repo, Some(volume)).await? {
+            if i.snapshot == s.id {
+                repo.delete_object(&i.key).await?;
+            }
+        }
+    } else {
+        repo.delete_object(&intent).await?;
+    }
+    Ok(restored)
 }

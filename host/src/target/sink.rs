@@ -8,7 +8,6 @@ use crate::catalog::SnapshotStats;
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::repo::{ChunkIndex, Repository};
-use crate::snapshot::Manifest;
 
 use super::*;
 
@@ -40,10 +39,13 @@ pub struct PackSink<'a> {
     /// The indexes of the packs this sink stored.
     pub stored: Vec<crate::repo::pack::PackIndex>,
     max_uploads: usize,
+    /// Packs get a random salt in their names (a target's packs: `repo/pack.rs`).
+    salted: bool,
     pub stats: SnapshotStats,
 }
 
 impl<'a> PackSink<'a> {
+    /// A sink into a node's own repository.
     pub fn new(repo: &'a Repository, index: &'a mut ChunkIndex) -> Self {
         PackSink {
             repo,
@@ -53,7 +55,25 @@ impl<'a> PackSink<'a> {
             uploads: tokio::task::JoinSet::new(),
             stored: Vec::new(),
             max_uploads: uploads_in_flight(),
+            salted: false,
             stats: Default::default(),
+        }
+    }
+
+    /// A sink into a target: every pack name is new (salted), never one a gc condemned.
+    pub fn into_target(repo: &'a Repository, index: &'a mut ChunkIndex) -> Self {
+        PackSink {
+            builder: crate::repo::pack::PackBuilder::salted(),
+            salted: true,
+            ..Self::new(repo, index)
+        }
+    }
+
+    fn fresh_builder(&self) -> crate::repo::pack::PackBuilder {
+        if self.salted {
+            crate::repo::pack::PackBuilder::salted()
+        } else {
+            crate::repo::pack::PackBuilder::new()
         }
     }
 
@@ -88,7 +108,8 @@ impl<'a> PackSink<'a> {
         while self.uploads.len() >= self.max_uploads {
             self.finish_one().await?;
         }
-        let b = std::mem::take(&mut self.builder);
+        let next = self.fresh_builder();
+        let b = std::mem::replace(&mut self.builder, next);
         let repo = self.repo.clone();
         self.uploads.spawn(async move {
             let pack = tokio::task::spawn_blocking(move || b.finish())
@@ -126,17 +147,17 @@ impl<'a> PackSink<'a> {
     }
 }
 
-/// Copies the chunks of manifest `m` that `sink` lacks from `src`, verifying each.
+/// Copies the chunks of `blocks` (a manifest's, say) that `sink` lacks from `src`, verifying
+/// each.
 pub(super) async fn copy_chunks(
     src: &Repository,
     src_index: &ChunkIndex,
-    m: &Manifest,
+    blocks: &[Option<ChunkId>],
     sink: &mut PackSink<'_>,
     progress: &ProgressBar,
 ) -> Result<()> {
     let mut seen = HashSet::new();
-    let needed: Vec<ChunkId> = m
-        .blocks
+    let needed: Vec<ChunkId> = blocks
         .iter()
         .flatten()
         .filter(|id| !sink.has(id) && seen.insert(**id))

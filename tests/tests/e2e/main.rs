@@ -7,4 +7,5 @@ mod locks;
 mod mirror;
 mod policies;
 mod snapshots;
+mod target_gc;
 mod targets;

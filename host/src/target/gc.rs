@@ -1,0 +1,789 @@
+//! Space reclamation inside a target, in two phases and without any lock between nodes.
+//!
+//! A gc **condemns** the packs that no manifest references and that are older than the grace
+//! period (one create-only record under `gc/condemned/` listing them), and **deletes** the
+//! packs that a record at least the grace period old condemned and that are still
+//! unreferenced. A condemned pack is condemned for good: no push relies on it from the moment
+//! it can see the record (it stores those chunks again in new packs), and every push checks
+//! that, after writing its manifest, before it reports success (`pending.rs`). Pack names are
+//! never written twice (salted), so a deletion decided long ago cannot hit a newer object.
+//! Why this is safe whatever runs slowly, pauses or crashes is argued in `host/TARGETS.md`.
+//!
+//! Keys: `gc/condemned/NODE-RANDOM` (JSON [`CondemnedRecord`]), `gc/cleared/NODE-RANDOM` (the
+//! record's packs are all gone; the record is removed a grace period later), and
+//! `gc/clock/NODE-RANDOM` (a probe written and deleted to read the store's clock).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, NodeId, PackId};
+use crate::repo::Repository;
+use crate::repo::pack::PackIndex;
+use crate::snapshot::Manifest;
+
+use super::pending::{self, PendingPush};
+
+/// Records of condemned packs.
+pub const CONDEMNED: &str = "gc/condemned";
+/// Markers: every pack of the record of the same name is gone.
+pub const CLEARED: &str = "gc/cleared";
+/// Probes written to read the store's clock.
+const CLOCK: &str = "gc/clock";
+/// Leases written by releases before target format 3 (`leases/push-…`, `leases/gc-…`).
+const LEGACY_LEASES: &str = "leases";
+/// How long such a lease lasted.
+const LEGACY_LEASE_MS: u64 = 3_600_000;
+/// The default grace period.
+const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
+/// How long a condemned pack waits before a gc may delete it, and how old an unreferenced pack
+/// must be before a gc condemns it: `HOLDFAST_TARGET_GRACE` (a duration, `1h` by default).
+/// It must exceed how late the store's listings may show a write or a delete; pushes and gcs
+/// may take any time whatever it is. Tests set it to seconds.
+pub fn grace() -> Result<Duration> {
+    match std::env::var("HOLDFAST_TARGET_GRACE") {
+        Ok(v) => crate::config::parse_duration("HOLDFAST_TARGET_GRACE", &v),
+        Err(_) => Ok(DEFAULT_GRACE),
+    }
+}
+
+/// The store's clock, now, in unix ms: the modification time of a probe object written for
+/// the purpose (then deleted). Ages of objects are judged by this clock only, never by the
+/// node's: a node whose clock is hours off still judges them right.
+pub async fn server_now(repo: &Repository, me: &NodeId) -> Result<u64> {
+    let key = format!("{CLOCK}/{me}-{:016x}", rand::random::<u64>());
+    repo.put_object(&key, Vec::new()).await?;
+    // (A listing's prefix is a folder: list the probes' folder and find ours.)
+    let listed = repo.list_objects(CLOCK).await;
+    repo.delete_object(&key).await?;
+    listed?
+        .into_iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, _, t)| t)
+        .ok_or_else(|| Error::Unavailable {
+            message: format!(
+                "{} does not list an object just written ({key}); its listings lag its writes, \
+                 which holdfast's gc cannot work with",
+                repo.location()
+            ),
+            source: None,
+        })
+}
+
+/// A gc's record of the packs it condemned (`gc/condemned/NODE-RANDOM`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CondemnedRecord {
+    pub written_by: NodeId,
+    pub packs: Vec<PackId>,
+}
+
+/// One record as listed: its key, its name under `gc/condemned/`, the store's time of it.
+#[derive(Clone, Debug)]
+struct Listed {
+    key: String,
+    name: String,
+    modified_unix_ms: u64,
+    packs: Vec<PackId>,
+}
+
+async fn read_record(repo: &Repository, key: &str) -> Result<Option<Vec<PackId>>> {
+    let Some(raw) = repo.get_object(key).await? else {
+        return Ok(None); // removed since it was listed: its packs are gone
+    };
+    let rec: CondemnedRecord = serde_json::from_slice(&raw).map_err(|e| {
+        Error::corrupt(format!(
+            "gc record {key} in {} is unreadable ({e}): no push or gc can tell which packs \
+             it condemned; if no holdfast wrote it, delete it",
+            repo.location()
+        ))
+    })?;
+    Ok(Some(rec.packs))
+}
+
+/// The condemned packs as a push sees them, read again as records appear. Records never
+/// change, so each is read once; one that is no longer listed was removed after all its
+/// packs were gone.
+#[derive(Debug, Default)]
+pub struct Condemned {
+    records: HashMap<String, Vec<PackId>>,
+    packs: HashSet<PackId>,
+}
+
+impl Condemned {
+    /// Lists the records and reads the new ones.
+    pub async fn refresh(&mut self, repo: &Repository) -> Result<()> {
+        let listed = repo.list_objects(CONDEMNED).await?;
+        let keys: HashSet<&str> = listed.iter().map(|(k, _, _)| k.as_str()).collect();
+        let before = self.records.len();
+        self.records.retain(|k, _| keys.contains(k.as_str()));
+        let mut changed = before != self.records.len();
+        for (key, _, _) in &listed {
+            if self.records.contains_key(key) {
+                continue;
+            }
+            if let Some(packs) = read_record(repo, key).await? {
+                self.records.insert(key.clone(), packs);
+                changed = true;
+            }
+        }
+        if changed {
+            self.packs = self.records.values().flatten().copied().collect();
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, pack: &PackId) -> bool {
+        self.packs.contains(pack)
+    }
+}
+
+/// What a gc of a target did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TargetGcReport {
+    pub dry_run: bool,
+    /// The grace period (`HOLDFAST_TARGET_GRACE`).
+    pub grace_seconds: u64,
+    /// Manifests read (committed and pending snapshots).
+    pub snapshots: usize,
+    pub live_chunks: usize,
+    /// Packs this run condemned (deleted by a gc at least the grace period later).
+    pub packs_condemned: usize,
+    pub bytes_condemned: u64,
+    /// Packs deleted: condemned at least the grace period ago and still unreferenced.
+    pub packs_deleted: usize,
+    pub bytes_freed: u64,
+    /// Condemned packs not yet the grace period old, this run's included.
+    pub packs_waiting: usize,
+    pub bytes_waiting: u64,
+    /// When (by the store's clock, unix ms) the waiting packs may be deleted by a gc.
+    pub next_deletion_unix_ms: Option<u64>,
+    /// Condemned packs that a snapshot still references (one committed meanwhile, or one a
+    /// listing missed): kept, and never used again by pushes.
+    pub packs_condemned_but_live: usize,
+    /// Packs with live and dead chunks (gc never rewrites data in a target).
+    pub packs_kept_partly_live: usize,
+    /// Unreferenced packs younger than the grace period (condemned by a later gc).
+    pub packs_too_young: usize,
+    /// Records whose packs are all gone, removed.
+    pub records_removed: usize,
+    /// Pushes that wrote an intent and have not finished (see `target check`).
+    pub pending_pushes: Vec<PendingPush>,
+}
+
+/// Reclaims space in a target: removes finished records, deletes what was condemned at least
+/// the grace period ago and is still unreferenced, and condemns what is unreferenced now.
+/// Takes no lease and waits for nothing: pushes and other gcs may run at the same time.
+pub async fn gc(repo: &Repository, me: &NodeId, dry_run: bool) -> Result<TargetGcReport> {
+    gc_with_grace(repo, me, dry_run, grace()?).await
+}
+
+/// [`gc`] with a given grace period.
+pub async fn gc_with_grace(
+    repo: &Repository,
+    me: &NodeId,
+    dry_run: bool,
+    grace: Duration,
+) -> Result<TargetGcReport> {
+    if dry_run {
+        repo.check().await?;
+    } else {
+        repo.check_for_writing().await?;
+    }
+    // A dry run writes nothing, not even the clock probe: it judges ages by this node's clock.
+    let now = if dry_run {
+        crate::now_unix_ms()
+    } else {
+        server_now(repo, me).await?
+    };
+    refuse_legacy_leases(repo, now).await?;
+    let mut plan = GcPlan::compute(repo, me, now, grace).await?;
+    if dry_run {
+        plan.report.dry_run = true;
+        return Ok(plan.report);
+    }
+    plan.execute(repo).await
+}
+
+/// What one gc run decided, from what it read at the store's time `now`; [`GcPlan::execute`]
+/// does it. Between the two, any time may pass (a paused process): the decisions stay safe,
+/// because what they delete was condemned a grace period before the manifests were read, and
+/// nothing relies on a condemned pack (`host/TARGETS.md`).
+#[derive(Debug)]
+pub struct GcPlan {
+    pub report: TargetGcReport,
+    me: NodeId,
+    /// Finished records to remove: (record key, marker key).
+    remove: Vec<(String, String)>,
+    /// Markers whose record is gone (a removal stopped between its two deletes).
+    stray_markers: Vec<String>,
+    /// Condemned a grace period ago and still unreferenced.
+    delete: Vec<PackId>,
+    /// Markers to write: every pack of these records is gone once `delete` is done.
+    clear: Vec<String>,
+    /// Unreferenced, older than the grace period, in no record yet.
+    condemn: Vec<PackId>,
+}
+
+impl GcPlan {
+    /// Reads the records, every manifest, the indexes and the packs, and decides.
+    pub async fn compute(
+        repo: &Repository,
+        me: &NodeId,
+        now: u64,
+        grace: Duration,
+    ) -> Result<GcPlan> {
+        let grace_ms = grace.as_millis() as u64;
+        let mut plan = GcPlan {
+            report: TargetGcReport {
+                grace_seconds: grace.as_secs(),
+                ..Default::default()
+            },
+            me: me.clone(),
+            remove: vec![],
+            stray_markers: vec![],
+            delete: vec![],
+            clear: vec![],
+            condemn: vec![],
+        };
+        let report = &mut plan.report;
+        let records = records(repo).await?;
+        let cleared: HashMap<String, u64> = repo
+            .list_objects(CLEARED)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _, t)| Some((k.strip_prefix(&format!("{CLEARED}/"))?.to_string(), t)))
+            .collect();
+
+        // 1. Records whose packs were all gone at least a grace period ago: no push can still
+        //    list one of their packs, so the record has done its work.
+        let names: HashSet<String> = records.iter().map(|r| r.name.clone()).collect();
+        let mut open_records = Vec::new();
+        for r in records {
+            match cleared.get(&r.name) {
+                Some(&t) if t + grace_ms <= now => {
+                    plan.remove
+                        .push((r.key.clone(), format!("{CLEARED}/{}", r.name)));
+                    report.records_removed += 1;
+                }
+                Some(_) => {} // cleared recently: wait
+                None => open_records.push(r),
+            }
+        }
+        plan.stray_markers = cleared
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .map(|n| format!("{CLEARED}/{n}"))
+            .collect();
+
+        // 2. What is live: every manifest, committed or pending. Listed after `now`, so after
+        //    every record that is a grace period old was visible.
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        let manifests = repo.list_manifests().await?;
+        for (v, id) in &manifests {
+            let Some(raw) = repo.read_manifest_if_present(v, id).await? else {
+                continue; // pruned since the listing
+            };
+            // A manifest that cannot be read could reference anything: stop before deleting.
+            let m = Manifest::decode(&raw, &format!("{v}@{id} in {}", repo.location()))?;
+            live.extend(m.blocks.iter().flatten().copied());
+        }
+        report.snapshots = manifests.len();
+        report.live_chunks = live.len();
+        let indexes = repo.index_listing().await?;
+        let packs = repo.pack_listing().await?;
+        let mut entries = Entries::default();
+        let size = |p: &PackId| packs.get(p).map_or(0, |i| i.size);
+
+        // 3. Delete what was condemned at least a grace period ago and is still unreferenced.
+        let condemned: HashSet<PackId> =
+            open_records.iter().flat_map(|r| r.packs.clone()).collect();
+        let mut waiting = BTreeMap::new();
+        let mut deleting = HashSet::new();
+        for r in &open_records {
+            if r.modified_unix_ms + grace_ms > now {
+                for p in &r.packs {
+                    if packs.contains_key(p) || indexes.contains_key(p) {
+                        waiting.insert(*p, size(p));
+                    }
+                }
+                let at = r.modified_unix_ms + grace_ms;
+                report.next_deletion_unix_ms =
+                    Some(report.next_deletion_unix_ms.map_or(at, |t| t.min(at)));
+                continue;
+            }
+            let mut all_gone = true;
+            for p in &r.packs {
+                if !packs.contains_key(p) && !indexes.contains_key(p) {
+                    continue;
+                }
+                let chunks = entries.of(repo, p, &indexes, &packs).await?;
+                if chunks.is_some_and(|c| c.iter().any(|e| live.contains(&e.id))) {
+                    all_gone = false;
+                    report.packs_condemned_but_live += 1;
+                    continue;
+                }
+                if deleting.insert(*p) {
+                    plan.delete.push(*p);
+                    report.packs_deleted += 1;
+                    report.bytes_freed += size(p);
+                }
+            }
+            if all_gone {
+                plan.clear.push(format!("{CLEARED}/{}", r.name));
+            }
+        }
+
+        // 4. Condemn what is unreferenced now and older than the grace period. (Condemning is
+        //    safe even when a listing missed a manifest: a condemned pack that turns out to be
+        //    referenced is kept, and pushes only stop relying on it.)
+        let mut candidates: Vec<PackId> = packs.keys().chain(indexes.keys()).copied().collect();
+        candidates.sort();
+        candidates.dedup();
+        for p in candidates {
+            if condemned.contains(&p) {
+                continue;
+            }
+            let chunks = entries.of(repo, &p, &indexes, &packs).await?;
+            let live_chunks =
+                chunks.map_or(0, |c| c.iter().filter(|e| live.contains(&e.id)).count());
+            if live_chunks > 0 {
+                if chunks.is_some_and(|c| live_chunks < c.len()) {
+                    report.packs_kept_partly_live += 1;
+                }
+                continue;
+            }
+            // The youngest of the pack and its index: a push writes the index after the pack.
+            let written = [packs.get(&p), indexes.get(&p)]
+                .into_iter()
+                .flatten()
+                .map(|i| i.modified_unix_ms)
+                .max()
+                .unwrap_or(0);
+            if written + grace_ms > now {
+                report.packs_too_young += 1;
+                continue;
+            }
+            plan.condemn.push(p);
+            waiting.insert(p, size(&p));
+        }
+        if !plan.condemn.is_empty() {
+            report.packs_condemned = plan.condemn.len();
+            report.bytes_condemned = plan.condemn.iter().map(&size).sum();
+            let at = now + grace_ms;
+            report.next_deletion_unix_ms =
+                Some(report.next_deletion_unix_ms.map_or(at, |t| t.min(at)));
+        }
+        report.packs_waiting = waiting.len();
+        report.bytes_waiting = waiting.values().sum();
+        report.pending_pushes = pending::pending_pushes(repo, now).await?;
+        Ok(plan)
+    }
+
+    /// Does what was decided: removes finished records (record, then marker), deletes the
+    /// packs (each index, then its pack), marks cleared records, and writes the new record.
+    pub async fn execute(self, repo: &Repository) -> Result<TargetGcReport> {
+        for (record, marker) in &self.remove {
+            repo.delete_object(record).await?;
+            repo.delete_object(marker).await?;
+        }
+        for marker in &self.stray_markers {
+            repo.delete_object(marker).await?;
+        }
+        for p in &self.delete {
+            repo.delete_pack(p).await?;
+        }
+        for marker in &self.clear {
+            repo.put_object_if_absent(marker, Vec::new()).await?;
+        }
+        if !self.condemn.is_empty() {
+            let rec = CondemnedRecord {
+                written_by: self.me.clone(),
+                packs: self.condemn,
+            };
+            let key = format!("{CONDEMNED}/{}-{:016x}", self.me, rand::random::<u64>());
+            let body = serde_json::to_vec(&rec).map_err(|e| Error::internal(e.to_string()))?;
+            repo.put_object_if_absent(&key, body).await?;
+        }
+        let r = self.report;
+        tracing::info!(
+            target_url = repo.location(),
+            condemned = r.packs_condemned,
+            deleted = r.packs_deleted,
+            bytes_freed = r.bytes_freed,
+            waiting = r.packs_waiting,
+            "target gc"
+        );
+        Ok(r)
+    }
+}
+
+/// Every record under `gc/condemned/`, oldest first.
+async fn records(repo: &Repository) -> Result<Vec<Listed>> {
+    let mut out = Vec::new();
+    for (key, _, t) in repo.list_objects(CONDEMNED).await? {
+        let Some(name) = key
+            .strip_prefix(&format!("{CONDEMNED}/"))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        if let Some(packs) = read_record(repo, &key).await? {
+            out.push(Listed {
+                key,
+                name,
+                modified_unix_ms: t,
+                packs,
+            });
+        }
+    }
+    out.sort_by_key(|r| r.modified_unix_ms);
+    Ok(out)
+}
+
+/// A gc of this release must not run beside a push of a release before target format 3,
+/// which relies on leases. (Such a release refuses a format-3 target, so only one that
+/// started before the first push or gc of this release can be running.)
+async fn refuse_legacy_leases(repo: &Repository, now: u64) -> Result<()> {
+    for (key, _, t) in repo.list_objects(LEGACY_LEASES).await? {
+        if t + LEGACY_LEASE_MS > now {
+            return Err(Error::Unavailable {
+                message: format!(
+                    "{key} in {} was written by an older holdfast {} min ago: a push or gc of \
+                     that release may still be running. Upgrade every node that uses this \
+                     target; gc proceeds once the lease is an hour old (or deleted by the \
+                     operator who knows that node is stopped)",
+                    repo.location(),
+                    now.saturating_sub(t) / 60_000
+                ),
+                source: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The chunks of packs, read once each: from the index object, else (a pack whose index is
+/// missing or unreadable: a gc or push stopped between the two) from the pack's trailer.
+/// `None` when neither can be read: nothing can use such a pack.
+#[derive(Default)]
+struct Entries {
+    known: HashMap<PackId, Option<Vec<crate::repo::pack::PackEntry>>>,
+}
+
+impl Entries {
+    async fn of(
+        &mut self,
+        repo: &Repository,
+        p: &PackId,
+        indexes: &HashMap<PackId, crate::repo::ObjectInfo>,
+        packs: &HashMap<PackId, crate::repo::ObjectInfo>,
+    ) -> Result<Option<&[crate::repo::pack::PackEntry]>> {
+        if !self.known.contains_key(p) {
+            let mut found: Option<PackIndex> = None;
+            if indexes.contains_key(p) {
+                match repo.read_index(p).await {
+                    Ok(pi) => found = Some(pi),
+                    Err(Error::Corrupt(m)) => tracing::warn!("{m}; reading its pack's trailer"),
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if found.is_none()
+                && let Some(info) = packs.get(p)
+            {
+                match repo.read_pack_trailer(p, info.size).await {
+                    Ok(pi) => found = Some(pi),
+                    Err(Error::Corrupt(m)) => tracing::warn!("{m}"),
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.known.insert(*p, found.map(|pi| pi.entries));
+        }
+        Ok(self.known[p].as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use indicatif::ProgressBar;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::chunk;
+    use crate::id::SnapshotId;
+    use crate::repo::pack::PackBuilder;
+    use crate::repo::{ChunkIndex, TARGET_FORMAT_VERSION};
+    use crate::target::pending::{Confirmed, PushView, confirm};
+
+    const BS: usize = 4096;
+
+    async fn repo(version: u32) -> Repository {
+        let r = Repository::from_store(Arc::new(InMemory::new()), "mem://t")
+            .with_format_version(version);
+        r.init().await.unwrap();
+        r
+    }
+
+    fn block(seed: u8) -> Vec<u8> {
+        (0..BS)
+            .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
+            .collect()
+    }
+
+    /// Stores `seeds`' blocks as one pack (salted, as in a target); returns the pack and ids.
+    async fn store(repo: &Repository, seeds: &[u8], salted: bool) -> (PackId, Vec<ChunkId>) {
+        let mut b = if salted {
+            PackBuilder::salted()
+        } else {
+            PackBuilder::new()
+        };
+        let mut ids = Vec::new();
+        for &s in seeds {
+            let data = block(s);
+            let (enc, stored) = chunk::encode(&data).unwrap();
+            let id = chunk::hash(&data);
+            b.add(id, enc, &stored, data.len());
+            ids.push(id);
+        }
+        let p = b.finish().unwrap();
+        repo.put_pack(&p).await.unwrap();
+        (p.index.pack, ids)
+    }
+
+    fn manifest(ids: &[ChunkId]) -> Manifest {
+        Manifest {
+            format: 2,
+            id: SnapshotId::generate(crate::now_unix_ms()),
+            volume: "v".parse().unwrap(),
+            name: "s".parse().unwrap(),
+            created_unix_ms: 1,
+            size: (ids.len() * BS) as u64,
+            block_size: BS as u32,
+            labels: Default::default(),
+            parent: None,
+            blocks: ids.iter().copied().map(Some).collect(),
+        }
+    }
+
+    async fn commit(repo: &Repository, m: &Manifest) {
+        repo.put_manifest(&m.volume, &m.id, m.encode().unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Every chunk of `ids` reads back from `repo` and matches its id.
+    async fn readable(repo: &Repository, ids: &[ChunkId]) -> bool {
+        let (index, _) = repo.load_index().await.unwrap();
+        if !ids.iter().all(|id| index.contains(id)) {
+            return false;
+        }
+        match repo.read_chunks(&index, ids).await {
+            Ok(read) => ids.iter().zip(read).all(|(id, (loc, data))| {
+                chunk::decode(id, loc.encoding, &data, loc.raw_length as usize).is_ok()
+            }),
+            Err(_) => false,
+        }
+    }
+
+    fn me() -> NodeId {
+        "n1".parse().unwrap()
+    }
+
+    async fn run(repo: &Repository, grace: Duration) -> TargetGcReport {
+        gc_with_grace(repo, &me(), false, grace).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn unreferenced_packs_are_condemned_then_deleted_by_a_later_gc() {
+        // One gc condemns an unreferenced pack, the next (once the record is a grace period
+        // old) deletes it and marks the record cleared, a third removes the record; a
+        // referenced pack is never touched; a young pack is left for later.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, live) = store(&t, &[1, 2], true).await;
+        commit(&t, &manifest(&live)).await;
+        let (dead, _) = store(&t, &[3], true).await;
+        let r = run(&t, Duration::from_secs(3600)).await;
+        assert_eq!((r.packs_condemned, r.packs_too_young), (0, 1), "{r:?}");
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!((r.packs_condemned, r.packs_deleted), (1, 0), "{r:?}");
+        assert!(t.pack_listing().await.unwrap().contains_key(&dead));
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!((r.packs_condemned, r.packs_deleted), (0, 1), "{r:?}");
+        assert!(!t.pack_listing().await.unwrap().contains_key(&dead));
+        assert!(!t.index_listing().await.unwrap().contains_key(&dead));
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!(r.records_removed, 1, "{r:?}");
+        assert!(t.list_objects("gc").await.unwrap().is_empty());
+        assert!(readable(&t, &live).await);
+    }
+
+    #[tokio::test]
+    async fn a_condemned_pack_that_is_referenced_again_is_kept() {
+        // A manifest that names a condemned pack's chunks (one a listing missed, say) keeps
+        // the pack: the deleting gc reads every manifest first.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1], true).await;
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        commit(&t, &manifest(&ids)).await;
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!(
+            (r.packs_deleted, r.packs_condemned_but_live),
+            (0, 1),
+            "{r:?}"
+        );
+        assert!(t.pack_listing().await.unwrap().contains_key(&p));
+        assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn a_push_that_relied_on_a_condemned_pack_stores_its_chunks_again() {
+        // Sequence B of the data-loss issue, step by step: a push loads its view and relies
+        // on an unreferenced pack; gcs condemn it and (a grace period later) delete it before
+        // the push's manifest exists; the push writes its manifest and confirms it: the
+        // confirmation finds the pack condemned and stores those chunks again.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1, 2, 3], true).await;
+        let node = repo(2).await;
+        store(&node, &[1, 2, 3], false).await;
+        let (node_index, _) = node.load_index().await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index, Duration::ZERO, Instant::now())
+            .await
+            .unwrap();
+        assert!(ids.iter().all(|id| view.index.contains(id)));
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        assert_eq!(run(&t, Duration::ZERO).await.packs_deleted, 1);
+        let m = manifest(&ids);
+        commit(&t, &m).await;
+        assert!(
+            !readable(&t, &ids).await,
+            "the pack was deleted under the push"
+        );
+        let got = confirm(
+            &mut view,
+            &t,
+            Some((&node, &node_index)),
+            &m.blocks,
+            &ProgressBar::hidden(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, Confirmed::Whole { restored: 3 });
+        assert!(!view.index.packs.contains_key(&p));
+        assert!(readable(&t, &ids).await);
+        for _ in 0..3 {
+            run(&t, Duration::ZERO).await;
+        }
+        assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn a_paused_gc_deletes_nothing_a_confirmed_snapshot_needs() {
+        // Sequence A of the data-loss issue: a gc decides to delete a condemned pack and
+        // pauses; a push with the same chunks (a snapshot of pruned data) runs to the end;
+        // the gc resumes and deletes. The push never relied on the condemned pack, so its
+        // snapshot stays whole.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1, 2], true).await;
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        let now = server_now(&t, &me()).await.unwrap();
+        let paused = GcPlan::compute(&t, &me(), now, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(paused.delete, vec![p]);
+        // The push: its view leaves the condemned pack out, so it stores the chunks anew.
+        let node = repo(2).await;
+        store(&node, &[1, 2], false).await;
+        let (node_index, _) = node.load_index().await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index, Duration::ZERO, Instant::now())
+            .await
+            .unwrap();
+        assert!(!ids.iter().any(|id| view.index.contains(id)));
+        let blocks: Vec<Option<ChunkId>> = ids.iter().copied().map(Some).collect();
+        let mut sink = crate::target::PackSink::into_target(&t, &mut view.index);
+        crate::target::sink::copy_chunks(
+            &node,
+            &node_index,
+            &blocks,
+            &mut sink,
+            &ProgressBar::hidden(),
+        )
+        .await
+        .unwrap();
+        drop(sink);
+        let m = manifest(&ids);
+        commit(&t, &m).await;
+        let got = confirm(&mut view, &t, None, &m.blocks, &ProgressBar::hidden()).await;
+        assert_eq!(got.unwrap(), Confirmed::Whole { restored: 0 });
+        // The gc wakes up and does what it decided.
+        paused.execute(&t).await.unwrap();
+        assert!(!t.pack_listing().await.unwrap().contains_key(&p));
+        assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn a_pack_without_its_index_is_reclaimed_from_its_trailer() {
+        // A gc (or push) stopped between a pack's index and the pack leaves a pack without
+        // index: gc reads its trailer, condemns it and deletes it like any other.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, _) = store(&t, &[1], true).await;
+        t.delete_index(&p).await.unwrap();
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        assert_eq!(run(&t, Duration::ZERO).await.packs_deleted, 1);
+        assert!(t.pack_listing().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pack_without_index_whose_chunks_are_live_is_kept() {
+        // The trailer says what such a pack holds: a live chunk keeps it.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1], true).await;
+        commit(&t, &manifest(&ids)).await;
+        t.delete_index(&p).await.unwrap();
+        for _ in 0..2 {
+            let r = run(&t, Duration::ZERO).await;
+            assert_eq!((r.packs_condemned, r.packs_deleted), (0, 0), "{r:?}");
+        }
+        assert!(t.pack_listing().await.unwrap().contains_key(&p));
+    }
+
+    #[tokio::test]
+    async fn a_recent_lease_of_an_older_release_stops_gc() {
+        // A push of a release before format 3 may still run: gc refuses, names the lease,
+        // and changes nothing.
+        let t = repo(2).await;
+        t.put_object("leases/push-old-0000000000000001", b"{}".to_vec())
+            .await
+            .unwrap();
+        let t = t.with_format_version(TARGET_FORMAT_VERSION);
+        let err = gc_with_grace(&t, &me(), false, Duration::ZERO)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leases/push-old"), "{err}");
+        assert!(t.list_objects("gc/condemned").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_stops_gc_and_pushes() {
+        // A record that cannot be read could condemn anything: gc and a push's view refuse.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        t.put_object("gc/condemned/x-0000000000000001", b"not json".to_vec())
+            .await
+            .unwrap();
+        let err = gc_with_grace(&t, &me(), false, Duration::ZERO).await;
+        assert!(matches!(err, Err(Error::Corrupt(_))), "{err:?}");
+        let view = PushView::over(&t, ChunkIndex::default(), Duration::ZERO, Instant::now()).await;
+        assert!(matches!(view, Err(Error::Corrupt(_))));
+    }
+}

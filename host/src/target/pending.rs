@@ -1,0 +1,411 @@
+//! Push intents and the check that makes a pushed snapshot safe from gc.
+//!
+//! Before a push writes a snapshot's manifest it writes an intent,
+//! `pending/VOLUME/SNAPSHOT/NODE-RANDOM`. After the manifest, it **confirms** the snapshot:
+//! every chunk the manifest names must be in a pack that exists and that no gc record
+//! condemns; the chunks that are not are stored again in new packs (from the node's own
+//! repository), and the check repeats. Only then is the intent removed. While an intent
+//! exists its snapshot is not listed, restored, pulled or pruned (it may be incomplete); gc
+//! counts its manifest as live like any other. A push that stopped leaves its intent: the same
+//! node's next push of the volume finishes it (its per-volume lock proves the old push is not
+//! running), and `holdfast target clear-pending` finishes one for a node that is gone.
+//! Why a confirmed snapshot is safe from every gc, however slow, is argued in
+//! `host/TARGETS.md`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
+use crate::repo::{ChunkIndex, Repository};
+use crate::snapshot::Manifest;
+use crate::state::Node;
+
+use super::TargetRecord;
+use super::gc::Condemned;
+use super::sink::{PackSink, copy_chunks};
+
+/// Where intents live.
+pub const PENDING: &str = "pending";
+/// How many times a push stores again what gcs keep condemning before it gives up.
+const MAX_REPAIR_ROUNDS: usize = 8;
+
+/// One intent, as listed.
+#[derive(Clone, Debug)]
+pub struct Intent {
+    pub key: String,
+    pub volume: VolumeName,
+    pub snapshot: SnapshotId,
+    pub node: NodeId,
+    /// By the store's clock.
+    pub modified_unix_ms: u64,
+}
+
+/// An intent's body (for people reading the bucket; the key says it all).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct IntentBody {
+    node: NodeId,
+    volume: VolumeName,
+    snapshot: SnapshotId,
+    written_unix_ms: u64,
+}
+
+/// A push that has not finished, for reports.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PendingPush {
+    pub node: NodeId,
+    pub volume: VolumeName,
+    pub snapshot: SnapshotId,
+    /// How long ago the intent was written, by the store's clock.
+    pub age_seconds: u64,
+}
+
+fn parse_key(key: &str) -> Option<(VolumeName, SnapshotId, NodeId)> {
+    let rest = key.strip_prefix(PENDING)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (v, s, last) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let (node, random) = last.rsplit_once('-')?;
+    if random.len() != 16 || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((v.parse().ok()?, s.parse().ok()?, node.parse().ok()?))
+}
+
+/// The intents in the target, of one volume or of all.
+pub async fn intents(repo: &Repository, volume: Option<&VolumeName>) -> Result<Vec<Intent>> {
+    let prefix = match volume {
+        Some(v) => format!("{PENDING}/{v}"),
+        None => PENDING.to_string(),
+    };
+    let mut out = Vec::new();
+    for (key, _, t) in repo.list_objects(&prefix).await? {
+        match parse_key(&key) {
+            Some((volume, snapshot, node)) => out.push(Intent {
+                key,
+                volume,
+                snapshot,
+                node,
+                modified_unix_ms: t,
+            }),
+            // Not written by holdfast: it hides nothing and is left alone.
+            None => tracing::warn!("ignoring {key} in {}: not a push intent", repo.location()),
+        }
+    }
+    Ok(out)
+}
+
+/// The unfinished pushes, aged by the store's clock `now`.
+pub async fn pending_pushes(repo: &Repository, now: u64) -> Result<Vec<PendingPush>> {
+    Ok(intents(repo, None)
+        .await?
+        .into_iter()
+        .map(|i| PendingPush {
+            node: i.node,
+            volume: i.volume,
+            snapshot: i.snapshot,
+            age_seconds: now.saturating_sub(i.modified_unix_ms) / 1000,
+        })
+        .collect())
+}
+
+/// The snapshots of `volume` whose manifests are committed: listed, with no intent.
+pub async fn committed_ids(repo: &Repository, volume: &VolumeName) -> Result<HashSet<SnapshotId>> {
+    let pending: HashSet<SnapshotId> = intents(repo, Some(volume))
+        .await?
+        .into_iter()
+        .map(|i| i.snapshot)
+        .collect();
+    Ok(repo
+        .list_manifests()
+        .await?
+        .into_iter()
+        .filter(|(v, id)| v == volume && !pending.contains(id))
+        .map(|(_, id)| id)
+        .collect())
+}
+
+/// Writes an intent for `volume@snapshot` by `me`.
+pub async fn write_intent(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotId,
+    me: &NodeId,
+) -> Result<String> {
+    let key = format!(
+        "{PENDING}/{volume}/{snapshot}/{me}-{:016x}",
+        rand::random::<u64>()
+    );
+    let body = IntentBody {
+        node: me.clone(),
+        volume: volume.clone(),
+        snapshot: *snapshot,
+        written_unix_ms: crate::now_unix_ms(),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| Error::internal(e.to_string()))?;
+    repo.put_object_if_absent(&key, body).await?;
+    Ok(key)
+}
+
+/// The target's chunks as a push may rely on them: packs that are listed and that no gc record
+/// condemns. A pack that a record condemns is never relied on again.
+pub struct PushView {
+    pub index: ChunkIndex,
+    condemned: Condemned,
+    /// When the packs were last listed (taken before the listing started).
+    packs_listed_at: Instant,
+    grace: Duration,
+}
+
+impl PushView {
+    /// Loads the target's indexes (through the node's cache), its packs and gc records.
+    pub async fn load(
+        node: &Node,
+        rec: &TargetRecord,
+        repo: &Repository,
+    ) -> Result<(PushView, Vec<String>)> {
+        let listed_at = Instant::now();
+        let (index, problems) = super::load_index(node, rec, repo).await?;
+        let view = PushView::over(repo, index, super::gc::grace()?, listed_at).await?;
+        Ok((view, problems))
+    }
+
+    /// The view over `index` (the target's pack indexes, listed at `listed_at` or later):
+    /// only packs that exist (an index can outlive its pack: a gc stopped between the two
+    /// deletes, or a push wrote an index after its pack was deleted) and are not condemned.
+    pub async fn over(
+        repo: &Repository,
+        mut index: ChunkIndex,
+        grace: Duration,
+        listed_at: Instant,
+    ) -> Result<PushView> {
+        let mut condemned = Condemned::default();
+        condemned.refresh(repo).await?;
+        let packs = repo.pack_listing().await?;
+        index.retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
+        Ok(PushView {
+            index,
+            condemned,
+            packs_listed_at: listed_at,
+            grace,
+        })
+    }
+
+    /// Reads the gc records again (and, if the packs were listed more than half a grace period
+    /// ago, lists them again), drops every pack that is condemned or gone, and returns which of
+    /// `blocks`' chunks are then not stored in the view.
+    ///
+    /// Why relisting the packs is needed only after half a grace period: a pack is deleted
+    /// only after a record condemned it a grace period earlier, and that record stays until a
+    /// grace period after the pack is gone. A push that sees no record for a pack it listed
+    /// less than half a grace period ago therefore cannot be looking at a deleted pack.
+    pub async fn unsafe_chunks(
+        &mut self,
+        repo: &Repository,
+        blocks: &[Option<ChunkId>],
+    ) -> Result<Vec<ChunkId>> {
+        self.condemned.refresh(repo).await?;
+        if self.packs_listed_at.elapsed() > self.grace / 2 {
+            let listed_at = Instant::now();
+            let packs = repo.pack_listing().await?;
+            let condemned = &self.condemned;
+            self.index
+                .retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
+            self.packs_listed_at = listed_at;
+        } else {
+            let condemned = &self.condemned;
+            self.index.retain_packs(|p| !condemned.contains(p));
+        }
+        let mut seen = HashSet::new();
+        Ok(blocks
+            .iter()
+            .flatten()
+            .filter(|id| !self.index.contains(id) && seen.insert(**id))
+            .copied()
+            .collect())
+    }
+}
+
+/// What confirming a snapshot found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Every chunk is safely stored; `restored` of them had to be stored again.
+    Whole { restored: u64 },
+    /// These chunks are not safely stored and the node cannot store them again.
+    Incomplete { missing: usize },
+}
+
+/// Confirms that every chunk of `blocks` (a manifest already written to the target) is in a
+/// pack that exists and is not condemned, storing the others again from `src` (the node's
+/// repository and its index), and checking again, until nothing is missing.
+pub async fn confirm(
+    view: &mut PushView,
+    repo: &Repository,
+    src: Option<(&Repository, &ChunkIndex)>,
+    blocks: &[Option<ChunkId>],
+    progress: &ProgressBar,
+) -> Result<Confirmed> {
+    let mut restored = 0u64;
+    for _ in 0..MAX_REPAIR_ROUNDS {
+        let missing = view.unsafe_chunks(repo, blocks).await?;
+        if missing.is_empty() {
+            return Ok(Confirmed::Whole { restored });
+        }
+        let Some((src, src_index)) = src.filter(|(_, i)| missing.iter().all(|c| i.contains(c)))
+        else {
+            return Ok(Confirmed::Incomplete {
+                missing: missing.len(),
+            });
+        };
+        tracing::info!(
+            chunks = missing.len(),
+            target_url = repo.location(),
+            "storing chunks again: their packs were condemned by a gc while this push ran"
+        );
+        restored += missing.len() as u64;
+        let again: Vec<Option<ChunkId>> = missing.into_iter().map(Some).collect();
+        let mut sink = PackSink::into_target(repo, &mut view.index);
+        copy_chunks(src, src_index, &again, &mut sink, progress).await?;
+    }
+    Err(Error::Unavailable {
+        message: format!(
+            "gcs of {} condemned the chunks this push stored {MAX_REPAIR_ROUNDS} times over; \
+             is HOLDFAST_TARGET_GRACE set to almost nothing? push again",
+            repo.location()
+        ),
+        source: None,
+    })
+}
+
+/// Finishes an intent whose push is not running (this node's own, proven by its volume lock,
+/// or one the operator clears): if its manifest exists and is whole (repaired from `src` if
+/// given), the intent goes and the snapshot becomes visible; if it cannot be made whole, the
+/// manifest goes first, then the intent (the snapshot was never committed); without a
+/// manifest, only the intent goes. Returns whether the snapshot was kept.
+pub async fn finish(
+    view: &mut PushView,
+    repo: &Repository,
+    src: Option<(&Repository, &ChunkIndex)>,
+    intent: &Intent,
+    progress: &ProgressBar,
+) -> Result<bool> {
+    let kept = match repo
+        .read_manifest_if_present(&intent.volume, &intent.snapshot)
+        .await?
+    {
+        None => false,
+        Some(raw) => {
+            let what = format!(
+                "{}@{} in {}",
+                intent.volume,
+                intent.snapshot,
+                repo.location()
+            );
+            let whole = match Manifest::decode(&raw, &what) {
+                Ok(m) => matches!(
+                    confirm(view, repo, src, &m.blocks, progress).await?,
+                    Confirmed::Whole { .. }
+                ),
+                Err(e) => {
+                    tracing::warn!("{e}: the unfinished push's manifest is removed");
+                    false
+                }
+            };
+            if !whole {
+                repo.delete_manifest(&intent.volume, &intent.snapshot)
+                    .await?;
+            }
+            whole
+        }
+    };
+    repo.delete_object(&intent.key).await?;
+    tracing::info!(
+        volume = %intent.volume,
+        snapshot = %intent.snapshot,
+        node = %intent.node,
+        kept,
+        "finished an interrupted push"
+    );
+    Ok(kept)
+}
+
+/// One unfinished push that `clear_pending` finished.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClearedPush {
+    pub volume: VolumeName,
+    pub snapshot: SnapshotId,
+    /// The manifest was whole and is now a committed snapshot; else it was removed (the
+    /// snapshot was never committed and the node pushes it again).
+    pub committed: bool,
+}
+
+/// Finishes every unfinished push of node `of` in the target: for an operator who knows that
+/// node has stopped for good (or will not push there again), because until then its intents
+/// hide those snapshots. A manifest that is whole now becomes a committed snapshot; one that
+/// is not is removed. This node's own unfinished pushes are finished by its next push instead.
+pub async fn clear_pending(
+    node: &Node,
+    rec: &TargetRecord,
+    of: &NodeId,
+    progress: &ProgressBar,
+) -> Result<Vec<ClearedPush>> {
+    if *of == node.info.node_id {
+        return Err(Error::invalid(format!(
+            "{of} is this node: its unfinished pushes are finished by its next push of each \
+             volume (`holdfast mirror push VOLUME --target {}`)",
+            rec.name
+        )));
+    }
+    let repo = super::open(rec)?;
+    repo.check_for_writing().await?;
+    let theirs: Vec<Intent> = intents(&repo, None)
+        .await?
+        .into_iter()
+        .filter(|i| &i.node == of)
+        .collect();
+    let mut out = Vec::new();
+    if theirs.is_empty() {
+        return Ok(out);
+    }
+    let (mut view, _) = PushView::load(node, rec, &repo).await?;
+    for intent in &theirs {
+        let committed = finish(&mut view, &repo, None, intent, progress).await?;
+        out.push(ClearedPush {
+            volume: intent.volume.clone(),
+            snapshot: intent.snapshot,
+            committed,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intent_keys_round_trip_and_others_are_refused() {
+        // The key names volume, snapshot and node; anything else under pending/ is ignored.
+        let id: SnapshotId = "0001000000000000000a".parse().unwrap();
+        let key = format!("{PENDING}/vm-1/{id}/node-a.b-00000000000000ff");
+        let (v, s, n) = parse_key(&key).unwrap();
+        assert_eq!((v.as_str(), s, n.as_str()), ("vm-1", id, "node-a.b"));
+        for bad in [
+            format!("{PENDING}/vm/{id}/node"),
+            format!("{PENDING}/vm/{id}/node-xyz"),
+            format!("{PENDING}/vm/{id}/node-00000000000000ff/x"),
+            format!("{PENDING}/../{id}/node-00000000000000ff"),
+            format!("{PENDING}/vm/notanid/node-00000000000000ff"),
+        ] {
+            assert!(parse_key(&bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -54,6 +54,10 @@ pub enum TargetCommand {
         /// The node whose pushes to finish (as `target check` names it).
         #[arg(long)]
         node: String,
+        /// Also remove the snapshots that cannot be made whole (a chunk is gone and no node
+        /// stored it again); without it they stay hidden. Never one a lock record names.
+        #[arg(long)]
+        drop_incomplete: bool,
         /// Do it without asking (required when not run on a terminal).
         #[arg(long)]
         yes: bool,
@@ -171,6 +175,7 @@ impl TargetCommand {
             TargetCommand::ClearPending {
                 name,
                 node: of,
+                drop_incomplete,
                 yes,
                 json,
             } => {
@@ -180,23 +185,27 @@ impl TargetCommand {
                     confirm_clear(&name, &of)?;
                 }
                 let pb = ctx.count_bar("checking chunks");
-                let r = holdfast::target::clear_pending(&node, &rec, &of, &pb).await;
+                let r =
+                    holdfast::target::clear_pending(&node, &rec, &of, drop_incomplete, &pb).await;
                 pb.finish_and_clear();
                 let r = r?;
                 if json {
                     return print_json(&r);
                 }
+                use holdfast::target::Finished;
                 for c in &r {
-                    outln!(
-                        "{}@{} {}",
-                        c.volume,
-                        c.snapshot,
-                        if c.committed {
-                            "committed (every chunk is stored)"
-                        } else {
-                            "removed (incomplete; the node pushes it again if it returns)"
+                    let said = match c.outcome {
+                        Finished::Committed => "committed (every chunk is stored)".to_string(),
+                        Finished::NoManifest => {
+                            "nothing to finish (no manifest was written)".to_string()
                         }
-                    );
+                        Finished::Dropped => "removed (it could not be made whole)".to_string(),
+                        Finished::Incomplete { missing } => format!(
+                            "left hidden: {missing} chunks are gone; a node that has the snapshot \
+                             completes it by pushing it, or rerun with --drop-incomplete"
+                        ),
+                    };
+                    outln!("{}@{} {said}", c.volume, c.snapshot);
                 }
                 ctx.summary(format!(
                     "finished {} unfinished push(es) of node {of} in target {name}",

@@ -150,9 +150,13 @@ pub async fn create(
     debug_assert_eq!(blocks.len() as u64, block_count(size, block_size));
 
     let now = crate::now_unix_ms();
+    // Ids sort by creation time, and mirrors and pushes send what is newer than their base
+    // by that order: a clock that went back must not give this snapshot an id below the
+    // volume's newest (it would never be sent).
+    let id_ms = id_time(&existing, now);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        id: SnapshotId::generate(now),
+        id: SnapshotId::generate(id_ms),
         volume: volume.clone(),
         name,
         created_unix_ms: now,
@@ -409,9 +413,40 @@ fn read_segments(
     }
 }
 
+/// The time part of a new snapshot's id: now, or just after the volume's newest if the clock
+/// went back.
+fn id_time(existing: &[SnapshotRecord], now: u64) -> u64 {
+    existing
+        .iter()
+        .map(|s| s.id.unix_ms() + 1)
+        .max()
+        .map_or(now, |next| next.max(now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_that_went_back_still_gives_a_newer_id() {
+        // A snapshot taken after the clock was set back sorts after the volume's newest.
+        let rec = |ms| SnapshotRecord {
+            id: SnapshotId::generate(ms),
+            volume: "v".parse().unwrap(),
+            name: "s".parse().unwrap(),
+            created_unix_ms: ms,
+            size: 0,
+            block_size: 4096,
+            labels: Default::default(),
+            parent: None,
+            stats: Default::default(),
+        };
+        assert_eq!(id_time(&[], 500), 500);
+        assert_eq!(id_time(&[rec(100)], 500), 500);
+        assert_eq!(id_time(&[rec(100), rec(900)], 500), 901);
+        let next = SnapshotId::generate(id_time(&[rec(900)], 500));
+        assert!(next > rec(900).id);
+    }
 
     #[test]
     fn default_names_are_unique_within_the_volume() {

@@ -90,7 +90,18 @@ struct Listed {
     packs: Vec<PackId>,
 }
 
-async fn read_record(repo: &Repository, key: &str) -> Result<Option<Vec<PackId>>> {
+/// Largest record read: far above a record of a million packs (about 70 MB of JSON would be
+/// a gc of 16 TiB at once), and a bound on what a bogus object can make every push read.
+const MAX_RECORD_BYTES: u64 = 128 << 20;
+
+async fn read_record(repo: &Repository, key: &str, size: u64) -> Result<Option<Vec<PackId>>> {
+    if size > MAX_RECORD_BYTES {
+        return Err(Error::corrupt(format!(
+            "gc record {key} in {} is {size} bytes, more than any gc writes; if no holdfast \
+             wrote it, delete it",
+            repo.location()
+        )));
+    }
     let Some(raw) = repo.get_object(key).await? else {
         return Ok(None); // removed since it was listed: its packs are gone
     };
@@ -121,11 +132,11 @@ impl Condemned {
         let before = self.records.len();
         self.records.retain(|k, _| keys.contains(k.as_str()));
         let mut changed = before != self.records.len();
-        for (key, _, _) in &listed {
+        for (key, size, _) in &listed {
             if self.records.contains_key(key) {
                 continue;
             }
-            if let Some(packs) = read_record(repo, key).await? {
+            if let Some(packs) = read_record(repo, key, *size).await? {
                 self.records.insert(key.clone(), packs);
                 changed = true;
             }
@@ -227,6 +238,11 @@ pub struct GcPlan {
     clear: Vec<String>,
     /// Unreferenced, older than the grace period, in no record yet.
     condemn: Vec<PackId>,
+    /// Index objects whose pack is gone, older than the grace period: nothing can read
+    /// through them (readers and pushes use only listed packs).
+    dangling: Vec<PackId>,
+    /// Clock and write probes left by runs that stopped, older than the grace period.
+    stale_probes: Vec<String>,
 }
 
 impl GcPlan {
@@ -249,6 +265,8 @@ impl GcPlan {
             delete: vec![],
             clear: vec![],
             condemn: vec![],
+            dangling: vec![],
+            stale_probes: vec![],
         };
         let report = &mut plan.report;
         let records = records(repo).await?;
@@ -348,6 +366,14 @@ impl GcPlan {
             if condemned.contains(&p) {
                 continue;
             }
+            if let (None, Some(index)) = (packs.get(&p), indexes.get(&p)) {
+                // An index whose pack is gone (a push wrote it after a gc deleted the pack):
+                // whatever it names, no chunk can be read through it.
+                if index.modified_unix_ms + grace_ms <= now {
+                    plan.dangling.push(p);
+                }
+                continue;
+            }
             let chunks = entries.of(repo, &p, &indexes, &packs).await?;
             let live_chunks =
                 chunks.map_or(0, |c| c.iter().filter(|e| live.contains(&e.id)).count());
@@ -381,6 +407,13 @@ impl GcPlan {
         report.packs_waiting = waiting.len();
         report.bytes_waiting = waiting.values().sum();
         report.pending_pushes = pending::pending_pushes(repo, now).await?;
+        for prefix in [CLOCK, "probe"] {
+            for (key, _, t) in repo.list_objects(prefix).await? {
+                if t + grace_ms <= now {
+                    plan.stale_probes.push(key);
+                }
+            }
+        }
         Ok(plan)
     }
 
@@ -396,6 +429,12 @@ impl GcPlan {
         }
         for p in &self.delete {
             repo.delete_pack(p).await?;
+        }
+        for p in &self.dangling {
+            repo.delete_index(p).await?;
+        }
+        for key in &self.stale_probes {
+            repo.delete_object(key).await?;
         }
         for marker in &self.clear {
             repo.put_object_if_absent(marker, Vec::new()).await?;
@@ -425,14 +464,14 @@ impl GcPlan {
 /// Every record under `gc/condemned/`, oldest first.
 async fn records(repo: &Repository) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
-    for (key, _, t) in repo.list_objects(CONDEMNED).await? {
+    for (key, size, t) in repo.list_objects(CONDEMNED).await? {
         let Some(name) = key
             .strip_prefix(&format!("{CONDEMNED}/"))
             .map(str::to_string)
         else {
             continue;
         };
-        if let Some(packs) = read_record(repo, &key).await? {
+        if let Some(packs) = read_record(repo, &key, size).await? {
             out.push(Listed {
                 key,
                 name,
@@ -512,7 +551,6 @@ impl Entries {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
 
     use indicatif::ProgressBar;
     use object_store::memory::InMemory;
@@ -656,9 +694,7 @@ mod tests {
         store(&node, &[1, 2, 3], false).await;
         let (node_index, _) = node.load_index().await.unwrap();
         let (index, _) = t.load_index().await.unwrap();
-        let mut view = PushView::over(&t, index, Duration::ZERO, Instant::now())
-            .await
-            .unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
         assert!(ids.iter().all(|id| view.index.contains(id)));
         assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
         assert_eq!(run(&t, Duration::ZERO).await.packs_deleted, 1);
@@ -705,9 +741,7 @@ mod tests {
         store(&node, &[1, 2], false).await;
         let (node_index, _) = node.load_index().await.unwrap();
         let (index, _) = t.load_index().await.unwrap();
-        let mut view = PushView::over(&t, index, Duration::ZERO, Instant::now())
-            .await
-            .unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
         assert!(!ids.iter().any(|id| view.index.contains(id)));
         let blocks: Vec<Option<ChunkId>> = ids.iter().copied().map(Some).collect();
         let mut sink = crate::target::PackSink::into_target(&t, &mut view.index);
@@ -783,7 +817,114 @@ mod tests {
             .unwrap();
         let err = gc_with_grace(&t, &me(), false, Duration::ZERO).await;
         assert!(matches!(err, Err(Error::Corrupt(_))), "{err:?}");
-        let view = PushView::over(&t, ChunkIndex::default(), Duration::ZERO, Instant::now()).await;
+        let view = PushView::over(&t, ChunkIndex::default()).await;
         assert!(matches!(view, Err(Error::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn a_pack_deleted_and_forgotten_while_a_push_slept_is_stored_again() {
+        // A push sleeps (a suspended machine) while gcs condemn its pack, delete it, and
+        // remove the record; its confirmation lists the packs again, finds the pack gone and
+        // stores the chunks again, whatever the time its own clock says has passed.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, ids) = store(&t, &[1, 2], true).await;
+        let node = repo(2).await;
+        store(&node, &[1, 2], false).await;
+        let (node_index, _) = node.load_index().await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        for _ in 0..4 {
+            run(&t, Duration::ZERO).await;
+        }
+        assert!(
+            t.list_objects("gc").await.unwrap().is_empty(),
+            "record not removed"
+        );
+        let m = manifest(&ids);
+        commit(&t, &m).await;
+        let src = Some((&node, &node_index));
+        let got = confirm(&mut view, &t, src, &m.blocks, &ProgressBar::hidden()).await;
+        assert_eq!(got.unwrap(), Confirmed::Whole { restored: 2 });
+        assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn an_index_whose_pack_is_gone_misleads_no_reader_and_is_removed() {
+        // An index that outlived its pack names a chunk stored elsewhere too: readers find the
+        // chunk in the pack that exists, and a gc removes the stray index a grace period on.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (gone, ids) = store(&t, &[1], true).await;
+        let (_, again) = store(&t, &[1], true).await;
+        assert_eq!(ids, again);
+        commit(&t, &manifest(&ids)).await;
+        let pack_key = format!("packs/{}/{}", &gone.to_hex()[..2], gone.to_hex());
+        t.delete_object(&pack_key).await.unwrap();
+        for _ in 0..10 {
+            assert!(readable(&t, &ids).await);
+        }
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!(r.packs_condemned, 0, "{r:?}");
+        assert!(!t.index_listing().await.unwrap().contains_key(&gone));
+        assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_unfinished_push_is_kept_unless_dropped_and_never_if_locked() {
+        // Finishing an intent whose manifest cannot be made whole keeps it hidden; dropping it
+        // is the operator's choice, and a lock record on the snapshot refuses even that.
+        use crate::target::pending::{Finished, finish, intents, write_intent};
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1, 2], true).await;
+        let m = manifest(&ids);
+        let key = write_intent(&t, &m.volume, &m.id, &"gone".parse().unwrap())
+            .await
+            .unwrap();
+        commit(&t, &m).await;
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        t.delete_pack(&p).await.unwrap();
+        let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
+        assert_eq!(intent.key, key);
+        let hidden = ProgressBar::hidden();
+        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
+        assert!(
+            t.read_manifest_if_present(&m.volume, &m.id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        crate::target::write_lock_record(
+            &t,
+            &m.volume,
+            &"app:restore".parse().unwrap(),
+            vec![crate::target::TargetLock {
+                snapshot: m.id,
+                lock_type: crate::softlock::LockType::Application,
+                value: "a restore".into(),
+            }],
+        )
+        .await
+        .unwrap();
+        let got = finish(&mut view, &t, None, &intent, true, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
+        assert!(
+            t.read_manifest_if_present(&m.volume, &m.id)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        crate::target::write_lock_record(&t, &m.volume, &"app:restore".parse().unwrap(), vec![])
+            .await
+            .unwrap();
+        let got = finish(&mut view, &t, None, &intent, true, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Dropped);
+        assert!(
+            t.read_manifest_if_present(&m.volume, &m.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(intents(&t, None).await.unwrap().is_empty());
     }
 }

@@ -13,7 +13,6 @@
 //! `host/TARGETS.md`.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
@@ -117,18 +116,26 @@ pub async fn pending_pushes(repo: &Repository, now: u64) -> Result<Vec<PendingPu
 }
 
 /// The snapshots of `volume` whose manifests are committed: listed, with no intent.
+///
+/// Manifests are listed first, intents after: a push writes its intent before its manifest,
+/// so a manifest this listing sees had its intent written before the intents are listed (the
+/// other order could see a manifest, and miss the intent written just before it).
 pub async fn committed_ids(repo: &Repository, volume: &VolumeName) -> Result<HashSet<SnapshotId>> {
+    let listed: Vec<SnapshotId> = repo
+        .list_manifests()
+        .await?
+        .into_iter()
+        .filter(|(v, _)| v == volume)
+        .map(|(_, id)| id)
+        .collect();
     let pending: HashSet<SnapshotId> = intents(repo, Some(volume))
         .await?
         .into_iter()
         .map(|i| i.snapshot)
         .collect();
-    Ok(repo
-        .list_manifests()
-        .await?
+    Ok(listed
         .into_iter()
-        .filter(|(v, id)| v == volume && !pending.contains(id))
-        .map(|(_, id)| id)
+        .filter(|id| !pending.contains(id))
         .collect())
 }
 
@@ -158,10 +165,9 @@ pub async fn write_intent(
 /// condemns. A pack that a record condemns is never relied on again.
 pub struct PushView {
     pub index: ChunkIndex,
+    /// Every pack index read so far (of packs in the view or not), so that none is read twice.
+    indexes: std::collections::HashMap<crate::id::PackId, crate::repo::pack::PackIndex>,
     condemned: Condemned,
-    /// When the packs were last listed (taken before the listing started).
-    packs_listed_at: Instant,
-    grace: Duration,
 }
 
 impl PushView {
@@ -171,58 +177,53 @@ impl PushView {
         rec: &TargetRecord,
         repo: &Repository,
     ) -> Result<(PushView, Vec<String>)> {
-        let listed_at = Instant::now();
         let (index, problems) = super::load_index(node, rec, repo).await?;
-        let view = PushView::over(repo, index, super::gc::grace()?, listed_at).await?;
+        let view = PushView::over(repo, index).await?;
         Ok((view, problems))
     }
 
-    /// The view over `index` (the target's pack indexes, listed at `listed_at` or later):
-    /// only packs that exist (an index can outlive its pack: a gc stopped between the two
-    /// deletes, or a push wrote an index after its pack was deleted) and are not condemned.
-    pub async fn over(
-        repo: &Repository,
-        mut index: ChunkIndex,
-        grace: Duration,
-        listed_at: Instant,
-    ) -> Result<PushView> {
+    /// The view over `index` (the target's pack indexes): only packs that exist (an index can
+    /// outlive its pack: a gc stopped between the two deletes, or a push wrote an index after
+    /// its pack was deleted) and are not condemned.
+    pub async fn over(repo: &Repository, mut index: ChunkIndex) -> Result<PushView> {
         let mut condemned = Condemned::default();
         condemned.refresh(repo).await?;
         let packs = repo.pack_listing().await?;
+        let indexes = index.packs.clone();
         index.retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
         Ok(PushView {
             index,
+            indexes,
             condemned,
-            packs_listed_at: listed_at,
-            grace,
         })
     }
 
-    /// Reads the gc records again (and, if the packs were listed more than half a grace period
-    /// ago, lists them again), drops every pack that is condemned or gone, and returns which of
-    /// `blocks`' chunks are then not stored in the view.
+    /// Brings the view up to the target as it is now: reads the gc records and lists the
+    /// indexes and the packs again, drops every pack that is condemned or gone, adds the
+    /// packs stored since (by other pushes too), and returns which of `blocks`' chunks are
+    /// then not stored in the view.
     ///
-    /// Why relisting the packs is needed only after half a grace period: a pack is deleted
-    /// only after a record condemned it a grace period earlier, and that record stays until a
-    /// grace period after the pack is gone. A push that sees no record for a pack it listed
-    /// less than half a grace period ago therefore cannot be looking at a deleted pack.
+    /// The packs are listed again every time, whatever the time since the last listing: how
+    /// long ago that was can only be told by this node's clock, which stands still while the
+    /// machine is suspended, and a pack may be gone by then (`host/TARGETS.md`).
     pub async fn unsafe_chunks(
         &mut self,
         repo: &Repository,
         blocks: &[Option<ChunkId>],
     ) -> Result<Vec<ChunkId>> {
         self.condemned.refresh(repo).await?;
-        if self.packs_listed_at.elapsed() > self.grace / 2 {
-            let listed_at = Instant::now();
-            let packs = repo.pack_listing().await?;
-            let condemned = &self.condemned;
-            self.index
-                .retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
-            self.packs_listed_at = listed_at;
-        } else {
-            let condemned = &self.condemned;
-            self.index.retain_packs(|p| !condemned.contains(p));
+        let mut known = std::mem::take(&mut self.indexes);
+        known.extend(self.index.packs.drain());
+        let (fresh, problems, _) = repo.load_index_known(known).await?;
+        for p in problems {
+            tracing::warn!("{p}; its chunks count as absent");
         }
+        self.indexes = fresh.packs.clone();
+        self.index = fresh;
+        let packs = repo.pack_listing().await?;
+        let condemned = &self.condemned;
+        self.index
+            .retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
         let mut seen = HashSet::new();
         Ok(blocks
             .iter()
@@ -284,77 +285,95 @@ pub async fn confirm(
     })
 }
 
+/// What finishing an unfinished push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Finished {
+    /// The manifest is whole: the intent went, the snapshot is committed.
+    Committed,
+    /// There was no manifest: the intent went.
+    NoManifest,
+    /// The manifest names chunks that are not safely stored and cannot be stored again from
+    /// here: it stays hidden under its intent (any node that has the snapshot completes it by
+    /// pushing it; `target clear-pending --drop-incomplete` removes it).
+    Incomplete { missing: usize },
+    /// Incomplete, and removed as the operator asked (manifest first, then the intent).
+    Dropped,
+}
+
 /// Finishes an intent whose push is not running (this node's own, proven by its volume lock,
 /// or one the operator clears): if its manifest exists and is whole (repaired from `src` if
-/// given), the intent goes and the snapshot becomes visible; if it cannot be made whole, the
-/// manifest goes first, then the intent (the snapshot was never committed); without a
-/// manifest, only the intent goes. Returns whether the snapshot was kept.
+/// given), the intent goes and the snapshot becomes visible. A manifest that cannot be made
+/// whole is removed only if `drop_incomplete` says so, only while an intent still hides it
+/// and no lock record names it; otherwise it stays hidden. (Another node may have committed
+/// the same snapshot meanwhile: its push removes every intent of the snapshot first.)
 pub async fn finish(
     view: &mut PushView,
     repo: &Repository,
     src: Option<(&Repository, &ChunkIndex)>,
     intent: &Intent,
+    drop_incomplete: bool,
     progress: &ProgressBar,
-) -> Result<bool> {
-    let kept = match repo
-        .read_manifest_if_present(&intent.volume, &intent.snapshot)
-        .await?
-    {
-        None => false,
+) -> Result<Finished> {
+    let (volume, snapshot) = (&intent.volume, intent.snapshot);
+    let outcome = match repo.read_manifest_if_present(volume, &snapshot).await? {
+        None => Finished::NoManifest,
         Some(raw) => {
-            let what = format!(
-                "{}@{} in {}",
-                intent.volume,
-                intent.snapshot,
-                repo.location()
-            );
-            let whole = match Manifest::decode(&raw, &what) {
-                Ok(m) => matches!(
-                    confirm(view, repo, src, &m.blocks, progress).await?,
-                    Confirmed::Whole { .. }
-                ),
-                Err(e) => {
-                    tracing::warn!("{e}: the unfinished push's manifest is removed");
-                    false
+            let what = format!("{volume}@{snapshot} in {}", repo.location());
+            let m = Manifest::decode(&raw, &what)?;
+            match confirm(view, repo, src, &m.blocks, progress).await? {
+                Confirmed::Whole { .. } => Finished::Committed,
+                Confirmed::Incomplete { missing } if !drop_incomplete => {
+                    Finished::Incomplete { missing }
                 }
-            };
-            if !whole {
-                repo.delete_manifest(&intent.volume, &intent.snapshot)
-                    .await?;
+                Confirmed::Incomplete { missing } => {
+                    let still_hidden = intents(repo, Some(volume))
+                        .await?
+                        .iter()
+                        .any(|i| i.snapshot == snapshot);
+                    let locked = super::locked(repo, volume).await?.contains_key(&snapshot);
+                    if !still_hidden || locked {
+                        // Committed meanwhile by another node, or someone depends on it.
+                        return Ok(Finished::Incomplete { missing });
+                    }
+                    repo.delete_manifest(volume, &snapshot).await?;
+                    Finished::Dropped
+                }
             }
-            whole
         }
     };
-    repo.delete_object(&intent.key).await?;
+    if !matches!(outcome, Finished::Incomplete { .. }) {
+        repo.delete_object(&intent.key).await?;
+    }
     tracing::info!(
-        volume = %intent.volume,
-        snapshot = %intent.snapshot,
+        volume = %volume,
+        snapshot = %snapshot,
         node = %intent.node,
-        kept,
+        ?outcome,
         "finished an interrupted push"
     );
-    Ok(kept)
+    Ok(outcome)
 }
 
-/// One unfinished push that `clear_pending` finished.
+/// One unfinished push that `clear_pending` finished (or could not).
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ClearedPush {
     pub volume: VolumeName,
     pub snapshot: SnapshotId,
-    /// The manifest was whole and is now a committed snapshot; else it was removed (the
-    /// snapshot was never committed and the node pushes it again).
-    pub committed: bool,
+    pub outcome: Finished,
 }
 
 /// Finishes every unfinished push of node `of` in the target: for an operator who knows that
 /// node has stopped for good (or will not push there again), because until then its intents
 /// hide those snapshots. A manifest that is whole now becomes a committed snapshot; one that
-/// is not is removed. This node's own unfinished pushes are finished by its next push instead.
+/// is not stays hidden, or with `drop_incomplete` is removed. This node's own unfinished
+/// pushes are finished by its next push instead.
 pub async fn clear_pending(
     node: &Node,
     rec: &TargetRecord,
     of: &NodeId,
+    drop_incomplete: bool,
     progress: &ProgressBar,
 ) -> Result<Vec<ClearedPush>> {
     if *of == node.info.node_id {
@@ -377,11 +396,11 @@ pub async fn clear_pending(
     }
     let (mut view, _) = PushView::load(node, rec, &repo).await?;
     for intent in &theirs {
-        let committed = finish(&mut view, &repo, None, intent, progress).await?;
+        let outcome = finish(&mut view, &repo, None, intent, drop_incomplete, progress).await?;
         out.push(ClearedPush {
             volume: intent.volume.clone(),
             snapshot: intent.snapshot,
-            committed,
+            outcome,
         });
     }
     Ok(out)

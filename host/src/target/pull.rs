@@ -77,7 +77,10 @@ pub async fn pull(
     };
     if !wanted.is_empty() {
         let _repo_lock = node.lock_repo_shared().await?;
-        let (target_index, _) = load_index(node, rec, &repo).await?;
+        let (mut target_index, _) = load_index(node, rec, &repo).await?;
+        // Only packs that exist: an index can outlive its pack in a target.
+        let packs = repo.pack_listing().await?;
+        target_index.retain_packs(|p| packs.contains_key(p));
         let (mut local_index, _) = node.load_index().await?;
         for (s, raw) in wanted {
             let m = Manifest::decode(raw, &s.display_ref())?;

@@ -160,12 +160,24 @@ async fn push_locked(
     {
         let s = session(&mut loaded, node, rec, repo).await?;
         let src = Some((&node.repo, &s.local_index));
-        let kept = pending::finish(&mut s.view, repo, src, &intent, progress).await?;
-        report.finished_pending.push(format!(
-            "{volume}@{} {}",
-            intent.snapshot,
-            if kept { "committed" } else { "dropped" }
-        ));
+        let outcome = pending::finish(&mut s.view, repo, src, &intent, false, progress).await?;
+        let said = match outcome {
+            pending::Finished::Committed => "committed".to_string(),
+            pending::Finished::NoManifest | pending::Finished::Dropped => "dropped".to_string(),
+            pending::Finished::Incomplete { missing } => {
+                tracing::warn!(
+                    "{volume}@{}: this node's unfinished push names {missing} chunks that are \
+                     neither safely in the target nor here any more; it stays hidden (`holdfast \
+                     target check {}`)",
+                    intent.snapshot,
+                    rec.name
+                );
+                format!("incomplete ({missing} chunks missing)")
+            }
+        };
+        report
+            .finished_pending
+            .push(format!("{volume}@{} {said}", intent.snapshot));
     }
 
     // 2. The base: the newest of our snapshots committed in the target.
@@ -261,11 +273,9 @@ async fn commit(
             }
             shared = true;
         }
-        Err(e) => {
-            // Nothing was committed; the intent is only tidied up.
-            let _ = repo.delete_object(&intent).await;
-            return Err(e);
-        }
+        // The write may have landed all the same (a reply lost after the last retry): the
+        // intent stays, and this node's next push finishes the snapshot either way.
+        Err(e) => return Err(e),
     }
     let src = Some((&node.repo, &sess.local_index));
     let restored = match pending::confirm(&mut sess.view, repo, src, &m.blocks, progress).await? {

@@ -337,7 +337,7 @@ fn unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node() {
         "--json",
     ]));
     assert_eq!(cleared.as_array().unwrap().len(), 1, "{cleared}");
-    assert_eq!(cleared[0]["committed"], true, "{cleared}");
+    assert_eq!(cleared[0]["outcome"], "committed", "{cleared}");
     assert_eq!(listed(&a, "vb"), 1);
     assert!(
         json_of(&a.run(&["target", "check", "bucket", "--json"]))["pending-pushes"]

@@ -29,8 +29,8 @@ for n in a b c; do
 done
 mkdir -p tls tokens state
 "$H" -q tls self-signed --cert tls/node.crt --key tls/node.key
-"$H" token new > tokens/b
-"$H" token new > tokens/c
+# Tokens are secrets: holdfast refuses a token file other users can read.
+(umask 077; "$H" token new > tokens/b; "$H" token new > tokens/c)
 for n in a b c; do "$H" -q --state "state/$n" init --node-id "$n"; done
 
 A() { "$H" -q --state state/a "$@"; }

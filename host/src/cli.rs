@@ -198,6 +198,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Text from outside (labels, lock values) as it is safe to print on a terminal: control
+/// characters (a terminal escape, say) shown escaped, never sent raw.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// `k=v,k=v`, printable.
+pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// 1.5 GiB, 64 KiB, 12 B.
 pub fn human_bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()

@@ -241,6 +241,20 @@ impl NodeConfig {
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
         cfg.path = path.to_path_buf();
         cfg.check()?;
+        let inline = cfg.upstream.iter().any(|u| u.token.is_some())
+            || cfg.downstream.iter().any(|d| d.token.is_some())
+            || cfg
+                .listen
+                .as_ref()
+                .is_some_and(|l| l.metrics_token.is_some());
+        if inline && crate::state::check_private(path, "the configuration").is_err() {
+            tracing::warn!(
+                "{} holds tokens and other users can read it: `chmod 600 {}`, or move the \
+                 tokens into token_file entries (mode 0600)",
+                path.display(),
+                path.display()
+            );
+        }
         Ok(cfg)
     }
 
@@ -375,6 +389,7 @@ impl NodeConfig {
             (Some(t), None) => t.clone(),
             (None, Some(f)) => {
                 let f = self.resolve(f);
+                crate::state::check_private(&f, &format!("{who}: token file"))?;
                 std::fs::read_to_string(&f)
                     .map_err(|e| {
                         Error::io(format!("{who}: reading token file {}", f.display()), e)

@@ -69,6 +69,7 @@ pub struct JobStatus {
     pub last_transfer: Option<MirrorReport>,
 }
 
+#[derive(Clone)]
 struct Job {
     kind: JobKind,
     volume: VolumeName,
@@ -268,7 +269,25 @@ impl Daemon {
                 s.running = true;
                 s.last_started_unix_ms = Some(crate::now_unix_ms());
             });
-            let result = self.run_job(&job).await;
+            // In a task of its own, so that a job that panics is a failed run (reported and
+            // tried again at its next time), never a job that silently stops.
+            let result = {
+                let (d, j) = (self.clone(), job.clone());
+                match tokio::spawn(async move { d.run_job(&j).await }).await {
+                    Ok(r) => r,
+                    Err(e) => Err(Error::internal(format!(
+                        "the {:?} job of {} {}: {}",
+                        job.kind,
+                        job.volume,
+                        if e.is_panic() {
+                            "panicked"
+                        } else {
+                            "was cancelled"
+                        },
+                        panic_message(e)
+                    ))),
+                }
+            };
             let secs = t0.elapsed().as_secs_f64();
             let upstream = job
                 .upstream
@@ -641,6 +660,18 @@ pub fn read_daemon_file(node: &Node) -> Result<DaemonFile> {
             node.path.display()
         ))
     })
+}
+
+/// What a panicked task said, for the job's status.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "no message".into()),
+        Err(_) => "cancelled".into(),
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.

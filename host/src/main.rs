@@ -24,7 +24,19 @@ fn shorten_words(text: &str) -> String {
     out
 }
 
+/// Everything holdfast creates is private to its user, whatever the umask it inherited: a
+/// backup repository, its catalog, tokens and restored images are not for other local users.
+#[allow(unsafe_code)]
+fn private_umask() {
+    // SAFETY: umask only sets the process's file-creation mask; it cannot fail, touches no
+    // memory, and runs before any other thread exists.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 fn main() -> ExitCode {
+    private_umask();
     let args = match cli::Cli::try_parse() {
         Ok(args) => args,
         Err(e) => {

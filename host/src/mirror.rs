@@ -187,7 +187,15 @@ async fn send_lock_set(
     };
     for _ in 0..3 {
         match client.put_lock_set(&update).await? {
-            ReplaceOutcome::IgnoredStale { stored, .. } => update.generation = stored + 1,
+            ReplaceOutcome::IgnoredStale { stored, .. } => {
+                update.generation = stored.checked_add(1).ok_or_else(|| {
+                    Error::denied(format!(
+                        "upstream {} says it holds generation {stored} of this node's lock set \
+                         for {volume}, which no lock set can follow; its registry needs repair",
+                        client.upstream
+                    ))
+                })?;
+            }
             _ => return Ok(n),
         }
     }
@@ -224,6 +232,62 @@ pub(crate) async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_
     }
 }
 
+/// Checks every record an upstream listed before any of it is used, and returns them oldest
+/// first: each must name this volume, have a valid block size (the same for all, and the
+/// replica's own where one exists), a size whose block list a manifest can hold, labels that
+/// pass the local rules, and an id listed once. Anything else is an upstream that is broken
+/// or hostile: the update stops, refused (exit 9), and nothing is changed.
+pub fn check_listing(
+    upstream: &NodeId,
+    volume: &VolumeName,
+    local_block_size: Option<u32>,
+    mut list: Vec<SnapshotRecord>,
+) -> Result<Vec<SnapshotRecord>> {
+    let refuse = |what: String| {
+        Error::denied(format!(
+            "upstream {upstream} sent {what}; nothing was changed"
+        ))
+    };
+    let mut block_size = local_block_size;
+    let mut seen = HashSet::new();
+    for r in &list {
+        let it = format!("snapshot {} ({})", r.name, r.id);
+        if &r.volume != volume {
+            return Err(refuse(format!(
+                "{it} of volume {} when asked for {volume}",
+                r.volume
+            )));
+        }
+        if let Err(e) = crate::volume::validate_block_size(r.block_size as u64) {
+            return Err(refuse(format!("{it} with a bad block size: {e}")));
+        }
+        match block_size {
+            Some(bs) if bs != r.block_size => {
+                return Err(refuse(format!(
+                    "{it} with block size {}, but the replica's is {bs}",
+                    r.block_size
+                )));
+            }
+            _ => block_size = Some(r.block_size),
+        }
+        if let Err(e) = snapshot::check_block_count(r.size, r.block_size, &it) {
+            return Err(refuse(format!("{it} whose size cannot be held: {e}")));
+        }
+        for (k, v) in &r.labels {
+            if let Err(e) = crate::id::validate_name("label key", k).and_then(|()| {
+                crate::id::validate_text("label value", v, crate::id::MAX_LABEL_VALUE_BYTES)
+            }) {
+                return Err(refuse(format!("{it} with a label this node refuses: {e}")));
+            }
+        }
+        if !seen.insert(r.id) {
+            return Err(refuse(format!("{it} twice")));
+        }
+    }
+    list.sort_by_key(|r| r.id);
+    Ok(list)
+}
+
 /// Runs one update of `volume` from its configured upstream.
 pub async fn run(
     node: &Node,
@@ -239,13 +303,18 @@ pub async fn run(
     let _volume_lock = lock_volume(node, volume).await?;
     let me = node.info.node_id.clone();
 
-    // 1. The upstream's snapshots.
+    // 1. The upstream's snapshots, each checked before anything of it is used.
     let listed = client.snapshots(volume).await?;
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         "listed the upstream's snapshots"
     );
-    let theirs = listed.snapshots;
+    let local_block_size = match node.catalog.volume(volume) {
+        Ok(v) => Some(v.block_size),
+        Err(Error::NotFound(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let theirs = check_listing(&client.upstream, volume, local_block_size, listed.snapshots)?;
     let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
 
     // The local replica (created on the first update).
@@ -543,9 +612,10 @@ impl Receive<'_> {
     async fn manifest(&self, report: &mut MirrorReport) -> Result<Received> {
         let what = &self.what();
         let rec = self.rec;
+        let limit = crate::peer::client::manifest_limit(rec.size, rec.block_size);
         let answer = self
             .client
-            .manifest(&rec.volume, &rec.id, self.prev.map(|p| p.id))
+            .manifest(&rec.volume, &rec.id, self.prev.map(|p| p.id), limit)
             .await?;
         let (m, stored, changed) = match answer {
             ManifestAnswer::Delta(raw) => {
@@ -569,7 +639,11 @@ impl Receive<'_> {
                     Err(e) => {
                         // A diverged copy of the base here: take the whole manifest instead.
                         tracing::warn!("{e}; fetching the whole manifest");
-                        let raw = match self.client.manifest(&rec.volume, &rec.id, None).await? {
+                        let raw = match self
+                            .client
+                            .manifest(&rec.volume, &rec.id, None, limit)
+                            .await?
+                        {
                             ManifestAnswer::Full(raw) => raw,
                             ManifestAnswer::Delta(_) => {
                                 return Err(Error::corrupt(format!(

@@ -21,6 +21,7 @@
 
 mod direct;
 pub mod index_cache;
+mod nofollow;
 pub mod pack;
 
 use std::collections::HashMap;
@@ -200,12 +201,16 @@ impl Repository {
             })?
             .with_fsync(true)
             .with_automatic_cleanup(true);
-        let root = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
-            .map_err(|e| Error::io(format!("opening repository directory {}", dir.display()), e))?;
+        let root = Arc::new(
+            cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority()).map_err(|e| {
+                Error::io(format!("opening repository directory {}", dir.display()), e)
+            })?,
+        );
+        let store = nofollow::NoFollowStore::new(store, root.clone(), dir.display().to_string());
         Ok(Repository {
             store: Arc::new(store),
             location: dir.display().to_string(),
-            local: Some(Arc::new(root)),
+            local: Some(root),
             multipart_threshold: MULTIPART_THRESHOLD,
             format_version: FORMAT_VERSION,
         })
@@ -434,8 +439,14 @@ impl Repository {
 
     /// Loads every pack index. An index that cannot be read is reported, not fatal: its
     /// chunks count as absent (they will be stored again) and `gc` rebuilds or removes it.
+    ///
+    /// Only packs that exist count: an index object can outlive its pack (in a target, a push
+    /// that wrote its index after a gc deleted its pack), and a chunk it names must then be
+    /// found in another pack or not at all.
     pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
-        let (index, problems, _) = self.load_index_known(HashMap::new()).await?;
+        let (mut index, problems, _) = self.load_index_known(HashMap::new()).await?;
+        let packs = self.pack_listing().await?;
+        index.retain_packs(|p| packs.contains_key(p));
         Ok((index, problems))
     }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 pub use create::{CreateOptions, CreateReport, create};
 pub use gc::{GcReport, gc};
-pub use manifest::{MANIFEST_FORMAT, Manifest, ManifestDelta, block_count};
+pub use manifest::{MANIFEST_FORMAT, Manifest, ManifestDelta, block_count, check_block_count};
 pub use restore::{RestoreReport, restore};
 pub use verify::{Damage, VerifyReport, verify};
 

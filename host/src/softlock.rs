@@ -33,6 +33,9 @@ pub use registry::{
 pub const MAX_VALUE_BYTES: usize = 1024;
 /// Most locks one holder may keep in one set.
 pub const MAX_LOCKS_PER_SET: usize = 100_000;
+/// Most nodes a lock may have come through: deeper than any cascade anyone runs, and it bounds
+/// what one lock costs to store.
+pub const MAX_LOCK_PATH: usize = 32;
 
 /// What kind of dependency a lock records; the value's meaning follows from it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

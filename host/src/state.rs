@@ -83,6 +83,7 @@ impl Node {
             }
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         }
+        make_private(path)?;
         let dir = open_dir(path)?;
         dir.create_dir("repo")
             .map_err(|e| Error::io(format!("creating {}/repo", path.display()), e))?;
@@ -114,8 +115,9 @@ impl Node {
         })
     }
 
-    /// Opens an existing state directory.
+    /// Opens an existing state directory (made private first if it is not: 0700).
     pub async fn open(path: &Path) -> Result<Node> {
+        make_private(path)?;
         let dir = Dir::open_ambient_dir(path, ambient_authority()).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::not_found(format!(
@@ -338,6 +340,45 @@ impl Node {
             .map(|f| f.into_std())
             .map_err(|e| Error::io(format!("opening {}/repo.lock", self.path.display()), e))
     }
+}
+
+/// Makes the state directory 0700 if others could enter it (a release before this one left it
+/// 0755): the repository and catalog inside are then out of other users' reach, whatever the
+/// modes of the files.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("making {} private (chmod 700)", path.display()), e))?;
+        tracing::warn!(
+            "{} was mode {mode:o}, open to other users; made it 0700",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a secret (a token or key file) that users other than its owner can read or write,
+/// as ssh refuses such a private key.
+pub fn check_private(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::invalid(format!(
+            "{what} {} is mode {mode:o}: other users can read or change it. Run              `chmod 600 {}`; holdfast uses no secret others can reach",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 fn open_dir(path: &Path) -> Result<Dir> {

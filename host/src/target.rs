@@ -54,7 +54,7 @@ pub use gc::{TargetGcReport, gc, grace, server_now};
 pub use index::load_index;
 pub use locks::{LockRecord, TargetLock, lock_records, locked, write_lock_record};
 pub use maintenance::{TargetPruneReport, prune, verify};
-pub use pending::{ClearedPush, PendingPush, PushView, clear_pending};
+pub use pending::{ClearedPush, Finished, PendingPush, PushView, clear_pending};
 pub use pull::pull;
 pub use push::{TransferReport, local_holder, push};
 pub use sink::PackSink;

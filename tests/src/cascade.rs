@@ -120,6 +120,12 @@ impl Peer {
             ));
         }
         std::fs::write(&self.config, t).expect("write node.toml");
+        // It holds tokens: private, as holdfast asks of a configuration with tokens in it.
+        std::fs::set_permissions(
+            &self.config,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod node.toml");
     }
 
     /// Starts the daemon and waits until it answers `status`.
@@ -155,6 +161,23 @@ impl Peer {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The daemon's resident memory now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        let pid = self.pid().expect("daemon running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
     }
 
     pub fn log(&self) -> String {
@@ -247,7 +270,8 @@ impl Peer {
     ) -> (u16, String) {
         let script = r#"
 import ssl, sys, urllib.request, urllib.error
-url, method, peer, token, cafile, body = sys.argv[1:7]
+url, method, peer, token, cafile = sys.argv[1:6]
+body = sys.stdin.read()
 ctx = ssl.create_default_context(cafile=cafile)
 req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
     headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": peer, "Content-Type": "application/json"})
@@ -265,8 +289,16 @@ except urllib.error.HTTPError as e:
             .arg(peer)
             .arg(token)
             .arg(&tls.cert)
-            .arg(body)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                // The body goes through stdin: it can be larger than an argument may be.
+                c.stdin.take().expect("stdin").write_all(body.as_bytes())?;
+                c.wait_with_output()
+            })
             .expect("python3");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (status, body) = text.split_once('\n').unwrap_or((&text, ""));

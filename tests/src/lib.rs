@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 pub mod cascade;
+pub mod fake_upstream;
 pub mod proxy;
 pub mod s3;
 

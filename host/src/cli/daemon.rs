@@ -247,7 +247,10 @@ fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<
         .mode(mode)
         .open(path)
         .map_err(|e| holdfast::Error::io(format!("creating {}", path.display()), e))?;
-    f.write_all(bytes)
+    // The mode as asked, whatever the umask (holdfast runs with 077): a certificate is
+    // public, a key is not.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
         .map_err(|e| holdfast::Error::io(format!("writing {}", path.display()), e))?;
     Ok(())

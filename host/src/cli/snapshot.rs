@@ -199,8 +199,6 @@ impl SnapshotCommand {
                     "NEW"
                 );
                 for s in snaps {
-                    let labels: Vec<String> =
-                        s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     outln!(
                         "{:<28} {:<20} {:<20} {:>10} {:>10}  {}",
                         s.name.as_str(),
@@ -208,7 +206,7 @@ impl SnapshotCommand {
                         format_time(s.created_unix_ms),
                         human_bytes(s.size),
                         human_bytes(s.stats.new_stored_bytes),
-                        labels.join(",")
+                        super::labels_text(&s.labels)
                     );
                 }
             }
@@ -250,7 +248,11 @@ impl SnapshotCommand {
                     outln!("previous     {p}");
                 }
                 for (k, v) in &rec.labels {
-                    outln!("label        {k}={v}");
+                    outln!(
+                        "label        {}={}",
+                        super::printable(k),
+                        super::printable(v)
+                    );
                 }
             }
             SnapshotCommand::Diff { from, to, json } => {
@@ -347,12 +349,10 @@ impl SnapshotCommand {
                 )?;
                 // Policies that lock by label (app-hold) decide again at once.
                 refresh_policy_locks(&node, &rec.volume, Phase::Scheduled)?;
-                let labels: Vec<String> =
-                    rec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 ctx.summary(format!(
                     "{} labels: {}",
                     rec.display_ref(),
-                    labels.join(",")
+                    super::labels_text(&rec.labels)
                 ));
             }
             SnapshotCommand::Delete {

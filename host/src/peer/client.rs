@@ -31,9 +31,30 @@ pub struct PeerClient {
     me: NodeId,
 }
 
+/// Most bytes of an error answer read (its message is cut to a line anyway).
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+/// Most bytes of a snapshot listing: far above 100,000 snapshots of a volume.
+pub const LISTING_LIMIT: usize = 64 << 20;
+/// Most bytes of a lock-set reply or a status answer.
+const SMALL_ANSWER_LIMIT: usize = 16 << 20;
+/// Room for a manifest's header (name, labels) besides its block list.
+const MANIFEST_HEADER_ROOM: usize = 1 << 20;
+
+/// Most bytes a manifest (whole, or a delta) of a snapshot of `size` bytes in blocks of
+/// `block_size` may take on the wire: its header, a presence bit and 32-byte id per block, or
+/// per changed block an index and an id.
+pub fn manifest_limit(size: u64, block_size: u32) -> usize {
+    let blocks = crate::snapshot::block_count(size, block_size.max(1)) as usize;
+    MANIFEST_HEADER_ROOM
+        .saturating_add(blocks.saturating_mul(8 + 33))
+        .saturating_add(blocks / 8 + 64)
+}
+
 fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_rustls_tls()
+        // A redirect could lead the token elsewhere, or to plain HTTP: peers never redirect.
+        .redirect(reqwest::redirect::Policy::none())
         .tls_built_in_root_certs(false)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(300))
@@ -129,7 +150,10 @@ impl PeerClient {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = self
+            .body(resp, ERROR_BODY_LIMIT, "error answer")
+            .await
+            .unwrap_or_default();
         Err(match serde_json::from_slice::<WireError>(&body) {
             Ok(w) => w.into_error(&self.who()),
             Err(_) => Error::Unavailable {
@@ -143,27 +167,59 @@ impl PeerClient {
         })
     }
 
-    async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        let body = self.bytes(req).await?;
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        limit: usize,
+        what: &str,
+    ) -> Result<T> {
+        let body = self.bytes(req, limit, what).await?;
         serde_json::from_slice(&body)
             .map_err(|e| Error::corrupt(format!("{} sent a malformed answer: {e}", self.who())))
     }
 
-    async fn bytes(&self, req: RequestBuilder) -> Result<Bytes> {
+    async fn bytes(&self, req: RequestBuilder, limit: usize, what: &str) -> Result<Bytes> {
         let resp = self.send(req).await?;
-        self.body(resp).await
+        self.body(resp, limit, what).await
     }
 
-    async fn body(&self, resp: Response) -> Result<Bytes> {
-        resp.bytes().await.map_err(|e| Error::Unavailable {
-            message: format!("reading the answer of {}: {e}", self.who()),
-            source: None,
-        })
+    /// Reads an answer's body, refusing it as soon as it grows past `limit` bytes (checked
+    /// while it streams in, so a hostile upstream cannot make this node buffer more).
+    async fn body(&self, mut resp: Response, limit: usize, what: &str) -> Result<Bytes> {
+        let too_big = |n: u64| {
+            Error::denied(format!(
+                "{} sent a {what} of {n} bytes or more; at most {limit} bytes are accepted, \
+                 nothing was changed",
+                self.who()
+            ))
+        };
+        if let Some(n) = resp.content_length().filter(|n| *n > limit as u64) {
+            return Err(too_big(n));
+        }
+        let mut out = bytes::BytesMut::with_capacity(
+            resp.content_length().map_or(0, |n| n as usize).min(limit),
+        );
+        loop {
+            let next = resp.chunk().await.map_err(|e| Error::Unavailable {
+                message: format!("reading the {what} of {}: {e}", self.who()),
+                source: None,
+            })?;
+            let Some(chunk) = next else { break };
+            if out.len() + chunk.len() > limit {
+                return Err(too_big((out.len() + chunk.len()) as u64));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
     }
 
     pub async fn snapshots(&self, volume: &VolumeName) -> Result<SnapshotList> {
         let list: SnapshotList = self
-            .json(self.request(Method::GET, &format!("v1/volumes/{volume}/snapshots")))
+            .json(
+                self.request(Method::GET, &format!("v1/volumes/{volume}/snapshots")),
+                LISTING_LIMIT,
+                "snapshot listing",
+            )
             .await?;
         if &list.volume != volume {
             return Err(Error::corrupt(format!(
@@ -176,12 +232,14 @@ impl PeerClient {
     }
 
     /// The manifest of snapshot `id`; with `base`, preferably as a delta against that
-    /// snapshot's manifest (an upstream without `base` sends the whole manifest).
+    /// snapshot's manifest (an upstream without `base` sends the whole manifest). At most
+    /// `limit` bytes ([`manifest_limit`] of the listed snapshot) are accepted.
     pub async fn manifest(
         &self,
         volume: &VolumeName,
         id: &SnapshotId,
         base: Option<SnapshotId>,
+        limit: usize,
     ) -> Result<ManifestAnswer> {
         let mut path = format!(
             "v1/volumes/{volume}/snapshots/{id}/manifest?format={}",
@@ -195,7 +253,7 @@ impl PeerClient {
             .headers()
             .get(MANIFEST_KIND_HEADER)
             .is_some_and(|v| v.as_bytes() == b"delta");
-        let body = self.body(resp).await?;
+        let body = self.body(resp, limit, "manifest").await?;
         Ok(if delta {
             ManifestAnswer::Delta(body)
         } else {
@@ -203,30 +261,37 @@ impl PeerClient {
         })
     }
 
-    /// The frames of `chunks` (referenced by snapshot `id`).
+    /// The frames of `chunks` (referenced by snapshot `id`): at most the frames of that many
+    /// chunks of the largest size are accepted.
     pub async fn chunks(
         &self,
         volume: &VolumeName,
         id: &SnapshotId,
         chunks: Vec<ChunkId>,
     ) -> Result<Bytes> {
+        let limit = chunks.len() * (super::FRAME_HEADER + super::MAX_CHUNK_BYTES + 1024);
         let req = self
             .request(
                 Method::POST,
                 &format!("v1/volumes/{volume}/snapshots/{id}/chunks"),
             )
             .json(&ChunkRequest { chunks });
-        self.bytes(req).await
+        self.bytes(req, limit, "chunk answer").await
     }
 
     pub async fn put_lock_set(&self, update: &LockSetUpdate) -> Result<ReplaceOutcome> {
         let req = self
             .request(Method::PUT, &format!("v1/volumes/{}/locks", update.volume))
             .json(update);
-        self.json(req).await
+        self.json(req, SMALL_ANSWER_LIMIT, "lock-set reply").await
     }
 
     pub async fn status(&self) -> Result<serde_json::Value> {
-        self.json(self.request(Method::GET, "v1/status")).await
+        self.json(
+            self.request(Method::GET, "v1/status"),
+            SMALL_ANSWER_LIMIT,
+            "status",
+        )
+        .await
     }
 }

@@ -4,12 +4,17 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::{
@@ -32,6 +37,24 @@ pub trait Reporter: Send + Sync {
     fn metrics(&self) -> String;
 }
 
+/// Requests of one peer served at once; more wait for a slot.
+const PEER_CONCURRENCY: usize = 16;
+/// Requests of one peer per second, on average, and in a burst.
+const PEER_RATE: f64 = 200.0;
+const PEER_BURST: f64 = 400.0;
+/// Bodies a route accepts: a chunk request lists at most 1,024 ids; a lock set is bounded by
+/// `max_locks` and the path of each lock; the other routes take none.
+const CHUNK_REQUEST_LIMIT: usize = 256 << 10;
+const LOCK_SET_LIMIT: usize = 4 << 20;
+const OTHER_BODY_LIMIT: usize = 16 << 10;
+/// Connections served at once, in all and from one address; more are closed at once.
+const MAX_CONNECTIONS: usize = 512;
+const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// A TLS handshake, and the first request of a connection, must come within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request for this long is closed (a peer reconnects when it needs to).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// A downstream as this node knows it.
 #[derive(Debug)]
 struct Peer {
@@ -41,6 +64,76 @@ struct Peer {
     max_locks: usize,
     max_snapshots: usize,
     lease_ms: Option<u64>,
+    /// Its requests in progress (at most [`PEER_CONCURRENCY`]).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Its request rate.
+    rate: Mutex<TokenBucket>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new() -> Self {
+        TokenBucket {
+            tokens: PEER_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * PEER_RATE).min(PEER_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Logs a kind of event at most once a second, saying how many were left out since: a flood
+/// of refusals must not become a flood of log lines.
+#[derive(Debug)]
+pub struct LogLimiter {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub const fn new() -> Self {
+        LogLimiter {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    pub fn warn(&self, msg: impl FnOnce() -> String) {
+        let mut st = self.state.lock().expect("not poisoned");
+        if st.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            st.1 += 1;
+            return;
+        }
+        let left_out = std::mem::take(&mut st.1);
+        st.0 = Some(Instant::now());
+        drop(st);
+        if left_out > 0 {
+            tracing::warn!("{} ({left_out} more like it left out of the log)", msg());
+        } else {
+            tracing::warn!("{}", msg());
+        }
+    }
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Counters the server keeps for `/metrics`.
@@ -60,7 +153,14 @@ struct Served {
     known: HashSet<ChunkId>,
     /// All its chunks, made when a request asks for one outside `known`.
     all: Option<Arc<HashSet<ChunkId>>>,
+    /// Its manifest in format 1, once a peer of an older release asked for it.
+    format1: Option<Bytes>,
+    /// Deltas sent lately, by base: every peer at the same base gets the same bytes.
+    deltas: VecDeque<(SnapshotId, Bytes)>,
 }
+
+/// Deltas kept per served snapshot.
+const DELTAS_KEPT: usize = 4;
 
 /// Snapshots whose manifests are kept decoded (the newest is the next update's base).
 const SERVED_CACHE: usize = 8;
@@ -78,6 +178,8 @@ pub struct ServerState {
     pub counters: Arc<ServedCounters>,
     /// Told the volume whenever a downstream's lock set for it changed.
     lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
+    /// Refusals, logged at most once a second.
+    refusals: LogLimiter,
 }
 
 impl ServerState {
@@ -113,6 +215,8 @@ impl ServerState {
                     max_locks: d.max_locks,
                     max_snapshots: d.max_snapshots,
                     lease_ms,
+                    slots: Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
+                    rate: Mutex::new(TokenBucket::new()),
                 },
             );
         }
@@ -126,6 +230,7 @@ impl ServerState {
             reporter,
             counters,
             lock_changes,
+            refusals: LogLimiter::new(),
         })
     }
 
@@ -137,33 +242,42 @@ impl ServerState {
             .unwrap_or("")
     }
 
-    /// The authenticated peer, or why not.
+    /// The authenticated peer, or why not. An unknown peer and a wrong token get the same
+    /// answer, so that names cannot be tried out; the log says which it was.
     fn peer(&self, headers: &HeaderMap) -> Result<&Peer> {
         let r = (|| {
             let name = headers
                 .get(PEER_HEADER)
-                .ok_or_else(|| Error::denied(format!("no {PEER_HEADER} header: name this node")))?;
+                .ok_or_else(|| format!("no {PEER_HEADER} header"))?;
             let name = name
                 .to_str()
-                .map_err(|_| Error::denied(format!("{PEER_HEADER} is not text")))?;
-            let id: NodeId = name
-                .parse()
-                .map_err(|e: Error| Error::denied(e.to_string()))?;
-            let peer = self.peers.get(&id).ok_or_else(|| {
-                Error::denied(format!(
-                    "unknown peer {id}: this node has no [[downstream]] named so"
-                ))
-            })?;
+                .map_err(|_| format!("{PEER_HEADER} is not text"))?;
+            let id: NodeId = name.parse().map_err(|e: Error| e.to_string())?;
+            let peer = self
+                .peers
+                .get(&id)
+                .ok_or_else(|| format!("unknown peer {id}: no [[downstream]] is named so"))?;
             if !super::same_secret(Self::bearer(headers), &peer.token) {
-                return Err(Error::denied(format!("wrong token for peer {id}")));
+                return Err(format!("wrong token for peer {id}"));
             }
             Ok(peer)
         })();
-        if let Err(e) = &r {
+        r.map_err(|why| {
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("refused a peer request: {e}");
-        }
-        r
+            self.refusals
+                .warn(|| format!("refused a peer request: {why}"));
+            Error::denied(format!(
+                "unknown peer or wrong token: name this node in {PEER_HEADER} and send the \
+                 token the upstream's [[downstream]] entry has for it"
+            ))
+        })
+    }
+
+    /// The peer a request was authenticated as.
+    fn authed(&self, who: &Authed) -> Result<&Peer> {
+        self.peers
+            .get(&who.0)
+            .ok_or_else(|| Error::internal(format!("peer {} vanished", who.0)))
     }
 
     fn granted(&self, peer: &Peer, volume: &str) -> Result<VolumeName> {
@@ -207,6 +321,8 @@ impl ServerState {
                 manifest: m.clone(),
                 known: HashSet::new(),
                 all: None,
+                format1: None,
+                deltas: VecDeque::new(),
             });
             while cache.len() > SERVED_CACHE {
                 cache.pop_front();
@@ -288,6 +404,41 @@ impl ServerState {
     }
 }
 
+/// The peer a request was authenticated as (put there by [`authenticate`]).
+#[derive(Clone, Debug)]
+struct Authed(NodeId);
+
+/// Authenticates a peer request from its headers alone, before any of its body is read (an
+/// unauthenticated body is never buffered), then holds one of the peer's request slots while
+/// the request runs and enforces the peer's request rate.
+async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Response {
+    let peer = match s.peer(req.headers()) {
+        Ok(p) => p,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    if !peer.rate.lock().expect("not poisoned").take() {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        let name = peer.name.clone();
+        s.refusals
+            .warn(|| format!("peer {name} is over its request rate ({PEER_RATE}/s)"));
+        let (_, body) = WireError::from_error(&Error::Unavailable {
+            message: format!("too many requests from {name}; slow down"),
+            source: None,
+        });
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            Json(body),
+        )
+            .into_response();
+    }
+    let Ok(_slot) = peer.slots.clone().acquire_owned().await else {
+        return ApiError(Error::internal("peer slots closed")).into_response();
+    };
+    req.extensions_mut().insert(Authed(peer.name.clone()));
+    next.run(req).await
+}
+
 /// An error as an HTTP response.
 struct ApiError(Error);
 
@@ -313,10 +464,10 @@ type Shared = State<Arc<ServerState>>;
 
 async fn list_snapshots(
     State(s): Shared,
-    headers: HeaderMap,
+    Extension(who): Extension<Authed>,
     Path(volume): Path<String>,
 ) -> Api<Json<SnapshotList>> {
-    let peer = s.peer(&headers)?;
+    let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
     let snapshots = match s.node.catalog.snapshots(&volume) {
         Ok(v) => v,
@@ -342,11 +493,11 @@ struct ManifestQuery {
 
 async fn manifest(
     State(s): Shared,
-    headers: HeaderMap,
+    Extension(who): Extension<Authed>,
     Path((volume, id)): Path<(String, String)>,
     Query(q): Query<ManifestQuery>,
 ) -> Api<Response> {
-    let peer = s.peer(&headers)?;
+    let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
     let rec = s.record(&volume, &id)?;
     // A base this node no longer has (pruned since the peer listed it) means the whole
@@ -367,37 +518,57 @@ async fn manifest(
         }
     }
     if q.format.unwrap_or(1) == 1 {
-        // A downstream from before format 2: the manifest as it reads them.
+        // A downstream from before format 2: the manifest as it reads them, encoded once.
+        if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
+            return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
+        }
         let m = s.manifest_of(&rec).await?;
-        let json = tokio::task::spawn_blocking(move || m.encode_format_1())
+        let json: Bytes = tokio::task::spawn_blocking(move || m.encode_format_1())
             .await
-            .map_err(|e| Error::internal(format!("manifest encoder failed: {e}")))??;
+            .map_err(|e| Error::internal(format!("manifest encoder failed: {e}")))??
+            .into();
+        s.with_served(&volume, rec.id, |e| e.format1 = Some(json.clone()));
         return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
     }
     let Some(base) = base else {
         let raw = s.node.repo.read_manifest(&volume, &rec.id).await?;
         return Ok(([(MANIFEST_KIND_HEADER, "full")], raw).into_response());
     };
+    // Every peer at the same base gets the same delta: made once.
+    let cached = s.with_served(&volume, rec.id, |e| {
+        e.deltas
+            .iter()
+            .find(|(b, _)| *b == base.id)
+            .map(|(_, d)| d.clone())
+    });
+    if let Some(Some(d)) = cached {
+        return Ok(([(MANIFEST_KIND_HEADER, "delta")], d).into_response());
+    }
     let (m, b) = tokio::try_join!(s.manifest_of(&rec), s.manifest_of(&base))?;
     let delta = tokio::task::spawn_blocking(move || m.delta_from(&b))
         .await
         .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))?;
+    let encoded: Bytes = delta.encode()?.into();
     // The peer asks for chunks of the changed blocks next: allow those without hashing every
     // block of the snapshot.
     s.with_served(&volume, rec.id, |e| {
-        e.known.extend(delta.changes.iter().filter_map(|(_, c)| *c))
+        e.known.extend(delta.changes.iter().filter_map(|(_, c)| *c));
+        e.deltas.push_back((base.id, encoded.clone()));
+        while e.deltas.len() > DELTAS_KEPT {
+            e.deltas.pop_front();
+        }
     });
-    Ok(([(MANIFEST_KIND_HEADER, "delta")], delta.encode()?).into_response())
+    Ok(([(MANIFEST_KIND_HEADER, "delta")], encoded).into_response())
 }
 
 async fn chunks(
     State(s): Shared,
-    headers: HeaderMap,
+    Extension(who): Extension<Authed>,
     Path((volume, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Api<Vec<u8>> {
     let started = std::time::Instant::now();
-    let peer = s.peer(&headers)?;
+    let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
     let rec = s.record(&volume, &id)?;
     let id = rec.id;
@@ -456,11 +627,11 @@ async fn chunks(
 
 async fn put_locks(
     State(s): Shared,
-    headers: HeaderMap,
+    Extension(who): Extension<Authed>,
     Path(volume): Path<String>,
     body: Bytes,
 ) -> Api<Response> {
-    let peer = s.peer(&headers)?;
+    let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
     let mut update: LockSetUpdate = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
@@ -471,6 +642,20 @@ async fn put_locks(
         return Err(Error::denied(format!(
             "peer {} may send only its own lock set ({own}), not {} for {}",
             peer.name, update.holder, update.volume
+        ))
+        .into());
+    }
+    if let Some(l) = update
+        .locks
+        .iter()
+        .find(|l| l.path.len() > crate::softlock::MAX_LOCK_PATH)
+    {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::denied(format!(
+            "peer {} sent a lock whose path has {} nodes; a cascade is at most {} deep",
+            peer.name,
+            l.path.len(),
+            crate::softlock::MAX_LOCK_PATH
         ))
         .into());
     }
@@ -541,74 +726,221 @@ async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-/// The routes.
+/// The routes. Peer routes authenticate from the headers before a body is read, and each
+/// route takes a body of the size its requests need, no more.
 pub fn router(state: Arc<ServerState>) -> Router {
-    Router::new()
+    let peer_routes = Router::new()
         .route("/v1/volumes/{volume}/snapshots", get(list_snapshots))
         .route(
             "/v1/volumes/{volume}/snapshots/{id}/manifest",
             get(manifest),
         )
-        .route("/v1/volumes/{volume}/snapshots/{id}/chunks", post(chunks))
-        .route("/v1/volumes/{volume}/locks", put(put_locks))
+        .route(
+            "/v1/volumes/{volume}/snapshots/{id}/chunks",
+            post(chunks).layer(DefaultBodyLimit::max(CHUNK_REQUEST_LIMIT)),
+        )
+        .route(
+            "/v1/volumes/{volume}/locks",
+            put(put_locks).layer(DefaultBodyLimit::max(LOCK_SET_LIMIT)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .merge(peer_routes)
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(64 << 20))
+        .layer(DefaultBodyLimit::max(OTHER_BODY_LIMIT))
         .with_state(state)
+}
+
+/// Connections being served, in all and per address.
+#[derive(Debug, Default)]
+struct Connections {
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    total: AtomicU64,
+}
+
+/// A connection's place in [`Connections`], given back when dropped.
+struct ConnectionSlot {
+    all: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<ConnectionSlot, String> {
+        let mut per = self.per_address.lock().expect("not poisoned");
+        let here = per.get(&ip).copied().unwrap_or(0);
+        if self.total.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
+            return Err(format!("{MAX_CONNECTIONS} connections are open"));
+        }
+        if here >= MAX_CONNECTIONS_PER_ADDRESS {
+            return Err(format!(
+                "{ip} has {MAX_CONNECTIONS_PER_ADDRESS} connections open"
+            ));
+        }
+        per.insert(ip, here + 1);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectionSlot {
+            all: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per = self.all.per_address.lock().expect("not poisoned");
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+        self.all.total.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Accepts connections until the task is dropped: TLS when configured, else HTTP/2 (or 1.1)
 /// in plaintext (allowed only on loopback, checked when the config was loaded).
+///
+/// Every connection is bounded: at most [`MAX_CONNECTIONS`] at once and
+/// [`MAX_CONNECTIONS_PER_ADDRESS`] from one address (more are closed at once), a TLS handshake
+/// and a first request within [`HANDSHAKE_TIMEOUT`], request headers within that too, and no
+/// more than [`IDLE_TIMEOUT`] without a request. Refusals and failed accepts (a full file
+/// table) are logged at most once a second.
 pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app: Router) {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    let connections = Arc::new(Connections::default());
+    static ACCEPT_FAILURES: LogLimiter = LogLimiter::new();
+    static REFUSED: LogLimiter = LogLimiter::new();
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                ACCEPT_FAILURES.warn(|| format!("accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
+            }
+        };
+        let slot = match connections.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                REFUSED.warn(|| format!("closed a connection from {remote} at once: {why}"));
+                continue; // dropping the stream closes it
             }
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let svc = TowerToHyperService::new(app);
-            let result = match acceptor {
-                Some(a) => match a.accept(stream).await {
-                    Ok(tls) => {
-                        connection_builder()
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await
-                    }
-                    Err(e) => {
-                        tracing::debug!(%remote, "TLS handshake failed: {e}");
-                        return;
-                    }
+            let _slot = slot;
+            match acceptor {
+                Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, app, remote).await,
+                    Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 },
-                None => {
-                    connection_builder()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%remote, "connection ended: {e}");
+                None => serve_connection(stream, app, remote).await,
             }
         });
     }
 }
 
+/// What a connection is doing: requests in progress, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    last: Mutex<Instant>,
+}
+
+/// One request in progress on a connection (counted until dropped, even if cancelled).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last.lock().expect("not poisoned") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection<I>(io: I, app: Router, remote: std::net::SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+    let started = Instant::now();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        last: Mutex::new(started),
+    });
+    let act = activity.clone();
+    let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        act.in_flight.fetch_add(1, Ordering::Relaxed);
+        act.requests.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(act.clone());
+        let app = app.clone();
+        async move {
+            let r = app.oneshot(req.map(axum::body::Body::new)).await;
+            drop(guard);
+            r
+        }
+    });
+    let builder = connection_builder();
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut closing: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%remote, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                if let Some(t) = closing {
+                    if t.elapsed() > HANDSHAKE_TIMEOUT {
+                        tracing::debug!(%remote, "connection closed: it did not wind down");
+                        return;
+                    }
+                    continue;
+                }
+                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
+                let quiet = activity.last.lock().expect("not poisoned").elapsed();
+                let never_asked = activity.requests.load(Ordering::Relaxed) == 0;
+                if idle && (quiet > IDLE_TIMEOUT || (never_asked && quiet > HANDSHAKE_TIMEOUT)) {
+                    tracing::debug!(%remote, "closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
 /// HTTP/2 settings for peers: chunk answers are megabytes, so let a stream buffer a whole
-/// answer instead of trickling it out in 400 KiB steps.
+/// answer instead of trickling it out in 400 KiB steps. Requests are small, so the windows
+/// for what a peer sends stay small: no connection can make this node buffer much.
 fn connection_builder() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
     b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
         .max_send_buf_size(super::H2_WINDOW as usize)
-        .initial_stream_window_size(super::H2_WINDOW)
-        .initial_connection_window_size(2 * super::H2_WINDOW);
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_concurrent_streams(64)
+        .max_header_list_size(64 << 10)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     b
 }

@@ -25,6 +25,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
             cert.display()
         )));
     }
+    crate::state::check_private(key, "the TLS private key")?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Error::invalid(format!("reading the private key {}: {e}", key.display())))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())

@@ -560,6 +560,13 @@ impl<'a> LockRegistry<'a> {
         }
         for l in &update.locks {
             validate_value(&l.value)?;
+            if l.path.len() > super::MAX_LOCK_PATH {
+                return Err(Error::invalid(format!(
+                    "a lock came through {} nodes; a cascade is at most {} deep",
+                    l.path.len(),
+                    super::MAX_LOCK_PATH
+                )));
+            }
         }
         let now = crate::now_unix_ms();
         let tx = self.db.begin_write()?;

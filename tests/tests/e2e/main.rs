@@ -3,6 +3,7 @@
 mod bad_input;
 mod corruption;
 mod crash;
+mod hostile;
 mod locks;
 mod mirror;
 mod policies;

@@ -515,7 +515,13 @@ fn peers_are_authenticated_and_confined() {
     );
     let r = stranger.mirror_run("vm1");
     assert_eq!(r.code, 9, "{}", r.stderr);
-    assert!(r.stderr.contains("unknown peer x"), "{}", r.stderr);
+    // Both refusals read the same (names cannot be tried out); A's log tells them apart.
+    assert!(
+        r.stderr.contains("unknown peer or wrong token"),
+        "{}",
+        r.stderr
+    );
+    assert!(a.log().contains("unknown peer x"), "{}", a.log());
     // Wrong token: b's name with another token.
     let mut impostor = Peer::new("b");
     impostor.token = "0123456789abcdef-wrong".into();
@@ -528,7 +534,22 @@ fn peers_are_authenticated_and_confined() {
     );
     let r = impostor.mirror_run("vm1");
     assert_eq!(r.code, 9, "{}", r.stderr);
-    assert!(r.stderr.contains("wrong token"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown peer or wrong token"),
+        "{}",
+        r.stderr
+    );
+    // (The log says at most one refusal a second: wait for the second line.)
+    let t0 = std::time::Instant::now();
+    while !a.log().contains("wrong token for peer b") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            a.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        impostor.mirror_run("vm1");
+    }
     // A volume not granted.
     b.configure(
         &tls,

@@ -1,0 +1,511 @@
+//! Hostile peers and strangers: an upstream that lies, a downstream or stranger that floods,
+//! and files others could read or swap. Each attack is refused with a clear error and changes
+//! nothing; afterwards the victim still serves a legitimate peer and verifies.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::fake_upstream::{FakeUpstream, Handler, endless, json};
+use holdfast_tests::{TestNode, mixed_bytes};
+use serde_json::{Value, json};
+
+const ID1: &str = "0001000000000000000a";
+const ID2: &str = "0001000000000000000b";
+
+fn record(volume: &str, id: &str, size: u64, block_size: u64, labels: Value) -> Value {
+    json!({
+        "id": id, "volume": volume, "name": format!("s-{id}"), "created-unix-ms": 1,
+        "size": size, "block-size": block_size, "labels": labels, "parent": null,
+        "stats": {"blocks": 0, "zero-blocks": 0, "new-chunks": 0, "new-bytes": 0,
+                  "new-stored-bytes": 0}
+    })
+}
+
+fn listing(records: Vec<Value>) -> Value {
+    json!({"node": "fake", "volume": "vm1", "snapshots": records})
+}
+
+/// A downstream node with a local volume vm3 (one snapshot) that mirrors vm1 from `upstream`.
+fn downstream(upstream: &str) -> (TestNode, std::path::PathBuf) {
+    let n = TestNode::new();
+    let img = n.image("vm3.img", &mixed_bytes(1 << 20, 3));
+    n.add_volume("vm3", &img, "64KiB");
+    n.snapshot("vm3", "mine");
+    let cfg = n.path("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"fake\"\nurl = {upstream:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"fake\"\nevery = \"1h\"\n",
+            n.state
+        ),
+    )
+    .unwrap();
+    (n, cfg)
+}
+
+/// `mirror run vm1` against a fake upstream answering with `handler`; returns the run.
+fn mirror_against(handler: Handler) -> (holdfast_tests::Run, TestNode, FakeUpstream) {
+    let fake = FakeUpstream::start(handler);
+    let (n, cfg) = downstream(&fake.url());
+    let r = n.run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);
+    (r, n, fake)
+}
+
+/// Nothing of the update is left: vm3 keeps its one snapshot, and no replica vm1 appeared
+/// unless `replica` (created before the refusal, empty).
+fn changed_nothing(n: &TestNode, replica: bool) {
+    assert_eq!(n.snapshots("vm3").len(), 1, "vm3 changed");
+    let vols = n.run(&["volume", "list", "--json"]).json();
+    let has_vm1 = vols.as_array().unwrap().iter().any(|v| v["name"] == "vm1");
+    assert_eq!(has_vm1, replica, "{vols}");
+    if has_vm1 {
+        assert!(n.snapshots("vm1").is_empty());
+    }
+    n.ok(&["verify"]);
+}
+
+fn listing_handler(list: Value) -> Handler {
+    Arc::new(move |_, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    })
+}
+
+/// Every field of every listed record must fit the relation: a record of another volume, a
+/// block size of 0 or another than the replica's, an id listed twice, a label too long or with
+/// a terminal escape, a size no manifest can hold. Each is refused with exit 9 before anything
+/// is fetched, and nothing changes.
+#[test]
+fn an_upstream_that_lies_in_its_listing_is_refused() {
+    let mib = 1u64 << 20;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "another volume",
+            listing(vec![record("vm3", ID1, 256 * mib, 4096, json!({}))]),
+            "of volume vm3",
+        ),
+        (
+            "block size 0",
+            listing(vec![record("vm1", ID1, mib, 0, json!({}))]),
+            "block size",
+        ),
+        (
+            "two block sizes",
+            listing(vec![
+                record("vm1", ID1, mib, 65536, json!({})),
+                record("vm1", ID2, mib, 4096, json!({})),
+            ]),
+            "block size 4096",
+        ),
+        (
+            "an id twice",
+            listing(vec![
+                record("vm1", ID1, mib, 65536, json!({})),
+                record("vm1", ID1, mib, 65536, json!({})),
+            ]),
+            "twice",
+        ),
+        (
+            "a 200 KB label",
+            listing(vec![record(
+                "vm1",
+                ID1,
+                mib,
+                65536,
+                json!({"k": "x".repeat(200_000)}),
+            )]),
+            "label",
+        ),
+        (
+            "a terminal escape in a label",
+            listing(vec![record(
+                "vm1",
+                ID1,
+                mib,
+                65536,
+                json!({"k": "\u{1b}[31mred"}),
+            )]),
+            "control character",
+        ),
+        (
+            "a size no manifest holds",
+            listing(vec![record("vm1", ID1, u64::MAX / 2, 4096, json!({}))]),
+            "cannot be held",
+        ),
+    ];
+    for (what, list, says) in cases {
+        let (r, n, fake) = mirror_against(listing_handler(list));
+        assert_eq!(r.code, 9, "{what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("upstream fake sent") && r.stderr.contains(says),
+            "{what}: {}",
+            r.stderr
+        );
+        assert!(
+            !r.stderr.contains('\u{1b}'),
+            "{what}: a raw escape was printed"
+        );
+        assert_eq!(
+            fake.requests()
+                .iter()
+                .filter(|q| !q.contains("/snapshots"))
+                .count(),
+            0,
+            "{what}: fetched after a bad listing: {:?}",
+            fake.requests()
+        );
+        changed_nothing(&n, false);
+    }
+}
+
+/// Answers are bounded while they stream in: an 80 MiB listing is cut off at the limit (the
+/// downstream does not buffer it), exit 9.
+#[test]
+fn an_oversized_answer_is_refused_while_it_streams() {
+    let (r, n, _fake) = mirror_against(Arc::new(|_, _, _| endless(80 << 20, b' ')));
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("at most"), "{}", r.stderr);
+    changed_nothing(&n, false);
+}
+
+/// A redirect is never followed (it could lead the token elsewhere).
+#[test]
+fn a_redirect_is_not_followed() {
+    let elsewhere = FakeUpstream::start(Arc::new(|_, _, _| {
+        json(
+            200,
+            listing(vec![record("vm1", ID1, 1 << 20, 65536, json!({}))]),
+        )
+    }));
+    let to = format!("{}/v1/volumes/vm1/snapshots", elsewhere.url());
+    let (r, n, _fake) = mirror_against(Arc::new(move |_, _, _| {
+        axum::response::Response::builder()
+            .status(307)
+            .header("location", to.clone())
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("307"), "{}", r.stderr);
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed");
+    changed_nothing(&n, false);
+}
+
+/// A lock-set reply claiming the highest generation cannot overflow the next one: exit 9.
+#[test]
+fn a_lock_set_reply_at_the_last_generation_is_refused() {
+    let list = listing(vec![record("vm1", ID1, 1 << 20, 65536, json!({}))]);
+    let (r, n, _fake) = mirror_against(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" && path.ends_with("/locks") {
+            json(
+                200,
+                json!({"outcome": "ignored-stale", "generation": 1, "stored": u64::MAX}),
+            )
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("generation"), "{}", r.stderr);
+    changed_nothing(&n, true);
+}
+
+/// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
+fn pair() -> (Tls, Peer, Peer) {
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let b = Peer::new("b");
+    let img = a.node.image("vm1.img", &mixed_bytes(2 << 20, 7));
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    (tls, a, b)
+}
+
+/// Names cannot be tried out: an unknown peer and a known one with a wrong token get the same
+/// answer. A lock set whose locks came through more nodes than a cascade has, or bigger than a
+/// lock set can be, is refused and stored nowhere.
+#[test]
+fn strangers_learn_nothing_and_oversized_lock_sets_are_refused() {
+    let (tls, a, b) = pair();
+    let path = "/v1/volumes/vm1/snapshots";
+    let unknown = a.request(&tls, "GET", path, "mallory", "0123456789abcdef", "");
+    let wrong = a.request(&tls, "GET", path, "b", "0123456789abcdef", "");
+    assert_eq!(unknown.0, 403);
+    assert_eq!(
+        unknown, wrong,
+        "an unknown peer and a wrong token are told apart"
+    );
+
+    let snap = a.node.snapshot_id("vm1@s1");
+    let deep: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+    let set = json!({"volume": "vm1", "holder": "b/vm1", "generation": 1, "locks": [
+        {"snapshot": snap, "type": "owner-name", "value": "x", "path": deep}]});
+    let (status, body) = a.request(
+        &tls,
+        "PUT",
+        "/v1/volumes/vm1/locks",
+        "b",
+        &b.token,
+        &set.to_string(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("deep"), "{body}");
+    let huge = json!({"volume": "vm1", "holder": "b/vm1", "generation": 2, "locks": [
+        {"snapshot": snap, "type": "owner-name", "value": "x".repeat(5 << 20), "path": []}]});
+    let (status, _) = a.request(
+        &tls,
+        "PUT",
+        "/v1/volumes/vm1/locks",
+        "b",
+        &b.token,
+        &huge.to_string(),
+    );
+    assert_eq!(status, 413);
+    assert!(a.locks().is_empty(), "{:?}", a.locks());
+    b.mirror("vm1");
+}
+
+/// Sends `n` requests with `bytes`-byte bodies and no credentials at once (HTTP/1.1 over TLS,
+/// as a stranger would); returns the statuses.
+fn unauthenticated_bodies(a: &Peer, tls: &Tls, n: usize, bytes: usize) -> Vec<String> {
+    let script = r#"
+import socket, ssl, sys, threading
+port, cafile, n, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["http/1.1"])
+out = []
+def one():
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="127.0.0.1")
+    s.sendall(("PUT /v1/volumes/vm1/locks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size).encode())
+    piece = b"x" * (1 << 20)
+    sent = 0
+    try:
+        s.settimeout(0.001)
+        while sent < size:
+            try:
+                data = s.recv(4096)
+                if data:
+                    out.append(data.split(b"\r\n")[0].decode()); return
+            except (ssl.SSLWantReadError, socket.timeout):
+                pass
+            s.settimeout(30)
+            s.sendall(piece[: min(len(piece), size - sent)]); sent += min(len(piece), size - sent)
+            s.settimeout(0.001)
+        s.settimeout(30)
+        out.append(s.recv(4096).split(b"\r\n")[0].decode())
+    except Exception as e:
+        out.append("closed after %d bytes" % sent)
+threads = [threading.Thread(target=one) for _ in range(n)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print("\n".join(out))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .arg(&tls.cert)
+        .arg(n.to_string())
+        .arg(bytes.to_string())
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A stranger's request body is never read: 16 parallel 60 MB bodies without credentials are
+/// answered 403 (or cut off) long before they arrive, and the daemon's memory stays put.
+#[test]
+fn unauthenticated_bodies_are_not_buffered() {
+    let (tls, a, b) = pair();
+    let before = a.rss();
+    let answers = unauthenticated_bodies(&a, &tls, 16, 60 << 20);
+    assert_eq!(answers.len(), 16, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|s| s.contains("403") || s.starts_with("closed after")),
+        "{answers:?}"
+    );
+    let after = a.rss();
+    eprintln!("daemon RSS before {before} after {after} bytes");
+    assert!(
+        after < before + (100 << 20),
+        "memory grew from {before} to {after} bytes"
+    );
+    b.mirror("vm1");
+    a.node.ok(&["verify"]);
+}
+
+/// Connections that never finish a handshake are closed (after the handshake timeout), and
+/// one address cannot take more than its share: a flood of 200 from 127.0.0.2 leaves a
+/// legitimate peer on 127.0.0.1 served.
+#[test]
+fn half_open_connections_are_bounded_and_closed() {
+    let (_tls, a, b) = pair();
+    let script = r#"
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.bind(("127.0.0.2", 0))
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    socks.append(s)
+def open_count():
+    alive = 0
+    for s in socks:
+        try:
+            if s.recv(1) == b"":
+                continue
+            alive += 1
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    return alive
+time.sleep(1.0)
+print(open_count())
+sys.stdout.flush()
+t0 = time.time()
+while time.time() - t0 < 40 and open_count() > 0:
+    time.sleep(0.5)
+print(open_count(), round(time.time() - t0, 1))
+"#;
+    let flood = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .arg("200")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::thread::sleep(Duration::from_millis(1500));
+    // While the flood holds its sockets, a legitimate peer is served.
+    let t0 = Instant::now();
+    b.mirror("vm1");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let out = flood.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let held: usize = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect(&text);
+    assert!(
+        held <= 64,
+        "{held} connections from one address were kept: {text}"
+    );
+    let last: Vec<&str> = lines.next().expect(&text).split_whitespace().collect();
+    assert_eq!(last[0], "0", "half-open connections stayed open: {text}");
+    assert!(
+        a.log().contains("closed a connection from 127.0.0.2"),
+        "{}",
+        a.log()
+    );
+}
+
+/// State is private whatever the umask: the state directory is 0700 and its files 0600; a
+/// token file others can read is refused; a state directory left open by an older release is
+/// closed when opened.
+#[test]
+fn state_and_secrets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let n = TestNode::new();
+    let img = n.image("v.img", &mixed_bytes(1 << 20, 1));
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "s1");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&n.state), 0o700);
+    for entry in walk(&n.state) {
+        let m = mode(&entry);
+        let want = if entry.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m & 0o077, 0, "{} is {m:o}, want {want:o}", entry.display());
+    }
+    std::fs::set_permissions(&n.state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    n.ok(&["snapshot", "list", "v"]);
+    assert_eq!(mode(&n.state), 0o700);
+
+    let token = n.path("token");
+    std::fs::write(&token, "0123456789abcdef0123").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = n.path("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = {token:?}\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\n",
+            n.state
+        ),
+    )
+    .unwrap();
+    let err = n.fails(
+        &["mirror", "run", "w", "--config", cfg.to_str().unwrap()],
+        2,
+    );
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// A symbolic link placed inside the repository is never followed: a manifest replaced by a
+/// link to a file outside is refused on restore and never served to a peer.
+#[test]
+fn links_inside_the_repository_are_not_followed() {
+    let (_tls, a, b) = pair();
+    let id = a.node.snapshot_id("vm1@s1");
+    let manifest = a.node.state.join(format!("repo/manifests/vm1/{id}"));
+    let secret = a.node.path("secret.txt");
+    std::fs::write(&secret, "the contents of /etc/shadow").unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink(&secret, &manifest).unwrap();
+    let out = a.node.path("r.img");
+    let r = a.node.run(&[
+        "snapshot",
+        "restore",
+        "vm1@s1",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
+    assert!(!out.exists());
+    let r = b.mirror_run("vm1");
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(!r.stderr.contains("etc/shadow") && !r.stdout.contains("etc/shadow"));
+    assert!(b.ids("vm1").is_empty());
+}

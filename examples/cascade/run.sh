@@ -67,15 +67,18 @@ A lock list
 
 say "c returns: its daemon catches up at once"
 T0=$(date +%s.%N)
+RETURNED_MS=$(python3 -c 'import time; print(int(time.time() * 1000))')
 start c
 for _ in $(seq 600); do
   C status --json > st-c.json
-  [ "$(json 'd["relations"][0]["job"]["last-transfer"] is not None' < st-c.json)" = True ] && break
+  [ "$(json "(d['relations'][0]['job']['last-finished-unix-ms'] or 0) >= $RETURNED_MS" < st-c.json)" = True ] && break
   sleep 0.1
 done
 KIND=$(json 'd["relations"][0]["job"]["last-transfer"]["kind"]' < st-c.json)
+BASE=$(json 'd["relations"][0]["job"]["last-transfer"]["base"]' < st-c.json)
 CATCHUP=$(json 'd["relations"][0]["job"]["last-transfer"]["bytes-fetched"]' < st-c.json)
 [ "$KIND" = incremental ] || fail "c's update after its return was $KIND"
+[ "$BASE" != None ] || fail "c's update after its return had no base"
 [ "$CATCHUP" -lt "$((VOLUME_BYTES / 2))" ] || fail "c fetched $CATCHUP bytes of a $VOLUME_BYTES-byte volume"
 
 say "the old base is released on b and a, and a's retention removes it"

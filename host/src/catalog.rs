@@ -270,6 +270,18 @@ impl Catalog {
     /// Makes many snapshots visible in one transaction (a mirror committing a batch, an
     /// import). Each must satisfy what [`Catalog::commit_snapshot`] checks.
     pub fn commit_snapshots(&self, recs: &[SnapshotRecord]) -> Result<()> {
+        self.commit(recs, false)
+    }
+
+    /// Commits a snapshot received into a replica. A replica follows its upstream, where
+    /// identity is the id and a name may be reused (`daily-mon` rotates): a snapshot here that
+    /// holds the name under another id (one the upstream deleted, kept here by a lock, say)
+    /// moves aside to `NAME.ID` in the same transaction. Its locks, which name its id, hold on.
+    pub fn commit_replica_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        self.commit(std::slice::from_ref(rec), true)
+    }
+
+    fn commit(&self, recs: &[SnapshotRecord], move_aside: bool) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let vols = tx.open_table(VOLUMES)?;
@@ -292,6 +304,9 @@ impl Catalog {
                         let other: SnapshotRecord = decode(v.value(), k.value())?;
                         names.insert((other.volume.to_string(), other.name.to_string()));
                     }
+                }
+                if move_aside && names.contains(&(rec.volume.to_string(), rec.name.to_string())) {
+                    move_name_aside(&mut t, rec, &mut names)?;
                 }
                 if !names.insert((rec.volume.to_string(), rec.name.to_string())) {
                     return Err(Error::conflict(format!(
@@ -373,6 +388,50 @@ impl Catalog {
         tx.commit()?;
         Ok(rec)
     }
+}
+
+/// Renames the snapshot of `rec`'s volume that holds `rec`'s name under another id to
+/// `NAME.ID` (the id's first 12 digits; the name cut to fit 255 bytes).
+fn move_name_aside(
+    t: &mut redb::Table<&str, &[u8]>,
+    rec: &SnapshotRecord,
+    names: &mut std::collections::HashSet<(String, String)>,
+) -> Result<()> {
+    let (lo, hi) = volume_range(&rec.volume);
+    let mut holder: Option<SnapshotRecord> = None;
+    for entry in t.range(lo.as_str()..hi.as_str())? {
+        let (k, v) = entry?;
+        let other: SnapshotRecord = decode(v.value(), k.value())?;
+        if other.name == rec.name && other.id != rec.id {
+            holder = Some(other);
+            break;
+        }
+    }
+    let Some(mut old) = holder else {
+        return Ok(());
+    };
+    let suffix = format!(".{}", &old.id.to_string()[..12]);
+    let mut base = old.name.as_str().to_string();
+    while base.len() + suffix.len() > 255 {
+        base.pop();
+    }
+    let new_name: SnapshotName = format!("{base}{suffix}").parse()?;
+    tracing::info!(
+        "{}@{} moves aside to {} ({}): the upstream reuses its name for snapshot {}",
+        old.volume,
+        old.name,
+        new_name,
+        old.id,
+        rec.id
+    );
+    names.remove(&(old.volume.to_string(), old.name.to_string()));
+    names.insert((old.volume.to_string(), new_name.to_string()));
+    old.name = new_name;
+    t.insert(
+        snap_key(&old.volume, &old.id).as_str(),
+        encode(&old)?.as_slice(),
+    )?;
+    Ok(())
 }
 
 /// Whether the snapshot is catalogued (inside a write transaction).

@@ -5,7 +5,7 @@
 //! side by side. A job that fails is logged with its outcome, counted, shown in `status`, and
 //! tried again at its next scheduled time; the daemon lives on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -81,21 +81,11 @@ struct Job {
     gc: bool,
 }
 
-/// Totals for the metrics.
-#[derive(Debug, Default)]
-struct Totals {
-    /// (volume, upstream, kind, outcome) → count.
-    transfers: BTreeMap<(String, String, String, String), u64>,
-    /// (volume, upstream) → bytes received.
-    bytes: BTreeMap<(String, String), u64>,
-}
-
 pub struct Daemon {
     node: Arc<Node>,
     cfg: Arc<NodeConfig>,
     engine: Option<Arc<PolicyEngine>>,
     jobs: Mutex<Vec<JobStatus>>,
-    totals: Mutex<Totals>,
     served: Arc<ServedCounters>,
     volume_locks: Mutex<HashMap<VolumeName, Arc<tokio::sync::Mutex<()>>>>,
     started_unix_ms: u64,
@@ -130,24 +120,13 @@ impl Daemon {
                     &hidden,
                 )
                 .await?;
-                Ok((summary(&r), Some(r)))
+                Ok((r.summary(), Some(r)))
             }
             JobKind::Push => {
                 let name = job.target.as_deref().unwrap_or_default();
                 let rec = crate::target::Targets::new(&self.node).get(name)?;
                 let r = crate::target::push(&self.node, &rec, &job.volume, &hidden).await?;
-                Ok((
-                    format!(
-                        "{} push to {}: {} snapshot(s), {} chunks, {} bytes stored in {:.2}s",
-                        r.kind,
-                        r.target,
-                        r.transferred.len(),
-                        r.chunks,
-                        r.stored_bytes,
-                        r.seconds
-                    ),
-                    None,
-                ))
+                Ok((r.summary(), None))
             }
             JobKind::Snapshot => {
                 let r = crate::snapshot::create::create(
@@ -294,36 +273,11 @@ impl Daemon {
                 .as_ref()
                 .map_or_else(String::new, |u| u.to_string());
             match &result {
-                Ok((line, report)) => {
+                Ok((line, _)) => {
                     tracing::info!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "ok", "{line}");
-                    if let Some(r) = report {
-                        let mut t = self.totals.lock().expect("not poisoned");
-                        *t.transfers
-                            .entry((
-                                job.volume.to_string(),
-                                upstream.clone(),
-                                r.kind.to_string(),
-                                "ok".into(),
-                            ))
-                            .or_default() += 1;
-                        *t.bytes
-                            .entry((job.volume.to_string(), upstream.clone()))
-                            .or_default() += r.bytes_fetched;
-                    }
                 }
                 Err(e) => {
                     tracing::warn!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "error", "{e}");
-                    if job.kind == JobKind::Mirror {
-                        let mut t = self.totals.lock().expect("not poisoned");
-                        *t.transfers
-                            .entry((
-                                job.volume.to_string(),
-                                upstream.clone(),
-                                "none".into(),
-                                "error".into(),
-                            ))
-                            .or_default() += 1;
-                    }
                 }
             }
             self.update(i, |s| {
@@ -431,25 +385,44 @@ impl Daemon {
     }
 }
 
-fn summary(r: &MirrorReport) -> String {
-    format!(
-        "{} from {}: {} snapshot(s), {} chunks, {} bytes on the wire in {:.2}s; {} deleted, {} kept for locks; locks sent {}/{}",
-        r.kind,
-        r.upstream,
-        r.received.len(),
-        r.chunks_fetched,
-        r.bytes_fetched,
-        r.seconds,
-        r.deleted.len(),
-        r.kept_locked.len(),
-        r.locks_sent_before,
-        r.locks_sent_after
-    )
+impl Daemon {
+    /// The jobs, with the counts of their relations' transfer logs: every mirror update and
+    /// push of the relation, whether the daemon or a command line ran it.
+    fn jobs_with_transfers(&self) -> Result<Vec<JobStatus>> {
+        let mut jobs = self.jobs.lock().expect("not poisoned").clone();
+        let logs = crate::transfers::all(&self.node.catalog)?;
+        for j in &mut jobs {
+            let log = logs.iter().find(|l| match (&l.relation, j.kind) {
+                (crate::transfers::Relation::Mirror { volume, .. }, JobKind::Mirror) => {
+                    *volume == j.volume
+                }
+                (crate::transfers::Relation::Push { volume, target }, JobKind::Push) => {
+                    *volume == j.volume && Some(target) == j.target.as_ref()
+                }
+                _ => false,
+            });
+            let Some(log) = log else { continue };
+            j.runs = log.runs;
+            j.failures = log.failures;
+            j.consecutive_failures = log.consecutive_failures;
+            j.last_ok = Some(log.last_ok);
+            j.last_error = log.last_error.clone();
+            j.last_summary = log.last_summary.clone();
+            j.last_finished_unix_ms = Some(log.last_finished_unix_ms);
+            if j.kind == JobKind::Mirror {
+                j.last_transfer = log
+                    .last_report
+                    .clone()
+                    .and_then(|r| serde_json::from_value(r).ok());
+            }
+        }
+        Ok(jobs)
+    }
 }
 
 impl Reporter for Daemon {
     fn status(&self) -> Result<serde_json::Value> {
-        let jobs = self.jobs.lock().expect("not poisoned").clone();
+        let jobs = self.jobs_with_transfers()?;
         let now = crate::now_unix_ms();
         let locks = self.lock_report()?;
         let relations: Vec<serde_json::Value> = jobs
@@ -516,26 +489,37 @@ fn metrics_text(d: &Daemon) -> Result<String> {
     let served = Family::<Labels, Counter>::default();
     let denied = Counter::<u64>::default();
     let job_failures = Family::<Labels, Gauge>::default();
-    {
-        let t = d.totals.lock().expect("not poisoned");
-        for ((v, u, k, o), n) in &t.transfers {
+    // Every update of every relation, whoever ran it (the transfer log).
+    for log in crate::transfers::all(&d.node.catalog)? {
+        let crate::transfers::Relation::Mirror { volume, upstream } = &log.relation else {
+            continue;
+        };
+        for (kind, n) in &log.by_kind {
             transfers
                 .get_or_create(&l(&[
-                    ("volume", v),
-                    ("upstream", u),
-                    ("kind", k),
-                    ("outcome", o),
+                    ("volume", volume.as_str()),
+                    ("upstream", upstream),
+                    ("kind", kind),
+                    ("outcome", "ok"),
                 ]))
                 .inc_by(*n);
         }
-        for ((v, u), n) in &t.bytes {
-            bytes
-                .get_or_create(&l(&[("volume", v), ("upstream", u)]))
-                .inc_by(*n);
+        if log.failures > 0 {
+            transfers
+                .get_or_create(&l(&[
+                    ("volume", volume.as_str()),
+                    ("upstream", upstream),
+                    ("kind", "none"),
+                    ("outcome", "error"),
+                ]))
+                .inc_by(log.failures);
         }
+        bytes
+            .get_or_create(&l(&[("volume", volume.as_str()), ("upstream", upstream)]))
+            .inc_by(log.bytes);
     }
     let now = crate::now_unix_ms();
-    for j in d.jobs.lock().expect("not poisoned").iter() {
+    for j in d.jobs_with_transfers()?.iter() {
         let kind = format!("{:?}", j.kind).to_lowercase();
         job_failures
             .get_or_create(&l(&[("volume", j.volume.as_str()), ("job", &kind)]))
@@ -782,7 +766,6 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                 })
                 .collect(),
         ),
-        totals: Default::default(),
         served: Default::default(),
         volume_locks: Default::default(),
         started_unix_ms: crate::now_unix_ms(),

@@ -19,6 +19,7 @@
 //! - [`mirror`]: one mirror update, pulled by the downstream, with lock sets sent before and after.
 //! - [`daemon`]: `holdfast daemon`: the listener, the scheduled jobs, status and metrics.
 //! - [`target`]: mirror targets (a directory or an S3 bucket): push, pull, locks, prune, gc.
+//! - [`transfers`]: the log of every mirror update and push, whoever ran it, for `status`.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
 //! - `cli` (binary only): the `holdfast` command line.
 //!
@@ -45,6 +46,7 @@ pub mod snapshot;
 pub mod softlock;
 pub mod state;
 pub mod target;
+pub mod transfers;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -54,8 +54,13 @@ const CHUNKS_PER_REQUEST: usize = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TransferKind {
+    /// Nothing was here: everything was copied.
     Baseline,
+    /// Only what changed since a base both ends hold.
     Incremental,
+    /// Snapshots were here but none in common with the other end (the base was lost): only
+    /// chunks found here by content were spared, and the report names no base.
+    Resync,
     UpToDate,
 }
 
@@ -64,6 +69,7 @@ impl std::fmt::Display for TransferKind {
         f.write_str(match self {
             TransferKind::Baseline => "baseline",
             TransferKind::Incremental => "incremental",
+            TransferKind::Resync => "resync",
             TransferKind::UpToDate => "up-to-date",
         })
     }
@@ -100,6 +106,27 @@ pub struct MirrorReport {
 }
 
 impl MirrorReport {
+    /// One line for logs and `status`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}{} from {}: {} snapshot(s), {} chunks, {} bytes on the wire in {:.2}s; {} \
+             deleted, {} kept for locks; locks sent {}/{}",
+            self.kind,
+            self.base
+                .as_deref()
+                .map_or_else(String::new, |b| format!(" (base {b})")),
+            self.upstream,
+            self.received.len(),
+            self.chunks_fetched,
+            self.bytes_fetched,
+            self.seconds,
+            self.deleted.len(),
+            self.kept_locked.len(),
+            self.locks_sent_before,
+            self.locks_sent_after
+        )
+    }
+
     fn count_manifest(&mut self, bytes: usize, delta: bool) {
         self.bytes_fetched += bytes as u64;
         self.manifest_bytes_fetched += bytes as u64;
@@ -112,19 +139,25 @@ pub fn base_lock_value(node: &NodeId, volume: &VolumeName) -> String {
     format!("holdfast://{node}/{volume}")
 }
 
-/// The lock set this node sends upstream for `volume`: its base, and every lock held here
-/// (applications, policies, downstreams) on a snapshot the upstream has.
+/// The lock set this node sends upstream for `volume`: its base, the snapshots the transfer
+/// about to run will fetch (sent before it, so that the upstream keeps them until they are
+/// here; the set sent after it releases them), and every lock held here (applications,
+/// policies, downstreams) on a snapshot the upstream has.
 pub fn lock_set(
     node: &Node,
     volume: &VolumeName,
     upstream_has: &HashSet<SnapshotId>,
     base: Option<SnapshotId>,
+    transfer: &[SnapshotId],
 ) -> Result<Vec<NewLock>> {
     let me = &node.info.node_id;
     let mut out = Vec::new();
-    if let Some(b) = base.filter(|b| upstream_has.contains(b)) {
+    let mut mine: Vec<SnapshotId> = base.into_iter().chain(transfer.iter().copied()).collect();
+    mine.sort();
+    mine.dedup();
+    for s in mine.into_iter().filter(|s| upstream_has.contains(s)) {
         out.push(NewLock {
-            snapshot: b,
+            snapshot: s,
             lock_type: LockType::DestinationPath,
             value: base_lock_value(me, volume),
             lease_ms: None,
@@ -232,6 +265,21 @@ pub(crate) async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_
     }
 }
 
+/// How many of `rest` the next batch of a transfer takes: as many snapshots as fit the batch
+/// limits, at least one.
+fn next_batch(rest: &[&SnapshotRecord]) -> usize {
+    let mut n = 0;
+    let mut blocks = 0u64;
+    while n < rest.len().min(RECEIVE_BATCH) {
+        blocks += snapshot::block_count(rest[n].size, rest[n].block_size);
+        if n > 0 && blocks > RECEIVE_BLOCKS {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Checks every record an upstream listed before any of it is used, and returns them oldest
 /// first: each must name this volume, have a valid block size (the same for all, and the
 /// replica's own where one exists), a size whose block list a manifest can hold, labels that
@@ -288,8 +336,37 @@ pub fn check_listing(
     Ok(list)
 }
 
-/// Runs one update of `volume` from its configured upstream.
+/// Runs one update of `volume` from its configured upstream, and records how it went in the
+/// node's transfer log (which `status` and the metrics read, whoever ran it).
 pub async fn run(
+    node: &Node,
+    cfg: &NodeConfig,
+    volume: &VolumeName,
+    engine: Option<&crate::policy::PolicyEngine>,
+    progress: &ProgressBar,
+) -> Result<MirrorReport> {
+    let upstream = cfg.mirror_of(volume).map(|r| r.upstream.to_string());
+    let result = update(node, cfg, volume, engine, progress).await;
+    if let Ok(upstream) = upstream {
+        crate::transfers::record(
+            &node.catalog,
+            crate::transfers::Relation::Mirror {
+                volume: volume.clone(),
+                upstream,
+            },
+            result.as_ref().map(|r| crate::transfers::Outcome {
+                kind: r.kind.to_string(),
+                bytes: r.bytes_fetched,
+                summary: r.summary(),
+                report: serde_json::to_value(r).unwrap_or_default(),
+            }),
+        );
+    }
+    result
+}
+
+/// One update (see the module's doc for its steps).
+async fn update(
     node: &Node,
     cfg: &NodeConfig,
     volume: &VolumeName,
@@ -387,12 +464,7 @@ pub async fn run(
         )?;
     }
 
-    // 2–3. The lock set, before the transfer.
-    let before = lock_set(node, volume, &upstream_has, base.as_ref().map(|b| b.id))?;
-    let locks_sent_before = send_lock_set(&client, volume, &me, before).await?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "sent the lock set");
-
-    // 4. The snapshots newer than our newest, oldest first.
+    // The snapshots newer than our newest, oldest first: what this update fetches.
     let newest_ours = ours.last().map(|s| s.id);
     let wanted: Vec<&SnapshotRecord> = theirs
         .iter()
@@ -402,9 +474,27 @@ pub async fn run(
         TransferKind::UpToDate
     } else if ours.is_empty() {
         TransferKind::Baseline
+    } else if base.is_none() {
+        TransferKind::Resync
     } else {
         TransferKind::Incremental
     };
+
+    // 2–3. The lock set, before the transfer: the base and what the transfer fetches first.
+    //      (A catch-up goes in batches; before each later batch, the set moves on to it, so
+    //      that a set never pins more than a batch besides the base and what others hold.)
+    let first: Vec<SnapshotId> = wanted[..next_batch(&wanted)].iter().map(|s| s.id).collect();
+    let before = lock_set(
+        node,
+        volume,
+        &upstream_has,
+        base.as_ref().map(|b| b.id),
+        &first,
+    )?;
+    let locks_sent_before = send_lock_set(&client, volume, &me, before).await?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "sent the lock set");
+
+    // 4. Fetch, verify and commit them, oldest first.
     let mut report = MirrorReport {
         volume: volume.clone(),
         upstream: relation.upstream.clone(),
@@ -438,19 +528,17 @@ pub async fn run(
         // Where the chunks this update looks for are held here (filled as it goes).
         let mut index = ChunkIndex::default();
         let mut rest: &[&SnapshotRecord] = &wanted;
+        let mut first_batch = true;
         while !rest.is_empty() {
-            // As many snapshots as fit the batch limits (at least one).
-            let mut n = 0;
-            let mut blocks = 0u64;
-            while n < rest.len().min(RECEIVE_BATCH) {
-                blocks += snapshot::block_count(rest[n].size, rest[n].block_size);
-                if n > 0 && blocks > RECEIVE_BLOCKS {
-                    break;
-                }
-                n += 1;
-            }
-            let (batch, later) = rest.split_at(n);
+            let (batch, later) = rest.split_at(next_batch(rest));
             rest = later;
+            if !std::mem::take(&mut first_batch) {
+                // The set moves on: the newest received is the base, this batch is pinned.
+                let ids: Vec<SnapshotId> = batch.iter().map(|s| s.id).collect();
+                let newest = node.catalog.snapshots(volume)?.last().map(|s| s.id);
+                let set = lock_set(node, volume, &upstream_has, newest, &ids)?;
+                send_lock_set(&client, volume, &me, set).await?;
+            }
             // The batch's manifests first, each a delta against the one before, so that one
             // look-up in the repository serves them all (a catch-up of many snapshots).
             let mut got = Vec::with_capacity(batch.len());
@@ -510,7 +598,7 @@ pub async fn run(
         )?;
     }
     tracing::debug!(ms = started.elapsed().as_millis(), "applied deletions");
-    let after = lock_set(node, volume, &upstream_has, newest)?;
+    let after = lock_set(node, volume, &upstream_has, newest, &[])?;
     report.locks_sent_after = send_lock_set(&client, volume, &me, after).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -534,7 +622,7 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
         .rev()
         .find(|s| upstream_has.contains(&s.id))
         .map(|s| s.id);
-    let locks = lock_set(node, volume, &upstream_has, base)?;
+    let locks = lock_set(node, volume, &upstream_has, base, &[])?;
     send_lock_set(&client, volume, &node.info.node_id, locks).await
 }
 
@@ -781,7 +869,7 @@ impl Receive<'_> {
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the manifest");
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();
-        if let Err(e) = node.catalog.commit_snapshot(&local) {
+        if let Err(e) = node.catalog.commit_replica_snapshot(&local) {
             let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
             return Err(e);
         }

@@ -239,7 +239,12 @@ mod tests {
         for key in ["manifests/out", "manifests/in"] {
             let err = store.get(&Path::from(key)).await.unwrap_err().to_string();
             assert!(err.contains("symbolic link") && err.contains(key), "{err}");
-            assert!(store.get_ranges(&Path::from(key), &[0..2, 2..3]).await.is_err());
+            assert!(
+                store
+                    .get_ranges(&Path::from(key), &[0..2, 2..3])
+                    .await
+                    .is_err()
+            );
         }
         assert!(matches!(
             store.get(&Path::from("manifests/none")).await,

@@ -95,7 +95,7 @@ pub async fn pull(
             report.plain_bytes += stats.new_bytes;
             report.stored_bytes += stats.new_stored_bytes;
             node.repo.put_manifest(volume, &s.id, raw.to_vec()).await?;
-            if let Err(e) = node.catalog.commit_snapshot(&m.record(stats)) {
+            if let Err(e) = node.catalog.commit_replica_snapshot(&m.record(stats)) {
                 let _ = node.repo.delete_manifest(volume, &s.id).await;
                 return Err(e);
             }

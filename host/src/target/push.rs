@@ -76,6 +76,47 @@ pub async fn push(
     volume: &VolumeName,
     progress: &ProgressBar,
 ) -> Result<TransferReport> {
+    let result = push_volume(node, rec, volume, progress).await;
+    crate::transfers::record(
+        &node.catalog,
+        crate::transfers::Relation::Push {
+            volume: volume.clone(),
+            target: rec.name.clone(),
+        },
+        result.as_ref().map(|r| crate::transfers::Outcome {
+            kind: r.kind.to_string(),
+            bytes: r.stored_bytes,
+            summary: r.summary(),
+            report: serde_json::to_value(r).unwrap_or_default(),
+        }),
+    );
+    result
+}
+
+impl TransferReport {
+    /// One line for logs and `status`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}{} push to {}: {} snapshot(s), {} chunks, {} bytes stored in {:.2}s",
+            self.kind,
+            self.base
+                .as_deref()
+                .map_or_else(String::new, |b| format!(" (base {b})")),
+            self.target,
+            self.transferred.len(),
+            self.chunks,
+            self.stored_bytes,
+            self.seconds
+        )
+    }
+}
+
+async fn push_volume(
+    node: &Node,
+    rec: &TargetRecord,
+    volume: &VolumeName,
+    progress: &ProgressBar,
+) -> Result<TransferReport> {
     let t0 = Instant::now();
     let repo = open(rec)?;
     // A push writes salted packs and intents (format 3): an older target is marked first.
@@ -202,10 +243,16 @@ async fn push_locked(
         .iter()
         .filter(|s| newest_theirs.is_none_or(|n| s.id > n))
         .collect();
-    report.kind = match (wanted.is_empty(), base.is_some() || !theirs.is_empty()) {
-        (true, _) => crate::mirror::TransferKind::UpToDate,
-        (false, false) => crate::mirror::TransferKind::Baseline,
-        (false, true) => crate::mirror::TransferKind::Incremental,
+    report.kind = if wanted.is_empty() {
+        crate::mirror::TransferKind::UpToDate
+    } else if base.is_some() {
+        crate::mirror::TransferKind::Incremental
+    } else if theirs.is_empty() {
+        crate::mirror::TransferKind::Baseline
+    } else {
+        // The target holds snapshots of the volume but none of this node's (its base was
+        // pruned): deduplication spares what it can, but this is no incremental.
+        crate::mirror::TransferKind::Resync
     };
 
     // 3. Each new snapshot, oldest first.

@@ -876,3 +876,162 @@ fn the_cascade_example_runs() {
     assert_eq!(last["volume_bytes"], 8 << 20);
     assert!(u(&last["catchup_bytes"]) < 4 << 20, "{last}");
 }
+
+/// A → B with A's daemon running; B mirrors from the command line.
+fn pair_running() -> (Tls, Peer, Peer, std::path::PathBuf) {
+    let tls = Tls::new();
+    let (mut a, img) = source("a", 2 * MIB);
+    let b = Peer::new("b");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    (tls, a, b, img)
+}
+
+/// An upstream that reuses a snapshot name (rotating names like `daily-mon`): the replica
+/// follows, its stale snapshot of that name moves aside (and is deleted when nothing holds it,
+/// or kept under its new name while a lock holds it); the cascade never gets stuck.
+#[test]
+fn a_reused_snapshot_name_moves_aside_on_the_replica() {
+    let (_tls, a, b, img) = pair_running();
+    let old = snap(&a, "daily-mon");
+    b.mirror("vm1");
+    // An application on B holds the old daily-mon.
+    b.node.ok(&[
+        "lock",
+        "add",
+        "vm1@daily-mon",
+        "--type",
+        "application",
+        "--value",
+        "restore test",
+        "--holder",
+        "app:restore",
+    ]);
+    change(&img, 2, 1);
+    snap(&a, "s2");
+    b.mirror("vm1");
+    // The lock travelled to A: only an operator's break deletes it there.
+    a.node.ok(&[
+        "snapshot",
+        "delete",
+        "vm1@daily-mon",
+        "--break-locks",
+        "--yes",
+    ]);
+    change(&img, 2, 2);
+    let new = snap(&a, "daily-mon");
+    let r = b.mirror("vm1");
+    assert_eq!(r["received"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(b.node.snapshot_id("vm1@daily-mon"), new);
+    let moved = format!("vm1@daily-mon.{}", &old[..12]);
+    assert_eq!(
+        b.node.snapshot_id(&moved),
+        old,
+        "the old one was not kept aside"
+    );
+    assert!(r["kept-locked"].to_string().contains("daily-mon."), "{r}");
+    // Released, the old one goes with the next update; the next rotation works again.
+    b.node
+        .ok(&["lock", "release", &moved, "--holder", "app:restore"]);
+    a.node.ok(&["snapshot", "delete", "vm1@s2"]);
+    change(&img, 2, 4);
+    snap(&a, "s3");
+    b.mirror("vm1");
+    assert!(!b.ids("vm1").contains(&old));
+    a.node.ok(&["snapshot", "delete", "vm1@daily-mon"]);
+    change(&img, 2, 3);
+    let newer = snap(&a, "daily-mon");
+    b.mirror("vm1");
+    assert_eq!(b.node.snapshot_id("vm1@daily-mon"), newer);
+    let out = b.node.path("r.img");
+    b.node.ok(&[
+        "snapshot",
+        "restore",
+        "vm1@daily-mon",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+/// The lock set sent before a transfer holds what it will fetch (so the upstream cannot prune
+/// it mid-way); the set after holds only the new base. A replica whose base is gone reports a
+/// resync, not an incremental, and names no base. Updates from the command line are counted
+/// where `status` and the metrics read them.
+#[test]
+fn transfers_are_locked_reported_honestly_and_counted() {
+    let (tls, a, mut b, img) = pair_running();
+    snap(&a, "s1");
+    let r = b.mirror("vm1");
+    assert_eq!(
+        (r["kind"].as_str(), u(&r["locks-sent-before"])),
+        (Some("baseline"), 1)
+    );
+    for i in 2..=4 {
+        change(&img, 1, i);
+        snap(&a, &format!("s{i}"));
+    }
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "incremental", "{r}");
+    assert!(r["base"].as_str().unwrap().ends_with("@s1"), "{r}");
+    // The base and the three snapshots fetched, then only the new base.
+    assert_eq!(u(&r["locks-sent-before"]), 4, "{r}");
+    assert_eq!(u(&r["locks-sent-after"]), 1, "{r}");
+    assert_eq!(a.locked_by("b/vm1"), vec![b.node.snapshot_id("vm1@s4")]);
+
+    // The base is lost: A breaks B's lock and deletes everything B has.
+    for s in ["s1", "s2", "s3", "s4"] {
+        a.node.ok(&[
+            "snapshot",
+            "delete",
+            &format!("vm1@{s}"),
+            "--break-locks",
+            "--yes",
+        ]);
+    }
+    change(&img, 1, 9);
+    snap(&a, "s5");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "resync", "{r}");
+    assert_eq!(r["base"], Value::Null, "{r}");
+
+    // The runs from the command line (above) show in B's daemon's status and metrics.
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            listen_extra: "",
+            ..Default::default()
+        },
+    );
+    b.start();
+    let status = b.status();
+    let job = &status["relations"][0]["job"];
+    assert!(u(&job["runs"]) >= 3, "{status}");
+    let (st, metrics) = b.request(&tls, "GET", "/metrics", "b", "", "");
+    assert_eq!(st, 200);
+    for kind in ["baseline", "incremental", "resync"] {
+        let line = format!("kind=\"{kind}\",outcome=\"ok\"");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("holdfast_mirror_transfers_total")
+                    && l.contains(&line)
+                    && l.ends_with(" 1")),
+            "{kind}: {metrics}"
+        );
+    }
+}

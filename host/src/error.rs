@@ -48,12 +48,10 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    #[error("{context}: {source}{}", io_hint(.source))]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    /// The OS error is part of the message, once: it is not also a `source`, so a chain
+    /// printed with its causes does not repeat it.
+    #[error("{context}: {cause}{}", io_hint(.cause))]
+    Io { context: String, cause: io::Error },
     #[error("{0}")]
     Policy(String),
     #[error("{0}")]
@@ -73,11 +71,19 @@ fn io_hint(err: &io::Error) -> &'static str {
 }
 
 impl Error {
-    /// Wraps an I/O error with what was being done and on which path or object.
+    /// Wraps an I/O error with what was being done and on which path or object. A path that
+    /// does not exist (a missing file, or a missing parent folder) is invalid input: nothing
+    /// went wrong with the machine, the path given was wrong.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        let context = context.into();
+        if source.kind() == io::ErrorKind::NotFound {
+            return Error::InvalidInput(format!(
+                "{context}: {source} (check that the path and its parent folders exist)"
+            ));
+        }
         Error::Io {
-            context: context.into(),
-            source,
+            context,
+            cause: source,
         }
     }
 
@@ -119,8 +125,8 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Unavailable { .. } => true,
-            Error::Io { source, .. } => matches!(
-                source.kind(),
+            Error::Io { cause, .. } => matches!(
+                cause.kind(),
                 io::ErrorKind::StorageFull
                     | io::ErrorKind::Interrupted
                     | io::ErrorKind::TimedOut
@@ -197,6 +203,16 @@ impl From<object_store::Error> for Error {
             object_store::Error::InvalidPath { source } => {
                 Error::InvalidInput(format!("invalid repository path: {source}"))
             }
+            object_store::Error::PermissionDenied { ref path, .. }
+            | object_store::Error::Unauthenticated { ref path, .. } => {
+                tracing::debug!("object store refused access: {err:?}");
+                Error::Denied(format!(
+                    "the object store refused access to {path} ({}): check the credentials \
+                     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the target's \
+                     --profile) and that they may read and write this bucket and prefix",
+                    store_cause(&err)
+                ))
+            }
             other => {
                 // The local store reports a full disk as a generic error; find the io::Error.
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&other);
@@ -211,8 +227,32 @@ impl From<object_store::Error> for Error {
                     }
                     cause = c.source();
                 }
-                Error::unavailable(format!("repository access failed: {other}"), other)
+                // One sentence for the operator; the whole chain (XML bodies and all) for -v.
+                tracing::debug!("object store error: {other:?}");
+                Error::Unavailable {
+                    message: format!("repository access failed: {}", store_cause(&other)),
+                    source: None,
+                }
             }
         }
     }
+}
+
+/// The gist of an object store error: the distinct messages of its chain, without XML
+/// bodies or repeats, cut to a line.
+fn store_cause(err: &object_store::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Drop XML bodies (an S3 error document) and everything after them.
+        let text = text.split('<').next().unwrap_or("").trim();
+        let text = text.trim_end_matches([':', ',', ' ']).to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.retain(|p| !text.contains(p.as_str()));
+            parts.push(text);
+        }
+        cause = c.source();
+    }
+    crate::id::shorten_to(&parts.join(": "), 400)
 }

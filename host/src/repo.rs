@@ -23,6 +23,7 @@ mod direct;
 pub mod index_cache;
 mod nofollow;
 pub mod pack;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::path::Path as FsPath;
@@ -61,6 +62,8 @@ const OLDEST_FORMAT_VERSION: u32 = 1;
 /// multipart costs three more, and it halved the time of a baseline push to a local S3
 /// server (`host/TARGETS.md`). Smaller with `HOLDFAST_TARGET_MULTIPART_THRESHOLD`.
 pub const MULTIPART_THRESHOLD: usize = 32 << 20;
+/// Ranges of a pack closer than this are read with one request.
+const COALESCE_GAP: u64 = 1 << 20;
 /// Part size of those uploads (S3's minimum is 5 MiB).
 const MULTIPART_PART: usize = 8 << 20;
 
@@ -582,12 +585,62 @@ impl Repository {
     }
 
     /// Reads byte ranges of a pack (adjacent ranges are coalesced into one request).
+    ///
+    /// Every range must come back whole: a pack that is shorter than its index says (a
+    /// truncated object) is damage, reported as such, never a panic or short data.
     pub async fn read_pack_ranges(
         &self,
         id: &PackId,
         ranges: &[std::ops::Range<u64>],
     ) -> Result<Vec<Bytes>> {
-        Ok(self.store.get_ranges(&Self::pack_path(id), ranges).await?)
+        let path = Self::pack_path(id);
+        let short = |r: &std::ops::Range<u64>, got: usize| {
+            Error::corrupt(format!(
+                "pack {} in {} is damaged: bytes {}..{} were asked for and {got} came back (a \
+                 truncated object?)",
+                id.short(),
+                self.location,
+                r.start,
+                r.end
+            ))
+        };
+        if self.local.is_some() {
+            // The local store reads each range exactly, or fails.
+            let out = self.store.get_ranges(&path, ranges).await?;
+            for (r, b) in ranges.iter().zip(&out) {
+                if b.len() as u64 != r.end - r.start {
+                    return Err(short(r, b.len()));
+                }
+            }
+            return Ok(out);
+        }
+        // Object stores: coalesce nearby ranges into few requests, and check what each one
+        // returned before cutting it up (object_store's own coalescing would panic on a
+        // short answer).
+        let mut order: Vec<usize> = (0..ranges.len()).collect();
+        order.sort_by_key(|&i| ranges[i].start);
+        let mut out: Vec<Bytes> = vec![Bytes::new(); ranges.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let start = ranges[order[i]].start;
+            let mut end = ranges[order[i]].end;
+            let mut j = i + 1;
+            while j < order.len() && ranges[order[j]].start <= end + COALESCE_GAP {
+                end = end.max(ranges[order[j]].end);
+                j += 1;
+            }
+            let fetch = start..end;
+            let bytes = self.store.get_range(&path, fetch.clone()).await?;
+            if bytes.len() as u64 != end - start {
+                return Err(short(&fetch, bytes.len()));
+            }
+            for &k in &order[i..j] {
+                let r = &ranges[k];
+                out[k] = bytes.slice((r.start - start) as usize..(r.end - start) as usize);
+            }
+            i = j;
+        }
+        Ok(out)
     }
 
     pub async fn read_pack(&self, id: &PackId) -> Result<Bytes> {

@@ -143,6 +143,10 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
             } else {
                 Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str()))
             };
+            // What the client does not retry (a body cut half-way, a reset while sending) is
+            // retried around it, for as long as it may retry itself.
+            let store: Arc<dyn object_store::ObjectStore> =
+                Arc::new(crate::repo::retry::RetryStore::new(store, timeout * 2));
             let mut repo = Repository::from_store(store, rec.url.clone())
                 .with_format_version(TARGET_FORMAT_VERSION);
             if let Ok(t) = std::env::var("HOLDFAST_TARGET_MULTIPART_THRESHOLD") {
@@ -295,6 +299,7 @@ pub async fn check_or_init(
         Error::NotFound(_) => e,
         Error::InvalidInput(m) => Error::InvalidInput(format!("target {}: {m}", rec.name)),
         Error::Corrupt(m) => Error::Corrupt(format!("target {}: {m}", rec.name)),
+        Error::Denied(m) => Error::Denied(format!("target {} ({}): {m}", rec.name, rec.url)),
         other => Error::Unavailable {
             message: format!("target {} ({}) is not usable: {other}", rec.name, rec.url),
             source: None,

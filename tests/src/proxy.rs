@@ -19,6 +19,9 @@ enum Action {
     Hold(Arc<Gate>),
     /// Forward, then send only the response head and this many body bytes, and close.
     CutResponse(usize),
+    /// Forward, then answer with only this many bytes of the body, as a complete answer (a
+    /// valid response whose content is cut: a listing whose XML stops half-way).
+    TruncateBody(usize),
     /// Read this many bytes of the request body, then reset the connection.
     ResetDuringBody(usize),
 }
@@ -135,6 +138,12 @@ impl Proxy {
     /// The next `times` matching requests get only `bytes` bytes of their response body.
     pub fn cut_response(&self, method: &str, path_contains: &str, bytes: usize, times: usize) {
         self.add(method, path_contains, Action::CutResponse(bytes), times);
+    }
+
+    /// The next `times` matching requests get a complete answer of only `bytes` bytes of
+    /// their body (well-formed HTTP, malformed content).
+    pub fn truncate_body(&self, method: &str, path_contains: &str, bytes: usize, times: usize) {
+        self.add(method, path_contains, Action::TruncateBody(bytes), times);
     }
 
     /// The next `times` matching requests are reset after `bytes` bytes of their body.
@@ -332,6 +341,15 @@ fn serve(client: TcpStream, upstream: u16, shared: &Shared) -> std::io::Result<(
         } else if !framed && !no_body {
             resp.headers
                 .push(("Content-Length".into(), resp_body.len().to_string()));
+        }
+        if let Some(Action::TruncateBody(n)) = action {
+            let n = n.min(resp_body.len());
+            resp.headers
+                .retain(|(k, _)| !k.eq_ignore_ascii_case("content-length"));
+            resp.headers.push(("Content-Length".into(), n.to_string()));
+            client_w.write_all(&resp.encode(false))?;
+            client_w.write_all(&resp_body[..n])?;
+            continue;
         }
         if let Some(Action::CutResponse(n)) = action {
             client_w.write_all(&resp.encode(true))?;

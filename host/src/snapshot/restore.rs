@@ -103,15 +103,9 @@ pub async fn restore(
         progress,
     )
     .await;
-    let chunks_verified = match result {
-        Ok(n) => n,
-        Err(e) => {
-            if let Some(tmp) = &tmp {
-                let _ = std::fs::remove_file(tmp);
-            }
-            return Err(e);
-        }
-    };
+    // Whatever goes wrong from here (an error, a panic), no half-written file stays behind.
+    let _cleanup = TempFile(tmp.clone());
+    let chunks_verified = result?;
     file.buffered
         .sync_all()
         .map_err(|e| Error::io(format!("syncing {}", to.display()), e))?;
@@ -130,6 +124,18 @@ pub async fn restore(
         chunks_verified,
         elapsed: started.elapsed(),
     })
+}
+
+/// A temporary restore file, removed when dropped unless it was renamed into place.
+struct TempFile(Option<std::path::PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            // Gone already once renamed into place.
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Where restored blocks go. Runs of whole, aligned blocks are written with direct I/O (no

@@ -29,6 +29,9 @@ use super::sink::{PackSink, copy_chunks};
 
 /// Where intents live.
 pub const PENDING: &str = "pending";
+/// Packs without an index that one push reads from their trailers (more are left to later
+/// pushes, and to gc).
+const MAX_ORPHANS_READ: usize = 256;
 /// How many times a push stores again what gcs keep condemning before it gives up.
 const MAX_REPAIR_ROUNDS: usize = 8;
 
@@ -185,10 +188,32 @@ impl PushView {
     /// The view over `index` (the target's pack indexes): only packs that exist (an index can
     /// outlive its pack: a gc stopped between the two deletes, or a push wrote an index after
     /// its pack was deleted) and are not condemned.
+    ///
+    /// A pack without its index (a push stopped between the two) is read from its trailer and
+    /// used, and its index is written, so that a resumed push does not send it again.
     pub async fn over(repo: &Repository, mut index: ChunkIndex) -> Result<PushView> {
         let mut condemned = Condemned::default();
         condemned.refresh(repo).await?;
         let packs = repo.pack_listing().await?;
+        let orphans: Vec<_> = packs
+            .iter()
+            .filter(|(p, _)| !index.packs.contains_key(p) && !condemned.contains(p))
+            .take(MAX_ORPHANS_READ)
+            .map(|(p, info)| (*p, info.size))
+            .collect();
+        for (p, size) in orphans {
+            match repo.read_pack_trailer(&p, size).await {
+                Ok(pi) => {
+                    repo.put_index(&pi).await?;
+                    index.insert(pi);
+                }
+                Err(e @ Error::Corrupt(_)) => {
+                    tracing::warn!("{e}; a later gc reclaims it");
+                }
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let indexes = index.packs.clone();
         index.retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
         Ok(PushView {

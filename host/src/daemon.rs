@@ -277,7 +277,13 @@ impl Daemon {
                     tracing::info!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "ok", "{line}");
                 }
                 Err(e) => {
-                    tracing::warn!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "error", "{e}");
+                    // The same failure again and again is logged once per ten minutes; status
+                    // and the metrics count every one.
+                    let said = e.to_string();
+                    let source = format!("job/{:?}/{}/{upstream}", job.kind, job.volume);
+                    if let Some(left_out) = crate::first_in_a_while(&source, &said) {
+                        tracing::warn!(job = ?job.kind, volume = %job.volume, upstream, seconds = secs, outcome = "error", left_out, "{said}");
+                    }
                 }
             }
             self.update(i, |s| {

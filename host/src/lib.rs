@@ -58,3 +58,34 @@ pub fn now_unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// How long identical failure output stays out of the log after it was logged.
+const REPEAT_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether `text` from `source` (a policy, a job) should be logged now: not if the same text
+/// was logged less than [`REPEAT_QUIET`] ago (a policy failing the same way on a one-second
+/// schedule must not fill the log). `Some(n)`: log it, and say it was left out `n` times since.
+pub(crate) fn first_in_a_while(source: &str, text: &str) -> Option<u64> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashMap<String, ([u8; 32], std::time::Instant, u64)>>> =
+        Mutex::new(None);
+    let digest = *blake3::hash(text.as_bytes()).as_bytes();
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let map = seen.get_or_insert_with(HashMap::new);
+    match map.get_mut(source) {
+        Some((d, at, left_out)) if *d == digest && at.elapsed() < REPEAT_QUIET => {
+            *left_out += 1;
+            None
+        }
+        Some(entry) => {
+            let n = if entry.0 == digest { entry.2 } else { 0 };
+            *entry = (digest, std::time::Instant::now(), 0);
+            Some(n)
+        }
+        None => {
+            map.insert(source.to_string(), (digest, std::time::Instant::now(), 0));
+            Some(0)
+        }
+    }
+}

@@ -730,8 +730,13 @@ impl WasmPolicy<'_> {
         let captured = stderr.contents();
         if !captured.is_empty() {
             let text = String::from_utf8_lossy(&captured);
-            for line in text.lines().take(50) {
-                tracing::warn!(policy = %self.name, "stderr: {}", crate::id::shorten_to(line, 512));
+            if let Some(left_out) = crate::first_in_a_while(&self.name, &text) {
+                if left_out > 0 {
+                    tracing::warn!(policy = %self.name, "the same output as below was left out {left_out} times");
+                }
+                for line in text.lines().take(50) {
+                    tracing::warn!(policy = %self.name, "stderr: {}", crate::id::shorten_to(line, 512));
+                }
             }
         }
         result.map_err(|e| self.fault(what, e))

@@ -165,6 +165,36 @@ pub struct PolicyPruneReport {
     pub kept_locked: Vec<(String, Vec<HolderId>)>,
 }
 
+/// The locks that hold the volume's snapshots once the policies' `decisions` are in force: the
+/// registry's, where a decision that was not applied (a dry run, `policy test`) replaces its
+/// policy's locks as a real run would. The dry run, `policy test` and the real prune all plan
+/// against this, so they agree.
+pub fn locks_after(
+    node: &Node,
+    volume: &VolumeName,
+    decisions: &[crate::policy::registry::LockDecision],
+    applied: bool,
+) -> Result<HashMap<SnapshotId, Vec<HolderId>>> {
+    let mut locked = node.catalog.locks().locked_snapshots(volume)?;
+    if applied {
+        return Ok(locked);
+    }
+    for d in decisions.iter().filter(|d| d.error.is_none()) {
+        let holder = crate::policy::registry::policy_holder(&d.policy)?;
+        for holders in locked.values_mut() {
+            holders.retain(|h| *h != holder);
+        }
+        for (snapshot, _, _) in &d.locks {
+            let holders = locked.entry(*snapshot).or_default();
+            if !holders.contains(&holder) {
+                holders.push(holder.clone());
+            }
+        }
+    }
+    locked.retain(|_, h| !h.is_empty());
+    Ok(locked)
+}
+
 /// Retention by the volume's policies: refresh every policy's locks, ask every retention
 /// policy, prune what all agree on and no lock holds. `Ok(None)` when the volume has no
 /// retention policy. Any policy failure prunes nothing (fail closed).
@@ -190,7 +220,7 @@ pub async fn prune_by_policies(
     if !dry_run {
         node.catalog.locks().expire_stale()?;
     }
-    let locked = node.catalog.locks().locked_snapshots(volume)?;
+    let locked = locks_after(node, volume, &lock_decisions, !dry_run)?;
     let snaps = node.catalog.snapshots(volume)?;
     let by_id: HashMap<SnapshotId, &SnapshotRecord> = snaps.iter().map(|s| (s.id, s)).collect();
     let mut report = PolicyPruneReport {

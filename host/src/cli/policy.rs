@@ -133,18 +133,20 @@ impl PolicyCommand {
                     return print_json(&shown);
                 }
                 outln!(
-                    "{:<20} {:<24} {:<44} {:<20} {:>8}",
+                    "{:<20} {:<24} {:<26} {:<44} {:<20} {:>8}",
                     "NAME",
                     "POLICY",
+                    "WIT",
                     "PHASES",
                     "VOLUMES",
                     "FAILURES"
                 );
                 for r in &list {
                     outln!(
-                        "{:<20} {:<24} {:<44} {:<20} {:>8}",
+                        "{:<20} {:<24} {:<26} {:<44} {:<20} {:>8}",
                         r.name,
                         format!("{} {}", r.description.name, r.description.version),
+                        r.world,
                         phases(r),
                         r.volumes
                             .iter()
@@ -229,14 +231,21 @@ impl PolicyCommand {
                     Phase::Scheduled
                 });
                 let engine = PolicyEngine::new()?;
-                let locks = registry::decide_locks(
-                    &node,
-                    &engine,
-                    &volume,
-                    phase,
-                    registry::Asked::Only(&name),
-                    false,
-                )?;
+                // For a retention plan, every policy of the volume decides its locks first, as
+                // on a real prune (their locks hold snapshots in the plan below); this one's
+                // decisions are the ones shown.
+                let asked = if phase == Phase::Retention {
+                    registry::Asked::Every
+                } else {
+                    registry::Asked::Only(&name)
+                };
+                let all_locks =
+                    registry::decide_locks(&node, &engine, &volume, phase, asked, false)?;
+                let locks: Vec<registry::LockDecision> = all_locks
+                    .iter()
+                    .filter(|d| d.policy == name)
+                    .cloned()
+                    .collect();
                 let retention = if r.handles(Phase::Retention) {
                     Some(registry::plan_retention(
                         &node,
@@ -248,7 +257,11 @@ impl PolicyCommand {
                 } else {
                     None
                 };
-                let locked = node.catalog.locks().locked_snapshots(&volume)?;
+                // What a real run would plan against: the locks the policy is about to set
+                // included (the same as `prune --dry-run` and the real prune).
+                let locked = holdfast::retention::locks_after(&node, &volume, &all_locks, false)?;
+                let failed =
+                    locks.iter().any(|d| d.error.is_some()) || matches!(retention, Some(Err(_)));
                 let names: std::collections::HashMap<_, _> = node
                     .catalog
                     .snapshots(&volume)?
@@ -267,11 +280,17 @@ impl PolicyCommand {
                         Ok(d) => Ok(d.as_ref()),
                         Err(e) => Err(e.to_string()),
                     });
-                    return print_json(&TestReport {
+                    print_json(&TestReport {
                         phase,
                         locks: &locks,
                         retention,
-                    });
+                    })?;
+                    if failed {
+                        anyhow::bail!(holdfast::Error::Policy(format!(
+                            "policy {name} failed on volume {volume} (see the report)"
+                        )));
+                    }
+                    return Ok(());
                 }
                 outln!(
                     "dry run of policy {name} on volume {volume}, phase {phase}; nothing is changed"
@@ -314,6 +333,12 @@ impl PolicyCommand {
                             }
                         }
                     }
+                }
+                if failed {
+                    anyhow::bail!(holdfast::Error::Policy(format!(
+                        "policy {name} failed on volume {volume} (see above); a real run would \
+                         keep its previous locks and prune nothing"
+                    )));
                 }
             }
         }

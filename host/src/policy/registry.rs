@@ -46,10 +46,15 @@ pub struct PolicyRecord {
     pub added_unix_ms: u64,
 }
 
+/// The holder of the locks of the policy named `name`: `app:policy.NAME`.
+pub fn policy_holder(name: &str) -> Result<HolderId> {
+    HolderId::application(&format!("policy.{name}"))
+}
+
 impl PolicyRecord {
     /// The holder of this policy's locks.
     pub fn holder(&self) -> HolderId {
-        HolderId::application(&format!("policy.{}", self.name)).expect("validated name")
+        policy_holder(&self.name).expect("validated name")
     }
 
     pub fn handles(&self, phase: Phase) -> bool {
@@ -424,7 +429,16 @@ pub fn decide_locks(
                 });
             }
             Err(e @ (Error::Policy(_) | Error::InvalidInput(_))) => {
-                tracing::warn!(policy = %rec.name, "lock decision failed; previous locks kept: {e}");
+                let said = format!("lock decision failed; previous locks kept: {e}");
+                if let Some(left_out) =
+                    crate::first_in_a_while(&format!("{}/decision", rec.name), &said)
+                {
+                    if left_out > 0 {
+                        tracing::warn!(policy = %rec.name, "{said} (and {left_out} times before)");
+                    } else {
+                        tracing::warn!(policy = %rec.name, "{said}");
+                    }
+                }
                 if apply {
                     policies.record_failure(&rec.name, &e)?;
                 }

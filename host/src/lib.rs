@@ -68,8 +68,9 @@ const REPEAT_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
 pub(crate) fn first_in_a_while(source: &str, text: &str) -> Option<u64> {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    static SEEN: Mutex<Option<HashMap<String, ([u8; 32], std::time::Instant, u64)>>> =
-        Mutex::new(None);
+    /// Per source: the digest of the text last logged, when, and how often left out since.
+    type Seen = HashMap<String, ([u8; 32], std::time::Instant, u64)>;
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
     let digest = *blake3::hash(text.as_bytes()).as_bytes();
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
     let map = seen.get_or_insert_with(HashMap::new);

@@ -201,13 +201,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Text from outside (labels, lock values) as it is safe to print on a terminal: control
 /// characters (a terminal escape, say) shown escaped, never sent raw.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(holdfast::id::is_hazard) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
             .map(|c| {
-                if c.is_control() {
+                if holdfast::id::is_hazard(c) {
                     c.escape_default().to_string()
                 } else {
                     c.to_string()

@@ -330,7 +330,18 @@ impl Daemon {
                 let lock = self.volume_lock(&v);
                 let _guard = lock.lock().await;
                 let t0 = Instant::now();
-                match mirror::forward_locks(&self.node, &self.cfg, &v).await {
+                // In a task of its own: a panic is a failed forward, not the end of forwarding.
+                let (node, cfg, vol) = (self.node.clone(), self.cfg.clone(), v.clone());
+                let forwarded =
+                    tokio::spawn(async move { mirror::forward_locks(&node, &cfg, &vol).await })
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(Error::internal(format!(
+                                "forwarding locks: {}",
+                                panic_message(e)
+                            )))
+                        });
+                match forwarded {
                     Ok(n) => {
                         tracing::info!(volume = %v, locks = n, ms = t0.elapsed().as_millis() as u64, outcome = "ok", "forwarded downstream locks upstream")
                     }

@@ -377,13 +377,21 @@ pub fn validate_text(kind: &str, s: &str, max_bytes: usize) -> Result<()> {
             s.len()
         )));
     }
-    if s.chars().any(char::is_control) {
+    if s.chars().any(is_hazard) {
         return Err(Error::invalid(format!(
             "invalid {kind} {:?}: it contains a control character",
             shorten(s)
         )));
     }
     Ok(())
+}
+
+/// Characters that change how a terminal shows what follows: control characters, line and
+/// paragraph separators, and the bidirectional overrides and isolates (which can make text
+/// read backwards).
+pub fn is_hazard(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
 #[cfg(test)]

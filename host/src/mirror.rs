@@ -47,8 +47,9 @@ const FETCH_CONCURRENCY: usize = 4;
 /// and most blocks they may list together (about 140 MB of block lists).
 const RECEIVE_BATCH: usize = 16;
 const RECEIVE_BLOCKS: u64 = 1 << 22;
-/// Chunks per request: up to 16 MiB of 64 KiB blocks.
+/// Chunks per request: up to 16 MiB of blocks (256 of 64 KiB).
 const CHUNKS_PER_REQUEST: usize = 256;
+const CHUNKS_PER_REQUEST_BYTES: usize = 16 << 20;
 
 /// Whether an update copied everything, only changes, or nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -173,6 +174,15 @@ pub fn lock_set(
             if path.last() != Some(me) {
                 path.push(me.clone());
             }
+            if path.len() >= crate::softlock::MAX_LOCK_PATH {
+                tracing::warn!(
+                    holder = %set.holder,
+                    "a lock on {volume}@{} came through {} nodes; it is not passed further up",
+                    l.snapshot,
+                    path.len()
+                );
+                continue;
+            }
             out.push(NewLock {
                 snapshot: l.snapshot,
                 lock_type: l.lock_type,
@@ -204,8 +214,32 @@ fn next_generation() -> u64 {
 }
 
 /// Sends a lock set; if the upstream holds a newer generation (clock skew, another process),
-/// sends again just above it.
+/// sends again just above it. If the upstream refuses the set (over its limits for this node),
+/// this node's own locks (its base, its transfer, its applications' and policies') go without
+/// those of its downstreams, with a warning: a downstream's excess must not stop this node
+/// from mirroring.
 async fn send_lock_set(
+    client: &PeerClient,
+    volume: &VolumeName,
+    me: &NodeId,
+    locks: Vec<NewLock>,
+) -> Result<usize> {
+    let passed_on = locks.iter().filter(|l| l.path.len() > 1).count();
+    match send_lock_set_once(client, volume, me, locks.clone()).await {
+        Err(Error::Denied(why)) if passed_on > 0 => {
+            tracing::warn!(
+                "upstream {} refused this node's lock set for {volume} ({why}); sending this \
+                 node's own locks without the {passed_on} of its downstreams",
+                client.upstream
+            );
+            let own: Vec<NewLock> = locks.into_iter().filter(|l| l.path.len() <= 1).collect();
+            send_lock_set_once(client, volume, me, own).await
+        }
+        other => other,
+    }
+}
+
+async fn send_lock_set_once(
     client: &PeerClient,
     volume: &VolumeName,
     me: &NodeId,
@@ -614,7 +648,9 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
     let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
     let _volume_lock = lock_volume(node, volume).await?;
     let listed = client.snapshots(volume).await?;
-    let upstream_has: HashSet<SnapshotId> = listed.snapshots.iter().map(|s| s.id).collect();
+    let local_block_size = node.catalog.volume(volume).ok().map(|v| v.block_size);
+    let theirs = check_listing(&client.upstream, volume, local_block_size, listed.snapshots)?;
+    let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
     let base = node
         .catalog
         .snapshots(volume)?
@@ -687,6 +723,21 @@ async fn look_up_all(node: &Node, index: &mut ChunkIndex, got: &mut [Received]) 
     Ok(())
 }
 
+/// A whole manifest from an upstream: format 2 only (what was asked for; format 1 is zstd JSON
+/// that a few KiB can inflate to gigabytes), decoded off the async threads.
+async fn full_manifest(raw: bytes::Bytes, what: &str) -> Result<Manifest> {
+    if !snapshot::manifest::is_format_2(&raw) {
+        return Err(Error::denied(format!(
+            "{what}: the upstream answered with a manifest in another format than the format 2 \
+             asked for"
+        )));
+    }
+    let what = what.to_string();
+    tokio::task::spawn_blocking(move || Manifest::decode(&raw, &what))
+        .await
+        .map_err(|e| Error::internal(format!("manifest decoder: {e}")))?
+}
+
 impl Receive<'_> {
     fn what(&self) -> String {
         format!(
@@ -705,7 +756,7 @@ impl Receive<'_> {
             .client
             .manifest(&rec.volume, &rec.id, self.prev.map(|p| p.id), limit)
             .await?;
-        let (m, stored, changed) = match answer {
+        let (m, changed) = match answer {
             ManifestAnswer::Delta(raw) => {
                 // The manifest crosses the wire too: count it.
                 report.count_manifest(raw.len(), true);
@@ -714,15 +765,16 @@ impl Receive<'_> {
                         "{what}: the upstream sent a delta nobody asked for"
                     ))
                 })?;
-                let delta = ManifestDelta::decode(&raw, what)?;
+                let (raw2, what2) = (raw.clone(), what.clone());
+                let delta = tokio::task::spawn_blocking(move || {
+                    ManifestDelta::decode_at_most(&raw2, &what2, limit as u64)
+                })
+                .await
+                .map_err(|e| Error::internal(format!("manifest decoder: {e}")))??;
                 match delta.apply(prev, what) {
                     Ok(m) => {
                         let changed = delta.changes.iter().map(|(i, _)| *i).collect();
-                        let m2 = m.clone();
-                        let stored = tokio::task::spawn_blocking(move || m2.encode())
-                            .await
-                            .map_err(|e| Error::internal(format!("manifest encoder: {e}")))??;
-                        (m, stored, Some(changed))
+                        (m, Some(changed))
                     }
                     Err(e) => {
                         // A diverged copy of the base here: take the whole manifest instead.
@@ -740,15 +792,16 @@ impl Receive<'_> {
                             }
                         };
                         report.count_manifest(raw.len(), false);
-                        (Manifest::decode(&raw, what)?, raw.to_vec(), None)
+                        (full_manifest(raw, what).await?, None)
                     }
                 }
             }
             ManifestAnswer::Full(raw) => {
                 report.count_manifest(raw.len(), false);
-                (Manifest::decode(&raw, what)?, raw.to_vec(), None)
+                (full_manifest(raw, what).await?, None)
             }
         };
+        let mut m = m;
         if m.id != rec.id
             || m.volume != rec.volume
             || m.size != rec.size
@@ -758,6 +811,14 @@ impl Receive<'_> {
                 "the manifest of {what} does not match the snapshot it was listed as"
             )));
         }
+        // What this node stores is the block list it received under the header it checked:
+        // the name and labels of the listing, which passed the local rules.
+        m.name = rec.name.clone();
+        m.labels = rec.labels.clone();
+        let m2 = m.clone();
+        let stored = tokio::task::spawn_blocking(move || m2.encode())
+            .await
+            .map_err(|e| Error::internal(format!("manifest encoder: {e}")))??;
         Ok(Received {
             manifest: m,
             stored,
@@ -800,19 +861,26 @@ impl Receive<'_> {
         };
 
         let mut builder = PackBuilder::new();
-        let mut batches = needed.chunks(CHUNKS_PER_REQUEST).map(<[ChunkId]>::to_vec);
+        // Up to 16 MiB of blocks per request, whatever the block size.
+        let per_request =
+            (CHUNKS_PER_REQUEST_BYTES / rec.block_size as usize).clamp(1, CHUNKS_PER_REQUEST);
+        let mut batches = needed.chunks(per_request).map(<[ChunkId]>::to_vec);
         let mut inflight: JoinSet<Result<(usize, Vec<ChunkId>, bytes::Bytes)>> = JoinSet::new();
         let mut order = 0usize;
         let mut pending: BTreeMap<usize, (Vec<ChunkId>, bytes::Bytes)> = BTreeMap::new();
         let mut next_to_store = 0usize;
         let client = Arc::new(client.clone());
         loop {
-            while inflight.len() < FETCH_CONCURRENCY {
+            // Answers that came early wait in `pending` for their turn: together with those
+            // in flight they never exceed the concurrency, so memory stays bounded even if
+            // the upstream holds back the one answer everything waits for.
+            while inflight.len() + pending.len() < FETCH_CONCURRENCY {
                 let Some(batch) = batches.next() else { break };
                 let (c, vol, id, n) = (client.clone(), rec.volume.clone(), rec.id, order);
+                let block_size = rec.block_size;
                 order += 1;
                 inflight.spawn(async move {
-                    let body = fetch_with_retry(&c, &vol, &id, batch.clone()).await?;
+                    let body = fetch_with_retry(&c, &vol, &id, batch.clone(), block_size).await?;
                     Ok((n, batch, body))
                 });
             }
@@ -953,11 +1021,12 @@ async fn fetch_with_retry(
     volume: &VolumeName,
     id: &SnapshotId,
     batch: Vec<ChunkId>,
+    block_size: u32,
 ) -> Result<bytes::Bytes> {
     debug_assert!(batch.len() <= MAX_CHUNKS_PER_REQUEST);
     let mut delay = Duration::from_millis(200);
     for attempt in 1.. {
-        match client.chunks(volume, id, batch.clone()).await {
+        match client.chunks(volume, id, batch.clone(), block_size).await {
             Err(e) if e.is_transient() && attempt < 4 => {
                 tracing::warn!(attempt, "fetching chunks failed, retrying: {e}");
                 tokio::time::sleep(delay).await;

@@ -314,8 +314,21 @@ impl LockCommand {
                         e.holder.as_str(),
                         format!("{}@{}", e.volume, e.snapshot),
                         e.lock_type.to_string(),
-                        e.value,
+                        super::printable(&e.value),
                         e.detail
+                    );
+                }
+                // Each holder keeps its newest events (HOLDFAST_HISTORY_PER_HOLDER, 1000);
+                // older ones are summarised.
+                for sum in locks.history_summaries()? {
+                    let counts: Vec<String> =
+                        sum.events.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                    outln!(
+                        "(older events of {} summarised: {} between {} and {})",
+                        sum.holder,
+                        counts.join(", "),
+                        format_time(sum.first_unix_ms),
+                        format_time(sum.last_unix_ms)
                     );
                 }
             }

@@ -488,10 +488,7 @@ async fn read(
                 // The stream writes only to stdout and reads the local repository: a broken
                 // pipe is its reader going away.
                 r = &mut stream => break r.map_err(|e| {
-                    if std::error::Error::source(&e)
-                        .and_then(|s| s.downcast_ref::<std::io::Error>())
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-                    {
+                    if e.io_kind() == Some(std::io::ErrorKind::BrokenPipe) {
                         anyhow::Error::new(super::StdoutClosed)
                     } else {
                         anyhow::Error::from(e)

@@ -261,15 +261,17 @@ impl PeerClient {
         })
     }
 
-    /// The frames of `chunks` (referenced by snapshot `id`): at most the frames of that many
-    /// chunks of the largest size are accepted.
+    /// The frames of `chunks` (referenced by snapshot `id`, in blocks of `block_size`): at most
+    /// the frames of that many chunks of that size, each as zstd may store it, are accepted.
     pub async fn chunks(
         &self,
         volume: &VolumeName,
         id: &SnapshotId,
         chunks: Vec<ChunkId>,
+        block_size: u32,
     ) -> Result<Bytes> {
-        let limit = chunks.len() * (super::FRAME_HEADER + super::MAX_CHUNK_BYTES + 1024);
+        let stored_max = block_size as usize + block_size as usize / 64 + 1024;
+        let limit = chunks.len() * (super::FRAME_HEADER + stored_max);
         let req = self
             .request(
                 Method::POST,

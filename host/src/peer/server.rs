@@ -54,6 +54,18 @@ const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed (a peer reconnects when it needs to).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A request whose answer has not been taken in this long (a peer that opens no flow-control
+/// window, say) closes its connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most bytes of one chunk answer: a request for more is refused (ask for fewer chunks).
+const MAX_ANSWER_BYTES: u64 = 64 << 20;
+/// Bytes of chunk answers being read and sent at once, for all peers together (KiB units).
+const SEND_BUDGET_KIB: u32 = 512 << 10;
+/// Manifest work (decoding, deltas, old formats, chunk sets) done at once, for all peers.
+const HEAVY_WORK: usize = 2;
+/// Lock sets one peer may send a second, on average, and in a burst.
+const LOCK_SET_RATE: f64 = 5.0;
+const LOCK_SET_BURST: f64 = 20.0;
 
 /// A downstream as this node knows it.
 #[derive(Debug)]
@@ -68,6 +80,8 @@ struct Peer {
     slots: Arc<tokio::sync::Semaphore>,
     /// Its request rate.
     rate: Mutex<TokenBucket>,
+    /// Its rate of lock sets (each may rewrite up to `max_locks` locks and their history).
+    lock_sets: Mutex<TokenBucket>,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -75,20 +89,24 @@ struct Peer {
 struct TokenBucket {
     tokens: f64,
     at: Instant,
+    rate: f64,
+    burst: f64,
 }
 
 impl TokenBucket {
-    fn new() -> Self {
+    fn new(rate: f64, burst: f64) -> Self {
         TokenBucket {
-            tokens: PEER_BURST,
+            tokens: burst,
             at: Instant::now(),
+            rate,
+            burst,
         }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * PEER_RATE).min(PEER_BURST);
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -180,6 +198,10 @@ pub struct ServerState {
     lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
     /// Refusals, logged at most once a second.
     refusals: LogLimiter,
+    /// Bytes of chunk answers in memory (read, not yet sent), in KiB.
+    send_budget: Arc<tokio::sync::Semaphore>,
+    /// Manifest work under way (see [`HEAVY_WORK`]).
+    heavy: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServerState {
@@ -216,7 +238,8 @@ impl ServerState {
                     max_snapshots: d.max_snapshots,
                     lease_ms,
                     slots: Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
-                    rate: Mutex::new(TokenBucket::new()),
+                    rate: Mutex::new(TokenBucket::new(PEER_RATE, PEER_BURST)),
+                    lock_sets: Mutex::new(TokenBucket::new(LOCK_SET_RATE, LOCK_SET_BURST)),
                 },
             );
         }
@@ -231,6 +254,8 @@ impl ServerState {
             counters,
             lock_changes,
             refusals: LogLimiter::new(),
+            send_budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB as usize)),
+            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK)),
         })
     }
 
@@ -310,6 +335,11 @@ impl ServerState {
         if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
             return Ok(m);
         }
+        let _heavy = self.heavy_work().await?;
+        // Another request may have loaded it while this one waited.
+        if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
+            return Ok(m);
+        }
         let m = Arc::new(crate::snapshot::load_manifest(&self.node.repo, rec).await?);
         let mut cache = self.served.lock().expect("not poisoned");
         if !cache
@@ -363,13 +393,28 @@ impl ServerState {
             return Ok(answer);
         }
         let m = self.manifest_of(rec).await?;
+        let heavy = self.heavy_work().await?;
+        if let Some(Some(all)) = self.with_served(&rec.volume, rec.id, |e| e.all.clone()) {
+            return Ok(chunks.iter().find(|c| !all.contains(c)).copied());
+        }
+        // The permit goes into the worker: a cancelled request does not free it early.
         let all: Arc<HashSet<ChunkId>> = tokio::task::spawn_blocking(move || {
+            let _heavy = heavy;
             Arc::new(m.blocks.iter().flatten().copied().collect())
         })
         .await
         .map_err(|e| Error::internal(format!("chunk set worker failed: {e}")))?;
         self.with_served(&rec.volume, rec.id, |e| e.all = Some(all.clone()));
         Ok(chunks.iter().find(|c| !all.contains(c)).copied())
+    }
+
+    /// A permit for manifest work (at most [`HEAVY_WORK`] at once, for all peers).
+    async fn heavy_work(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.heavy
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::internal("the work permits closed"))
     }
 
     /// Brings the chunk index up to the repository (packs gone since are dropped, new ones
@@ -404,9 +449,10 @@ impl ServerState {
     }
 }
 
-/// The peer a request was authenticated as (put there by [`authenticate`]).
+/// The peer a request was authenticated as (put there by [`authenticate`]), and its request
+/// slot, which the request's work and answer hold until they are done.
 #[derive(Clone, Debug)]
-struct Authed(NodeId);
+struct Authed(NodeId, Arc<tokio::sync::OwnedSemaphorePermit>);
 
 /// Authenticates a peer request from its headers alone, before any of its body is read (an
 /// unauthenticated body is never buffered), then holds one of the peer's request slots while
@@ -432,10 +478,11 @@ async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Respons
         )
             .into_response();
     }
-    let Ok(_slot) = peer.slots.clone().acquire_owned().await else {
+    let Ok(slot) = peer.slots.clone().acquire_owned().await else {
         return ApiError(Error::internal("peer slots closed")).into_response();
     };
-    req.extensions_mut().insert(Authed(peer.name.clone()));
+    req.extensions_mut()
+        .insert(Authed(peer.name.clone(), Arc::new(slot)));
     next.run(req).await
 }
 
@@ -523,10 +570,18 @@ async fn manifest(
             return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
         }
         let m = s.manifest_of(&rec).await?;
-        let json: Bytes = tokio::task::spawn_blocking(move || m.encode_format_1())
-            .await
-            .map_err(|e| Error::internal(format!("manifest encoder failed: {e}")))??
-            .into();
+        let heavy = s.heavy_work().await?;
+        if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
+            return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
+        }
+        let slot = who.1.clone();
+        let json: Bytes = tokio::task::spawn_blocking(move || {
+            let _held = (heavy, slot);
+            m.encode_format_1()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("manifest encoder failed: {e}")))??
+        .into();
         s.with_served(&volume, rec.id, |e| e.format1 = Some(json.clone()));
         return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
     }
@@ -545,9 +600,23 @@ async fn manifest(
         return Ok(([(MANIFEST_KIND_HEADER, "delta")], d).into_response());
     }
     let (m, b) = tokio::try_join!(s.manifest_of(&rec), s.manifest_of(&base))?;
-    let delta = tokio::task::spawn_blocking(move || m.delta_from(&b))
-        .await
-        .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))?;
+    let heavy = s.heavy_work().await?;
+    let cached = s.with_served(&volume, rec.id, |e| {
+        e.deltas
+            .iter()
+            .find(|(b, _)| *b == base.id)
+            .map(|(_, d)| d.clone())
+    });
+    if let Some(Some(d)) = cached {
+        return Ok(([(MANIFEST_KIND_HEADER, "delta")], d).into_response());
+    }
+    let slot = who.1.clone();
+    let delta = tokio::task::spawn_blocking(move || {
+        let _held = (heavy, slot);
+        m.delta_from(&b)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("manifest delta worker failed: {e}")))?;
     let encoded: Bytes = delta.encode()?.into();
     // The peer asks for chunks of the changed blocks next: allow those without hashing every
     // block of the snapshot.
@@ -566,7 +635,7 @@ async fn chunks(
     Extension(who): Extension<Authed>,
     Path((volume, id)): Path<(String, String)>,
     body: Bytes,
-) -> Api<Vec<u8>> {
+) -> Api<Response> {
     let started = std::time::Instant::now();
     let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
@@ -585,6 +654,9 @@ async fn chunks(
         ))
         .into());
     }
+    if req.chunks.iter().collect::<HashSet<_>>().len() != req.chunks.len() {
+        return Err(Error::invalid("a chunk request names a chunk twice").into());
+    }
     if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
         return Err(
             Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
@@ -593,6 +665,26 @@ async fn chunks(
     // gc must not remove a pack while it is read.
     let _lock = s.node.lock_repo_shared().await?;
     let index = s.index_for(&req.chunks).await?;
+    // What the answer will weigh, from the index: bounded per answer, and all answers being
+    // read or sent share one budget, so no number of peers and requests can exhaust memory.
+    let weight: u64 = req
+        .chunks
+        .iter()
+        .map(|c| index.get(c).map_or(0, |l| l.length as u64) + super::FRAME_HEADER as u64)
+        .sum();
+    if weight > MAX_ANSWER_BYTES {
+        return Err(Error::invalid(format!(
+            "these {} chunks are {weight} bytes; ask for at most {MAX_ANSWER_BYTES} bytes at once",
+            req.chunks.len()
+        ))
+        .into());
+    }
+    let budget = s
+        .send_budget
+        .clone()
+        .acquire_many_owned(weight.div_ceil(1024).max(1) as u32)
+        .await
+        .map_err(|_| Error::internal("the send budget closed"))?;
     let indexed = started.elapsed();
     let chunks = match s.node.repo.read_chunks(&index, &req.chunks).await {
         // A gc here repacked or removed a pack since the index was loaded: reload, retry once.
@@ -622,7 +714,21 @@ async fn chunks(
         .expect("not poisoned")
         .entry(peer.name.to_string())
         .or_default() += out.len() as u64;
-    Ok(out)
+    // The answer goes out in pieces; the peer's slot and the budget are held until the last
+    // piece is taken, not just until this function returns.
+    let out = Bytes::from(out);
+    let held = (who.1.clone(), budget);
+    let pieces = (0..out.len().max(1)).step_by(1 << 20).map(move |at| {
+        Ok::<_, std::convert::Infallible>(out.slice(at..(at + (1 << 20)).min(out.len())))
+    });
+    let body = axum::body::Body::from_stream(futures::StreamExt::map(
+        futures::stream::iter(pieces),
+        move |p| {
+            let _ = &held;
+            p
+        },
+    ));
+    Ok(Response::new(body))
 }
 
 async fn put_locks(
@@ -633,6 +739,17 @@ async fn put_locks(
 ) -> Api<Response> {
     let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
+    if !peer.lock_sets.lock().expect("not poisoned").take() {
+        s.counters.denied.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::Unavailable {
+            message: format!(
+                "peer {} sends lock sets faster than {LOCK_SET_RATE} a second; slow down",
+                peer.name
+            ),
+            source: None,
+        }
+        .into());
+    }
     let mut update: LockSetUpdate = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
     let own = HolderId::mirror(&peer.name, &volume);
@@ -645,15 +762,23 @@ async fn put_locks(
         ))
         .into());
     }
-    if let Some(l) = update
-        .locks
-        .iter()
-        .find(|l| l.path.len() > crate::softlock::MAX_LOCK_PATH)
-    {
+    // A lock's path names the nodes it came through, the sender last (a path left empty is
+    // the sender's own lock); it must leave room for this node to pass it on (a path at the
+    // limit here would be refused one hop up).
+    for l in &mut update.locks {
+        if l.path.is_empty() {
+            l.path.push(peer.name.clone());
+        }
+    }
+    if let Some(l) = update.locks.iter().find(|l| {
+        l.path.len() >= crate::softlock::MAX_LOCK_PATH || l.path.last() != Some(&peer.name)
+    }) {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);
         return Err(Error::denied(format!(
-            "peer {} sent a lock whose path has {} nodes; a cascade is at most {} deep",
+            "peer {} sent a lock whose path {:?} does not end with the sender or is {} nodes \
+             deep; a cascade is less than {} deep",
             peer.name,
+            l.path.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
             l.path.len(),
             crate::softlock::MAX_LOCK_PATH
         ))
@@ -770,6 +895,16 @@ struct ConnectionSlot {
 
 impl Connections {
     fn admit(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<ConnectionSlot, String> {
+        // An IPv6 host usually holds a whole /64: count it as one address.
+        let ip = match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(seg))
+            }
+            IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")),
+            v4 => v4,
+        };
         let mut per = self.per_address.lock().expect("not poisoned");
         let here = per.get(&ip).copied().unwrap_or(0);
         if self.total.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
@@ -848,21 +983,28 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
     }
 }
 
-/// What a connection is doing: requests in progress, and when the last one ended.
+/// What a connection is doing: requests in progress (until their answers are taken), when the
+/// last answered request ended, and whether any request was answered with success (a stranger
+/// whose requests are all refused does not keep a connection).
 #[derive(Debug)]
 struct Activity {
-    in_flight: AtomicU64,
-    requests: AtomicU64,
+    in_flight: Mutex<HashMap<u64, Instant>>,
+    next: AtomicU64,
     last: Mutex<Instant>,
+    trusted: std::sync::atomic::AtomicBool,
 }
 
-/// One request in progress on a connection (counted until dropped, even if cancelled).
-struct InFlight(Arc<Activity>);
+/// One request in progress on a connection: counted until its answer's body is taken or
+/// dropped, even if cancelled.
+struct InFlight(Arc<Activity>, u64);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.last.lock().expect("not poisoned") = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .in_flight
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.1);
     }
 }
 
@@ -870,25 +1012,39 @@ async fn serve_connection<I>(io: I, app: Router, remote: std::net::SocketAddr)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use futures::StreamExt;
     use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
     let started = Instant::now();
     let activity = Arc::new(Activity {
-        in_flight: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
+        in_flight: Mutex::new(HashMap::new()),
+        next: AtomicU64::new(0),
         last: Mutex::new(started),
+        trusted: std::sync::atomic::AtomicBool::new(false),
     });
     let act = activity.clone();
     let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
-        act.in_flight.fetch_add(1, Ordering::Relaxed);
-        act.requests.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(act.clone());
-        let app = app.clone();
+        let n = act.next.fetch_add(1, Ordering::Relaxed);
+        act.in_flight
+            .lock()
+            .expect("not poisoned")
+            .insert(n, Instant::now());
+        let guard = InFlight(act.clone(), n);
+        let (app, act) = (app.clone(), act.clone());
         async move {
-            let r = app.oneshot(req.map(axum::body::Body::new)).await;
-            drop(guard);
-            r
+            let resp = app.oneshot(req.map(axum::body::Body::new)).await?;
+            // Only an answered request keeps the connection alive; a refusal does not.
+            if resp.status().is_success() {
+                act.trusted.store(true, Ordering::Relaxed);
+                *act.last.lock().expect("not poisoned") = Instant::now();
+            }
+            Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                axum::body::Body::from_stream(body.into_data_stream().map(move |piece| {
+                    let _ = &guard;
+                    piece
+                }))
+            }))
         }
     });
     let builder = connection_builder();
@@ -912,11 +1068,19 @@ where
                     }
                     continue;
                 }
-                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
+                let (busy, oldest) = {
+                    let f = activity.in_flight.lock().expect("not poisoned");
+                    (!f.is_empty(), f.values().min().map(Instant::elapsed))
+                };
+                if oldest.is_some_and(|age| age > REQUEST_TIMEOUT) {
+                    tracing::debug!(%remote, "connection closed: an answer was not taken in time");
+                    return;
+                }
                 let quiet = activity.last.lock().expect("not poisoned").elapsed();
-                let never_asked = activity.requests.load(Ordering::Relaxed) == 0;
-                if idle && (quiet > IDLE_TIMEOUT || (never_asked && quiet > HANDSHAKE_TIMEOUT)) {
-                    tracing::debug!(%remote, "closing an idle connection");
+                let trusted = activity.trusted.load(Ordering::Relaxed);
+                let stale = if trusted { quiet > IDLE_TIMEOUT } else { started.elapsed() > HANDSHAKE_TIMEOUT };
+                if stale && (!busy || !trusted) {
+                    tracing::debug!(%remote, trusted, "closing an idle connection");
                     conn.as_mut().graceful_shutdown();
                     closing = Some(Instant::now());
                 }

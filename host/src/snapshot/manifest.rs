@@ -112,11 +112,27 @@ pub fn block_count(size: u64, block_size: u32) -> u64 {
 }
 
 fn decompress(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
+    decompress_at_most(bytes, what, MAX_MANIFEST_BYTES)
+}
+
+/// Decompresses at most `max` bytes: more is an error, never a bigger allocation (a few KiB
+/// of zstd can claim gigabytes).
+fn decompress_at_most(bytes: &[u8], what: &str, max: u64) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     zstd::stream::Decoder::new(bytes)
-        .and_then(|d| d.take(MAX_MANIFEST_BYTES).read_to_end(&mut out))
+        .and_then(|d| d.take(max + 1).read_to_end(&mut out))
         .map_err(|e| Error::corrupt(format!("{what} does not decompress: {e}")))?;
+    if out.len() as u64 > max {
+        return Err(Error::corrupt(format!(
+            "{what} decompresses to more than the {max} bytes it may hold"
+        )));
+    }
     Ok(out)
+}
+
+/// Whether `bytes` is a manifest in format 2 (what peers ask for; format 1 is zstd JSON).
+pub fn is_format_2(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
 }
 
 fn compress(raw: &[u8]) -> Result<Vec<u8>> {
@@ -403,8 +419,14 @@ impl ManifestDelta {
 
     /// Parses a delta from a peer; [`ManifestDelta::apply`] checks it against its base.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self> {
+        Self::decode_at_most(bytes, what, MAX_MANIFEST_BYTES)
+    }
+
+    /// [`ManifestDelta::decode`], refusing a delta that decompresses to more than `max`
+    /// bytes (what a delta of the listed snapshot can take).
+    pub fn decode_at_most(bytes: &[u8], what: &str, max: u64) -> Result<Self> {
         let what = format!("manifest delta of {what}");
-        let raw = decompress(bytes, &what)?;
+        let raw = decompress_at_most(bytes, &what, max)?;
         let rest = raw
             .strip_prefix(DELTA_MAGIC)
             .ok_or_else(|| Error::corrupt(format!("{what} is not a manifest delta")))?;

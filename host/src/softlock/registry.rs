@@ -29,6 +29,35 @@ const LOCK_SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("lock_sets"
 const LOCKED: TableDefinition<&str, u64> = TableDefinition::new("locked");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("lock_settings");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("lock_history");
+/// (holder, seq) of every event in [`HISTORY`]: a holder's events in order, to trim them.
+const HISTORY_BY_HOLDER: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("lock_history_by_holder");
+/// Holder → [`HistorySummary`] of its events trimmed from the history.
+const HISTORY_SUMMARIES: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("lock_history_summaries");
+
+/// Events kept per holder by default (`HOLDFAST_HISTORY_PER_HOLDER`); older ones are
+/// summarised. A year of hourly mirrors releases one base an hour: some 9,000 events; the
+/// last thousand say what happened lately, the summary the rest.
+const DEFAULT_HISTORY_PER_HOLDER: u64 = 1000;
+
+fn history_per_holder() -> u64 {
+    std::env::var("HOLDFAST_HISTORY_PER_HOLDER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_HISTORY_PER_HOLDER)
+}
+
+/// What was trimmed of one holder's history: how many events of each kind, and when.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HistorySummary {
+    pub holder: String,
+    pub events: BTreeMap<String, u64>,
+    pub first_unix_ms: u64,
+    pub last_unix_ms: u64,
+}
 
 /// Everything one holder asks of this node for one volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,8 +313,12 @@ fn record_all<'l>(
     detail: &str,
 ) -> Result<()> {
     let mut t = tx.open_table(HISTORY)?;
+    let mut by_holder = tx.open_table(HISTORY_BY_HOLDER)?;
     let first = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+    let mut holders = std::collections::BTreeSet::new();
     for (seq, lock) in (first..).zip(locks) {
+        by_holder.insert((lock.holder.as_str(), seq), ())?;
+        holders.insert(lock.holder.to_string());
         let e = LockEvent {
             seq,
             unix_ms: now,
@@ -299,6 +332,45 @@ fn record_all<'l>(
         };
         t.insert(seq, encode(&e)?.as_slice())?;
     }
+    drop((t, by_holder));
+    for h in holders {
+        trim_history(tx, &h, history_per_holder())?;
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` events of `holder`, folding the older ones into its summary.
+fn trim_history(tx: &WriteTransaction, holder: &str, keep: u64) -> Result<()> {
+    let mut by_holder = tx.open_table(HISTORY_BY_HOLDER)?;
+    let seqs: Vec<u64> = by_holder
+        .range((holder, 0)..=(holder, u64::MAX))?
+        .map(|r| r.map(|(k, _)| k.value().1))
+        .collect::<std::result::Result<_, _>>()?;
+    if seqs.len() as u64 <= keep {
+        return Ok(());
+    }
+    let drop_n = seqs.len() - keep as usize;
+    let mut t = tx.open_table(HISTORY)?;
+    let mut summaries = tx.open_table(HISTORY_SUMMARIES)?;
+    let mut sum: HistorySummary = match summaries.get(holder)? {
+        Some(v) => decode(v.value(), holder)?,
+        None => HistorySummary {
+            holder: holder.to_string(),
+            ..Default::default()
+        },
+    };
+    for seq in &seqs[..drop_n] {
+        if let Some(v) = t.remove(*seq)? {
+            let e: LockEvent = decode(v.value(), &seq.to_string())?;
+            *sum.events.entry(e.event).or_default() += 1;
+            if sum.first_unix_ms == 0 || e.unix_ms < sum.first_unix_ms {
+                sum.first_unix_ms = e.unix_ms;
+            }
+            sum.last_unix_ms = sum.last_unix_ms.max(e.unix_ms);
+        }
+        by_holder.remove((holder, *seq))?;
+    }
+    summaries.insert(holder, encode(&sum)?.as_slice())?;
     Ok(())
 }
 
@@ -453,11 +525,18 @@ pub fn tables_present(tx: &redb::ReadTransaction) -> Result<bool> {
             Err(e) => return Err(e.into()),
         }
     }
-    match tx.open_table(LOCKED) {
-        Ok(_) => Ok(true),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
-        Err(e) => Err(e.into()),
+    for present in [
+        tx.open_table(LOCKED).map(drop),
+        tx.open_table(HISTORY_SUMMARIES).map(drop),
+        tx.open_table(HISTORY_BY_HOLDER).map(drop),
+    ] {
+        match present {
+            Ok(()) => {}
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(true)
 }
 
 /// The registry over the catalog's database.
@@ -477,6 +556,17 @@ impl<'a> LockRegistry<'a> {
         tx.open_table(LOCKED)?;
         tx.open_table(SETTINGS)?;
         tx.open_table(HISTORY)?;
+        tx.open_table(HISTORY_SUMMARIES)?;
+        // The per-holder index of a history from a release before it: built once.
+        let mut by_holder = tx.open_table(HISTORY_BY_HOLDER)?;
+        if redb::ReadableTableMetadata::is_empty(&by_holder)? {
+            let t = tx.open_table(HISTORY)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let e: LockEvent = decode(v.value(), &k.value().to_string())?;
+                by_holder.insert((e.holder.as_str(), k.value()), ())?;
+            }
+        }
         Ok(())
     }
 
@@ -789,6 +879,18 @@ impl<'a> LockRegistry<'a> {
     }
 
     /// The history, oldest first.
+    /// What was trimmed of each holder's history (see [`HistorySummary`]).
+    pub fn history_summaries(&self) -> Result<Vec<HistorySummary>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(HISTORY_SUMMARIES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push(decode(v.value(), k.value())?);
+        }
+        Ok(out)
+    }
+
     pub fn history(&self) -> Result<Vec<LockEvent>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(HISTORY)?;
@@ -798,5 +900,58 @@ impl<'a> LockRegistry<'a> {
             out.push(decode(v.value(), &k.value().to_string())?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keeps_the_newest_events_per_holder_and_summarises_the_rest() {
+        // Each holder keeps its newest events; the older ones fold into its summary, and
+        // another holder's events are not touched.
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let tx = db.begin_write().unwrap();
+        LockRegistry::ensure_tables(&tx).unwrap();
+        let lock = |holder: &str, t: u64| SoftLock {
+            volume: "v".parse().unwrap(),
+            snapshot: SnapshotId::generate(t),
+            lock_type: LockType::Application,
+            value: "x".into(),
+            holder: holder.parse().unwrap(),
+            set_unix_ms: t,
+            refreshed_unix_ms: t,
+            lease_ms: None,
+            path: vec![],
+        };
+        for t in 1..=10u64 {
+            record_all(&tx, t, "release", &[lock("app:noisy", t)], "").unwrap();
+            trim_history(&tx, "app:noisy", 3).unwrap();
+        }
+        record_all(&tx, 11, "break", &[lock("app:quiet", 11)], "").unwrap();
+        trim_history(&tx, "app:quiet", 3).unwrap();
+        tx.commit().unwrap();
+        let reg = LockRegistry::new(&db);
+        let h = reg.history().unwrap();
+        let noisy: Vec<u64> = h
+            .iter()
+            .filter(|e| e.holder.as_str() == "app:noisy")
+            .map(|e| e.unix_ms)
+            .collect();
+        assert_eq!(noisy, [8, 9, 10]);
+        assert_eq!(
+            h.iter()
+                .filter(|e| e.holder.as_str() == "app:quiet")
+                .count(),
+            1
+        );
+        let sums = reg.history_summaries().unwrap();
+        assert_eq!(sums.len(), 1);
+        assert_eq!(sums[0].holder, "app:noisy");
+        assert_eq!(sums[0].events["release"], 7);
+        assert_eq!((sums[0].first_unix_ms, sums[0].last_unix_ms), (1, 7));
     }
 }

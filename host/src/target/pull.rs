@@ -84,6 +84,21 @@ pub async fn pull(
         let (mut local_index, _) = node.load_index().await?;
         for (s, raw) in wanted {
             let m = Manifest::decode(raw, &s.display_ref())?;
+            // A target is storage someone else may write: its labels pass the local rules.
+            for (k, v) in &m.labels {
+                crate::id::validate_name("label key", k)
+                    .and_then(|()| {
+                        crate::id::validate_text("label value", v, crate::id::MAX_LABEL_VALUE_BYTES)
+                    })
+                    .map_err(|e| {
+                        Error::corrupt(format!(
+                            "{} in target {} has a label this node refuses ({e}); nothing of \
+                             it was committed",
+                            s.display_ref(),
+                            rec.name
+                        ))
+                    })?;
+            }
             let mut sink = PackSink::new(&node.repo, &mut local_index);
             copy_chunks(&repo, &target_index, &m.blocks, &mut sink, progress).await?;
             let stats = SnapshotStats {

@@ -509,3 +509,176 @@ fn links_inside_the_repository_are_not_followed() {
     assert!(!r.stderr.contains("etc/shadow") && !r.stdout.contains("etc/shadow"));
     assert!(b.ids("vm1").is_empty());
 }
+
+/// An upstream that answers with a manifest in format 1 (zstd JSON, which a few KiB can
+/// inflate to gigabytes) when format 2 was asked for is refused before anything is decoded.
+#[test]
+fn a_manifest_in_another_format_than_asked_is_refused() {
+    let list = listing(vec![record("vm1", ID1, 1 << 20, 65536, json!({}))]);
+    // 64 MiB of JSON in a few KiB of zstd.
+    let bomb = {
+        let raw = vec![b' '; 64 << 20];
+        zstd_compress(&raw)
+    };
+    let (r, n, _fake) = mirror_against(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else if path.contains("/manifest") {
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "full")
+                .body(axum::body::Body::from(bomb.clone()))
+                .unwrap()
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("format 2"), "{}", r.stderr);
+    changed_nothing(&n, true);
+}
+
+fn zstd_compress(raw: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(raw, 19).unwrap()
+}
+
+/// A -> B -> C over TLS, each a daemon; B and C mirror vm1.
+fn chain() -> (Tls, Peer, Peer, Peer) {
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let mut b = Peer::new("b");
+    let c = Peer::new("c");
+    let img = a.node.image("vm1.img", &mixed_bytes(1 << 20, 9));
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+    (tls, a, b, c)
+}
+
+/// A downstream cannot stop its upstream from mirroring by what it sends: a lock whose path
+/// is too deep to pass on is refused at once (or, just short of that, kept but not passed
+/// up); a set that fills its own limit makes the set passed up too big for the next hop,
+/// and then the upstream still mirrors, sending its own locks without its downstream's.
+#[test]
+fn a_downstream_cannot_stop_its_upstream_from_mirroring() {
+    let (tls, a, b, c) = chain();
+    b.mirror("vm1"); // (B's daemon may have caught up already at its start)
+    let snap = b.node.snapshot_id("vm1@s1");
+    let path = |n: usize| -> Vec<String> {
+        let mut p: Vec<String> = (0..n - 1).map(|i| format!("x{i}")).collect();
+        p.push("c".into());
+        p
+    };
+    let set = |generation: u64, locks: Vec<Value>| {
+        json!({"volume": "vm1", "holder": "c/vm1", "generation": generation, "locks": locks})
+            .to_string()
+    };
+    let put = |body: String| b.request(&tls, "PUT", "/v1/volumes/vm1/locks", "c", &c.token, &body);
+    // Too deep to pass on: refused here.
+    let (st, body) = put(set(
+        1,
+        vec![json!({"snapshot": snap, "type": "owner-name", "value": "deep", "path": path(32)})],
+    ));
+    assert_eq!(st, 403, "{body}");
+    // Deep, but B can still pass it... to the limit: B keeps it, A never sees a set it refuses.
+    let (st, body) = put(set(
+        2,
+        vec![json!({"snapshot": snap, "type": "owner-name", "value": "deep", "path": path(31)})],
+    ));
+    assert_eq!(st, 200, "{body}");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "up-to-date", "{r}");
+    // A thousand locks (C's limit on B) make B's set one more than B's limit on A.
+    let many: Vec<Value> = (0..1000)
+        .map(|i| json!({"snapshot": snap, "type": "owner-name", "value": format!("v{i}"), "path": ["c"]}))
+        .collect();
+    let (st, body) = put(set(3, many));
+    assert_eq!(st, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "up-to-date", "{r}");
+    // B's own base still holds on A.
+    assert_eq!(a.locked_by("b/vm1"), vec![snap.clone()]);
+    assert!(b.log().contains("without the"), "{}", b.log());
+}
+
+/// A chunk request naming a chunk twice is refused (an answer must not be a multiple of
+/// what was asked for).
+#[test]
+fn a_chunk_request_naming_a_chunk_twice_is_refused() {
+    let (tls, a, b) = pair();
+    let id = a.node.snapshot_id("vm1@s1");
+    let c = "ab".repeat(32);
+    let body = json!({"chunks": [c, c]}).to_string();
+    let path = format!("/v1/volumes/vm1/snapshots/{id}/chunks");
+    let (st, resp) = a.request(&tls, "POST", &path, "b", &b.token, &body);
+    assert_eq!(st, 400, "{resp}");
+    assert!(resp.contains("twice"), "{resp}");
+}
+
+/// A stranger whose requests are all refused does not keep a connection: it is closed after
+/// the handshake timeout, however often it asks.
+#[test]
+fn refused_requests_do_not_keep_a_connection_open() {
+    let (tls, a, _b) = pair();
+    let script = r#"
+import socket, ssl, sys, time
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1")
+t0 = time.time()
+while time.time() - t0 < 40:
+    try:
+        s.sendall(b"GET /v1/volumes/vm1/snapshots HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = s.recv(65536)
+        if not data:
+            break
+    except OSError:
+        break
+    time.sleep(2)
+print(round(time.time() - t0))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .arg(&tls.cert)
+        .output()
+        .expect("python3");
+    let secs: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        secs < 30,
+        "a refused stranger kept its connection for {secs} s"
+    );
+}

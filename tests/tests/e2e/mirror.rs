@@ -232,12 +232,18 @@ fn offline_downstream_keeps_its_base_through_the_cascade() {
     assert_eq!(a.ids("vm1").len(), 3, "{:?}", a.ids("vm1"));
 
     // C comes back: its daemon catches up at once.
+    let returned_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     c.start();
     let t0 = Instant::now();
     let r = loop {
         let st = c.status();
-        let t = &st["relations"][0]["job"]["last-transfer"];
-        if !t.is_null() {
+        let job = &st["relations"][0]["job"];
+        // (The transfer log also holds C's updates from before it went away.)
+        let t = &job["last-transfer"];
+        if !t.is_null() && job["last-finished-unix-ms"].as_u64().unwrap_or(0) >= returned_ms {
             break t.clone();
         }
         let err = &st["relations"][0]["job"]["last-error"];

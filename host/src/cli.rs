@@ -61,13 +61,13 @@ use holdfast::state::{DEFAULT_STATE_DIR, Node};
 #[command(name = "holdfast", version, about, max_term_width = 100)]
 pub struct Cli {
     /// The node's state directory.
-    #[arg(long, global = true, env = "HOLDFAST_STATE", default_value = DEFAULT_STATE_DIR)]
+    #[arg(long, global = true, env = "HOLDFAST_STATE", default_value = DEFAULT_STATE_DIR, help_heading = "Global options")]
     pub state: PathBuf,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,
     /// No progress bars or summaries; errors only.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Global options")]
     pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,

@@ -145,9 +145,11 @@ fn current_size(file: &File, path: &Path) -> Result<u64> {
     }
 }
 
-/// Resolves an image path given by the user to an absolute path, checking it can be opened.
+/// Makes an image path given by the user absolute, checking it can be opened. Symbolic links
+/// are kept as given, never resolved: `/dev/vg0/lv` must not become `/dev/dm-3`, which names
+/// another device after a reboot or when an LVM snapshot is made again; each read resolves
+/// the link anew.
 pub fn check_image(path: &Path) -> Result<PathBuf> {
-    let v = FileVolume::open(path)?;
-    std::fs::canonicalize(v.path())
-        .map_err(|e| Error::io(format!("resolving {}", path.display()), e))
+    FileVolume::open(path)?;
+    std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))
 }

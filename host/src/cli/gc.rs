@@ -6,6 +6,7 @@ use super::{Context, human_bytes, print_json};
 use holdfast::snapshot;
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  holdfast gc --dry-run\n  holdfast gc --target bucket --json")]
 pub struct GcCommand {
     /// Say what would be reclaimed, change nothing.
     #[arg(long)]

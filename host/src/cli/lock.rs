@@ -17,7 +17,12 @@ use holdfast::softlock::{HolderId, LockSetUpdate, LockType, NewLock, SoftLock};
 #[derive(Debug, Subcommand)]
 pub enum LockCommand {
     /// Set a soft lock on a snapshot (or refresh the same one).
+    #[command(
+        after_help = "Examples:\n  holdfast lock add db@nightly --type owner-name --value \"dba team\" --holder app:dba --ttl 24h"
+    )]
     Add {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         /// owner-name, destination-path, qtree-name, application or custom:TAG.
         #[arg(long = "type")]
@@ -36,9 +41,15 @@ pub enum LockCommand {
         target: Option<String>,
     },
     /// Release a holder's locks: on one snapshot, or (without a snapshot) all of them.
+    #[command(
+        after_help = "Examples:\n  holdfast lock release db@nightly --holder app:dba\n  holdfast lock release --holder app:dba --volume db"
+    )]
     Release {
+        /// The snapshot (VOLUME@NAME or VOLUME@ID); without it, every lock of the holder
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: Option<SnapshotRef>,
         #[arg(long)]
+        /// The holder: app:NAME for an application, NODE/VOLUME for a downstream mirror
         holder: HolderId,
         /// Only on this volume (without a snapshot).
         #[arg(long)]
@@ -48,10 +59,13 @@ pub enum LockCommand {
         target: Option<String>,
     },
     /// List soft locks.
+    #[command(after_help = "Examples:\n  holdfast lock list --volume db --stale")]
     List {
         #[arg(long)]
+        /// Only this volume
         volume: Option<VolumeName>,
         #[arg(long)]
+        /// Only this holder's locks (app:NAME or NODE/VOLUME)
         holder: Option<HolderId>,
         /// Only locks whose lease ran out.
         #[arg(long)]
@@ -63,12 +77,16 @@ pub enum LockCommand {
         target: Option<String>,
     },
     /// Why a snapshot cannot be deleted, and what deleting it would free and cost.
+    #[command(after_help = "Examples:\n  holdfast lock explain db@nightly")]
     Explain {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         #[arg(long)]
         json: bool,
     },
     /// Releases, breaks, expiries and replaced sets, oldest first.
+    #[command(after_help = "Examples:\n  holdfast lock history --json")]
     History {
         #[arg(long)]
         json: bool,
@@ -78,8 +96,10 @@ pub enum LockCommand {
     /// An older generation than the stored one is ignored.
     ReplaceSet { file: PathBuf },
     /// Whether a holder's stale locks are released automatically (default: no).
+    #[command(after_help = "Examples:\n  holdfast lock auto-release --holder b/db")]
     AutoRelease {
         #[arg(long)]
+        /// The holder: app:NAME for an application, NODE/VOLUME for a downstream mirror
         holder: HolderId,
         /// Turn it off again.
         #[arg(long)]

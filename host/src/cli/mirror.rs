@@ -14,7 +14,9 @@ enum Kind {
 #[derive(Debug, Subcommand)]
 pub enum MirrorCommand {
     /// Pull one update of VOLUME from its upstream now (locks before and after, as the daemon does).
+    #[command(after_help = "Examples:\n  holdfast mirror run db --config /etc/holdfast/node.toml")]
     Run {
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         #[command(flatten)]
         config: ConfigArg,
@@ -23,23 +25,30 @@ pub enum MirrorCommand {
     },
     /// Push the volume's new snapshots to a mirror target (a directory or a bucket); the
     /// node keeps a destination-path lock on the target's base.
+    #[command(after_help = "Examples:\n  holdfast mirror push db --target bucket")]
     Push {
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         #[arg(long)]
+        /// The target (as `holdfast target list` names it)
         target: String,
         #[arg(long)]
         json: bool,
     },
     /// Copy a target's snapshots of the volume into this node (seed a new node from a bucket;
     /// normal mirroring from an upstream continues incrementally afterwards).
+    #[command(after_help = "Examples:\n  holdfast mirror pull db --target bucket")]
     Pull {
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         #[arg(long)]
+        /// The target (as `holdfast target list` names it)
         target: String,
         #[arg(long)]
         json: bool,
     },
     /// The configured mirror relations and the state of each replica.
+    #[command(after_help = "Examples:\n  holdfast mirror list --config /etc/holdfast/node.toml")]
     List {
         #[command(flatten)]
         config: ConfigArg,

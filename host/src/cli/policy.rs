@@ -15,7 +15,11 @@ use holdfast::policy::{Limits, Phase, PolicyEngine};
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Register a policy component for one or more volumes.
+    #[command(
+        after_help = "Examples:\n  holdfast policy add gfs --wasm gfs_retention.wasm --volume db --config keep-last=7 --config daily=14"
+    )]
     Add {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         /// The component (.wasm) built for wasm32-wasip2 against wit/since_v0.2.0 (or 0.1.0).
         #[arg(long)]
@@ -40,6 +44,7 @@ pub enum PolicyCommand {
     },
     /// Show one policy.
     Show {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         #[arg(long)]
         json: bool,
@@ -47,9 +52,12 @@ pub enum PolicyCommand {
     /// Unregister a policy and release its locks.
     Remove { name: String },
     /// Dry run on this node's real data: the locks and prunes the policy would produce.
+    #[command(after_help = "Examples:\n  holdfast policy test gfs --volume db")]
     Test {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         #[arg(long)]
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         /// The phase to simulate (default: retention for retention policies, else scheduled).
         #[arg(long)]

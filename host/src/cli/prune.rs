@@ -9,7 +9,11 @@ use holdfast::id::VolumeName;
 use holdfast::retention::{self, KeepRules};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  holdfast prune db --keep-last 24 --keep-within 7d --dry-run\n  holdfast prune db --target bucket --keep-last 30"
+)]
 pub struct PruneCommand {
+    /// The volume (as `holdfast volume list` names it)
     pub volume: VolumeName,
     /// Keep the newest N snapshots. Without --keep-last and --keep-within, the volume's
     /// retention policies decide (see `holdfast policy`).

@@ -16,7 +16,11 @@ use holdfast::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Take a snapshot of a volume and print its id.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot create db\n  holdfast snapshot create db --name nightly --label app=postgres"
+    )]
     Create {
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         /// The snapshot's name (default: the creation time).
         #[arg(long)]
@@ -29,7 +33,11 @@ pub enum SnapshotCommand {
         json: bool,
     },
     /// List a volume's snapshots, oldest first.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot list db\n  holdfast snapshot list db --target bucket --json"
+    )]
     List {
+        /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
         #[arg(long)]
         json: bool,
@@ -38,22 +46,36 @@ pub enum SnapshotCommand {
         target: Option<String>,
     },
     /// Show one snapshot.
+    #[command(after_help = "Examples:\n  holdfast snapshot show db@nightly")]
     Show {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         #[arg(long)]
         json: bool,
     },
     /// The block ranges that differ between two snapshots.
+    #[command(after_help = "Examples:\n  holdfast snapshot diff db@monday db@tuesday")]
     Diff {
+        /// The older snapshot (VOLUME@NAME or VOLUME@ID)
+        #[arg(value_name = "VOL@SNAP")]
         from: SnapshotRef,
+        /// The newer snapshot (VOLUME@NAME or VOLUME@ID)
+        #[arg(value_name = "VOL@SNAP")]
         to: SnapshotRef,
         #[arg(long)]
         json: bool,
     },
     /// Write a snapshot's image to a file or block device, verifying every chunk.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot restore db@nightly --to ./db.img\n  holdfast snapshot restore db@nightly --target bucket --to /dev/vg0/db"
+    )]
     Restore {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         #[arg(long)]
+        /// The image file or block device to write (a new file unless --force)
         to: PathBuf,
         /// Overwrite the destination if it exists.
         #[arg(long)]
@@ -63,7 +85,12 @@ pub enum SnapshotCommand {
         target: Option<String>,
     },
     /// Change a snapshot's labels (its data never changes), e.g. to mark it as copied.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot label db@nightly copied=yes --remove pending"
+    )]
     Label {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         /// KEY=VALUE to set; repeatable.
         #[arg(value_parser = parse_label_arg)]
@@ -73,7 +100,12 @@ pub enum SnapshotCommand {
         remove: Vec<String>,
     },
     /// Delete a snapshot (its space is reclaimed by `holdfast gc`); refused while locked.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot delete db@monday\n  holdfast snapshot delete db@monday --break-locks --yes"
+    )]
     Delete {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         /// Delete even though soft locks hold it; the locks are released and recorded in
         /// `holdfast lock history` with their holders.
@@ -88,7 +120,12 @@ pub enum SnapshotCommand {
     /// Example: `holdfast snapshot read db@nightly --hold-as restic | restic backup --stdin`.
     /// The lock (holder app:NAME) is released when the stream ends; if the process dies, it
     /// goes stale when its lease runs out.
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot read db@nightly --hold-as restic | restic backup --stdin"
+    )]
     Read {
+        /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
+        #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
         /// The application name to hold the lock as.
         #[arg(long)]
@@ -171,6 +208,7 @@ impl SnapshotCommand {
                 json,
                 target,
             } => {
+                let in_target = target.clone();
                 let snaps = match target {
                     Some(t) => {
                         let rec = holdfast::target::Targets::new(&node).get(&t)?;
@@ -190,13 +228,15 @@ impl SnapshotCommand {
                 if json {
                     return print_json(&snaps);
                 }
+                // A target keeps no record of what each snapshot added: no NEW column there.
+                let new_column = in_target.is_none();
                 outln!(
                     "{:<28} {:<20} {:<20} {:>10} {:>10}  LABELS",
                     "NAME",
                     "ID",
                     "CREATED",
                     "SIZE",
-                    "NEW"
+                    if new_column { "NEW" } else { "" }
                 );
                 for s in snaps {
                     outln!(
@@ -205,7 +245,11 @@ impl SnapshotCommand {
                         s.id,
                         format_time(s.created_unix_ms),
                         human_bytes(s.size),
-                        human_bytes(s.stats.new_stored_bytes),
+                        if new_column {
+                            human_bytes(s.stats.new_stored_bytes)
+                        } else {
+                            String::new()
+                        },
                         super::labels_text(&s.labels)
                     );
                 }
@@ -265,12 +309,16 @@ impl SnapshotCommand {
                     return print_json(&d);
                 }
                 for r in &d.ranges {
+                    // Blocks are numbered from 0; a range names its first and last block.
+                    let blocks = if r.blocks == 1 {
+                        format!("block {}", r.first_block)
+                    } else {
+                        format!("blocks {}-{}", r.first_block, r.first_block + r.blocks - 1)
+                    };
                     outln!(
-                        "changed  offset {:>14}  length {:>12}  blocks {}..{}",
+                        "changed  offset {:>14}  length {:>12}  {blocks}",
                         r.offset,
                         r.length,
-                        r.first_block,
-                        r.first_block + r.blocks
                     );
                 }
                 ctx.summary(format!(

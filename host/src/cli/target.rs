@@ -10,7 +10,11 @@ pub enum TargetCommand {
     /// Register a mirror target: checks it (reachable, writable, empty or a holdfast
     /// repository of this format) and initialises an empty one. Credentials come from
     /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never stored, never printed).
+    #[command(
+        after_help = "Examples:\n  holdfast target add bucket --url s3://backups/site-a --region eu-central-1\n  holdfast target add usb --url file:///mnt/usb/holdfast"
+    )]
     Add {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         /// `s3://BUCKET/PREFIX` or `file:///PATH`.
         #[arg(long)]
@@ -19,6 +23,7 @@ pub enum TargetCommand {
         #[arg(long)]
         endpoint: Option<String>,
         #[arg(long)]
+        /// The bucket's region (default: AWS_REGION, else us-east-1)
         region: Option<String>,
         /// Allow a plain-HTTP endpoint (a local test server); never implied.
         #[arg(long)]
@@ -41,7 +46,9 @@ pub enum TargetCommand {
     /// Forget a target (its contents are not touched).
     Remove { name: String },
     /// Reachable, writable, format version, what it holds, and any unfinished pushes.
+    #[command(after_help = "Examples:\n  holdfast target check bucket")]
     Check {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         #[arg(long)]
         json: bool,
@@ -49,7 +56,11 @@ pub enum TargetCommand {
     /// Finish the unfinished pushes of another node that has stopped for good: each of its
     /// hidden snapshots becomes visible if every chunk is safely stored, else it is removed.
     /// Only for a node that is not running (its own next push finishes them otherwise).
+    #[command(
+        after_help = "Examples:\n  holdfast target clear-pending bucket --node old-node --yes"
+    )]
     ClearPending {
+        /// Its name (letters, digits, `_ - : . +`)
         name: String,
         /// The node whose pushes to finish (as `target check` names it).
         #[arg(long)]

@@ -7,6 +7,9 @@ use holdfast::id::VolumeName;
 use holdfast::snapshot;
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  holdfast verify --volume db\n  holdfast verify --target bucket"
+)]
 pub struct VerifyCommand {
     /// Only this volume's snapshots.
     #[arg(long)]

@@ -12,7 +12,11 @@ use holdfast::volume::{self, DEFAULT_BLOCK_SIZE, FileVolume};
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Register a raw image file or block device as a volume.
+    #[command(
+        after_help = "Examples:\n  holdfast volume add db --image /dev/vg0/db-snap\n  holdfast volume add vm1 --image /var/lib/images/vm1.raw --block-size 128KiB"
+    )]
     Add {
+        /// The volume's name (letters, digits, `_ - : . +`, up to 255 bytes)
         name: VolumeName,
         /// The image file or block device.
         #[arg(long)]

@@ -41,6 +41,10 @@ pub struct GcReport {
     pub orphan_manifests_deleted: u64,
     pub stale_indexes_deleted: u64,
     pub bytes_freed: u64,
+    /// Dead bytes left in packs that stay (too little of them is dead to repack).
+    pub dead_bytes_kept: u64,
+    /// Packs holding those bytes.
+    pub packs_partly_dead: u64,
     pub notes: Vec<String>,
     #[serde(skip)]
     pub elapsed: Duration,
@@ -176,7 +180,19 @@ async fn gc_locked(
             to_delete.push(pi.pack);
         } else if dead_fraction > REPACK_THRESHOLD {
             to_repack.push((pi, keep, live_bytes));
+        } else if live_bytes < total {
+            report.dead_bytes_kept += total - live_bytes;
+            report.packs_partly_dead += 1;
         }
+    }
+    if report.dead_bytes_kept > 0 {
+        report.notes.push(format!(
+            "{} dead bytes stay in {} packs that are less than {}% dead (rewriting them would \
+             cost more than it frees); they go once more of each pack is dead",
+            report.dead_bytes_kept,
+            report.packs_partly_dead,
+            (REPACK_THRESHOLD * 100.0) as u32
+        ));
     }
     progress.set_length((to_delete.len() + to_repack.len()) as u64);
 

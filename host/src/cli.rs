@@ -113,8 +113,8 @@ pub enum Command {
     /// Make peer tokens.
     #[command(subcommand)]
     Token(daemon::TokenCommand),
-    /// Deterministic sample images (for benchmarks and tests).
-    #[command(subcommand, hide = true)]
+    /// Deterministic sample images, to try holdfast out and for benchmarks.
+    #[command(subcommand)]
     Sample(sample::SampleCommand),
 }
 

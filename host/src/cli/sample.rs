@@ -1,4 +1,4 @@
-//! `holdfast sample` (hidden): deterministic test images for benchmarks and tests.
+//! `holdfast sample`: deterministic sample images, to try holdfast out and for benchmarks.
 
 use std::path::PathBuf;
 
@@ -10,20 +10,29 @@ use holdfast::sample;
 #[derive(Debug, Subcommand)]
 pub enum SampleCommand {
     /// Write a mixed-content image (a third zeros, a quarter random, the rest text/binary).
+    #[command(after_help = "Examples:\n  holdfast sample write db.img --size 64MiB")]
     Write {
+        /// The image file to write (created or overwritten).
         path: PathBuf,
+        /// Its size (64MiB, 1GiB...).
         #[arg(long)]
         size: bytesize::ByteSize,
+        /// The same seed writes the same bytes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
     /// Rewrite a fraction of the image's blocks at random offsets.
+    #[command(after_help = "Examples:\n  holdfast sample rewrite db.img --fraction 0.01 --seed 7")]
     Rewrite {
+        /// The image file to change in place.
         path: PathBuf,
+        /// The share of its blocks to rewrite (0.01 is 1%).
         #[arg(long)]
         fraction: f64,
+        /// The size of the blocks rewritten.
         #[arg(long, default_value_t = bytesize::ByteSize::kib(64))]
         block_size: bytesize::ByteSize,
+        /// The same seed rewrites the same blocks with the same bytes.
         #[arg(long, default_value_t = 2)]
         seed: u64,
     },

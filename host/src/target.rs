@@ -93,6 +93,7 @@ pub fn open(rec: &TargetRecord) -> Result<Repository> {
         }
         TargetUrl::S3 { bucket, prefix } => {
             use object_store::aws::AmazonS3Builder;
+            crate::peer::tls::ensure_provider();
             // One request's timeout; retries (with back-off) stop after twice that.
             let timeout = match std::env::var("HOLDFAST_TARGET_TIMEOUT") {
                 Ok(t) => crate::config::parse_duration("HOLDFAST_TARGET_TIMEOUT", &t)?,

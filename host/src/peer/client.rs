@@ -51,11 +51,10 @@ pub fn manifest_limit(size: u64, block_size: u32) -> usize {
 }
 
 fn client_builder() -> reqwest::ClientBuilder {
+    super::tls::ensure_provider();
     reqwest::Client::builder()
-        .use_rustls_tls()
         // A redirect could lead the token elsewhere, or to plain HTTP: peers never redirect.
         .redirect(reqwest::redirect::Policy::none())
-        .tls_built_in_root_certs(false)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(300))
         .pool_idle_timeout(Duration::from_secs(60))
@@ -74,11 +73,12 @@ impl PeerClient {
             // Checked at load: only loopback. The upstream speaks HTTP/2 without TLS.
             b = b.http2_prior_knowledge();
         }
-        if let Some(ca) = &upstream.ca {
-            for c in super::tls::load_roots(&cfg.resolve(ca))? {
-                b = b.add_root_certificate(c);
-            }
-        }
+        // Only the configured certificate is trusted (no built-in roots).
+        let roots = match &upstream.ca {
+            Some(ca) => super::tls::load_roots(&cfg.resolve(ca))?,
+            None => vec![],
+        };
+        b = b.tls_certs_only(roots);
         let http = b
             .build()
             .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;
@@ -104,11 +104,11 @@ impl PeerClient {
         if base.scheme() == "http" {
             b = b.http2_prior_knowledge();
         }
-        if let Some(ca) = ca {
-            for c in super::tls::load_roots(ca)? {
-                b = b.add_root_certificate(c);
-            }
-        }
+        let roots = match ca {
+            Some(ca) => super::tls::load_roots(ca)?,
+            None => vec![],
+        };
+        b = b.tls_certs_only(roots);
         let http = b
             .build()
             .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;

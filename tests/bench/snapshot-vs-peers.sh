@@ -5,6 +5,10 @@
 #   tests/bench/snapshot-vs-peers.sh            # 1 GiB image, 3 runs
 #   SIZE=2GiB RUNS=5 tests/bench/snapshot-vs-peers.sh
 #
+# Then the same full snapshot of an ext4 image of real system files (SYS_SIZE, 2 GiB: what
+# fits of /usr/bin, /usr/lib/x86_64-linux-gnu and /usr/share, copied in with mkfs.ext4 -d),
+# holdfast against borg (fixed 64 KiB, zstd 3): time and repository size. SYS_SIZE=0 skips it.
+#
 # Needs restic and borgbackup (Debian packages); installs them with apt-get when missing.
 # All three read the image from the page cache (it was just written), so the comparison is
 # of the tools, not of the disk's read speed.
@@ -79,6 +83,52 @@ for run in $(seq 1 "$RUNS"); do
   rm -rf "$d"
 done
 
+# An ext4 image of real system files: executables, libraries, text.
+SYS_SIZE=${SYS_SIZE:-2GiB}
+if [ "$SYS_SIZE" != 0 ]; then
+  stage="$WORK/sys"; mkdir -p "$stage"
+  budget=$(( $(numfmt --from=iec-i "${SYS_SIZE%B}") * 3 / 4 ))
+  python3 - "$stage" "$budget" <<'PY'
+import os, shutil, sys
+stage, budget = sys.argv[1], int(sys.argv[2])
+used = 0
+for src in ["/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/share"]:
+    for root, dirs, files in os.walk(src):
+        dirs.sort(); files.sort()
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            n = os.path.getsize(p)
+            if used + n > budget:
+                sys.exit(0)
+            dst = stage + p
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                shutil.copy2(p, dst)
+                used += n
+            except OSError:
+                pass
+PY
+  truncate -s "$SYS_SIZE" "$WORK/sys.img"
+  mkfs.ext4 -q -F -d "$stage" "$WORK/sys.img" >/dev/null
+  rm -rf "$stage"
+  for run in $(seq 1 "$RUNS"); do
+    echo "system image run $run/$RUNS" >&2
+    d="$WORK/sys$run"; mkdir -p "$d"; sync
+    export HOLDFAST_STATE="$d/hf"
+    "$H" -q init >/dev/null
+    "$H" -q volume add sys --image "$WORK/sys.img"
+    t=$(now); "$H" -q snapshot create sys >/dev/null; record sys_hf_full "$(since "$t")"
+    record sys_hf_repo "$(size_of "$d/hf/repo")"
+    borg init --encryption none "$d/borg" >/dev/null 2>&1
+    t=$(now); borg create --chunker-params fixed,65536 --compression zstd,3 "$d/borg::a" "$WORK/sys.img"
+    record sys_borg_full "$(since "$t")"
+    record sys_borg_repo "$(size_of "$d/borg")"
+    rm -rf "$d"
+  done
+fi
+
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 m() { median "${R[$1]}"; }
 changed=$(python3 -c "print(round($(numfmt --from=iec-i "${SIZE%B}" 2>/dev/null || echo 1073741824)/65536*$CHANGE)*65536)")
@@ -97,3 +147,11 @@ echo "  incremental vs borg   $(r "$(m hf_incr)" "$(m borg_incr)")  [<= 0.30]"
 echo "  growth / changed data $(r "$(m hf_growth)" "$changed")  [<= 1.10]"
 echo "  restore vs restic     $(r "$(m hf_restore)" "$(m restic_restore)")  [<= 0.60]"
 echo "  repository vs borg    $(r "$(m hf_repo)" "$(m borg_repo)")  [<= 1.00]"
+if [ "$SYS_SIZE" != 0 ]; then
+  echo
+  printf '%-28s %12s %12s\n' "system files ($SYS_SIZE ext4)" holdfast borg
+  printf '%-28s %12.2f %12.2f\n' "full snapshot (s)" "$(m sys_hf_full)" "$(m sys_borg_full)"
+  printf '%-28s %12d %12d\n' "repository (B)" "$(m sys_hf_repo)" "$(m sys_borg_repo)"
+  echo "  system: full vs borg       $(r "$(m sys_hf_full)" "$(m sys_borg_full)")  [<= 0.35]"
+  echo "  system: repository vs borg $(r "$(m sys_hf_repo)" "$(m sys_borg_repo)")  [<= 1.00]"
+fi

@@ -126,7 +126,6 @@ impl Catalog {
             };
             if present(tx.open_table(VOLUMES).map(drop))?
                 && present(tx.open_table(SNAPSHOTS).map(drop))?
-                && crate::softlock::registry::tables_present(&tx)?
             {
                 return Ok(());
             }
@@ -134,18 +133,12 @@ impl Catalog {
         let tx = self.db.begin_write()?;
         tx.open_table(VOLUMES)?;
         tx.open_table(SNAPSHOTS)?;
-        crate::softlock::LockRegistry::ensure_tables(&tx)?;
         tx.commit()?;
         Ok(())
     }
 
     pub fn db(&self) -> &redb::Database {
         &self.db
-    }
-
-    /// The soft-lock registry, which lives in the same database.
-    pub fn locks(&self) -> crate::softlock::LockRegistry<'_> {
-        crate::softlock::LockRegistry::new(&self.db)
     }
 
     pub fn volume(&self, name: &VolumeName) -> Result<VolumeRecord> {

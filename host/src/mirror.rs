@@ -65,6 +65,22 @@ pub enum TransferKind {
     UpToDate,
 }
 
+impl TransferKind {
+    /// What a transfer is: nothing to fetch, nothing here yet, no base in common, or an
+    /// increment from a base.
+    pub fn of(nothing_to_fetch: bool, nothing_here: bool, has_base: bool) -> TransferKind {
+        if nothing_to_fetch {
+            TransferKind::UpToDate
+        } else if nothing_here {
+            TransferKind::Baseline
+        } else if !has_base {
+            TransferKind::Resync
+        } else {
+            TransferKind::Incremental
+        }
+    }
+}
+
 impl std::fmt::Display for TransferKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -107,6 +123,27 @@ pub struct MirrorReport {
 }
 
 impl MirrorReport {
+    /// A report of an update that did nothing (yet).
+    fn nothing(volume: &VolumeName, upstream: &NodeId, started: Instant) -> MirrorReport {
+        MirrorReport {
+            volume: volume.clone(),
+            upstream: upstream.clone(),
+            kind: TransferKind::UpToDate,
+            base: None,
+            received: vec![],
+            chunks_fetched: 0,
+            bytes_fetched: 0,
+            plain_bytes_fetched: 0,
+            manifest_bytes_fetched: 0,
+            manifest_deltas: 0,
+            deleted: vec![],
+            kept_locked: vec![],
+            locks_sent_before: 0,
+            locks_sent_after: 0,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// One line for logs and `status`.
     pub fn summary(&self) -> String {
         format!(
@@ -412,156 +449,187 @@ async fn update(
     let upstream = cfg.upstream(&relation.upstream)?;
     let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
     let _volume_lock = lock_volume(node, volume).await?;
-    let me = node.info.node_id.clone();
+    let u = Update {
+        node,
+        client: &client,
+        volume,
+        engine,
+        started,
+    };
 
     // 1. The upstream's snapshots, each checked before anything of it is used.
-    let listed = client.snapshots(volume).await?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        "listed the upstream's snapshots"
-    );
-    let local_block_size = match node.catalog.volume(volume) {
-        Ok(v) => Some(v.block_size),
-        Err(Error::NotFound(_)) => None,
-        Err(e) => return Err(e),
-    };
-    let theirs = check_listing(&client.upstream, volume, local_block_size, listed.snapshots)?;
+    let theirs = u.list().await?;
     let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
-
-    // The local replica (created on the first update).
-    let marker = format!("mirror of {}", relation.upstream);
-    match node.catalog.volume(volume) {
-        Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => {}
-        Ok(mut v)
-            if v.upstream
-                .as_deref()
-                .is_some_and(|u| u.starts_with("seeded from target ")) =>
-        {
-            // Seeded from a bucket (`mirror pull --target`): the snapshot ids are the
-            // upstream's, so mirroring continues incrementally from here.
-            v.upstream = Some(marker.clone());
-            node.catalog.update_volume(&v)?;
-        }
-        Ok(v) => {
-            return Err(Error::conflict(format!(
-                "volume {volume} on this node is {}; a mirror writes only into its own replica \
-                 (remove the volume or mirror into another name)",
-                v.upstream
-                    .unwrap_or_else(|| format!("a local volume of {}", v.image.display()))
-            )));
-        }
-        Err(Error::NotFound(_)) => {
-            let Some(first) = theirs.first() else {
-                return Ok(MirrorReport {
-                    volume: volume.clone(),
-                    upstream: relation.upstream.clone(),
-                    kind: TransferKind::UpToDate,
-                    base: None,
-                    received: vec![],
-                    chunks_fetched: 0,
-                    bytes_fetched: 0,
-                    plain_bytes_fetched: 0,
-                    manifest_bytes_fetched: 0,
-                    manifest_deltas: 0,
-                    deleted: vec![],
-                    kept_locked: vec![],
-                    locks_sent_before: 0,
-                    locks_sent_after: 0,
-                    seconds: started.elapsed().as_secs_f64(),
-                });
-            };
-            node.catalog.add_volume(&VolumeRecord {
-                name: volume.clone(),
-                image: Default::default(),
-                block_size: first.block_size,
-                added_unix_ms: crate::now_unix_ms(),
-                upstream: Some(marker.clone()),
-            })?;
-        }
-        Err(e) => return Err(e),
+    if !u.replica_ready(&relation.upstream, &theirs)? {
+        return Ok(MirrorReport::nothing(volume, &relation.upstream, started));
     }
-
     let ours = node.catalog.snapshots(volume)?;
     let base = ours
         .iter()
         .rev()
         .find(|s| upstream_has.contains(&s.id))
         .cloned();
-    if let Some(engine) = engine {
-        crate::policy::registry::decide_locks(
-            node,
-            engine,
-            volume,
-            crate::policy::Phase::BeforeMirror,
-            crate::policy::registry::Asked::HandlingPhase,
-            true,
-        )?;
-    }
-
-    // The snapshots newer than our newest, oldest first: what this update fetches.
+    u.decide_policy_locks(crate::policy::Phase::BeforeMirror)?;
+    // What this update fetches: the snapshots newer than our newest, oldest first.
     let newest_ours = ours.last().map(|s| s.id);
     let wanted: Vec<&SnapshotRecord> = theirs
         .iter()
         .filter(|s| newest_ours.is_none_or(|n| s.id > n))
         .collect();
-    let kind = if wanted.is_empty() {
-        TransferKind::UpToDate
-    } else if ours.is_empty() {
-        TransferKind::Baseline
-    } else if base.is_none() {
-        TransferKind::Resync
-    } else {
-        TransferKind::Incremental
-    };
+    let mut report = MirrorReport::nothing(volume, &relation.upstream, started);
+    report.kind = TransferKind::of(wanted.is_empty(), ours.is_empty(), base.is_some());
+    report.base = base.as_ref().map(|b| b.display_ref());
 
     // 2–3. The lock set, before the transfer: the base and what the transfer fetches first.
     //      (A catch-up goes in batches; before each later batch, the set moves on to it, so
     //      that a set never pins more than a batch besides the base and what others hold.)
     let first: Vec<SnapshotId> = wanted[..next_batch(&wanted)].iter().map(|s| s.id).collect();
-    let before = lock_set(
-        node,
-        volume,
-        &upstream_has,
-        base.as_ref().map(|b| b.id),
-        &first,
-    )?;
-    let locks_sent_before = send_lock_set(&client, volume, &me, before).await?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "sent the lock set");
+    report.locks_sent_before = u
+        .send_locks(&upstream_has, base.as_ref().map(|b| b.id), &first)
+        .await?;
 
     // 4. Fetch, verify and commit them, oldest first.
-    let mut report = MirrorReport {
-        volume: volume.clone(),
-        upstream: relation.upstream.clone(),
-        kind,
-        base: base.as_ref().map(|b| b.display_ref()),
-        received: vec![],
-        chunks_fetched: 0,
-        bytes_fetched: 0,
-        plain_bytes_fetched: 0,
-        manifest_bytes_fetched: 0,
-        manifest_deltas: 0,
-        deleted: vec![],
-        kept_locked: vec![],
-        locks_sent_before,
-        locks_sent_after: 0,
-        seconds: 0.0,
-    };
     if !wanted.is_empty() {
+        u.transfer(&wanted, base.as_ref(), &upstream_has, &mut report, progress)
+            .await?;
+    }
+
+    // 5. The upstream's deletions, except what a lock holds here.
+    let newest = u.apply_deletions(&upstream_has, &mut report).await?;
+
+    // 6. The lock set after the transfer: the new base replaces the old one.
+    u.decide_policy_locks(crate::policy::Phase::AfterMirror)?;
+    report.locks_sent_after = u.send_locks(&upstream_has, newest, &[]).await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// One update under way: what its steps share.
+struct Update<'a> {
+    node: &'a Node,
+    client: &'a PeerClient,
+    volume: &'a VolumeName,
+    engine: Option<&'a crate::policy::PolicyEngine>,
+    started: Instant,
+}
+
+impl Update<'_> {
+    fn debug(&self, what: &str) {
+        tracing::debug!(ms = self.started.elapsed().as_millis(), "{what}");
+    }
+
+    /// Step 1: the upstream's snapshots of the volume, checked, oldest first.
+    async fn list(&self) -> Result<Vec<SnapshotRecord>> {
+        let listed = self.client.snapshots(self.volume).await?;
+        self.debug("listed the upstream's snapshots");
+        let local_block_size = match self.node.catalog.volume(self.volume) {
+            Ok(v) => Some(v.block_size),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        check_listing(
+            &self.client.upstream,
+            self.volume,
+            local_block_size,
+            listed.snapshots,
+        )
+    }
+
+    /// The local replica, created on the first update (false: there is nothing to mirror
+    /// yet). A local volume of the same name is never written into.
+    fn replica_ready(&self, upstream: &NodeId, theirs: &[SnapshotRecord]) -> Result<bool> {
+        let (node, volume) = (self.node, self.volume);
+        let marker = format!("mirror of {upstream}");
+        match node.catalog.volume(volume) {
+            Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => Ok(true),
+            Ok(mut v)
+                if v.upstream
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("seeded from target ")) =>
+            {
+                // Seeded from a bucket (`mirror pull --target`): the snapshot ids are the
+                // upstream's, so mirroring continues incrementally from here.
+                v.upstream = Some(marker);
+                node.catalog.update_volume(&v)?;
+                Ok(true)
+            }
+            Ok(v) => Err(Error::conflict(format!(
+                "volume {volume} on this node is {}; a mirror writes only into its own replica \
+                 (remove the volume or mirror into another name)",
+                v.upstream
+                    .unwrap_or_else(|| format!("a local volume of {}", v.image.display()))
+            ))),
+            Err(Error::NotFound(_)) => {
+                let Some(first) = theirs.first() else {
+                    return Ok(false);
+                };
+                node.catalog.add_volume(&VolumeRecord {
+                    name: volume.clone(),
+                    image: Default::default(),
+                    block_size: first.block_size,
+                    added_unix_ms: crate::now_unix_ms(),
+                    upstream: Some(marker),
+                })?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The locks of the policies that handle `phase`, brought up to date.
+    fn decide_policy_locks(&self, phase: crate::policy::Phase) -> Result<()> {
+        if let Some(engine) = self.engine {
+            crate::policy::registry::decide_locks(
+                self.node,
+                engine,
+                self.volume,
+                phase,
+                crate::policy::registry::Asked::HandlingPhase,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Steps 3 and 6: this node's lock set, sent to the upstream.
+    async fn send_locks(
+        &self,
+        upstream_has: &HashSet<SnapshotId>,
+        base: Option<SnapshotId>,
+        transfer: &[SnapshotId],
+    ) -> Result<usize> {
+        let set = lock_set(self.node, self.volume, upstream_has, base, transfer)?;
+        let n = send_lock_set(self.client, self.volume, &self.node.info.node_id, set).await?;
+        self.debug("sent the lock set");
+        Ok(n)
+    }
+
+    /// Step 4: fetches, verifies and commits `wanted`, oldest first, in batches whose
+    /// manifests are looked up in the repository together.
+    async fn transfer(
+        &self,
+        wanted: &[&SnapshotRecord],
+        base: Option<&SnapshotRecord>,
+        upstream_has: &HashSet<SnapshotId>,
+        report: &mut MirrorReport,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        let (node, client) = (self.node, self.client);
         // gc must not remove a pack this update reuses or writes before it is committed.
         let _repo_lock = node.lock_repo_shared().await?;
         // The base's manifest: the upstream sends each new manifest as a delta against the
         // one before it.
-        let mut prev = match &base {
+        let mut prev = match base {
             Some(b) => snapshot::load_manifest(&node.repo, b)
                 .await
                 .inspect_err(|e| tracing::warn!("{e}; asking the upstream for whole manifests"))
                 .ok(),
             None => None,
         };
-        tracing::debug!(ms = started.elapsed().as_millis(), "loaded the base");
+        self.debug("loaded the base");
         // Where the chunks this update looks for are held here (filled as it goes).
         let mut index = ChunkIndex::default();
-        let mut rest: &[&SnapshotRecord] = &wanted;
+        let mut rest: &[&SnapshotRecord] = wanted;
         let mut first_batch = true;
         while !rest.is_empty() {
             let (batch, later) = rest.split_at(next_batch(rest));
@@ -569,9 +637,8 @@ async fn update(
             if !std::mem::take(&mut first_batch) {
                 // The set moves on: the newest received is the base, this batch is pinned.
                 let ids: Vec<SnapshotId> = batch.iter().map(|s| s.id).collect();
-                let newest = node.catalog.snapshots(volume)?.last().map(|s| s.id);
-                let set = lock_set(node, volume, &upstream_has, newest, &ids)?;
-                send_lock_set(&client, volume, &me, set).await?;
+                let newest = node.catalog.snapshots(self.volume)?.last().map(|s| s.id);
+                self.send_locks(upstream_has, newest, &ids).await?;
             }
             // The batch's manifests first, each a delta against the one before, so that one
             // look-up in the repository serves them all (a catch-up of many snapshots).
@@ -579,63 +646,55 @@ async fn update(
             for rec in batch {
                 let received = Receive {
                     node,
-                    client: &client,
+                    client,
                     rec,
                     prev: got.last().map(|g: &Received| &g.manifest).or(prev.as_ref()),
                 }
-                .manifest(&mut report)
+                .manifest(report)
                 .await?;
                 got.push(received);
             }
-            tracing::debug!(ms = started.elapsed().as_millis(), "received the manifests");
+            self.debug("received the manifests");
             look_up_all(node, &mut index, &mut got).await?;
-            tracing::debug!(ms = started.elapsed().as_millis(), "looked up the chunks");
+            self.debug("looked up the chunks");
             for (rec, received) in batch.iter().zip(got) {
                 let r = Receive {
                     node,
-                    client: &client,
+                    client,
                     rec,
                     prev: None,
                 };
-                prev = Some(r.store(received, &mut index, &mut report, progress).await?);
-                tracing::debug!(ms = started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
+                prev = Some(r.store(received, &mut index, report, progress).await?);
+                tracing::debug!(ms = self.started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
                 report.received.push(rec.display_ref());
             }
         }
+        Ok(())
     }
 
-    // 5. Upstream deletions, except what a lock holds here. The newest snapshot stays: it is
-    //    the next base.
-    let ours = node.catalog.snapshots(volume)?;
-    let newest = ours.last().map(|s| s.id);
-    for s in &ours {
-        if upstream_has.contains(&s.id) || Some(s.id) == newest {
-            continue;
+    /// Step 5: deletes here what the upstream deleted, except what a lock holds here; the
+    /// newest snapshot stays (it is the next base), and is returned.
+    async fn apply_deletions(
+        &self,
+        upstream_has: &HashSet<SnapshotId>,
+        report: &mut MirrorReport,
+    ) -> Result<Option<SnapshotId>> {
+        let ours = self.node.catalog.snapshots(self.volume)?;
+        let newest = ours.last().map(|s| s.id);
+        for s in &ours {
+            if upstream_has.contains(&s.id) || Some(s.id) == newest {
+                continue;
+            }
+            match snapshot::delete(self.node, s, None).await {
+                Ok(_) => report.deleted.push(s.display_ref()),
+                Err(Error::Locked(_)) => report.kept_locked.push(s.display_ref()),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
-        match snapshot::delete(node, s, None).await {
-            Ok(_) => report.deleted.push(s.display_ref()),
-            Err(Error::Locked(_)) => report.kept_locked.push(s.display_ref()),
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+        self.debug("applied deletions");
+        Ok(newest)
     }
-
-    // 6. The lock set after the transfer: the new base replaces the old one.
-    if let Some(engine) = engine {
-        crate::policy::registry::decide_locks(
-            node,
-            engine,
-            volume,
-            crate::policy::Phase::AfterMirror,
-            crate::policy::registry::Asked::HandlingPhase,
-            true,
-        )?;
-    }
-    tracing::debug!(ms = started.elapsed().as_millis(), "applied deletions");
-    let after = lock_set(node, volume, &upstream_has, newest, &[])?;
-    report.locks_sent_after = send_lock_set(&client, volume, &me, after).await?;
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
 /// Sends this node's current lock set for `volume` to its upstream without a transfer: run

@@ -392,7 +392,9 @@ fn open_catalog(dir: &Dir, path: &Path) -> Result<Catalog> {
     let f = dir
         .open_with("catalog.redb", &o)
         .map_err(|e| Error::io(format!("opening {}/catalog.redb", path.display()), e))?;
-    Catalog::open_file(f.into_std())
+    let catalog = Catalog::open_file(f.into_std())?;
+    crate::softlock::registry::ensure_tables_in(catalog.db())?;
+    Ok(catalog)
 }
 
 /// Writes `name` in `dir` atomically and durably: temp file, fsync, rename, fsync directory.

@@ -513,6 +513,26 @@ fn check_snapshot_exists(
     }
 }
 
+impl crate::catalog::Catalog {
+    /// The soft-lock registry, which lives in the catalog's database. (Defined here, so that
+    /// the catalog knows nothing of locks: locks depend on the catalog, not the other way.)
+    pub fn locks(&self) -> LockRegistry<'_> {
+        LockRegistry::new(self.db())
+    }
+}
+
+/// Creates the registry's tables in the catalog's database if they are missing (a new
+/// catalog, or one from an older holdfast); writes nothing when they are all there.
+pub fn ensure_tables_in(db: &redb::Database) -> Result<()> {
+    if tables_present(&db.begin_read()?)? {
+        return Ok(());
+    }
+    let tx = db.begin_write()?;
+    LockRegistry::ensure_tables(&tx)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Whether the registry's tables exist (a read-only check for opening the catalog).
 pub fn tables_present(tx: &redb::ReadTransaction) -> Result<bool> {
     for name in ["lock_sets", "lock_settings", "lock_history"] {

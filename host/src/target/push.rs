@@ -243,17 +243,10 @@ async fn push_locked(
         .iter()
         .filter(|s| newest_theirs.is_none_or(|n| s.id > n))
         .collect();
-    report.kind = if wanted.is_empty() {
-        crate::mirror::TransferKind::UpToDate
-    } else if base.is_some() {
-        crate::mirror::TransferKind::Incremental
-    } else if theirs.is_empty() {
-        crate::mirror::TransferKind::Baseline
-    } else {
-        // The target holds snapshots of the volume but none of this node's (its base was
-        // pruned): deduplication spares what it can, but this is no incremental.
-        crate::mirror::TransferKind::Resync
-    };
+    // (Snapshots of the volume in the target but none of this node's: a resync, where
+    // deduplication spares what it can.)
+    report.kind =
+        crate::mirror::TransferKind::of(wanted.is_empty(), theirs.is_empty(), base.is_some());
 
     // 3. Each new snapshot, oldest first.
     for s in &wanted {

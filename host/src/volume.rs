@@ -1,5 +1,9 @@
 //! Volumes: reading raw image files and block devices.
 //!
+//! Images are read with `pread` into a fixed pool of buffers (memory does not grow with the
+//! image), holes of sparse files are found with `SEEK_DATA`/`SEEK_HOLE` and never read, and
+//! what was read is dropped from the page cache behind the reader.
+//!
 //! An image may change size between snapshots (volumes grow); each snapshot records the
 //! size it saw. It must not change size *while* a snapshot reads it: that is reported as an
 //! error and nothing is committed. holdfast reads the image as it is; for a consistent image
@@ -7,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
@@ -34,6 +39,8 @@ pub struct FileVolume {
     path: PathBuf,
     file: File,
     size: u64,
+    /// A regular file (which may have holes), not a block device.
+    is_file: bool,
 }
 
 impl FileVolume {
@@ -49,10 +56,12 @@ impl FileVolume {
             }
         })?;
         let size = current_size(&file, path)?;
+        let is_file = file.metadata().is_ok_and(|m| m.file_type().is_file());
         Ok(FileVolume {
             path: path.to_path_buf(),
             file,
             size,
+            is_file,
         })
     }
 
@@ -87,27 +96,55 @@ impl FileVolume {
         Ok(done)
     }
 
-    /// Maps a regular image file into memory, so reading it copies nothing (the pages of the
-    /// page cache are hashed and compressed in place). `None` for block devices, empty
-    /// images, or where mapping fails; callers then use [`FileVolume::read_at`].
-    pub fn map(&self) -> Option<memmap2::Mmap> {
-        let meta = self.file.metadata().ok()?;
-        if !meta.file_type().is_file() || self.size == 0 {
-            return None;
+    /// The parts of `range` that hold data, as the filesystem reports them (`SEEK_DATA` and
+    /// `SEEK_HOLE`): the rest is holes, which read as zeros and need not be read at all. For
+    /// a block device, or a filesystem that cannot tell, the whole range is data.
+    pub fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        use rustix::fs::SeekFrom;
+        use rustix::io::Errno;
+        if !self.is_file || range.is_empty() {
+            return Ok(vec![range]);
         }
-        // SAFETY: the mapping is read-only and private. Another process may still write the
-        // image while it is mapped; that gives torn data exactly as read(2) would, which is
-        // why a consistent snapshot needs a quiet image (module docs). A process that
-        // *truncates* the image meanwhile makes this process fault (SIGBUS) on the lost
-        // pages: it dies before committing anything, which the crash-safety of
-        // `snapshot::create` covers. ripgrep maps files for the same reason (no copy).
-        #[allow(unsafe_code)]
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .len(self.size as usize)
-                .map(&self.file)
-        };
-        map.ok()
+        let mut out = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(at)) {
+                Ok(d) => d,
+                // No data after `at`: the rest is a hole (or the file shrank; the size check
+                // at the end of the snapshot says so).
+                Err(Errno::NXIO) => break,
+                Err(Errno::INVAL | Errno::NOTSUP) => {
+                    out.push(at..range.end);
+                    break;
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("finding the data of {} after {at}", self.path.display()),
+                        e.into(),
+                    ));
+                }
+            };
+            if data >= range.end {
+                break;
+            }
+            let hole = rustix::fs::seek(&self.file, SeekFrom::Hole(data)).unwrap_or(range.end);
+            out.push(data..hole.min(range.end));
+            at = hole.max(data + 1);
+        }
+        Ok(out)
+    }
+
+    /// Tells the kernel that `range` was read and will not be needed again, so that a
+    /// snapshot of a large image does not evict the rest of the machine's page cache.
+    pub fn done_with(&self, range: Range<u64>) {
+        if let Some(len) = std::num::NonZeroU64::new(range.end - range.start) {
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                range.start,
+                Some(len),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
     }
 
     /// Fails if the image's size changed since it was opened.

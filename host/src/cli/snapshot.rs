@@ -178,7 +178,18 @@ impl SnapshotCommand {
                 // their previous locks and does not undo the snapshot.
                 refresh_policy_locks(&node, &volume, Phase::SnapshotCreated)?;
                 if json {
-                    print_json(r)?;
+                    #[derive(Serialize)]
+                    #[serde(rename_all = "kebab-case")]
+                    struct Created<'a> {
+                        #[serde(flatten)]
+                        record: &'a SnapshotRecord,
+                        /// Bytes read from the image (holes are not read).
+                        bytes_read: u64,
+                    }
+                    print_json(&Created {
+                        record: r,
+                        bytes_read: report.bytes_read,
+                    })?;
                 } else {
                     outln!("{}", r.id);
                 }

@@ -146,7 +146,7 @@ pub async fn create(
     if let Some(e) = upload_error {
         return Err(e);
     }
-    let (blocks, stats) = computed??;
+    let (blocks, stats, bytes_read) = computed??;
     debug_assert_eq!(blocks.len() as u64, block_count(size, block_size));
 
     let now = crate::now_unix_ms();
@@ -183,7 +183,7 @@ pub async fn create(
     );
     Ok(CreateReport {
         record,
-        bytes_read: size,
+        bytes_read,
         elapsed: started.elapsed(),
     })
 }
@@ -206,19 +206,12 @@ fn default_name(existing: &[SnapshotRecord], now_ms: u64) -> SnapshotName {
     name.parse().expect("a timestamp is a valid name")
 }
 
-type Segment = (u64, Vec<u8>);
-
 /// One block after the parallel pass.
 enum Block {
     Zero,
     Known(ChunkId),
     /// New: its id and its stored form (compressed, or raw when incompressible).
     New(ChunkId, chunk::Encoding, Vec<u8>),
-}
-
-thread_local! {
-    /// Each worker's private copy of the block it is working on (see `add_segment`).
-    static PRIVATE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Hashes `data` (a private copy of a mapped block, or a block in our own buffer) and, if the repository
@@ -239,7 +232,7 @@ fn compute(
     index: ChunkIndex,
     packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
-) -> Result<(Vec<Option<ChunkId>>, SnapshotStats)> {
+) -> Result<(Vec<Option<ChunkId>>, SnapshotStats, u64)> {
     let bs = block_size as usize;
     let size = image.size();
     let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
@@ -252,39 +245,39 @@ fn compute(
         stats: SnapshotStats::default(),
         pending: HashSet::new(),
         builder: PackBuilder::new(),
+        bytes_read: 0,
     };
-    if let Some(map) = image.map() {
-        // Regular files: hash and compress the page cache's pages in place, in larger steps
-        // (no buffers to hold) so the threads meet less often.
-        for seg in map.chunks(seg_bytes * 4) {
-            b.add_segment(seg, true)?;
-        }
-    } else {
-        // Block devices: a reader thread fills a fixed pool of buffers while we work.
-        let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(2);
-        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(READ_BUFFERS);
-        for _ in 0..READ_BUFFERS {
-            free_tx
-                .send(Vec::with_capacity(seg_bytes))
-                .expect("room for every buffer");
-        }
-        std::thread::scope(|s| -> Result<()> {
-            let image = &image;
-            s.spawn(move || read_segments(image, seg_bytes, seg_tx, free_rx));
-            // Owned by this closure: an early return drops it, which stops the reader thread
-            // (its next send fails) instead of leaving the scope waiting for it.
-            // The same for the free-buffer sender, which the reader may be waiting on.
-            let segments = seg_rx;
-            let free_tx = free_tx;
-            for seg in segments.iter() {
-                let (_offset, buf) = seg?;
-                b.add_segment(&buf, false)?;
-                // Hand the buffer back; if the reader has finished, just drop it.
-                let _ = free_tx.try_send(buf);
-            }
-            Ok(())
-        })?;
+    // A reader thread fills a fixed pool of buffers while this thread hashes and compresses:
+    // memory stays bounded whatever the image's size, and holes are never read.
+    let buffers = read_buffers(seg_bytes);
+    let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(buffers.saturating_sub(2).max(1));
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
+        free_tx
+            .send(Vec::with_capacity(seg_bytes))
+            .expect("room for every buffer");
     }
+    std::thread::scope(|s| -> Result<()> {
+        let image = &image;
+        s.spawn(move || read_segments(image, bs, seg_bytes, seg_tx, free_rx));
+        // Owned by this closure: an early return drops it, which stops the reader thread
+        // (its next send fails) instead of leaving the scope waiting for it.
+        // The same for the free-buffer sender, which the reader may be waiting on.
+        let segments = seg_rx;
+        let free_tx = free_tx;
+        for seg in segments.iter() {
+            let seg = seg?;
+            match seg.buf {
+                None => b.add_holes(seg.len, bs),
+                Some(buf) => {
+                    b.add_segment(&buf[..seg.len as usize], &seg.holes)?;
+                    // Hand the buffer back; if the reader has finished, just drop it.
+                    let _ = free_tx.try_send(buf);
+                }
+            }
+        }
+        Ok(())
+    })?;
     if !b.builder.is_empty() {
         send_pack(&b.packs, b.builder)?;
     }
@@ -297,11 +290,29 @@ fn compute(
             block_count(size, block_size)
         )));
     }
-    Ok((b.blocks, b.stats))
+    Ok((b.blocks, b.stats, b.bytes_read))
 }
 
-/// Buffers the reader thread cycles through (read-ahead of two segments, two in use).
-const READ_BUFFERS: usize = 4;
+/// Bytes of read buffers by default (`HOLDFAST_READ_BUFFER`, at least two segments): the
+/// reader reads ahead into them while blocks are hashed. More can help a slow device with a
+/// fast CPU; memory use follows it, not the image's size.
+const READ_BUFFER_BYTES: usize = 32 << 20;
+
+fn read_buffers(seg_bytes: usize) -> usize {
+    let bytes = std::env::var("HOLDFAST_READ_BUFFER")
+        .ok()
+        .and_then(|v| v.parse::<bytesize::ByteSize>().ok())
+        .map_or(READ_BUFFER_BYTES, |b| b.as_u64() as usize);
+    (bytes / seg_bytes.max(1)).clamp(2, 256)
+}
+
+/// One segment of the image as read: `buf` holds its bytes (`None` when all of it is a
+/// hole, and nothing was read), `holes` marks the blocks that are holes (not read; zeros).
+struct Segment {
+    len: u64,
+    buf: Option<Vec<u8>>,
+    holes: Vec<bool>,
+}
 
 /// The state of a snapshot being computed, segment by segment.
 struct Blocks {
@@ -314,34 +325,42 @@ struct Blocks {
     /// New chunks already packed in this run (a block repeated within the image).
     pending: HashSet<ChunkId>,
     builder: PackBuilder,
+    /// Bytes read from the image (holes are not read).
+    bytes_read: u64,
 }
 
 impl Blocks {
-    /// Adds the next segment of the image; `shared` when it is a mapping of the image file
-    /// (another process may write it meanwhile), rather than our own buffer.
-    fn add_segment(&mut self, seg: &[u8], shared: bool) -> Result<()> {
+    /// Adds `len` bytes of holes: zero blocks, nothing read or hashed.
+    fn add_holes(&mut self, len: u64, block_size: usize) {
+        let n = len.div_ceil(block_size as u64);
+        self.blocks.extend(std::iter::repeat_n(None, n as usize));
+        self.stats.zero_blocks += n;
+        self.stats.blocks += n;
+        self.progress.inc(len);
+    }
+
+    /// Adds the next segment of the image, read into our own buffer; the blocks `holes`
+    /// marks were not read (zeros).
+    fn add_segment(&mut self, seg: &[u8], holes: &[bool]) -> Result<()> {
         let parts: Vec<&[u8]> = seg.chunks(self.block_size).collect();
+        self.bytes_read += parts
+            .iter()
+            .zip(holes)
+            .filter(|(_, h)| !**h)
+            .map(|(p, _)| p.len() as u64)
+            .sum::<u64>();
         // One parallel pass: hash each block and compress it unless it is zero or the
         // repository already has it. A block repeated within this run is compressed more
         // than once and stored once (rare; cheaper than a shared set across threads).
         let index = &self.index;
         let done: Vec<Result<Block>> = parts
             .par_iter()
-            .map(|b| {
-                if chunk::is_zero(b) {
+            .zip(holes.par_iter())
+            .map(|(b, &hole)| {
+                if hole || chunk::is_zero(b) {
                     return Ok(Block::Zero);
                 }
-                if !shared {
-                    return classify(index, b);
-                }
-                // The mapped image can change under us: hash, compress and store one private
-                // copy, so a chunk's bytes always match its id (invariant 5).
-                PRIVATE.with(|copy| {
-                    let mut copy = copy.borrow_mut();
-                    copy.clear();
-                    copy.extend_from_slice(b);
-                    classify(index, &copy)
-                })
+                classify(index, b)
             })
             .collect();
         for (part, block) in parts.iter().zip(done) {
@@ -378,9 +397,15 @@ fn send_pack(packs: &mpsc::Sender<PackBuilder>, pack: PackBuilder) -> Result<()>
         .map_err(|_| Error::internal("the pack uploader stopped early"))
 }
 
-/// The reader thread: reads the image in segments, reusing buffers handed back.
+/// The reader thread: reads the image in segments, reusing buffers handed back. Holes are
+/// not read: a segment that is all hole goes without a buffer, and within a segment only the
+/// blocks that overlap data are read. After reading, the segment's hole map is asked again:
+/// a block that was a hole and holds data now (a writer filled it meanwhile) is read again, so
+/// each block is as it was either before or after, never a mix of the two maps. Each segment
+/// leaves the page cache once read.
 fn read_segments(
     image: &FileVolume,
+    block_size: usize,
     seg_bytes: usize,
     out: SyncSender<Result<Segment>>,
     free: Receiver<Vec<u8>>,
@@ -389,28 +414,111 @@ fn read_segments(
     let mut offset = 0u64;
     while offset < size {
         let want = ((size - offset) as usize).min(seg_bytes);
-        // Wait for a free buffer: the pool bounds memory and avoids fresh allocations.
-        let Ok(mut buf) = free.recv() else { return };
-        // Recycled buffers are already full-size; only the first use zero-fills.
-        buf.resize(want, 0);
-        let r = image.read_at(offset, &mut buf).and_then(|n| {
-            if n < want {
-                Err(Error::conflict(format!(
-                    "volume image {} shrank while it was read (short read at offset {}); \
-                     nothing was committed",
-                    image.path().display(),
-                    offset + n as u64
-                )))
-            } else {
-                Ok(())
-            }
-        });
+        let r = read_segment(image, block_size, offset, want, &free);
         let failed = r.is_err();
-        if out.send(r.map(|()| (offset, buf))).is_err() || failed {
+        let stop = match r {
+            Ok(None) => return, // the consumer stopped
+            Ok(Some(seg)) => out.send(Ok(seg)).is_err(),
+            Err(e) => out.send(Err(e)).is_err(),
+        };
+        if stop || failed {
             return;
         }
+        image.done_with(offset..offset + want as u64);
         offset += want as u64;
     }
+}
+
+fn read_segment(
+    image: &FileVolume,
+    block_size: usize,
+    offset: u64,
+    want: usize,
+    free: &Receiver<Vec<u8>>,
+) -> Result<Option<Segment>> {
+    let end = offset + want as u64;
+    let blocks = want.div_ceil(block_size);
+    let holes_of = |data: &[std::ops::Range<u64>]| -> Vec<bool> {
+        (0..blocks)
+            .map(|i| {
+                let b = offset + (i * block_size) as u64;
+                let e = (b + block_size as u64).min(end);
+                !data.iter().any(|r| r.start < e && r.end > b)
+            })
+            .collect()
+    };
+    let data = image.data_ranges(offset..end)?;
+    if data.is_empty() {
+        return Ok(Some(Segment {
+            len: want as u64,
+            buf: None,
+            holes: vec![true; blocks],
+        }));
+    }
+    // Wait for a free buffer: the pool bounds memory and avoids fresh allocations.
+    let Ok(mut buf) = free.recv() else {
+        return Ok(None);
+    };
+    // Recycled buffers are already full-size; only the first use zero-fills.
+    buf.resize(want, 0);
+    let mut holes = holes_of(&data);
+    read_blocks(image, block_size, offset, &mut buf, &holes)?;
+    // Blocks that were holes and hold data now were filled while this segment was read:
+    // read them (again) after the change.
+    if holes.iter().any(|h| *h) {
+        let now = holes_of(&image.data_ranges(offset..end)?);
+        let filled: Vec<bool> = holes
+            .iter()
+            .zip(&now)
+            .map(|(was, is)| *was && !is)
+            .collect();
+        if filled.iter().any(|f| *f) {
+            let not_filled: Vec<bool> = filled.iter().map(|f| !f).collect();
+            read_blocks(image, block_size, offset, &mut buf, &not_filled)?;
+            for (h, f) in holes.iter_mut().zip(&filled) {
+                *h &= !f;
+            }
+        }
+    }
+    Ok(Some(Segment {
+        len: want as u64,
+        buf: Some(buf),
+        holes,
+    }))
+}
+
+/// Reads into `buf` (the segment at `offset`) every block that `skip` does not mark, one
+/// `pread` per run of adjacent blocks.
+fn read_blocks(
+    image: &FileVolume,
+    block_size: usize,
+    offset: u64,
+    buf: &mut [u8],
+    skip: &[bool],
+) -> Result<()> {
+    let mut i = 0;
+    while i < skip.len() {
+        if skip[i] {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < skip.len() && !skip[j] {
+            j += 1;
+        }
+        let (from, to) = (i * block_size, (j * block_size).min(buf.len()));
+        let n = image.read_at(offset + from as u64, &mut buf[from..to])?;
+        if n < to - from {
+            return Err(Error::conflict(format!(
+                "volume image {} shrank while it was read (short read at offset {}); \
+                 nothing was committed",
+                image.path().display(),
+                offset + (from + n) as u64
+            )));
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 /// The time part of a new snapshot's id: now, or just after the volume's newest if the clock

@@ -8,5 +8,6 @@ mod locks;
 mod mirror;
 mod policies;
 mod snapshots;
+mod sparse;
 mod target_gc;
 mod targets;

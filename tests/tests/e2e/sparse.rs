@@ -1,0 +1,185 @@
+//! Sparse and large images: holes are never read, memory does not grow with the image, and a
+//! hole filled while a snapshot reads leaves each block as it was before or after.
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use holdfast_tests::TestNode;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// A sparse file of `size` bytes holding `data` (offset, bytes) and holes elsewhere.
+fn sparse(path: &std::path::Path, size: u64, data: &[(u64, Vec<u8>)]) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (at, bytes) in data {
+        f.write_all_at(bytes, *at).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn create_json(n: &TestNode, volume: &str, name: &str) -> Value {
+    let r = n.run(&["snapshot", "create", volume, "--name", name, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.json()
+}
+
+/// Holes are zero blocks that are never read: snapshotting a 2 GiB sparse image holding
+/// 3 MiB reads about 3 MiB, restores bit for bit, and an incremental after a small change
+/// reads only the data again.
+#[test]
+fn holes_are_not_read() {
+    let n = TestNode::new();
+    let img = n.path("sparse.img");
+    let data = vec![
+        (5 * MIB, pattern(MIB as usize, 1)),
+        (700 * MIB + 4096, pattern(MIB as usize, 2)),
+        (2047 * MIB, pattern(MIB as usize, 3)),
+    ];
+    sparse(&img, 2048 * MIB, &data);
+    n.add_volume("v", &img, "64KiB");
+    let r = create_json(&n, "v", "s1");
+    let read = r["bytes-read"].as_u64().unwrap();
+    // Each data range, rounded out to whole blocks.
+    assert!(
+        read <= 3 * MIB + 4 * 65536,
+        "read {read} bytes of a 3 MiB sparse image"
+    );
+    assert!(read >= 3 * MIB, "{r}");
+    assert_eq!(
+        r["stats"]["zero-blocks"].as_u64().unwrap(),
+        32768 - 49,
+        "{r}"
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&pattern(4096, 4), 5 * MIB + 8192).unwrap();
+    drop(f);
+    let r = create_json(&n, "v", "s2");
+    assert!(
+        r["bytes-read"].as_u64().unwrap() <= 3 * MIB + 4 * 65536,
+        "{r}"
+    );
+    assert_eq!(r["stats"]["new-chunks"], 1, "{r}");
+    let out = n.path("restored.img");
+    n.ok(&["snapshot", "restore", "v@s2", "--to", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    n.ok(&["verify"]);
+}
+
+/// A writer fills holes while a snapshot reads the image: every block of the snapshot is as
+/// it was before the writer touched it or after (all zeros or all its pattern), never a
+/// mixture; the snapshot verifies.
+#[test]
+fn a_hole_filled_while_a_snapshot_reads_is_before_or_after() {
+    let n = TestNode::new();
+    let img = n.path("live.img");
+    const SIZE: u64 = 1024 * MIB;
+    const BS: u64 = 4096;
+    sparse(&img, SIZE, &[(0, pattern(BS as usize, 9))]);
+    n.add_volume("v", &img, "4KiB");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (img, stop) = (img.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            let mut i = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Holes spread over the image, each filled whole with its own byte.
+                let block = (i * 7919) % (SIZE / BS);
+                let fill = (block % 251) as u8 + 1;
+                f.write_all_at(&vec![fill; BS as usize], block * BS)
+                    .unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let r = n.run(&["snapshot", "create", "v", "--name", "live"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(written > 100, "the writer hardly ran ({written} blocks)");
+    let out = n.path("restored.img");
+    n.ok(&[
+        "snapshot",
+        "restore",
+        "v@live",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(&out).unwrap();
+    for (b, block) in got.chunks(BS as usize).enumerate().skip(1) {
+        let fill = (b as u64 % 251) as u8 + 1;
+        assert!(
+            block.iter().all(|&x| x == 0) || block.iter().all(|&x| x == fill),
+            "block {b} is a mixture"
+        );
+    }
+    n.ok(&["verify"]);
+}
+
+/// Memory does not grow with the image: a snapshot of a 4 GiB image holding 256 MiB of data,
+/// with an 8 MiB read buffer, stays far below the data's size in peak RSS (the whole image
+/// used to be mapped and its pages counted).
+#[test]
+fn memory_stays_bounded_whatever_the_image_size() {
+    let n = TestNode::new();
+    let img = n.path("big.img");
+    // 1 MiB of data in every 16 MiB.
+    let data: Vec<(u64, Vec<u8>)> = (0..256u64)
+        .map(|i| (i * 16 * MIB, pattern(MIB as usize, 100 + i)))
+        .collect();
+    sparse(&img, 4096 * MIB, &data);
+    n.add_volume("v", &img, "64KiB");
+    let script = r#"
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode())
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(holdfast_tests::holdfast_bin())
+        .args(["snapshot", "create", "v", "--name", "s"])
+        .env("HOLDFAST_STATE", &n.state)
+        .env("HOLDFAST_READ_BUFFER", "8MiB")
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    let max_rss_kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "peak RSS of a 4 GiB (256 MiB of data) snapshot: {} MiB",
+        max_rss_kib / 1024
+    );
+    assert!(
+        max_rss_kib < 160 * 1024,
+        "peak RSS {} MiB for a snapshot of 256 MiB of data",
+        max_rss_kib / 1024
+    );
+    let restored = n.path("r.img");
+    n.ok(&[
+        "snapshot",
+        "restore",
+        "v@s",
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
+}

@@ -45,13 +45,13 @@ fn main() {
         block_size: 65536,
         labels: Default::default(),
         parent: None,
-        blocks,
+        blocks: blocks.into(),
     };
     let mut next = base.clone();
     next.id = SnapshotId::generate(2);
     next.parent = Some(base.id);
     for i in (0..BLOCKS).step_by(100) {
-        next.blocks[i] = id(i, 1);
+        next.blocks.set(i, id(i, 1));
     }
     let stored = next.encode().unwrap();
     let delta = next.delta_from(&base);

@@ -748,14 +748,14 @@ impl Received {
         match self.changed.as_deref().filter(|_| !every_block) {
             Some(changed) => changed
                 .iter()
-                .filter_map(|&i| m.blocks[i as usize].map(|id| (i as usize, id)))
+                .filter_map(|&i| {
+                    m.blocks
+                        .get(i as usize)
+                        .flatten()
+                        .map(|id| (i as usize, id))
+                })
                 .collect(),
-            None => m
-                .blocks
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.map(|id| (i, id)))
-                .collect(),
+            None => m.blocks.data().collect(),
         }
     }
 }
@@ -915,7 +915,7 @@ impl Receive<'_> {
         progress.set_length(progress.length().unwrap_or(0) + needed.len() as u64);
         let mut stats = SnapshotStats {
             blocks: m.blocks.len() as u64,
-            zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
+            zero_blocks: m.blocks.zero_blocks() as u64,
             ..Default::default()
         };
 

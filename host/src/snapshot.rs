@@ -6,6 +6,7 @@
 //! the catalog records it, which happens only after the manifest and every chunk it names
 //! are durable; it never changes afterwards (DESIGN.md invariant 1).
 
+pub mod blocks;
 pub mod create;
 pub mod gc;
 pub mod manifest;
@@ -15,9 +16,12 @@ pub mod verify;
 
 use serde::Serialize;
 
+pub use blocks::BlockList;
 pub use create::{CreateOptions, CreateReport, create};
 pub use gc::{GcReport, gc};
-pub use manifest::{MANIFEST_FORMAT, Manifest, ManifestDelta, block_count, check_block_count};
+pub use manifest::{
+    MANIFEST_FORMAT, Manifest, ManifestDelta, block_count, block_len, check_block_count,
+};
 pub use restore::{RestoreReport, restore};
 pub use verify::{Damage, VerifyReport, verify};
 
@@ -76,19 +80,19 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Result<Diff> {
         )));
     }
     let bs = a.block_size as u64;
-    let n = a.blocks.len().max(b.blocks.len());
     let end = a.size.max(b.size);
+    // Blocks whose ids differ, plus the short last block of the smaller snapshot when the
+    // sizes differ (same id, different length): past the end of one snapshot is changed.
+    let common = a.size.min(b.size);
+    let short_last = (!common.is_multiple_of(bs) && a.size != b.size).then(|| common / bs);
+    let mut changed: Vec<u64> = a.blocks.differing(&b.blocks).map(|i| i as u64).collect();
+    if let Some(i) = short_last
+        && let Err(at) = changed.binary_search(&i)
+    {
+        changed.insert(at, i);
+    }
     let mut ranges: Vec<ChangedRange> = Vec::new();
-    for i in 0..n {
-        let x = a.blocks.get(i);
-        let y = b.blocks.get(i);
-        // Past the end of one snapshot counts as changed; so do different lengths of the
-        // same (short) last block.
-        let same = x == y && a.size.min(b.size) >= ((i as u64 + 1) * bs).min(end);
-        if same {
-            continue;
-        }
-        let i = i as u64;
+    for i in changed {
         match ranges.last_mut() {
             Some(r) if r.first_block + r.blocks == i => r.blocks += 1,
             _ => ranges.push(ChangedRange {

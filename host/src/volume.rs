@@ -101,28 +101,14 @@ impl FileVolume {
     /// a block device, or a filesystem that cannot tell, the whole range is data.
     pub fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         use rustix::fs::SeekFrom;
-        use rustix::io::Errno;
         if !self.is_file || range.is_empty() {
             return Ok(vec![range]);
         }
         let mut out = Vec::new();
         let mut at = range.start;
         while at < range.end {
-            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(at)) {
-                Ok(d) => d,
-                // No data after `at`: the rest is a hole (or the file shrank; the size check
-                // at the end of the snapshot says so).
-                Err(Errno::NXIO) => break,
-                Err(Errno::INVAL | Errno::NOTSUP) => {
-                    out.push(at..range.end);
-                    break;
-                }
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("finding the data of {} after {at}", self.path.display()),
-                        e.into(),
-                    ));
-                }
+            let Some(data) = self.next_data(at)? else {
+                break;
             };
             if data >= range.end {
                 break;
@@ -132,6 +118,26 @@ impl FileVolume {
             at = hole.max(data + 1);
         }
         Ok(out)
+    }
+
+    /// Where the first data at or after `at` starts (`SEEK_DATA`); `None` when only holes
+    /// follow (or the file shrank: the size check at the end of a snapshot says so). For a
+    /// block device, or a filesystem that cannot tell, that is `at` itself.
+    pub fn next_data(&self, at: u64) -> Result<Option<u64>> {
+        use rustix::fs::SeekFrom;
+        use rustix::io::Errno;
+        if !self.is_file {
+            return Ok(Some(at));
+        }
+        match rustix::fs::seek(&self.file, SeekFrom::Data(at)) {
+            Ok(d) => Ok(Some(d)),
+            Err(Errno::NXIO) => Ok(None),
+            Err(Errno::INVAL | Errno::NOTSUP) => Ok(Some(at)),
+            Err(e) => Err(Error::io(
+                format!("finding the data of {} after {at}", self.path.display()),
+                e.into(),
+            )),
+        }
     }
 
     /// Tells the kernel that `range` was read and will not be needed again, so that a

@@ -70,6 +70,7 @@ pub enum LockCommand {
         /// Only locks whose lease ran out.
         #[arg(long)]
         stale: bool,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
         /// The lock records inside this mirror target (with --volume).
@@ -82,12 +83,14 @@ pub enum LockCommand {
         /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
         #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
     /// Releases, breaks, expiries and replaced sets, oldest first.
     #[command(after_help = "Examples:\n  holdfast lock history --json")]
     History {
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -549,14 +552,15 @@ async fn explain(
             snapshot::load_manifest(&node.repo, n)
                 .await?
                 .blocks
-                .into_iter()
-                .flatten(),
+                .ids()
+                .iter()
+                .copied(),
         );
     }
     let mut counted = std::collections::HashSet::new();
     let (mut blocks, mut bytes) = (0u64, 0u64);
-    for (i, b) in m.blocks.iter().enumerate() {
-        if b.is_some_and(|id| !shared.contains(&id) && counted.insert(id)) {
+    for (i, id) in m.blocks.data() {
+        if !shared.contains(&id) && counted.insert(id) {
             blocks += 1;
             bytes += m.block_len(i as u64) as u64;
         }

@@ -20,6 +20,7 @@ pub enum MirrorCommand {
         volume: VolumeName,
         #[command(flatten)]
         config: ConfigArg,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -29,9 +30,10 @@ pub enum MirrorCommand {
     Push {
         /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
-        #[arg(long)]
         /// The target (as `holdfast target list` names it)
+        #[arg(long)]
         target: String,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -41,9 +43,10 @@ pub enum MirrorCommand {
     Pull {
         /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
-        #[arg(long)]
         /// The target (as `holdfast target list` names it)
+        #[arg(long)]
         target: String,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -52,6 +55,7 @@ pub enum MirrorCommand {
     List {
         #[command(flatten)]
         config: ConfigArg,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },

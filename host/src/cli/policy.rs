@@ -39,6 +39,7 @@ pub enum PolicyCommand {
     },
     /// List registered policies, with their failure counts.
     List {
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -46,6 +47,7 @@ pub enum PolicyCommand {
     Show {
         /// Its name (letters, digits, `_ - : . +`)
         name: String,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -62,6 +64,7 @@ pub enum PolicyCommand {
         /// The phase to simulate (default: retention for retention policies, else scheduled).
         #[arg(long)]
         phase: Option<Phase>,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },

@@ -39,6 +39,7 @@ pub enum SnapshotCommand {
     List {
         /// The volume (as `holdfast volume list` names it)
         volume: VolumeName,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
         /// List the snapshots held in this mirror target instead.
@@ -51,6 +52,7 @@ pub enum SnapshotCommand {
         /// The snapshot: VOLUME@NAME, VOLUME@ID or a unique prefix of its id (VOLUME@01a2b3)
         #[arg(value_name = "VOL@SNAP")]
         snapshot: SnapshotRef,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -63,6 +65,7 @@ pub enum SnapshotCommand {
         /// The newer snapshot (VOLUME@NAME or VOLUME@ID)
         #[arg(value_name = "VOL@SNAP")]
         to: SnapshotRef,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },

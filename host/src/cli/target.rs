@@ -35,11 +35,13 @@ pub enum TargetCommand {
         /// That file (default: AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials).
         #[arg(long)]
         credentials_file: Option<std::path::PathBuf>,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
     /// The registered targets.
     List {
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -50,6 +52,7 @@ pub enum TargetCommand {
     Check {
         /// Its name (letters, digits, `_ - : . +`)
         name: String,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
@@ -72,6 +75,7 @@ pub enum TargetCommand {
         /// Do it without asking (required when not run on a terminal).
         #[arg(long)]
         yes: bool,
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },

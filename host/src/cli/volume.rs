@@ -27,6 +27,7 @@ pub enum VolumeCommand {
     },
     /// List the registered volumes.
     List {
+        /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },

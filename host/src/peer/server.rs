@@ -400,7 +400,7 @@ impl ServerState {
         // The permit goes into the worker: a cancelled request does not free it early.
         let all: Arc<HashSet<ChunkId>> = tokio::task::spawn_blocking(move || {
             let _heavy = heavy;
-            Arc::new(m.blocks.iter().flatten().copied().collect())
+            Arc::new(m.blocks.ids().iter().copied().collect())
         })
         .await
         .map_err(|e| Error::internal(format!("chunk set worker failed: {e}")))?;

@@ -3,7 +3,8 @@
 //! The work is a pipeline so that both cores stay busy and the disk never waits:
 //!
 //! ```text
-//! reader thread --segments--> compute (rayon: hash every block, compress new ones)
+//! compute (rayon, segment by segment: read each block that is not a hole, hash it,
+//!          compress it if new)
 //!     --sealed packs--> uploader (tokio tasks, bounded) --> repository
 //! ```
 //!
@@ -13,8 +14,8 @@
 //! then is the snapshot recorded in the catalog, which makes it visible.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use super::{MANIFEST_FORMAT, Manifest, block_count};
+use super::{BlockList, MANIFEST_FORMAT, Manifest, block_count};
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::chunk;
 use crate::error::{Error, Result};
@@ -214,7 +215,7 @@ enum Block {
     New(ChunkId, chunk::Encoding, Vec<u8>),
 }
 
-/// Hashes `data` (a private copy of a mapped block, or a block in our own buffer) and, if the repository
+/// Hashes `data` (a block read into a worker's buffer) and, if the repository
 /// lacks it, encodes it.
 fn classify(index: &ChunkIndex, data: &[u8]) -> Result<Block> {
     let id = chunk::hash(data);
@@ -226,13 +227,21 @@ fn classify(index: &ChunkIndex, data: &[u8]) -> Result<Block> {
 }
 
 /// The compute side of the pipeline; runs on a blocking thread and uses rayon inside.
+///
+/// The image is taken a segment at a time. Holes are never read: the segment's hole map says
+/// which blocks hold data, and only those are read, each by the rayon worker that then hashes
+/// (and, if new, compresses) it, so reading and hashing overlap on every core with one block
+/// buffer per worker. After the segment, its hole map is asked again: a block that was a hole
+/// and holds data now (a writer filled it meanwhile) is read after the change, so each block is
+/// as it was either before or after, never a mix of the two maps. Each segment leaves the page
+/// cache once read. Memory holds one segment's new chunks at most, whatever the image's size.
 fn compute(
     image: FileVolume,
     block_size: u32,
     index: ChunkIndex,
     packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
-) -> Result<(Vec<Option<ChunkId>>, SnapshotStats, u64)> {
+) -> Result<(BlockList, SnapshotStats, u64)> {
     let bs = block_size as usize;
     let size = image.size();
     let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
@@ -241,43 +250,34 @@ fn compute(
         index,
         packs,
         progress,
-        blocks: Vec::with_capacity(block_count(size, block_size) as usize),
+        blocks: BlockList::with_capacity(block_count(size, block_size) as usize),
         stats: SnapshotStats::default(),
         pending: HashSet::new(),
         builder: PackBuilder::new(),
         bytes_read: 0,
     };
-    // A reader thread fills a fixed pool of buffers while this thread hashes and compresses:
-    // memory stays bounded whatever the image's size, and holes are never read.
-    let buffers = read_buffers(seg_bytes);
-    let (seg_tx, seg_rx) = sync_channel::<Result<Segment>>(buffers.saturating_sub(2).max(1));
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
-    for _ in 0..buffers {
-        free_tx
-            .send(Vec::with_capacity(seg_bytes))
-            .expect("room for every buffer");
-    }
-    std::thread::scope(|s| -> Result<()> {
-        let image = &image;
-        s.spawn(move || read_segments(image, bs, seg_bytes, seg_tx, free_rx));
-        // Owned by this closure: an early return drops it, which stops the reader thread
-        // (its next send fails) instead of leaving the scope waiting for it.
-        // The same for the free-buffer sender, which the reader may be waiting on.
-        let segments = seg_rx;
-        let free_tx = free_tx;
-        for seg in segments.iter() {
-            let seg = seg?;
-            match seg.buf {
-                None => b.add_holes(seg.len, bs),
-                Some(buf) => {
-                    b.add_segment(&buf[..seg.len as usize], &seg.holes)?;
-                    // Hand the buffer back; if the reader has finished, just drop it.
-                    let _ = free_tx.try_send(buf);
-                }
-            }
+    let mut offset = 0u64;
+    while offset < size {
+        // Holes up to the block that holds the next data go in one step, whatever their
+        // length: a terabyte of holes is a few system calls and a bit per block.
+        let next = image.next_data(offset)?.unwrap_or(size).min(size);
+        let holes_to = (next / bs as u64 * bs as u64).max(offset);
+        if holes_to > offset {
+            b.add_holes(holes_to - offset, bs);
+            offset = holes_to;
+            continue;
         }
-        Ok(())
-    })?;
+        let len = ((size - offset) as usize).min(seg_bytes);
+        let end = offset + len as u64;
+        let data = image.data_ranges(offset..end)?;
+        if data.is_empty() {
+            b.add_holes(len as u64, bs);
+        } else {
+            b.add_segment(&image, offset, len, &data)?;
+        }
+        image.done_with(offset..end);
+        offset = end;
+    }
     if !b.builder.is_empty() {
         send_pack(&b.packs, b.builder)?;
     }
@@ -293,34 +293,13 @@ fn compute(
     Ok((b.blocks, b.stats, b.bytes_read))
 }
 
-/// Bytes of read buffers by default (`HOLDFAST_READ_BUFFER`, at least two segments): the
-/// reader reads ahead into them while blocks are hashed. More can help a slow device with a
-/// fast CPU; memory use follows it, not the image's size.
-const READ_BUFFER_BYTES: usize = 32 << 20;
-
-fn read_buffers(seg_bytes: usize) -> usize {
-    let bytes = std::env::var("HOLDFAST_READ_BUFFER")
-        .ok()
-        .and_then(|v| v.parse::<bytesize::ByteSize>().ok())
-        .map_or(READ_BUFFER_BYTES, |b| b.as_u64() as usize);
-    (bytes / seg_bytes.max(1)).clamp(2, 256)
-}
-
-/// One segment of the image as read: `buf` holds its bytes (`None` when all of it is a
-/// hole, and nothing was read), `holes` marks the blocks that are holes (not read; zeros).
-struct Segment {
-    len: u64,
-    buf: Option<Vec<u8>>,
-    holes: Vec<bool>,
-}
-
 /// The state of a snapshot being computed, segment by segment.
 struct Blocks {
     block_size: usize,
     index: ChunkIndex,
     packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
-    blocks: Vec<Option<ChunkId>>,
+    blocks: BlockList,
     stats: SnapshotStats,
     /// New chunks already packed in this run (a block repeated within the image).
     pending: HashSet<ChunkId>,
@@ -329,42 +308,71 @@ struct Blocks {
     bytes_read: u64,
 }
 
+/// A block of a segment after the parallel pass: `None` for a hole (not read).
+type Done = Option<Result<Block>>;
+
 impl Blocks {
     /// Adds `len` bytes of holes: zero blocks, nothing read or hashed.
     fn add_holes(&mut self, len: u64, block_size: usize) {
         let n = len.div_ceil(block_size as u64);
-        self.blocks.extend(std::iter::repeat_n(None, n as usize));
+        self.blocks.push_zeros(n as usize);
         self.stats.zero_blocks += n;
         self.stats.blocks += n;
         self.progress.inc(len);
     }
 
-    /// Adds the next segment of the image, read into our own buffer; the blocks `holes`
-    /// marks were not read (zeros).
-    fn add_segment(&mut self, seg: &[u8], holes: &[bool]) -> Result<()> {
-        let parts: Vec<&[u8]> = seg.chunks(self.block_size).collect();
-        self.bytes_read += parts
-            .iter()
-            .zip(holes)
-            .filter(|(_, h)| !**h)
-            .map(|(p, _)| p.len() as u64)
-            .sum::<u64>();
-        // One parallel pass: hash each block and compress it unless it is zero or the
-        // repository already has it. A block repeated within this run is compressed more
-        // than once and stored once (rare; cheaper than a shared set across threads).
+    /// Adds the segment of `len` bytes at `offset`, whose data (as opposed to holes) is
+    /// `data`.
+    fn add_segment(
+        &mut self,
+        image: &FileVolume,
+        offset: u64,
+        len: usize,
+        data: &[Range<u64>],
+    ) -> Result<()> {
+        let bs = self.block_size;
+        let end = offset + len as u64;
+        let count = len.div_ceil(bs);
+        let block = |i: usize| {
+            let from = offset + (i * bs) as u64;
+            from..(from + bs as u64).min(end)
+        };
+        let is_hole = |data: &[Range<u64>], i: usize| {
+            let r = block(i);
+            !data.iter().any(|d| d.start < r.end && d.end > r.start)
+        };
+        // One parallel pass: read each block that holds data, hash it, and compress it unless
+        // it is zero or the repository already has it. A block repeated within this run is
+        // compressed more than once and stored once (rare; cheaper than a shared set across
+        // threads).
         let index = &self.index;
-        let done: Vec<Result<Block>> = parts
-            .par_iter()
-            .zip(holes.par_iter())
-            .map(|(b, &hole)| {
-                if hole || chunk::is_zero(b) {
-                    return Ok(Block::Zero);
-                }
-                classify(index, b)
-            })
+        let read = |i: usize| -> Done { Some(read_block(image, index, block(i))) };
+        let mut done: Vec<Done> = (0..count)
+            .into_par_iter()
+            .map(|i| if is_hole(data, i) { None } else { read(i) })
             .collect();
-        for (part, block) in parts.iter().zip(done) {
-            match block? {
+        // Blocks that were holes and hold data now were filled while this segment was read:
+        // read them after the change.
+        if done.iter().any(Option::is_none) {
+            let now = image.data_ranges(offset..end)?;
+            let filled: Vec<usize> = (0..count)
+                .filter(|&i| done[i].is_none() && !is_hole(&now, i))
+                .collect();
+            let again: Vec<(usize, Done)> = filled.into_par_iter().map(|i| (i, read(i))).collect();
+            for (i, d) in again {
+                done[i] = d;
+            }
+        }
+        for (i, d) in done.into_iter().enumerate() {
+            let r = block(i);
+            let block_len = (r.end - r.start) as usize;
+            let Some(d) = d else {
+                self.stats.zero_blocks += 1;
+                self.blocks.push(None);
+                continue;
+            };
+            self.bytes_read += block_len as u64;
+            match d? {
                 Block::Zero => {
                     self.stats.zero_blocks += 1;
                     self.blocks.push(None);
@@ -376,17 +384,17 @@ impl Blocks {
                         continue;
                     }
                     self.stats.new_chunks += 1;
-                    self.stats.new_bytes += part.len() as u64;
+                    self.stats.new_bytes += block_len as u64;
                     self.stats.new_stored_bytes += stored.len() as u64;
-                    self.builder.add(id, encoding, &stored, part.len());
+                    self.builder.add(id, encoding, &stored, block_len);
                     if self.builder.is_full() {
                         send_pack(&self.packs, std::mem::take(&mut self.builder))?;
                     }
                 }
             }
         }
-        self.stats.blocks += parts.len() as u64;
-        self.progress.inc(seg.len() as u64);
+        self.stats.blocks += count as u64;
+        self.progress.inc(len as u64);
         Ok(())
     }
 }
@@ -397,128 +405,30 @@ fn send_pack(packs: &mpsc::Sender<PackBuilder>, pack: PackBuilder) -> Result<()>
         .map_err(|_| Error::internal("the pack uploader stopped early"))
 }
 
-/// The reader thread: reads the image in segments, reusing buffers handed back. Holes are
-/// not read: a segment that is all hole goes without a buffer, and within a segment only the
-/// blocks that overlap data are read. After reading, the segment's hole map is asked again:
-/// a block that was a hole and holds data now (a writer filled it meanwhile) is read again, so
-/// each block is as it was either before or after, never a mix of the two maps. Each segment
-/// leaves the page cache once read.
-fn read_segments(
-    image: &FileVolume,
-    block_size: usize,
-    seg_bytes: usize,
-    out: SyncSender<Result<Segment>>,
-    free: Receiver<Vec<u8>>,
-) {
-    let size = image.size();
-    let mut offset = 0u64;
-    while offset < size {
-        let want = ((size - offset) as usize).min(seg_bytes);
-        let r = read_segment(image, block_size, offset, want, &free);
-        let failed = r.is_err();
-        let stop = match r {
-            Ok(None) => return, // the consumer stopped
-            Ok(Some(seg)) => out.send(Ok(seg)).is_err(),
-            Err(e) => out.send(Err(e)).is_err(),
-        };
-        if stop || failed {
-            return;
-        }
-        image.done_with(offset..offset + want as u64);
-        offset += want as u64;
+/// Reads the block at `range` of the image (one `pread`, into the calling worker's own
+/// buffer) and classifies it.
+fn read_block(image: &FileVolume, index: &ChunkIndex, range: Range<u64>) -> Result<Block> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-}
-
-fn read_segment(
-    image: &FileVolume,
-    block_size: usize,
-    offset: u64,
-    want: usize,
-    free: &Receiver<Vec<u8>>,
-) -> Result<Option<Segment>> {
-    let end = offset + want as u64;
-    let blocks = want.div_ceil(block_size);
-    let holes_of = |data: &[std::ops::Range<u64>]| -> Vec<bool> {
-        (0..blocks)
-            .map(|i| {
-                let b = offset + (i * block_size) as u64;
-                let e = (b + block_size as u64).min(end);
-                !data.iter().any(|r| r.start < e && r.end > b)
-            })
-            .collect()
-    };
-    let data = image.data_ranges(offset..end)?;
-    if data.is_empty() {
-        return Ok(Some(Segment {
-            len: want as u64,
-            buf: None,
-            holes: vec![true; blocks],
-        }));
-    }
-    // Wait for a free buffer: the pool bounds memory and avoids fresh allocations.
-    let Ok(mut buf) = free.recv() else {
-        return Ok(None);
-    };
-    // Recycled buffers are already full-size; only the first use zero-fills.
-    buf.resize(want, 0);
-    let mut holes = holes_of(&data);
-    read_blocks(image, block_size, offset, &mut buf, &holes)?;
-    // Blocks that were holes and hold data now were filled while this segment was read:
-    // read them (again) after the change.
-    if holes.iter().any(|h| *h) {
-        let now = holes_of(&image.data_ranges(offset..end)?);
-        let filled: Vec<bool> = holes
-            .iter()
-            .zip(&now)
-            .map(|(was, is)| *was && !is)
-            .collect();
-        if filled.iter().any(|f| *f) {
-            let not_filled: Vec<bool> = filled.iter().map(|f| !f).collect();
-            read_blocks(image, block_size, offset, &mut buf, &not_filled)?;
-            for (h, f) in holes.iter_mut().zip(&filled) {
-                *h &= !f;
-            }
-        }
-    }
-    Ok(Some(Segment {
-        len: want as u64,
-        buf: Some(buf),
-        holes,
-    }))
-}
-
-/// Reads into `buf` (the segment at `offset`) every block that `skip` does not mark, one
-/// `pread` per run of adjacent blocks.
-fn read_blocks(
-    image: &FileVolume,
-    block_size: usize,
-    offset: u64,
-    buf: &mut [u8],
-    skip: &[bool],
-) -> Result<()> {
-    let mut i = 0;
-    while i < skip.len() {
-        if skip[i] {
-            i += 1;
-            continue;
-        }
-        let mut j = i;
-        while j < skip.len() && !skip[j] {
-            j += 1;
-        }
-        let (from, to) = (i * block_size, (j * block_size).min(buf.len()));
-        let n = image.read_at(offset + from as u64, &mut buf[from..to])?;
-        if n < to - from {
+    let len = (range.end - range.start) as usize;
+    BUF.with_borrow_mut(|buf| {
+        buf.resize(len, 0);
+        let buf = &mut buf[..len];
+        let n = image.read_at(range.start, buf)?;
+        if n < len {
             return Err(Error::conflict(format!(
                 "volume image {} shrank while it was read (short read at offset {}); \
                  nothing was committed",
                 image.path().display(),
-                offset + (from + n) as u64
+                range.start + n as u64
             )));
         }
-        i = j;
-    }
-    Ok(())
+        if chunk::is_zero(buf) {
+            return Ok(Block::Zero);
+        }
+        classify(index, buf)
+    })
 }
 
 /// The time part of a new snapshot's id: now, or just after the volume's newest if the clock

@@ -88,7 +88,7 @@ async fn gc_locked(
                  or delete that snapshot first"
             ))
         })?;
-        live.extend(m.blocks.iter().flatten());
+        live.extend(m.blocks.ids());
         owned.insert((rec.volume.clone(), rec.id));
     }
     report.live_chunks = live.len() as u64;

@@ -20,6 +20,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
+use super::BlockList;
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId, SnapshotName, VolumeName};
@@ -56,7 +57,7 @@ pub struct Manifest {
     pub labels: BTreeMap<String, String>,
     pub parent: Option<SnapshotId>,
     /// One entry per block; `None` is an all-zero block.
-    pub blocks: Vec<Option<ChunkId>>,
+    pub blocks: BlockList,
 }
 
 /// Everything of a manifest but its blocks (format 2's JSON header).
@@ -90,7 +91,7 @@ impl Header {
         }
     }
 
-    fn with_blocks(self, blocks: Vec<Option<ChunkId>>) -> Manifest {
+    fn with_blocks(self, blocks: BlockList) -> Manifest {
         Manifest {
             format: self.format,
             id: self.id,
@@ -104,6 +105,12 @@ impl Header {
             blocks,
         }
     }
+}
+
+/// Length in bytes of block `i` of a volume of `size` bytes (the last one may be short).
+pub fn block_len(size: u64, block_size: u32, i: u64) -> usize {
+    let start = i * block_size as u64;
+    (size - start).min(block_size as u64) as usize
 }
 
 /// Number of blocks of a volume of `size` bytes.
@@ -192,25 +199,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Appends format 2's block list: the presence bitmap, then the ids of present blocks.
-fn write_blocks(blocks: &[Option<ChunkId>], out: &mut Vec<u8>) {
-    let present = blocks.iter().flatten().count();
-    out.reserve(blocks.len().div_ceil(8) + 32 * present);
-    for eight in blocks.chunks(8) {
-        let mut byte = 0u8;
-        for (bit, b) in eight.iter().enumerate() {
-            if b.is_some() {
-                byte |= 1 << bit;
-            }
-        }
-        out.push(byte);
-    }
-    for id in blocks.iter().flatten() {
-        out.extend_from_slice(&id.0);
-    }
-}
-
-fn read_blocks(c: &mut Cursor<'_>, n: u64) -> Result<Vec<Option<ChunkId>>> {
+fn read_blocks(c: &mut Cursor<'_>, n: u64) -> Result<BlockList> {
     let n = usize::try_from(n).map_err(|_| Error::corrupt(format!("{} is too big", c.what)))?;
     let bitmap = c.take(n.div_ceil(8))?;
     if n % 8 != 0 && bitmap[n / 8] >> (n % 8) != 0 {
@@ -220,29 +209,20 @@ fn read_blocks(c: &mut Cursor<'_>, n: u64) -> Result<Vec<Option<ChunkId>>> {
         )));
     }
     let present: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-    if c.buf.len() != present * 32 {
-        return Err(Error::corrupt(format!(
+    let ids = c.take(c.buf.len())?;
+    BlockList::from_parts(n, bitmap, ids).ok_or_else(|| {
+        Error::corrupt(format!(
             "{} marks {present} blocks present but holds {} bytes of ids",
             c.what,
-            c.buf.len()
-        )));
-    }
-    let mut blocks = Vec::with_capacity(n);
-    for i in 0..n {
-        blocks.push(if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-            Some(c.id()?)
-        } else {
-            None
-        });
-    }
-    Ok(blocks)
+            ids.len()
+        ))
+    })
 }
 
 impl Manifest {
     /// Length in bytes of block `i` (the last one may be short).
     pub fn block_len(&self, i: u64) -> usize {
-        let start = i * self.block_size as u64;
-        (self.size - start).min(self.block_size as u64) as usize
+        block_len(self.size, self.block_size, i)
     }
 
     /// The stored form (format 2).
@@ -254,7 +234,7 @@ impl Manifest {
         raw.extend_from_slice(MAGIC);
         raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
         raw.extend_from_slice(&header);
-        write_blocks(&self.blocks, &mut raw);
+        self.blocks.write_to(&mut raw);
         let sum = blake3::hash(&raw);
         raw.extend_from_slice(sum.as_bytes());
         Ok(raw)
@@ -324,7 +304,7 @@ impl Manifest {
     /// A digest of the block list alone (not the header or the format it was stored in).
     pub fn blocks_digest(&self) -> [u8; 32] {
         let mut raw = Vec::new();
-        write_blocks(&self.blocks, &mut raw);
+        self.blocks.write_to(&mut raw);
         let mut h = blake3::Hasher::new();
         h.update(&(self.blocks.len() as u64).to_le_bytes());
         h.update(&raw);
@@ -335,10 +315,9 @@ impl Manifest {
     pub fn delta_from(&self, base: &Manifest) -> ManifestDelta {
         let changes = self
             .blocks
-            .iter()
-            .enumerate()
-            .filter(|(i, b)| base.blocks.get(*i) != Some(*b))
-            .map(|(i, b)| (i as u64, *b))
+            .differing(&base.blocks)
+            .filter(|&i| i < self.blocks.len())
+            .map(|i| (i as u64, self.blocks.get(i).expect("within the list")))
             .collect();
         ManifestDelta {
             base: base.id,
@@ -496,11 +475,13 @@ impl ManifestDelta {
             )));
         }
         let n = block_count(self.header.size, self.header.block_size) as usize;
-        let mut blocks = base.blocks.clone();
-        blocks.resize(n, None);
+        // The base's blocks between changes (zeros past its end), then each change.
+        let mut blocks = BlockList::with_capacity(n);
         for (i, b) in &self.changes {
-            blocks[*i as usize] = *b;
+            blocks.extend_from(&base.blocks, blocks.len()..*i as usize);
+            blocks.push(*b);
         }
+        blocks.extend_from(&base.blocks, blocks.len()..n);
         let m = self.header.clone().with_blocks(blocks);
         if m.blocks_digest() != self.digest {
             return Err(Error::corrupt(format!(
@@ -520,6 +501,7 @@ pub(crate) mod tests {
 
     /// A manifest of `blocks` (shared with the snapshot module's tests).
     pub(crate) fn manifest(size: u64, bs: u32, blocks: Vec<Option<ChunkId>>) -> Manifest {
+        let blocks = BlockList::from(blocks);
         Manifest {
             format: MANIFEST_FORMAT,
             id: SnapshotId::generate(1),
@@ -629,7 +611,7 @@ pub(crate) mod tests {
         assert!(d.apply(&b, "t").is_err());
         // Same id but other blocks (a diverged copy): refused by the digest.
         let mut forged = a.clone();
-        forged.blocks[0] = c(7);
+        forged.blocks.set(0, c(7));
         assert!(matches!(d.apply(&forged, "t"), Err(Error::Corrupt(_))));
     }
 

@@ -29,8 +29,10 @@ pub async fn stream(
     let zeros = vec![0u8; m.block_size as usize];
     let mut written = 0u64;
     progress.set_length(m.size);
-    for (w, window) in m.blocks.chunks(WINDOW_BLOCKS).enumerate() {
-        let first = (w * WINDOW_BLOCKS) as u64;
+    for first in (0..m.blocks.len()).step_by(WINDOW_BLOCKS) {
+        let window: Vec<Option<ChunkId>> =
+            m.blocks.iter_range(first..first + WINDOW_BLOCKS).collect();
+        let first = first as u64;
         let mut wanted: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
         for (i, b) in window.iter().enumerate() {
             if let Some(id) = b {

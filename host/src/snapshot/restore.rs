@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::repo::{ChunkLocation, Repository};
 
+/// Bytes of zeros written to a device at once.
+const ZERO_WRITE: usize = 1 << 20;
 /// Packs being read and decoded at once.
 const PACK_CONCURRENCY: usize = 3;
 
@@ -67,42 +69,26 @@ pub async fn restore(
     let (index, _) = repo.load_index().await?;
     // Which blocks each chunk fills, grouped by pack.
     let mut by_pack: HashMap<PackId, HashMap<ChunkId, (ChunkLocation, Vec<u64>)>> = HashMap::new();
-    let mut zero_blocks = Vec::new();
-    for (i, b) in m.blocks.iter().enumerate() {
-        match b {
-            None => zero_blocks.push(i as u64),
-            Some(id) => {
-                let loc = index.get(id).ok_or_else(|| {
-                    Error::corrupt(format!(
-                        "snapshot {what} block {i} needs chunk {id}, which is missing from the \
-                         repository; run `holdfast verify` to see all damage"
-                    ))
-                })?;
-                by_pack
-                    .entry(loc.pack)
-                    .or_default()
-                    .entry(*id)
-                    .or_insert_with(|| (*loc, Vec::new()))
-                    .1
-                    .push(i as u64);
-            }
-        }
+    for (i, id) in m.blocks.data() {
+        let loc = index.get(&id).ok_or_else(|| {
+            Error::corrupt(format!(
+                "snapshot {what} block {i} needs chunk {id}, which is missing from the \
+                 repository; run `holdfast verify` to see all damage"
+            ))
+        })?;
+        by_pack
+            .entry(loc.pack)
+            .or_default()
+            .entry(id)
+            .or_insert_with(|| (*loc, Vec::new()))
+            .1
+            .push(i as u64);
     }
 
     let (out, tmp) = open_destination(to, is_device, m.size)?;
     let file = Arc::new(out);
     progress.set_length(m.size);
-    let result = write_all(
-        repo,
-        m,
-        &what,
-        by_pack,
-        &zero_blocks,
-        is_device,
-        &file,
-        progress,
-    )
-    .await;
+    let result = write_all(repo, m, &what, by_pack, is_device, &file, progress).await;
     // Whatever goes wrong from here (an error, a panic), no half-written file stays behind.
     let _cleanup = TempFile(tmp.clone());
     let chunks_verified = result?;
@@ -254,27 +240,31 @@ async fn write_all(
     m: &Manifest,
     what: &str,
     by_pack: HashMap<PackId, HashMap<ChunkId, (ChunkLocation, Vec<u64>)>>,
-    zero_blocks: &[u64],
     is_device: bool,
     file: &Arc<Output>,
     progress: &ProgressBar,
 ) -> Result<u64> {
     let bs = m.block_size as u64;
-    if is_device {
-        let zeros = vec![0u8; m.block_size as usize];
-        for &i in zero_blocks {
-            let len = m.block_len(i);
-            file.write_at(&zeros[..len], i * bs, false)
-                .map_err(|e| Error::io(format!("writing block {i}"), e))?;
+    // Zero blocks: a file is already all holes there (it was sized, not written); a device
+    // gets zeros written, a run at a time.
+    let zeros = vec![0u8; (ZERO_WRITE as u64).max(bs) as usize];
+    for run in m.blocks.zero_runs() {
+        let (start, end) = (run.start as u64 * bs, (run.end as u64 * bs).min(m.size));
+        if is_device {
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(zeros.len() as u64) as usize;
+                file.write_at(&zeros[..len], at, false)
+                    .map_err(|e| Error::io(format!("writing zeros at offset {at}"), e))?;
+                at += len as u64;
+            }
         }
+        progress.inc(end - start);
     }
-    progress.inc(zero_blocks.iter().map(|&i| m.block_len(i) as u64).sum());
 
-    let sizes: Vec<usize> = (0..m.blocks.len() as u64).map(|i| m.block_len(i)).collect();
-    let sizes = Arc::new(sizes);
+    let (size, block_size) = (m.size, m.block_size);
     let counts: Vec<u64> = futures::stream::iter(by_pack)
         .map(|(pack, chunks)| {
-            let sizes = sizes.clone();
             let file = file.clone();
             let progress = progress.clone();
             let what = what.to_string();
@@ -302,7 +292,7 @@ async fn write_all(
                                 ))
                             })?;
                         for &b in blocks {
-                            let len = sizes[b as usize];
+                            let len = super::block_len(size, block_size, b);
                             if len != plain.len() {
                                 return Err(Error::corrupt(format!(
                                     "snapshot {what} block {b} is {len} bytes but its chunk \

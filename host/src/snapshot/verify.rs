@@ -87,15 +87,13 @@ pub async fn verify_snapshots(
     for (si, rec) in snaps.iter().enumerate() {
         match load_manifest(repo, rec).await {
             Ok(m) => {
-                for (bi, b) in m.blocks.iter().enumerate() {
-                    if let Some(id) = b {
-                        users
-                            .entry(*id)
-                            .or_default()
-                            .entry(si)
-                            .or_default()
-                            .push(bi as u64);
-                    }
+                for (bi, id) in m.blocks.data() {
+                    users
+                        .entry(id)
+                        .or_default()
+                        .entry(si)
+                        .or_default()
+                        .push(bi as u64);
                 }
             }
             Err(e) => report.damage.push(Damage {

@@ -308,7 +308,7 @@ impl GcPlan {
             };
             // A manifest that cannot be read could reference anything: stop before deleting.
             let m = Manifest::decode(&raw, &format!("{v}@{id} in {}", repo.location()))?;
-            live.extend(m.blocks.iter().flatten().copied());
+            live.extend(m.blocks.ids().iter().copied());
         }
         report.snapshots = manifests.len();
         report.live_chunks = live.len();
@@ -708,7 +708,7 @@ mod tests {
             &mut view,
             &t,
             Some((&node, &node_index)),
-            &m.blocks,
+            m.blocks.ids(),
             &ProgressBar::hidden(),
         )
         .await
@@ -743,12 +743,11 @@ mod tests {
         let (index, _) = t.load_index().await.unwrap();
         let mut view = PushView::over(&t, index).await.unwrap();
         assert!(!ids.iter().any(|id| view.index.contains(id)));
-        let blocks: Vec<Option<ChunkId>> = ids.iter().copied().map(Some).collect();
         let mut sink = crate::target::PackSink::into_target(&t, &mut view.index);
         crate::target::sink::copy_chunks(
             &node,
             &node_index,
-            &blocks,
+            &ids,
             &mut sink,
             &ProgressBar::hidden(),
         )
@@ -757,7 +756,7 @@ mod tests {
         drop(sink);
         let m = manifest(&ids);
         commit(&t, &m).await;
-        let got = confirm(&mut view, &t, None, &m.blocks, &ProgressBar::hidden()).await;
+        let got = confirm(&mut view, &t, None, m.blocks.ids(), &ProgressBar::hidden()).await;
         assert_eq!(got.unwrap(), Confirmed::Whole { restored: 0 });
         // The gc wakes up and does what it decided.
         paused.execute(&t).await.unwrap();
@@ -843,7 +842,7 @@ mod tests {
         let m = manifest(&ids);
         commit(&t, &m).await;
         let src = Some((&node, &node_index));
-        let got = confirm(&mut view, &t, src, &m.blocks, &ProgressBar::hidden()).await;
+        let got = confirm(&mut view, &t, src, m.blocks.ids(), &ProgressBar::hidden()).await;
         assert_eq!(got.unwrap(), Confirmed::Whole { restored: 2 });
         assert!(readable(&t, &ids).await);
     }

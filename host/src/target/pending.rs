@@ -225,7 +225,7 @@ impl PushView {
 
     /// Brings the view up to the target as it is now: reads the gc records and lists the
     /// indexes and the packs again, drops every pack that is condemned or gone, adds the
-    /// packs stored since (by other pushes too), and returns which of `blocks`' chunks are
+    /// packs stored since (by other pushes too), and returns which of `chunks` are
     /// then not stored in the view.
     ///
     /// The packs are listed again every time, whatever the time since the last listing: how
@@ -234,7 +234,7 @@ impl PushView {
     pub async fn unsafe_chunks(
         &mut self,
         repo: &Repository,
-        blocks: &[Option<ChunkId>],
+        chunks: &[ChunkId],
     ) -> Result<Vec<ChunkId>> {
         self.condemned.refresh(repo).await?;
         let mut known = std::mem::take(&mut self.indexes);
@@ -250,9 +250,8 @@ impl PushView {
         self.index
             .retain_packs(|p| packs.contains_key(p) && !condemned.contains(p));
         let mut seen = HashSet::new();
-        Ok(blocks
+        Ok(chunks
             .iter()
-            .flatten()
             .filter(|id| !self.index.contains(id) && seen.insert(**id))
             .copied()
             .collect())
@@ -268,19 +267,19 @@ pub enum Confirmed {
     Incomplete { missing: usize },
 }
 
-/// Confirms that every chunk of `blocks` (a manifest already written to the target) is in a
+/// Confirms that every one of `chunks` (a manifest's, already written to the target) is in a
 /// pack that exists and is not condemned, storing the others again from `src` (the node's
 /// repository and its index), and checking again, until nothing is missing.
 pub async fn confirm(
     view: &mut PushView,
     repo: &Repository,
     src: Option<(&Repository, &ChunkIndex)>,
-    blocks: &[Option<ChunkId>],
+    chunks: &[ChunkId],
     progress: &ProgressBar,
 ) -> Result<Confirmed> {
     let mut restored = 0u64;
     for _ in 0..MAX_REPAIR_ROUNDS {
-        let missing = view.unsafe_chunks(repo, blocks).await?;
+        let missing = view.unsafe_chunks(repo, chunks).await?;
         if missing.is_empty() {
             return Ok(Confirmed::Whole { restored });
         }
@@ -296,9 +295,8 @@ pub async fn confirm(
             "storing chunks again: their packs were condemned by a gc while this push ran"
         );
         restored += missing.len() as u64;
-        let again: Vec<Option<ChunkId>> = missing.into_iter().map(Some).collect();
         let mut sink = PackSink::into_target(repo, &mut view.index);
-        copy_chunks(src, src_index, &again, &mut sink, progress).await?;
+        copy_chunks(src, src_index, &missing, &mut sink, progress).await?;
     }
     Err(Error::Unavailable {
         message: format!(
@@ -346,7 +344,7 @@ pub async fn finish(
         Some(raw) => {
             let what = format!("{volume}@{snapshot} in {}", repo.location());
             let m = Manifest::decode(&raw, &what)?;
-            match confirm(view, repo, src, &m.blocks, progress).await? {
+            match confirm(view, repo, src, m.blocks.ids(), progress).await? {
                 Confirmed::Whole { .. } => Finished::Committed,
                 Confirmed::Incomplete { missing } if !drop_incomplete => {
                     Finished::Incomplete { missing }

@@ -100,10 +100,10 @@ pub async fn pull(
                     })?;
             }
             let mut sink = PackSink::new(&node.repo, &mut local_index);
-            copy_chunks(&repo, &target_index, &m.blocks, &mut sink, progress).await?;
+            copy_chunks(&repo, &target_index, m.blocks.ids(), &mut sink, progress).await?;
             let stats = SnapshotStats {
                 blocks: m.blocks.len() as u64,
-                zero_blocks: m.blocks.iter().filter(|b| b.is_none()).count() as u64,
+                zero_blocks: m.blocks.zero_blocks() as u64,
                 ..sink.stats.clone()
             };
             report.chunks += stats.new_chunks;

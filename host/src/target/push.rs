@@ -257,7 +257,7 @@ async fn push_locked(
         copy_chunks(
             &node.repo,
             &sess.local_index,
-            &m.blocks,
+            m.blocks.ids(),
             &mut sink,
             progress,
         )
@@ -318,7 +318,9 @@ async fn commit(
         Err(e) => return Err(e),
     }
     let src = Some((&node.repo, &sess.local_index));
-    let restored = match pending::confirm(&mut sess.view, repo, src, &m.blocks, progress).await? {
+    let restored = match pending::confirm(&mut sess.view, repo, src, m.blocks.ids(), progress)
+        .await?
+    {
         pending::Confirmed::Whole { restored } => restored,
         pending::Confirmed::Incomplete { missing } => {
             return Err(Error::corrupt(format!(

@@ -147,19 +147,18 @@ impl<'a> PackSink<'a> {
     }
 }
 
-/// Copies the chunks of `blocks` (a manifest's, say) that `sink` lacks from `src`, verifying
+/// Copies the `chunks` (a manifest's, say) that `sink` lacks from `src`, verifying
 /// each.
 pub(super) async fn copy_chunks(
     src: &Repository,
     src_index: &ChunkIndex,
-    blocks: &[Option<ChunkId>],
+    chunks: &[ChunkId],
     sink: &mut PackSink<'_>,
     progress: &ProgressBar,
 ) -> Result<()> {
     let mut seen = HashSet::new();
-    let needed: Vec<ChunkId> = blocks
+    let needed: Vec<ChunkId> = chunks
         .iter()
-        .flatten()
         .filter(|id| !sink.has(id) && seen.insert(**id))
         .copied()
         .collect();

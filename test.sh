@@ -5,7 +5,9 @@
 # rust-toolchain.toml), builds the holdfast binary and the policy components once, and runs
 # every test (unit tests, property tests, and the end-to-end tests that drive real holdfast
 # processes, real WebAssembly policies, real daemons on 127.0.0.1 and a real S3-compatible
-# server, moto, installed from PyPI into target/moto-venv).
+# server, moto, installed from PyPI into target/moto-venv), and real NBD servers and QEMU tools
+# (qemu-nbd, qemu-img, qemu-io, nbdkit, nbdinfo, nbdcopy: Debian packages, installed with
+# apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +22,18 @@ if ! target/moto-venv/bin/python -c 'import moto, boto3' 2>/dev/null \
   python3 -m venv target/moto-venv
   target/moto-venv/bin/pip install --quiet --disable-pip-version-check -r tests/s3/requirements.txt
   cp tests/s3/requirements.txt target/moto-venv/requirements.txt
+fi
+
+echo "== QEMU and NBD tools (Debian packages)" >&2
+missing=()
+for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
+  nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
 echo "== build" >&2

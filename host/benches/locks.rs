@@ -52,6 +52,8 @@ fn main() {
             block_size: 64 << 10,
             added_unix_ms: 0,
             upstream: None,
+            source: None,
+            checkpoint: None,
         })
         .unwrap();
     // 10,000 catalogued snapshots (records only), then three real ones to explain.
@@ -79,6 +81,7 @@ fn main() {
             CreateOptions {
                 name: Some(format!("real-{k}").parse().unwrap()),
                 labels: Default::default(),
+                hooks: Default::default(),
             },
             &hidden,
         ))

@@ -60,6 +60,8 @@ fn main() {
             block_size: 4096,
             added_unix_ms: 0,
             upstream: None,
+            source: None,
+            checkpoint: None,
         })
         .unwrap();
     let t0 = 1_600_000_000_000u64;

@@ -38,6 +38,37 @@ pub struct VolumeRecord {
     /// no image of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// Where the data comes from when it is not `image`: an NBD export or a QEMU image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::volume::SourceSpec>,
+    /// The dirty bitmap that records what changed since a snapshot (QEMU images only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A changed-block tracking checkpoint: the dirty bitmap `bitmap` was started before
+/// `snapshot` read the volume, so it marks every block written since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Checkpoint {
+    pub bitmap: String,
+    pub snapshot: SnapshotId,
+}
+
+impl VolumeRecord {
+    /// Where the data comes from, for listings and messages.
+    pub fn source_label(&self) -> String {
+        match &self.source {
+            None => self.image.display().to_string(),
+            Some(crate::volume::SourceSpec::Nbd { uri }) => uri.clone(),
+            Some(crate::volume::SourceSpec::Qcow2 { path }) => {
+                format!("{} (qcow2)", path.display())
+            }
+            Some(crate::volume::SourceSpec::Qmp { monitor, node, .. }) => {
+                format!("{node} of QEMU {}", monitor.display())
+            }
+        }
+    }
 }
 
 /// What taking a snapshot cost, recorded with it.

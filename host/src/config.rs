@@ -125,6 +125,10 @@ pub struct SnapshotSchedule {
     pub volume: VolumeName,
     #[serde(flatten)]
     pub when: When,
+    /// A command run before each snapshot (`sh -c`); if it fails, no snapshot is taken.
+    pub before: Option<String>,
+    /// A command run after each snapshot, whatever happened.
+    pub after: Option<String>,
 }
 
 fn yes() -> bool {

@@ -79,6 +79,8 @@ struct Job {
     keep: crate::retention::KeepRules,
     /// Retention jobs: gc after pruning.
     gc: bool,
+    /// Snapshot jobs: commands run around each snapshot.
+    hooks: crate::snapshot::hooks::Hooks,
 }
 
 pub struct Daemon {
@@ -129,13 +131,12 @@ impl Daemon {
                 Ok((r.summary(), None))
             }
             JobKind::Snapshot => {
-                let r = crate::snapshot::create::create(
-                    &self.node,
-                    &job.volume,
-                    Default::default(),
-                    &hidden,
-                )
-                .await?;
+                let opts = crate::snapshot::create::CreateOptions {
+                    hooks: job.hooks.clone(),
+                    ..Default::default()
+                };
+                let r =
+                    crate::snapshot::create::create(&self.node, &job.volume, opts, &hidden).await?;
                 if let Some(engine) = &self.engine {
                     crate::policy::registry::decide_locks(
                         &self.node,
@@ -693,6 +694,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             schedule: m.when.schedule("mirror")?,
             keep: Default::default(),
             gc: false,
+            hooks: Default::default(),
         });
     }
     for s in &cfg.schedule {
@@ -705,6 +707,10 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             schedule: s.when.schedule("schedule")?,
             keep: Default::default(),
             gc: false,
+            hooks: crate::snapshot::hooks::Hooks {
+                before: s.before.clone(),
+                after: s.after.clone(),
+            },
         });
     }
     for p in &cfg.push {
@@ -717,6 +723,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             schedule: p.when.schedule("push")?,
             keep: Default::default(),
             gc: false,
+            hooks: Default::default(),
         });
     }
     for r in &cfg.retention {
@@ -734,6 +741,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                 },
             },
             gc: r.gc,
+            hooks: Default::default(),
         });
     }
 

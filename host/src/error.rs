@@ -121,6 +121,14 @@ impl Error {
         }
     }
 
+    /// Unavailable, with nothing more to say than the message.
+    pub fn unavailable_msg(msg: impl Into<String>) -> Self {
+        Error::Unavailable {
+            message: msg.into(),
+            source: None,
+        }
+    }
+
     /// The kind of the local I/O error, if this is one.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {

@@ -557,7 +557,8 @@ impl Update<'_> {
                 "volume {volume} on this node is {}; a mirror writes only into its own replica \
                  (remove the volume or mirror into another name)",
                 v.upstream
-                    .unwrap_or_else(|| format!("a local volume of {}", v.image.display()))
+                    .clone()
+                    .unwrap_or_else(|| format!("a local volume of {}", v.source_label()))
             ))),
             Err(Error::NotFound(_)) => {
                 let Some(first) = theirs.first() else {
@@ -569,6 +570,8 @@ impl Update<'_> {
                     block_size: first.block_size,
                     added_unix_ms: crate::now_unix_ms(),
                     upstream: Some(marker),
+                    source: None,
+                    checkpoint: None,
                 })?;
                 Ok(true)
             }

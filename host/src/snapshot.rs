@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod create;
 pub mod gc;
+pub mod hooks;
 pub mod manifest;
 pub mod read;
 pub mod restore;

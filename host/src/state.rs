@@ -247,6 +247,15 @@ impl Node {
         }
     }
 
+    /// The folder for what lives only while a command runs: sockets of NBD servers started
+    /// for a snapshot, the fleece overlay of a running QEMU's disk. Made if missing.
+    pub fn run_dir(&self) -> Result<PathBuf> {
+        self.dir
+            .create_dir_all("run")
+            .map_err(|e| Error::io(format!("making {}/run", self.path.display()), e))?;
+        Ok(self.path.join("run"))
+    }
+
     /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
     ///
     /// Waits off the async runtime's threads: the daemon runs gc in-process, and blocking

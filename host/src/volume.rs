@@ -17,6 +17,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+pub mod nbd;
+pub mod qemu;
+pub mod qmp;
+
+use nbd::{Client, Extent, NbdUri};
+
 /// Smallest and largest accepted block sizes.
 pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
 pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
@@ -195,4 +201,287 @@ fn current_size(file: &File, path: &Path) -> Result<u64> {
 pub fn check_image(path: &Path) -> Result<PathBuf> {
     FileVolume::open(path)?;
     std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))
+}
+
+/// Where a volume's data comes from, as registered with `volume add`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum SourceSpec {
+    /// An NBD export that someone else serves (`--nbd URI`).
+    Nbd { uri: String },
+    /// A QEMU disk image that holdfast serves to itself through `qemu-nbd` (`--qcow2 PATH`),
+    /// with changed-block tracking through the image's persistent dirty bitmaps.
+    Qcow2 { path: PathBuf },
+    /// The disk (block node `node`) of a running QEMU or qemu-storage-daemon, reached through
+    /// its QMP monitor (`--qmp SOCKET --node NODE`): point-in-time snapshots while it runs.
+    Qmp {
+        monitor: PathBuf,
+        node: String,
+        /// The NBD server that QEMU already runs, if any (`--nbd-server URI`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nbd_server: Option<String>,
+    },
+}
+
+/// An open source of a snapshot: an image file or block device read directly, or an NBD
+/// export (possibly served by a `qemu-nbd` that holdfast started).
+#[derive(Debug)]
+pub enum Source {
+    File(FileVolume),
+    Nbd(Box<NbdVolume>),
+}
+
+impl Source {
+    pub fn size(&self) -> u64 {
+        match self {
+            Source::File(f) => f.size(),
+            Source::Nbd(n) => n.size,
+        }
+    }
+
+    /// For messages: "volume image PATH" or "NBD export URI".
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(f) => format!("volume image {}", f.path().display()),
+            Source::Nbd(n) => n.describe.clone(),
+        }
+    }
+
+    /// Where the first data at or after `at` starts; `None` when only zeros follow.
+    pub fn next_data(&self, at: u64) -> Result<Option<u64>> {
+        match self {
+            Source::File(f) => f.next_data(at),
+            Source::Nbd(n) => n.next_data(at),
+        }
+    }
+
+    /// The parts of `range` that may hold data (the rest reads as zeros).
+    pub fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        match self {
+            Source::File(f) => f.data_ranges(range),
+            Source::Nbd(n) => n.data_ranges(range),
+        }
+    }
+
+    pub fn done_with(&self, range: Range<u64>) {
+        if let Source::File(f) = self {
+            f.done_with(range)
+        }
+    }
+
+    pub fn check_size_unchanged(&self) -> Result<()> {
+        match self {
+            Source::File(f) => f.check_size_unchanged(),
+            Source::Nbd(_) => Ok(()),
+        }
+    }
+}
+
+/// An NBD export being read for a snapshot.
+pub struct NbdVolume {
+    client: std::sync::Mutex<Client>,
+    size: u64,
+    describe: String,
+    /// The `base:allocation` context, if the server offers it.
+    allocation: Option<u32>,
+    /// The dirty bitmap's context, when reading changed blocks only.
+    dirty: Option<u32>,
+    /// What keeps the export alive (the `qemu-nbd` serving a `--qcow2` image, the fleece in
+    /// a running QEMU): dropped after the connection, which it outlives.
+    _kept: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for NbdVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+/// The meta context that tells holes and zeros.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+impl NbdVolume {
+    /// Connects to an export. `bitmap` names a dirty bitmap whose changed blocks are wanted
+    /// (`qemu:dirty-bitmap:NAME`); `base:allocation` is asked for when the server has it.
+    pub fn connect(uri: &NbdUri, bitmap: Option<&str>) -> Result<NbdVolume> {
+        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut want = vec![BASE_ALLOCATION];
+        if let Some(d) = &dirty_ctx {
+            want.push(d);
+        }
+        let client = match Client::connect(uri, &want) {
+            // A server without base:allocation still serves reads (every block is data).
+            Err(Error::NotFound(m)) if m.contains(BASE_ALLOCATION) && bitmap.is_none() => {
+                Client::connect(uri, &[])?
+            }
+            r => r?,
+        };
+        Ok(Self::from_client(
+            client,
+            dirty_ctx.as_deref(),
+            None,
+            format!("NBD export {uri}"),
+        ))
+    }
+
+    /// Serves a QEMU image with `qemu-nbd` and connects to it.
+    pub fn serve(image: &Path, format: &str, bitmap: Option<&str>) -> Result<NbdVolume> {
+        let mut served = qemu::Served::start(image, format, bitmap)?;
+        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut want = vec![BASE_ALLOCATION];
+        if let Some(d) = &dirty_ctx {
+            want.push(d);
+        }
+        let client = served.connect(&want)?;
+        Ok(Self::from_client(
+            client,
+            dirty_ctx.as_deref(),
+            Some(Box::new(served)),
+            format!("{format} image {}", image.display()),
+        ))
+    }
+
+    /// Connects to an export that `kept` keeps alive (it is dropped after the connection).
+    pub fn connect_kept(
+        uri: &NbdUri,
+        bitmap: Option<&str>,
+        kept: Box<dyn std::any::Any + Send + Sync>,
+        describe: String,
+    ) -> Result<NbdVolume> {
+        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut want = vec![BASE_ALLOCATION];
+        if let Some(d) = &dirty_ctx {
+            want.push(d);
+        }
+        let client = Client::connect(uri, &want)?;
+        Ok(Self::from_client(
+            client,
+            dirty_ctx.as_deref(),
+            Some(kept),
+            describe,
+        ))
+    }
+
+    fn from_client(
+        client: Client,
+        dirty: Option<&str>,
+        kept: Option<Box<dyn std::any::Any + Send + Sync>>,
+        describe: String,
+    ) -> NbdVolume {
+        NbdVolume {
+            size: client.size(),
+            allocation: client.context_id(BASE_ALLOCATION),
+            dirty: dirty.and_then(|d| client.context_id(d)),
+            client: std::sync::Mutex::new(client),
+            describe,
+            _kept: kept,
+        }
+    }
+
+    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The extents of `ctx` over `range`, asking as often as the server needs.
+    fn extents(&self, ctx: u32, range: Range<u64>) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let mut at = range.start;
+        let mut c = self.client();
+        while at < range.end {
+            let mut status = c.block_status(at..range.end)?;
+            let ext = status.remove(&ctx).unwrap_or_default();
+            let Some(last) = ext.last() else {
+                return Err(Error::internal("block status without extents"));
+            };
+            at = last.offset + last.len;
+            out.extend(ext);
+        }
+        Ok(out)
+    }
+
+    fn next_data(&self, at: u64) -> Result<Option<u64>> {
+        let Some(ctx) = self.allocation else {
+            return Ok((at < self.size).then_some(at));
+        };
+        let mut from = at;
+        while from < self.size {
+            // Ask for a large window: one answer covers a long run of holes.
+            let to = self.size.min(from.saturating_add(1 << 31));
+            let mut c = self.client();
+            let mut status = c.block_status(from..to)?;
+            drop(c);
+            for e in status.remove(&ctx).unwrap_or_default() {
+                if e.flags & nbd::STATE_ZERO == 0 {
+                    return Ok(Some(e.offset.max(at)));
+                }
+                from = e.offset + e.len;
+            }
+        }
+        Ok(None)
+    }
+
+    fn data_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let Some(ctx) = self.allocation else {
+            return Ok(vec![range]);
+        };
+        Ok(merge(
+            self.extents(ctx, range.clone())?
+                .into_iter()
+                .filter(|e| e.flags & nbd::STATE_ZERO == 0)
+                .map(|e| e.offset.max(range.start)..(e.offset + e.len).min(range.end))
+                .filter(|r| !r.is_empty()),
+        ))
+    }
+
+    /// The parts of the export the dirty bitmap marks as written since it was started.
+    pub fn dirty_ranges(&self) -> Result<Vec<Range<u64>>> {
+        let Some(ctx) = self.dirty else {
+            return Err(Error::internal("no dirty bitmap on this export"));
+        };
+        Ok(merge(
+            self.extents(ctx, 0..self.size)?
+                .into_iter()
+                .filter(|e| e.flags & nbd::STATE_DIRTY != 0)
+                .map(|e| e.range()),
+        ))
+    }
+
+    /// Reads `ranges` (inside `base .. base + buf.len()`) into `buf`.
+    pub fn read_ranges(&self, base: u64, buf: &mut [u8], ranges: &[Range<u64>]) -> Result<()> {
+        self.client().read_ranges(base, buf, ranges)
+    }
+}
+
+/// Joins touching or overlapping ranges (given in order).
+fn merge(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Opens a volume's source for reading. For a `--qcow2` image, `bitmap` names the dirty
+/// bitmap to export as well.
+pub fn open_source(
+    image: &Path,
+    spec: Option<&SourceSpec>,
+    bitmap: Option<&str>,
+) -> Result<Source> {
+    match spec {
+        None => Ok(Source::File(FileVolume::open(image)?)),
+        Some(SourceSpec::Nbd { uri }) => Ok(Source::Nbd(Box::new(NbdVolume::connect(
+            &uri.parse()?,
+            bitmap,
+        )?))),
+        Some(SourceSpec::Qcow2 { path }) => Ok(Source::Nbd(Box::new(NbdVolume::serve(
+            path, "qcow2", bitmap,
+        )?))),
+        Some(SourceSpec::Qmp { .. }) => Err(Error::internal(
+            "a running QEMU's disk is opened with its fleece (snapshot::create)",
+        )),
+    }
 }

@@ -9,8 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 pub mod cascade;
+pub mod fake_nbd;
 pub mod fake_upstream;
 pub mod proxy;
+pub mod qemu;
 pub mod s3;
 
 /// The holdfast binary under test.

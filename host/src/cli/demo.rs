@@ -65,6 +65,8 @@ impl DemoCommand {
             block_size: 64 << 10,
             added_unix_ms: holdfast::now_unix_ms(),
             upstream: None,
+            source: None,
+            checkpoint: None,
         })?;
         drop(node);
 
@@ -133,6 +135,8 @@ async fn create(ctx: &Context, name: &str) -> anyhow::Result<()> {
         name: Some(name.parse()?),
         labels: vec![("made-by".into(), "demo".into())],
         json: false,
+        before: None,
+        after: None,
     }
     .run(ctx)
     .await

@@ -31,6 +31,16 @@ pub enum SnapshotCommand {
         /// Print the new snapshot as JSON instead of its id.
         #[arg(long)]
         json: bool,
+        /// A command run (with `sh -c`) before the source is read, to prepare it: make an LVM
+        /// snapshot, `fsfreeze --freeze`, put a database in backup mode. If it fails, no
+        /// snapshot is taken. It sees HOLDFAST_VOLUME, HOLDFAST_SNAPSHOT and HOLDFAST_SOURCE.
+        #[arg(long, value_name = "COMMAND")]
+        before: Option<String>,
+        /// A command run after the snapshot, whatever happened (also when --before failed),
+        /// to undo what --before did; it also sees HOLDFAST_RESULT (ok or failed) and
+        /// HOLDFAST_SNAPSHOT_ID or HOLDFAST_ERROR.
+        #[arg(long, value_name = "COMMAND")]
+        after: Option<String>,
     },
     /// List a volume's snapshots, oldest first.
     #[command(
@@ -161,6 +171,8 @@ impl SnapshotCommand {
                 name,
                 labels,
                 json,
+                before,
+                after,
             } => {
                 let mut map = BTreeMap::new();
                 for (k, v) in labels {
@@ -171,9 +183,12 @@ impl SnapshotCommand {
                     }
                 }
                 let pb = ctx.bytes_bar("snapshot");
-                let report =
-                    snapshot::create(&node, &volume, CreateOptions { name, labels: map }, &pb)
-                        .await;
+                let opts = CreateOptions {
+                    name,
+                    labels: map,
+                    hooks: snapshot::hooks::Hooks { before, after },
+                };
+                let report = snapshot::create(&node, &volume, opts, &pb).await;
                 pb.finish_and_clear();
                 let report = report?;
                 let r = &report.record;
@@ -188,10 +203,14 @@ impl SnapshotCommand {
                         record: &'a SnapshotRecord,
                         /// Bytes read from the image (holes are not read).
                         bytes_read: u64,
+                        /// How a source with changed-block tracking was read.
+                        #[serde(skip_serializing_if = "Option::is_none")]
+                        tracking: Option<&'a snapshot::create::Tracking>,
                     }
                     print_json(&Created {
                         record: r,
                         bytes_read: report.bytes_read,
+                        tracking: report.tracking.as_ref(),
                     })?;
                 } else {
                     outln!("{}", r.id);
@@ -202,6 +221,18 @@ impl SnapshotCommand {
                 } else {
                     1.0
                 };
+                if let Some(t) = &report.tracking {
+                    match (&t.base, &t.full_read_reason) {
+                        (Some(base), _) => ctx.summary(format!(
+                            "changed-block tracking: read only the {} written since {base}",
+                            human_bytes(t.dirty_bytes)
+                        )),
+                        (None, Some(why)) => {
+                            ctx.summary(format!("changed-block tracking: full read: {why}"))
+                        }
+                        (None, None) => {}
+                    }
+                }
                 ctx.summary(format!(
                     "snapshot {} ({}): read {} in {:.2}s ({}); {} blocks, {} zero, {} new \
                      chunks: {} new data stored as {} ({ratio:.2}x)",

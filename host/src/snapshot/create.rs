@@ -24,6 +24,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::{BlockList, MANIFEST_FORMAT, Manifest, block_count};
+use crate::catalog::{Checkpoint, VolumeRecord};
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::chunk;
 use crate::error::{Error, Result};
@@ -32,7 +33,7 @@ use crate::repo::ChunkIndex;
 use crate::repo::pack::PackBuilder;
 use crate::repo::pack::PackIndex;
 use crate::state::Node;
-use crate::volume::FileVolume;
+use crate::volume::{FileVolume, Source, SourceSpec, qemu};
 
 /// Bytes read from the image per pipeline step: big enough to amortise the hand-offs.
 const SEGMENT_BYTES: usize = 8 << 20;
@@ -43,6 +44,8 @@ const UPLOAD_CONCURRENCY: usize = 2;
 pub struct CreateOptions {
     pub name: Option<SnapshotName>,
     pub labels: BTreeMap<String, String>,
+    /// Commands run before the source is read and after the snapshot (see [`super::hooks`]).
+    pub hooks: super::hooks::Hooks,
 }
 
 /// What `create` did.
@@ -51,24 +54,44 @@ pub struct CreateReport {
     pub record: SnapshotRecord,
     pub bytes_read: u64,
     pub elapsed: Duration,
+    /// For a source with changed-block tracking: whether this snapshot read only the changed
+    /// blocks, and if not, why.
+    pub tracking: Option<Tracking>,
 }
 
-/// Takes a snapshot of `volume`.
+/// How a snapshot of a source with changed-block tracking was read.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Tracking {
+    /// Only the blocks the dirty bitmap marks were read; the rest came from `base`.
+    pub changed_blocks_only: bool,
+    /// The snapshot the unchanged blocks came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Why the whole volume was read, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_read_reason: Option<String>,
+    /// Bytes the dirty bitmap marked as written since the base.
+    pub dirty_bytes: u64,
+}
+
+/// Takes a snapshot of `volume`, running its hooks around it.
 pub async fn create(
     node: &Node,
     volume: &VolumeName,
-    opts: CreateOptions,
+    mut opts: CreateOptions,
     progress: &ProgressBar,
 ) -> Result<CreateReport> {
     let started = Instant::now();
     let vol = node.catalog.volume(volume)?;
     if let Some(from) = &vol.upstream {
         return Err(Error::invalid(format!(
-            "volume {volume} is a replica ({from}); its snapshots arrive by `holdfast mirror run`,              it has no image to snapshot"
+            "volume {volume} is a replica ({from}); its snapshots arrive by `holdfast mirror run`, \
+             it has no image to snapshot"
         )));
     }
     let existing = node.catalog.snapshots(volume)?;
-    let name = match opts.name {
+    let name = match opts.name.take() {
         Some(n) => {
             if existing.iter().any(|s| s.name == n) {
                 return Err(Error::conflict(format!(
@@ -80,23 +103,79 @@ pub async fn create(
         }
         None => default_name(&existing, crate::now_unix_ms()),
     };
-    let image = FileVolume::open(&vol.image)?;
-    let size = image.size();
-    let block_size = vol.block_size;
-    super::manifest::check_block_count(size, block_size, &format!("volume {volume}"))?;
+    let hooks = std::mem::take(&mut opts.hooks);
+    let env = super::hooks::HookEnv {
+        volume: volume.to_string(),
+        snapshot: name.to_string(),
+        source: vol.source_label(),
+    };
+    hooks.before(&env).await?;
+    let r = take(node, vol, existing, name, opts, progress, started).await;
+    hooks.after(&env, &r).await;
+    r
+}
 
+/// Takes the snapshot itself (after the `before` hook).
+async fn take(
+    node: &Node,
+    vol: crate::catalog::VolumeRecord,
+    existing: Vec<SnapshotRecord>,
+    name: SnapshotName,
+    opts: CreateOptions,
+    progress: &ProgressBar,
+    started: Instant,
+) -> Result<CreateReport> {
+    let volume = &vol.name;
+    let block_size = vol.block_size;
+    let (image, plan) = {
+        let vol = vol.clone();
+        let existing = existing.clone();
+        let run_dir = node.run_dir()?;
+        tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir))
+            .await
+            .map_err(|e| Error::internal(format!("opening the source failed: {e}")))??
+    };
+    let size = image.size();
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
-    let _repo_lock = node.lock_repo_shared().await?;
-    let (index, problems) = node.load_index().await?;
-    for p in problems {
-        tracing::warn!("{p}; its chunks will be stored again");
-    }
+    let _repo_lock = match node.lock_repo_shared().await {
+        Ok(l) => l,
+        Err(e) => {
+            drop(image);
+            return Err(abandon(&plan, e));
+        }
+    };
+    let prepared = async {
+        super::manifest::check_block_count(size, block_size, &format!("volume {volume}"))?;
+        let (index, problems) = node.load_index().await?;
+        for p in problems {
+            tracing::warn!("{p}; its chunks will be stored again");
+        }
+        let base = match &plan {
+            Some(TrackingPlan {
+                base: Some((prev, dirty)),
+                ..
+            }) => Some((
+                base_blocks(node, prev, size, block_size, &index).await?,
+                align(dirty, block_size as u64, size),
+            )),
+            _ => None,
+        };
+        Ok::<_, Error>((index, base))
+    };
+    let (index, base) = match prepared.await {
+        Ok(x) => x,
+        Err(e) => {
+            // qemu-nbd holds the image until its client leaves.
+            drop(image);
+            return Err(abandon(&plan, e));
+        }
+    };
 
     progress.set_length(size);
     let (pack_tx, mut pack_rx) = mpsc::channel::<PackBuilder>(2);
     let pb = progress.clone();
     let compute =
-        tokio::task::spawn_blocking(move || compute(image, block_size, index, pack_tx, pb));
+        tokio::task::spawn_blocking(move || compute(image, block_size, index, pack_tx, pb, base));
 
     // Upload sealed packs as they come, a bounded number at a time. Spawned tasks make
     // progress on their own while this loop waits for the next pack.
@@ -145,9 +224,20 @@ pub async fn create(
         .await
         .map_err(|e| Error::internal(format!("snapshot worker failed: {e}")));
     if let Some(e) = upload_error {
+        if let Some(plan) = &plan {
+            plan.abandoned();
+        }
         return Err(e);
     }
-    let (blocks, stats, bytes_read) = computed??;
+    let (blocks, stats, bytes_read) = match computed.and_then(|r| r) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(plan) = &plan {
+                plan.abandoned();
+            }
+            return Err(e);
+        }
+    };
     debug_assert_eq!(blocks.len() as u64, block_count(size, block_size));
 
     let now = crate::now_unix_ms();
@@ -176,6 +266,10 @@ pub async fn create(
         let _ = node.repo.delete_manifest(volume, &manifest.id).await;
         return Err(e);
     }
+    let tracking = match plan {
+        Some(plan) => Some(plan.committed(node, &vol, &record).await),
+        None => None,
+    };
     tracing::info!(
         snapshot = %record.display_ref(),
         id = %record.id,
@@ -186,7 +280,366 @@ pub async fn create(
         record,
         bytes_read,
         elapsed: started.elapsed(),
+        tracking,
     })
+}
+
+/// Changed-block tracking for a snapshot of a `--qcow2` image: the bitmap this snapshot
+/// starts (it records every write from before the read on), and the base it may build on.
+struct TrackingPlan {
+    host: BitmapHost,
+    /// The bitmap started for this snapshot.
+    new_bitmap: String,
+    /// The bitmap the previous checkpoint started, if any (removed once this one commits).
+    old_bitmap: Option<String>,
+    /// The previous snapshot and the ranges its bitmap marks as written since, when the
+    /// chain holds.
+    base: Option<(SnapshotRecord, Vec<Range<u64>>)>,
+    /// Why the whole volume is read, when it is.
+    reason: Option<String>,
+}
+
+impl TrackingPlan {
+    /// After the snapshot committed: the new bitmap becomes the checkpoint and the old one
+    /// goes. A failure here costs only a full read next time, never a wrong incremental.
+    async fn committed(self, node: &Node, vol: &VolumeRecord, rec: &SnapshotRecord) -> Tracking {
+        let mut updated = match node.catalog.volume(&vol.name) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(
+                    "could not record the checkpoint of {}: {e}",
+                    rec.display_ref()
+                );
+                return self.report();
+            }
+        };
+        updated.checkpoint = Some(Checkpoint {
+            bitmap: self.new_bitmap.clone(),
+            snapshot: rec.id,
+        });
+        if let Err(e) = node.catalog.update_volume(&updated) {
+            tracing::warn!(
+                "could not record the checkpoint of {}: {e}",
+                rec.display_ref()
+            );
+        } else if let Some(old) = self.old_bitmap.clone() {
+            let host = self.host.clone();
+            let r = tokio::task::spawn_blocking(move || host.remove(&old)).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!("{e}; the next snapshot removes it");
+            }
+        }
+        self.report()
+    }
+
+    /// The snapshot failed: its bitmap is not needed (the next snapshot also removes it).
+    fn abandoned(&self) {
+        if let Err(e) = self.host.remove(&self.new_bitmap) {
+            tracing::debug!(
+                "could not remove the unused bitmap {}: {e}",
+                self.new_bitmap
+            );
+        }
+    }
+
+    fn report(&self) -> Tracking {
+        Tracking {
+            changed_blocks_only: self.base.is_some(),
+            base: self.base.as_ref().map(|(b, _)| b.display_ref()),
+            full_read_reason: self.reason.clone(),
+            dirty_bytes: self
+                .base
+                .as_ref()
+                .map_or(0, |(_, d)| d.iter().map(|r| r.end - r.start).sum()),
+        }
+    }
+}
+
+/// Opens a volume's source; for a `--qcow2` image or a running QEMU (`--qmp`), decides
+/// whether the dirty-bitmap chain allows reading only the changed blocks, and starts the next
+/// bitmap. Any doubt means a full read, with the reason.
+fn open_source(
+    vol: &VolumeRecord,
+    existing: &[SnapshotRecord],
+    run_dir: &std::path::Path,
+) -> Result<(Source, Option<TrackingPlan>)> {
+    match &vol.source {
+        Some(SourceSpec::Qcow2 { path }) => open_qcow2(vol, existing, path),
+        Some(SourceSpec::Qmp {
+            monitor,
+            node,
+            nbd_server,
+        }) => open_qmp(vol, existing, monitor, node, nbd_server.as_deref(), run_dir),
+        _ => Ok((
+            crate::volume::open_source(&vol.image, vol.source.as_ref(), None)?,
+            None,
+        )),
+    }
+}
+
+/// Whether the checkpoint's bitmap still marks every block written since its snapshot: the
+/// base to build on, or why not.
+fn chain(
+    vol: &VolumeRecord,
+    existing: &[SnapshotRecord],
+    bitmaps: &[qemu::Bitmap],
+    size: u64,
+) -> (Option<SnapshotRecord>, Option<String>) {
+    let Some(cp) = &vol.checkpoint else {
+        return (
+            None,
+            Some("no dirty bitmap yet: the first snapshot reads everything".into()),
+        );
+    };
+    let prev = existing.iter().find(|s| s.id == cp.snapshot);
+    let bitmap = bitmaps.iter().find(|b| b.name == cp.bitmap);
+    let why = match (prev, bitmap) {
+        (None, _) => format!(
+            "the snapshot that dirty bitmap {} started at was deleted",
+            cp.bitmap
+        ),
+        (_, None) => format!("dirty bitmap {} is missing (removed or renamed)", cp.bitmap),
+        (_, Some(b)) if b.in_use() => format!(
+            "dirty bitmap {} is inconsistent (QEMU did not close the image cleanly)",
+            cp.bitmap
+        ),
+        (_, Some(b)) if !b.enabled() => format!(
+            "dirty bitmap {} was disabled, so it may have missed writes",
+            cp.bitmap
+        ),
+        (Some(p), _) if p.size != size => {
+            format!("the disk changed size ({} -> {size} bytes)", p.size)
+        }
+        (Some(p), _) if p.block_size != vol.block_size => "the block size changed".into(),
+        (Some(p), Some(_)) => return (Some(p.clone()), None),
+    };
+    (None, Some(why))
+}
+
+fn open_qcow2(
+    vol: &VolumeRecord,
+    existing: &[SnapshotRecord],
+    path: &std::path::Path,
+) -> Result<(Source, Option<TrackingPlan>)> {
+    let info = qemu::info(path)?;
+    if info.format != "qcow2" {
+        return Err(Error::invalid(format!(
+            "{} is a {} image now, not qcow2",
+            path.display(),
+            info.format
+        )));
+    }
+    let prefix = format!("holdfast.{}.", vol.name);
+    let (base, reason) = chain(vol, existing, &info.bitmaps, info.virtual_size);
+    // Bitmaps of this volume that no checkpoint names were left by a snapshot that failed
+    // or crashed: they only slow the writer down.
+    let keep = vol.checkpoint.as_ref().map(|c| c.bitmap.as_str());
+    for b in &info.bitmaps {
+        if b.name.starts_with(&prefix) && Some(b.name.as_str()) != keep {
+            tracing::info!(
+                "removing the stale dirty bitmap {} of {}",
+                b.name,
+                path.display()
+            );
+            qemu::remove_bitmap(path, &b.name)?;
+        }
+    }
+    if let Some(r) = &reason {
+        tracing::info!("volume {}: reading everything: {r}", vol.name);
+    }
+    // Started before the read: every write from now on is marked for the next snapshot.
+    let new_bitmap = format!("{prefix}{:016x}", rand::random::<u64>());
+    qemu::add_bitmap(path, &new_bitmap)?;
+    let host = BitmapHost::Image(path.to_path_buf());
+    let opened = (|| {
+        let old = base.as_ref().and(keep);
+        let nbd = crate::volume::NbdVolume::serve(path, "qcow2", old)?;
+        let dirty = match &base {
+            Some(_) => Some(nbd.dirty_ranges()?),
+            None => None,
+        };
+        Ok::<_, Error>((nbd, dirty))
+    })();
+    let (nbd, dirty) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = host.remove(&new_bitmap);
+            return Err(e);
+        }
+    };
+    let plan = TrackingPlan {
+        host,
+        new_bitmap,
+        old_bitmap: keep.map(str::to_string),
+        base: base.zip(dirty),
+        reason,
+    };
+    Ok((Source::Nbd(Box::new(nbd)), Some(plan)))
+}
+
+/// A running QEMU's disk: freeze a point-in-time view (see [`crate::volume::qmp`]) and read it.
+fn open_qmp(
+    vol: &VolumeRecord,
+    existing: &[SnapshotRecord],
+    monitor: &std::path::Path,
+    node: &str,
+    nbd_server: Option<&str>,
+    run_dir: &std::path::Path,
+) -> Result<(Source, Option<TrackingPlan>)> {
+    use crate::volume::qmp::{self, Fleece, Names, Qmp};
+    let nbd_server = nbd_server
+        .map(str::parse::<crate::volume::nbd::NbdUri>)
+        .transpose()?;
+    let t = qmp::Target {
+        node,
+        nbd_server: nbd_server.as_ref(),
+        run_dir,
+    };
+    let names = Names::new(vol.name.as_str());
+    let keep = vol.checkpoint.as_ref().map(|c| c.bitmap.as_str());
+    let mut q = Qmp::connect(monitor)?;
+    Fleece::clean_up(&mut q, &t, &names, keep)?;
+    let info = qmp::node_info(&mut q, node)?;
+    let (base, reason) = chain(vol, existing, &info.bitmaps, info.size);
+    if let Some(r) = &reason {
+        tracing::info!("volume {}: reading everything: {r}", vol.name);
+    }
+    let new_bitmap = format!("{}{:016x}", names.bitmap_prefix, rand::random::<u64>());
+    let host = BitmapHost::Qmp {
+        monitor: monitor.to_path_buf(),
+        node: node.to_string(),
+    };
+    let old = base.as_ref().and(keep);
+    let opened = (|| {
+        // The bitmap is persistent where the disk's format can keep it (qcow2).
+        let fleece = Fleece::start(
+            q,
+            &t,
+            &names,
+            info.size,
+            info.driver == "qcow2",
+            &new_bitmap,
+            old,
+        )?;
+        let uri = fleece.uri.clone();
+        let bitmap = fleece.bitmap().map(str::to_string);
+        let nbd = crate::volume::NbdVolume::connect_kept(
+            &uri,
+            bitmap.as_deref(),
+            Box::new(fleece),
+            format!("the disk {node:?} of QEMU (monitor {})", monitor.display()),
+        )?;
+        let dirty = match &base {
+            Some(_) => Some(nbd.dirty_ranges()?),
+            None => None,
+        };
+        Ok::<_, Error>((nbd, dirty))
+    })();
+    let (nbd, dirty) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            // The fleece is gone (dropped); the bitmap may have been started.
+            if let Err(e) = host.remove(&new_bitmap) {
+                tracing::debug!("{e}");
+            }
+            return Err(e);
+        }
+    };
+    let plan = TrackingPlan {
+        host,
+        new_bitmap,
+        old_bitmap: keep.map(str::to_string),
+        base: base.zip(dirty),
+        reason,
+    };
+    Ok((Source::Nbd(Box::new(nbd)), Some(plan)))
+}
+
+/// Where a volume's dirty bitmaps live.
+#[derive(Clone)]
+enum BitmapHost {
+    /// In a qcow2 image, changed with qemu-img.
+    Image(std::path::PathBuf),
+    /// In a running QEMU, changed through its monitor.
+    Qmp {
+        monitor: std::path::PathBuf,
+        node: String,
+    },
+}
+
+impl BitmapHost {
+    fn remove(&self, name: &str) -> Result<()> {
+        match self {
+            BitmapHost::Image(path) => qemu::remove_bitmap(path, name),
+            BitmapHost::Qmp { monitor, node } => {
+                crate::volume::qmp::remove_bitmap(monitor, node, name)
+            }
+        }
+    }
+}
+
+/// The blocks of `prev`, the base of a changed-block snapshot, checked under the repository
+/// lock: it is still committed (a snapshot deleted meanwhile may have lost its chunks to a
+/// gc), its shape matches, and the repository holds every chunk it names, since they are
+/// taken without being read.
+async fn base_blocks(
+    node: &Node,
+    prev: &SnapshotRecord,
+    size: u64,
+    block_size: u32,
+    index: &ChunkIndex,
+) -> Result<BlockList> {
+    if !node
+        .catalog
+        .snapshots(&prev.volume)?
+        .iter()
+        .any(|s| s.id == prev.id)
+    {
+        return Err(Error::conflict(format!(
+            "{} was deleted while this snapshot started; run it again (it will read everything)",
+            prev.display_ref()
+        )));
+    }
+    let m = super::load_manifest(&node.repo, prev).await?;
+    if m.size != size || m.block_size != block_size {
+        return Err(Error::internal(format!(
+            "the base {} of a changed-block snapshot has another size",
+            prev.display_ref()
+        )));
+    }
+    if let Some(missing) = m.blocks.ids().iter().find(|id| !index.contains(id)) {
+        return Err(Error::corrupt(format!(
+            "{} names chunk {missing}, which the repository does not hold, so it cannot be the \
+             base of a changed-block snapshot; run `holdfast verify`",
+            prev.display_ref()
+        )));
+    }
+    Ok(m.blocks)
+}
+
+/// Gives up the bitmap a failed snapshot started, and passes on the error.
+fn abandon(plan: &Option<TrackingPlan>, e: Error) -> Error {
+    if let Some(plan) = plan {
+        plan.abandoned();
+    }
+    e
+}
+
+/// Widens ranges to whole blocks (clipped to `size`) and joins them.
+fn align(ranges: &[Range<u64>], bs: u64, size: u64) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        let a = r.start / bs * bs;
+        let b = r.end.div_ceil(bs).saturating_mul(bs).min(size);
+        if a >= b {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end >= a => last.end = last.end.max(b),
+            _ => out.push(a..b),
+        }
+    }
+    out
 }
 
 fn flatten(r: std::result::Result<Result<PackIndex>, tokio::task::JoinError>) -> Result<PackIndex> {
@@ -236,15 +689,15 @@ fn classify(index: &ChunkIndex, data: &[u8]) -> Result<Block> {
 /// as it was either before or after, never a mix of the two maps. Each segment leaves the page
 /// cache once read. Memory holds one segment's new chunks at most, whatever the image's size.
 fn compute(
-    image: FileVolume,
+    image: Source,
     block_size: u32,
     index: ChunkIndex,
     packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
+    base: Option<(BlockList, Vec<Range<u64>>)>,
 ) -> Result<(BlockList, SnapshotStats, u64)> {
     let bs = block_size as usize;
     let size = image.size();
-    let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
     let mut b = Blocks {
         block_size: bs,
         index,
@@ -255,28 +708,22 @@ fn compute(
         pending: HashSet::new(),
         builder: PackBuilder::new(),
         bytes_read: 0,
+        buf: Vec::new(),
     };
-    let mut offset = 0u64;
-    while offset < size {
-        // Holes up to the block that holds the next data go in one step, whatever their
-        // length: a terabyte of holes is a few system calls and a bit per block.
-        let next = image.next_data(offset)?.unwrap_or(size).min(size);
-        let holes_to = (next / bs as u64 * bs as u64).max(offset);
-        if holes_to > offset {
-            b.add_holes(holes_to - offset, bs);
-            offset = holes_to;
-            continue;
+    match &base {
+        None => b.add_range(&image, 0..size)?,
+        // Changed-block tracking: only the blocks written since the base are read (the
+        // ranges are whole blocks, in order); the others are the base's, whatever their
+        // number, at the cost of a word per 64 blocks.
+        Some((prev, dirty)) => {
+            let mut at = 0u64;
+            for r in dirty {
+                b.copy_from(prev, at..r.start);
+                b.add_range(&image, r.clone())?;
+                at = r.end;
+            }
+            b.copy_from(prev, at..size);
         }
-        let len = ((size - offset) as usize).min(seg_bytes);
-        let end = offset + len as u64;
-        let data = image.data_ranges(offset..end)?;
-        if data.is_empty() {
-            b.add_holes(len as u64, bs);
-        } else {
-            b.add_segment(&image, offset, len, &data)?;
-        }
-        image.done_with(offset..end);
-        offset = end;
     }
     if !b.builder.is_empty() {
         send_pack(&b.packs, b.builder)?;
@@ -284,8 +731,8 @@ fn compute(
     image.check_size_unchanged()?;
     if b.blocks.len() as u64 != block_count(size, block_size) {
         return Err(Error::conflict(format!(
-            "volume image {} ended early (read {} of {} blocks); nothing was committed",
-            image.path().display(),
+            "{} ended early (read {} of {} blocks); nothing was committed",
+            image.describe(),
             b.blocks.len(),
             block_count(size, block_size)
         )));
@@ -306,12 +753,59 @@ struct Blocks {
     builder: PackBuilder,
     /// Bytes read from the image (holes are not read).
     bytes_read: u64,
+    /// A segment's data, for sources read a segment at a time (NBD).
+    buf: Vec<u8>,
 }
 
 /// A block of a segment after the parallel pass: `None` for a hole (not read).
 type Done = Option<Result<Block>>;
 
 impl Blocks {
+    /// Adds the blocks of `range` (block-aligned, or ending at the end of the image), read
+    /// from the image a segment at a time, holes skipped without reading.
+    fn add_range(&mut self, image: &Source, range: Range<u64>) -> Result<()> {
+        let bs = self.block_size;
+        let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
+        let mut offset = range.start;
+        while offset < range.end {
+            // Holes up to the block that holds the next data go in one step, whatever their
+            // length: a terabyte of holes is a few system calls and a bit per block.
+            let next = image.next_data(offset)?.unwrap_or(range.end).min(range.end);
+            let holes_to = (next / bs as u64 * bs as u64).max(offset);
+            if holes_to > offset {
+                self.add_holes(holes_to - offset, bs);
+                offset = holes_to;
+                continue;
+            }
+            let len = ((range.end - offset) as usize).min(seg_bytes);
+            let end = offset + len as u64;
+            let data = image.data_ranges(offset..end)?;
+            if data.is_empty() {
+                self.add_holes(len as u64, bs);
+            } else {
+                self.add_segment(image, offset, len, &data)?;
+            }
+            image.done_with(offset..end);
+            offset = end;
+        }
+        Ok(())
+    }
+
+    /// Takes the blocks of `range` from `prev` (the base of a changed-block snapshot).
+    fn copy_from(&mut self, prev: &BlockList, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let bs = self.block_size as u64;
+        let blocks = (range.start / bs) as usize..range.end.div_ceil(bs) as usize;
+        let zeros = self.blocks.zero_blocks();
+        let n = blocks.len() as u64;
+        self.blocks.extend_from(prev, blocks);
+        self.stats.zero_blocks += (self.blocks.zero_blocks() - zeros) as u64;
+        self.stats.blocks += n;
+        self.progress.inc(range.end - range.start);
+    }
+
     /// Adds `len` bytes of holes: zero blocks, nothing read or hashed.
     fn add_holes(&mut self, len: u64, block_size: usize) {
         let n = len.div_ceil(block_size as u64);
@@ -325,7 +819,7 @@ impl Blocks {
     /// `data`.
     fn add_segment(
         &mut self,
-        image: &FileVolume,
+        image: &Source,
         offset: u64,
         len: usize,
         data: &[Range<u64>],
@@ -346,11 +840,11 @@ impl Blocks {
         // compressed more than once and stored once (rare; cheaper than a shared set across
         // threads).
         let index = &self.index;
-        let read = |i: usize| -> Done { Some(read_block(image, index, block(i))) };
-        let mut done: Vec<Done> = (0..count)
-            .into_par_iter()
-            .map(|i| if is_hole(data, i) { None } else { read(i) })
-            .collect();
+        let holds_data: Vec<usize> = (0..count).filter(|&i| !is_hole(data, i)).collect();
+        let mut done: Vec<Done> = (0..count).map(|_| None).collect();
+        for (i, d) in read_blocks(image, index, &mut self.buf, offset, &holds_data, block)? {
+            done[i] = d;
+        }
         // Blocks that were holes and hold data now were filled while this segment was read:
         // read them after the change.
         if done.iter().any(Option::is_none) {
@@ -358,9 +852,10 @@ impl Blocks {
             let filled: Vec<usize> = (0..count)
                 .filter(|&i| done[i].is_none() && !is_hole(&now, i))
                 .collect();
-            let again: Vec<(usize, Done)> = filled.into_par_iter().map(|i| (i, read(i))).collect();
-            for (i, d) in again {
-                done[i] = d;
+            if !filled.is_empty() {
+                for (i, d) in read_blocks(image, index, &mut self.buf, offset, &filled, block)? {
+                    done[i] = d;
+                }
             }
         }
         for (i, d) in done.into_iter().enumerate() {
@@ -403,6 +898,56 @@ fn send_pack(packs: &mpsc::Sender<PackBuilder>, pack: PackBuilder) -> Result<()>
     packs
         .blocking_send(pack)
         .map_err(|_| Error::internal("the pack uploader stopped early"))
+}
+
+/// Reads and classifies the blocks `which` of the segment at `offset` (`block(i)` is block
+/// `i`'s range). A file is read block by block by the rayon workers that hash them; an NBD
+/// export a segment at a time into `buf`, many requests in flight, then hashed in parallel.
+fn read_blocks(
+    image: &Source,
+    index: &ChunkIndex,
+    buf: &mut Vec<u8>,
+    offset: u64,
+    which: &[usize],
+    block: impl Fn(usize) -> Range<u64> + Sync,
+) -> Result<Vec<(usize, Done)>> {
+    match image {
+        Source::File(f) => Ok(which
+            .par_iter()
+            .map(|&i| (i, Some(read_block(f, index, block(i)))))
+            .collect()),
+        Source::Nbd(n) => {
+            let Some(&last) = which.last() else {
+                return Ok(Vec::new());
+            };
+            let len = (block(last).end - offset) as usize;
+            buf.clear();
+            buf.resize(len, 0);
+            let mut ranges: Vec<Range<u64>> = Vec::new();
+            for &i in which {
+                let r = block(i);
+                match ranges.last_mut() {
+                    Some(l) if l.end == r.start => l.end = r.end,
+                    _ => ranges.push(r),
+                }
+            }
+            n.read_ranges(offset, buf, &ranges)?;
+            let buf = &buf[..];
+            Ok(which
+                .par_iter()
+                .map(|&i| {
+                    let r = block(i);
+                    let data = &buf[(r.start - offset) as usize..(r.end - offset) as usize];
+                    let b = if chunk::is_zero(data) {
+                        Ok(Block::Zero)
+                    } else {
+                        classify(index, data)
+                    };
+                    (i, Some(b))
+                })
+                .collect())
+        }
+    }
 }
 
 /// Reads the block at `range` of the image (one `pread`, into the calling worker's own

@@ -4,7 +4,9 @@
 //! parallel, and written at their blocks' offsets. A regular file is written under a temporary
 //! name beside the destination and renamed into place once complete and synced, so a failed
 //! or interrupted restore never leaves a file that looks whole. All-zero blocks are holes in a
-//! new file; on a block device they are written as zeros.
+//! new file; on a block device they are written as zeros. An NBD export (`--to nbd://...`)
+//! is written in place like a device (zero runs with `NBD_CMD_WRITE_ZEROES`, which leaves
+//! holes where the server can) and flushed at the end.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -46,25 +48,32 @@ pub async fn restore(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     let what = format!("{}@{}", m.volume, m.name);
-    let is_device = match std::fs::metadata(to) {
-        Ok(meta) => {
-            if meta.is_dir() {
-                return Err(Error::invalid(format!(
-                    "{} is a directory; give the path of the image file to write",
-                    to.display()
-                )));
-            }
-            if !force {
-                return Err(Error::conflict(format!(
-                    "{} already exists; pass --force to overwrite it",
-                    to.display()
-                )));
-            }
-            meta.file_type().is_block_device()
+    let nbd = match to.to_str() {
+        Some(t) if t.starts_with("nbd://") || t.starts_with("nbd+unix://") => {
+            Some(open_nbd(t, m.size, force).await?)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(Error::io(format!("inspecting {}", to.display()), e)),
+        _ => None,
     };
+    let is_device = nbd.is_some()
+        || match std::fs::metadata(to) {
+            Ok(meta) => {
+                if meta.is_dir() {
+                    return Err(Error::invalid(format!(
+                        "{} is a directory; give the path of the image file to write",
+                        to.display()
+                    )));
+                }
+                if !force {
+                    return Err(Error::conflict(format!(
+                        "{} already exists; pass --force to overwrite it",
+                        to.display()
+                    )));
+                }
+                meta.file_type().is_block_device()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(format!("inspecting {}", to.display()), e)),
+        };
 
     let (index, _) = repo.load_index().await?;
     // Which blocks each chunk fills, grouped by pack.
@@ -85,16 +94,17 @@ pub async fn restore(
             .push(i as u64);
     }
 
-    let (out, tmp) = open_destination(to, is_device, m.size)?;
+    let (out, tmp) = match nbd {
+        Some(client) => (Output::Nbd(std::sync::Mutex::new(client)), None),
+        None => open_destination(to, is_device, m.size)?,
+    };
     let file = Arc::new(out);
     progress.set_length(m.size);
     let result = write_all(repo, m, &what, by_pack, is_device, &file, progress).await;
     // Whatever goes wrong from here (an error, a panic), no half-written file stays behind.
     let _cleanup = TempFile(tmp.clone());
     let chunks_verified = result?;
-    file.buffered
-        .sync_all()
-        .map_err(|e| Error::io(format!("syncing {}", to.display()), e))?;
+    file.sync(to)?;
     if let Some(tmp) = tmp {
         std::fs::rename(&tmp, to)
             .map_err(|e| Error::io(format!("renaming {} into place", tmp.display()), e))?;
@@ -127,7 +137,12 @@ impl Drop for TempFile {
 /// Where restored blocks go. Runs of whole, aligned blocks are written with direct I/O (no
 /// copy through the page cache, and nothing left to flush at the end); the rest (a short
 /// last block, or a filesystem without direct I/O) through an ordinary handle.
-struct Output {
+enum Output {
+    File(FileOutput),
+    Nbd(std::sync::Mutex<crate::volume::nbd::Client>),
+}
+
+struct FileOutput {
     direct: Option<File>,
     buffered: File,
     /// Set when the filesystem refuses a direct write; everything then goes buffered.
@@ -135,6 +150,74 @@ struct Output {
 }
 
 impl Output {
+    fn write_at(&self, data: &[u8], offset: u64, aligned: bool) -> std::io::Result<()> {
+        match self {
+            Output::File(f) => f.write_at(data, offset, aligned),
+            Output::Nbd(c) => c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_at(offset, data)
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        }
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros, on a device or export that may hold
+    /// older data there.
+    fn write_zeros(&self, offset: u64, len: u64, zeros: &[u8]) -> Result<()> {
+        if let Output::Nbd(c) = self {
+            return c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_zeroes(offset, len);
+        }
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at, false)
+                .map_err(|e| Error::io(format!("writing zeros at offset {at}"), e))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn sync(&self, to: &Path) -> Result<()> {
+        match self {
+            Output::File(f) => f
+                .buffered
+                .sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", to.display()), e)),
+            Output::Nbd(c) => c.lock().unwrap_or_else(|p| p.into_inner()).flush(),
+        }
+    }
+}
+
+/// Connects to the NBD export a restore writes to; it must be writable and hold the snapshot.
+async fn open_nbd(uri: &str, size: u64, force: bool) -> Result<crate::volume::nbd::Client> {
+    let parsed: crate::volume::nbd::NbdUri = uri.parse()?;
+    if !force {
+        return Err(Error::conflict(format!(
+            "restoring into {uri} overwrites the export; pass --force to do so"
+        )));
+    }
+    let client =
+        tokio::task::spawn_blocking(move || crate::volume::nbd::Client::connect(&parsed, &[]))
+            .await
+            .map_err(|e| Error::internal(format!("NBD connect failed: {e}")))??;
+    if client.read_only() {
+        return Err(Error::denied(format!(
+            "the NBD export at {uri} is read-only"
+        )));
+    }
+    if client.size() < size {
+        return Err(Error::invalid(format!(
+            "the NBD export at {uri} holds {} bytes, the snapshot {size}; make it larger first",
+            client.size()
+        )));
+    }
+    Ok(client)
+}
+
+impl FileOutput {
     fn write_at(&self, data: &[u8], offset: u64, aligned: bool) -> std::io::Result<()> {
         if let Some(d) = self
             .direct
@@ -184,11 +267,11 @@ fn open_destination(to: &Path, is_device: bool, size: u64) -> Result<(Output, Op
         .open(tmp.as_deref().unwrap_or(to))
         .ok();
     Ok((
-        Output {
+        Output::File(FileOutput {
             direct,
             buffered,
             no_direct: AtomicBool::new(false),
-        },
+        }),
         tmp,
     ))
 }
@@ -251,13 +334,7 @@ async fn write_all(
     for run in m.blocks.zero_runs() {
         let (start, end) = (run.start as u64 * bs, (run.end as u64 * bs).min(m.size));
         if is_device {
-            let mut at = start;
-            while at < end {
-                let len = (end - at).min(zeros.len() as u64) as usize;
-                file.write_at(&zeros[..len], at, false)
-                    .map_err(|e| Error::io(format!("writing zeros at offset {at}"), e))?;
-                at += len as u64;
-            }
+            file.write_zeros(start, end - start, &zeros)?;
         }
         progress.inc(end - start);
     }

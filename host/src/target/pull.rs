@@ -46,6 +46,8 @@ pub async fn pull(
                 block_size: first.block_size,
                 added_unix_ms: crate::now_unix_ms(),
                 upstream: Some(marker),
+                source: None,
+                checkpoint: None,
             })?;
         }
         Err(e) => return Err(e),

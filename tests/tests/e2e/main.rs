@@ -4,6 +4,7 @@ mod bad_input;
 mod corruption;
 mod crash;
 mod hostile;
+mod live;
 mod locks;
 mod mirror;
 mod policies;

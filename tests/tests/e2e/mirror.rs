@@ -758,19 +758,28 @@ fn application_lock_travels_upstream_and_back() {
     b.stop();
 }
 
-/// The daemon runs the schedules: snapshots and retention (with gc) on A, mirrors on B;
-/// `status` and `/metrics` report them; a downstream past its lease is flagged stale.
+/// The daemon runs the schedules: snapshots (with their hooks) and retention (with gc) on A,
+/// mirrors on B; `status` and `/metrics` report them; a downstream past its lease is flagged
+/// stale.
 #[test]
 fn daemon_schedules_status_and_metrics() {
     let tls = Tls::new();
     let (mut a, img) = source("a", MIB);
     let mut b = Peer::new("b");
-    a.configure(&tls, Relations {
-        downstreams: vec![(&b, vec!["vm1"], "lease = \"2s\"")],
-        extra: "[[schedule]]\nvolume = \"vm1\"\nevery = \"700ms\"\n[[retention]]\nvolume = \"vm1\"\nkeep_last = 3\nevery = \"1s\"\n",
-        listen_extra: "metrics_token = \"metrics-token-0123456789\"",
-        ..Default::default()
-    });
+    let hooks_log = a.node.path("hooks.log");
+    let extra = format!(
+        "[[schedule]]\nvolume = \"vm1\"\nevery = \"700ms\"\nbefore = \"echo before $HOLDFAST_VOLUME >> {0}\"\nafter = \"echo after $HOLDFAST_RESULT >> {0}\"\n[[retention]]\nvolume = \"vm1\"\nkeep_last = 3\nevery = \"1s\"\n",
+        hooks_log.display()
+    );
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "lease = \"2s\"")],
+            extra: &extra,
+            listen_extra: "metrics_token = \"metrics-token-0123456789\"",
+            ..Default::default()
+        },
+    );
     b.configure(
         &tls,
         Relations {
@@ -800,6 +809,12 @@ fn daemon_schedules_status_and_metrics() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Each scheduled snapshot ran its hooks.
+    let hooks = std::fs::read_to_string(&hooks_log).unwrap();
+    assert!(
+        hooks.starts_with("before vm1\nafter ok\nbefore vm1\nafter ok\n"),
+        "{hooks}"
+    );
     // A's retention keeps at most 3 plus what B holds.
     let t0 = Instant::now();
     while a.ids("vm1").len() > 4 {

@@ -1,0 +1,724 @@
+//! Volumes read over NBD: qcow2 images that holdfast serves to itself with qemu-nbd (with
+//! changed-block tracking through persistent dirty bitmaps), exports of qemu-nbd and nbdkit,
+//! restores into an export, hooks around a snapshot, and NBD servers that misbehave.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use holdfast_tests::TestNode;
+use holdfast_tests::cascade::free_port;
+use holdfast_tests::fake_nbd::{self, FakeNbd, Misbehaviour};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const KIB64: u64 = 64 << 10;
+
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qcow2(path: &Path, size: &str) {
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(size),
+    );
+}
+
+/// Runs `qemu-io` commands (`write -P 0xab 1M 64k`, ...) on a qcow2 image.
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run_tool(c.arg(img));
+}
+
+/// The image as raw bytes, as QEMU reads it.
+fn raw_of(img: &Path) -> Vec<u8> {
+    let out = img.with_extension(format!("raw-{}", rand::random::<u32>()));
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(img)
+            .arg(&out),
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// The image's persistent bitmaps: (name, flags).
+fn bitmaps(img: &Path) -> Vec<(String, Vec<String>)> {
+    let out = run_tool(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(img),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The one bitmap holdfast keeps for volume `v`.
+fn holdfast_bitmap(img: &Path) -> String {
+    let mine: Vec<String> = bitmaps(img)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("holdfast.v."))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    mine[0].clone()
+}
+
+/// An NBD server process (qemu-nbd or nbdkit), stopped when dropped.
+struct Server {
+    child: Child,
+    uri: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// `qemu-nbd` serving `img` (format `fmt`) as export `disk` on a unix socket.
+    fn qemu_nbd(img: &Path, fmt: &str, read_only: bool) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let mut c = Command::new("qemu-nbd");
+        c.args(["--persistent", "--shared=4", "--export-name=disk"])
+            .arg(format!("--format={fmt}"))
+            .arg(format!("--socket={}", sock.display()));
+        if read_only {
+            c.arg("--read-only");
+        }
+        let child = c.arg(img).stderr(Stdio::null()).spawn().unwrap();
+        wait_for(|| sock.exists());
+        Server {
+            child,
+            uri: fake_nbd::uri_for(&sock, "disk"),
+            _dir: dir,
+        }
+    }
+
+    /// `nbdkit` serving the raw file `img` over TCP on 127.0.0.1 (a second, independent
+    /// server).
+    fn nbdkit(img: &Path) -> Server {
+        let port = free_port();
+        let child = Command::new("nbdkit")
+            .args(["--foreground", "--ipaddr", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("file")
+            .arg(format!("file={}", img.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Server {
+            child,
+            uri: format!("nbd://127.0.0.1:{port}/"),
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn create(n: &TestNode, name: &str) -> Value {
+    let r = n.run(&["snapshot", "create", "v", "--name", name, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.json()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A qcow2 image snapshotted through `--qcow2` (served by holdfast's own qemu-nbd), through
+/// `--nbd` from a qemu-nbd and from an nbdkit: each restore equals what QEMU and libnbd's
+/// nbdcopy read of the image, bit for bit, and only the allocated data is read. A restore into
+/// a writable export writes the same image.
+#[test]
+fn qcow2_and_nbd_sources_restore_bit_for_bit() {
+    let n = TestNode::new();
+    let img = n.path("d.qcow2");
+    qcow2(&img, "64M");
+    qemu_io(
+        &img,
+        &[
+            "write -P 0xab 1M 3M",
+            "write -P 0x11 40M 64k",
+            "write -P 0x5a 63M 4k",
+            "write -z 2M 64k",
+        ],
+    );
+    let want = raw_of(&img);
+
+    n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
+    let r = create(&n, "s1");
+    let read = r["bytes-read"].as_u64().unwrap();
+    assert!(
+        read <= 4 * MIB + 2 * KIB64,
+        "read {read} of 3 MiB + 2 blocks: {r}"
+    );
+    assert_eq!(n.restore("v@s1"), want);
+
+    // The same image exported by qemu-nbd, cross-checked with libnbd's nbdcopy.
+    let q = Server::qemu_nbd(&img, "qcow2", true);
+    let copied = n.path("nbdcopy.raw");
+    run_tool(Command::new("nbdcopy").arg(&q.uri).arg(&copied));
+    assert!(
+        std::fs::read(&copied).unwrap() == want,
+        "nbdcopy disagrees with qemu-img"
+    );
+    n.ok(&[
+        "volume",
+        "add",
+        "w",
+        "--nbd",
+        &q.uri,
+        "--block-size",
+        "16KiB",
+    ]);
+    let r = n.run(&["snapshot", "create", "w", "--name", "s1", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.json()["bytes-read"].as_u64().unwrap() <= 4 * MIB,
+        "{}",
+        r.stdout
+    );
+    assert_eq!(n.restore("w@s1"), want);
+    drop(q);
+
+    // A raw file served by nbdkit over TCP.
+    let raw = n.image("d.raw", &want);
+    let k = Server::nbdkit(&raw);
+    n.ok(&["volume", "add", "k", "--nbd", &k.uri]);
+    n.ok(&["snapshot", "create", "k", "--name", "s1"]);
+    assert_eq!(n.restore("k@s1"), want);
+    drop(k);
+
+    // Restore into a writable export that holds other data: the result is the snapshot.
+    let out = n.path("out.qcow2");
+    qcow2(&out, "64M");
+    qemu_io(&out, &["write -P 0x77 0 64M"]);
+    let w = Server::qemu_nbd(&out, "qcow2", false);
+    let e = n.fails(&["snapshot", "restore", "v@s1", "--to", &w.uri], 4);
+    assert!(e.contains("--force"), "{e}");
+    n.ok(&["snapshot", "restore", "v@s1", "--to", &w.uri, "--force"]);
+    drop(w);
+    assert!(raw_of(&out) == want, "restored export differs");
+    n.ok(&["verify"]);
+}
+
+/// With a dirty bitmap, an incremental reads exactly the blocks written since the previous
+/// snapshot; every way the chain can break (bitmap removed, disabled, left inconsistent by a
+/// crashed QEMU, image resized, previous snapshot deleted) gives a full read with the reason,
+/// and every restore equals the image.
+#[test]
+fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
+    let n = TestNode::new();
+    let img = n.path("d.qcow2");
+    qcow2(&img, "32M");
+    qemu_io(&img, &["write -P 0x01 0 4M", "write -P 0x02 20M 1M"]);
+    n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
+    let r = create(&n, "s1");
+    assert_eq!(r["tracking"]["changed-blocks-only"], false, "{r}");
+    assert!(
+        r["tracking"]["full-read-reason"]
+            .as_str()
+            .unwrap()
+            .contains("first snapshot"),
+        "{r}"
+    );
+    assert_eq!(r["bytes-read"], 5 * MIB, "{r}");
+
+    // Writes at known offsets: three whole blocks and 4 KiB inside a fourth.
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x21 1M 64k",
+            "write -P 0x22 10M 128k",
+            "write -P 0x23 20M 4k",
+        ],
+    );
+    let r = create(&n, "s2");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert_eq!(r["tracking"]["base"], "v@s1", "{r}");
+    assert_eq!(r["bytes-read"], 4 * KIB64, "{r}");
+    assert_eq!(r["tracking"]["dirty-bytes"], 4 * KIB64, "{r}");
+    assert_eq!(n.restore("v@s2"), raw_of(&img));
+    assert_eq!(n.restore("v@s1").len(), 32 * MIB as usize);
+
+    // Nothing written: nothing read.
+    let r = create(&n, "s3");
+    assert_eq!(r["bytes-read"], 0, "{r}");
+    assert_eq!(r["stats"]["new-chunks"], 0, "{r}");
+    assert_eq!(n.restore("v@s3"), raw_of(&img));
+
+    let full = |name: &str, reason: &str| {
+        let r = create(&n, name);
+        assert_eq!(r["tracking"]["changed-blocks-only"], false, "{r}");
+        let why = r["tracking"]["full-read-reason"].as_str().unwrap();
+        assert!(
+            why.contains(reason),
+            "{name}: expected {reason:?} in {why:?}"
+        );
+        assert!(r["bytes-read"].as_u64().unwrap() >= 5 * MIB, "{r}");
+        assert_eq!(n.restore(&format!("v@{name}")), raw_of(&img), "{name}");
+        // The chain starts again at once.
+        qemu_io(&img, &["write -P 0x44 30M 64k"]);
+        let next = format!("{name}-next");
+        let r = create(&n, &next);
+        assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+        assert_eq!(r["bytes-read"], KIB64, "{r}");
+        assert_eq!(n.restore(&format!("v@{next}")), raw_of(&img), "{next}");
+    };
+
+    // The bitmap removed (or renamed: holdfast finds it by name).
+    let b = holdfast_bitmap(&img);
+    run_tool(
+        Command::new("qemu-img")
+            .args(["bitmap", "--remove"])
+            .arg(&img)
+            .arg(&b),
+    );
+    qemu_io(&img, &["write -P 0x31 5M 64k"]);
+    full("removed", "missing");
+
+    // The bitmap disabled: writes after that were not recorded.
+    let b = holdfast_bitmap(&img);
+    run_tool(
+        Command::new("qemu-img")
+            .args(["bitmap", "--disable"])
+            .arg(&img)
+            .arg(&b),
+    );
+    qemu_io(&img, &["write -P 0x32 6M 64k"]);
+    full("disabled", "disabled");
+
+    // A writer that died with the image open leaves its bitmaps inconsistent.
+    {
+        let mut w = Server::qemu_nbd(&img, "qcow2", false);
+        // 64 KiB of sevens at offset 0, written through the live export.
+        let sevens = n.image("seven.raw", &[7u8; 65536]);
+        run_tool(Command::new("nbdcopy").arg(&sevens).arg(&w.uri));
+        unsafe_kill(&mut w.child);
+    }
+    assert!(
+        bitmaps(&img)
+            .iter()
+            .any(|(_, f)| f.iter().any(|f| f == "in-use")),
+        "the killed writer left no inconsistent bitmap"
+    );
+    full("crashed", "inconsistent");
+
+    // The image grew.
+    run_tool(
+        Command::new("qemu-img")
+            .args(["resize", "-f", "qcow2"])
+            .arg(&img)
+            .arg("+1M"),
+    );
+    full("resized", "changed size");
+
+    // The snapshot the bitmap started at was deleted.
+    n.ok(&["snapshot", "delete", "v@resized-next"]);
+    full("deleted", "deleted");
+
+    assert_eq!(
+        bitmaps(&img)
+            .iter()
+            .filter(|(n, _)| n.starts_with("holdfast."))
+            .count(),
+        1,
+        "{:?}",
+        bitmaps(&img)
+    );
+    n.ok(&["verify"]);
+}
+
+/// SIGKILL, as a crash would.
+fn unsafe_kill(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// `kill -9` of holdfast at random instants of a qcow2 snapshot: no qemu-nbd is left serving
+/// the image, the image stays usable by a writer, and the next snapshot is correct and tidies
+/// the bitmaps.
+#[test]
+fn a_killed_qcow2_snapshot_leaves_nothing_behind() {
+    let n = TestNode::new();
+    let img = n.path("big.qcow2");
+    qcow2(&img, "256M");
+    qemu_io(&img, &["write -P 0x01 0 200M"]);
+    n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
+    for (round, delay_ms) in [30u64, 150, 400, 900].into_iter().enumerate() {
+        qemu_io(
+            &img,
+            &[&format!("write -P 0x{:02x} {}M 1M", round + 2, round * 7)],
+        );
+        let mut child = n.spawn(&["snapshot", "create", "v", "--name", &format!("k{round}")]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        unsafe_kill(&mut child);
+        // qemu-nbd serves one client and leaves with it.
+        wait_for(|| {
+            let out = Command::new("pgrep")
+                .args(["-f", &format!("qemu-nbd.*{}", img.display())])
+                .output()
+                .unwrap();
+            out.stdout.is_empty()
+        });
+        // A writer can use the image.
+        qemu_io(&img, &["write -P 0x66 100M 64k"]);
+        let r = create(&n, &format!("after{round}"));
+        assert_eq!(
+            n.restore(&format!("v@after{round}")),
+            raw_of(&img),
+            "round {round}: {r}"
+        );
+        holdfast_bitmap(&img);
+    }
+    n.ok(&["verify"]);
+}
+
+/// An unreachable server, a wrong export name, and servers that drop the connection or break
+/// the protocol: each is a clear error, and nothing is committed.
+#[test]
+fn bad_nbd_servers_give_clear_errors_and_commit_nothing() {
+    let n = TestNode::new();
+    let port = free_port();
+    let e = n.fails(
+        &[
+            "volume",
+            "add",
+            "x",
+            "--nbd",
+            &format!("nbd://127.0.0.1:{port}/disk"),
+        ],
+        7,
+    );
+    assert!(e.contains("cannot reach"), "{e}");
+    let e = n.fails(&["volume", "add", "x", "--nbd", "nbd://h/x?socket=/s"], 2);
+    assert!(e.contains("socket="), "{e}");
+
+    let good = FakeNbd::start(4 * MIB, Misbehaviour::None);
+    let wrong = fake_nbd::uri_for(&good.socket, "nope");
+    let e = n.fails(&["volume", "add", "x", "--nbd", &wrong], 3);
+    assert!(e.contains("no export named"), "{e}");
+    n.ok(&["volume", "add", "good", "--nbd", &good.uri()]);
+    n.ok(&["snapshot", "create", "good", "--name", "s"]);
+    let want: Vec<u8> = (0..4 * MIB).map(fake_nbd::byte_at).collect();
+    assert!(
+        n.restore("good@s") == want,
+        "the fake server's data differs"
+    );
+
+    for (i, (mode, code, says)) in [
+        (Misbehaviour::DropMidRead, 7, "closed the connection"),
+        (Misbehaviour::WrongHandle, 6, "not in flight"),
+        (Misbehaviour::OversizedReply, 6, "data chunk of"),
+        (Misbehaviour::ExtentPastEnd, 6, "past the end"),
+        (Misbehaviour::ShortRead, 6, "answered with"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = FakeNbd::start(4 * MIB, mode);
+        let vol = format!("bad{i}");
+        n.ok(&["volume", "add", &vol, "--nbd", &f.uri()]);
+        let before = n.fingerprint();
+        let e = n.fails(&["snapshot", "create", &vol, "--name", "s"], code);
+        assert!(
+            e.contains("NBD server") && e.contains(says),
+            "{mode:?}: {e}"
+        );
+        assert!(e.contains("nothing was committed"), "{mode:?}: {e}");
+        assert_eq!(n.fingerprint(), before, "{mode:?} changed something");
+    }
+    n.ok(&["verify"]);
+}
+
+/// `--before` prepares the source and `--after` always runs; a failing `before` means no
+/// snapshot and an error that says what the command printed.
+#[test]
+fn hooks_run_around_snapshots() {
+    let n = TestNode::new();
+    let img = n.image("v.img", &holdfast_tests::mixed_bytes(MIB as usize, 1));
+    n.add_volume("v", &img, "64KiB");
+    let log = n.path("hooks.log");
+    let before = format!(
+        "echo \"before $HOLDFAST_VOLUME $HOLDFAST_SNAPSHOT $HOLDFAST_SOURCE\" >> {}",
+        s(&log)
+    );
+    let after = format!(
+        "echo \"after $HOLDFAST_RESULT $HOLDFAST_SNAPSHOT_ID$HOLDFAST_ERROR\" >> {}",
+        s(&log)
+    );
+    let id = n
+        .ok(&[
+            "snapshot", "create", "v", "--name", "s1", "--before", &before, "--after", &after,
+        ])
+        .trim()
+        .to_string();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text,
+        format!("before v s1 {}\nafter ok {id}\n", s(&img)),
+        "{text}"
+    );
+
+    std::fs::remove_file(&log).unwrap();
+    let e = n.fails(
+        &[
+            "snapshot",
+            "create",
+            "v",
+            "--name",
+            "s2",
+            "--before",
+            "echo could not freeze >&2; exit 3",
+            "--after",
+            &after,
+        ],
+        7,
+    );
+    assert!(
+        e.contains("before hook") && e.contains("could not freeze") && e.contains("no snapshot"),
+        "{e}"
+    );
+    assert_eq!(n.snapshot_names("v"), vec!["s1"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("after failed "), "{text}");
+
+    // A failing `after` does not undo a committed snapshot.
+    n.ok(&[
+        "snapshot", "create", "v", "--name", "s3", "--after", "exit 1",
+    ]);
+    assert_eq!(n.snapshot_names("v"), vec!["s1", "s3"]);
+}
+
+/// The guest of the live tests: writes sequence number `i` (over a whole block) into block
+/// `(i * 617) % BLOCKS`, one write at a time, and counts what was acknowledged.
+struct Guest {
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const BLOCKS: u64 = 2048;
+
+fn guest_block(i: u64) -> u64 {
+    (i * 617) % BLOCKS
+}
+
+impl Guest {
+    fn start(qsd: &holdfast_tests::qemu::StorageDaemon) -> Guest {
+        use std::sync::atomic::Ordering;
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut w = holdfast_tests::qemu::NbdWriter::connect(&qsd.nbd_socket, "disk0");
+        let (a, s) = (acked.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                i += 1;
+                let data: Vec<u8> = std::iter::repeat_n(i.to_le_bytes(), KIB64 as usize / 8)
+                    .flatten()
+                    .collect();
+                w.write(guest_block(i) * KIB64, &data);
+                a.store(i, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        Guest {
+            acked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Checks that `image` is the guest's disk at one instant: after exactly the writes 1..=k,
+/// for a k between `acked_before` and one past `acked_after` (a write in flight at the freeze
+/// may land on either side). Returns k.
+fn assert_point_in_time(image: &[u8], acked_before: u64, acked_after: u64, what: &str) -> u64 {
+    let bs = KIB64 as usize;
+    let seq = |b: usize| u64::from_le_bytes(image[b * bs..b * bs + 8].try_into().unwrap());
+    let k = (0..BLOCKS as usize).map(seq).max().unwrap();
+    assert!(
+        acked_before <= k && k <= acked_after + 1,
+        "{what}: holds writes up to {k}, but {acked_before} were acknowledged before the \
+         snapshot and {acked_after} after"
+    );
+    let mut want = vec![0u64; BLOCKS as usize];
+    for i in 1..=k {
+        want[guest_block(i) as usize] = i;
+    }
+    for b in 0..BLOCKS as usize {
+        let block = &image[b * bs..(b + 1) * bs];
+        let whole = block.chunks(8).all(|c| c == want[b].to_le_bytes());
+        assert!(
+            whole,
+            "{what}: block {b} holds write {} (torn or out of order), the disk after write \
+             {k} holds {}",
+            seq(b),
+            want[b]
+        );
+    }
+    k
+}
+
+/// A guest keeps writing through qemu-storage-daemon while holdfast takes snapshots over QMP:
+/// each restored snapshot is the disk at one instant (exactly the writes acknowledged before
+/// its freeze, none after), incrementals read only changed blocks, and nothing holdfast added
+/// stays in QEMU.
+#[test]
+fn a_running_writer_is_snapshotted_at_one_instant() {
+    let n = TestNode::new();
+    let img = n.path("guest.qcow2");
+    qcow2(&img, &format!("{}", BLOCKS * KIB64));
+    let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--qmp",
+        s(&qsd.qmp_socket),
+        "--node",
+        "disk0",
+        "--nbd-server",
+        &qsd.nbd_server(),
+    ]);
+    let guest = Guest::start(&qsd);
+    let mut last_k = 0;
+    for round in 0..4 {
+        wait_for(|| guest.acked() > last_k + 50);
+        let before = guest.acked();
+        let r = create(&n, &format!("s{round}"));
+        let after = guest.acked();
+        assert!(
+            after > before,
+            "the guest stopped writing during the snapshot"
+        );
+        let k = assert_point_in_time(
+            &n.restore(&format!("v@s{round}")),
+            before,
+            after,
+            &format!("s{round}"),
+        );
+        if round > 0 {
+            // Only the blocks of the writes since the previous freeze (one may have been in
+            // flight at each freeze).
+            assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+            let written = (k - last_k + 1).min(BLOCKS);
+            assert!(
+                r["bytes-read"].as_u64().unwrap() <= written * KIB64,
+                "read more than the {written} blocks written since the last snapshot: {r}"
+            );
+        }
+        assert!(k > last_k);
+        last_k = k;
+    }
+    drop(guest);
+    let (exports, jobs, nodes, bitmaps) = qsd.leftovers();
+    assert_eq!(exports, vec!["guest"]);
+    assert!(jobs.is_empty(), "{jobs:?}");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(bitmaps[0].starts_with("holdfast.v."), "{bitmaps:?}");
+    n.ok(&["verify"]);
+}
+
+/// `kill -9` of holdfast at random instants of a live snapshot: the guest never stops, and the
+/// next snapshot removes what was left in QEMU and is the disk at one instant.
+#[test]
+fn a_killed_live_snapshot_is_cleaned_up_by_the_next() {
+    let n = TestNode::new();
+    let img = n.path("guest.qcow2");
+    qcow2(&img, &format!("{}", BLOCKS * KIB64));
+    let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--qmp",
+        s(&qsd.qmp_socket),
+        "--node",
+        "disk0",
+        "--nbd-server",
+        &qsd.nbd_server(),
+    ]);
+    let guest = Guest::start(&qsd);
+    n.ok(&["snapshot", "create", "v", "--name", "first"]);
+    for (round, delay_ms) in [5u64, 40, 90, 160, 300].into_iter().enumerate() {
+        let mut child = n.spawn(&["snapshot", "create", "v", "--name", &format!("k{round}")]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        unsafe_kill(&mut child);
+        let acked = guest.acked();
+        wait_for(|| guest.acked() > acked + 20);
+        let before = guest.acked();
+        let name = format!("after{round}");
+        let r = create(&n, &name);
+        let after = guest.acked();
+        assert_point_in_time(&n.restore(&format!("v@{name}")), before, after, &name);
+        let _ = r;
+        let (exports, jobs, _, bitmaps) = qsd.leftovers();
+        assert_eq!(exports, vec!["guest"], "round {round}");
+        assert!(jobs.is_empty(), "round {round}: {jobs:?}");
+        assert_eq!(bitmaps.len(), 1, "round {round}: {bitmaps:?}");
+    }
+    drop(guest);
+    n.ok(&["verify"]);
+}

@@ -6,7 +6,8 @@
 //! - [`id`]: newtypes for every identifier, and the validation of names from outside.
 //! - [`error`]: the one public error type and its categories.
 //! - [`chunk`]: hashing (BLAKE3), zero detection, compression (zstd) and verification of blocks.
-//! - [`volume`]: reading raw image files and block devices.
+//! - [`volume`]: the sources a snapshot reads: image files and block devices, NBD exports
+//!   ([`volume::nbd`]), qcow2 images ([`volume::qemu`]) and running QEMU disks ([`volume::qmp`]).
 //! - [`policy`]: WebAssembly policies (the only module naming wasmtime): engine, registry, decisions.
 //! - [`repo`]: the repository format over `object_store`: packs, pack indexes, manifests.
 //! - [`catalog`]: the node's embedded database of volumes and committed snapshots.

@@ -1,13 +1,16 @@
-//! Volumes: reading raw image files and block devices.
+//! Volumes: the sources a snapshot reads. Raw image files and block devices are read here;
+//! NBD exports through [`nbd`], qcow2 images through [`qemu`], running QEMU disks through
+//! [`qmp`].
 //!
-//! Images are read with `pread` into a fixed pool of buffers (memory does not grow with the
-//! image), holes of sparse files are found with `SEEK_DATA`/`SEEK_HOLE` and never read, and
-//! what was read is dropped from the page cache behind the reader.
+//! Images are read a block at a time with `pread` by the workers that hash them (memory does
+//! not grow with the image), holes of sparse files are found with `SEEK_DATA`/`SEEK_HOLE` and
+//! never read, and what was read is dropped from the page cache behind the reader.
 //!
 //! An image may change size between snapshots (volumes grow); each snapshot records the
 //! size it saw. It must not change size *while* a snapshot reads it: that is reported as an
-//! error and nothing is committed. holdfast reads the image as it is; for a consistent image
-//! of a live device, snapshot it underneath first (LVM, a paused VM, a frozen filesystem).
+//! error and nothing is committed. holdfast reads an image as it is; for a consistent image
+//! of a live device, snapshot it underneath first (LVM, a paused VM, a frozen filesystem: the
+//! hooks of `snapshot create`), or read a running QEMU's disk through [`qmp`].
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -263,6 +266,13 @@ impl Source {
         }
     }
 
+    /// Drops what is known of the source's holes, so that the next question asks it again.
+    pub fn forget_map(&self) {
+        if let Source::Nbd(n) = self {
+            n.forget_map()
+        }
+    }
+
     pub fn done_with(&self, range: Range<u64>) {
         if let Source::File(f) = self {
             f.done_with(range)
@@ -278,14 +288,23 @@ impl Source {
 }
 
 /// An NBD export being read for a snapshot.
+///
+/// The reads and the allocation map go over one connection that negotiated only
+/// `base:allocation`; a dirty bitmap is read once, at connection time, over a second one that
+/// negotiated only the bitmap. (A block-status request answers for every context the connection
+/// negotiated: with both on one connection, each allocation query would make the server walk the
+/// bitmap too.)
 pub struct NbdVolume {
     client: std::sync::Mutex<Client>,
     size: u64,
     describe: String,
     /// The `base:allocation` context, if the server offers it.
     allocation: Option<u32>,
-    /// The dirty bitmap's context, when reading changed blocks only.
-    dirty: Option<u32>,
+    /// The allocation extents fetched last: a window of the export, asked for in large pieces
+    /// so that a long run of holes or data costs one request.
+    map: std::sync::Mutex<Vec<Extent>>,
+    /// What the dirty bitmap marked, when reading changed blocks only.
+    dirty: Option<Vec<Range<u64>>>,
     /// What keeps the export alive (the `qemu-nbd` serving a `--qcow2` image, the fleece in
     /// a running QEMU): dropped after the connection, which it outlives.
     _kept: Option<Box<dyn std::any::Any + Send + Sync>>,
@@ -300,45 +319,35 @@ impl std::fmt::Debug for NbdVolume {
 /// The meta context that tells holes and zeros.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// How much of the allocation map one block-status request asks for.
+const MAP_WINDOW: u64 = 1 << 30;
+
 impl NbdVolume {
     /// Connects to an export. `bitmap` names a dirty bitmap whose changed blocks are wanted
     /// (`qemu:dirty-bitmap:NAME`); `base:allocation` is asked for when the server has it.
     pub fn connect(uri: &NbdUri, bitmap: Option<&str>) -> Result<NbdVolume> {
-        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-        let mut want = vec![BASE_ALLOCATION];
-        if let Some(d) = &dirty_ctx {
-            want.push(d);
-        }
-        let client = match Client::connect(uri, &want) {
+        let main = match Client::connect(uri, &[BASE_ALLOCATION]) {
             // A server without base:allocation still serves reads (every block is data).
-            Err(Error::NotFound(m)) if m.contains(BASE_ALLOCATION) && bitmap.is_none() => {
-                Client::connect(uri, &[])?
-            }
+            Err(Error::NotFound(m)) if m.contains(BASE_ALLOCATION) => Client::connect(uri, &[])?,
             r => r?,
         };
-        Ok(Self::from_client(
-            client,
-            dirty_ctx.as_deref(),
-            None,
-            format!("NBD export {uri}"),
-        ))
+        Self::open(uri, main, bitmap, None, format!("NBD export {uri}"))
     }
 
     /// Serves a QEMU image with `qemu-nbd` and connects to it.
     pub fn serve(image: &Path, format: &str, bitmap: Option<&str>) -> Result<NbdVolume> {
         let mut served = qemu::Served::start(image, format, bitmap)?;
-        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-        let mut want = vec![BASE_ALLOCATION];
-        if let Some(d) = &dirty_ctx {
-            want.push(d);
-        }
-        let client = served.connect(&want)?;
-        Ok(Self::from_client(
-            client,
-            dirty_ctx.as_deref(),
+        let uri = served.uri().clone();
+        // The first connection waits until qemu-nbd listens; it stays open for the reads
+        // (qemu-nbd leaves when its last client does).
+        let main = served.connect(&[BASE_ALLOCATION])?;
+        Self::open(
+            &uri,
+            main,
+            bitmap,
             Some(Box::new(served)),
             format!("{format} image {}", image.display()),
-        ))
+        )
     }
 
     /// Connects to an export that `kept` keeps alive (it is dropped after the connection).
@@ -348,74 +357,76 @@ impl NbdVolume {
         kept: Box<dyn std::any::Any + Send + Sync>,
         describe: String,
     ) -> Result<NbdVolume> {
-        let dirty_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
-        let mut want = vec![BASE_ALLOCATION];
-        if let Some(d) = &dirty_ctx {
-            want.push(d);
-        }
-        let client = Client::connect(uri, &want)?;
-        Ok(Self::from_client(
-            client,
-            dirty_ctx.as_deref(),
-            Some(kept),
-            describe,
-        ))
+        let main = Client::connect(uri, &[BASE_ALLOCATION])?;
+        Self::open(uri, main, bitmap, Some(kept), describe)
     }
 
-    fn from_client(
+    /// Completes a volume around its main connection: reads the dirty bitmap, if one is
+    /// wanted, over a second connection.
+    fn open(
+        uri: &NbdUri,
         client: Client,
-        dirty: Option<&str>,
+        bitmap: Option<&str>,
         kept: Option<Box<dyn std::any::Any + Send + Sync>>,
         describe: String,
-    ) -> NbdVolume {
-        NbdVolume {
+    ) -> Result<NbdVolume> {
+        let dirty = match bitmap {
+            None => None,
+            Some(b) => {
+                let ctx = format!("qemu:dirty-bitmap:{b}");
+                let mut c = Client::connect(uri, &[&ctx])?;
+                let id = c.context_id(&ctx).expect("negotiated");
+                let size = c.size();
+                Some(merge(
+                    extents(&mut c, id, 0..size)?
+                        .into_iter()
+                        .filter(|e| e.flags & nbd::STATE_DIRTY != 0)
+                        .map(|e| e.range()),
+                ))
+            }
+        };
+        Ok(NbdVolume {
             size: client.size(),
             allocation: client.context_id(BASE_ALLOCATION),
-            dirty: dirty.and_then(|d| client.context_id(d)),
+            map: std::sync::Mutex::new(Vec::new()),
+            dirty,
             client: std::sync::Mutex::new(client),
             describe,
             _kept: kept,
-        }
+        })
     }
 
     fn client(&self) -> std::sync::MutexGuard<'_, Client> {
         self.client.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The extents of `ctx` over `range`, asking as often as the server needs.
-    fn extents(&self, ctx: u32, range: Range<u64>) -> Result<Vec<Extent>> {
-        let mut out = Vec::new();
-        let mut at = range.start;
-        let mut c = self.client();
-        while at < range.end {
-            let mut status = c.block_status(at..range.end)?;
-            let ext = status.remove(&ctx).unwrap_or_default();
-            let Some(last) = ext.last() else {
-                return Err(Error::internal("block status without extents"));
-            };
-            at = last.offset + last.len;
-            out.extend(ext);
+    /// The allocation extent that holds `at` (< size).
+    fn extent_at(&self, ctx: u32, at: u64) -> Result<Extent> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let found = |map: &[Extent]| {
+            let i = map.partition_point(|e| e.offset + e.len <= at);
+            map.get(i).filter(|e| e.offset <= at).copied()
+        };
+        if let Some(e) = found(&map) {
+            return Ok(e);
         }
-        Ok(out)
+        let to = self.size.min(at.saturating_add(MAP_WINDOW));
+        let mut status = self.client().block_status(at..to)?;
+        *map = status.remove(&ctx).unwrap_or_default();
+        found(&map).ok_or_else(|| Error::internal("block status did not cover its start"))
     }
 
     fn next_data(&self, at: u64) -> Result<Option<u64>> {
         let Some(ctx) = self.allocation else {
             return Ok((at < self.size).then_some(at));
         };
-        let mut from = at;
-        while from < self.size {
-            // Ask for a large window: one answer covers a long run of holes.
-            let to = self.size.min(from.saturating_add(1 << 31));
-            let mut c = self.client();
-            let mut status = c.block_status(from..to)?;
-            drop(c);
-            for e in status.remove(&ctx).unwrap_or_default() {
-                if e.flags & nbd::STATE_ZERO == 0 {
-                    return Ok(Some(e.offset.max(at)));
-                }
-                from = e.offset + e.len;
+        let mut pos = at;
+        while pos < self.size {
+            let e = self.extent_at(ctx, pos)?;
+            if e.flags & nbd::STATE_ZERO == 0 {
+                return Ok(Some(pos));
             }
+            pos = e.offset + e.len;
         }
         Ok(None)
     }
@@ -424,32 +435,52 @@ impl NbdVolume {
         let Some(ctx) = self.allocation else {
             return Ok(vec![range]);
         };
-        Ok(merge(
-            self.extents(ctx, range.clone())?
-                .into_iter()
-                .filter(|e| e.flags & nbd::STATE_ZERO == 0)
-                .map(|e| e.offset.max(range.start)..(e.offset + e.len).min(range.end))
-                .filter(|r| !r.is_empty()),
-        ))
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let e = self.extent_at(ctx, pos)?;
+            let end = (e.offset + e.len).min(range.end);
+            if e.flags & nbd::STATE_ZERO == 0 {
+                out.push(pos..end);
+            }
+            pos = end;
+        }
+        Ok(merge(out.into_iter()))
+    }
+
+    /// Forgets the allocation map, so that the next query asks the server again (after a
+    /// read, to see holes that were filled meanwhile).
+    pub fn forget_map(&self) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The parts of the export the dirty bitmap marks as written since it was started.
     pub fn dirty_ranges(&self) -> Result<Vec<Range<u64>>> {
-        let Some(ctx) = self.dirty else {
-            return Err(Error::internal("no dirty bitmap on this export"));
-        };
-        Ok(merge(
-            self.extents(ctx, 0..self.size)?
-                .into_iter()
-                .filter(|e| e.flags & nbd::STATE_DIRTY != 0)
-                .map(|e| e.range()),
-        ))
+        self.dirty
+            .clone()
+            .ok_or_else(|| Error::internal("no dirty bitmap on this export"))
     }
 
     /// Reads `ranges` (inside `base .. base + buf.len()`) into `buf`.
     pub fn read_ranges(&self, base: u64, buf: &mut [u8], ranges: &[Range<u64>]) -> Result<()> {
         self.client().read_ranges(base, buf, ranges)
     }
+}
+
+/// The extents of `ctx` over `range`, asking as often as the server needs.
+fn extents(c: &mut Client, ctx: u32, range: Range<u64>) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let mut status = c.block_status(at..range.end)?;
+        let ext = status.remove(&ctx).unwrap_or_default();
+        let Some(last) = ext.last() else {
+            return Err(Error::internal("block status without extents"));
+        };
+        at = last.offset + last.len;
+        out.extend(ext);
+    }
+    Ok(out)
 }
 
 /// Joins touching or overlapping ranges (given in order).

@@ -201,7 +201,7 @@ impl Served {
         let socket: PathBuf = dir.path().join("s");
         let mut args: Vec<std::ffi::OsString> = [
             "--read-only",
-            "--shared=1",
+            "--shared=2",
             "--export-name=holdfast",
             "--cache=none",
         ]

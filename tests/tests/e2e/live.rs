@@ -283,6 +283,11 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
     assert_eq!(r["bytes-read"], 4 * KIB64, "{r}");
     assert_eq!(r["tracking"]["dirty-bytes"], 4 * KIB64, "{r}");
     assert_eq!(n.restore("v@s2"), raw_of(&img));
+    // diff sees the same four blocks (1M, 10M and 10M+64k, 20M).
+    let d = n
+        .run(&["snapshot", "diff", "v@s1", "v@s2", "--json"])
+        .json();
+    assert_eq!(d["changed-blocks"], 4, "{d}");
     assert_eq!(n.restore("v@s1").len(), 32 * MIB as usize);
 
     // Nothing written: nothing read.

@@ -82,6 +82,7 @@ fn main() {
                 name: Some(format!("real-{k}").parse().unwrap()),
                 labels: Default::default(),
                 hooks: Default::default(),
+                full_read: Default::default(),
             },
             &hidden,
         ))

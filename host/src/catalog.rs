@@ -53,6 +53,9 @@ pub struct VolumeRecord {
 pub struct Checkpoint {
     pub bitmap: String,
     pub snapshot: SnapshotId,
+    /// When the chain last read the whole source (its first snapshot, or a later full read).
+    #[serde(default)]
+    pub full_read_unix_ms: u64,
 }
 
 impl VolumeRecord {

@@ -129,6 +129,9 @@ pub struct SnapshotSchedule {
     pub before: Option<String>,
     /// A command run after each snapshot, whatever happened.
     pub after: Option<String>,
+    /// Read the whole source at least this often (`7d`), even when a dirty bitmap could be
+    /// used (qcow2 and running QEMU volumes).
+    pub full_read_every: Option<String>,
 }
 
 fn yes() -> bool {

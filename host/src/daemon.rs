@@ -81,6 +81,8 @@ struct Job {
     gc: bool,
     /// Snapshot jobs: commands run around each snapshot.
     hooks: crate::snapshot::hooks::Hooks,
+    /// Snapshot jobs: how often to read everything anyway.
+    full_read_every: Option<Duration>,
 }
 
 pub struct Daemon {
@@ -133,6 +135,10 @@ impl Daemon {
             JobKind::Snapshot => {
                 let opts = crate::snapshot::create::CreateOptions {
                     hooks: job.hooks.clone(),
+                    full_read: crate::snapshot::create::FullRead {
+                        now: false,
+                        every: job.full_read_every,
+                    },
                     ..Default::default()
                 };
                 let r =
@@ -244,6 +250,9 @@ impl Daemon {
             tokio::time::sleep(delay).await;
             let lock = self.volume_lock(&job.volume);
             let _guard = lock.lock().await;
+            if crate::shutdown::requested() {
+                return;
+            }
             let t0 = Instant::now();
             self.update(i, |s| {
                 s.running = true;
@@ -695,6 +704,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             keep: Default::default(),
             gc: false,
             hooks: Default::default(),
+            full_read_every: None,
         });
     }
     for s in &cfg.schedule {
@@ -711,6 +721,10 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                 before: s.before.clone(),
                 after: s.after.clone(),
             },
+            full_read_every: match &s.full_read_every {
+                Some(d) => Some(crate::config::parse_duration("full_read_every", d)?),
+                None => None,
+            },
         });
     }
     for p in &cfg.push {
@@ -724,6 +738,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             keep: Default::default(),
             gc: false,
             hooks: Default::default(),
+            full_read_every: None,
         });
     }
     for r in &cfg.retention {
@@ -742,6 +757,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             },
             gc: r.gc,
             hooks: Default::default(),
+            full_read_every: None,
         });
     }
 
@@ -864,6 +880,20 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("daemon stopping");
+    // Running jobs stop at their next safe point (a snapshot removes what it added to QEMU and
+    // runs its after hook); new ones do not start. Wait for them a while.
+    crate::shutdown::request();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon
+        .jobs
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .any(|j| j.running)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tasks.abort_all();
     let _ = node.dir.remove_file(DAEMON_FILE);
     Ok(())

@@ -43,6 +43,7 @@ pub mod policy;
 pub mod repo;
 pub mod retention;
 pub mod sample;
+pub mod shutdown;
 pub mod snapshot;
 pub mod softlock;
 pub mod state;

@@ -435,17 +435,22 @@ impl NbdVolume {
         let Some(ctx) = self.allocation else {
             return Ok(vec![range]);
         };
-        let mut out = Vec::new();
+        // Holes shorter than the smallest block are read as data: a server that describes
+        // its export a byte at a time costs no more than one that describes it by blocks.
+        let mut out: Vec<Range<u64>> = Vec::new();
         let mut pos = range.start;
         while pos < range.end {
             let e = self.extent_at(ctx, pos)?;
             let end = (e.offset + e.len).min(range.end);
             if e.flags & nbd::STATE_ZERO == 0 {
-                out.push(pos..end);
+                match out.last_mut() {
+                    Some(last) if last.end + MIN_BLOCK_SIZE as u64 > pos => last.end = end,
+                    _ => out.push(pos..end),
+                }
             }
             pos = end;
         }
-        Ok(merge(out.into_iter()))
+        Ok(out)
     }
 
     /// Forgets the allocation map, so that the next query asks the server again (after a
@@ -464,6 +469,11 @@ impl NbdVolume {
     /// Reads `ranges` (inside `base .. base + buf.len()`) into `buf`.
     pub fn read_ranges(&self, base: u64, buf: &mut [u8], ranges: &[Range<u64>]) -> Result<()> {
         self.client().read_ranges(base, buf, ranges)
+    }
+
+    /// Reads `ranges` one after the other into `buf`, many requests in flight.
+    pub fn read_gather(&self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<()> {
+        self.client().read_gather(ranges, buf)
     }
 }
 

@@ -137,6 +137,7 @@ async fn create(ctx: &Context, name: &str) -> anyhow::Result<()> {
         json: false,
         before: None,
         after: None,
+        full_read: false,
     }
     .run(ctx)
     .await

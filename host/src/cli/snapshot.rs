@@ -41,6 +41,10 @@ pub enum SnapshotCommand {
         /// HOLDFAST_SNAPSHOT_ID or HOLDFAST_ERROR.
         #[arg(long, value_name = "COMMAND")]
         after: Option<String>,
+        /// Read the whole source even if its dirty bitmap could be used (qcow2 and running
+        /// QEMU volumes).
+        #[arg(long)]
+        full_read: bool,
     },
     /// List a volume's snapshots, oldest first.
     #[command(
@@ -173,6 +177,7 @@ impl SnapshotCommand {
                 json,
                 before,
                 after,
+                full_read,
             } => {
                 let mut map = BTreeMap::new();
                 for (k, v) in labels {
@@ -187,7 +192,13 @@ impl SnapshotCommand {
                     name,
                     labels: map,
                     hooks: snapshot::hooks::Hooks { before, after },
+                    full_read: snapshot::create::FullRead {
+                        now: full_read,
+                        every: None,
+                    },
                 };
+                // SIGINT or SIGTERM: stop cleanly (hooks, what was added to QEMU).
+                holdfast::shutdown::on_signals()?;
                 let report = snapshot::create(&node, &volume, opts, &pb).await;
                 pb.finish_and_clear();
                 let report = report?;

@@ -203,9 +203,17 @@ impl VolumeCommand {
                             (Some(SourceSpec::Qcow2 { path }), Some(cp)) => {
                                 Some(volume::qemu::remove_bitmap(path, &cp.bitmap))
                             }
-                            (Some(SourceSpec::Qmp { monitor, node, .. }), Some(cp)) => {
-                                Some(volume::qmp::remove_bitmap(monitor, node, &cp.bitmap))
-                            }
+                            // And whatever an interrupted snapshot left in QEMU.
+                            (
+                                Some(SourceSpec::Qmp {
+                                    monitor,
+                                    node: disk,
+                                    ..
+                                }),
+                                _,
+                            ) => Some(node.run_dir().and_then(|run| {
+                                volume::qmp::forget(monitor, disk, rec.name.as_str(), &run)
+                            })),
                             _ => None,
                         };
                         if let Some(Err(e)) = removed {

@@ -46,6 +46,19 @@ pub struct CreateOptions {
     pub labels: BTreeMap<String, String>,
     /// Commands run before the source is read and after the snapshot (see [`super::hooks`]).
     pub hooks: super::hooks::Hooks,
+    /// When to read everything although changed-block tracking could be used.
+    pub full_read: FullRead,
+}
+
+/// When a source with changed-block tracking is read whole anyway.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FullRead {
+    /// This time (`snapshot create --full-read`).
+    pub now: bool,
+    /// When the chain's last full read is older than this (`full_read_every` of a schedule):
+    /// a bitmap can miss a change nobody can detect (cleared by hand, say); a periodic full
+    /// read bounds how long such a change stays unseen.
+    pub every: Option<Duration>,
 }
 
 /// What `create` did.
@@ -73,6 +86,14 @@ pub struct Tracking {
     pub full_read_reason: Option<String>,
     /// Bytes the dirty bitmap marked as written since the base.
     pub dirty_bytes: u64,
+    /// Bytes the bitmap did not mark that hold data in the base and read as zeros now: read
+    /// again (a disk shrunk and grown back, a bitmap changed by hand).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unmarked_zero_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Takes a snapshot of `volume`, running its hooks around it.
@@ -131,7 +152,8 @@ async fn take(
         let vol = vol.clone();
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
-        tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir))
+        let full = opts.full_read;
+        tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
             .await
             .map_err(|e| Error::internal(format!("opening the source failed: {e}")))??
     };
@@ -229,7 +251,12 @@ async fn take(
         }
         return Err(e);
     }
-    let (blocks, stats, bytes_read) = match computed.and_then(|r| r) {
+    let Computed {
+        blocks,
+        stats,
+        bytes_read,
+        unmarked,
+    } = match computed.and_then(|r| r) {
         Ok(r) => r,
         Err(e) => {
             if let Some(plan) = &plan {
@@ -267,7 +294,7 @@ async fn take(
         return Err(e);
     }
     let tracking = match plan {
-        Some(plan) => Some(plan.committed(node, &vol, &record).await),
+        Some(plan) => Some(plan.committed(node, &vol, &record, unmarked).await),
         None => None,
     };
     tracing::info!(
@@ -302,7 +329,13 @@ struct TrackingPlan {
 impl TrackingPlan {
     /// After the snapshot committed: the new bitmap becomes the checkpoint and the old one
     /// goes. A failure here costs only a full read next time, never a wrong incremental.
-    async fn committed(self, node: &Node, vol: &VolumeRecord, rec: &SnapshotRecord) -> Tracking {
+    async fn committed(
+        self,
+        node: &Node,
+        vol: &VolumeRecord,
+        rec: &SnapshotRecord,
+        unmarked: u64,
+    ) -> Tracking {
         let mut updated = match node.catalog.volume(&vol.name) {
             Ok(v) => v,
             Err(e) => {
@@ -310,12 +343,18 @@ impl TrackingPlan {
                     "could not record the checkpoint of {}: {e}",
                     rec.display_ref()
                 );
-                return self.report();
+                return self.report(unmarked);
             }
+        };
+        // The chain's last full read: this snapshot's, or the one the chain started from.
+        let full_read_unix_ms = match (&self.base, &vol.checkpoint) {
+            (Some(_), Some(cp)) => cp.full_read_unix_ms,
+            _ => rec.created_unix_ms,
         };
         updated.checkpoint = Some(Checkpoint {
             bitmap: self.new_bitmap.clone(),
             snapshot: rec.id,
+            full_read_unix_ms,
         });
         if let Err(e) = node.catalog.update_volume(&updated) {
             tracing::warn!(
@@ -329,7 +368,7 @@ impl TrackingPlan {
                 tracing::warn!("{e}; the next snapshot removes it");
             }
         }
-        self.report()
+        self.report(unmarked)
     }
 
     /// The snapshot failed: its bitmap is not needed (the next snapshot also removes it).
@@ -342,8 +381,9 @@ impl TrackingPlan {
         }
     }
 
-    fn report(&self) -> Tracking {
+    fn report(&self, unmarked: u64) -> Tracking {
         Tracking {
+            unmarked_zero_bytes: unmarked,
             changed_blocks_only: self.base.is_some(),
             base: self.base.as_ref().map(|(b, _)| b.display_ref()),
             full_read_reason: self.reason.clone(),
@@ -362,14 +402,23 @@ fn open_source(
     vol: &VolumeRecord,
     existing: &[SnapshotRecord],
     run_dir: &std::path::Path,
+    full: FullRead,
 ) -> Result<(Source, Option<TrackingPlan>)> {
     match &vol.source {
-        Some(SourceSpec::Qcow2 { path }) => open_qcow2(vol, existing, path),
+        Some(SourceSpec::Qcow2 { path }) => open_qcow2(vol, existing, path, full),
         Some(SourceSpec::Qmp {
             monitor,
             node,
             nbd_server,
-        }) => open_qmp(vol, existing, monitor, node, nbd_server.as_deref(), run_dir),
+        }) => open_qmp(
+            vol,
+            existing,
+            monitor,
+            node,
+            nbd_server.as_deref(),
+            run_dir,
+            full,
+        ),
         _ => Ok((
             crate::volume::open_source(&vol.image, vol.source.as_ref(), None)?,
             None,
@@ -384,6 +433,7 @@ fn chain(
     existing: &[SnapshotRecord],
     bitmaps: &[qemu::Bitmap],
     size: u64,
+    full: FullRead,
 ) -> (Option<SnapshotRecord>, Option<String>) {
     let Some(cp) = &vol.checkpoint else {
         return (
@@ -391,6 +441,22 @@ fn chain(
             Some("no dirty bitmap yet: the first snapshot reads everything".into()),
         );
     };
+    if full.now {
+        return (None, Some("a full read was asked for (--full-read)".into()));
+    }
+    if let Some(every) = full.every {
+        let age = crate::now_unix_ms().saturating_sub(cp.full_read_unix_ms);
+        if age > every.as_millis() as u64 {
+            return (
+                None,
+                Some(format!(
+                    "the last full read was {} ago (full_read_every = {})",
+                    humantime::format_duration(Duration::from_secs(age / 1000)),
+                    humantime::format_duration(every)
+                )),
+            );
+        }
+    }
     let prev = existing.iter().find(|s| s.id == cp.snapshot);
     let bitmap = bitmaps.iter().find(|b| b.name == cp.bitmap);
     let why = match (prev, bitmap) {
@@ -420,6 +486,7 @@ fn open_qcow2(
     vol: &VolumeRecord,
     existing: &[SnapshotRecord],
     path: &std::path::Path,
+    full: FullRead,
 ) -> Result<(Source, Option<TrackingPlan>)> {
     let info = qemu::info(path)?;
     if info.format != "qcow2" {
@@ -430,7 +497,7 @@ fn open_qcow2(
         )));
     }
     let prefix = format!("holdfast.{}.", vol.name);
-    let (base, reason) = chain(vol, existing, &info.bitmaps, info.virtual_size);
+    let (base, reason) = chain(vol, existing, &info.bitmaps, info.virtual_size, full);
     // Bitmaps of this volume that no checkpoint names were left by a snapshot that failed
     // or crashed: they only slow the writer down.
     let keep = vol.checkpoint.as_ref().map(|c| c.bitmap.as_str());
@@ -485,12 +552,14 @@ fn open_qmp(
     node: &str,
     nbd_server: Option<&str>,
     run_dir: &std::path::Path,
+    full: FullRead,
 ) -> Result<(Source, Option<TrackingPlan>)> {
     use crate::volume::qmp::{self, Fleece, Names, Qmp};
     let nbd_server = nbd_server
         .map(str::parse::<crate::volume::nbd::NbdUri>)
         .transpose()?;
     let t = qmp::Target {
+        monitor,
         node,
         nbd_server: nbd_server.as_ref(),
         run_dir,
@@ -500,7 +569,7 @@ fn open_qmp(
     let mut q = Qmp::connect(monitor)?;
     Fleece::clean_up(&mut q, &t, &names, keep)?;
     let info = qmp::node_info(&mut q, node)?;
-    let (base, reason) = chain(vol, existing, &info.bitmaps, info.size);
+    let (base, reason) = chain(vol, existing, &info.bitmaps, info.size, full);
     if let Some(r) = &reason {
         tracing::info!("volume {}: reading everything: {r}", vol.name);
     }
@@ -695,7 +764,7 @@ fn compute(
     packs: mpsc::Sender<PackBuilder>,
     progress: ProgressBar,
     base: Option<(BlockList, Vec<Range<u64>>)>,
-) -> Result<(BlockList, SnapshotStats, u64)> {
+) -> Result<Computed> {
     let bs = block_size as usize;
     let size = image.size();
     let mut b = Blocks {
@@ -709,6 +778,7 @@ fn compute(
         builder: PackBuilder::new(),
         bytes_read: 0,
         buf: Vec::new(),
+        unmarked: 0,
     };
     match &base {
         None => b.add_range(&image, 0..size)?,
@@ -716,13 +786,20 @@ fn compute(
         // ranges are whole blocks, in order); the others are the base's, whatever their
         // number, at the cost of a word per 64 blocks.
         Some((prev, dirty)) => {
-            let mut at = 0u64;
-            for r in dirty {
-                b.copy_from(prev, at..r.start);
-                b.add_range(&image, r.clone())?;
-                at = r.end;
+            // A bitmap does not see every change: a disk shrunk and grown back reads zeros
+            // where its bitmap says nothing was written. Blocks the base holds data in and
+            // the source reads as zeros are read again, whatever the bitmap says.
+            let unmarked = unmarked_zeros(&image, prev, bs as u64, size)?;
+            if !unmarked.is_empty() {
+                b.unmarked = unmarked.iter().map(|r| r.end - r.start).sum();
+                tracing::warn!(
+                    "{} reads as zeros in {} bytes that the dirty bitmap did not mark; they are \
+                     read again (was the disk shrunk and grown, or the bitmap changed?)",
+                    image.describe(),
+                    b.unmarked
+                );
             }
-            b.copy_from(prev, at..size);
+            b.add_changed(&image, prev, &union(dirty, &unmarked), size)?;
         }
     }
     if !b.builder.is_empty() {
@@ -737,7 +814,75 @@ fn compute(
             block_count(size, block_size)
         )));
     }
-    Ok((b.blocks, b.stats, b.bytes_read))
+    Ok(Computed {
+        blocks: b.blocks,
+        stats: b.stats,
+        bytes_read: b.bytes_read,
+        unmarked: b.unmarked,
+    })
+}
+
+/// What the compute side produced.
+struct Computed {
+    blocks: BlockList,
+    stats: SnapshotStats,
+    bytes_read: u64,
+    unmarked: u64,
+}
+
+/// The blocks (as byte ranges, in order) that `prev` holds data in and the source reports as
+/// reading zeros.
+fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Result<Vec<Range<u64>>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let check = |run: Range<usize>, out: &mut Vec<Range<u64>>| -> Result<()> {
+        let bytes = run.start as u64 * bs..(run.end as u64 * bs).min(size);
+        let data = image.data_ranges(bytes)?;
+        let mut d = 0;
+        for blk in run {
+            let r = blk as u64 * bs..((blk as u64 + 1) * bs).min(size);
+            while d < data.len() && data[d].end <= r.start {
+                d += 1;
+            }
+            if d < data.len() && data[d].start < r.end {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        Ok(())
+    };
+    let mut run: Option<Range<usize>> = None;
+    for (i, _) in prev.data() {
+        match &mut run {
+            Some(r) if r.end == i => r.end += 1,
+            _ => {
+                if let Some(r) = run.take() {
+                    check(r, &mut out)?;
+                }
+                run = Some(i..i + 1);
+            }
+        }
+    }
+    if let Some(r) = run {
+        check(r, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The union of two ordered lists of ranges, ordered and joined.
+fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut all: Vec<Range<u64>> = a.iter().chain(b).cloned().collect();
+    all.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in all {
+        match out.last_mut() {
+            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// The state of a snapshot being computed, segment by segment.
@@ -755,6 +900,8 @@ struct Blocks {
     bytes_read: u64,
     /// A segment's data, for sources read a segment at a time (NBD).
     buf: Vec<u8>,
+    /// Bytes read although the dirty bitmap did not mark them (see [`unmarked_zeros`]).
+    unmarked: u64,
 }
 
 /// A block of a segment after the parallel pass: `None` for a hole (not read).
@@ -768,6 +915,7 @@ impl Blocks {
         let seg_bytes = (SEGMENT_BYTES / bs).max(1) * bs;
         let mut offset = range.start;
         while offset < range.end {
+            crate::shutdown::check("the snapshot")?;
             // Holes up to the block that holds the next data go in one step, whatever their
             // length: a terabyte of holes is a few system calls and a bit per block.
             let next = image.next_data(offset)?.unwrap_or(range.end).min(range.end);
@@ -861,36 +1009,141 @@ impl Blocks {
         }
         for (i, d) in done.into_iter().enumerate() {
             let r = block(i);
-            let block_len = (r.end - r.start) as usize;
-            let Some(d) = d else {
+            self.push_block((r.end - r.start) as usize, d)?;
+        }
+        self.stats.blocks += count as u64;
+        self.progress.inc(len as u64);
+        Ok(())
+    }
+
+    /// Appends one block of `len` bytes: a hole (`None`, not read) or what reading it gave.
+    fn push_block(&mut self, len: usize, d: Done) -> Result<()> {
+        let Some(d) = d else {
+            self.stats.zero_blocks += 1;
+            self.blocks.push(None);
+            return Ok(());
+        };
+        self.bytes_read += len as u64;
+        match d? {
+            Block::Zero => {
                 self.stats.zero_blocks += 1;
                 self.blocks.push(None);
-                continue;
-            };
-            self.bytes_read += block_len as u64;
-            match d? {
-                Block::Zero => {
-                    self.stats.zero_blocks += 1;
-                    self.blocks.push(None);
-                }
-                Block::Known(id) => self.blocks.push(Some(id)),
-                Block::New(id, encoding, stored) => {
-                    self.blocks.push(Some(id));
-                    if !self.pending.insert(id) {
-                        continue;
-                    }
+            }
+            Block::Known(id) => self.blocks.push(Some(id)),
+            Block::New(id, encoding, stored) => {
+                self.blocks.push(Some(id));
+                if self.pending.insert(id) {
                     self.stats.new_chunks += 1;
-                    self.stats.new_bytes += block_len as u64;
+                    self.stats.new_bytes += len as u64;
                     self.stats.new_stored_bytes += stored.len() as u64;
-                    self.builder.add(id, encoding, &stored, block_len);
+                    self.builder.add(id, encoding, &stored, len);
                     if self.builder.is_full() {
                         send_pack(&self.packs, std::mem::take(&mut self.builder))?;
                     }
                 }
             }
         }
-        self.stats.blocks += count as u64;
-        self.progress.inc(len as u64);
+        Ok(())
+    }
+
+    /// Adds a changed-block snapshot's blocks: the base's outside `dirty` (ordered,
+    /// block-aligned ranges), read ones inside. The dirty blocks are read in batches of up to
+    /// a segment, scattered as they are, with many requests in flight: a change spread over a
+    /// disk costs its own size in reads, not a round trip per block.
+    fn add_changed(
+        &mut self,
+        image: &Source,
+        prev: &BlockList,
+        dirty: &[Range<u64>],
+        size: u64,
+    ) -> Result<()> {
+        let Source::Nbd(nbd) = image else {
+            // (Only NBD sources have dirty bitmaps; a file would be read range by range.)
+            let mut at = 0u64;
+            for r in dirty {
+                self.copy_from(prev, at..r.start);
+                self.add_range(image, r.clone())?;
+                at = r.end;
+            }
+            self.copy_from(prev, at..size);
+            return Ok(());
+        };
+        let bs = self.block_size as u64;
+        let len = |r: &Range<u64>| (r.end - r.start) as usize;
+        let mut at = 0u64;
+        let mut i = 0;
+        while i < dirty.len() {
+            crate::shutdown::check("the snapshot")?;
+            if len(&dirty[i]) > SEGMENT_BYTES {
+                self.copy_from(prev, at..dirty[i].start);
+                self.add_range(image, dirty[i].clone())?;
+                at = dirty[i].end;
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            let mut bytes = 0;
+            while j < dirty.len() && len(&dirty[j]) <= SEGMENT_BYTES - bytes {
+                bytes += len(&dirty[j]);
+                j += 1;
+            }
+            // Every block of the batch, and where its data lands in the buffer (holes are
+            // zero blocks and not read).
+            let mut blocks: Vec<(Range<u64>, Option<usize>)> = Vec::new();
+            let mut reads: Vec<Range<u64>> = Vec::new();
+            let mut filled = 0usize;
+            for r in &dirty[i..j] {
+                let data = image.data_ranges(r.clone())?;
+                let mut b = r.start;
+                while b < r.end {
+                    let br = b..(b + bs).min(r.end);
+                    let hole = !data.iter().any(|d| d.start < br.end && d.end > br.start);
+                    if hole {
+                        blocks.push((br.clone(), None));
+                    } else {
+                        blocks.push((br.clone(), Some(filled)));
+                        filled += len(&br);
+                        match reads.last_mut() {
+                            Some(l) if l.end == br.start => l.end = br.end,
+                            _ => reads.push(br.clone()),
+                        }
+                    }
+                    b = br.end;
+                }
+            }
+            self.buf.clear();
+            self.buf.resize(filled, 0);
+            nbd.read_gather(&reads, &mut self.buf)?;
+            let (buf, index) = (&self.buf[..], &self.index);
+            let done: Vec<Done> = blocks
+                .par_iter()
+                .map(|(r, at)| {
+                    at.map(|at| {
+                        let data = &buf[at..at + (r.end - r.start) as usize];
+                        if chunk::is_zero(data) {
+                            Ok(Block::Zero)
+                        } else {
+                            classify(index, data)
+                        }
+                    })
+                })
+                .collect();
+            let mut done = done.into_iter();
+            let mut k = 0;
+            for r in &dirty[i..j] {
+                self.copy_from(prev, at..r.start);
+                while k < blocks.len() && blocks[k].0.start < r.end {
+                    let n = len(&blocks[k].0);
+                    self.push_block(n, done.next().expect("one per block"))?;
+                    self.stats.blocks += 1;
+                    k += 1;
+                }
+                self.progress.inc(r.end - r.start);
+                at = r.end;
+            }
+            i = j;
+        }
+        self.copy_from(prev, at..size);
         Ok(())
     }
 }

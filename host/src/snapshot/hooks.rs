@@ -38,7 +38,7 @@ impl Hooks {
         let Some(cmd) = &self.before else {
             return Ok(());
         };
-        match run(cmd, env, &[]).await {
+        match run(cmd, env, &[], true).await {
             Ok(()) => Ok(()),
             Err(why) => {
                 // `after` still runs: `before` may have done half of its work.
@@ -78,7 +78,7 @@ impl Hooks {
         let Some(cmd) = &self.after else {
             return;
         };
-        if let Err(why) = run(cmd, env, extra).await {
+        if let Err(why) = run(cmd, env, extra, false).await {
             tracing::warn!("the after hook of volume {} failed: {why}", env.volume);
         }
     }
@@ -96,7 +96,12 @@ impl HasId for super::create::CreateReport {
 }
 
 /// Runs `cmd` with `sh -c`; `Err` says how it failed and ends with what it printed.
-async fn run(cmd: &str, env: &HookEnv, extra: &[(&str, &str)]) -> std::result::Result<(), String> {
+async fn run(
+    cmd: &str,
+    env: &HookEnv,
+    extra: &[(&str, &str)],
+    stoppable: bool,
+) -> std::result::Result<(), String> {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(cmd)
@@ -113,15 +118,27 @@ async fn run(cmd: &str, env: &HookEnv, extra: &[(&str, &str)]) -> std::result::R
     let child = c
         .spawn()
         .map_err(|e| format!("`{cmd}` could not start: {e}"))?;
-    let out = match tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(format!("`{cmd}` failed: {e}")),
-        Err(_) => {
-            return Err(format!(
-                "`{cmd}` ran longer than {} s and was stopped",
-                HOOK_TIMEOUT.as_secs()
-            ));
+    // A stop request ends a `before` (dropping the child kills it); an `after` is let finish,
+    // since it undoes what `before` did.
+    let stop = async {
+        if stoppable {
+            crate::shutdown::wait().await
+        } else {
+            std::future::pending().await
         }
+    };
+    let out = tokio::select! {
+        r = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output()) => match r {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("`{cmd}` failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "`{cmd}` ran longer than {} s and was stopped",
+                    HOOK_TIMEOUT.as_secs()
+                ));
+            }
+        },
+        _ = stop => return Err(format!("`{cmd}` was stopped (the process was asked to stop)")),
     };
     let said = |b: &[u8]| {
         let t = String::from_utf8_lossy(b);

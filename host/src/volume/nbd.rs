@@ -219,6 +219,30 @@ impl Write for Stream {
     }
 }
 
+/// The reading side of a connection: every read fails once the current operation's deadline
+/// has passed, so a server that trickles a byte at a time, or floods replies nobody asked for,
+/// cannot hold a snapshot forever (the socket's own timeout only bounds each silence).
+struct Timed {
+    inner: Stream,
+    deadline: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let deadline = *self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        if std::time::Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the operation's deadline passed",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// How long one operation (the handshake, a batch of reads, a block-status query) may take.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// An extent of a meta context: `len` bytes with `flags`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
@@ -236,8 +260,9 @@ impl Extent {
 /// A connection to one export, after the handshake.
 pub struct Client {
     uri: String,
-    reader: BufReader<Stream>,
+    reader: BufReader<Timed>,
     writer: BufWriter<Stream>,
+    deadline: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
     size: u64,
     flags: u16,
     max_request: u32,
@@ -317,10 +342,20 @@ impl Client {
             }
         };
         let writer = stream.try_clone().map_err(unreachable)?;
+        let deadline = std::sync::Arc::new(std::sync::Mutex::new(
+            std::time::Instant::now() + OPERATION_TIMEOUT,
+        ));
         let mut c = Client {
             uri: name,
-            reader: BufReader::with_capacity(256 << 10, stream),
+            reader: BufReader::with_capacity(
+                256 << 10,
+                Timed {
+                    inner: stream,
+                    deadline: deadline.clone(),
+                },
+            ),
             writer: BufWriter::with_capacity(64 << 10, writer),
+            deadline,
             size: 0,
             flags: 0,
             max_request: MAX_REQUEST,
@@ -358,7 +393,11 @@ impl Client {
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
-            format!("did not answer within {} s", TIMEOUT.as_secs())
+            format!(
+                "did not answer in time ({} s of silence, or {} s for one operation)",
+                TIMEOUT.as_secs(),
+                OPERATION_TIMEOUT.as_secs()
+            )
         } else {
             format!("connection failed: {e}")
         };
@@ -616,6 +655,12 @@ impl Client {
         self.send(&b)
     }
 
+    /// Starts the clock of one operation.
+    fn start(&self) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
+            std::time::Instant::now() + OPERATION_TIMEOUT;
+    }
+
     fn cookie(&mut self) -> u64 {
         self.next_cookie += 1;
         self.next_cookie
@@ -640,20 +685,52 @@ impl Client {
             if r.start < base || r.end > base + buf.len() as u64 || r.start > r.end {
                 return Err(Error::internal("an NBD read outside its buffer"));
             }
-            self.check_range(r.start, r.end - r.start)?;
-            let mut at = r.start;
-            while at < r.end {
-                let len = (r.end - at).min(self.max_request as u64);
-                pieces.push((at, len as u32));
-                at += len;
-            }
+            self.pieces(r, (r.start - base) as usize, &mut pieces)?;
         }
+        self.read_pieces(&pieces, buf)
+    }
+
+    /// Reads `ranges` one after the other into `buf` (as long as they are together).
+    pub fn read_gather(&mut self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<()> {
+        let mut pieces = Vec::new();
+        let mut at = 0usize;
+        for r in ranges {
+            self.pieces(r, at, &mut pieces)?;
+            at += (r.end - r.start) as usize;
+        }
+        if at != buf.len() {
+            return Err(Error::internal(
+                "an NBD gather read into a buffer of another size",
+            ));
+        }
+        self.read_pieces(&pieces, buf)
+    }
+
+    /// Splits a read of `r` into requests the server takes; the data goes to `buf[at..]`.
+    fn pieces(&self, r: &Range<u64>, at: usize, out: &mut Vec<(u64, u32, usize)>) -> Result<()> {
+        if r.start > r.end {
+            return Err(Error::internal("an NBD read of a reversed range"));
+        }
+        self.check_range(r.start, r.end - r.start)?;
+        let mut off = r.start;
+        while off < r.end {
+            let len = (r.end - off).min(self.max_request as u64);
+            out.push((off, len as u32, at + (off - r.start) as usize));
+            off += len;
+        }
+        Ok(())
+    }
+
+    /// Sends the reads `(offset, length, position in buf)`, many in flight, and places what
+    /// comes back.
+    fn read_pieces(&mut self, pieces: &[(u64, u32, usize)], buf: &mut [u8]) -> Result<()> {
+        self.start();
         let mut next = 0;
         let mut flight: HashMap<u64, InFlight> = HashMap::new();
         while next < pieces.len() || !flight.is_empty() {
             let mut sent = false;
             while next < pieces.len() && flight.len() < MAX_IN_FLIGHT {
-                let (offset, len) = pieces[next];
+                let (offset, len, at) = pieces[next];
                 let cookie = self.cookie();
                 self.request(CMD_READ, 0, cookie, offset, len)?;
                 flight.insert(
@@ -662,7 +739,7 @@ impl Client {
                         kind: Kind::Read,
                         offset,
                         len,
-                        at: (offset - base) as usize,
+                        at,
                         covered: Vec::new(),
                     },
                 );
@@ -681,6 +758,7 @@ impl Client {
     /// `NBD_CMD_BLOCK_STATUS` (the server may describe less than the range, never less than
     /// one extent per context, and never past the end of the export).
     pub fn block_status(&mut self, range: Range<u64>) -> Result<HashMap<u32, Vec<Extent>>> {
+        self.start();
         if self.contexts.is_empty() {
             return Err(Error::internal("block status without a meta context"));
         }
@@ -895,6 +973,7 @@ impl Client {
 
     /// Writes `data` at `offset` (pipelined in pieces).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.start();
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let mut flight = HashMap::new();
@@ -920,6 +999,7 @@ impl Client {
 
     /// Makes `len` bytes at `offset` read as zeros (holes where the server can).
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.start();
         self.check_writable()?;
         self.check_range(offset, len)?;
         if self.flags & TF_SEND_WRITE_ZEROES == 0 {
@@ -954,6 +1034,7 @@ impl Client {
 
     /// Asks the server to make every completed write durable.
     pub fn flush(&mut self) -> Result<()> {
+        self.start();
         if self.flags & TF_SEND_FLUSH == 0 {
             return Ok(());
         }

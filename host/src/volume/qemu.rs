@@ -149,31 +149,20 @@ pub struct Served {
     _tie: std::sync::mpsc::Sender<()>,
 }
 
-/// Starts qemu-nbd with `args` so that it dies with holdfast: through
-/// `setpriv --pdeathsig KILL` (util-linux), from a thread that lives until the returned sender
-/// is dropped, because the kernel sends the signal when the *thread* that started the child
-/// ends. Without setpriv, qemu-nbd is started plainly; it still leaves when its one client
-/// does, which covers every instant but the few milliseconds before holdfast connects.
+/// Starts qemu-nbd with `args` so that it dies with holdfast: the child asks the kernel for
+/// SIGKILL when its parent goes (and exits at once if holdfast is already gone), from a thread
+/// that lives until the returned sender is dropped, because the kernel sends the signal when
+/// the *thread* that started the child ends.
 fn spawn_tied(args: Vec<std::ffi::OsString>) -> Result<(Child, std::sync::mpsc::Sender<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (tie, tied) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("qemu-nbd".into())
         .spawn(move || {
-            let command = |program: &str, pre: &[&str]| {
-                let mut c = tool(program);
-                c.args(pre)
-                    .args(&args)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                c
-            };
-            let r = match command("setpriv", &["--pdeathsig", "KILL", "--", "qemu-nbd"]).spawn() {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    command("qemu-nbd", &[]).spawn()
-                }
-                r => r,
-            };
+            let mut c = tool("qemu-nbd");
+            c.args(&args).stdout(Stdio::null()).stderr(Stdio::piped());
+            die_with_parent(&mut c);
+            let r = c.spawn();
             let started = r.is_ok();
             let _ = tx.send(r);
             if started {
@@ -187,6 +176,28 @@ fn spawn_tied(args: Vec<std::ffi::OsString>) -> Result<(Child, std::sync::mpsc::
         .map_err(|_| Error::internal("the qemu-nbd thread ended early"))?
         .map_err(|e| missing_tool("qemu-nbd", e))?;
     Ok((child, tie))
+}
+
+/// Makes the child killed when the thread that starts it ends (holdfast exits or is killed).
+#[allow(unsafe_code)]
+fn die_with_parent(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe work is allowed: it makes two system calls through rustix (prctl and
+    // getppid), which allocate nothing and take no locks.
+    unsafe {
+        c.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The parent may have died before the line above: then nobody would kill us.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::other(
+                    "holdfast exited before qemu-nbd started",
+                ));
+            }
+            Ok(())
+        });
+    }
 }
 
 impl Served {
@@ -287,8 +298,9 @@ impl Served {
     }
 }
 
-/// Removes socket folders that a killed holdfast left behind: older than ten minutes, with
-/// no server listening on their socket.
+/// Removes socket folders that a killed holdfast left behind (a qemu-nbd dies with holdfast,
+/// its folder does not): those older than a day. A folder is only needed until its server has
+/// its clients, so removing an old one cannot disturb a snapshot still running.
 fn remove_stale_folders() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -303,8 +315,8 @@ fn remove_stale_folders() {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > Duration::from_secs(600));
-        if old && std::os::unix::net::UnixStream::connect(e.path().join("s")).is_err() {
+            .is_some_and(|age| age > Duration::from_secs(86_400));
+        if old {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -166,6 +166,26 @@ pub fn node_info(q: &mut Qmp, node: &str) -> Result<NodeInfo> {
             names.join(", ")
         )));
     };
+    // A protocol node under a format node (the `file` under a qcow2) holds the container:
+    // its snapshot would be the qcow2 file, not the disk the guest sees.
+    const PROTOCOL: &[&str] = &["file", "host_device", "host_cdrom"];
+    if PROTOCOL.contains(&n["drv"].as_str().unwrap_or_default()) {
+        let filename = &n["image"]["filename"];
+        if let Some(above) = list.iter().find(|o| {
+            o["node-name"] != node
+                && o["image"]["filename"] == *filename
+                && !PROTOCOL.contains(&o["drv"].as_str().unwrap_or_default())
+        }) {
+            return Err(Error::invalid(format!(
+                "block node {node:?} is the {} under the {} node {}: its snapshot would hold \
+                 the image file, not the disk the guest sees; give --node {}",
+                n["drv"].as_str().unwrap_or_default(),
+                above["drv"].as_str().unwrap_or_default(),
+                above["node-name"],
+                above["node-name"].as_str().unwrap_or_default()
+            )));
+        }
+    }
     let size = n["image"]["virtual-size"].as_u64().ok_or_else(|| {
         Error::unavailable_msg(format!("QEMU did not say the size of block node {node:?}"))
     })?;
@@ -239,6 +259,8 @@ impl std::fmt::Debug for Fleece {
 /// Where the volume's QEMU is and what holdfast may use there.
 #[derive(Clone, Debug)]
 pub struct Target<'a> {
+    /// The QMP monitor's socket (names the NBD server holdfast may start for this QEMU).
+    pub monitor: &'a Path,
     pub node: &'a str,
     /// The NBD server QEMU already runs, if any (holdfast adds its export there).
     pub nbd_server: Option<&'a NbdUri>,
@@ -387,11 +409,59 @@ impl Fleece {
     fn tear_down(&mut self) -> Result<()> {
         let r = remove_fleece(&mut self.q, &self.names, &self.node);
         if self.started_server {
-            let _ = self.q.execute("nbd-server-stop", json!({}));
+            stop_server_if_unused(&mut self.q);
         }
         let _ = std::fs::remove_file(&self.scratch);
         r
     }
+}
+
+/// The socket of the NBD server holdfast starts in the QEMU behind `monitor` (one per QEMU,
+/// shared by its volumes, so that one left by a killed holdfast is found again).
+fn our_server(run_dir: &Path, monitor: &Path) -> PathBuf {
+    run_dir.join(format!(
+        "nbd-{}.sock",
+        short_hash(&monitor.to_string_lossy())
+    ))
+}
+
+/// Stops the NBD server holdfast started, unless a snapshot of another volume of the same
+/// QEMU is reading through it.
+fn stop_server_if_unused(q: &mut Qmp) {
+    let others = q.execute("query-block-exports", json!({})).map(|e| {
+        e.as_array().is_some_and(|a| {
+            a.iter().any(|e| {
+                e["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("holdfast-fleece."))
+            })
+        })
+    });
+    if let Ok(false) = others {
+        let _ = q.execute("nbd-server-stop", json!({}));
+    }
+}
+
+/// Removes everything holdfast keeps in QEMU for a volume that is being removed: a fleece an
+/// interrupted snapshot left, every bitmap of the volume, and holdfast's NBD server if no
+/// other volume uses it.
+pub fn forget(monitor: &Path, node: &str, volume: &str, run_dir: &Path) -> Result<()> {
+    let names = Names::new(volume);
+    let mut q = Qmp::connect(monitor)?;
+    remove_fleece(&mut q, &names, node)?;
+    for b in node_info(&mut q, node)?.bitmaps {
+        if b.name.starts_with(&names.bitmap_prefix) {
+            q.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": node, "name": b.name}),
+            )?;
+        }
+    }
+    if UnixStream::connect(our_server(run_dir, monitor)).is_ok() {
+        stop_server_if_unused(&mut q);
+    }
+    let _ = std::fs::remove_file(run_dir.join(format!("{}.qcow2", names.fleece)));
+    Ok(())
 }
 
 /// Removes the export, the backup job, the fleece node and the frozen bitmap of one volume,

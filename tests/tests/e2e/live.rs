@@ -366,6 +366,43 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
     n.ok(&["snapshot", "delete", "v@resized-next"]);
     full("deleted", "deleted");
 
+    // Asked for.
+    let r = n.run(&[
+        "snapshot",
+        "create",
+        "v",
+        "--name",
+        "asked",
+        "--full-read",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let why = r.json()["tracking"]["full-read-reason"].to_string();
+    assert!(why.contains("--full-read"), "{why}");
+
+    // Shrunk and grown back to the same size: the bitmap does not mark the cut part, which
+    // now reads as zeros; those blocks are read again, and the snapshot equals the image.
+    let size = raw_of(&img).len().to_string();
+    run_tool(
+        Command::new("qemu-img")
+            .args(["resize", "-f", "qcow2", "--shrink"])
+            .arg(&img)
+            .arg("16M"),
+    );
+    run_tool(
+        Command::new("qemu-img")
+            .args(["resize", "-f", "qcow2"])
+            .arg(&img)
+            .arg(&size),
+    );
+    let r = create(&n, "regrown");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert!(
+        r["tracking"]["unmarked-zero-bytes"].as_u64().unwrap_or(0) >= MIB,
+        "the cut part was not read again: {r}"
+    );
+    assert_eq!(n.restore("v@regrown"), raw_of(&img), "regrown");
+
     assert_eq!(
         bitmaps(&img)
             .iter()

@@ -127,6 +127,9 @@ pub struct SnapshotSchedule {
     pub when: When,
     /// A command run before each snapshot (`sh -c`); if it fails, no snapshot is taken.
     pub before: Option<String>,
+    /// A command run once the source's view is fixed (a running QEMU's disk: right after the
+    /// freeze): thaw here what `before` froze.
+    pub frozen: Option<String>,
     /// A command run after each snapshot, whatever happened.
     pub after: Option<String>,
     /// Read the whole source at least this often (`7d`), even when a dirty bitmap could be

@@ -719,6 +719,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             gc: false,
             hooks: crate::snapshot::hooks::Hooks {
                 before: s.before.clone(),
+                frozen: s.frozen.clone(),
                 after: s.after.clone(),
             },
             full_read_every: match &s.full_read_every {

@@ -136,6 +136,7 @@ async fn create(ctx: &Context, name: &str) -> anyhow::Result<()> {
         labels: vec![("made-by".into(), "demo".into())],
         json: false,
         before: None,
+        frozen: None,
         after: None,
         full_read: false,
     }

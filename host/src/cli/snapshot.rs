@@ -36,6 +36,11 @@ pub enum SnapshotCommand {
         /// snapshot is taken. It sees HOLDFAST_VOLUME, HOLDFAST_SNAPSHOT and HOLDFAST_SOURCE.
         #[arg(long, value_name = "COMMAND")]
         before: Option<String>,
+        /// A command run as soon as the source's view is fixed (a running QEMU's disk: right
+        /// after the freeze, before the read), or opening it failed: thaw here what --before
+        /// froze, so a guest stays frozen for a moment, not for the whole read.
+        #[arg(long, value_name = "COMMAND")]
+        frozen: Option<String>,
         /// A command run after the snapshot, whatever happened (also when --before failed),
         /// to undo what --before did; it also sees HOLDFAST_RESULT (ok or failed) and
         /// HOLDFAST_SNAPSHOT_ID or HOLDFAST_ERROR.
@@ -176,6 +181,7 @@ impl SnapshotCommand {
                 labels,
                 json,
                 before,
+                frozen,
                 after,
                 full_read,
             } => {
@@ -191,7 +197,11 @@ impl SnapshotCommand {
                 let opts = CreateOptions {
                     name,
                     labels: map,
-                    hooks: snapshot::hooks::Hooks { before, after },
+                    hooks: snapshot::hooks::Hooks {
+                        before,
+                        frozen,
+                        after,
+                    },
                     full_read: snapshot::create::FullRead {
                         now: full_read,
                         every: None,

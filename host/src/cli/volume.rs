@@ -125,6 +125,11 @@ impl VolumeCommand {
                     }
                     _ => unreachable!("clap allows exactly one source"),
                 };
+                holdfast::snapshot::manifest::check_block_count(
+                    size,
+                    block_size,
+                    &format!("volume {name}"),
+                )?;
                 let rec = VolumeRecord {
                     name,
                     image,

@@ -281,11 +281,27 @@ impl PeerClient {
         self.bytes(req, limit, "chunk answer").await
     }
 
+    /// Sends a lock set. An upstream that asks to slow down (its per-peer rate of lock sets,
+    /// which a burst of forwarded sets can exceed) is asked again after a pause, for a few
+    /// seconds: a legitimate update must not fail for it.
     pub async fn put_lock_set(&self, update: &LockSetUpdate) -> Result<ReplaceOutcome> {
-        let req = self
-            .request(Method::PUT, &format!("v1/volumes/{}/locks", update.volume))
-            .json(update);
-        self.json(req, SMALL_ANSWER_LIMIT, "lock-set reply").await
+        let mut pause = Duration::from_millis(250);
+        for attempt in 0.. {
+            let req = self
+                .request(Method::PUT, &format!("v1/volumes/{}/locks", update.volume))
+                .json(update);
+            match self.json(req, SMALL_ANSWER_LIMIT, "lock-set reply").await {
+                Err(Error::Unavailable { message, .. })
+                    if message.contains("slow down") && attempt < 6 =>
+                {
+                    tracing::debug!("upstream asked to slow down; lock set again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                r => return r,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     pub async fn status(&self) -> Result<serde_json::Value> {

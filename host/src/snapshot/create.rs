@@ -131,12 +131,16 @@ pub async fn create(
         source: vol.source_label(),
     };
     hooks.before(&env).await?;
-    let r = take(node, vol, existing, name, opts, progress, started).await;
+    let r = take(
+        node, vol, existing, name, opts, progress, started, &hooks, &env,
+    )
+    .await;
     hooks.after(&env, &r).await;
     r
 }
 
 /// Takes the snapshot itself (after the `before` hook).
+#[allow(clippy::too_many_arguments)]
 async fn take(
     node: &Node,
     vol: crate::catalog::VolumeRecord,
@@ -145,6 +149,8 @@ async fn take(
     opts: CreateOptions,
     progress: &ProgressBar,
     started: Instant,
+    hooks: &super::hooks::Hooks,
+    env: &super::hooks::HookEnv,
 ) -> Result<CreateReport> {
     let volume = &vol.name;
     let block_size = vol.block_size;
@@ -153,9 +159,15 @@ async fn take(
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
         let full = opts.full_read;
-        tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
-            .await
-            .map_err(|e| Error::internal(format!("opening the source failed: {e}")))??
+        let opened =
+            tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
+                .await
+                .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
+                .and_then(|r| r);
+        // The view is fixed now (a running QEMU's is frozen), or opening failed: either way
+        // what `before` froze may go.
+        hooks.frozen(env).await;
+        opened?
     };
     let size = image.size();
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
@@ -256,7 +268,11 @@ async fn take(
         stats,
         bytes_read,
         unmarked,
-    } = match computed.and_then(|r| r) {
+    } = match computed
+        .and_then(|r| r)
+        // The last point to stop at: nothing is committed yet.
+        .and_then(|r| crate::shutdown::check("the snapshot").map(|()| r))
+    {
         Ok(r) => r,
         Err(e) => {
             if let Some(plan) = &plan {

@@ -8,9 +8,12 @@
 //!   `HOLDFAST_ERROR`.
 //!
 //! A `before` that fails (or runs longer than the timeout) means no snapshot, and the error
-//! says which command failed and what it printed. `after` always runs once `before` was
-//! tried, whatever happened, so a frozen filesystem is thawed; its failure is logged and does
-//! not undo a snapshot that committed.
+//! says which command failed and what it printed. `frozen` runs as soon as the source's view
+//! is fixed (a running QEMU's disk right after the freeze; other sources right before their
+//! read), or opening the source failed: the place to thaw a guest's filesystems that `before`
+//! froze, so that the guest is frozen for a moment rather than for the whole read. `after`
+//! always runs once `before` was tried, whatever happened; failures of `frozen` and `after`
+//! are logged and do not undo a snapshot that committed.
 
 use std::time::Duration;
 
@@ -22,6 +25,8 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Clone, Debug, Default)]
 pub struct Hooks {
     pub before: Option<String>,
+    /// Run once the source's view is fixed (see the module documentation).
+    pub frozen: Option<String>,
     pub after: Option<String>,
 }
 
@@ -48,6 +53,16 @@ impl Hooks {
                     env.volume
                 )))
             }
+        }
+    }
+
+    /// Runs `frozen`, if any.
+    pub async fn frozen(&self, env: &HookEnv) {
+        let Some(cmd) = &self.frozen else {
+            return;
+        };
+        if let Err(why) = run(cmd, env, &[], false).await {
+            tracing::warn!("the frozen hook of volume {} failed: {why}", env.volume);
         }
     }
 

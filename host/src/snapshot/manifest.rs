@@ -352,10 +352,19 @@ fn check_geometry(h: &Header, what: &str) -> Result<()> {
 pub fn check_block_count(size: u64, block_size: u32, what: &str) -> Result<()> {
     let n = block_count(size, block_size);
     if n > MAX_BLOCKS {
+        let need = size.div_ceil(MAX_BLOCKS).next_power_of_two();
+        let advice = if need <= crate::volume::MAX_BLOCK_SIZE as u64 {
+            format!("use a block size of at least {need} for this volume")
+        } else {
+            format!(
+                "it is too large for any block size holdfast takes (up to {}); is the size \
+                 right?",
+                crate::volume::MAX_BLOCK_SIZE
+            )
+        };
         return Err(Error::invalid(format!(
             "{what}: {size} bytes in {block_size}-byte blocks is {n} blocks; a snapshot lists at \
-             most {MAX_BLOCKS} (use a block size of at least {} for this volume)",
-            size.div_ceil(MAX_BLOCKS).next_power_of_two()
+             most {MAX_BLOCKS} ({advice})"
         )));
     }
     Ok(())

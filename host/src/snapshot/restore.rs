@@ -208,6 +208,13 @@ async fn open_nbd(uri: &str, size: u64, force: bool) -> Result<crate::volume::nb
             "the NBD export at {uri} is read-only"
         )));
     }
+    if client.size() > size {
+        tracing::warn!(
+            "the NBD export at {uri} holds {} bytes, more than the snapshot's {size}: the rest of \
+             it keeps what it held",
+            client.size()
+        );
+    }
     if client.size() < size {
         return Err(Error::invalid(format!(
             "the NBD export at {uri} holds {} bytes, the snapshot {size}; make it larger first",

@@ -764,3 +764,111 @@ fn a_killed_live_snapshot_is_cleaned_up_by_the_next() {
     drop(guest);
     n.ok(&["verify"]);
 }
+
+/// SIGTERM stops a snapshot cleanly: during `before` (the hook is killed), and during the
+/// read of a running QEMU's disk (sent by the `frozen` hook itself, right after the freeze):
+/// nothing is committed, `after` runs, and nothing holdfast added stays in QEMU.
+#[test]
+fn a_stopped_live_snapshot_undoes_what_it_did() {
+    let n = TestNode::new();
+    let img = n.path("guest.qcow2");
+    qcow2(&img, "128M");
+    qemu_io(&img, &["write -P 0x61 0 128M"]);
+    let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--qmp",
+        s(&qsd.qmp_socket),
+        "--node",
+        "disk0",
+        "--nbd-server",
+        &qsd.nbd_server(),
+    ]);
+    n.ok(&["snapshot", "create", "v", "--name", "first"]);
+    let log = n.path("hooks.log");
+    let hook = |what: &str| format!("echo {what} $HOLDFAST_RESULT >> {}", s(&log));
+
+    // During `before`.
+    let child = n
+        .cmd(&[
+            "snapshot",
+            "create",
+            "v",
+            "--name",
+            "stopped1",
+            "--before",
+            &format!("{}; sleep 30", hook("before")),
+            "--after",
+            &hook("after"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(|| std::fs::read_to_string(&log).is_ok_and(|t| t.contains("before")));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the before hook was not stopped"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "before\nafter failed\n"
+    );
+
+    // During the read, right after the freeze.
+    std::fs::remove_file(&log).unwrap();
+    let r = n.run(&[
+        "snapshot",
+        "create",
+        "v",
+        "--name",
+        "stopped2",
+        "--before",
+        &hook("before"),
+        "--frozen",
+        &format!("{}; kill -TERM $PPID", hook("frozen")),
+        "--after",
+        &hook("after"),
+    ]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert!(r.stderr.contains("interrupted"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "before\nfrozen\nafter failed\n"
+    );
+    assert_eq!(n.snapshot_names("v"), vec!["first"]);
+    let (exports, jobs, nodes, bitmaps) = qsd.leftovers();
+    assert_eq!(exports, vec!["guest"]);
+    assert!(jobs.is_empty(), "{jobs:?}");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    // The chain still holds.
+    qemu_io_nbd(&qsd, "write -P 0x62 1M 64k");
+    let r = create(&n, "next");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert_eq!(r["bytes-read"], KIB64, "{r}");
+}
+
+fn qemu_io_nbd(qsd: &holdfast_tests::qemu::StorageDaemon, cmd: &str) {
+    run_tool(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(format!(
+                "nbd+unix:///disk0?socket={}",
+                qsd.nbd_socket.display()
+            )),
+    );
+}

@@ -95,7 +95,7 @@ pub async fn restore(
     }
 
     let (out, tmp) = match nbd {
-        Some(client) => (Output::Nbd(std::sync::Mutex::new(client)), None),
+        Some(client) => (Output::Nbd(Box::new(std::sync::Mutex::new(client))), None),
         None => open_destination(to, is_device, m.size)?,
     };
     let file = Arc::new(out);
@@ -139,7 +139,7 @@ impl Drop for TempFile {
 /// last block, or a filesystem without direct I/O) through an ordinary handle.
 enum Output {
     File(FileOutput),
-    Nbd(std::sync::Mutex<crate::volume::nbd::Client>),
+    Nbd(Box<std::sync::Mutex<crate::volume::nbd::Client>>),
 }
 
 struct FileOutput {

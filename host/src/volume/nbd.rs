@@ -36,6 +36,7 @@ const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
 
+const OPT_STARTTLS: u32 = 5;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
 const OPT_SET_META_CONTEXT: u32 = 10;
@@ -87,11 +88,26 @@ const MAX_STATUS_REPLY: u32 = 8 << 20;
 /// How long a server may take to answer before the connection counts as lost.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Where an NBD export is: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+/// Where an NBD export is: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`;
+/// `nbds://` and `nbds+unix://` with `tls-ca=PATH` (and `tls-hostname=NAME`) for TLS.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdUri {
     pub addr: NbdAddr,
     pub export: String,
+    /// `nbds://` and `nbds+unix://`: TLS after `NBD_OPT_STARTTLS`, never plaintext.
+    pub tls: Option<NbdTls>,
+}
+
+/// How to check the server of an `nbds://` export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdTls {
+    /// PEM certificates to trust (`tls-ca=PATH`): a CA, or the server's self-signed one.
+    pub ca: PathBuf,
+    /// The name the certificate must carry (`tls-hostname=NAME`; default: the host).
+    pub hostname: String,
+    /// A client certificate and key, for servers that ask for one (`tls-cert=` and
+    /// `tls-key=`; QEMU's `tls-creds-x509` does unless `verify-peer=off`).
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,10 +118,16 @@ pub enum NbdAddr {
 
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
         match &self.addr {
-            NbdAddr::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
+            NbdAddr::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export),
             NbdAddr::Unix { socket } => {
-                write!(f, "nbd+unix:///{}?socket={}", self.export, socket.display())
+                write!(
+                    f,
+                    "nbd{s}+unix:///{}?socket={}",
+                    self.export,
+                    socket.display()
+                )
             }
         }
     }
@@ -132,14 +154,29 @@ impl FromStr for NbdUri {
                 "the export name is too long or holds control characters",
             ));
         }
-        let mut socket = None;
+        let (mut socket, mut ca, mut tls_host) = (None, None, None);
+        let (mut cert, mut key) = (None, None);
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
                 "socket" if socket.is_none() => socket = Some(PathBuf::from(v.as_ref())),
+                "tls-ca" if ca.is_none() => ca = Some(PathBuf::from(v.as_ref())),
+                "tls-cert" if cert.is_none() => cert = Some(PathBuf::from(v.as_ref())),
+                "tls-key" if key.is_none() => key = Some(PathBuf::from(v.as_ref())),
+                "tls-hostname" if tls_host.is_none() => tls_host = Some(v.into_owned()),
                 other => return Err(bad(&format!("unknown or repeated parameter {other:?}"))),
             }
         }
-        let addr = match url.scheme() {
+        let tls_wanted = url.scheme().starts_with("nbds");
+        if !tls_wanted && (ca.is_some() || tls_host.is_some() || cert.is_some() || key.is_some()) {
+            return Err(bad("tls-* parameters belong to nbds:// and nbds+unix://"));
+        }
+        let client = match (cert, key) {
+            (None, None) => None,
+            (Some(c), Some(k)) if c.is_absolute() && k.is_absolute() => Some((c, k)),
+            _ => return Err(bad("tls-cert and tls-key go together, as absolute paths")),
+        };
+        let scheme = url.scheme().replace("nbds", "nbd");
+        let addr = match scheme.as_str() {
             "nbd" => {
                 if socket.is_some() {
                     return Err(bad("socket= belongs to nbd+unix://"));
@@ -163,15 +200,33 @@ impl FromStr for NbdUri {
                 }
                 NbdAddr::Unix { socket }
             }
-            "nbds" | "nbds+unix" => {
-                return Err(bad(
-                    "TLS (nbds://) is not supported yet; reach the server over a unix socket or \
-                     a private network",
-                ));
-            }
-            other => return Err(bad(&format!("unknown scheme {other:?}"))),
+            _ => return Err(bad(&format!("unknown scheme {:?}", url.scheme()))),
         };
-        Ok(NbdUri { addr, export })
+        let tls = if tls_wanted {
+            let ca = ca.ok_or_else(|| {
+                bad("nbds:// needs tls-ca=PATH, the PEM certificates to trust for the server")
+            })?;
+            if !ca.is_absolute() {
+                return Err(bad("the tls-ca path must be absolute"));
+            }
+            let hostname = match (&addr, tls_host) {
+                (_, Some(h)) => h,
+                (NbdAddr::Tcp { host, .. }, None) => host.clone(),
+                (NbdAddr::Unix { .. }, None) => {
+                    return Err(bad(
+                        "nbds+unix:// needs tls-hostname=NAME, the name in the server's certificate",
+                    ));
+                }
+            };
+            Some(NbdTls {
+                ca,
+                hostname,
+                client,
+            })
+        } else {
+            None
+        };
+        Ok(NbdUri { addr, export, tls })
     }
 }
 
@@ -181,9 +236,14 @@ fn percent_decode(s: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, Stream>;
+
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// After `NBD_OPT_STARTTLS`: both halves of the connection share the TLS session (the
+    /// client does one thing at a time, so the lock is never contended).
+    Tls(std::sync::Arc<std::sync::Mutex<TlsStream>>),
 }
 
 impl Stream {
@@ -191,8 +251,13 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
+}
+
+fn tls_lock(s: &std::sync::Mutex<TlsStream>) -> std::sync::MutexGuard<'_, TlsStream> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Read for Stream {
@@ -200,6 +265,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => tls_lock(s).read(buf),
         }
     }
 }
@@ -209,12 +275,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => tls_lock(s).write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => tls_lock(s).flush(),
         }
     }
 }
@@ -362,7 +430,7 @@ impl Client {
             contexts: HashMap::new(),
             next_cookie: 1,
         };
-        c.handshake(&uri.export, contexts)?;
+        c.handshake(&uri.export, contexts, uri.tls.as_ref())?;
         Ok(c)
     }
 
@@ -454,7 +522,7 @@ impl Client {
         self.writer.flush().map_err(|e| self.lost(e))
     }
 
-    fn handshake(&mut self, export: &str, contexts: &[&str]) -> Result<()> {
+    fn handshake(&mut self, export: &str, contexts: &[&str], tls: Option<&NbdTls>) -> Result<()> {
         if self.u64()? != NBDMAGIC {
             return Err(self.protocol("its greeting is not NBD's (is this an NBD server?)"));
         }
@@ -472,6 +540,9 @@ impl Client {
         let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
         let cflags = (FLAG_FIXED_NEWSTYLE | if no_zeroes { FLAG_NO_ZEROES } else { 0 }) as u32;
         self.send(&cflags.to_be_bytes())?;
+        if let Some(tls) = tls {
+            self.start_tls(tls)?;
+        }
 
         // Structured replies: needed for block status and for reads that tell holes.
         self.option(OPT_STRUCTURED_REPLY, &[])?;
@@ -601,6 +672,103 @@ impl Client {
         Ok(())
     }
 
+    /// `NBD_OPT_STARTTLS`, then a TLS session on the same connection, checked against the
+    /// trusted certificates. A server that does not offer TLS is refused: no plaintext
+    /// fallback for an `nbds://` export.
+    fn start_tls(&mut self, tls: &NbdTls) -> Result<()> {
+        self.option(OPT_STARTTLS, &[])?;
+        match self.option_reply(OPT_STARTTLS)? {
+            (REP_ACK, _) => {}
+            (t, d) => {
+                return Err(Error::unavailable_msg(format!(
+                    "the NBD server at {} does not offer TLS (reply {t:#x}: {}); holdfast does \
+                     not fall back to plaintext for nbds://",
+                    self.uri,
+                    String::from_utf8_lossy(&d)
+                )));
+            }
+        }
+        if !self.reader.buffer().is_empty() {
+            return Err(self.protocol("data before the TLS handshake"));
+        }
+        let certs: Vec<rustls_pki_types::CertificateDer<'static>> = {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::pem_file_iter(&tls.ca)
+                .and_then(|it| it.collect())
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "reading certificates from {}: {e}",
+                        tls.ca.display()
+                    ))
+                })?
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                Error::invalid(format!("a certificate in {}: {e}", tls.ca.display()))
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(Error::invalid(format!(
+                "{} holds no PEM certificate",
+                tls.ca.display()
+            )));
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+        let cfg = match &tls.client {
+            None => cfg.with_no_client_auth(),
+            Some((cert, key)) => {
+                use rustls_pki_types::pem::PemObject;
+                let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+                    rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                        .and_then(|it| it.collect())
+                        .map_err(|e| Error::invalid(format!("reading {}: {e}", cert.display())))?;
+                crate::state::check_private(key, "the NBD client's TLS key")?;
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    Error::invalid(format!("reading the key {}: {e}", key.display()))
+                })?;
+                cfg.with_client_auth_cert(chain, key).map_err(|e| {
+                    Error::invalid(format!("the client certificate {}: {e}", cert.display()))
+                })?
+            }
+        };
+        let name = rustls_pki_types::ServerName::try_from(tls.hostname.clone())
+            .map_err(|e| Error::invalid(format!("tls-hostname {:?}: {e}", tls.hostname)))?;
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)
+            .map_err(|e| Error::internal(format!("TLS setup: {e}")))?;
+        self.flush_out()?;
+        let transport = self
+            .writer
+            .get_ref()
+            .try_clone()
+            .map_err(|e| self.lost(e))?;
+        let mut session = rustls::StreamOwned::new(conn, transport);
+        // Completes the handshake now, so that a certificate problem is named as one.
+        while session.conn.is_handshaking() {
+            session.conn.complete_io(&mut session.sock).map_err(|e| {
+                Error::unavailable_msg(format!(
+                    "TLS with the NBD server at {} failed: {e}",
+                    self.uri
+                ))
+            })?;
+        }
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(session));
+        self.writer = BufWriter::with_capacity(64 << 10, Stream::Tls(shared.clone()));
+        self.reader = BufReader::with_capacity(
+            256 << 10,
+            Timed {
+                inner: Stream::Tls(shared),
+                deadline: self.deadline.clone(),
+            },
+        );
+        Ok(())
+    }
+
     fn no_export(&self, export: &str) -> Error {
         Error::not_found(format!(
             "the NBD server at {} has no export named {export:?}",
@@ -610,8 +778,8 @@ impl Client {
 
     fn tls_required(&self) -> Error {
         Error::unavailable_msg(format!(
-            "the NBD server at {} requires TLS, which holdfast does not speak yet; export \
-                 over a unix socket or a private network without TLS",
+            "the NBD server at {} requires TLS; use nbds:// (or nbds+unix://) with \
+             tls-ca=PATH",
             self.uri
         ))
     }
@@ -1107,11 +1275,27 @@ mod tests {
             }
         );
         assert_eq!(u.to_string(), "nbd+unix:///vm 1?socket=/run/q.sock");
+        let u: NbdUri = "nbds://h:1/x?tls-ca=/etc/ca.pem".parse().unwrap();
+        assert_eq!(
+            u.tls,
+            Some(NbdTls {
+                ca: "/etc/ca.pem".into(),
+                hostname: "h".into(),
+                client: None,
+            })
+        );
+        let u: NbdUri = "nbds+unix:///x?socket=/s&tls-ca=/c&tls-hostname=n"
+            .parse()
+            .unwrap();
+        assert_eq!(u.tls.unwrap().hostname, "n");
         for bad in [
             "nbd+unix:///x",
             "nbd+unix:///x?socket=rel.sock",
             "nbd://h/x?socket=/s",
             "nbds://h/x",
+            "nbds+unix:///x?socket=/s&tls-ca=/c",
+            "nbds://h/x?tls-ca=rel.pem",
+            "nbd://h/x?tls-ca=/c",
             "http://h/x",
             "nbd:///x",
             "nbd://u:p@h/x",

@@ -272,6 +272,7 @@ impl Served {
             uri: NbdUri {
                 addr: NbdAddr::Unix { socket },
                 export: "holdfast".into(),
+                tls: None,
             },
         })
     }

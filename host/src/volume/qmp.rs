@@ -325,6 +325,7 @@ impl Fleece {
                     socket: PathBuf::new(),
                 },
                 export: names.fleece.clone(),
+                tls: None,
             },
             with_bitmap: old_bitmap.is_some(),
         };

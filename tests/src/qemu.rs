@@ -96,7 +96,8 @@ impl StorageDaemon {
     pub fn leftovers(&self) -> (Vec<String>, Vec<String>, Vec<String>, Vec<String>) {
         let names = |v: Value, key: &str| -> Vec<String> {
             v.as_array()
-                .unwrap()
+                .cloned()
+                .unwrap_or_default()
                 .iter()
                 .filter_map(|x| x[key].as_str().map(str::to_string))
                 .collect()

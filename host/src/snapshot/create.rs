@@ -532,7 +532,7 @@ fn open_qcow2(
     }
     // Started before the read: every write from now on is marked for the next snapshot.
     let new_bitmap = format!("{prefix}{:016x}", rand::random::<u64>());
-    qemu::add_bitmap(path, &new_bitmap)?;
+    qemu::add_bitmap(path, &new_bitmap, vol.block_size)?;
     let host = BitmapHost::Image(path.to_path_buf());
     let opened = (|| {
         let old = base.as_ref().and(keep);
@@ -603,7 +603,7 @@ fn open_qmp(
             &names,
             info.size,
             info.driver == "qcow2",
-            &new_bitmap,
+            (&new_bitmap, vol.block_size),
             old,
         )?;
         let uri = fleece.uri.clone();
@@ -847,7 +847,7 @@ struct Computed {
 }
 
 /// The blocks (as byte ranges, in order) that `prev` holds data in and the source reports as
-/// reading zeros.
+/// reading zeros, wholly or in part.
 fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Result<Vec<Range<u64>>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     let check = |run: Range<usize>, out: &mut Vec<Range<u64>>| -> Result<()> {
@@ -859,7 +859,9 @@ fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Resul
             while d < data.len() && data[d].end <= r.start {
                 d += 1;
             }
-            if d < data.len() && data[d].start < r.end {
+            // Wholly data: as the base has it. Partly or wholly zeros now (a shrink may cut
+            // a block in two): read again.
+            if d < data.len() && data[d].start <= r.start && data[d].end >= r.end {
                 continue;
             }
             match out.last_mut() {

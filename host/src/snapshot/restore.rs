@@ -49,7 +49,11 @@ pub async fn restore(
     let started = Instant::now();
     let what = format!("{}@{}", m.volume, m.name);
     let nbd = match to.to_str() {
-        Some(t) if t.starts_with("nbd://") || t.starts_with("nbd+unix://") => {
+        Some(t)
+            if ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+                .iter()
+                .any(|p| t.starts_with(p)) =>
+        {
             Some(open_nbd(t, m.size, force).await?)
         }
         _ => None,

@@ -116,6 +116,25 @@ pub enum NbdAddr {
     Unix { socket: PathBuf },
 }
 
+/// A file whose contents decide what is trusted (the CA of an `nbds://` export) must not be
+/// writable by anyone but its owner, who must be this user or root.
+fn check_trusted_file(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let me = rustix::process::getuid().as_raw();
+    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(Error::invalid(format!(
+            "{} may be changed by other users (mode {:o}, owner {}): anyone who can write it \
+             chooses which servers are trusted; make it owned by you or root and `chmod go-w` it",
+            path.display(),
+            meta.mode() & 0o7777,
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = if self.tls.is_some() { "s" } else { "" };
@@ -236,7 +255,9 @@ fn percent_decode(s: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, Stream>;
+/// TLS runs over the deadline-checked transport, so that a server trickling a record a byte
+/// at a time is bounded too (rustls reads until a whole record is in).
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, Timed>;
 
 enum Stream {
     Tcp(TcpStream),
@@ -308,6 +329,15 @@ impl Read for Timed {
     }
 }
 
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// How long one operation (the handshake, a batch of reads, a block-status query) may take.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -331,6 +361,8 @@ pub struct Client {
     reader: BufReader<Timed>,
     writer: BufWriter<Stream>,
     deadline: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
+    /// Over TLS without a client certificate (a server that wants one hangs up later).
+    no_client_cert: bool,
     size: u64,
     flags: u16,
     max_request: u32,
@@ -424,6 +456,7 @@ impl Client {
             ),
             writer: BufWriter::with_capacity(64 << 10, writer),
             deadline,
+            no_client_cert: false,
             size: 0,
             flags: 0,
             max_request: MAX_REQUEST,
@@ -469,8 +502,13 @@ impl Client {
         } else {
             format!("connection failed: {e}")
         };
+        let hint = if self.no_client_cert {
+            " (if the server requires a client certificate, give tls-cert and tls-key)"
+        } else {
+            ""
+        };
         Error::unavailable_msg(format!(
-            "the NBD server at {} {what}; nothing was committed",
+            "the NBD server at {} {what}{hint}; nothing was committed",
             self.uri
         ))
     }
@@ -691,6 +729,7 @@ impl Client {
         if !self.reader.buffer().is_empty() {
             return Err(self.protocol("data before the TLS handshake"));
         }
+        check_trusted_file(&tls.ca)?;
         let certs: Vec<rustls_pki_types::CertificateDer<'static>> = {
             use rustls_pki_types::pem::PemObject;
             rustls_pki_types::CertificateDer::pem_file_iter(&tls.ca)
@@ -742,11 +781,14 @@ impl Client {
         let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)
             .map_err(|e| Error::internal(format!("TLS setup: {e}")))?;
         self.flush_out()?;
-        let transport = self
-            .writer
-            .get_ref()
-            .try_clone()
-            .map_err(|e| self.lost(e))?;
+        let transport = Timed {
+            inner: self
+                .writer
+                .get_ref()
+                .try_clone()
+                .map_err(|e| self.lost(e))?,
+            deadline: self.deadline.clone(),
+        };
         let mut session = rustls::StreamOwned::new(conn, transport);
         // Completes the handshake now, so that a certificate problem is named as one.
         while session.conn.is_handshaking() {
@@ -757,6 +799,7 @@ impl Client {
                 ))
             })?;
         }
+        self.no_client_cert = tls.client.is_none();
         let shared = std::sync::Arc::new(std::sync::Mutex::new(session));
         self.writer = BufWriter::with_capacity(64 << 10, Stream::Tls(shared.clone()));
         self.reader = BufReader::with_capacity(

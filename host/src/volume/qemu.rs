@@ -121,10 +121,13 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
     })
 }
 
-/// Adds an enabled persistent bitmap: from now on it records every write to the image.
-pub fn add_bitmap(image: &Path, name: &str) -> Result<()> {
+/// Adds an enabled persistent bitmap: from now on it records every write to the image, one
+/// bit per `granularity` bytes (the volume's block size: coarser marks more than was written,
+/// finer only costs the bitmap's size).
+pub fn add_bitmap(image: &Path, name: &str, granularity: u32) -> Result<()> {
     let mut cmd = tool("qemu-img");
-    cmd.args(["bitmap", "--add", "--enable", "-f", "qcow2"])
+    cmd.args(["bitmap", "--add", "--enable", "-f", "qcow2", "-g"])
+        .arg(granularity.to_string())
         .arg(image)
         .arg(name);
     run(cmd, "qemu-img", image, "add a dirty bitmap to").map(drop)

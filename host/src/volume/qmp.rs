@@ -295,7 +295,7 @@ impl Fleece {
         names: &Names,
         size: u64,
         persistent: bool,
-        new_bitmap: &str,
+        (new_bitmap, granularity): (&str, u32),
         old_bitmap: Option<&str>,
     ) -> Result<Fleece> {
         let scratch = t.run_dir.join(format!("{}.qcow2", names.fleece));
@@ -339,7 +339,8 @@ impl Fleece {
             }),
         )?;
         let mut actions = vec![json!({"type": "block-dirty-bitmap-add", "data": {
-            "node": t.node, "name": new_bitmap, "persistent": persistent}})];
+            "node": t.node, "name": new_bitmap, "persistent": persistent,
+            "granularity": granularity}})];
         if let Some(old) = old_bitmap {
             actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
                 "node": t.node, "name": names.frozen, "persistent": false, "disabled": true}}));
@@ -352,16 +353,14 @@ impl Fleece {
         f.q.execute("transaction", json!({"actions": actions}))?;
 
         let socket = match t.nbd_server {
-            Some(uri) => match &uri.addr {
-                NbdAddr::Unix { socket } => NbdAddr::Unix {
-                    socket: socket.clone(),
-                },
-                other => other.clone(),
-            },
+            // QEMU's own server, as given: its address and its TLS settings (an `nbds://`
+            // server is read over TLS, never in plaintext).
+            Some(uri) => {
+                f.uri.tls = uri.tls.clone();
+                uri.addr.clone()
+            }
             None => {
-                let socket = t
-                    .run_dir
-                    .join(format!("{}.sock", short_hash(&names.fleece)));
+                let socket = our_server(t.run_dir, t.monitor);
                 if socket.as_os_str().len() > 100 {
                     return Err(Error::invalid(format!(
                         "the socket path {} is too long for a unix socket; use a shorter \

@@ -383,11 +383,12 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
     // Shrunk and grown back to the same size: the bitmap does not mark the cut part, which
     // now reads as zeros; those blocks are read again, and the snapshot equals the image.
     let size = raw_of(&img).len().to_string();
+    // Cut inside a block that holds data (20M + 8 KiB): the block is partly zeros now.
     run_tool(
         Command::new("qemu-img")
             .args(["resize", "-f", "qcow2", "--shrink"])
             .arg(&img)
-            .arg("16M"),
+            .arg("20979712"),
     );
     run_tool(
         Command::new("qemu-img")
@@ -1013,7 +1014,64 @@ fn nbd_over_tls_checks_both_sides() {
     let e = n.fails(&["volume", "add", "w", "--nbd", &wrong_name], 7);
     assert!(e.contains("not valid for name"), "{e}");
     let no_client = format!("{base}&tls-ca={}&tls-hostname=localhost", p("ca-cert.pem"));
-    n.fails(&["volume", "add", "c", "--nbd", &no_client], 7);
+    let e = n.fails(&["volume", "add", "c", "--nbd", &no_client], 7);
+    assert!(e.contains("tls-cert"), "{e}");
     let _ = server.kill();
     let _ = server.wait();
+
+    // A running QEMU whose NBD server is named nbds:// but speaks plaintext: refused, not read
+    // in the clear, and nothing is left in QEMU.
+    let img2 = n.path("g.qcow2");
+    qcow2(&img2, "8M");
+    let qsd = holdfast_tests::qemu::StorageDaemon::start(&img2);
+    let server = format!(
+        "nbds+unix:///?socket={}&tls-ca={}&tls-hostname=localhost",
+        qsd.nbd_socket.display(),
+        p("ca-cert.pem")
+    );
+    n.ok(&[
+        "volume",
+        "add",
+        "q",
+        "--qmp",
+        s(&qsd.qmp_socket),
+        "--node",
+        "disk0",
+        "--nbd-server",
+        &server,
+    ]);
+    let e = n.fails(&["snapshot", "create", "q"], 7);
+    assert!(e.contains("does not offer TLS"), "{e}");
+    let (exports, jobs, _, _) = qsd.leftovers();
+    assert_eq!(exports, vec!["guest"]);
+    assert!(jobs.is_empty(), "{jobs:?}");
+}
+
+/// A disk cut inside a block and grown back (small qcow2 clusters, so the block is left part
+/// data, part unallocated): the block is read again, not taken from the base with its old
+/// tail.
+#[test]
+fn a_disk_cut_inside_a_block_is_read_again() {
+    let n = TestNode::new();
+    let img = n.path("c.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .arg(&img)
+            .arg("4M"),
+    );
+    qemu_io(&img, &["write -P 0x33 0 3M"]);
+    n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
+    create(&n, "a");
+    for size in ["8192", "4M"] {
+        let mut c = Command::new("qemu-img");
+        c.args(["resize", "-f", "qcow2"]);
+        if size == "8192" {
+            c.arg("--shrink");
+        }
+        run_tool(c.arg(&img).arg(size));
+    }
+    let r = create(&n, "b");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert_eq!(n.restore("v@b"), raw_of(&img), "{r}");
 }

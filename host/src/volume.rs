@@ -493,8 +493,8 @@ fn extents(c: &mut Client, ctx: u32, range: Range<u64>) -> Result<Vec<Extent>> {
     Ok(out)
 }
 
-/// Joins touching or overlapping ranges (given in order).
-fn merge(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
+/// Joins touching or overlapping ranges (given in order of their starts).
+pub(crate) fn merge(ranges: impl Iterator<Item = Range<u64>>) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     for r in ranges {
         match out.last_mut() {

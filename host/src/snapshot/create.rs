@@ -343,6 +343,22 @@ struct TrackingPlan {
 }
 
 impl TrackingPlan {
+    /// A plan whose base is decided once the source is open (see [`tracked`]).
+    fn new(
+        host: BitmapHost,
+        new_bitmap: String,
+        old: Option<&str>,
+        reason: Option<String>,
+    ) -> Self {
+        TrackingPlan {
+            host,
+            new_bitmap,
+            old_bitmap: old.map(str::to_string),
+            base: None,
+            reason,
+        }
+    }
+
     /// After the snapshot committed: the new bitmap becomes the checkpoint and the old one
     /// goes. A failure here costs only a full read next time, never a wrong incremental.
     async fn committed(
@@ -534,30 +550,9 @@ fn open_qcow2(
     let new_bitmap = format!("{prefix}{:016x}", rand::random::<u64>());
     qemu::add_bitmap(path, &new_bitmap, vol.block_size)?;
     let host = BitmapHost::Image(path.to_path_buf());
-    let opened = (|| {
-        let old = base.as_ref().and(keep);
-        let nbd = crate::volume::NbdVolume::serve(path, "qcow2", old)?;
-        let dirty = match &base {
-            Some(_) => Some(nbd.dirty_ranges()?),
-            None => None,
-        };
-        Ok::<_, Error>((nbd, dirty))
-    })();
-    let (nbd, dirty) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = host.remove(&new_bitmap);
-            return Err(e);
-        }
-    };
-    let plan = TrackingPlan {
-        host,
-        new_bitmap,
-        old_bitmap: keep.map(str::to_string),
-        base: base.zip(dirty),
-        reason,
-    };
-    Ok((Source::Nbd(Box::new(nbd)), Some(plan)))
+    let opened = crate::volume::NbdVolume::serve(path, "qcow2", base.as_ref().and(keep));
+    let plan = TrackingPlan::new(host, new_bitmap, keep, reason);
+    tracked(opened, plan, base)
 }
 
 /// A running QEMU's disk: freeze a point-in-time view (see [`crate::volume::qmp`]) and read it.
@@ -608,36 +603,43 @@ fn open_qmp(
         )?;
         let uri = fleece.uri.clone();
         let bitmap = fleece.bitmap().map(str::to_string);
-        let nbd = crate::volume::NbdVolume::connect_kept(
+        crate::volume::NbdVolume::connect_kept(
             &uri,
             bitmap.as_deref(),
             Box::new(fleece),
             format!("the disk {node:?} of QEMU (monitor {})", monitor.display()),
-        )?;
+        )
+    })();
+    let plan = TrackingPlan::new(host, new_bitmap, keep, reason);
+    tracked(opened, plan, base)
+}
+
+/// Completes opening a tracked source: on success the plan gets its base and the dirty ranges;
+/// on failure (the export already gone) the bitmap this snapshot started is removed.
+fn tracked(
+    opened: Result<crate::volume::NbdVolume>,
+    mut plan: TrackingPlan,
+    base: Option<SnapshotRecord>,
+) -> Result<(Source, Option<TrackingPlan>)> {
+    let opened = opened.and_then(|nbd| {
         let dirty = match &base {
             Some(_) => Some(nbd.dirty_ranges()?),
             None => None,
         };
-        Ok::<_, Error>((nbd, dirty))
-    })();
-    let (nbd, dirty) = match opened {
-        Ok(x) => x,
+        Ok((nbd, dirty))
+    });
+    match opened {
+        Ok((nbd, dirty)) => {
+            plan.base = base.zip(dirty);
+            Ok((Source::Nbd(Box::new(nbd)), Some(plan)))
+        }
         Err(e) => {
-            // The fleece is gone (dropped); the bitmap may have been started.
-            if let Err(e) = host.remove(&new_bitmap) {
+            if let Err(e) = plan.host.remove(&plan.new_bitmap) {
                 tracing::debug!("{e}");
             }
-            return Err(e);
+            Err(e)
         }
-    };
-    let plan = TrackingPlan {
-        host,
-        new_bitmap,
-        old_bitmap: keep.map(str::to_string),
-        base: base.zip(dirty),
-        reason,
-    };
-    Ok((Source::Nbd(Box::new(nbd)), Some(plan)))
+    }
 }
 
 /// Where a volume's dirty bitmaps live.
@@ -893,14 +895,7 @@ fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Resul
 fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut all: Vec<Range<u64>> = a.iter().chain(b).cloned().collect();
     all.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for r in all {
-        match out.last_mut() {
-            Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
+    crate::volume::merge(all.into_iter())
 }
 
 /// The state of a snapshot being computed, segment by segment.

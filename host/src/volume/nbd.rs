@@ -936,31 +936,44 @@ impl Client {
     /// comes back.
     fn read_pieces(&mut self, pieces: &[(u64, u32, usize)], buf: &mut [u8]) -> Result<()> {
         self.start();
+        self.pipeline(pieces, Some(buf), |c, &(offset, len, at)| {
+            let cookie = c.cookie();
+            c.request(CMD_READ, 0, cookie, offset, len)?;
+            Ok((
+                cookie,
+                InFlight {
+                    kind: Kind::Read,
+                    offset,
+                    len,
+                    at,
+                    covered: Vec::new(),
+                },
+            ))
+        })
+    }
+
+    /// Sends one request per item (with `send`, which returns its cookie and what it expects),
+    /// at most [`MAX_IN_FLIGHT`] waiting at once, and reads the replies as they come.
+    fn pipeline<T>(
+        &mut self,
+        items: &[T],
+        mut buf: Option<&mut [u8]>,
+        mut send: impl FnMut(&mut Self, &T) -> Result<(u64, InFlight)>,
+    ) -> Result<()> {
         let mut next = 0;
         let mut flight: HashMap<u64, InFlight> = HashMap::new();
-        while next < pieces.len() || !flight.is_empty() {
+        while next < items.len() || !flight.is_empty() {
             let mut sent = false;
-            while next < pieces.len() && flight.len() < MAX_IN_FLIGHT {
-                let (offset, len, at) = pieces[next];
-                let cookie = self.cookie();
-                self.request(CMD_READ, 0, cookie, offset, len)?;
-                flight.insert(
-                    cookie,
-                    InFlight {
-                        kind: Kind::Read,
-                        offset,
-                        len,
-                        at,
-                        covered: Vec::new(),
-                    },
-                );
+            while next < items.len() && flight.len() < MAX_IN_FLIGHT {
+                let (cookie, expect) = send(self, &items[next])?;
+                flight.insert(cookie, expect);
                 next += 1;
                 sent = true;
             }
             if sent {
                 self.flush_out()?;
             }
-            self.read_reply(&mut flight, Some(buf), None)?;
+            self.read_reply(&mut flight, buf.as_deref_mut(), None)?;
         }
         Ok(())
     }
@@ -1187,25 +1200,15 @@ impl Client {
         self.start();
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
-        let mut flight = HashMap::new();
-        let mut at = 0usize;
-        while at < data.len() || !flight.is_empty() {
-            let mut sent = false;
-            while at < data.len() && flight.len() < MAX_IN_FLIGHT {
-                let len = (data.len() - at).min(self.max_request as usize);
-                let cookie = self.cookie();
-                self.request(CMD_WRITE, 0, cookie, offset + at as u64, len as u32)?;
-                self.send(&data[at..at + len])?;
-                flight.insert(cookie, command(offset + at as u64));
-                at += len;
-                sent = true;
-            }
-            if sent {
-                self.flush_out()?;
-            }
-            self.read_reply(&mut flight, None, None)?;
-        }
-        Ok(())
+        let step = self.max_request as usize;
+        let pieces: Vec<usize> = (0..data.len()).step_by(step.max(1)).collect();
+        self.pipeline(&pieces, None, |c, &at| {
+            let len = (data.len() - at).min(step);
+            let cookie = c.cookie();
+            c.request(CMD_WRITE, 0, cookie, offset + at as u64, len as u32)?;
+            c.send(&data[at..at + len])?;
+            Ok((cookie, command(offset + at as u64)))
+        })
     }
 
     /// Makes `len` bytes at `offset` read as zeros (holes where the server can).
@@ -1223,24 +1226,13 @@ impl Client {
             }
             return Ok(());
         }
-        let mut at = 0u64;
-        let mut flight = HashMap::new();
-        while at < len || !flight.is_empty() {
-            let mut sent = false;
-            while at < len && flight.len() < MAX_IN_FLIGHT {
-                let n = (len - at).min(1 << 30);
-                let cookie = self.cookie();
-                self.request(CMD_WRITE_ZEROES, 0, cookie, offset + at, n as u32)?;
-                flight.insert(cookie, command(offset + at));
-                at += n;
-                sent = true;
-            }
-            if sent {
-                self.flush_out()?;
-            }
-            self.read_reply(&mut flight, None, None)?;
-        }
-        Ok(())
+        let pieces: Vec<u64> = (0..len).step_by(1 << 30).collect();
+        self.pipeline(&pieces, None, |c, &at| {
+            let n = (len - at).min(1 << 30);
+            let cookie = c.cookie();
+            c.request(CMD_WRITE_ZEROES, 0, cookie, offset + at, n as u32)?;
+            Ok((cookie, command(offset + at)))
+        })
     }
 
     /// Asks the server to make every completed write durable.

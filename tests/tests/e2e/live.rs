@@ -442,10 +442,11 @@ fn a_killed_qcow2_snapshot_leaves_nothing_behind() {
         let mut child = n.spawn(&["snapshot", "create", "v", "--name", &format!("k{round}")]);
         std::thread::sleep(Duration::from_millis(delay_ms));
         unsafe_kill(&mut child);
-        // qemu-nbd serves one client and leaves with it.
+        // qemu-nbd dies with holdfast (and a qemu-img it had started finishes its moment of
+        // work): nothing holds the image for long.
         wait_for(|| {
             let out = Command::new("pgrep")
-                .args(["-f", &format!("qemu-nbd.*{}", img.display())])
+                .args(["-f", &format!("qemu-.*{}", img.display())])
                 .output()
                 .unwrap();
             out.stdout.is_empty()
@@ -673,17 +674,7 @@ fn a_running_writer_is_snapshotted_at_one_instant() {
     let img = n.path("guest.qcow2");
     qcow2(&img, &format!("{}", BLOCKS * KIB64));
     let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
-    n.ok(&[
-        "volume",
-        "add",
-        "v",
-        "--qmp",
-        s(&qsd.qmp_socket),
-        "--node",
-        "disk0",
-        "--nbd-server",
-        &qsd.nbd_server(),
-    ]);
+    add_live(&n, &qsd);
     let guest = Guest::start(&qsd);
     let mut last_k = 0;
     for round in 0..4 {
@@ -732,17 +723,7 @@ fn a_killed_live_snapshot_is_cleaned_up_by_the_next() {
     let img = n.path("guest.qcow2");
     qcow2(&img, &format!("{}", BLOCKS * KIB64));
     let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
-    n.ok(&[
-        "volume",
-        "add",
-        "v",
-        "--qmp",
-        s(&qsd.qmp_socket),
-        "--node",
-        "disk0",
-        "--nbd-server",
-        &qsd.nbd_server(),
-    ]);
+    add_live(&n, &qsd);
     let guest = Guest::start(&qsd);
     n.ok(&["snapshot", "create", "v", "--name", "first"]);
     for (round, delay_ms) in [5u64, 40, 90, 160, 300].into_iter().enumerate() {
@@ -776,17 +757,7 @@ fn a_stopped_live_snapshot_undoes_what_it_did() {
     qcow2(&img, "128M");
     qemu_io(&img, &["write -P 0x61 0 128M"]);
     let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
-    n.ok(&[
-        "volume",
-        "add",
-        "v",
-        "--qmp",
-        s(&qsd.qmp_socket),
-        "--node",
-        "disk0",
-        "--nbd-server",
-        &qsd.nbd_server(),
-    ]);
+    add_live(&n, &qsd);
     n.ok(&["snapshot", "create", "v", "--name", "first"]);
     let log = n.path("hooks.log");
     let hook = |what: &str| format!("echo {what} $HOLDFAST_RESULT >> {}", s(&log));
@@ -1074,4 +1045,19 @@ fn a_disk_cut_inside_a_block_is_read_again() {
     let r = create(&n, "b");
     assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
     assert_eq!(n.restore("v@b"), raw_of(&img), "{r}");
+}
+
+/// Registers the disk of the test's qemu-storage-daemon as volume `v`.
+fn add_live(n: &TestNode, qsd: &holdfast_tests::qemu::StorageDaemon) {
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--qmp",
+        s(&qsd.qmp_socket),
+        "--node",
+        "disk0",
+        "--nbd-server",
+        &qsd.nbd_server(),
+    ]);
 }

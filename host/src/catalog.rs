@@ -59,6 +59,20 @@ pub struct Checkpoint {
 }
 
 impl VolumeRecord {
+    /// A replica's record: its snapshots arrive from `marker` (`mirror of NODE`, or `seeded
+    /// from target NAME`); it has no source of its own.
+    pub fn replica(name: VolumeName, block_size: u32, marker: String) -> VolumeRecord {
+        VolumeRecord {
+            name,
+            image: Default::default(),
+            block_size,
+            added_unix_ms: crate::now_unix_ms(),
+            upstream: Some(marker),
+            source: None,
+            checkpoint: None,
+        }
+    }
+
     /// Where the data comes from, for listings and messages.
     pub fn source_label(&self) -> String {
         match &self.source {

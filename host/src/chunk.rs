@@ -231,27 +231,23 @@ mod tests {
         // repeats every 3,000 bytes, like a table or machine code, goes through zstd; truly
         // random bytes are stored raw.
         let mut x: u64 = 0x2545f4914f6cdd1d;
-        let unit: Vec<u8> = (0..3000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let unit = bytes(3000);
         let repeating: Vec<u8> = unit.iter().copied().cycle().take(65536).collect();
         assert!(looks_incompressible(&repeating));
         let (enc, out) = encode(&repeating).unwrap();
         assert_eq!(enc, Encoding::Zstd);
         assert!(out.len() < repeating.len() / 4, "{}", out.len());
-        let random: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = bytes(65536);
         assert_eq!(encode(&random).unwrap().0, Encoding::Raw);
     }
 

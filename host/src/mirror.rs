@@ -564,15 +564,11 @@ impl Update<'_> {
                 let Some(first) = theirs.first() else {
                     return Ok(false);
                 };
-                node.catalog.add_volume(&VolumeRecord {
-                    name: volume.clone(),
-                    image: Default::default(),
-                    block_size: first.block_size,
-                    added_unix_ms: crate::now_unix_ms(),
-                    upstream: Some(marker),
-                    source: None,
-                    checkpoint: None,
-                })?;
+                node.catalog.add_volume(&VolumeRecord::replica(
+                    volume.clone(),
+                    first.block_size,
+                    marker,
+                ))?;
                 Ok(true)
             }
             Err(e) => Err(e),

@@ -40,15 +40,11 @@ pub async fn pull(
                     rec.name
                 )));
             };
-            node.catalog.add_volume(&VolumeRecord {
-                name: volume.clone(),
-                image: Default::default(),
-                block_size: first.block_size,
-                added_unix_ms: crate::now_unix_ms(),
-                upstream: Some(marker),
-                source: None,
-                checkpoint: None,
-            })?;
+            node.catalog.add_volume(&VolumeRecord::replica(
+                volume.clone(),
+                first.block_size,
+                marker,
+            ))?;
         }
         Err(e) => return Err(e),
     }

@@ -6,8 +6,8 @@
 # every test (unit tests, property tests, and the end-to-end tests that drive real holdfast
 # processes, real WebAssembly policies, real daemons on 127.0.0.1 and a real S3-compatible
 # server, moto, installed from PyPI into target/moto-venv), and real NBD servers and QEMU tools
-# (qemu-nbd, qemu-img, qemu-io, nbdkit, nbdinfo, nbdcopy: Debian packages, installed with
-# apt-get when missing).
+# (qemu-nbd, qemu-img, qemu-io, qemu-storage-daemon, nbdkit, nbdinfo, nbdcopy, and openssl
+# for the TLS test's certificates: Debian packages, installed with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,7 +27,8 @@ fi
 echo "== QEMU and NBD tools (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-  nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin; do
+  qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
+  nbdcopy:libnbd-bin openssl:openssl; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

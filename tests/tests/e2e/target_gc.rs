@@ -374,12 +374,30 @@ impl Chaos {
 
     fn pause_at_random(&self, grace: Duration) {
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100 + rand::random::<u64>() % 400));
+            // Until the first pause lands, look often: a run of short commands must not leave
+            // the test without any pause at all.
+            let first = *self.pauses.lock().unwrap() == 0;
+            let wait = if first {
+                5
+            } else {
+                100 + rand::random::<u64>() % 400
+            };
+            std::thread::sleep(Duration::from_millis(wait));
             let pids = self.pids.lock().unwrap().clone();
             if pids.is_empty() {
                 continue;
             }
             let pid = pids[rand::random::<u32>() as usize % pids.len()].to_string();
+            // A process that has exited but is not yet reaped would take the signal and
+            // count as a pause that paused nothing.
+            let running = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|t| !t.trim_start().starts_with('Z'))
+            });
+            if !running {
+                continue;
+            }
             let stopped = std::process::Command::new("kill")
                 .args(["-STOP", &pid])
                 .status()

@@ -28,7 +28,7 @@ echo "== QEMU and NBD tools (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
   qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
-  nbdcopy:libnbd-bin openssl:openssl; do
+  nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

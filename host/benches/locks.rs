@@ -54,6 +54,8 @@ fn main() {
             upstream: None,
             source: None,
             checkpoint: None,
+            regions: vec![],
+            region: None,
         })
         .unwrap();
     // 10,000 catalogued snapshots (records only), then three real ones to explain.
@@ -69,6 +71,7 @@ fn main() {
             labels: Default::default(),
             parent: None,
             stats: Default::default(),
+            regions: Default::default(),
         })
         .collect();
     node.catalog.commit_snapshots(&recs).unwrap();

@@ -62,6 +62,8 @@ fn main() {
             upstream: None,
             source: None,
             checkpoint: None,
+            regions: vec![],
+            region: None,
         })
         .unwrap();
     let t0 = 1_600_000_000_000u64;
@@ -76,6 +78,7 @@ fn main() {
             labels: [("backup".to_string(), "done".to_string())].into(),
             parent: None,
             stats: Default::default(),
+            regions: Default::default(),
         })
         .collect();
     node.catalog.commit_snapshots(&recs).unwrap();

@@ -44,6 +44,12 @@ pub struct VolumeRecord {
     /// The dirty bitmap that records what changed since a snapshot (QEMU images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// The named parts of the volume a downstream may mirror alone (a local volume only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<crate::region::Region>,
+    /// Set on a replica of one region of its upstream's volume: that region's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<crate::id::RegionName>,
 }
 
 /// A changed-block tracking checkpoint: the dirty bitmap `bitmap` was started before
@@ -70,6 +76,8 @@ impl VolumeRecord {
             upstream: Some(marker),
             source: None,
             checkpoint: None,
+            regions: vec![],
+            region: None,
         }
     }
 
@@ -117,6 +125,9 @@ pub struct SnapshotRecord {
     pub parent: Option<SnapshotId>,
     #[serde(default)]
     pub stats: SnapshotStats,
+    /// Where each region of the volume lay in this snapshot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: crate::region::RegionMap,
 }
 
 impl SnapshotRecord {

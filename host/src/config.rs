@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::id::{NodeId, VolumeName, shorten};
+use crate::id::{NodeId, RegionName, VolumeName, shorten};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -78,7 +78,11 @@ pub struct Downstream {
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
     /// The volumes it may read (and pin).
+    #[serde(default)]
     pub volumes: Vec<VolumeName>,
+    /// Regions it may read (and pin) without the rest of their volume: `VOLUME/REGION`.
+    #[serde(default)]
+    pub regions: Vec<String>,
     /// The most locks its lock set for one volume may hold.
     #[serde(default = "default_max_locks")]
     pub max_locks: usize,
@@ -91,6 +95,26 @@ pub struct Downstream {
     /// a downstream that is away keeps its base.
     #[serde(default)]
     pub release_stale: bool,
+}
+
+impl Downstream {
+    /// Its region grants, by volume.
+    pub fn region_grants(
+        &self,
+    ) -> Result<std::collections::HashMap<VolumeName, std::collections::HashSet<RegionName>>> {
+        let mut out: std::collections::HashMap<_, std::collections::HashSet<_>> =
+            Default::default();
+        for g in &self.regions {
+            let (v, r) = g.split_once('/').ok_or_else(|| {
+                Error::invalid(format!(
+                    "[[downstream]] {}: region grant {g:?} is not VOLUME/REGION",
+                    self.name
+                ))
+            })?;
+            out.entry(v.parse()?).or_default().insert(r.parse()?);
+        }
+        Ok(out)
+    }
 }
 
 fn default_max_locks() -> usize {
@@ -114,6 +138,9 @@ pub struct When {
 pub struct Mirror {
     pub volume: VolumeName,
     pub upstream: NodeId,
+    /// Mirror only this region of the upstream's volume (a partition or byte range named
+    /// there): the replica holds the region alone.
+    pub region: Option<RegionName>,
     #[serde(flatten)]
     pub when: When,
 }
@@ -338,6 +365,7 @@ impl NodeConfig {
                 return Err(self.err(format!("downstream {} is listed twice", d.name)));
             }
             self.downstream_token(d)?;
+            d.region_grants().map_err(|e| self.err(e.to_string()))?;
             if let Some(l) = &d.lease {
                 parse_duration(&format!("downstream {} lease", d.name), l)?;
             } else if d.release_stale {

@@ -141,6 +141,11 @@ name_type!(
     "snapshot name"
 );
 name_type!(
+    /// The name of a region of a volume (a partition or a byte range), unique within it.
+    RegionName,
+    "region name"
+);
+name_type!(
     /// A node's identity: chosen at `init` or generated.
     NodeId,
     "node id"

@@ -40,6 +40,7 @@ pub mod id;
 pub mod mirror;
 pub mod peer;
 pub mod policy;
+pub mod region;
 pub mod repo;
 pub mod retention;
 pub mod sample;

@@ -193,11 +193,16 @@ pub fn lock_set(
     let mut mine: Vec<SnapshotId> = base.into_iter().chain(transfer.iter().copied()).collect();
     mine.sort();
     mine.dedup();
+    // A replica of one region holds a qtree: its base lock says which (`VOLUME/REGION`).
+    let (lock_type, value) = match node.catalog.volume(volume).ok().and_then(|v| v.region) {
+        Some(region) => (LockType::QtreeName, format!("{volume}/{region}")),
+        None => (LockType::DestinationPath, base_lock_value(me, volume)),
+    };
     for s in mine.into_iter().filter(|s| upstream_has.contains(s)) {
         out.push(NewLock {
             snapshot: s,
-            lock_type: LockType::DestinationPath,
-            value: base_lock_value(me, volume),
+            lock_type: lock_type.clone(),
+            value: value.clone(),
             lease_ms: None,
             path: vec![me.clone()],
         });
@@ -402,9 +407,79 @@ pub fn check_listing(
         if !seen.insert(r.id) {
             return Err(refuse(format!("{it} twice")));
         }
+        for (name, e) in &r.regions {
+            let bs = r.block_size as u64;
+            if e.length == 0
+                || !e.offset.is_multiple_of(bs)
+                || e.offset
+                    .checked_add(e.length)
+                    .is_none_or(|end| end > r.size)
+            {
+                return Err(refuse(format!(
+                    "{it} with region {name} at bytes {}+{}, which is not a region of it",
+                    e.offset, e.length
+                )));
+            }
+        }
     }
     list.sort_by_key(|r| r.id);
     Ok(list)
+}
+
+/// The snapshots of a listing as a replica of `region` holds them: those that have the
+/// region, each the size of the region, whose one region is all of it.
+pub fn region_records(
+    upstream: &NodeId,
+    list: &[SnapshotRecord],
+    region: &crate::id::RegionName,
+) -> Result<Vec<SnapshotRecord>> {
+    let out: Vec<SnapshotRecord> = list
+        .iter()
+        .filter_map(|r| {
+            let e = r.regions.get(region)?;
+            let mut x = r.clone();
+            x.size = e.length;
+            x.regions = BTreeMap::from([(
+                region.clone(),
+                crate::region::Extent {
+                    offset: 0,
+                    length: e.length,
+                },
+            )]);
+            Some(x)
+        })
+        .collect();
+    if out.is_empty()
+        && let Some(newest) = list.last()
+    {
+        return Err(Error::not_found(format!(
+            "no snapshot of {} on upstream {upstream} has a region {region} (its newest has {}); \
+             name it there with `holdfast volume region add`, and it is mirrored from the next \
+             snapshot on",
+            newest.volume,
+            if newest.regions.is_empty() {
+                "none".to_string()
+            } else {
+                newest
+                    .regions
+                    .keys()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )));
+    }
+    if let (Some(newest), Some(last)) = (list.last(), out.last())
+        && newest.id != last.id
+    {
+        tracing::warn!(
+            "the newest snapshots of {} on upstream {upstream} have no region {region} (removed \
+             there?); this replica stays at {}",
+            newest.volume,
+            last.name
+        );
+    }
+    Ok(out)
 }
 
 /// Runs one update of `volume` from its configured upstream, and records how it went in the
@@ -455,12 +530,18 @@ async fn update(
         volume,
         engine,
         started,
+        region: relation.region.as_ref(),
     };
 
-    // 1. The upstream's snapshots, each checked before anything of it is used.
-    let theirs = u.list().await?;
-    let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
-    if !u.replica_ready(&relation.upstream, &theirs)? {
+    // 1. The upstream's snapshots, each checked before anything of it is used; of a region
+    //    relation, those that have the region, as the region.
+    let (listed, holds) = u.list().await?;
+    let upstream_has: HashSet<SnapshotId> = listed.iter().map(|s| s.id).collect();
+    let theirs = match &relation.region {
+        Some(region) => region_records(&relation.upstream, &listed, region)?,
+        None => listed,
+    };
+    if !u.replica_ready(&relation.upstream, &theirs, holds)? {
         return Ok(MirrorReport::nothing(volume, &relation.upstream, started));
     }
     let ours = node.catalog.snapshots(volume)?;
@@ -511,6 +592,8 @@ struct Update<'a> {
     volume: &'a VolumeName,
     engine: Option<&'a crate::policy::PolicyEngine>,
     started: Instant,
+    /// The region of the upstream's volume this relation mirrors, if only one.
+    region: Option<&'a crate::id::RegionName>,
 }
 
 impl Update<'_> {
@@ -518,8 +601,9 @@ impl Update<'_> {
         tracing::debug!(ms = self.started.elapsed().as_millis(), "{what}");
     }
 
-    /// Step 1: the upstream's snapshots of the volume, checked, oldest first.
-    async fn list(&self) -> Result<Vec<SnapshotRecord>> {
+    /// Step 1: the upstream's snapshots of the volume, checked, oldest first, and the region
+    /// the replica holds (this relation's, or the one the upstream's volume holds).
+    async fn list(&self) -> Result<(Vec<SnapshotRecord>, Option<crate::id::RegionName>)> {
         let listed = self.client.snapshots(self.volume).await?;
         self.debug("listed the upstream's snapshots");
         let local_block_size = match self.node.catalog.volume(self.volume) {
@@ -527,20 +611,39 @@ impl Update<'_> {
             Err(Error::NotFound(_)) => None,
             Err(e) => return Err(e),
         };
-        check_listing(
+        let holds = self.region.cloned().or(listed.region);
+        let list = check_listing(
             &self.client.upstream,
             self.volume,
             local_block_size,
             listed.snapshots,
-        )
+        )?;
+        Ok((list, holds))
     }
 
     /// The local replica, created on the first update (false: there is nothing to mirror
-    /// yet). A local volume of the same name is never written into.
-    fn replica_ready(&self, upstream: &NodeId, theirs: &[SnapshotRecord]) -> Result<bool> {
+    /// yet). A local volume of the same name is never written into, nor a replica of another
+    /// region.
+    fn replica_ready(
+        &self,
+        upstream: &NodeId,
+        theirs: &[SnapshotRecord],
+        holds: Option<crate::id::RegionName>,
+    ) -> Result<bool> {
         let (node, volume) = (self.node, self.volume);
         let marker = format!("mirror of {upstream}");
+        let what = |r: &Option<crate::id::RegionName>| match r {
+            Some(r) => format!("region {r} of {volume}"),
+            None => format!("all of {volume}"),
+        };
         match node.catalog.volume(volume) {
+            Ok(v) if v.upstream.is_some() && v.region != holds => Err(Error::conflict(format!(
+                "volume {volume} on this node holds {}, but this relation mirrors {}; a replica \
+                 keeps what it was made of (mirror into another node, or delete the replica's \
+                 snapshots and `holdfast volume remove {volume}` to start over)",
+                what(&v.region),
+                what(&holds)
+            ))),
             Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => Ok(true),
             Ok(mut v)
                 if v.upstream
@@ -564,11 +667,9 @@ impl Update<'_> {
                 let Some(first) = theirs.first() else {
                     return Ok(false);
                 };
-                node.catalog.add_volume(&VolumeRecord::replica(
-                    volume.clone(),
-                    first.block_size,
-                    marker,
-                ))?;
+                let mut rec = VolumeRecord::replica(volume.clone(), first.block_size, marker);
+                rec.region = holds;
+                node.catalog.add_volume(&rec)?;
                 Ok(true)
             }
             Err(e) => Err(e),
@@ -648,6 +749,7 @@ impl Update<'_> {
                     client,
                     rec,
                     prev: got.last().map(|g: &Received| &g.manifest).or(prev.as_ref()),
+                    region: self.region,
                 }
                 .manifest(report)
                 .await?;
@@ -662,6 +764,7 @@ impl Update<'_> {
                     client,
                     rec,
                     prev: None,
+                    region: self.region,
                 };
                 prev = Some(r.store(received, &mut index, report, progress).await?);
                 tracing::debug!(ms = self.started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
@@ -727,6 +830,8 @@ struct Receive<'a> {
     rec: &'a SnapshotRecord,
     /// The manifest of a snapshot held here and upstream, to receive this one as a delta of.
     prev: Option<&'a Manifest>,
+    /// The region of it to receive, if only one.
+    region: Option<&'a crate::id::RegionName>,
 }
 
 /// A manifest received, and what to look for in the repository before its chunks are fetched.
@@ -812,7 +917,13 @@ impl Receive<'_> {
         let limit = crate::peer::client::manifest_limit(rec.size, rec.block_size);
         let answer = self
             .client
-            .manifest(&rec.volume, &rec.id, self.prev.map(|p| p.id), limit)
+            .manifest(
+                &rec.volume,
+                &rec.id,
+                self.prev.map(|p| p.id),
+                limit,
+                self.region,
+            )
             .await?;
         let (m, changed) = match answer {
             ManifestAnswer::Delta(raw) => {
@@ -839,7 +950,7 @@ impl Receive<'_> {
                         tracing::warn!("{e}; fetching the whole manifest");
                         let raw = match self
                             .client
-                            .manifest(&rec.volume, &rec.id, None, limit)
+                            .manifest(&rec.volume, &rec.id, None, limit, self.region)
                             .await?
                         {
                             ManifestAnswer::Full(raw) => raw,
@@ -935,10 +1046,13 @@ impl Receive<'_> {
             while inflight.len() + pending.len() < FETCH_CONCURRENCY {
                 let Some(batch) = batches.next() else { break };
                 let (c, vol, id, n) = (client.clone(), rec.volume.clone(), rec.id, order);
+                let region = self.region.cloned();
                 let block_size = rec.block_size;
                 order += 1;
                 inflight.spawn(async move {
-                    let body = fetch_with_retry(&c, &vol, &id, batch.clone(), block_size).await?;
+                    let body =
+                        fetch_with_retry(&c, &vol, &id, batch.clone(), block_size, region.as_ref())
+                            .await?;
                     Ok((n, batch, body))
                 });
             }
@@ -995,6 +1109,7 @@ impl Receive<'_> {
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the manifest");
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();
+        local.regions = rec.regions.clone();
         if let Err(e) = node.catalog.commit_replica_snapshot(&local) {
             let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
             return Err(e);
@@ -1080,11 +1195,15 @@ async fn fetch_with_retry(
     id: &SnapshotId,
     batch: Vec<ChunkId>,
     block_size: u32,
+    region: Option<&crate::id::RegionName>,
 ) -> Result<bytes::Bytes> {
     debug_assert!(batch.len() <= MAX_CHUNKS_PER_REQUEST);
     let mut delay = Duration::from_millis(200);
     for attempt in 1.. {
-        match client.chunks(volume, id, batch.clone(), block_size).await {
+        match client
+            .chunks(volume, id, batch.clone(), block_size, region)
+            .await
+        {
             Err(e) if e.is_transient() && attempt < 4 => {
                 tracing::warn!(attempt, "fetching chunks failed, retrying: {e}");
                 tokio::time::sleep(delay).await;

@@ -50,6 +50,10 @@ pub struct SnapshotList {
     pub node: NodeId,
     pub volume: VolumeName,
     pub snapshots: Vec<SnapshotRecord>,
+    /// Set when the volume listed is itself a replica of one region of a volume: that
+    /// region's name (a downstream's lock on it is then a qtree-name lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<crate::id::RegionName>,
 }
 
 /// `POST …/chunks`.

@@ -269,6 +269,7 @@ mod tests {
                 labels: Default::default(),
                 parent: None,
                 stats: Default::default(),
+                regions: Default::default(),
             })
             .collect()
     }

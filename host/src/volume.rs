@@ -285,6 +285,70 @@ impl Source {
             Source::Nbd(_) => Ok(()),
         }
     }
+
+    /// Fills `buf` from `offset`, which with `buf` lies inside the source.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Source::File(f) => {
+                let n = f.read_at(offset, buf)?;
+                // A file that shrank under the read reads as zeros past its end, as its
+                // snapshot will tell.
+                buf[n..].fill(0);
+                Ok(())
+            }
+            Source::Nbd(n) => {
+                let len = buf.len() as u64;
+                let range = offset..offset + len;
+                n.read_ranges(offset, buf, std::slice::from_ref(&range))
+            }
+        }
+    }
+}
+
+/// A [`Source`] as a `Read + Seek` stream, for parsers that take one (partition tables).
+pub struct SourceReader<'a> {
+    source: &'a Source,
+    at: u64,
+}
+
+impl<'a> SourceReader<'a> {
+    pub fn new(source: &'a Source) -> Self {
+        SourceReader { source, at: 0 }
+    }
+}
+
+impl std::io::Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.source.size().saturating_sub(self.at);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.source
+            .read_exact_at(self.at, &mut buf[..n])
+            .map_err(std::io::Error::other)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for SourceReader<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        let size = self.source.size() as i128;
+        let to = match pos {
+            std::io::SeekFrom::Start(n) => n as i128,
+            std::io::SeekFrom::End(d) => size + d as i128,
+            std::io::SeekFrom::Current(d) => self.at as i128 + d as i128,
+        };
+        if to < 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start",
+            ));
+        }
+        self.at = to as u64;
+        Ok(self.at)
+    }
 }
 
 /// An NBD export being read for a snapshot.

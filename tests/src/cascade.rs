@@ -74,6 +74,8 @@ pub struct Relations<'a> {
     pub extra: &'a str,
     /// Extra lines for the [listen] table.
     pub listen_extra: &'a str,
+    /// Extra lines for the [[mirror]] table (`region = "NAME"`).
+    pub mirror_extra: &'a str,
 }
 
 impl Peer {
@@ -104,13 +106,14 @@ impl Peer {
         );
         if let Some((up, vol)) = r.upstream {
             t.push_str(&format!(
-                "\n[[upstream]]\nname = {:?}\nurl = {:?}\ntoken = {:?}\nca = {:?}\n\n[[mirror]]\nvolume = {vol:?}\nupstream = {:?}\nevery = {:?}\n",
+                "\n[[upstream]]\nname = {:?}\nurl = {:?}\ntoken = {:?}\nca = {:?}\n\n[[mirror]]\nvolume = {vol:?}\nupstream = {:?}\nevery = {:?}\n{}\n",
                 up.name,
                 up.url(),
                 self.token,
                 tls.cert,
                 up.name,
-                r.mirror_every.unwrap_or("1h")
+                r.mirror_every.unwrap_or("1h"),
+                r.mirror_extra
             ));
         }
         for (d, vols, extra) in r.downstreams {

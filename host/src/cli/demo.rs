@@ -67,6 +67,8 @@ impl DemoCommand {
             upstream: None,
             source: None,
             checkpoint: None,
+            regions: vec![],
+            region: None,
         })?;
         drop(node);
 
@@ -86,6 +88,7 @@ impl DemoCommand {
         SnapshotCommand::Diff {
             from: "demo@first".parse()?,
             to: "demo@second".parse()?,
+            region: None,
             json: false,
         }
         .run(&ctx)
@@ -97,6 +100,7 @@ impl DemoCommand {
             to: restored.clone(),
             force: false,
             target: None,
+            region: None,
         }
         .run(&ctx)
         .await?;

@@ -70,6 +70,9 @@ pub enum LockCommand {
         /// Only locks whose lease ran out.
         #[arg(long)]
         stale: bool,
+        /// Only locks of this type (qtree-name: the bases of region mirrors).
+        #[arg(long = "type", value_name = "TYPE")]
+        lock_type: Option<LockType>,
         /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
@@ -180,6 +183,7 @@ impl LockCommand {
                 volume,
                 holder,
                 stale,
+                lock_type,
                 json,
                 target: None,
             } => {
@@ -193,7 +197,8 @@ impl LockCommand {
                     .iter()
                     .filter(|s| holder.as_ref().is_none_or(|h| *h == s.holder))
                     .flat_map(|s| s.locks.iter().map(move |l| (s, l)))
-                    .filter(|(_, l)| !stale || l.is_stale(now));
+                    .filter(|(_, l)| !stale || l.is_stale(now))
+                    .filter(|(_, l)| lock_type.as_ref().is_none_or(|t| *t == l.lock_type));
                 let name_of = |l: &SoftLock| -> String {
                     names
                         .get(&l.volume)
@@ -580,6 +585,20 @@ async fn explain(
 fn break_cost(l: &SoftLock, rec: &SnapshotRecord) -> String {
     let size = human_bytes(rec.size);
     match (&l.lock_type, l.holder.application_name()) {
+        (LockType::QtreeName, None) => {
+            // `VOLUME/REGION`: the region's size in this snapshot, when it has the region.
+            let region = l.value.split_once('/').map_or("", |(_, r)| r);
+            let size = rec
+                .regions
+                .iter()
+                .find(|(n, _)| n.as_str() == region)
+                .map_or(size, |(_, e)| human_bytes(e.length));
+            format!(
+                "the mirror {} of region {:?}: if this is the newest snapshot it shares with this \
+                 node, its next transfer has no base and must re-copy the whole region ({size})",
+                l.holder, l.value
+            )
+        }
         (_, None) => format!(
             "if this is the newest snapshot the mirror {} shares with this node, its next \
              transfer has no base and must re-copy the whole volume ({size})",

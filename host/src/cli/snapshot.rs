@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use super::{Context, format_time, human_bytes, print_json, throughput};
 use holdfast::catalog::SnapshotRecord;
-use holdfast::id::{SnapshotName, SnapshotRef, VolumeName, parse_label};
+use holdfast::id::{RegionName, SnapshotName, SnapshotRef, VolumeName, parse_label};
 use holdfast::policy::{Phase, PolicyEngine, registry};
+use holdfast::region;
 use holdfast::snapshot::{self, CreateOptions};
 use holdfast::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
 
@@ -84,6 +85,9 @@ pub enum SnapshotCommand {
         /// The newer snapshot (VOLUME@NAME or VOLUME@ID)
         #[arg(value_name = "VOL@SNAP")]
         to: SnapshotRef,
+        /// Compare only this region of the volume (offsets are then the region's own).
+        #[arg(long, value_name = "NAME")]
+        region: Option<RegionName>,
         /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
@@ -105,6 +109,10 @@ pub enum SnapshotCommand {
         /// Restore from this mirror target (disaster recovery on a new node).
         #[arg(long)]
         target: Option<String>,
+        /// Write only this region of the volume (a partition or byte range named with
+        /// `volume region add`), as it lay in the snapshot.
+        #[arg(long, value_name = "NAME")]
+        region: Option<RegionName>,
     },
     /// Change a snapshot's labels (its data never changes), e.g. to mark it as copied.
     #[command(
@@ -365,11 +373,24 @@ impl SnapshotCommand {
                     );
                 }
             }
-            SnapshotCommand::Diff { from, to, json } => {
+            SnapshotCommand::Diff {
+                from,
+                to,
+                region,
+                json,
+            } => {
                 let a = node.catalog.resolve(&from)?;
                 let b = node.catalog.resolve(&to)?;
-                let ma = snapshot::load_manifest(&node.repo, &a).await?;
-                let mb = snapshot::load_manifest(&node.repo, &b).await?;
+                let mut ma = snapshot::load_manifest(&node.repo, &a).await?;
+                let mut mb = snapshot::load_manifest(&node.repo, &b).await?;
+                if let Some(r) = &region {
+                    let (ea, eb) = (
+                        region::extent_of(&a.display_ref(), &a.regions, r)?,
+                        region::extent_of(&b.display_ref(), &b.regions, r)?,
+                    );
+                    ma = region::slice(&ma, ea, None);
+                    mb = region::slice(&mb, eb, None);
+                }
                 let d = snapshot::diff(&ma, &mb)?;
                 if json {
                     return print_json(&d);
@@ -411,6 +432,7 @@ impl SnapshotCommand {
                 to,
                 force,
                 target,
+                region,
             } => {
                 // From a target (a new node with only its URL), or from this node's repository,
                 // whose lock is held shared so gc cannot remove a pack being read.
@@ -426,14 +448,23 @@ impl SnapshotCommand {
                         (node.repo.clone(), rec, Some(lock), String::new())
                     }
                 };
-                let m = snapshot::load_manifest(&repo, &rec).await?;
+                let mut m = snapshot::load_manifest(&repo, &rec).await?;
+                // A region: its blocks alone, the last one cut where the region ends.
+                let mut cut_last = false;
+                if let Some(r) = &region {
+                    let e = region::extent_of(&rec.display_ref(), &rec.regions, r)?;
+                    cut_last = e.cut_tail(m.size, m.block_size).is_some();
+                    m = region::slice(&m, e, None);
+                }
                 let pb = ctx.bytes_bar("restore");
-                let report = snapshot::restore(&repo, &m, &to, force, &pb).await;
+                let report =
+                    snapshot::restore::restore_cut(&repo, &m, cut_last, &to, force, &pb).await;
                 pb.finish_and_clear();
                 let report = report?;
                 ctx.summary(format!(
-                    "restored {}{from} to {}: {} in {:.2}s ({}), {} chunks verified",
+                    "restored {}{}{from} to {}: {} in {:.2}s ({}), {} chunks verified",
                     rec.display_ref(),
+                    region.map_or_else(String::new, |r| format!(" (region {r})")),
                     report.path.display(),
                     human_bytes(report.bytes_written),
                     report.elapsed.as_secs_f64(),

@@ -1,4 +1,4 @@
-//! `holdfast volume add|list|remove`.
+//! `holdfast volume add|list|remove` and `holdfast volume region add|list|remove`.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,8 @@ use clap::Subcommand;
 
 use super::{Context, human_bytes, print_json};
 use holdfast::catalog::VolumeRecord;
-use holdfast::id::VolumeName;
+use holdfast::id::{RegionName, VolumeName};
+use holdfast::region::{self, Region, RegionDef};
 use holdfast::volume::{self, DEFAULT_BLOCK_SIZE, FileVolume, SourceSpec};
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +54,210 @@ pub enum VolumeCommand {
     },
     /// Unregister a volume (it must have no snapshots left).
     Remove { name: VolumeName },
+    /// Name parts of a volume (partitions or byte ranges) that a downstream can mirror alone.
+    Region {
+        #[command(subcommand)]
+        command: RegionCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegionCommand {
+    /// Name a region: a byte range, or a partition of the volume's GPT or MBR (read again at
+    /// every snapshot, so a partition that grows or moves is followed).
+    #[command(
+        after_help = "Examples:\n  holdfast volume region add vm1 data --partition 2\n  holdfast volume region add vm1 home --partition-label home\n  holdfast volume region add lun0 tenant-a --offset 0 --length 100GiB\n\nA downstream then mirrors it alone with `region = \"data\"` in its [[mirror]].\nA region starts on a block of the volume; regions of a volume do not overlap."
+    )]
+    #[command(group(clap::ArgGroup::new("where").required(true).args(["offset", "partition", "partition_label"])))]
+    Add {
+        volume: VolumeName,
+        /// The region's name (letters, digits, `_ - : . +`)
+        name: RegionName,
+        /// Where a byte range starts (a multiple of the block size; 1GiB, 65536, ...)
+        #[arg(long, requires = "length")]
+        offset: Option<bytesize::ByteSize>,
+        /// How long a byte range is (a multiple of the block size, or up to the volume's end)
+        #[arg(long, requires = "offset")]
+        length: Option<bytesize::ByteSize>,
+        /// A partition by number (GPT, or MBR with logical partitions from 5)
+        #[arg(long, value_name = "N")]
+        partition: Option<u32>,
+        /// A GPT partition by its label
+        #[arg(long, value_name = "LABEL")]
+        partition_label: Option<String>,
+    },
+    /// List a volume's regions and where they lay in its newest snapshot.
+    List {
+        volume: VolumeName,
+        /// Print the result as JSON (for scripts)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a region (snapshots taken so far keep it in their region map).
+    Remove {
+        volume: VolumeName,
+        name: RegionName,
+    },
+}
+
+impl RegionCommand {
+    async fn run(self, ctx: &Context, node: &holdfast::state::Node) -> anyhow::Result<()> {
+        match self {
+            RegionCommand::Add {
+                volume,
+                name,
+                offset,
+                length,
+                partition,
+                partition_label,
+            } => {
+                let mut rec = node.catalog.volume(&volume)?;
+                if let Some(from) = &rec.upstream {
+                    anyhow::bail!(holdfast::Error::invalid(format!(
+                        "volume {volume} is a replica ({from}); regions are named where the \
+                         data is, on the volume's own node, and its snapshots carry them here"
+                    )));
+                }
+                let def = match (offset, length, partition, partition_label) {
+                    (Some(o), Some(l), None, None) => RegionDef::Range {
+                        offset: o.as_u64(),
+                        length: l.as_u64(),
+                    },
+                    (None, None, Some(number), None) => RegionDef::Partition { number },
+                    (None, None, None, Some(label)) => RegionDef::PartitionLabel { label },
+                    _ => unreachable!("clap allows exactly one way"),
+                };
+                region::check_def(&def, rec.block_size)?;
+                if rec.regions.iter().any(|r| r.name == name) {
+                    anyhow::bail!(holdfast::Error::conflict(format!(
+                        "volume {volume} already has a region named {name}; remove it first or \
+                         choose another name"
+                    )));
+                }
+                rec.regions.push(Region {
+                    name: name.clone(),
+                    def: def.clone(),
+                });
+                // Where every region lies now (a missing partition or an overlap is found at
+                // once, not at the next snapshot). A running QEMU's disk is read only by
+                // snapshots.
+                let (r2, checked) = (
+                    rec.clone(),
+                    !matches!(rec.source, Some(SourceSpec::Qmp { .. })),
+                );
+                let extent = if checked {
+                    let map = tokio::task::spawn_blocking(move || -> holdfast::Result<_> {
+                        let src = volume::open_source(&r2.image, r2.source.as_ref(), None)?;
+                        let size = src.size();
+                        region::resolve(
+                            &r2.name,
+                            &r2.regions,
+                            &mut volume::SourceReader::new(&src),
+                            size,
+                            r2.block_size,
+                        )
+                        .map_err(holdfast::Error::invalid)
+                    })
+                    .await??;
+                    map.get(&name).copied()
+                } else {
+                    None
+                };
+                node.catalog.update_volume(&rec)?;
+                ctx.summary(match extent {
+                    Some(e) => format!(
+                        "added region {name} of volume {volume} ({def}: now bytes {}..{}, {})",
+                        e.offset,
+                        e.end(),
+                        human_bytes(e.length)
+                    ),
+                    None => format!(
+                        "added region {name} of volume {volume} ({def}; the next snapshot finds \
+                         where it lies)"
+                    ),
+                });
+            }
+            RegionCommand::List { volume, json } => {
+                let rec = node.catalog.volume(&volume)?;
+                let snaps = node.catalog.snapshots(&volume)?;
+                let newest = snaps.last();
+                #[derive(serde::Serialize)]
+                #[serde(rename_all = "kebab-case")]
+                struct Row {
+                    name: RegionName,
+                    /// How it is defined here (none on a replica: it comes with the snapshots).
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    definition: Option<RegionDef>,
+                    /// Where it lay in the newest snapshot.
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    extent: Option<region::Extent>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    snapshot: Option<String>,
+                }
+                let mut names: Vec<RegionName> =
+                    rec.regions.iter().map(|r| r.name.clone()).collect();
+                if let Some(s) = newest {
+                    names.extend(s.regions.keys().cloned());
+                }
+                names.sort();
+                names.dedup();
+                let rows: Vec<Row> = names
+                    .into_iter()
+                    .map(|n| Row {
+                        definition: rec
+                            .regions
+                            .iter()
+                            .find(|r| r.name == n)
+                            .map(|r| r.def.clone()),
+                        extent: newest.and_then(|s| s.regions.get(&n).copied()),
+                        snapshot: newest.map(|s| s.name.to_string()),
+                        name: n,
+                    })
+                    .collect();
+                if json {
+                    return print_json(&rows);
+                }
+                outln!(
+                    "{:<20} {:<32} {:>14} {:>10}",
+                    "NAME",
+                    "DEFINED AS",
+                    "OFFSET",
+                    "SIZE"
+                );
+                for r in rows {
+                    let def = r
+                        .definition
+                        .map_or_else(|| "(from upstream)".to_string(), |d| d.to_string());
+                    let (off, size) = r.extent.map_or(("-".into(), "-".into()), |e| {
+                        (e.offset.to_string(), human_bytes(e.length))
+                    });
+                    outln!(
+                        "{:<20} {:<32} {:>14} {:>10}",
+                        r.name.as_str(),
+                        def,
+                        off,
+                        size
+                    );
+                }
+            }
+            RegionCommand::Remove { volume, name } => {
+                let mut rec = node.catalog.volume(&volume)?;
+                let before = rec.regions.len();
+                rec.regions.retain(|r| r.name != name);
+                if rec.regions.len() == before {
+                    anyhow::bail!(holdfast::Error::not_found(format!(
+                        "volume {volume} has no region named {name}; `holdfast volume region \
+                         list {volume}` shows them"
+                    )));
+                }
+                node.catalog.update_volume(&rec)?;
+                ctx.summary(format!(
+                    "removed region {name} of volume {volume}; snapshots taken so far keep it"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl VolumeCommand {
@@ -138,6 +343,8 @@ impl VolumeCommand {
                     upstream: None,
                     source,
                     checkpoint: None,
+                    regions: vec![],
+                    region: None,
                 };
                 node.catalog.add_volume(&rec)?;
                 ctx.summary(format!(
@@ -196,6 +403,7 @@ impl VolumeCommand {
                     );
                 }
             }
+            VolumeCommand::Region { command } => return command.run(ctx, &node).await,
             VolumeCommand::Remove { name } => {
                 let rec = node.catalog.remove_volume(&name)?;
                 match &rec.upstream {

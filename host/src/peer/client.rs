@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use super::{ChunkRequest, MANIFEST_KIND_HEADER, PEER_HEADER, SnapshotList, WireError};
 use crate::config::{NodeConfig, Upstream};
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName};
+use crate::id::{ChunkId, NodeId, RegionName, SnapshotId, VolumeName};
 use crate::softlock::{LockSetUpdate, ReplaceOutcome};
 
 /// A manifest as an upstream sent it.
@@ -240,6 +240,7 @@ impl PeerClient {
         id: &SnapshotId,
         base: Option<SnapshotId>,
         limit: usize,
+        region: Option<&RegionName>,
     ) -> Result<ManifestAnswer> {
         let mut path = format!(
             "v1/volumes/{volume}/snapshots/{id}/manifest?format={}",
@@ -248,7 +249,11 @@ impl PeerClient {
         if let Some(b) = base {
             path.push_str(&format!("&base={b}"));
         }
-        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let mut req = self.request(Method::GET, &path);
+        if let Some(r) = region {
+            req = req.query(&[("region", r.as_str())]);
+        }
+        let resp = self.send(req).await?;
         let delta = resp
             .headers()
             .get(MANIFEST_KIND_HEADER)
@@ -269,15 +274,19 @@ impl PeerClient {
         id: &SnapshotId,
         chunks: Vec<ChunkId>,
         block_size: u32,
+        region: Option<&RegionName>,
     ) -> Result<Bytes> {
         let stored_max = block_size as usize + block_size as usize / 64 + 1024;
         let limit = chunks.len() * (super::FRAME_HEADER + stored_max);
-        let req = self
+        let mut req = self
             .request(
                 Method::POST,
                 &format!("v1/volumes/{volume}/snapshots/{id}/chunks"),
             )
             .json(&ChunkRequest { chunks });
+        if let Some(r) = region {
+            req = req.query(&[("region", r.as_str())]);
+        }
         self.bytes(req, limit, "chunk answer").await
     }
 

@@ -24,7 +24,7 @@ use super::{
 use crate::catalog::SnapshotRecord;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, NodeId, SnapshotId, VolumeName, shorten};
+use crate::id::{ChunkId, NodeId, RegionName, SnapshotId, VolumeName, shorten};
 use crate::repo::ChunkIndex;
 use crate::snapshot::Manifest;
 use crate::softlock::registry::HolderSettings;
@@ -73,6 +73,8 @@ struct Peer {
     name: NodeId,
     token: String,
     volumes: HashSet<VolumeName>,
+    /// Volumes of which it may read only some regions (`regions = ["VOLUME/REGION"]`).
+    regions: HashMap<VolumeName, HashSet<RegionName>>,
     max_locks: usize,
     max_snapshots: usize,
     lease_ms: Option<u64>,
@@ -175,6 +177,27 @@ struct Served {
     format1: Option<Bytes>,
     /// Deltas sent lately, by base: every peer at the same base gets the same bytes.
     deltas: VecDeque<(SnapshotId, Bytes)>,
+    /// Its regions asked for lately.
+    regions: Vec<Arc<RegionView>>,
+}
+
+/// One region of a served snapshot, as a downstream that mirrors the region receives it.
+struct RegionView {
+    name: RegionName,
+    manifest: Arc<Manifest>,
+    /// The region's last block when the region ends inside it: the chunk of its bytes
+    /// (`None`: zeros), the whole block's chunk, and how many bytes are the region's.
+    tail: Option<(Option<ChunkId>, ChunkId, usize)>,
+    /// Every chunk of the region: all a peer may read through it.
+    all: HashSet<ChunkId>,
+}
+
+impl RegionView {
+    /// The cut last block's own chunk, which no pack holds: made from the whole block.
+    fn cut_chunk(&self) -> Option<(ChunkId, ChunkId, usize)> {
+        self.tail
+            .and_then(|(id, full, keep)| id.map(|id| (id, full, keep)))
+    }
 }
 
 /// Deltas kept per served snapshot.
@@ -220,7 +243,7 @@ impl ServerState {
                 None => None,
             };
             // Settings for this downstream's holders, so `prune` honours release_stale.
-            for v in &d.volumes {
+            for v in d.volumes.iter().chain(d.region_grants()?.keys()) {
                 node.catalog.locks().set_settings(
                     &HolderId::mirror(&d.name, v),
                     &HolderSettings {
@@ -234,6 +257,7 @@ impl ServerState {
                     name: d.name.clone(),
                     token: cfg.downstream_token(d)?,
                     volumes: d.volumes.iter().cloned().collect(),
+                    regions: d.region_grants()?,
                     max_locks: d.max_locks,
                     max_snapshots: d.max_snapshots,
                     lease_ms,
@@ -305,9 +329,11 @@ impl ServerState {
             .ok_or_else(|| Error::internal(format!("peer {} vanished", who.0)))
     }
 
+    /// The volume, if the peer may list it and pin its snapshots (it is granted the volume or
+    /// some of its regions).
     fn granted(&self, peer: &Peer, volume: &str) -> Result<VolumeName> {
         let volume: VolumeName = volume.parse()?;
-        if !peer.volumes.contains(&volume) {
+        if !peer.volumes.contains(&volume) && !peer.regions.contains_key(&volume) {
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = %peer.name, %volume, "refused: volume not granted");
             return Err(Error::denied(format!(
@@ -316,6 +342,99 @@ impl ServerState {
             )));
         }
         Ok(volume)
+    }
+
+    /// The volume, if the peer may read its data: all of it, or `region` of it.
+    fn granted_data(
+        &self,
+        peer: &Peer,
+        volume: &str,
+        region: Option<&RegionName>,
+    ) -> Result<VolumeName> {
+        let volume = self.granted(peer, volume)?;
+        if peer.volumes.contains(&volume) {
+            return Ok(volume);
+        }
+        let allowed = peer.regions.get(&volume);
+        match region {
+            Some(r) if allowed.is_some_and(|a| a.contains(r)) => Ok(volume),
+            _ => {
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %peer.name, %volume, "refused: region not granted");
+                let mut names: Vec<&str> =
+                    allowed.into_iter().flatten().map(|r| r.as_str()).collect();
+                names.sort();
+                Err(Error::denied(format!(
+                    "peer {} is granted only region(s) {} of volume {volume}{}",
+                    peer.name,
+                    names.join(", "),
+                    region.map_or_else(String::new, |r| format!(", not {r}"))
+                )))
+            }
+        }
+    }
+
+    /// Region `region` of a served snapshot (kept with the snapshot for the next requests).
+    async fn region_of(
+        &self,
+        rec: &SnapshotRecord,
+        region: &RegionName,
+    ) -> Result<Arc<RegionView>> {
+        let find = |e: &mut Served| e.regions.iter().find(|r| &r.name == region).cloned();
+        if let Some(Some(v)) = self.with_served(&rec.volume, rec.id, find) {
+            return Ok(v);
+        }
+        let extent = crate::region::extent_of(&rec.display_ref(), &rec.regions, region)?;
+        let m = self.manifest_of(rec).await?;
+        let tail = match extent.cut_tail(m.size, m.block_size) {
+            Some((i, keep)) => match m.blocks.get(i).flatten() {
+                Some(full) => {
+                    let plain = self.read_plain(full).await?;
+                    Some((crate::region::cut(&plain, keep), full, keep))
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let heavy = self.heavy_work().await?;
+        let name = region.clone();
+        let view = tokio::task::spawn_blocking(move || {
+            let _heavy = heavy;
+            let v = crate::region::slice(&m, extent, tail.map(|(id, _, _)| id));
+            let all = v.blocks.ids().iter().copied().collect();
+            Arc::new(RegionView {
+                name,
+                manifest: Arc::new(v),
+                tail,
+                all,
+            })
+        })
+        .await
+        .map_err(|e| Error::internal(format!("region worker failed: {e}")))?;
+        self.with_served(&rec.volume, rec.id, |e| {
+            if !e.regions.iter().any(|r| &r.name == region) {
+                e.regions.push(view.clone());
+            }
+        });
+        Ok(view)
+    }
+
+    /// The plain bytes of one chunk of this node's repository, checked against its id.
+    async fn read_plain(&self, id: ChunkId) -> Result<Vec<u8>> {
+        let _lock = self.node.lock_repo_shared().await?;
+        let index = self.index_for(&[id]).await?;
+        let (loc, stored) = self
+            .node
+            .repo
+            .read_chunks(&index, &[id])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::internal("a chunk read returned nothing"))?;
+        tokio::task::spawn_blocking(move || {
+            crate::chunk::decode(&id, loc.encoding, &stored, loc.raw_length as usize)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("chunk decoder failed: {e}")))?
     }
 
     fn record(&self, volume: &VolumeName, id: &str) -> Result<SnapshotRecord> {
@@ -353,6 +472,7 @@ impl ServerState {
                 all: None,
                 format1: None,
                 deltas: VecDeque::new(),
+                regions: Vec::new(),
             });
             while cache.len() > SERVED_CACHE {
                 cache.pop_front();
@@ -516,15 +636,29 @@ async fn list_snapshots(
 ) -> Api<Json<SnapshotList>> {
     let peer = s.authed(&who)?;
     let volume = s.granted(peer, &volume)?;
-    let snapshots = match s.node.catalog.snapshots(&volume) {
+    let mut snapshots = match s.node.catalog.snapshots(&volume) {
         Ok(v) => v,
         Err(Error::NotFound(_)) => vec![],
+        Err(e) => return Err(e.into()),
+    };
+    // A peer granted only some regions learns of no others.
+    if !peer.volumes.contains(&volume)
+        && let Some(allowed) = peer.regions.get(&volume)
+    {
+        for snap in &mut snapshots {
+            snap.regions.retain(|r, _| allowed.contains(r));
+        }
+    }
+    let region = match s.node.catalog.volume(&volume) {
+        Ok(v) => v.region,
+        Err(Error::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
     Ok(Json(SnapshotList {
         node: s.node.info.node_id.clone(),
         volume,
         snapshots,
+        region,
     }))
 }
 
@@ -536,6 +670,19 @@ struct ManifestQuery {
     /// Absent from releases before format 2: they get format 1 (zstd JSON).
     format: Option<u32>,
     base: Option<String>,
+    /// The region of the snapshot to send (format 2 only): its blocks alone.
+    region: Option<String>,
+}
+
+/// `?region=NAME` of a chunk request: chunks read through a region of the snapshot.
+#[derive(Debug, serde::Deserialize)]
+struct ChunksQuery {
+    region: Option<String>,
+}
+
+/// A region named in a query, checked.
+fn region_param(q: Option<&str>) -> Result<Option<RegionName>> {
+    q.map(str::parse).transpose()
 }
 
 async fn manifest(
@@ -545,8 +692,12 @@ async fn manifest(
     Query(q): Query<ManifestQuery>,
 ) -> Api<Response> {
     let peer = s.authed(&who)?;
-    let volume = s.granted(peer, &volume)?;
+    let region = region_param(q.region.as_deref())?;
+    let volume = s.granted_data(peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
+    if let Some(region) = region {
+        return region_manifest(&s, &rec, q, &region).await;
+    }
     // A base this node no longer has (pruned since the peer listed it) means the whole
     // manifest, as for a baseline.
     let base = match q.base.as_deref().map(|b| s.record(&volume, b)) {
@@ -630,15 +781,58 @@ async fn manifest(
     Ok(([(MANIFEST_KIND_HEADER, "delta")], encoded).into_response())
 }
 
+/// The manifest of one region of a snapshot, whole or as a delta against the same region of
+/// the base (when the base has it).
+async fn region_manifest(
+    s: &ServerState,
+    rec: &SnapshotRecord,
+    q: ManifestQuery,
+    region: &RegionName,
+) -> Api<Response> {
+    if q.format != Some(crate::snapshot::MANIFEST_FORMAT) {
+        return Err(Error::invalid(format!(
+            "a region's manifest is sent in format {} only",
+            crate::snapshot::MANIFEST_FORMAT
+        ))
+        .into());
+    }
+    let view = s.region_of(rec, region).await?;
+    let base = match q.base.as_deref().map(|b| s.record(&rec.volume, b)) {
+        Some(Ok(b)) if b.block_size == rec.block_size && b.regions.contains_key(region) => {
+            Some(s.region_of(&b, region).await?)
+        }
+        Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
+        Some(Err(e)) => return Err(e.into()),
+    };
+    let heavy = s.heavy_work().await?;
+    let (encoded, delta) = tokio::task::spawn_blocking(move || {
+        let _heavy = heavy;
+        match base {
+            Some(b) => view
+                .manifest
+                .delta_from(&b.manifest)
+                .encode()
+                .map(|d| (d, true)),
+            None => view.manifest.encode().map(|m| (m, false)),
+        }
+    })
+    .await
+    .map_err(|e| Error::internal(format!("manifest worker failed: {e}")))??;
+    let kind = if delta { "delta" } else { "full" };
+    Ok(([(MANIFEST_KIND_HEADER, kind)], Bytes::from(encoded)).into_response())
+}
+
 async fn chunks(
     State(s): Shared,
     Extension(who): Extension<Authed>,
     Path((volume, id)): Path<(String, String)>,
+    Query(q): Query<ChunksQuery>,
     body: Bytes,
 ) -> Api<Response> {
     let started = std::time::Instant::now();
     let peer = s.authed(&who)?;
-    let volume = s.granted(peer, &volume)?;
+    let region = region_param(q.region.as_deref())?;
+    let volume = s.granted_data(peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     let id = rec.id;
     let req: ChunkRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -657,10 +851,38 @@ async fn chunks(
     if req.chunks.iter().collect::<HashSet<_>>().len() != req.chunks.len() {
         return Err(Error::invalid("a chunk request names a chunk twice").into());
     }
-    if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
+    // Through a region, only its chunks; the cut last block's chunk is made here.
+    let mut cut = None;
+    if let Some(region) = &region {
+        let view = s.region_of(&rec, region).await?;
+        if let Some(bad) = req.chunks.iter().find(|c| !view.all.contains(c)) {
+            return Err(Error::denied(format!(
+                "chunk {bad} is not part of region {region} of snapshot {volume}@{id}"
+            ))
+            .into());
+        }
+        cut = view.cut_chunk().filter(|(c, _, _)| req.chunks.contains(c));
+    } else if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
         return Err(
             Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
         );
+    }
+    let cut_frame = match cut {
+        Some((cut_id, full, keep)) => {
+            let plain = s.read_plain(full).await?;
+            let (encoding, stored) = tokio::task::spawn_blocking(move || {
+                crate::chunk::encode(&plain[..keep.min(plain.len())])
+            })
+            .await
+            .map_err(|e| Error::internal(format!("chunk encoder failed: {e}")))??;
+            Some((cut_id, encoding, stored, keep))
+        }
+        None => None,
+    };
+    // The others are read from packs (the cut chunk may be in one too, by its content).
+    let mut req = req;
+    if let Some((cut_id, ..)) = &cut_frame {
+        req.chunks.retain(|c| c != cut_id);
     }
     // gc must not remove a pack while it is read.
     let _lock = s.node.lock_repo_shared().await?;
@@ -707,6 +929,9 @@ async fn chunks(
     let mut out = Vec::with_capacity(total);
     for (id, (loc, data)) in req.chunks.iter().zip(&chunks) {
         write_frame(&mut out, id, loc.encoding, loc.raw_length, data);
+    }
+    if let Some((cut_id, encoding, stored, keep)) = &cut_frame {
+        write_frame(&mut out, cut_id, *encoding, *keep as u32, stored);
     }
     *s.counters
         .chunk_bytes

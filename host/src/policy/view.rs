@@ -266,6 +266,7 @@ pub(super) mod tests {
                 .into(),
                 parent: None,
                 stats: Default::default(),
+                regions: Default::default(),
             })
             .collect();
         let lock = |id: SnapshotId, t: LockType, holder: &str| SoftLock {

@@ -154,20 +154,48 @@ async fn take(
 ) -> Result<CreateReport> {
     let volume = &vol.name;
     let block_size = vol.block_size;
-    let (image, plan) = {
+    let (image, plan, regions) = {
         let vol = vol.clone();
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
         let full = opts.full_read;
-        let opened =
-            tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
-                .await
-                .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
-                .and_then(|r| r);
+        let opened = tokio::task::spawn_blocking(move || {
+            let (image, plan) = open_source(&vol, &existing, &run_dir, full)?;
+            // The regions as this view of the volume has them (its own partition table).
+            let regions = if vol.regions.is_empty() {
+                Ok(Default::default())
+            } else {
+                let size = image.size();
+                crate::region::resolve(
+                    &vol.name,
+                    &vol.regions,
+                    &mut crate::volume::SourceReader::new(&image),
+                    size,
+                    vol.block_size,
+                )
+            };
+            Ok::<_, Error>((image, plan, regions))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
+        .and_then(|r| r);
         // The view is fixed now (a running QEMU's is frozen), or opening failed: either way
         // what `before` froze may go.
         hooks.frozen(env).await;
         opened?
+    };
+    let regions = match regions {
+        Ok(map) => map,
+        Err(why) => {
+            drop(image);
+            return Err(abandon(
+                &plan,
+                Error::corrupt(format!(
+                    "{why}; nothing was committed (fix the partition table, or `holdfast \
+                     volume region remove` the region)"
+                )),
+            ));
+        }
     };
     let size = image.size();
     // gc must not remove a chunk this snapshot reuses between loading the index and committing.
@@ -303,7 +331,8 @@ async fn take(
     node.repo
         .put_manifest(volume, &manifest.id, manifest.encode()?)
         .await?;
-    let record = manifest.record(stats);
+    let mut record = manifest.record(stats);
+    record.regions = regions;
     if let Err(e) = node.catalog.commit_snapshot(&record) {
         // Not visible; remove the manifest now rather than leaving it to gc.
         let _ = node.repo.delete_manifest(volume, &manifest.id).await;
@@ -1270,6 +1299,7 @@ mod tests {
             labels: Default::default(),
             parent: None,
             stats: Default::default(),
+            regions: Default::default(),
         };
         assert_eq!(id_time(&[], 500), 500);
         assert_eq!(id_time(&[rec(100)], 500), 500);
@@ -1293,6 +1323,7 @@ mod tests {
             labels: Default::default(),
             parent: None,
             stats: Default::default(),
+            regions: Default::default(),
         };
         assert_eq!(
             default_name(&[rec], 1_700_000_000_000).as_str(),

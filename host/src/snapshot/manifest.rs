@@ -338,6 +338,7 @@ impl Manifest {
             labels: self.labels.clone(),
             parent: self.parent,
             stats,
+            regions: Default::default(),
         }
     }
 }

@@ -46,6 +46,20 @@ pub async fn restore(
     force: bool,
     progress: &ProgressBar,
 ) -> Result<RestoreReport> {
+    restore_cut(repo, m, false, to, force, progress).await
+}
+
+/// [`restore`]; with `cut_last`, the last block of `m` (a region that ends inside a block of
+/// its volume: see [`crate::region::slice`]) may name a longer chunk, of which it takes the
+/// start.
+pub async fn restore_cut(
+    repo: &Repository,
+    m: &Manifest,
+    cut_last: bool,
+    to: &Path,
+    force: bool,
+    progress: &ProgressBar,
+) -> Result<RestoreReport> {
     let started = Instant::now();
     let what = format!("{}@{}", m.volume, m.name);
     let nbd = match to.to_str() {
@@ -104,7 +118,10 @@ pub async fn restore(
     };
     let file = Arc::new(out);
     progress.set_length(m.size);
-    let result = write_all(repo, m, &what, by_pack, is_device, &file, progress).await;
+    let result = write_all(
+        repo, m, &what, by_pack, is_device, cut_last, &file, progress,
+    )
+    .await;
     // Whatever goes wrong from here (an error, a panic), no half-written file stays behind.
     let _cleanup = TempFile(tmp.clone());
     let chunks_verified = result?;
@@ -335,9 +352,11 @@ async fn write_all(
     what: &str,
     by_pack: HashMap<PackId, HashMap<ChunkId, (ChunkLocation, Vec<u64>)>>,
     is_device: bool,
+    cut_last: bool,
     file: &Arc<Output>,
     progress: &ProgressBar,
 ) -> Result<u64> {
+    let last = m.blocks.len().saturating_sub(1) as u64;
     let bs = m.block_size as u64;
     // Zero blocks: a file is already all holes there (it was sized, not written); a device
     // gets zeros written, a run at a time.
@@ -381,7 +400,8 @@ async fn write_all(
                             })?;
                         for &b in blocks {
                             let len = super::block_len(size, block_size, b);
-                            if len != plain.len() {
+                            let cut = cut_last && b == last && plain.len() > len;
+                            if len != plain.len() && !cut {
                                 return Err(Error::corrupt(format!(
                                     "snapshot {what} block {b} is {len} bytes but its chunk \
                                      has {}",
@@ -408,7 +428,7 @@ async fn write_all(
                         Ok(())
                     };
                     for (b, p) in writes {
-                        let data = &plains[p];
+                        let data = &plains[p][..super::block_len(size, block_size, b)];
                         let adjacent = run_start.is_some() && b == next_block;
                         if !adjacent || run.len() + data.len() > MAX_RUN_BYTES {
                             flush(&mut run, run_start)?;

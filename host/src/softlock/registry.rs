@@ -705,21 +705,29 @@ impl<'a> LockRegistry<'a> {
         for snap in &snapshots {
             check_snapshot_exists(&tx, &update.volume, snap)?;
         }
-        // Keyed by dependency, so a set of any size is merged in linear time.
-        let previous: HashMap<(SnapshotId, &LockType, &str), &SoftLock> = old
+        // Keyed by dependency (what, on which snapshot, for which node: two region replicas
+        // of the same region in a cascade depend on the same snapshot with the same value),
+        // so a set of any size is merged in linear time.
+        let previous: HashMap<DependencyKey, &SoftLock> = old
             .iter()
             .flat_map(|o| o.locks.iter())
-            .map(|l| ((l.snapshot, &l.lock_type, l.value.as_str()), l))
+            .map(|l| (dependency(l.snapshot, &l.lock_type, &l.value, &l.path), l))
             .collect();
         let mut seen = HashSet::with_capacity(update.locks.len());
         let mut locks: Vec<SoftLock> = Vec::with_capacity(update.locks.len());
         for l in update.locks {
-            if !seen.insert((l.snapshot, l.lock_type.clone(), l.value.clone())) {
+            let owned = (
+                l.snapshot,
+                l.lock_type.clone(),
+                l.value.clone(),
+                l.path.first().cloned(),
+            );
+            if !seen.insert(owned) {
                 continue;
             }
             // A dependency the holder already had keeps its original set time.
             let set_unix_ms = previous
-                .get(&(l.snapshot, &l.lock_type, l.value.as_str()))
+                .get(&dependency(l.snapshot, &l.lock_type, &l.value, &l.path))
                 .map_or(now, |p| p.set_unix_ms);
             locks.push(SoftLock {
                 volume: update.volume.clone(),
@@ -742,15 +750,17 @@ impl<'a> LockRegistry<'a> {
         };
         let mut released = 0;
         if let Some(old) = &old {
-            let kept: HashSet<(SnapshotId, &LockType, &str)> = new
+            let kept: HashSet<DependencyKey> = new
                 .locks
                 .iter()
-                .map(|l| (l.snapshot, &l.lock_type, l.value.as_str()))
+                .map(|l| dependency(l.snapshot, &l.lock_type, &l.value, &l.path))
                 .collect();
             let gone: Vec<&SoftLock> = old
                 .locks
                 .iter()
-                .filter(|l| !kept.contains(&(l.snapshot, &l.lock_type, l.value.as_str())))
+                .filter(|l| {
+                    !kept.contains(&dependency(l.snapshot, &l.lock_type, &l.value, &l.path))
+                })
                 .collect();
             released = gone.len();
             let detail = format!("not in the holder's lock set generation {}", new.generation);
@@ -921,6 +931,19 @@ impl<'a> LockRegistry<'a> {
         }
         Ok(out)
     }
+}
+
+/// What makes two locks of one holder the same dependency: the snapshot, the type, the value,
+/// and the node it started from (the first of its path).
+type DependencyKey<'a> = (SnapshotId, &'a LockType, &'a str, Option<&'a NodeId>);
+
+fn dependency<'a>(
+    snapshot: SnapshotId,
+    lock_type: &'a LockType,
+    value: &'a str,
+    path: &'a [NodeId],
+) -> DependencyKey<'a> {
+    (snapshot, lock_type, value, path.first())
 }
 
 #[cfg(test)]

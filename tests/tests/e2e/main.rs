@@ -8,6 +8,7 @@ mod live;
 mod locks;
 mod mirror;
 mod policies;
+mod regions;
 mod snapshots;
 mod sparse;
 mod target_gc;

@@ -1,0 +1,423 @@
+//! Regions of a volume: named parts of it (a partition of a disk image, or a byte range that
+//! holds one LUN or one tenant's data) that a downstream can mirror alone, the block-level
+//! counterpart of a qtree.
+//!
+//! A volume's record holds the region *definitions* (`volume region add`); each snapshot
+//! records the region *map* it saw (name → byte extent), read at snapshot time, so a grown
+//! partition follows. A downstream that mirrors a region receives, for each snapshot that has
+//! it, a manifest of the region's blocks alone ([`slice`]): its replica is a volume of the
+//! region's size whose snapshots keep the upstream's ids, so soft locks, retention and
+//! incremental transfers work as for whole volumes.
+//!
+//! # Rules
+//! - A region starts on a block of the volume; a byte range also ends on one (or at the
+//!   volume's end). A partition may end inside a block (a disk's last partition usually does):
+//!   the region's last block is then cut short, and the cut block is a chunk of its own
+//!   ([`cut`]), so no byte outside the region leaves the upstream.
+//! - Regions of a volume do not overlap, and each lies inside the volume.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek};
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, RegionName, VolumeName};
+use crate::snapshot::Manifest;
+
+/// Longest partition label accepted (GPT labels are 36 UTF-16 units).
+const MAX_LABEL_BYTES: usize = 144;
+
+/// How a region is found in a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum RegionDef {
+    /// A fixed byte range.
+    Range { offset: u64, length: u64 },
+    /// Partition `number` of the volume's GPT or MBR (MBR logical partitions count from 5).
+    Partition { number: u32 },
+    /// The GPT partition with this label.
+    PartitionLabel { label: String },
+}
+
+impl std::fmt::Display for RegionDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegionDef::Range { offset, length } => {
+                write!(f, "bytes {offset}..{}", offset + length)
+            }
+            RegionDef::Partition { number } => write!(f, "partition {number}"),
+            RegionDef::PartitionLabel { label } => write!(f, "partition labelled {label:?}"),
+        }
+    }
+}
+
+/// A named region of a volume, as defined on the volume's own node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Region {
+    pub name: RegionName,
+    #[serde(flatten)]
+    pub def: RegionDef,
+}
+
+/// Where a region lay in one snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+
+    /// The volume's blocks that hold the region.
+    pub fn blocks(&self, block_size: u32) -> Range<usize> {
+        let bs = block_size as u64;
+        (self.offset / bs) as usize..self.end().div_ceil(bs) as usize
+    }
+
+    /// When the region ends inside a block of a volume of `size` bytes, short of that block's
+    /// end: the block's index in the volume and how many of its bytes are the region's.
+    pub fn cut_tail(&self, size: u64, block_size: u32) -> Option<(usize, usize)> {
+        let bs = block_size as u64;
+        if self.length == 0 || self.end().is_multiple_of(bs) {
+            return None;
+        }
+        let last = (self.end() - 1) / bs;
+        let keep = (self.end() - last * bs) as usize;
+        (keep < crate::snapshot::block_len(size, block_size, last)).then_some((last as usize, keep))
+    }
+}
+
+/// The region map a snapshot records.
+pub type RegionMap = BTreeMap<RegionName, Extent>;
+
+/// A partition of a volume's partition table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    pub number: u32,
+    /// GPT only.
+    pub label: Option<String>,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Reads the GPT (512- or 4096-byte sectors), or else the MBR, of a volume.
+pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partition>, String> {
+    let gpt_error = match gptman::GPT::find_from(r) {
+        Ok(gpt) => {
+            let ss = gpt.sector_size;
+            let mut out = Vec::new();
+            for (n, p) in gpt.iter().filter(|(_, p)| p.is_used()) {
+                let range = p
+                    .range()
+                    .map_err(|e| format!("GPT partition {n} is damaged: {e}"))?;
+                out.push(Partition {
+                    number: n,
+                    label: Some(p.partition_name.as_str().trim_end_matches('\0').to_string())
+                        .filter(|l| !l.is_empty()),
+                    offset: range.start() * ss,
+                    length: (range.end() - range.start() + 1) * ss,
+                });
+            }
+            return Ok(out);
+        }
+        Err(e) => e,
+    };
+    r.rewind().map_err(|e| e.to_string())?;
+    let mbr = match mbrman::MBR::read_from(r, 512) {
+        Ok(m) => m,
+        Err(mbrman::Error::InvalidSignature) => {
+            return Err("it has no partition table (neither a GPT nor an MBR)".into());
+        }
+        Err(e) => return Err(format!("its MBR cannot be read: {e}")),
+    };
+    if mbr.iter().any(|(_, p)| p.sys == 0xee) {
+        return Err(format!(
+            "it has a protective MBR, but its GPT cannot be read: {gpt_error}"
+        ));
+    }
+    Ok(mbr
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .map(|(n, p)| Partition {
+            number: n as u32,
+            label: None,
+            offset: p.starting_lba as u64 * 512,
+            length: p.sectors as u64 * 512,
+        })
+        .collect())
+}
+
+/// Checks a region definition on its own (before any volume is read).
+pub fn check_def(def: &RegionDef, block_size: u32) -> Result<()> {
+    let bs = block_size as u64;
+    match def {
+        RegionDef::Range { offset, length } => {
+            if *length == 0 {
+                return Err(Error::invalid("a region's --length must be more than 0"));
+            }
+            if !offset.is_multiple_of(bs) {
+                return Err(Error::invalid(format!(
+                    "--offset {offset} is not a multiple of the volume's block size ({bs}); a \
+                     region starts on a block"
+                )));
+            }
+            if offset.checked_add(*length).is_none() {
+                return Err(Error::invalid("--offset plus --length overflows"));
+            }
+        }
+        RegionDef::Partition { number } => {
+            if *number == 0 {
+                return Err(Error::invalid("partitions are numbered from 1"));
+            }
+        }
+        RegionDef::PartitionLabel { label } => {
+            crate::id::validate_text("partition label", label, MAX_LABEL_BYTES)?;
+            if label.is_empty() {
+                return Err(Error::invalid("a partition label cannot be empty"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where each of `regions` lies in a volume of `size` bytes now, reading its partition table
+/// from `reader` when a region is a partition. The error says which region is wrong and why.
+pub fn resolve<R: Read + Seek>(
+    volume: &VolumeName,
+    regions: &[Region],
+    reader: &mut R,
+    size: u64,
+    block_size: u32,
+) -> std::result::Result<RegionMap, String> {
+    let bs = block_size as u64;
+    let mut table: Option<Vec<Partition>> = None;
+    let mut map = RegionMap::new();
+    for r in regions {
+        let it = format!("region {} of volume {volume} ({})", r.name, r.def);
+        let extent = match &r.def {
+            RegionDef::Range { offset, length } => {
+                if !length.is_multiple_of(bs) && offset + length != size {
+                    return Err(format!(
+                        "{it} ends inside a block: its length is not a multiple of the block \
+                         size ({bs}) and it does not end at the volume's end"
+                    ));
+                }
+                Extent {
+                    offset: *offset,
+                    length: *length,
+                }
+            }
+            RegionDef::Partition { .. } | RegionDef::PartitionLabel { .. } => {
+                if table.is_none() {
+                    table = Some(partitions(reader).map_err(|e| format!("{it}: the volume {e}"))?);
+                }
+                let parts = table.as_ref().expect("read above");
+                let found = parts.iter().find(|p| match &r.def {
+                    RegionDef::Partition { number } => p.number == *number,
+                    RegionDef::PartitionLabel { label } => p.label.as_ref() == Some(label),
+                    RegionDef::Range { .. } => false,
+                });
+                let Some(p) = found else {
+                    let have: Vec<String> = parts
+                        .iter()
+                        .map(|p| match &p.label {
+                            Some(l) => format!("{} ({l:?})", p.number),
+                            None => p.number.to_string(),
+                        })
+                        .collect();
+                    return Err(format!(
+                        "{it}: the volume's partition table has no such partition (it has {})",
+                        if have.is_empty() {
+                            "none".to_string()
+                        } else {
+                            have.join(", ")
+                        }
+                    ));
+                };
+                if !p.offset.is_multiple_of(bs) {
+                    return Err(format!(
+                        "{it} starts at byte {}, which is not a multiple of the volume's block \
+                         size ({bs}); a region starts on a block (a volume with a smaller block \
+                         size can hold it)",
+                        p.offset
+                    ));
+                }
+                Extent {
+                    offset: p.offset,
+                    length: p.length,
+                }
+            }
+        };
+        if extent.length == 0 {
+            return Err(format!("{it} is empty"));
+        }
+        if extent.end() > size {
+            return Err(format!(
+                "{it} ends at byte {}, past the end of the volume ({size} bytes); did the volume \
+                 shrink?",
+                extent.end()
+            ));
+        }
+        map.insert(r.name.clone(), extent);
+    }
+    let mut by_offset: Vec<(&RegionName, &Extent)> = map.iter().collect();
+    by_offset.sort_by_key(|(_, e)| e.offset);
+    for w in by_offset.windows(2) {
+        if w[0].1.end() > w[1].1.offset {
+            return Err(format!(
+                "regions {} (bytes {}..{}) and {} (bytes {}..{}) of volume {volume} overlap; \
+                 regions of a volume do not overlap",
+                w[0].0,
+                w[0].1.offset,
+                w[0].1.end(),
+                w[1].0,
+                w[1].1.offset,
+                w[1].1.end()
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// The chunk of a cut last block: its first `keep` bytes (`None` when they are all zeros).
+pub fn cut(full: &[u8], keep: usize) -> Option<ChunkId> {
+    let part = &full[..keep.min(full.len())];
+    (!crate::chunk::is_zero(part)).then(|| crate::chunk::hash(part))
+}
+
+/// The manifest of `region` of a snapshot: its blocks alone, the size of the region, the same
+/// id and header otherwise. `tail` replaces a cut last block (see [`Extent::cut_tail`]); without
+/// it, the cut block keeps the whole block's chunk (a local restore truncates it).
+pub fn slice(m: &Manifest, extent: Extent, tail: Option<Option<ChunkId>>) -> Manifest {
+    let range = extent.blocks(m.block_size);
+    let mut blocks = crate::snapshot::BlockList::with_capacity(range.len());
+    blocks.extend_from(&m.blocks, range.clone());
+    if let (Some(t), Some(_)) = (tail, extent.cut_tail(m.size, m.block_size)) {
+        blocks.set(range.len() - 1, t);
+    }
+    Manifest {
+        format: m.format,
+        id: m.id,
+        volume: m.volume.clone(),
+        name: m.name.clone(),
+        created_unix_ms: m.created_unix_ms,
+        size: extent.length,
+        block_size: m.block_size,
+        labels: m.labels.clone(),
+        parent: m.parent,
+        blocks,
+    }
+}
+
+/// The extent of `region` in a snapshot's map, or an error that names what there is.
+pub fn extent_of(what: &str, map: &RegionMap, region: &RegionName) -> Result<Extent> {
+    map.get(region).copied().ok_or_else(|| {
+        Error::not_found(format!(
+            "{what} has no region {region} (it has {}); regions are recorded at snapshot time",
+            if map.is_empty() {
+                "none".to_string()
+            } else {
+                map.keys()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(name: &str, offset: u64, length: u64) -> Region {
+        Region {
+            name: name.parse().unwrap(),
+            def: RegionDef::Range { offset, length },
+        }
+    }
+
+    #[test]
+    fn ranges_resolve_and_bad_ones_are_refused() {
+        let v: VolumeName = "v".parse().unwrap();
+        let mut none = std::io::Cursor::new(vec![0u8; 0]);
+        let bs = 4096;
+        let ok = resolve(
+            &v,
+            &[range("a", 0, 8192), range("b", 8192, 4096)],
+            &mut none,
+            1 << 20,
+            bs,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        let overlap = resolve(
+            &v,
+            &[range("a", 0, 8192), range("b", 4096, 4096)],
+            &mut none,
+            1 << 20,
+            bs,
+        );
+        assert!(overlap.unwrap_err().contains("overlap"));
+        let past = resolve(&v, &[range("a", 0, 2 << 20)], &mut none, 1 << 20, bs);
+        assert!(past.unwrap_err().contains("past the end"));
+        let ragged = resolve(&v, &[range("a", 0, 100)], &mut none, 1 << 20, bs);
+        assert!(ragged.unwrap_err().contains("inside a block"));
+        // Ending at the volume's end is fine whatever the length.
+        assert!(resolve(&v, &[range("a", 4096, 1000)], &mut none, 5096, bs).is_ok());
+        let no_table = resolve(
+            &v,
+            &[Region {
+                name: "p".parse().unwrap(),
+                def: RegionDef::Partition { number: 1 },
+            }],
+            &mut std::io::Cursor::new(vec![0u8; 1 << 20]),
+            1 << 20,
+            bs,
+        );
+        assert!(
+            no_table.clone().unwrap_err().contains("no partition table"),
+            "{no_table:?}"
+        );
+        assert!(
+            check_def(
+                &RegionDef::Range {
+                    offset: 100,
+                    length: 4096
+                },
+                bs
+            )
+            .is_err()
+        );
+        assert!(check_def(&RegionDef::Partition { number: 0 }, bs).is_err());
+    }
+
+    #[test]
+    fn cut_tails_are_found_only_inside_a_block() {
+        let e = Extent {
+            offset: 8192,
+            length: 5000,
+        };
+        assert_eq!(e.blocks(4096), 2..4);
+        assert_eq!(e.cut_tail(1 << 20, 4096), Some((3, 904)));
+        // The volume ends where the region does: its last block is already that short.
+        assert_eq!(e.cut_tail(13192, 4096), None);
+        let aligned = Extent {
+            offset: 0,
+            length: 8192,
+        };
+        assert_eq!(aligned.cut_tail(1 << 20, 4096), None);
+        assert_eq!(cut(&[0u8; 4096], 100), None);
+        let mut b = vec![0u8; 4096];
+        b[4000] = 1;
+        assert_eq!(cut(&b, 100), None, "what lies past the cut does not count");
+        assert_eq!(cut(&b, 4001), Some(crate::chunk::hash(&b[..4001])));
+    }
+}

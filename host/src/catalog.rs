@@ -240,7 +240,32 @@ impl Catalog {
         Ok(())
     }
 
-    /// Unregisters a volume; refused while it still has snapshots.
+    /// Changes a volume's record in one transaction (so a concurrent change of another field,
+    /// a snapshot's checkpoint say, is not lost): `change` sees the record as it is now.
+    pub fn modify_volume<T>(
+        &self,
+        name: &VolumeName,
+        change: impl FnOnce(&mut VolumeRecord) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self.db.begin_write()?;
+        let out = {
+            let mut t = tx.open_table(VOLUMES)?;
+            let mut rec: VolumeRecord = match t.get(name.as_str())? {
+                Some(v) => decode(v.value(), name.as_str())?,
+                None => {
+                    return Err(Error::not_found(format!(
+                        "no volume named {name:?} on this node"
+                    )));
+                }
+            };
+            let out = change(&mut rec)?;
+            t.insert(name.as_str(), encode(&rec)?.as_slice())?;
+            out
+        };
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Rewrites a volume's record (its name must exist).
     pub fn update_volume(&self, rec: &VolumeRecord) -> Result<()> {
         let tx = self.db.begin_write()?;

@@ -462,8 +462,22 @@ impl Reporter for Daemon {
                     .snapshots(&j.volume)
                     .ok()
                     .and_then(|s| s.last().map(|s| s.created_unix_ms));
+                // The region the replica holds (its relation's, or its upstream's).
+                let region = self
+                    .node
+                    .catalog
+                    .volume(&j.volume)
+                    .ok()
+                    .and_then(|v| v.region)
+                    .or_else(|| {
+                        self.cfg
+                            .mirror_of(&j.volume)
+                            .ok()
+                            .and_then(|m| m.region.clone())
+                    });
                 serde_json::json!({
                     "volume": j.volume,
+                    "region": region,
                     "upstream": j.upstream,
                     "lag-ms": newest.map(|c| now.saturating_sub(c)),
                     "job": j,
@@ -560,7 +574,8 @@ fn metrics_text(d: &Daemon) -> Result<String> {
         if v.upstream.is_some()
             && let Some(newest) = s.last()
         {
-            lag.get_or_create(&l(&[("volume", v.name.as_str())]))
+            let region = v.region.as_ref().map_or("", |r| r.as_str());
+            lag.get_or_create(&l(&[("volume", v.name.as_str()), ("region", region)]))
                 .set(now.saturating_sub(newest.created_unix_ms) as f64 / 1000.0);
         }
         let (mut here, mut down, mut stale_n) = (0i64, 0i64, 0i64);
@@ -605,7 +620,7 @@ fn metrics_text(d: &Daemon) -> Result<String> {
     );
     reg.register(
         "mirror_lag_seconds",
-        "Age of the newest snapshot of a replica",
+        "Age of the newest snapshot of a replica (region: the part of the volume it holds)",
         lag,
     );
     reg.register("locks", "Soft locks held on this node, by source", locks);

@@ -97,6 +97,9 @@ impl std::fmt::Display for TransferKind {
 #[serde(rename_all = "kebab-case")]
 pub struct MirrorReport {
     pub volume: VolumeName,
+    /// The region of the upstream's volume this relation mirrors, if only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<crate::id::RegionName>,
     pub upstream: NodeId,
     pub kind: TransferKind,
     /// The common snapshot the transfer started from, if any.
@@ -127,6 +130,7 @@ impl MirrorReport {
     fn nothing(volume: &VolumeName, upstream: &NodeId, started: Instant) -> MirrorReport {
         MirrorReport {
             volume: volume.clone(),
+            region: None,
             upstream: upstream.clone(),
             kind: TransferKind::UpToDate,
             base: None,
@@ -147,9 +151,12 @@ impl MirrorReport {
     /// One line for logs and `status`.
     pub fn summary(&self) -> String {
         format!(
-            "{}{} from {}: {} snapshot(s), {} chunks, {} bytes on the wire in {:.2}s; {} \
+            "{}{}{} from {}: {} snapshot(s), {} chunks, {} bytes on the wire in {:.2}s; {} \
              deleted, {} kept for locks; locks sent {}/{}",
             self.kind,
+            self.region
+                .as_ref()
+                .map_or_else(String::new, |r| format!(" of region {r}")),
             self.base
                 .as_deref()
                 .map_or_else(String::new, |b| format!(" (base {b})")),
@@ -407,6 +414,13 @@ pub fn check_listing(
         if !seen.insert(r.id) {
             return Err(refuse(format!("{it} twice")));
         }
+        if r.regions.len() > crate::region::MAX_REGIONS {
+            return Err(refuse(format!(
+                "{it} with {} regions (a volume has at most {})",
+                r.regions.len(),
+                crate::region::MAX_REGIONS
+            )));
+        }
         for (name, e) in &r.regions {
             let bs = r.block_size as u64;
             if e.length == 0
@@ -558,6 +572,7 @@ async fn update(
         .filter(|s| newest_ours.is_none_or(|n| s.id > n))
         .collect();
     let mut report = MirrorReport::nothing(volume, &relation.upstream, started);
+    report.region = relation.region.clone();
     report.kind = TransferKind::of(wanted.is_empty(), ours.is_empty(), base.is_some());
     report.base = base.as_ref().map(|b| b.display_ref());
 
@@ -1097,11 +1112,22 @@ impl Receive<'_> {
             seal(node, builder, index).await?;
         }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the chunks");
-        // Every block must now be readable here.
-        if let Some((i, id)) = candidates.iter().find(|(_, id)| !index.contains(id)) {
-            return Err(Error::corrupt(format!(
-                "{what}: block {i} needs chunk {id}, which the upstream did not send"
-            )));
+        // Every block must now be readable here, from a chunk of its length (a region's cut
+        // last block is shorter than the whole block the upstream holds).
+        for (i, id) in &candidates {
+            let Some(loc) = index.get(id) else {
+                return Err(Error::corrupt(format!(
+                    "{what}: block {i} needs chunk {id}, which the upstream did not send"
+                )));
+            };
+            let want = snapshot::block_len(m.size, m.block_size, *i as u64);
+            if loc.raw_length as usize != want {
+                return Err(Error::corrupt(format!(
+                    "{what}: block {i} is {want} bytes, but the chunk {id} the upstream named \
+                     for it has {}",
+                    loc.raw_length
+                )));
+            }
         }
         node.repo
             .put_manifest(&rec.volume, &rec.id, stored_manifest)

@@ -28,6 +28,16 @@ use crate::snapshot::Manifest;
 
 /// Longest partition label accepted (GPT labels are 36 UTF-16 units).
 const MAX_LABEL_BYTES: usize = 144;
+/// Most regions a volume may have (and a snapshot's map may hold).
+pub const MAX_REGIONS: usize = 256;
+/// Most partition entries a GPT may claim (a standard GPT has 128), and most bytes and reads
+/// a partition table may cost: the table is the guest's, and a hostile one must cost a
+/// bounded amount of memory and time, never an allocation it names.
+const MAX_GPT_ENTRIES: u64 = 4096;
+const MAX_TABLE_BYTES: u64 = 8 << 20;
+const MAX_TABLE_READS: u32 = 4096;
+/// What is read at once from the start of the volume (the MBR, the GPT and its entries).
+const TABLE_HEAD: u64 = 1 << 20;
 
 /// How a region is found in a volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +55,7 @@ impl std::fmt::Display for RegionDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegionDef::Range { offset, length } => {
-                write!(f, "bytes {offset}..{}", offset + length)
+                write!(f, "bytes {offset}..{}", offset.saturating_add(*length))
             }
             RegionDef::Partition { number } => write!(f, "partition {number}"),
             RegionDef::PartitionLabel { label } => write!(f, "partition labelled {label:?}"),
@@ -71,8 +81,10 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// Where it ends (extents are checked to end inside their volume before they are used;
+    /// one that would overflow ends at the top of the address space, inside no volume).
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
     }
 
     /// The volume's blocks that hold the region.
@@ -107,22 +119,146 @@ pub struct Partition {
     pub length: u64,
 }
 
-/// Reads the GPT (512- or 4096-byte sectors), or else the MBR, of a volume.
+/// A volume read for its partition table: its first MiB at once, the rest on demand, within
+/// bounds of bytes and reads.
+struct TableReader<'a, R> {
+    inner: &'a mut R,
+    size: u64,
+    head: Vec<u8>,
+    at: u64,
+    read_bytes: u64,
+    reads: u32,
+}
+
+impl<'a, R: Read + Seek> TableReader<'a, R> {
+    fn new(inner: &'a mut R) -> std::io::Result<Self> {
+        let size = inner.seek(std::io::SeekFrom::End(0))?;
+        inner.rewind()?;
+        let mut head = vec![0u8; size.min(TABLE_HEAD) as usize];
+        inner.read_exact(&mut head)?;
+        Ok(TableReader {
+            inner,
+            size,
+            head,
+            at: 0,
+            read_bytes: 0,
+            reads: 0,
+        })
+    }
+
+    /// The u32 at byte `at` of the volume, if the head holds it.
+    fn head_u32(&self, at: u64) -> Option<u32> {
+        let at = usize::try_from(at).ok()?;
+        let b = self.head.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// Refuses a GPT header (primary, at either sector size) that claims more entries than a
+    /// partition table has, before the parser sizes anything by it.
+    fn check_gpt_headers(&mut self) -> std::result::Result<(), String> {
+        for ss in [512u64, 4096] {
+            let mut headers = vec![];
+            if self.head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
+                headers.push((
+                    "primary",
+                    self.head_u32(ss + 80).unwrap_or(0),
+                    self.head_u32(ss + 84).unwrap_or(0),
+                ));
+            }
+            if self.size >= ss * 2 {
+                let at = (self.size / ss - 1) * ss;
+                let mut h = [0u8; 92];
+                if self.seek(std::io::SeekFrom::Start(at)).is_ok()
+                    && self.read_exact(&mut h).is_ok()
+                    && &h[..8] == b"EFI PART"
+                {
+                    let le =
+                        |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+                    headers.push(("backup", le(80), le(84)));
+                }
+            }
+            for (which, entries, entry_size) in headers {
+                if entries as u64 > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
+                    return Err(format!(
+                        "has a {which} GPT header that claims {entries} partition entries of \
+                         {entry_size} bytes (holdfast reads at most {MAX_GPT_ENTRIES} entries of \
+                         128 to 4096 bytes)"
+                    ));
+                }
+            }
+        }
+        self.rewind().map_err(|e| e.to_string())
+    }
+}
+
+impl<R: Read + Seek> Read for TableReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at < self.head.len() as u64 {
+            let from = &self.head[self.at as usize..];
+            let n = from.len().min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            self.at += n as u64;
+            return Ok(n);
+        }
+        self.reads += 1;
+        self.read_bytes += buf.len() as u64;
+        if self.reads > MAX_TABLE_READS || self.read_bytes > MAX_TABLE_BYTES {
+            return Err(std::io::Error::other(format!(
+                "reading the partition table took more than {MAX_TABLE_READS} reads or \
+                 {MAX_TABLE_BYTES} bytes"
+            )));
+        }
+        self.inner.seek(std::io::SeekFrom::Start(self.at))?;
+        let n = self.inner.read(buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Seek> Seek for TableReader<'_, R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        let to = match pos {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.size.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.at.checked_add_signed(d),
+        };
+        self.at = to.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range")
+        })?;
+        Ok(self.at)
+    }
+}
+
+/// `lba * sector`, and the bytes of `sectors` sectors, when they fit in a u64.
+fn bytes_of(first: u64, sectors: u64, sector_size: u64) -> Option<(u64, u64)> {
+    let offset = first.checked_mul(sector_size)?;
+    let length = sectors.checked_mul(sector_size)?;
+    offset.checked_add(length)?;
+    Some((offset, length))
+}
+
+/// Reads the GPT (512- or 4096-byte sectors), or else the MBR (512-byte sectors), of a
+/// volume, at a bounded cost whatever the table says.
 pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partition>, String> {
-    let gpt_error = match gptman::GPT::find_from(r) {
+    let mut r = TableReader::new(r).map_err(|e| format!("cannot be read: {e}"))?;
+    r.check_gpt_headers()?;
+    let gpt_error = match gptman::GPT::find_from(&mut r) {
         Ok(gpt) => {
             let ss = gpt.sector_size;
             let mut out = Vec::new();
             for (n, p) in gpt.iter().filter(|(_, p)| p.is_used()) {
                 let range = p
                     .range()
-                    .map_err(|e| format!("GPT partition {n} is damaged: {e}"))?;
+                    .map_err(|e| format!("has a damaged GPT partition {n}: {e}"))?;
+                let (offset, length) =
+                    bytes_of(*range.start(), range.end() - range.start() + 1, ss)
+                        .ok_or_else(|| format!("has a GPT partition {n} beyond any disk's size"))?;
                 out.push(Partition {
                     number: n,
                     label: Some(p.partition_name.as_str().trim_end_matches('\0').to_string())
                         .filter(|l| !l.is_empty()),
-                    offset: range.start() * ss,
-                    length: (range.end() - range.start() + 1) * ss,
+                    offset,
+                    length,
                 });
             }
             return Ok(out);
@@ -130,7 +266,7 @@ pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partitio
         Err(e) => e,
     };
     r.rewind().map_err(|e| e.to_string())?;
-    let mbr = match mbrman::MBR::read_from(r, 512) {
+    let mbr = match mbrman::MBR::read_from(&mut r, 512) {
         Ok(m) => m,
         Err(mbrman::Error::InvalidSignature) => {
             return Err("it has no partition table (neither a GPT nor an MBR)".into());
@@ -152,6 +288,21 @@ pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partitio
             length: p.sectors as u64 * 512,
         })
         .collect())
+}
+
+/// At `volume region add`: a byte range ends on a block, or at the volume's end. (At snapshot
+/// time a range that no longer does, because the volume grew, is cut like a partition.)
+pub fn check_range_end(def: &RegionDef, size: u64, block_size: u32) -> Result<()> {
+    if let RegionDef::Range { offset, length } = def
+        && !length.is_multiple_of(block_size as u64)
+        && offset.saturating_add(*length) != size
+    {
+        return Err(Error::invalid(format!(
+            "--length {length} is not a multiple of the volume's block size ({block_size}) and \
+             the range does not end at the volume's end ({size} bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a region definition on its own (before any volume is read).
@@ -202,29 +353,29 @@ pub fn resolve<R: Read + Seek>(
     for r in regions {
         let it = format!("region {} of volume {volume} ({})", r.name, r.def);
         let extent = match &r.def {
-            RegionDef::Range { offset, length } => {
-                if !length.is_multiple_of(bs) && offset + length != size {
-                    return Err(format!(
-                        "{it} ends inside a block: its length is not a multiple of the block \
-                         size ({bs}) and it does not end at the volume's end"
-                    ));
-                }
-                Extent {
-                    offset: *offset,
-                    length: *length,
-                }
-            }
+            RegionDef::Range { offset, length } => Extent {
+                offset: *offset,
+                length: *length,
+            },
             RegionDef::Partition { .. } | RegionDef::PartitionLabel { .. } => {
                 if table.is_none() {
                     table = Some(partitions(reader).map_err(|e| format!("{it}: the volume {e}"))?);
                 }
                 let parts = table.as_ref().expect("read above");
-                let found = parts.iter().find(|p| match &r.def {
+                let mut found = parts.iter().filter(|p| match &r.def {
                     RegionDef::Partition { number } => p.number == *number,
                     RegionDef::PartitionLabel { label } => p.label.as_ref() == Some(label),
                     RegionDef::Range { .. } => false,
                 });
-                let Some(p) = found else {
+                let (first, second) = (found.next(), found.next());
+                if let (Some(a), Some(b)) = (first, second) {
+                    return Err(format!(
+                        "{it}: partitions {} and {} both carry that label; name the region by \
+                         --partition instead",
+                        a.number, b.number
+                    ));
+                }
+                let Some(p) = first else {
                     let have: Vec<String> = parts
                         .iter()
                         .map(|p| match &p.label {
@@ -258,7 +409,11 @@ pub fn resolve<R: Read + Seek>(
         if extent.length == 0 {
             return Err(format!("{it} is empty"));
         }
-        if extent.end() > size {
+        if extent
+            .offset
+            .checked_add(extent.length)
+            .is_none_or(|end| end > size)
+        {
             return Err(format!(
                 "{it} ends at byte {}, past the end of the volume ({size} bytes); did the volume \
                  shrink?",
@@ -296,10 +451,16 @@ pub fn cut(full: &[u8], keep: usize) -> Option<ChunkId> {
 /// id and header otherwise. `tail` replaces a cut last block (see [`Extent::cut_tail`]); without
 /// it, the cut block keeps the whole block's chunk (a local restore truncates it).
 pub fn slice(m: &Manifest, extent: Extent, tail: Option<Option<ChunkId>>) -> Manifest {
+    // (Extents are checked to lie inside the volume; one that does not gives what lies inside.)
     let range = extent.blocks(m.block_size);
+    let range = range.start.min(m.blocks.len())..range.end.min(m.blocks.len());
     let mut blocks = crate::snapshot::BlockList::with_capacity(range.len());
     blocks.extend_from(&m.blocks, range.clone());
-    if let (Some(t), Some(_)) = (tail, extent.cut_tail(m.size, m.block_size)) {
+    if let (Some(t), Some(_), false) = (
+        tail,
+        extent.cut_tail(m.size, m.block_size),
+        range.is_empty(),
+    ) {
         blocks.set(range.len() - 1, t);
     }
     Manifest {
@@ -314,6 +475,66 @@ pub fn slice(m: &Manifest, extent: Extent, tail: Option<Option<ChunkId>>) -> Man
         parent: m.parent,
         blocks,
     }
+}
+
+/// A region's last block when the region ends inside it.
+#[derive(Clone, Copy, Debug)]
+pub struct CutTail {
+    /// The chunk of the region's bytes of the block (`None`: they are zeros).
+    pub id: Option<ChunkId>,
+    /// The whole block's chunk, and how many of its bytes are the region's.
+    pub full: ChunkId,
+    pub keep: usize,
+}
+
+/// The plain bytes of one chunk of this node's repository, checked against its id (the
+/// caller holds the repository's lock).
+pub async fn read_plain(node: &crate::state::Node, id: ChunkId) -> Result<Vec<u8>> {
+    let (index, _) = node
+        .find_chunks(&std::collections::HashSet::from([id]))
+        .await?;
+    let (loc, stored) = node
+        .repo
+        .read_chunks(&index, &[id])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("a chunk read returned nothing"))?;
+    tokio::task::spawn_blocking(move || {
+        crate::chunk::decode(&id, loc.encoding, &stored, loc.raw_length as usize)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("chunk decoder failed: {e}")))?
+}
+
+/// The cut last block of `extent` in a snapshot of this node, if the region ends inside a
+/// block that holds data.
+pub async fn cut_tail_of(
+    node: &crate::state::Node,
+    m: &Manifest,
+    extent: Extent,
+) -> Result<Option<CutTail>> {
+    let Some((i, keep)) = extent.cut_tail(m.size, m.block_size) else {
+        return Ok(None);
+    };
+    let Some(full) = m.blocks.get(i).flatten() else {
+        return Ok(None);
+    };
+    let plain = read_plain(node, full).await?;
+    Ok(Some(CutTail {
+        id: cut(&plain, keep),
+        full,
+        keep,
+    }))
+}
+
+/// [`slice`] of a snapshot of this node, with a cut last block as a region replica holds it.
+pub async fn local_view(
+    node: &crate::state::Node,
+    m: &Manifest,
+    extent: Extent,
+) -> Result<Manifest> {
+    let tail = cut_tail_of(node, m, extent).await?;
+    Ok(slice(m, extent, tail.map(|t| t.id)))
 }
 
 /// The extent of `region` in a snapshot's map, or an error that names what there is.
@@ -368,10 +589,21 @@ mod tests {
         assert!(overlap.unwrap_err().contains("overlap"));
         let past = resolve(&v, &[range("a", 0, 2 << 20)], &mut none, 1 << 20, bs);
         assert!(past.unwrap_err().contains("past the end"));
-        let ragged = resolve(&v, &[range("a", 0, 100)], &mut none, 1 << 20, bs);
-        assert!(ragged.unwrap_err().contains("inside a block"));
+        let ragged = RegionDef::Range {
+            offset: 0,
+            length: 100,
+        };
+        assert!(check_range_end(&ragged, 1 << 20, bs).is_err());
         // Ending at the volume's end is fine whatever the length.
-        assert!(resolve(&v, &[range("a", 4096, 1000)], &mut none, 5096, bs).is_ok());
+        assert!(check_range_end(&ragged, 100, bs).is_ok());
+        let overflow = resolve(
+            &v,
+            &[range("a", u64::MAX - 4095, 8192)],
+            &mut none,
+            1 << 20,
+            bs,
+        );
+        assert!(overflow.unwrap_err().contains("past the end"));
         let no_table = resolve(
             &v,
             &[Region {
@@ -397,6 +629,16 @@ mod tests {
             .is_err()
         );
         assert!(check_def(&RegionDef::Partition { number: 0 }, bs).is_err());
+    }
+
+    #[test]
+    fn a_gpt_header_that_claims_too_much_is_refused_before_it_is_parsed() {
+        let mut disk = vec![0u8; 1 << 20];
+        disk[512..520].copy_from_slice(b"EFI PART");
+        disk[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
+        disk[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let e = partitions(&mut std::io::Cursor::new(disk)).unwrap_err();
+        assert!(e.contains("claims 4294967295 partition entries"), "{e}");
     }
 
     #[test]

@@ -224,11 +224,13 @@ impl SoftLock {
         self.expires_unix_ms().is_some_and(|e| e <= now_ms)
     }
 
-    /// Same dependency (snapshot, type, value): a refresh rather than a new lock.
+    /// Same dependency (snapshot, type, value, and the node it started from): a refresh
+    /// rather than a new lock.
     pub fn same_dependency(&self, other: &SoftLock) -> bool {
         self.snapshot == other.snapshot
             && self.lock_type == other.lock_type
             && self.value == other.value
+            && self.path.first() == other.path.first()
     }
 
     /// One line for an operator: holder, type and value, age, refresh, lease, route.

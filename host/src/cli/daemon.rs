@@ -96,8 +96,11 @@ impl StatusCommand {
         for r in s["relations"].as_array().into_iter().flatten() {
             let j = &r["job"];
             outln!(
-                "  {} <- {}: lag {}, last run {} ({}), next {}, {}",
+                "  {}{} <- {}: lag {}, last run {} ({}), next {}, {}",
                 r["volume"].as_str().unwrap_or("?"),
+                r["region"]
+                    .as_str()
+                    .map_or_else(String::new, |g| format!(" (region {g})")),
                 r["upstream"].as_str().unwrap_or("?"),
                 u(&r["lag-ms"]).map_or("-".into(), human_duration),
                 ago(now, u(&j["last-finished-unix-ms"])),

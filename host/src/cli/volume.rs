@@ -128,42 +128,77 @@ impl RegionCommand {
                     _ => unreachable!("clap allows exactly one way"),
                 };
                 region::check_def(&def, rec.block_size)?;
-                if rec.regions.iter().any(|r| r.name == name) {
-                    anyhow::bail!(holdfast::Error::conflict(format!(
-                        "volume {volume} already has a region named {name}; remove it first or \
-                         choose another name"
-                    )));
-                }
-                rec.regions.push(Region {
+                let check_new = |rec: &holdfast::catalog::VolumeRecord| {
+                    if rec.regions.iter().any(|r| r.name == name) {
+                        return Err(holdfast::Error::conflict(format!(
+                            "volume {volume} already has a region named {name}; remove it first \
+                             or choose another name"
+                        )));
+                    }
+                    if rec.regions.len() >= region::MAX_REGIONS {
+                        return Err(holdfast::Error::invalid(format!(
+                            "volume {volume} has {} regions, the most a volume may have",
+                            rec.regions.len()
+                        )));
+                    }
+                    Ok(())
+                };
+                check_new(&rec)?;
+                let new = Region {
                     name: name.clone(),
                     def: def.clone(),
-                });
-                // Where every region lies now (a missing partition or an overlap is found at
-                // once, not at the next snapshot). A running QEMU's disk is read only by
-                // snapshots.
-                let (r2, checked) = (
-                    rec.clone(),
-                    !matches!(rec.source, Some(SourceSpec::Qmp { .. })),
-                );
-                let extent = if checked {
-                    let map = tokio::task::spawn_blocking(move || -> holdfast::Result<_> {
-                        let src = volume::open_source(&r2.image, r2.source.as_ref(), None)?;
-                        let size = src.size();
-                        region::resolve(
+                };
+                rec.regions.push(new.clone());
+                // Where every region lies now: a missing partition or an overlap is found at
+                // once, not at the next snapshot. A running QEMU's disk is read only by
+                // snapshots; its byte ranges are checked against its size.
+                let (r2, new2) = (rec.clone(), new.clone());
+                let extent = tokio::task::spawn_blocking(move || -> holdfast::Result<_> {
+                    let (src, size, regions) = match &r2.source {
+                        Some(SourceSpec::Qmp { monitor, node, .. }) => {
+                            let mut q = volume::qmp::Qmp::connect(monitor)?;
+                            let size = volume::qmp::node_info(&mut q, node)?.size;
+                            let ranges: Vec<Region> = r2
+                                .regions
+                                .iter()
+                                .filter(|r| matches!(r.def, RegionDef::Range { .. }))
+                                .cloned()
+                                .collect();
+                            (None, size, ranges)
+                        }
+                        _ => {
+                            let src = volume::open_source(&r2.image, r2.source.as_ref(), None)?;
+                            let size = src.size();
+                            (Some(src), size, r2.regions.clone())
+                        }
+                    };
+                    region::check_range_end(&new2.def, size, r2.block_size)?;
+                    let map = match &src {
+                        Some(src) => region::resolve(
                             &r2.name,
-                            &r2.regions,
-                            &mut volume::SourceReader::new(&src),
+                            &regions,
+                            &mut volume::SourceReader::new(src),
                             size,
                             r2.block_size,
-                        )
-                        .map_err(holdfast::Error::invalid)
-                    })
-                    .await??;
-                    map.get(&name).copied()
-                } else {
-                    None
-                };
-                node.catalog.update_volume(&rec)?;
+                        ),
+                        None => region::resolve(
+                            &r2.name,
+                            &regions,
+                            &mut std::io::Cursor::new(Vec::new()),
+                            size,
+                            r2.block_size,
+                        ),
+                    }
+                    .map_err(holdfast::Error::invalid)?;
+                    Ok(map.get(&new2.name).copied())
+                })
+                .await??;
+                // Into the record as it is now (a snapshot may have moved its checkpoint).
+                node.catalog.modify_volume(&volume, |now| {
+                    check_new(now)?;
+                    now.regions.push(new);
+                    Ok(())
+                })?;
                 ctx.summary(match extent {
                     Some(e) => format!(
                         "added region {name} of volume {volume} ({def}: now bytes {}..{}, {})",
@@ -241,16 +276,35 @@ impl RegionCommand {
                 }
             }
             RegionCommand::Remove { volume, name } => {
-                let mut rec = node.catalog.volume(&volume)?;
-                let before = rec.regions.len();
-                rec.regions.retain(|r| r.name != name);
-                if rec.regions.len() == before {
-                    anyhow::bail!(holdfast::Error::not_found(format!(
-                        "volume {volume} has no region named {name}; `holdfast volume region \
-                         list {volume}` shows them"
-                    )));
+                node.catalog.modify_volume(&volume, |rec| {
+                    let before = rec.regions.len();
+                    rec.regions.retain(|r| r.name != name);
+                    if rec.regions.len() == before {
+                        return Err(holdfast::Error::not_found(format!(
+                            "volume {volume} has no region named {name}; `holdfast volume \
+                             region list {volume}` shows them"
+                        )));
+                    }
+                    Ok(())
+                })?;
+                // Its downstreams keep their bases until they are told.
+                let value = format!("{volume}/{name}");
+                let holders: std::collections::BTreeSet<String> = node
+                    .catalog
+                    .locks()
+                    .sets(Some(&volume))?
+                    .into_iter()
+                    .filter(|s| s.locks.iter().any(|l| l.value == value))
+                    .map(|s| s.holder.to_string())
+                    .collect();
+                if !holders.is_empty() {
+                    tracing::warn!(
+                        "downstream(s) {} mirror region {name} and keep their base locks on it; \
+                         remove the region from their [[mirror]] and release their locks \
+                         (`holdfast lock release --holder NODE/{volume}`) when they are gone",
+                        holders.into_iter().collect::<Vec<_>>().join(", ")
+                    );
                 }
-                node.catalog.update_volume(&rec)?;
                 ctx.summary(format!(
                     "removed region {name} of volume {volume}; snapshots taken so far keep it"
                 ));
@@ -374,8 +428,12 @@ impl VolumeCommand {
                         let size = snaps
                             .last()
                             .map_or_else(|| "-".into(), |s| human_bytes(s.size));
+                        let region = v
+                            .region
+                            .as_ref()
+                            .map_or_else(String::new, |r| format!(", region {r}"));
                         outln!(
-                            "{:<24} {:>10} {:>10} {:>9}  ({from})",
+                            "{:<24} {:>10} {:>10} {:>9}  ({from}{region})",
                             v.name.as_str(),
                             size,
                             human_bytes(v.block_size as u64),

@@ -185,9 +185,8 @@ struct Served {
 struct RegionView {
     name: RegionName,
     manifest: Arc<Manifest>,
-    /// The region's last block when the region ends inside it: the chunk of its bytes
-    /// (`None`: zeros), the whole block's chunk, and how many bytes are the region's.
-    tail: Option<(Option<ChunkId>, ChunkId, usize)>,
+    /// The region's last block when the region ends inside it.
+    tail: Option<crate::region::CutTail>,
     /// Every chunk of the region: all a peer may read through it.
     all: HashSet<ChunkId>,
 }
@@ -195,8 +194,7 @@ struct RegionView {
 impl RegionView {
     /// The cut last block's own chunk, which no pack holds: made from the whole block.
     fn cut_chunk(&self) -> Option<(ChunkId, ChunkId, usize)> {
-        self.tail
-            .and_then(|(id, full, keep)| id.map(|id| (id, full, keep)))
+        self.tail.and_then(|t| t.id.map(|id| (id, t.full, t.keep)))
     }
 }
 
@@ -386,21 +384,21 @@ impl ServerState {
         }
         let extent = crate::region::extent_of(&rec.display_ref(), &rec.regions, region)?;
         let m = self.manifest_of(rec).await?;
-        let tail = match extent.cut_tail(m.size, m.block_size) {
-            Some((i, keep)) => match m.blocks.get(i).flatten() {
-                Some(full) => {
-                    let plain = self.read_plain(full).await?;
-                    Some((crate::region::cut(&plain, keep), full, keep))
-                }
-                None => None,
-            },
-            None => None,
+        if extent.end() > m.size {
+            return Err(Error::corrupt(format!(
+                "region {region} of {} lies past the snapshot's end",
+                rec.display_ref()
+            )));
+        }
+        let tail = {
+            let _lock = self.node.lock_repo_shared().await?;
+            crate::region::cut_tail_of(&self.node, &m, extent).await?
         };
         let heavy = self.heavy_work().await?;
         let name = region.clone();
         let view = tokio::task::spawn_blocking(move || {
             let _heavy = heavy;
-            let v = crate::region::slice(&m, extent, tail.map(|(id, _, _)| id));
+            let v = crate::region::slice(&m, extent, tail.map(|t| t.id));
             let all = v.blocks.ids().iter().copied().collect();
             Arc::new(RegionView {
                 name,
@@ -417,24 +415,6 @@ impl ServerState {
             }
         });
         Ok(view)
-    }
-
-    /// The plain bytes of one chunk of this node's repository, checked against its id.
-    async fn read_plain(&self, id: ChunkId) -> Result<Vec<u8>> {
-        let _lock = self.node.lock_repo_shared().await?;
-        let index = self.index_for(&[id]).await?;
-        let (loc, stored) = self
-            .node
-            .repo
-            .read_chunks(&index, &[id])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::internal("a chunk read returned nothing"))?;
-        tokio::task::spawn_blocking(move || {
-            crate::chunk::decode(&id, loc.encoding, &stored, loc.raw_length as usize)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("chunk decoder failed: {e}")))?
     }
 
     fn record(&self, volume: &VolumeName, id: &str) -> Result<SnapshotRecord> {
@@ -641,13 +621,17 @@ async fn list_snapshots(
         Err(Error::NotFound(_)) => vec![],
         Err(e) => return Err(e.into()),
     };
-    // A peer granted only some regions learns of no others.
+    // A peer granted only some regions learns of no others, nor of what the whole volume
+    // holds: it sees the snapshots that have its regions, sized to the end of the last one.
     if !peer.volumes.contains(&volume)
         && let Some(allowed) = peer.regions.get(&volume)
     {
-        for snap in &mut snapshots {
+        snapshots.retain_mut(|snap| {
             snap.regions.retain(|r, _| allowed.contains(r));
-        }
+            snap.size = snap.regions.values().map(|e| e.end()).max().unwrap_or(0);
+            snap.stats = Default::default();
+            !snap.regions.is_empty()
+        });
     }
     let region = match s.node.catalog.volume(&volume) {
         Ok(v) => v.region,
@@ -869,13 +853,17 @@ async fn chunks(
     }
     let cut_frame = match cut {
         Some((cut_id, full, keep)) => {
-            let plain = s.read_plain(full).await?;
+            let plain = {
+                let _lock = s.node.lock_repo_shared().await?;
+                crate::region::read_plain(&s.node, full).await?
+            };
+            let plain_len = plain.len();
             let (encoding, stored) = tokio::task::spawn_blocking(move || {
                 crate::chunk::encode(&plain[..keep.min(plain.len())])
             })
             .await
             .map_err(|e| Error::internal(format!("chunk encoder failed: {e}")))??;
-            Some((cut_id, encoding, stored, keep))
+            Some((cut_id, encoding, stored, keep.min(plain_len)))
         }
         None => None,
     };
@@ -986,6 +974,31 @@ async fn put_locks(
             peer.name, update.holder, update.volume
         ))
         .into());
+    }
+    // A peer granted only regions of the volume pins only snapshots that have one of them.
+    if !peer.volumes.contains(&volume)
+        && let Some(allowed) = peer.regions.get(&volume)
+    {
+        let with_region: HashSet<SnapshotId> = s
+            .node
+            .catalog
+            .snapshots(&volume)?
+            .into_iter()
+            .filter(|r| r.regions.keys().any(|k| allowed.contains(k)))
+            .map(|r| r.id)
+            .collect();
+        if let Some(l) = update
+            .locks
+            .iter()
+            .find(|l| !with_region.contains(&l.snapshot))
+        {
+            s.counters.denied.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::denied(format!(
+                "peer {} is granted only regions of {volume}, and snapshot {} has none of them",
+                peer.name, l.snapshot
+            ))
+            .into());
+        }
     }
     // A lock's path names the nodes it came through, the sender last (a path left empty is
     // the sender's own lock); it must leave room for this node to pass it on (a path at the

@@ -154,35 +154,39 @@ async fn take(
 ) -> Result<CreateReport> {
     let volume = &vol.name;
     let block_size = vol.block_size;
-    let (image, plan, regions) = {
+    let (image, plan) = {
         let vol = vol.clone();
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
         let full = opts.full_read;
-        let opened = tokio::task::spawn_blocking(move || {
-            let (image, plan) = open_source(&vol, &existing, &run_dir, full)?;
-            // The regions as this view of the volume has them (its own partition table).
-            let regions = if vol.regions.is_empty() {
-                Ok(Default::default())
-            } else {
-                let size = image.size();
-                crate::region::resolve(
-                    &vol.name,
-                    &vol.regions,
-                    &mut crate::volume::SourceReader::new(&image),
-                    size,
-                    vol.block_size,
-                )
-            };
-            Ok::<_, Error>((image, plan, regions))
-        })
-        .await
-        .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
-        .and_then(|r| r);
+        let opened =
+            tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
+                .await
+                .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
+                .and_then(|r| r);
         // The view is fixed now (a running QEMU's is frozen), or opening failed: either way
         // what `before` froze may go.
         hooks.frozen(env).await;
         opened?
+    };
+    // The regions as this view of the volume has them (its own partition table).
+    let (image, regions) = if vol.regions.is_empty() {
+        (image, Ok(Default::default()))
+    } else {
+        let (name, defs, bs) = (vol.name.clone(), vol.regions.clone(), vol.block_size);
+        tokio::task::spawn_blocking(move || {
+            let size = image.size();
+            let map = crate::region::resolve(
+                &name,
+                &defs,
+                &mut crate::volume::SourceReader::new(&image),
+                size,
+                bs,
+            );
+            (image, map)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("reading the regions failed: {e}")))?
     };
     let regions = match regions {
         Ok(map) => map,

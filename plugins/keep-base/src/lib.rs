@@ -4,13 +4,15 @@
 //! Config: `n` (default 1): how many common snapshots to keep per downstream.
 //!
 //! Built against holdfast:policy@0.2.0: it asks the view only for the downstreams and what
-//! they share with this node (a few numbers per downstream), never for the whole snapshot list.
+//! they share with this node (a few numbers per downstream), and for each downstream's
+//! qtree-name locks (a downstream that mirrors one region of the volume holds its base as one,
+//! valued `VOLUME/REGION`), never for the whole snapshot list.
 
 wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.2.0" });
 
 use holdfast::policy::config;
 use holdfast::policy::log::{Level, log};
-use holdfast::policy::types::{LockType, Phase};
+use holdfast::policy::types::{LockFilter, LockType, Phase};
 
 struct KeepBase;
 
@@ -38,13 +40,29 @@ impl Guest for KeepBase {
         let downstreams = view.downstreams();
         let mut out = Vec::new();
         for d in &downstreams {
+            // A downstream that mirrors one region of the volume says which with its base
+            // lock: type qtree-name, value VOLUME/REGION. Its bases are kept as that qtree's.
+            let region = view
+                .locks(&LockFilter {
+                    origin: None,
+                    holder: Some(d.holder.clone()),
+                    lock_type: Some(LockType::QtreeName),
+                    snapshot: None,
+                })
+                .into_iter()
+                .next()
+                .map(|l| l.value);
+            let (lock_type, value) = match region {
+                Some(r) => (LockType::QtreeName, r),
+                None => (LockType::DestinationPath, d.holder.clone()),
+            };
             // The host lists only snapshots this node has, oldest first: the newest common
             // ones are at the end.
             for id in d.common.iter().rev().take(n) {
                 out.push(LockRequest {
                     snapshot: *id,
-                    lock_type: LockType::DestinationPath,
-                    value: d.holder.clone(),
+                    lock_type: lock_type.clone(),
+                    value: value.clone(),
                 });
             }
         }

@@ -140,6 +140,27 @@ fn app_hold_locks_labelled_snapshots_until_they_are_relabelled() {
     n.ok(&["snapshot", "delete", "v@fresh"]);
 }
 
+/// A downstream that mirrors one region holds its base as a qtree-name lock (`VOLUME/REGION`);
+/// a 0.2 policy sees it in its view and keeps that base as the region's.
+#[test]
+fn keep_base_keeps_a_region_downstreams_base_as_its_qtree() {
+    let n = node(3, |_| None);
+    let ids: Vec<String> = (0..3).map(|i| id_of(&n, &format!("s{i}"))).collect();
+    let set = serde_json::json!({"volume": "v", "holder": "nodeC/v", "generation": 1,
+        "locks": [{"snapshot": ids[1], "type": "qtree-name", "value": "v/data"}]});
+    let f = n.path("set.json");
+    std::fs::write(&f, serde_json::to_vec(&set).unwrap()).unwrap();
+    n.ok(&["lock", "replace-set", f.to_str().unwrap()]);
+    add(&n, "base", "keep_base", &["n=1"]);
+    // A new snapshot runs the policies of its phase.
+    n.ok(&["snapshot", "create", "v", "--name", "s3"]);
+    let held = locks_of(&n, "app:policy.base");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["snapshot"], ids[1].as_str());
+    assert_eq!(held[0]["type"], "qtree-name");
+    assert_eq!(held[0]["value"], "v/data");
+}
+
 #[test]
 fn keep_base_locks_the_newest_common_snapshot_of_each_downstream() {
     // A downstream (nodeB/v) holds s0..s2; with n=1 keep-base locks s2 for it, and prune by

@@ -475,6 +475,47 @@ fn regions_and_the_whole_volume_fan_out_with_their_own_bases() {
     let listing: Value = serde_json::from_str(&listing).unwrap();
     let regions = &listing["snapshots"][1]["regions"];
     assert_eq!(regions.as_object().unwrap().len(), 1, "{listing}");
+    assert_eq!(
+        listing["snapshots"][1]["stats"]["new-bytes"], 0,
+        "{listing}"
+    );
+
+    // A snapshot without B's region: B neither lists nor pins it.
+    a.node.ok(&["volume", "region", "remove", "vm1", "data"]);
+    let s3 = a.node.snapshot("vm1", "s3");
+    let (_, listing) = a.request(&tls, "GET", "/v1/volumes/vm1/snapshots", "b", &b.token, "");
+    assert!(!listing.contains(&s3), "{listing}");
+    let set = serde_json::json!({"volume": "vm1", "holder": "b/vm1", "generation": u64::MAX / 2,
+        "locks": [{"snapshot": s3, "type": "qtree-name", "value": "vm1/data"}]});
+    let (code, body) = a.request(
+        &tls,
+        "PUT",
+        "/v1/volumes/vm1/locks",
+        "b",
+        &b.token,
+        &set.to_string(),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("granted only regions"), "{body}");
+
+    // Only bytes past the end of partition 3 change (the backup GPT's entries share its last
+    // block): the region's diff shows nothing, on A as on D.
+    let (at, len) = partition(&img, 3);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&[0xa5; 100], at + len + 100).unwrap();
+    a.node.snapshot("vm1", "s4");
+    let d4 = a
+        .node
+        .run(&[
+            "snapshot", "diff", "vm1@s3", "vm1@s4", "--region", "rest", "--json",
+        ])
+        .json();
+    assert_eq!(d4["changed-blocks"], 0, "{d4}");
+    let whole = a
+        .node
+        .run(&["snapshot", "diff", "vm1@s3", "vm1@s4", "--json"])
+        .json();
+    assert_eq!(whole["changed-blocks"], 1, "{whole}");
 }
 
 /// Test 6: bad regions are refused with a clear error and change nothing; a region that no
@@ -493,7 +534,7 @@ fn bad_regions_are_refused_and_change_nothing() {
         (
             vec!["x", "--offset", "0", "--length", "1000"],
             2,
-            "ends inside a block",
+            "does not end at the volume's end",
         ),
         (
             vec!["x", "--offset", "6MiB", "--length", "1MiB"],

@@ -555,6 +555,18 @@ async fn update(
         Some(region) => region_records(&relation.upstream, &listed, region)?,
         None => listed,
     };
+    // A region the upstream no longer lists at all (a grant that changed, say) is an error,
+    // never a reason to release this replica's base or delete its snapshots.
+    if let (Some(region), true) = (&relation.region, theirs.is_empty())
+        && node.catalog.snapshots(volume).is_ok_and(|s| !s.is_empty())
+    {
+        return Err(Error::not_found(format!(
+            "upstream {} lists no snapshot of {volume} with region {region} any more, though \
+             this replica holds some; nothing was changed (is this node still granted the \
+             region there?)",
+            relation.upstream
+        )));
+    }
     if !u.replica_ready(&relation.upstream, &theirs, holds)? {
         return Ok(MirrorReport::nothing(volume, &relation.upstream, started));
     }
@@ -660,15 +672,17 @@ impl Update<'_> {
                 what(&holds)
             ))),
             Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => Ok(true),
-            Ok(mut v)
+            Ok(v)
                 if v.upstream
                     .as_deref()
                     .is_some_and(|u| u.starts_with("seeded from target ")) =>
             {
                 // Seeded from a bucket (`mirror pull --target`): the snapshot ids are the
                 // upstream's, so mirroring continues incrementally from here.
-                v.upstream = Some(marker);
-                node.catalog.update_volume(&v)?;
+                node.catalog.modify_volume(volume, |now| {
+                    now.upstream = Some(marker);
+                    Ok(())
+                })?;
                 Ok(true)
             }
             Ok(v) => Err(Error::conflict(format!(
@@ -957,7 +971,19 @@ impl Receive<'_> {
                 .map_err(|e| Error::internal(format!("manifest decoder: {e}")))??;
                 match delta.apply(prev, what) {
                     Ok(m) => {
-                        let changed = delta.changes.iter().map(|(i, _)| *i).collect();
+                        let mut changed: Vec<u64> = delta.changes.iter().map(|(i, _)| *i).collect();
+                        // A block the delta leaves as it was may change its length when the
+                        // size changes (the old and the new last block): check those too.
+                        if m.size != prev.size {
+                            for n in [prev.blocks.len(), m.blocks.len()] {
+                                if let Some(last) = n.checked_sub(1).filter(|l| *l < m.blocks.len())
+                                {
+                                    changed.push(last as u64);
+                                }
+                            }
+                            changed.sort_unstable();
+                            changed.dedup();
+                        }
                         (m, Some(changed))
                     }
                     Err(e) => {

@@ -34,8 +34,9 @@ pub const MAX_REGIONS: usize = 256;
 /// a partition table may cost: the table is the guest's, and a hostile one must cost a
 /// bounded amount of memory and time, never an allocation it names.
 const MAX_GPT_ENTRIES: u64 = 4096;
-const MAX_TABLE_BYTES: u64 = 8 << 20;
-const MAX_TABLE_READS: u32 = 4096;
+/// Past the first MiB, the table is read in windows of this size, at most this many.
+const TABLE_WINDOW: u64 = 64 << 10;
+const MAX_TABLE_WINDOWS: usize = 128;
 /// What is read at once from the start of the volume (the MBR, the GPT and its entries).
 const TABLE_HEAD: u64 = 1 << 20;
 
@@ -126,8 +127,8 @@ struct TableReader<'a, R> {
     size: u64,
     head: Vec<u8>,
     at: u64,
-    read_bytes: u64,
-    reads: u32,
+    /// Windows read past the head, by their start (parsers read a field at a time).
+    windows: BTreeMap<u64, Vec<u8>>,
 }
 
 impl<'a, R: Read + Seek> TableReader<'a, R> {
@@ -141,48 +142,47 @@ impl<'a, R: Read + Seek> TableReader<'a, R> {
             size,
             head,
             at: 0,
-            read_bytes: 0,
-            reads: 0,
+            windows: BTreeMap::new(),
         })
     }
 
-    /// The u32 at byte `at` of the volume, if the head holds it.
-    fn head_u32(&self, at: u64) -> Option<u32> {
-        let at = usize::try_from(at).ok()?;
-        let b = self.head.get(at..at.checked_add(4)?)?;
-        Some(u32::from_le_bytes(b.try_into().ok()?))
-    }
-
-    /// Refuses a GPT header (primary, at either sector size) that claims more entries than a
-    /// partition table has, before the parser sizes anything by it.
+    /// Refuses a GPT header (primary or backup, at either sector size) that claims more
+    /// entries than a partition table has, or entries outside the volume, before the parser
+    /// sizes or places anything by it.
     fn check_gpt_headers(&mut self) -> std::result::Result<(), String> {
         for ss in [512u64, 4096] {
-            let mut headers = vec![];
-            if self.head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
-                headers.push((
-                    "primary",
-                    self.head_u32(ss + 80).unwrap_or(0),
-                    self.head_u32(ss + 84).unwrap_or(0),
-                ));
-            }
-            if self.size >= ss * 2 {
-                let at = (self.size / ss - 1) * ss;
+            let mut headers: Vec<(&str, [u8; 92])> = vec![];
+            for (which, at) in [
+                ("primary", Some(ss)),
+                ("backup", (self.size / ss).checked_sub(1).map(|l| l * ss)),
+            ] {
+                let Some(at) = at.filter(|a| *a >= ss) else {
+                    continue;
+                };
                 let mut h = [0u8; 92];
                 if self.seek(std::io::SeekFrom::Start(at)).is_ok()
                     && self.read_exact(&mut h).is_ok()
                     && &h[..8] == b"EFI PART"
                 {
-                    let le =
-                        |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
-                    headers.push(("backup", le(80), le(84)));
+                    headers.push((which, h));
                 }
             }
-            for (which, entries, entry_size) in headers {
+            for (which, h) in headers {
+                let u32_at =
+                    |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+                let lba = u64::from_le_bytes(h[72..80].try_into().expect("8 bytes"));
+                let (entries, entry_size) = (u32_at(80), u32_at(84));
                 if entries as u64 > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
                     return Err(format!(
                         "has a {which} GPT header that claims {entries} partition entries of \
                          {entry_size} bytes (holdfast reads at most {MAX_GPT_ENTRIES} entries of \
                          128 to 4096 bytes)"
+                    ));
+                }
+                if lba.checked_mul(ss).is_none_or(|b| b >= self.size) {
+                    return Err(format!(
+                        "has a {which} GPT header whose partition entries lie at sector {lba}, \
+                         past the volume's end"
                     ));
                 }
             }
@@ -200,16 +200,26 @@ impl<R: Read + Seek> Read for TableReader<'_, R> {
             self.at += n as u64;
             return Ok(n);
         }
-        self.reads += 1;
-        self.read_bytes += buf.len() as u64;
-        if self.reads > MAX_TABLE_READS || self.read_bytes > MAX_TABLE_BYTES {
-            return Err(std::io::Error::other(format!(
-                "reading the partition table took more than {MAX_TABLE_READS} reads or \
-                 {MAX_TABLE_BYTES} bytes"
-            )));
+        if self.at >= self.size || buf.is_empty() {
+            return Ok(0);
         }
-        self.inner.seek(std::io::SeekFrom::Start(self.at))?;
-        let n = self.inner.read(buf)?;
+        let start = self.at / TABLE_WINDOW * TABLE_WINDOW;
+        if !self.windows.contains_key(&start) {
+            if self.windows.len() >= MAX_TABLE_WINDOWS {
+                return Err(std::io::Error::other(format!(
+                    "reading the partition table took more than {} MiB",
+                    (MAX_TABLE_WINDOWS as u64 * TABLE_WINDOW) >> 20
+                )));
+            }
+            let mut w = vec![0u8; TABLE_WINDOW.min(self.size - start) as usize];
+            self.inner.seek(std::io::SeekFrom::Start(start))?;
+            self.inner.read_exact(&mut w)?;
+            self.windows.insert(start, w);
+        }
+        let w = &self.windows[&start];
+        let from = &w[(self.at - start) as usize..];
+        let n = from.len().min(buf.len());
+        buf[..n].copy_from_slice(&from[..n]);
         self.at += n as u64;
         Ok(n)
     }
@@ -242,7 +252,13 @@ fn bytes_of(first: u64, sectors: u64, sector_size: u64) -> Option<(u64, u64)> {
 pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partition>, String> {
     let mut r = TableReader::new(r).map_err(|e| format!("cannot be read: {e}"))?;
     r.check_gpt_headers()?;
-    let gpt_error = match gptman::GPT::find_from(&mut r) {
+    // The parsers do some arithmetic unchecked on the table's numbers: a table that makes
+    // them panic is a table that cannot be read, not a crash.
+    let parse_gpt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gptman::GPT::find_from(&mut r)
+    }))
+    .map_err(|_| "has a GPT its parser could not make sense of".to_string())?;
+    let gpt_error = match parse_gpt {
         Ok(gpt) => {
             let ss = gpt.sector_size;
             let mut out = Vec::new();
@@ -250,9 +266,10 @@ pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partitio
                 let range = p
                     .range()
                     .map_err(|e| format!("has a damaged GPT partition {n}: {e}"))?;
-                let (offset, length) =
-                    bytes_of(*range.start(), range.end() - range.start() + 1, ss)
-                        .ok_or_else(|| format!("has a GPT partition {n} beyond any disk's size"))?;
+                let (offset, length) = (range.end() - range.start())
+                    .checked_add(1)
+                    .and_then(|sectors| bytes_of(*range.start(), sectors, ss))
+                    .ok_or_else(|| format!("has a GPT partition {n} beyond any disk's size"))?;
                 out.push(Partition {
                     number: n,
                     label: Some(p.partition_name.as_str().trim_end_matches('\0').to_string())
@@ -266,7 +283,11 @@ pub fn partitions<R: Read + Seek>(r: &mut R) -> std::result::Result<Vec<Partitio
         Err(e) => e,
     };
     r.rewind().map_err(|e| e.to_string())?;
-    let mbr = match mbrman::MBR::read_from(&mut r, 512) {
+    let parse_mbr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        mbrman::MBR::read_from(&mut r, 512)
+    }))
+    .map_err(|_| "has an MBR its parser could not make sense of".to_string())?;
+    let mbr = match parse_mbr {
         Ok(m) => m,
         Err(mbrman::Error::InvalidSignature) => {
             return Err("it has no partition table (neither a GPT nor an MBR)".into());
@@ -639,6 +660,25 @@ mod tests {
         disk[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
         let e = partitions(&mut std::io::Cursor::new(disk)).unwrap_err();
         assert!(e.contains("claims 4294967295 partition entries"), "{e}");
+    }
+
+    #[test]
+    fn an_mbr_with_many_logical_partitions_far_out_is_read() {
+        let size = 256u64 << 20;
+        let mut disk = std::io::Cursor::new(vec![0u8; size as usize]);
+        let mut mbr = mbrman::MBR::new_from(&mut disk, 512, [1, 2, 3, 4]).unwrap();
+        mbr.align = 2048;
+        mbr.header.partition_1.sys = 0x05;
+        mbr.header.partition_1.starting_lba = 16384;
+        mbr.header.partition_1.sectors = (size / 512) as u32 - 16384;
+        for i in 0..20u32 {
+            mbr.push(0x83, 16384 + i * 16384, 16384).unwrap();
+        }
+        mbr.write_into(&mut disk).unwrap();
+        let parts = partitions(&mut disk).unwrap();
+        assert_eq!(parts.len(), 21, "{parts:?}");
+        let last = parts.iter().find(|p| p.number == 24).unwrap();
+        assert_eq!(last.offset, (16384 + 19 * 16384 + 2048) * 512);
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl RegionCommand {
                     Ok(())
                 };
                 check_new(&rec)?;
+                let before = rec.regions.clone();
                 let new = Region {
                     name: name.clone(),
                     def: def.clone(),
@@ -195,6 +196,14 @@ impl RegionCommand {
                 .await??;
                 // Into the record as it is now (a snapshot may have moved its checkpoint).
                 node.catalog.modify_volume(&volume, |now| {
+                    // What was checked is what is there: a region added or removed meanwhile
+                    // (another `region add`) means checking again.
+                    if now.regions != before {
+                        return Err(holdfast::Error::conflict(format!(
+                            "the regions of volume {volume} changed while this command checked \
+                             them; run it again"
+                        )));
+                    }
                     check_new(now)?;
                     now.regions.push(new);
                     Ok(())

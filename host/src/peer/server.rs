@@ -382,7 +382,10 @@ impl ServerState {
         if let Some(Some(v)) = self.with_served(&rec.volume, rec.id, find) {
             return Ok(v);
         }
-        let extent = crate::region::extent_of(&rec.display_ref(), &rec.regions, region)?;
+        // (Not `extent_of`, whose message names every region: a peer learns only of its own.)
+        let extent = rec.regions.get(region).copied().ok_or_else(|| {
+            Error::not_found(format!("snapshot {} has no region {region}", rec.id))
+        })?;
         let m = self.manifest_of(rec).await?;
         if extent.end() > m.size {
             return Err(Error::corrupt(format!(
@@ -979,19 +982,16 @@ async fn put_locks(
     if !peer.volumes.contains(&volume)
         && let Some(allowed) = peer.regions.get(&volume)
     {
-        let with_region: HashSet<SnapshotId> = s
+        // (A snapshot that is gone is the registry's to answer: not found.)
+        let without: HashSet<SnapshotId> = s
             .node
             .catalog
             .snapshots(&volume)?
             .into_iter()
-            .filter(|r| r.regions.keys().any(|k| allowed.contains(k)))
+            .filter(|r| !r.regions.keys().any(|k| allowed.contains(k)))
             .map(|r| r.id)
             .collect();
-        if let Some(l) = update
-            .locks
-            .iter()
-            .find(|l| !with_region.contains(&l.snapshot))
-        {
+        if let Some(l) = update.locks.iter().find(|l| without.contains(&l.snapshot)) {
             s.counters.denied.fetch_add(1, Ordering::Relaxed);
             return Err(Error::denied(format!(
                 "peer {} is granted only regions of {volume}, and snapshot {} has none of them",

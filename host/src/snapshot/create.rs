@@ -174,7 +174,7 @@ async fn take(
         (image, Ok(Default::default()))
     } else {
         let (name, defs, bs) = (vol.name.clone(), vol.regions.clone(), vol.block_size);
-        tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             let size = image.size();
             let map = crate::region::resolve(
                 &name,
@@ -185,8 +185,16 @@ async fn take(
             );
             (image, map)
         })
-        .await
-        .map_err(|e| Error::internal(format!("reading the regions failed: {e}")))?
+        .await;
+        match read {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(abandon(
+                    &plan,
+                    Error::internal(format!("reading the regions failed: {e}")),
+                ));
+            }
+        }
     };
     let regions = match regions {
         Ok(map) => map,
@@ -401,27 +409,22 @@ impl TrackingPlan {
         rec: &SnapshotRecord,
         unmarked: u64,
     ) -> Tracking {
-        let mut updated = match node.catalog.volume(&vol.name) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(
-                    "could not record the checkpoint of {}: {e}",
-                    rec.display_ref()
-                );
-                return self.report(unmarked);
-            }
-        };
         // The chain's last full read: this snapshot's, or the one the chain started from.
         let full_read_unix_ms = match (&self.base, &vol.checkpoint) {
             (Some(_), Some(cp)) => cp.full_read_unix_ms,
             _ => rec.created_unix_ms,
         };
-        updated.checkpoint = Some(Checkpoint {
+        let checkpoint = Checkpoint {
             bitmap: self.new_bitmap.clone(),
             snapshot: rec.id,
             full_read_unix_ms,
+        };
+        // Only the checkpoint changes (a region added meanwhile stays).
+        let recorded = node.catalog.modify_volume(&vol.name, |now| {
+            now.checkpoint = Some(checkpoint);
+            Ok(())
         });
-        if let Err(e) = node.catalog.update_volume(&updated) {
+        if let Err(e) = recorded {
             tracing::warn!(
                 "could not record the checkpoint of {}: {e}",
                 rec.display_ref()

@@ -42,16 +42,24 @@ impl Guest for KeepBase {
         for d in &downstreams {
             // A downstream that mirrors one region of the volume says which with its base
             // lock: type qtree-name, value VOLUME/REGION. Its bases are kept as that qtree's.
-            let region = view
-                .locks(&LockFilter {
+            // (A whole-volume replica holds its base as destination-path; a qtree-name lock
+            // in its set then comes from a region mirror further down.)
+            let of_type = |t: LockType| {
+                view.locks(&LockFilter {
                     origin: None,
                     holder: Some(d.holder.clone()),
-                    lock_type: Some(LockType::QtreeName),
+                    lock_type: Some(t),
                     snapshot: None,
                 })
-                .into_iter()
-                .next()
-                .map(|l| l.value);
+            };
+            let region = if of_type(LockType::DestinationPath).is_empty() {
+                of_type(LockType::QtreeName)
+                    .into_iter()
+                    .next()
+                    .map(|l| l.value)
+            } else {
+                None
+            };
             let (lock_type, value) = match region {
                 Some(r) => (LockType::QtreeName, r),
                 None => (LockType::DestinationPath, d.holder.clone()),

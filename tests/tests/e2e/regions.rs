@@ -516,6 +516,28 @@ fn regions_and_the_whole_volume_fan_out_with_their_own_bases() {
         .run(&["snapshot", "diff", "vm1@s3", "vm1@s4", "--json"])
         .json();
     assert_eq!(whole["changed-blocks"], 1, "{whole}");
+
+    // B's grant changes to a region none of A's snapshots has: B's update fails and changes
+    // nothing here or there (its replica and its base lock stay).
+    a.stop();
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![
+                (&b, vec![], "regions = [\"vm1/other\"]"),
+                (&d, vec!["vm1"], ""),
+                (&e, vec!["vm1"], ""),
+            ],
+            ..Default::default()
+        },
+    );
+    a.start();
+    let (b_before, held_before) = (b.ids("vm1"), a.locked_by("b/vm1"));
+    let r = b.mirror_run("vm1");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("lists no snapshot"), "{}", r.stderr);
+    assert_eq!(b.ids("vm1"), b_before);
+    assert_eq!(a.locked_by("b/vm1"), held_before);
 }
 
 /// Test 6: bad regions are refused with a clear error and change nothing; a region that no

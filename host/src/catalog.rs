@@ -24,6 +24,38 @@ use crate::id::{SnapshotId, SnapshotName, SnapshotRef, VolumeName, shorten};
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 /// Key: `volume/snapshot-id`; ids sort by creation time, so a range scan lists in order.
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// One entry, [`GC_KEY`]: what deletions left for gc (see [`GcState`]).
+const GC: TableDefinition<&str, &[u8]> = TableDefinition::new("gc");
+const GC_KEY: &str = "state";
+
+/// What deletions have left for gc since it last ran, whatever deleted (retention, a mirror
+/// applying its upstream's deletions, `snapshot delete`), and how the last gc went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GcState {
+    /// Snapshots deleted since the last gc.
+    pub deleted_snapshots: u64,
+    /// What those snapshots added when they were taken or received (stored bytes): an
+    /// estimate of what gc can free, high when later snapshots share their chunks.
+    pub dead_bytes_estimate: u64,
+    /// When the first of them was deleted.
+    pub since_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<LastGc>,
+}
+
+/// A finished gc.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LastGc {
+    pub finished_unix_ms: u64,
+    pub millis: u64,
+    pub bytes_freed: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    /// Dead bytes it left in packs that were not worth repacking.
+    pub dead_bytes_kept: u64,
+}
 
 /// A registered volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +217,7 @@ impl Catalog {
             };
             if present(tx.open_table(VOLUMES).map(drop))?
                 && present(tx.open_table(SNAPSHOTS).map(drop))?
+                && present(tx.open_table(GC).map(drop))?
             {
                 return Ok(());
             }
@@ -192,6 +225,7 @@ impl Catalog {
         let tx = self.db.begin_write()?;
         tx.open_table(VOLUMES)?;
         tx.open_table(SNAPSHOTS)?;
+        tx.open_table(GC)?;
         tx.commit()?;
         Ok(())
     }
@@ -460,10 +494,59 @@ impl Catalog {
             };
             check(&tx, &rec)?;
             tx.open_table(SNAPSHOTS)?.remove(key.as_str())?;
+            // What it leaves for gc, counted with the deletion itself.
+            let mut gc = tx.open_table(GC)?;
+            let mut state: GcState = match gc.get(GC_KEY)? {
+                Some(v) => decode(v.value(), "gc state")?,
+                None => GcState::default(),
+            };
+            state.deleted_snapshots += 1;
+            state.dead_bytes_estimate += rec.stats.new_stored_bytes;
+            state.since_unix_ms.get_or_insert_with(crate::now_unix_ms);
+            gc.insert(GC_KEY, encode(&state)?.as_slice())?;
             rec
         };
         tx.commit()?;
         Ok(rec)
+    }
+
+    /// What deletions have left for gc, and the last gc.
+    pub fn gc_state(&self) -> Result<GcState> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(GC)?;
+        match t.get(GC_KEY)? {
+            Some(v) => decode(v.value(), "gc state"),
+            None => Ok(GcState::default()),
+        }
+    }
+
+    /// Records a finished gc that started when the state was `counted`: what was counted
+    /// then is done; deletions since stay for the next gc.
+    pub fn gc_done(&self, counted: &GcState, last: LastGc) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(GC)?;
+            let mut state: GcState = match t.get(GC_KEY)? {
+                Some(v) => decode(v.value(), "gc state")?,
+                None => GcState::default(),
+            };
+            state.deleted_snapshots = state
+                .deleted_snapshots
+                .saturating_sub(counted.deleted_snapshots);
+            state.dead_bytes_estimate = state
+                .dead_bytes_estimate
+                .saturating_sub(counted.dead_bytes_estimate);
+            if state.deleted_snapshots == 0 {
+                state.dead_bytes_estimate = 0;
+                state.since_unix_ms = None;
+            } else if counted.deleted_snapshots > 0 {
+                state.since_unix_ms = Some(last.finished_unix_ms);
+            }
+            state.last = Some(last);
+            t.insert(GC_KEY, encode(&state)?.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 }
 

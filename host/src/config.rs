@@ -33,9 +33,70 @@ pub struct NodeConfig {
     pub retention: Vec<Retention>,
     #[serde(default)]
     pub push: Vec<Push>,
+    /// The daemon's gc after deletions.
+    #[serde(default)]
+    pub gc: GcConfig,
     /// Where this file was read from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// When the daemon reclaims the space of deleted snapshots, whatever deleted them (retention,
+/// a mirror applying its upstream's deletions, `holdfast snapshot delete`): it looks `every`
+/// so often, and runs gc when the repository is idle and the deletions since the last gc added
+/// up to `min_dead` (their stored bytes, an estimate), or the oldest of them is `max_wait` old.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_gc_every")]
+    pub every: String,
+    #[serde(default = "default_gc_min_dead")]
+    pub min_dead: String,
+    #[serde(default = "default_gc_max_wait")]
+    pub max_wait: String,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            enabled: true,
+            every: default_gc_every(),
+            min_dead: default_gc_min_dead(),
+            max_wait: default_gc_max_wait(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_gc_every() -> String {
+    "10m".into()
+}
+fn default_gc_min_dead() -> String {
+    "1GiB".into()
+}
+fn default_gc_max_wait() -> String {
+    "1d".into()
+}
+
+impl GcConfig {
+    /// (every, min_dead bytes, max_wait), checked.
+    pub fn parsed(&self) -> Result<(Duration, u64, Duration)> {
+        let min_dead: bytesize::ByteSize = self.min_dead.parse().map_err(|e| {
+            Error::invalid(format!(
+                "[gc] min_dead {:?} is not a size (1GiB, 500MiB): {e}",
+                self.min_dead
+            ))
+        })?;
+        Ok((
+            parse_duration("[gc] every", &self.every)?,
+            min_dead.as_u64(),
+            parse_duration("[gc] max_wait", &self.max_wait)?,
+        ))
+    }
 }
 
 /// The daemon's listener: the peer protocol, `status` and `/metrics`.
@@ -375,6 +436,7 @@ impl NodeConfig {
                 )));
             }
         }
+        self.gc.parsed().map_err(|e| self.err(e.to_string()))?;
         for m in &self.mirror {
             if !self.upstream.iter().any(|u| u.name == m.upstream) {
                 return Err(self.err(format!(

@@ -96,6 +96,8 @@ pub struct Daemon {
     listen: Option<String>,
     /// A retention run pruned something but could not gc: the next retention run does.
     gc_pending: std::sync::atomic::AtomicBool,
+    /// What the gc after deletions last did when it was due (ran, deferred, failed).
+    gc_attempt: Mutex<Option<String>>,
 }
 
 impl Daemon {
@@ -235,6 +237,55 @@ impl Daemon {
             }
             Ok(None) => "; gc deferred: the repository is busy".to_string(),
         })
+    }
+
+    /// Reclaims the space of deleted snapshots, whatever deleted them, when enough is dead
+    /// (an estimate: what they added) or the oldest deletion waited long enough, and the
+    /// repository is idle (otherwise it tries again at the next look).
+    async fn gc_loop(self: Arc<Self>, every: Duration, min_dead: u64, max_wait: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if crate::shutdown::requested() {
+                return;
+            }
+            let state = match self.node.catalog.gc_state() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("reading what deletions left for gc: {e}");
+                    continue;
+                }
+            };
+            let waited = state
+                .since_unix_ms
+                .map_or(0, |t| crate::now_unix_ms().saturating_sub(t));
+            if state.deleted_snapshots == 0
+                || (state.dead_bytes_estimate < min_dead && waited < max_wait.as_millis() as u64)
+            {
+                continue;
+            }
+            let hidden = indicatif::ProgressBar::hidden();
+            let outcome = match crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await {
+                Ok(Some(g)) => {
+                    tracing::info!(
+                        deleted_snapshots = state.deleted_snapshots,
+                        packs_deleted = g.packs_deleted,
+                        packs_repacked = g.packs_repacked,
+                        bytes_freed = g.bytes_freed,
+                        "gc after deletions"
+                    );
+                    format!(
+                        "freed {} bytes after {} deletion(s)",
+                        g.bytes_freed, state.deleted_snapshots
+                    )
+                }
+                Ok(None) => "deferred: the repository is busy".to_string(),
+                Err(e) => {
+                    tracing::warn!("gc after deletions failed (it tries again): {e}");
+                    format!("failed: {e}")
+                }
+            };
+            *self.gc_attempt.lock().expect("not poisoned") = Some(outcome);
+        }
     }
 
     async fn job_loop(self: Arc<Self>, i: usize, job: Job) {
@@ -447,6 +498,20 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What deletions left for gc, the last gc, and when the daemon runs one.
+    fn gc_status(&self) -> Result<serde_json::Value> {
+        let state = self.node.catalog.gc_state()?;
+        let mut v = serde_json::to_value(&state).map_err(|e| Error::internal(e.to_string()))?;
+        v["enabled"] = self.cfg.gc.enabled.into();
+        v["every"] = self.cfg.gc.every.clone().into();
+        v["min-dead"] = self.cfg.gc.min_dead.clone().into();
+        v["max-wait"] = self.cfg.gc.max_wait.clone().into();
+        v["last-attempt"] = self.gc_attempt.lock().expect("not poisoned").clone().into();
+        Ok(v)
+    }
+}
+
 impl Reporter for Daemon {
     fn status(&self) -> Result<serde_json::Value> {
         let jobs = self.jobs_with_transfers()?;
@@ -496,6 +561,7 @@ impl Reporter for Daemon {
             "jobs": jobs,
             "volumes": locks,
             "policy-failures": failures,
+            "gc": self.gc_status()?,
             "served-bytes": *self.served.chunk_bytes.lock().expect("not poisoned"),
             "denied-requests": self.served.denied.load(Ordering::Relaxed),
         }))
@@ -530,11 +596,34 @@ fn metrics_text(d: &Daemon) -> Result<String> {
     let served = Family::<Labels, Counter>::default();
     let denied = Counter::<u64>::default();
     let job_failures = Family::<Labels, Gauge>::default();
+    let gc_state = d.node.catalog.gc_state()?;
+    let gc_dead = Gauge::<i64>::default();
+    gc_dead.set(gc_state.dead_bytes_estimate as i64);
+    let gc_deleted = Gauge::<i64>::default();
+    gc_deleted.set(gc_state.deleted_snapshots as i64);
+    let gc_last = Gauge::<i64>::default();
+    gc_last.set(
+        gc_state
+            .last
+            .as_ref()
+            .map_or(0, |l| (l.finished_unix_ms / 1000) as i64),
+    );
     // Every update of every relation, whoever ran it (the transfer log).
+    // Series of a volume removed since are not kept alive by its old transfer log.
+    let present: std::collections::HashSet<VolumeName> = d
+        .node
+        .catalog
+        .volumes()?
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     for log in crate::transfers::all(&d.node.catalog)? {
         let crate::transfers::Relation::Mirror { volume, upstream } = &log.relation else {
             continue;
         };
+        if !present.contains(volume) {
+            continue;
+        }
         for (kind, n) in &log.by_kind {
             transfers
                 .get_or_create(&l(&[
@@ -637,6 +726,21 @@ fn metrics_text(d: &Daemon) -> Result<String> {
         "job_consecutive_failures",
         "Consecutive failures of each scheduled job",
         job_failures,
+    );
+    reg.register(
+        "gc_dead_bytes_estimate",
+        "Stored bytes of the snapshots deleted since the last gc (what gc may free)",
+        gc_dead,
+    );
+    reg.register(
+        "gc_deleted_snapshots",
+        "Snapshots deleted since the last gc",
+        gc_deleted,
+    );
+    reg.register(
+        "gc_last_run_timestamp_seconds",
+        "When the last gc finished (0: never)",
+        gc_last,
     );
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| Error::internal(format!("encoding metrics: {e}")))?;
@@ -828,6 +932,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         started_unix_ms: crate::now_unix_ms(),
         listen: listen.clone(),
         gc_pending: Default::default(),
+        gc_attempt: Default::default(),
     });
 
     let admin_token = crate::peer::new_token();
@@ -867,6 +972,10 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
     }
     for (i, job) in jobs.into_iter().enumerate() {
         tasks.spawn(daemon.clone().job_loop(i, job));
+    }
+    if cfg.gc.enabled {
+        let (every, min_dead, max_wait) = cfg.gc.parsed()?;
+        tasks.spawn(daemon.clone().gc_loop(every, min_dead, max_wait));
     }
     tracing::info!(
         node = %node.info.node_id,

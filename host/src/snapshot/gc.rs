@@ -75,6 +75,8 @@ async fn gc_locked(
         dry_run,
         ..Default::default()
     };
+    // What deletions had left when this gc started (deletions from here on wait for the next).
+    let counted = node.catalog.gc_state()?;
 
     // 1. What is live.
     let snaps = node.catalog.all_snapshots()?;
@@ -259,5 +261,18 @@ async fn gc_locked(
         node.clean_staging_files();
     }
     report.elapsed = started.elapsed();
+    if !dry_run {
+        let done = crate::catalog::LastGc {
+            finished_unix_ms: crate::now_unix_ms(),
+            millis: started.elapsed().as_millis() as u64,
+            bytes_freed: report.bytes_freed,
+            packs_deleted: report.packs_deleted,
+            packs_repacked: report.packs_repacked,
+            dead_bytes_kept: report.dead_bytes_kept,
+        };
+        if let Err(e) = node.catalog.gc_done(&counted, done) {
+            tracing::warn!("could not record the gc in the catalog: {e}");
+        }
+    }
     Ok(report)
 }

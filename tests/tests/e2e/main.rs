@@ -10,6 +10,7 @@ mod mirror;
 mod policies;
 mod regions;
 mod snapshots;
+mod soak;
 mod sparse;
 mod target_gc;
 mod targets;

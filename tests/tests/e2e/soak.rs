@@ -1,0 +1,231 @@
+//! A soak of a three-node cascade (issue: nodes that run for months): snapshots every second
+//! on A, mirrors every second on B and C, retention keep-last 5 with gc on A and B (C only
+//! mirrors: the daemon's gc after deletions reclaims its space), a writer changing 1 % of the
+//! volume every second. It samples each daemon's resident memory, open files, state size,
+//! catalog size and lock history, and the replicas' lag; after a warm-up it fits a line to each
+//! and fails if one grows beyond a bound over the run.
+//!
+//! `./test.sh` runs it for 40 s. For hours, with a report:
+//! `HOLDFAST_SOAK_SECS=3600 HOLDFAST_SOAK_REPORT=soak.md cargo test -p holdfast-tests --test e2e
+//! -- soak --nocapture` (with `HOLDFAST_BIN` for a release binary; `HOLDFAST_SOAK_LEGACY=1`
+//! measures a binary from before `[gc]` existed, and only reports).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::mixed_bytes;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+const VOLUME: u64 = 32 * MIB;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(p) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Least-squares slope of `ys` over `xs`.
+fn slope(xs: &[f64], ys: &[f64]) -> f64 {
+    let n = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in xs.iter().zip(ys) {
+        num += (x - mx) * (y - my);
+        den += (x - mx) * (x - mx);
+    }
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// One sample of one node.
+fn sample(p: &Peer, lagging: bool) -> BTreeMap<&'static str, f64> {
+    let pid = p.pid().expect("daemon running");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let history = p.node.run(&["lock", "history", "--json"]);
+    let events = serde_json::from_str::<serde_json::Value>(&history.stdout)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0);
+    let mut m = BTreeMap::from([
+        ("rss-mb", p.rss() as f64 / 1e6),
+        ("open-files", fds as f64),
+        ("state-mb", dir_bytes(&p.node.state) as f64 / 1e6),
+        (
+            "catalog-kb",
+            std::fs::metadata(p.node.state.join("catalog.redb")).map_or(0, |m| m.len()) as f64
+                / 1e3,
+        ),
+        ("history-events", events as f64),
+    ]);
+    if lagging {
+        let st = p.status();
+        let lag = st["relations"][0]["lag-ms"].as_f64().unwrap_or(0.0) / 1000.0;
+        m.insert("lag-s", lag);
+    }
+    m
+}
+
+/// How much a metric may grow over the measured window (after the warm-up) before the soak
+/// calls it a leak: a fraction of its mean, or an absolute floor for small ones.
+fn allowed_growth(metric: &str, mean: f64) -> f64 {
+    let floor = match metric {
+        "rss-mb" => 24.0,
+        "open-files" => 8.0,
+        "state-mb" => 24.0,
+        "catalog-kb" => 256.0,
+        "history-events" => 40.0,
+        "lag-s" => 5.0,
+        _ => 0.0,
+    };
+    (0.25 * mean).max(floor)
+}
+
+#[test]
+fn a_cascade_stays_flat() {
+    let secs = env_u64("HOLDFAST_SOAK_SECS", 40);
+    let legacy = std::env::var_os("HOLDFAST_SOAK_LEGACY").is_some();
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let img = a.node.image("vm1.img", &mixed_bytes(VOLUME as usize, 5));
+    a.node.add_volume("vm1", &img, "64KiB");
+    let (mut b, mut c) = (Peer::new("b"), Peer::new("c"));
+    let gc = if legacy {
+        ""
+    } else {
+        "[gc]\nevery = \"2s\"\nmin_dead = \"1MiB\"\n"
+    };
+    let retention = "[[retention]]\nvolume = \"vm1\"\nkeep_last = 5\nevery = \"2s\"\n";
+    let a_extra = format!("{gc}[[schedule]]\nvolume = \"vm1\"\nevery = \"1s\"\n{retention}");
+    let b_extra = format!("{gc}{retention}");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            extra: &a_extra,
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            downstreams: vec![(&c, vec!["vm1"], "")],
+            mirror_every: Some("1s"),
+            extra: &b_extra,
+            ..Default::default()
+        },
+    );
+    c.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "vm1")),
+            mirror_every: Some("1s"),
+            extra: gc,
+            ..Default::default()
+        },
+    );
+    // History is kept per holder: a small cap shows within a short run that it is one.
+    for p in [&mut a, &mut b, &mut c] {
+        if std::env::var_os("HOLDFAST_SOAK_SECS").is_none() {
+            p.node
+                .env
+                .push(("HOLDFAST_HISTORY_PER_HOLDER".into(), "10".into()));
+        }
+        p.start();
+    }
+
+    let started = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut samples: Vec<(f64, [BTreeMap<&str, f64>; 3])> = Vec::new();
+    std::thread::scope(|s| {
+        // The writer: 1 % of the volume's blocks, every second.
+        s.spawn(|| {
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            let n = VOLUME / BLOCK;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..(n / 100).max(1) {
+                    let at = rand::random::<u64>() % n * BLOCK;
+                    let bytes: Vec<u8> = (0..BLOCK).map(|_| rand::random::<u8>()).collect();
+                    f.write_all_at(&bytes, at).unwrap();
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        let every = Duration::from_secs((secs / 40).clamp(2, 60));
+        while started.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(every);
+            let t = started.elapsed().as_secs_f64();
+            samples.push((t, [sample(&a, false), sample(&b, true), sample(&c, true)]));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+
+    // The report: first, last and max of each metric per node, and its fitted growth.
+    let warm = samples.len() / 3;
+    let mut report = format!(
+        "soak of {secs} s, {} samples (the first {warm} are the warm-up)\n\n| node | metric | \
+         first | last | max | growth after warm-up (fit) | allowed |\n|---|---|---|---|---|---|---|\n",
+        samples.len()
+    );
+    let mut leaks = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let metrics: Vec<&str> = samples[0].1[i].keys().copied().collect();
+        for metric in metrics {
+            let ys: Vec<f64> = samples.iter().map(|(_, s)| s[i][metric]).collect();
+            let xs: Vec<f64> = samples.iter().map(|(t, _)| *t).collect();
+            let (wx, wy) = (&xs[warm..], &ys[warm..]);
+            let growth = slope(wx, wy) * (wx[wx.len() - 1] - wx[0]);
+            let mean = wy.iter().sum::<f64>() / wy.len() as f64;
+            let allowed = allowed_growth(metric, mean);
+            let max = ys.iter().cloned().fold(f64::MIN, f64::max);
+            report.push_str(&format!(
+                "| {name} | {metric} | {:.1} | {:.1} | {max:.1} | {growth:+.1} | {allowed:.1} |\n",
+                ys[0],
+                ys[ys.len() - 1]
+            ));
+            if growth > allowed {
+                leaks.push(format!(
+                    "{name} {metric} grew by {growth:.1} (allowed {allowed:.1})"
+                ));
+            }
+        }
+    }
+    eprintln!("{report}");
+    if let Some(path) = std::env::var_os("HOLDFAST_SOAK_REPORT") {
+        std::fs::write(path, &report).unwrap();
+    }
+    for p in [&a, &b, &c] {
+        let st = p.status();
+        for j in st["jobs"].as_array().unwrap() {
+            assert!(
+                j["last-ok"] != false,
+                "{}: a job failed at the end: {j}\n{report}",
+                p.name
+            );
+        }
+    }
+    for p in [&mut a, &mut b, &mut c] {
+        p.stop();
+        p.node.ok(&["verify"]);
+    }
+    if !legacy {
+        assert!(leaks.is_empty(), "{leaks:?}\n{report}");
+    }
+}

@@ -2,8 +2,9 @@
 //! on A, mirrors every second on B and C, retention keep-last 5 with gc on A and B (C only
 //! mirrors: the daemon's gc after deletions reclaims its space), a writer changing 1 % of the
 //! volume every second. It samples each daemon's resident memory, open files, state size,
-//! catalog size and lock history, and the replicas' lag; after a warm-up it fits a line to each
-//! and fails if one grows beyond a bound over the run.
+//! catalog size and lock history, and the replicas' lag; after a warm-up (the first half) it
+//! fits a line to each and fails if one grows beyond a bound over the run, or if gc would
+//! still find much to reclaim on any node at the end.
 //!
 //! `./test.sh` runs it for 40 s. For hours, with a report:
 //! `HOLDFAST_SOAK_SECS=3600 HOLDFAST_SOAK_REPORT=soak.md cargo test -p holdfast-tests --test e2e
@@ -86,7 +87,8 @@ fn sample(p: &Peer, lagging: bool) -> BTreeMap<&'static str, f64> {
 /// calls it a leak: a fraction of its mean, or an absolute floor for small ones.
 fn allowed_growth(metric: &str, mean: f64) -> f64 {
     let floor = match metric {
-        "rss-mb" => 24.0,
+        // Caches fill while the repository grows to its steady size.
+        "rss-mb" => 48.0,
         "open-files" => 8.0,
         "state-mb" => 24.0,
         "catalog-kb" => 256.0,
@@ -155,12 +157,12 @@ fn a_cascade_stays_flat() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut samples: Vec<(f64, [BTreeMap<&str, f64>; 3])> = Vec::new();
     std::thread::scope(|s| {
-        // The writer: 1 % of the volume's blocks, every second.
+        // The writer: 3 % of the volume's blocks, every second.
         s.spawn(|| {
             let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
             let n = VOLUME / BLOCK;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..(n / 100).max(1) {
+                for _ in 0..(n * 3 / 100).max(1) {
                     let at = rand::random::<u64>() % n * BLOCK;
                     let bytes: Vec<u8> = (0..BLOCK).map(|_| rand::random::<u8>()).collect();
                     f.write_all_at(&bytes, at).unwrap();
@@ -178,7 +180,7 @@ fn a_cascade_stays_flat() {
     });
 
     // The report: first, last and max of each metric per node, and its fitted growth.
-    let warm = samples.len() / 3;
+    let warm = samples.len() / 2;
     let mut report = format!(
         "soak of {secs} s, {} samples (the first {warm} are the warm-up)\n\n| node | metric | \
          first | last | max | growth after warm-up (fit) | allowed |\n|---|---|---|---|---|---|---|\n",
@@ -213,6 +215,7 @@ fn a_cascade_stays_flat() {
     }
     for p in [&a, &b, &c] {
         let st = p.status();
+        eprintln!("{}: gc {}", p.name, st["gc"]);
         for j in st["jobs"].as_array().unwrap() {
             assert!(
                 j["last-ok"] != false,
@@ -224,6 +227,23 @@ fn a_cascade_stays_flat() {
     for p in [&mut a, &mut b, &mut c] {
         p.stop();
         p.node.ok(&["verify"]);
+    }
+    // What deletions left is reclaimed as the run goes, on every node (C only mirrors).
+    for p in [&a, &b, &c] {
+        let g = p.node.run(&["gc", "--dry-run", "--json"]).json();
+        let (dead, state) = (
+            g["bytes-freed"].as_u64().unwrap_or(0) as f64,
+            dir_bytes(&p.node.state) as f64,
+        );
+        eprintln!("{}: gc would free {:.1} MB of {:.1} MB", p.name, dead / 1e6, state / 1e6);
+        if dead > (0.15 * state).max(4e6) {
+            leaks.push(format!(
+                "{}: {:.1} MB of its {:.1} MB are reclaimable",
+                p.name,
+                dead / 1e6,
+                state / 1e6
+            ));
+        }
     }
     if !legacy {
         assert!(leaks.is_empty(), "{leaks:?}\n{report}");

@@ -42,6 +42,17 @@ pub struct GcState {
     pub since_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<LastGc>,
+    /// When the daemon's gc of each target it pushes to last finished, and what it did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, TargetGcDone>,
+}
+
+/// The daemon's last gc of one target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TargetGcDone {
+    pub finished_unix_ms: u64,
+    pub summary: String,
 }
 
 /// A finished gc.
@@ -166,6 +177,19 @@ impl SnapshotRecord {
     /// `volume@name`, for messages.
     pub fn display_ref(&self) -> String {
         format!("{}@{}", self.volume, self.name)
+    }
+}
+
+/// The gc state as stored; an unreadable one starts again from zero (with a warning), so
+/// that it never stops a deletion, a gc, `status` or the metrics.
+fn read_gc_state(bytes: Option<&[u8]>) -> GcState {
+    match bytes.map(|b| decode::<GcState>(b, "gc state")) {
+        None => GcState::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            tracing::warn!("{e}; counting what deletions leave for gc from zero");
+            GcState::default()
+        }
     }
 }
 
@@ -496,10 +520,7 @@ impl Catalog {
             tx.open_table(SNAPSHOTS)?.remove(key.as_str())?;
             // What it leaves for gc, counted with the deletion itself.
             let mut gc = tx.open_table(GC)?;
-            let mut state: GcState = match gc.get(GC_KEY)? {
-                Some(v) => decode(v.value(), "gc state")?,
-                None => GcState::default(),
-            };
+            let mut state = read_gc_state(gc.get(GC_KEY)?.as_ref().map(|v| v.value()));
             state.deleted_snapshots += 1;
             state.dead_bytes_estimate += rec.stats.new_stored_bytes;
             state.since_unix_ms.get_or_insert_with(crate::now_unix_ms);
@@ -514,10 +535,20 @@ impl Catalog {
     pub fn gc_state(&self) -> Result<GcState> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(GC)?;
-        match t.get(GC_KEY)? {
-            Some(v) => decode(v.value(), "gc state"),
-            None => Ok(GcState::default()),
+        Ok(read_gc_state(t.get(GC_KEY)?.as_ref().map(|v| v.value())))
+    }
+
+    /// Records the daemon's gc of a target.
+    pub fn target_gc_done(&self, target: &str, done: TargetGcDone) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(GC)?;
+            let mut state = read_gc_state(t.get(GC_KEY)?.as_ref().map(|v| v.value()));
+            state.targets.insert(target.to_string(), done);
+            t.insert(GC_KEY, encode(&state)?.as_slice())?;
         }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records a finished gc that started when the state was `counted`: what was counted
@@ -526,10 +557,7 @@ impl Catalog {
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(GC)?;
-            let mut state: GcState = match t.get(GC_KEY)? {
-                Some(v) => decode(v.value(), "gc state")?,
-                None => GcState::default(),
-            };
+            let mut state = read_gc_state(t.get(GC_KEY)?.as_ref().map(|v| v.value()));
             state.deleted_snapshots = state
                 .deleted_snapshots
                 .saturating_sub(counted.deleted_snapshots);
@@ -540,7 +568,8 @@ impl Catalog {
                 state.dead_bytes_estimate = 0;
                 state.since_unix_ms = None;
             } else if counted.deleted_snapshots > 0 {
-                state.since_unix_ms = Some(last.finished_unix_ms);
+                // Those left were deleted after the gc started.
+                state.since_unix_ms = Some(last.finished_unix_ms.saturating_sub(last.millis));
             }
             state.last = Some(last);
             t.insert(GC_KEY, encode(&state)?.as_slice())?;

@@ -56,6 +56,10 @@ pub struct GcConfig {
     pub min_dead: String,
     #[serde(default = "default_gc_max_wait")]
     pub max_wait: String,
+    /// How often the daemon gcs each target it pushes to (what prunes of it left: two phases,
+    /// so a pack goes one grace period after the gc that condemned it).
+    #[serde(default = "default_gc_target_every")]
+    pub target_every: String,
 }
 
 impl Default for GcConfig {
@@ -65,6 +69,7 @@ impl Default for GcConfig {
             every: default_gc_every(),
             min_dead: default_gc_min_dead(),
             max_wait: default_gc_max_wait(),
+            target_every: default_gc_target_every(),
         }
     }
 }
@@ -81,20 +86,31 @@ fn default_gc_min_dead() -> String {
 fn default_gc_max_wait() -> String {
     "1d".into()
 }
+fn default_gc_target_every() -> String {
+    "1d".into()
+}
 
 impl GcConfig {
-    /// (every, min_dead bytes, max_wait), checked.
-    pub fn parsed(&self) -> Result<(Duration, u64, Duration)> {
+    /// (every, min_dead bytes, max_wait, target_every), checked.
+    pub fn parsed(&self) -> Result<(Duration, u64, Duration, Duration)> {
         let min_dead: bytesize::ByteSize = self.min_dead.parse().map_err(|e| {
             Error::invalid(format!(
                 "[gc] min_dead {:?} is not a size (1GiB, 500MiB): {e}",
                 self.min_dead
             ))
         })?;
+        let every = parse_duration("[gc] every", &self.every)?;
+        if every < Duration::from_secs(1) {
+            return Err(Error::invalid(format!(
+                "[gc] every = {:?} is less than a second",
+                self.every
+            )));
+        }
         Ok((
-            parse_duration("[gc] every", &self.every)?,
+            every,
             min_dead.as_u64(),
             parse_duration("[gc] max_wait", &self.max_wait)?,
+            parse_duration("[gc] target_every", &self.target_every)?,
         ))
     }
 }

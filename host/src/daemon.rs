@@ -211,7 +211,13 @@ impl Daemon {
     /// A gc that fails does not fail the prune before it.
     async fn gc_after_prune(&self, job: &Job, pruned: usize) -> Result<String> {
         use std::sync::atomic::Ordering;
-        if !job.gc || (pruned == 0 && !self.gc_pending.load(Ordering::Relaxed)) {
+        // What any deletion left (the daemon's own gc may have taken it already).
+        let waiting = self
+            .node
+            .catalog
+            .gc_state()
+            .map_or(true, |s| s.deleted_snapshots > 0);
+        if !job.gc || (pruned == 0 && !self.gc_pending.load(Ordering::Relaxed)) || !waiting {
             return Ok(String::new());
         }
         let hidden = indicatif::ProgressBar::hidden();
@@ -241,12 +247,21 @@ impl Daemon {
 
     /// Reclaims the space of deleted snapshots, whatever deleted them, when enough is dead
     /// (an estimate: what they added) or the oldest deletion waited long enough, and the
-    /// repository is idle (otherwise it tries again at the next look).
-    async fn gc_loop(self: Arc<Self>, every: Duration, min_dead: u64, max_wait: Duration) {
+    /// repository is idle; a repository that stays busy is waited for after three looks.
+    /// Then the targets this node pushes to, each once per `target_every`.
+    async fn gc_loop(
+        self: Arc<Self>,
+        every: Duration,
+        min_dead: u64,
+        max_wait: Duration,
+        target_every: Duration,
+    ) {
+        let max_wait_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+        let mut deferred = 0u32;
         loop {
-            tokio::time::sleep(every).await;
-            if crate::shutdown::requested() {
-                return;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = crate::shutdown::wait() => return,
             }
             let state = match self.node.catalog.gc_state() {
                 Ok(s) => s,
@@ -258,33 +273,104 @@ impl Daemon {
             let waited = state
                 .since_unix_ms
                 .map_or(0, |t| crate::now_unix_ms().saturating_sub(t));
-            if state.deleted_snapshots == 0
-                || (state.dead_bytes_estimate < min_dead && waited < max_wait.as_millis() as u64)
-            {
+            let due = state.deleted_snapshots > 0
+                && (state.dead_bytes_estimate >= min_dead || waited >= max_wait_ms);
+            if due {
+                self.gc_after_deletions(&state, &mut deferred).await;
+            }
+            self.gc_targets(target_every).await;
+        }
+    }
+
+    /// One gc after deletions (see [`Daemon::gc_loop`]).
+    async fn gc_after_deletions(&self, state: &crate::catalog::GcState, deferred: &mut u32) {
+        let hidden = indicatif::ProgressBar::hidden();
+        let run = if *deferred >= 3 {
+            crate::snapshot::gc::gc_waiting(self.node.clone(), &hidden)
+                .await
+                .map(Some)
+        } else {
+            crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await
+        };
+        let outcome = match run {
+            Ok(Some(g)) => {
+                *deferred = 0;
+                tracing::info!(
+                    deleted_snapshots = state.deleted_snapshots,
+                    packs_deleted = g.packs_deleted,
+                    packs_repacked = g.packs_repacked,
+                    bytes_freed = g.bytes_freed,
+                    "gc after deletions"
+                );
+                format!(
+                    "freed {} bytes after {} deletion(s)",
+                    g.bytes_freed, state.deleted_snapshots
+                )
+            }
+            Ok(None) => {
+                *deferred += 1;
+                "deferred: the repository is busy (after three looks, gc waits for it)".into()
+            }
+            Err(e) => {
+                tracing::warn!("gc after deletions failed (it tries again): {e}");
+                format!("failed: {e}")
+            }
+        };
+        *self.gc_attempt.lock().expect("not poisoned") = Some(outcome);
+    }
+
+    /// Gcs each target this node pushes to, once per `target_every` (the last run is kept in
+    /// the catalog, so restarts do not repeat it).
+    async fn gc_targets(&self, target_every: Duration) {
+        let mut targets: Vec<&str> = self.cfg.push.iter().map(|p| p.target.as_str()).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for name in targets {
+            let last = self
+                .node
+                .catalog
+                .gc_state()
+                .ok()
+                .and_then(|s| s.targets.get(name).map(|t| t.finished_unix_ms))
+                .unwrap_or(0);
+            let every_ms = u64::try_from(target_every.as_millis()).unwrap_or(u64::MAX);
+            if crate::now_unix_ms().saturating_sub(last) < every_ms {
                 continue;
             }
-            let hidden = indicatif::ProgressBar::hidden();
-            let outcome = match crate::snapshot::gc::gc_when_idle(&self.node, &hidden).await {
-                Ok(Some(g)) => {
+            let run = async {
+                let repo = crate::target::Targets::new(&self.node).open(name).await?;
+                crate::target::gc(&repo, &self.node.info.node_id, false).await
+            };
+            let (ok, summary) = match run.await {
+                Ok(r) => {
                     tracing::info!(
-                        deleted_snapshots = state.deleted_snapshots,
-                        packs_deleted = g.packs_deleted,
-                        packs_repacked = g.packs_repacked,
-                        bytes_freed = g.bytes_freed,
-                        "gc after deletions"
+                        target = name,
+                        packs_condemned = r.packs_condemned,
+                        packs_deleted = r.packs_deleted,
+                        bytes_freed = r.bytes_freed,
+                        "target gc"
                     );
-                    format!(
-                        "freed {} bytes after {} deletion(s)",
-                        g.bytes_freed, state.deleted_snapshots
+                    (
+                        true,
+                        format!(
+                            "condemned {} pack(s), deleted {} ({} bytes freed)",
+                            r.packs_condemned, r.packs_deleted, r.bytes_freed
+                        ),
                     )
                 }
-                Ok(None) => "deferred: the repository is busy".to_string(),
                 Err(e) => {
-                    tracing::warn!("gc after deletions failed (it tries again): {e}");
-                    format!("failed: {e}")
+                    tracing::warn!("gc of target {name} failed (it tries again): {e}");
+                    (false, format!("failed: {e}"))
                 }
             };
-            *self.gc_attempt.lock().expect("not poisoned") = Some(outcome);
+            // A failed run is tried again at the next look.
+            let done = crate::catalog::TargetGcDone {
+                finished_unix_ms: if ok { crate::now_unix_ms() } else { last },
+                summary,
+            };
+            if let Err(e) = self.node.catalog.target_gc_done(name, done) {
+                tracing::warn!("could not record the gc of target {name}: {e}");
+            }
         }
     }
 
@@ -974,8 +1060,12 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         tasks.spawn(daemon.clone().job_loop(i, job));
     }
     if cfg.gc.enabled {
-        let (every, min_dead, max_wait) = cfg.gc.parsed()?;
-        tasks.spawn(daemon.clone().gc_loop(every, min_dead, max_wait));
+        let (every, min_dead, max_wait, target_every) = cfg.gc.parsed()?;
+        tasks.spawn(
+            daemon
+                .clone()
+                .gc_loop(every, min_dead, max_wait, target_every),
+        );
     }
     tracing::info!(
         node = %node.info.node_id,

@@ -14,6 +14,7 @@
 //! before any old copy is removed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -53,6 +54,16 @@ pub struct GcReport {
 pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<GcReport> {
     let lock = node.lock_repo_exclusive()?;
     gc_locked(node, dry_run, progress, lock).await
+}
+
+/// Runs gc, waiting (off the async threads) for whatever holds the repository now to finish:
+/// the daemon's gc after deletions that an always busy repository has put off long enough.
+pub async fn gc_waiting(node: Arc<Node>, progress: &ProgressBar) -> Result<GcReport> {
+    let n = node.clone();
+    let lock = tokio::task::spawn_blocking(move || n.lock_repo_exclusive())
+        .await
+        .map_err(|e| Error::internal(format!("waiting for the repository lock: {e}")))??;
+    gc_locked(&node, false, progress, lock).await
 }
 
 /// Runs gc now if nothing is writing or reading snapshots on this node, else returns `None`

@@ -234,7 +234,10 @@ fn a_cascade_stays_flat() {
     // deletions left (less than `min_dead` may stay).
     a.stop();
     let t0 = Instant::now();
-    while !legacy {
+    loop {
+        if legacy {
+            break;
+        }
         let settled = [&b, &c].iter().all(|p| {
             let g = &p.status()["gc"];
             !g["last"].is_null() && g["dead-bytes-estimate"].as_u64().unwrap_or(u64::MAX) < MIB

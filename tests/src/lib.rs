@@ -76,6 +76,16 @@ impl Run {
     }
 }
 
+/// The longest one command of a test may run: `HOLDFAST_TEST_TIMEOUT_SECS`, else 10 minutes.
+pub fn command_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var("HOLDFAST_TEST_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    )
+}
+
 /// One node: a temporary directory holding its state and its images.
 #[derive(Debug)]
 pub struct TestNode {
@@ -144,9 +154,33 @@ impl TestNode {
         c
     }
 
-    /// Runs a command and returns what it did, whatever its exit code.
+    /// Runs a command and returns what it did, whatever its exit code. A command that runs
+    /// longer than [`command_timeout`] is killed and fails the test (a hang must not stall CI).
     pub fn run(&self, args: &[&str]) -> Run {
-        Run::from(self.cmd(args).output().expect("spawn holdfast"))
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn holdfast");
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(command_timeout()) {
+            Ok(out) => Run::from(out.expect("wait for holdfast")),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                let out = rx.recv().ok().and_then(|r| r.ok());
+                panic!(
+                    "holdfast {args:?} ran for more than {:?} and was killed; stderr:\n{}",
+                    command_timeout(),
+                    out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                        .unwrap_or_default()
+                );
+            }
+        }
     }
 
     /// Runs a command that must succeed; returns its stdout.

@@ -450,3 +450,85 @@ fn a_crash_while_writing_a_lock_set_leaves_the_old_set_or_the_new_one() {
     }
     eprintln!("states seen after kills: {seen:?}");
 }
+
+/// A downstream whose lease ran out is reported stale with how long ago it was last seen; its
+/// set is released by a prune only where `release_stale = true` says so (issue 21, item 6).
+#[test]
+fn stale_downstreams_are_reported_and_released_only_where_configured() {
+    use holdfast_tests::cascade::{Peer, Relations, Tls};
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let img = a.node.image("vm1.img", &mixed_bytes(1 << 20, 3));
+    a.node.add_volume("vm1", &img, "64KiB");
+    let (b, d) = (Peer::new("b"), Peer::new("d"));
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![
+                (&b, vec!["vm1"], "lease = \"2s\"\nrelease_stale = true"),
+                (&d, vec!["vm1"], "lease = \"2s\""),
+            ],
+            ..Default::default()
+        },
+    );
+    for p in [&b, &d] {
+        p.configure(
+            &tls,
+            Relations {
+                upstream: Some((&a, "vm1")),
+                ..Default::default()
+            },
+        );
+    }
+    a.start();
+    let s1 = a.node.snapshot("vm1", "s1");
+    b.mirror("vm1");
+    d.mirror("vm1");
+    a.node.snapshot("vm1", "s2");
+    a.node.snapshot("vm1", "s3");
+    // Both go quiet; after the lease, both are stale, seen at least 2 s ago.
+    let t0 = Instant::now();
+    let stale = loop {
+        let st = a.status();
+        let down: Vec<Value> = st["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v["from-downstream"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if down.len() == 2 && down.iter().all(|s| s["stale"] == true) {
+            break down;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never stale: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for s in &stale {
+        assert!(s["seen-ago-ms"].as_u64().unwrap() >= 2000, "{s}");
+        assert!(s["stale-for-ms"].as_u64().is_some(), "{s}");
+    }
+    // The first command that looks at the locks releases B's stale set (release_stale) and
+    // keeps D's, reported stale; a prune keeps s1 for D.
+    let listed = a.node.ok(&["lock", "list", "--stale"]);
+    assert!(
+        !listed.contains("b/vm1") && listed.contains("d/vm1"),
+        "{listed}"
+    );
+    a.node.ok(&["prune", "vm1", "--keep-last", "1"]);
+    assert!(a.locked_by("b/vm1").is_empty(), "{:?}", a.locks());
+    assert_eq!(a.locked_by("d/vm1"), vec![s1.clone()]);
+    assert!(a.ids("vm1").contains(&s1));
+    let history = a.node.ok(&["lock", "history", "--json"]);
+    let events: Vec<Value> = serde_json::from_str(&history).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["holder"] == "b/vm1" && e.to_string().contains("expire")),
+        "{history}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["holder"] == "d/vm1" && e.to_string().contains("expire")),
+        "{history}"
+    );
+}

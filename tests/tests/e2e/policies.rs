@@ -509,3 +509,35 @@ fn a_failing_policy_test_exits_8_and_lists_show_the_interface() {
     let list = n.ok(&["policy", "list"]);
     assert!(list.contains("WIT") && list.contains("@0.2.0"), "{list}");
 }
+
+/// A refusal names every holder: a downstream, an application and a policy on one snapshot
+/// (issue 21, item 5).
+#[test]
+fn a_refused_deletion_names_every_holder() {
+    let n = node(2, |_| None);
+    let s0 = id_of(&n, "s0");
+    let set = serde_json::json!({"volume": "v", "holder": "nodeB/v", "generation": 1,
+        "locks": [{"snapshot": s0, "type": "destination-path", "value": "nodeB:/pool/v"}]});
+    let f = n.path("set.json");
+    std::fs::write(&f, serde_json::to_vec(&set).unwrap()).unwrap();
+    n.ok(&["lock", "replace-set", f.to_str().unwrap()]);
+    n.ok(&[
+        "lock",
+        "add",
+        "v@s0",
+        "--type",
+        "application",
+        "--value",
+        "nightly dump",
+        "--holder",
+        "app:dba",
+    ]);
+    add(&n, "base", "keep_base", &["n=1"]);
+    n.ok(&["snapshot", "create", "v", "--name", "s2"]);
+    let e = n.fails(&["snapshot", "delete", "v@s0"], 5);
+    for holder in ["nodeB/v", "app:dba", "app:policy.base"] {
+        assert!(e.contains(holder), "{holder} is not named: {e}");
+    }
+    assert!(e.contains("3 soft lock(s)"), "{e}");
+    assert_eq!(names(&n), ["s0", "s1", "s2"]);
+}

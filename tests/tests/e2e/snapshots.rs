@@ -173,6 +173,13 @@ fn listings_have_json_and_the_demo_runs() {
     let r = n.run(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "4"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("bit-identical"), "{}", r.stderr);
+    // What it says is what it did: the restored image is the sample's bytes.
+    let (sample, restored) = (
+        std::fs::read(demo.join("sample.img")).unwrap(),
+        std::fs::read(demo.join("restored.img")).unwrap(),
+    );
+    assert_eq!(sample.len(), 4 << 20);
+    assert!(sample == restored, "the demo's restore differs from its sample");
     // Running it again replaces its own directory.
     n.ok(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "2"]);
 }

@@ -152,11 +152,12 @@ fn qtree_locks(p: &Peer) -> Vec<Value> {
         .clone()
 }
 
-/// Tests 1, 2 and 5: A → B (partition 2 only) → C (B's replica): C restores partition 2 as
-/// `dd` reads it on A; writes outside the region transfer no chunk, writes inside about the
-/// change; a partition that grows is followed and the replicas grow.
-#[test]
-fn a_partition_cascades_alone_and_follows_its_growth() {
+/// A (the GPT disk `vm1`) → B (region `data` of it; A grants B `volumes` and `grant`) → C
+/// (B's replica, whole), with A's and B's daemons running.
+fn region_cascade(
+    volumes: Vec<&str>,
+    grant: &str,
+) -> (Tls, (Peer, std::path::PathBuf, Peer, Peer)) {
     let tls = Tls::new();
     let (mut a, img) = source("a");
     let mut b = Peer::new("b");
@@ -164,7 +165,7 @@ fn a_partition_cascades_alone_and_follows_its_growth() {
     a.configure(
         &tls,
         Relations {
-            downstreams: vec![(&b, vec![], "regions = [\"vm1/data\"]")],
+            downstreams: vec![(&b, volumes, grant)],
             ..Default::default()
         },
     );
@@ -186,6 +187,15 @@ fn a_partition_cascades_alone_and_follows_its_growth() {
     );
     a.start();
     b.start();
+    (tls, (a, img, b, c))
+}
+
+/// Tests 1, 2 and 5: A → B (partition 2 only) → C (B's replica): C restores partition 2 as
+/// `dd` reads it on A; writes outside the region transfer no chunk, writes inside about the
+/// change; a partition that grows is followed and the replicas grow.
+#[test]
+fn a_partition_cascades_alone_and_follows_its_growth() {
+    let (_tls, (a, img, b, c)) = region_cascade(vec![], "regions = [\"vm1/data\"]");
 
     a.node.snapshot("vm1", "s1");
     let p2 = dd(&img, 2);
@@ -294,35 +304,7 @@ fn a_partition_cascades_alone_and_follows_its_growth() {
 /// incremental; the old base goes afterwards.
 #[test]
 fn an_absent_region_replica_keeps_its_base_as_a_qtree_lock() {
-    let tls = Tls::new();
-    let (mut a, img) = source("a");
-    let mut b = Peer::new("b");
-    let c = Peer::new("c");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            mirror_extra: "region = \"data\"",
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
-    a.start();
-    b.start();
+    let (_tls, (a, img, b, c)) = region_cascade(vec!["vm1"], "");
     let s0 = a.node.snapshot("vm1", "s0");
     b.mirror("vm1");
     c.mirror("vm1");

@@ -179,7 +179,10 @@ fn listings_have_json_and_the_demo_runs() {
         std::fs::read(demo.join("restored.img")).unwrap(),
     );
     assert_eq!(sample.len(), 4 << 20);
-    assert!(sample == restored, "the demo's restore differs from its sample");
+    assert!(
+        sample == restored,
+        "the demo's restore differs from its sample"
+    );
     // Running it again replaces its own directory.
     n.ok(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "2"]);
 }

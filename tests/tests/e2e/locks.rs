@@ -8,6 +8,21 @@ use holdfast_tests::{TestNode, mixed_bytes};
 use serde_json::{Value, json};
 
 /// A node with volume `v` and snapshots s0..s{n-1} of changing content.
+/// Polls `f` until it gives a value (at most a minute).
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn node_with_snapshots(n: usize) -> TestNode {
     let node = TestNode::new();
     let img = node.path("v.img");
@@ -211,9 +226,11 @@ fn stale_locks_are_shown_and_released_only_where_configured() {
         "3s",
     ]);
     assert!(locks(&n, &["--stale"]).is_empty());
-    std::thread::sleep(Duration::from_millis(3500));
-    let stale = locks(&n, &["--stale"]);
-    assert_eq!(stale.len(), 2);
+    // (Polled, not slept: a loaded machine takes its time.)
+    let stale = wait_for("both leases to run out", || {
+        let s = locks(&n, &["--stale"]);
+        (s.len() == 2).then_some(s)
+    });
     assert_eq!(stale[0]["stale"], true);
     let err = n.fails(&["snapshot", "delete", "v@s0"], 5);
     assert!(err.contains("stale"), "{err}");
@@ -248,8 +265,11 @@ fn a_killed_reader_leaves_a_lock_that_goes_stale_after_its_ttl() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(locks(&n, &["--holder", "app:dies"])[0]["stale"], false);
-    std::thread::sleep(Duration::from_millis(3500));
-    assert_eq!(locks(&n, &["--stale"])[0]["holder"], "app:dies");
+    let stale = wait_for("the lease to run out", || {
+        let s = locks(&n, &["--stale"]);
+        (!s.is_empty()).then_some(s)
+    });
+    assert_eq!(stale[0]["holder"], "app:dies");
     n.fails(&["snapshot", "delete", "v@s0"], 5);
 }
 

@@ -852,8 +852,16 @@ fn daemon_schedules_status_and_metrics() {
     assert!(human.contains("from downstream b/vm1"), "{human}");
     // B goes away; after its lease its set is flagged stale but kept.
     b.stop();
-    std::thread::sleep(Duration::from_millis(2500));
-    let st = a.status();
+    // (Polled, not slept: a loaded machine takes its time.)
+    let t0 = Instant::now();
+    let st = loop {
+        let st = a.status();
+        if st["volumes"][0]["from-downstream"][0]["stale"] == true {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "never stale: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let held = &st["volumes"][0]["from-downstream"][0];
     assert_eq!(held["stale"], true, "{st}");
     let human = a.node.ok(&["status"]);

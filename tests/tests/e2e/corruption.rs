@@ -105,3 +105,109 @@ fn a_corrupt_manifest_is_reported_and_gc_refuses_to_guess() {
     std::fs::write(&m, good).unwrap();
     assert_eq!(n.restore("v@s"), data);
 }
+
+/// The packs of a state directory or a target directory, largest first.
+fn packs_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = walk(dir)
+        .into_iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "packs"))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).map_or(0, |m| m.len())));
+    out
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Random bytes: stored raw (zstd does not pay), so a flipped byte decodes cleanly to wrong
+/// content, and only the final hash compare can tell.
+fn random_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|_| rand::random::<u8>()).collect()
+}
+
+/// Invariant 5 on the mirror's receive path (issue 21, item 1): an upstream whose pack holds a
+/// chunk whose bytes decode cleanly to the wrong content serves it; the downstream refuses
+/// with exit 6, names the chunk, commits nothing; once the pack is repaired a rerun succeeds.
+#[test]
+fn a_mirror_refuses_a_chunk_that_decodes_to_the_wrong_bytes() {
+    use holdfast_tests::cascade::{Peer, Relations, Tls};
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let data = random_bytes(1 << 20);
+    let img = a.node.image("vm1.img", &data);
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    let b = Peer::new("b");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    let pack = packs_in(&a.node.state).into_iter().next().expect("a pack");
+    flip_byte(&pack, 100_000);
+    let r = b.mirror_run("vm1");
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("chunk"), "{}", r.stderr);
+    assert!(b.ids("vm1").is_empty(), "a damaged snapshot was committed");
+    flip_byte(&pack, 100_000);
+    b.mirror("vm1");
+    assert!(b.node.restore("vm1@s1") == data);
+}
+
+/// Invariant 5 on the target copy: a flipped byte in a bucket's pack (decoding cleanly to the
+/// wrong bytes) and a truncated manifest stop `mirror pull` with exit 6 and nothing committed;
+/// repaired, the pull succeeds.
+#[test]
+fn a_pull_refuses_damaged_chunks_and_manifests_from_a_target() {
+    let a = TestNode::new();
+    let data = random_bytes(1 << 20);
+    let img = a.image("v.img", &data);
+    a.add_volume("v", &img, "64KiB");
+    a.snapshot("v", "s1");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    a.ok(&["target", "add", "bucket", "--url", &url]);
+    a.ok(&["mirror", "push", "v", "--target", "bucket"]);
+
+    let b = TestNode::new();
+    b.ok(&["target", "add", "bucket", "--url", &url]);
+    let pack = packs_in(dir.path()).into_iter().next().expect("a pack");
+    flip_byte(&pack, 100_000);
+    let e = b.fails(&["mirror", "pull", "v", "--target", "bucket"], 6);
+    assert!(e.contains("chunk"), "{e}");
+    assert!(b.run(&["snapshot", "list", "v", "--json"]).code != 0 || b.snapshots("v").is_empty());
+    flip_byte(&pack, 100_000);
+
+    let manifest = walk(&dir.path().join("bucket"))
+        .into_iter()
+        .find(|p| p.components().any(|c| c.as_os_str() == "manifests"))
+        .expect("a manifest");
+    let whole = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &whole[..whole.len() / 2]).unwrap();
+    let e = b.fails(&["mirror", "pull", "v", "--target", "bucket"], 6);
+    assert!(e.contains("manifest"), "{e}");
+    std::fs::write(&manifest, &whole).unwrap();
+
+    b.ok(&["mirror", "pull", "v", "--target", "bucket"]);
+    assert!(b.restore("v@s1") == data);
+}

@@ -552,3 +552,62 @@ fn stale_downstreams_are_reported_and_released_only_where_configured() {
         "{history}"
     );
 }
+
+/// Invariant 2 under a race (issue 21, item 2): locks are added while a prune deletes, many
+/// times over; every lock that was set protects its snapshot, because the check runs in the
+/// transaction that deletes. (A check before that transaction lets some through.)
+#[test]
+fn locks_set_while_a_prune_runs_hold_their_snapshots() {
+    let n = node_with_snapshots(24);
+    let mut locked_total = 0;
+    for round in 0..3 {
+        let names: Vec<String> = n.snapshot_names("v");
+        let holder = format!("app:race{round}");
+        let locked: Vec<String> = std::thread::scope(|s| {
+            let pruner = s.spawn(|| n.run(&["prune", "v", "--keep-last", "1"]));
+            let mut locked = Vec::new();
+            // Newest first, so that locks and deletions meet in the middle.
+            for name in names.iter().rev() {
+                let r = n.run(&[
+                    "lock",
+                    "add",
+                    &format!("v@{name}"),
+                    "--type",
+                    "application",
+                    "--value",
+                    "race",
+                    "--holder",
+                    &holder,
+                ]);
+                if r.code == 0 {
+                    locked.push(name.clone());
+                }
+            }
+            let p = pruner.join().unwrap();
+            assert!(p.code == 0 || p.code == 5, "prune: {}", p.stderr);
+            locked
+        });
+        let left = n.snapshot_names("v");
+        for name in &locked {
+            assert!(
+                left.contains(name),
+                "round {round}: {name} was locked and deleted"
+            );
+        }
+        locked_total += locked.len();
+        // Next round: release, and take new snapshots to race over.
+        n.ok(&["lock", "release", "--holder", &holder, "--volume", "v"]);
+        let img = n.path("v.img");
+        for i in 0..12 {
+            std::fs::write(&img, mixed_bytes(200_000, 1000 * (round + 1) + i)).unwrap();
+            n.ok(&[
+                "snapshot",
+                "create",
+                "v",
+                "--name",
+                &format!("r{round}-{i}"),
+            ]);
+        }
+    }
+    assert!(locked_total > 0);
+}

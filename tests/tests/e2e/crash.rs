@@ -34,9 +34,23 @@ fn kill_after(n: &TestNode, args: &[&str], delay: Duration) -> bool {
 
 /// Every visible snapshot restores to the bytes it was taken from.
 fn check_visible(n: &TestNode, volume: &str, expected: &HashMap<String, Vec<u8>>) {
+    check_new(n, volume, expected, &mut Default::default());
+}
+
+/// [`check_visible`] for the snapshots not in `checked` (committed snapshots never change, and
+/// `verify` checks every chunk of all of them).
+fn check_new(
+    n: &TestNode,
+    volume: &str,
+    expected: &HashMap<String, Vec<u8>>,
+    checked: &mut std::collections::HashSet<String>,
+) {
     n.ok(&["verify"]);
     for s in n.snapshots(volume) {
         let name = s["name"].as_str().unwrap();
+        if !checked.insert(name.to_string()) {
+            continue;
+        }
         let want = expected
             .get(name)
             .unwrap_or_else(|| panic!("unexpected snapshot {name}"));
@@ -58,7 +72,8 @@ fn time_it(f: impl FnOnce()) -> Duration {
 fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
     let mut rng = rng();
     let n = TestNode::new();
-    let data = mixed_bytes(24 << 20, 21);
+    // Incompressible: 36 MiB make two full packs (16 MiB each), stored before the commit.
+    let data = random_data(36 << 20, 21);
     let img = n.image("v.img", &data);
     n.add_volume("v", &img, "64KiB");
     // Calibrate on a separate node so the kills land inside the run.
@@ -69,28 +84,65 @@ fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
         cal.snapshot("v", "c");
     });
     let mut expected = HashMap::new();
+    let mut checked = Default::default();
     let mut killed = 0;
+    // Where each kill landed: after the run had stored packs but before it committed.
+    let mut mid_write = 0;
     // Delays are drawn up to `window`; when a run finishes before its kill (the machine is
     // faster than the calibration said), the window shrinks, so most runs are interrupted.
     let mut window = full.mul_f64(1.1);
     for k in 0..12 {
         let name = format!("c{k}");
-        expected.insert(name.clone(), data.clone());
-        let delay = window.mul_f64(rng.random_range(0.0..1.0));
+        // New data every run: a run that deduplicates everything writes nothing to kill.
+        let data = random_data(36 << 20, 100 + k);
+        std::fs::write(&img, &data).unwrap();
+        expected.insert(name.clone(), data);
+        // Past the start of the process: the first pack is stored after 16 MiB of data.
+        let delay = window.mul_f64(rng.random_range(0.3..1.0));
+        let packs_before = dir_bytes(&n.state.join("repo"));
         if kill_after(&n, &["snapshot", "create", "v", "--name", &name], delay) {
             killed += 1;
+            let committed = n.snapshots("v").iter().any(|s| s["name"] == name.as_str());
+            if !committed && dir_bytes(&n.state.join("repo")) > packs_before {
+                mid_write += 1;
+            }
         } else {
             window = window.mul_f64(0.6);
         }
-        check_visible(&n, "v", &expected);
+        check_new(&n, "v", &expected, &mut checked);
         // The rerun completes (unless the killed run had already committed).
         if !n.snapshots("v").iter().any(|s| s["name"] == name.as_str()) {
             n.snapshot("v", &name);
         }
     }
     assert!(killed >= 3, "only {killed} runs were interrupted");
+    assert!(
+        mid_write >= 2,
+        "only {mid_write} of {killed} kills landed after packs were stored and before the commit"
+    );
+    eprintln!("{killed} runs killed, {mid_write} of them mid-write");
     n.ok(&["gc"]);
     check_visible(&n, "v", &expected);
+}
+
+/// Incompressible bytes, the same for the same seed.
+fn random_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut out[..]);
+    out
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[test]

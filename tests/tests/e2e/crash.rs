@@ -88,8 +88,7 @@ fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
     let mut killed = 0;
     // Where each kill landed: after the run had stored packs but before it committed.
     let mut mid_write = 0;
-    // Delays are drawn up to `window`; when a run finishes before its kill (the machine is
-    // faster than the calibration said), the window shrinks, so most runs are interrupted.
+    // Delays are drawn from the later part of `window`, which adapts to the machine.
     let mut window = full.mul_f64(1.1);
     for k in 0..12 {
         let name = format!("c{k}");
@@ -100,14 +99,18 @@ fn killing_snapshot_create_at_random_instants_never_leaves_half_a_snapshot() {
         // Past the start of the process: the first pack is stored after 16 MiB of data.
         let delay = window.mul_f64(rng.random_range(0.3..1.0));
         let packs_before = dir_bytes(&n.state.join("repo"));
+        // The window follows the machine: a run that finished first shrinks it, a kill that
+        // came before anything was stored widens it.
         if kill_after(&n, &["snapshot", "create", "v", "--name", &name], delay) {
             killed += 1;
             let committed = n.snapshots("v").iter().any(|s| s["name"] == name.as_str());
-            if !committed && dir_bytes(&n.state.join("repo")) > packs_before {
+            if dir_bytes(&n.state.join("repo")) == packs_before {
+                window = window.mul_f64(1.25);
+            } else if !committed {
                 mid_write += 1;
             }
         } else {
-            window = window.mul_f64(0.6);
+            window = window.mul_f64(0.75);
         }
         check_new(&n, "v", &expected, &mut checked);
         // The rerun completes (unless the killed run had already committed).
@@ -248,4 +251,84 @@ fn gc_after_a_repack_interrupted_before_its_deletes_keeps_every_live_chunk() {
     n.ok(&["gc"]);
     n.ok(&["verify"]);
     assert_eq!(n.restore("v@b"), b);
+}
+
+/// `kill -9` of `mirror push` at random instants, each run with new data: the target never
+/// shows a half-pushed snapshot, it always verifies, a rerun completes, and kills are seen to
+/// land after packs were uploaded and before the snapshot was committed there.
+#[test]
+fn killing_a_push_at_random_instants_never_leaves_half_a_snapshot_in_the_target() {
+    let mut rng = rng();
+    let n = TestNode::new();
+    let img = n.image("v.img", &random_data(36 << 20, 500));
+    n.add_volume("v", &img, "64KiB");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/bucket", dir.path().display());
+    n.ok(&["target", "add", "bucket", "--url", &url]);
+    let listed = |n: &TestNode| -> Vec<String> {
+        n.run(&["snapshot", "list", "v", "--target", "bucket", "--json"])
+            .json()
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Calibrate: one push of new data.
+    n.snapshot("v", "p0");
+    let full = time_it(|| {
+        n.ok(&["mirror", "push", "v", "--target", "bucket"]);
+    });
+    let mut window = full.mul_f64(1.1);
+    let (mut killed, mut mid_upload) = (0, 0);
+    let mut expected = HashMap::from([("p0".to_string(), random_data(36 << 20, 500))]);
+    for k in 1..11u64 {
+        let name = format!("p{k}");
+        let data = random_data(36 << 20, 500 + k);
+        std::fs::write(&img, &data).unwrap();
+        n.snapshot("v", &name);
+        expected.insert(name.clone(), data);
+        let before = dir_bytes(dir.path());
+        let delay = window.mul_f64(rng.random_range(0.4..1.0));
+        // The window follows the machine: a run that finished first shrinks it, a kill that
+        // came before anything was uploaded widens it.
+        if kill_after(&n, &["mirror", "push", "v", "--target", "bucket"], delay) {
+            killed += 1;
+            if dir_bytes(dir.path()) == before {
+                window = window.mul_f64(1.25);
+            } else if !listed(&n).contains(&name) {
+                mid_upload += 1;
+            }
+        } else {
+            window = window.mul_f64(0.75);
+        }
+        // Whatever the kill left, the target verifies and shows only whole snapshots.
+        let report = n.run(&["verify", "--target", "bucket", "--json"]).json();
+        assert_eq!(report["damage"], serde_json::json!([]), "{report}");
+        n.ok(&["mirror", "push", "v", "--target", "bucket"]);
+        assert!(listed(&n).contains(&name));
+    }
+    eprintln!("{killed} pushes killed, {mid_upload} of them mid-upload");
+    assert!(killed >= 3, "only {killed} pushes were interrupted");
+    assert!(
+        mid_upload >= 2,
+        "only {mid_upload} of {killed} kills landed after packs were uploaded and before the commit"
+    );
+    // Every snapshot in the target restores to its bytes.
+    for name in listed(&n) {
+        let out = n.path("r.img");
+        n.ok(&[
+            "snapshot",
+            "restore",
+            &format!("v@{name}"),
+            "--target",
+            "bucket",
+            "--to",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        assert!(std::fs::read(&out).unwrap() == expected[&name], "{name}");
+    }
 }

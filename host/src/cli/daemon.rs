@@ -126,6 +126,21 @@ impl StatusCommand {
                 outln!("      error ({} in a row): {e}", j["consecutive-failures"]);
             }
         }
+        let g = &s["gc"];
+        if !g.is_null() {
+            let last = &g["last"];
+            outln!(
+                "\nGC\n  waiting: {} deleted snapshot(s), about {}; last gc {}{}",
+                u(&g["deleted-snapshots"]).unwrap_or(0),
+                human_bytes(u(&g["dead-bytes-estimate"]).unwrap_or(0)),
+                ago(now, u(&last["finished-unix-ms"])),
+                u(&last["bytes-freed"])
+                    .map_or_else(String::new, |b| format!(", freed {}", human_bytes(b)))
+            );
+            if let Some(a) = g["last-attempt"].as_str() {
+                outln!("  the daemon's last gc after deletions: {a}");
+            }
+        }
         outln!("\nSCHEDULES");
         for j in s["jobs"].as_array().into_iter().flatten() {
             if j["kind"] == "mirror" {

@@ -850,6 +850,7 @@ fn daemon_schedules_status_and_metrics() {
     assert_eq!(held["holder"], "b/vm1", "{st}");
     let human = a.node.ok(&["status"]);
     assert!(human.contains("from downstream b/vm1"), "{human}");
+    assert!(human.contains("\nGC\n  waiting: "), "{human}");
     // B goes away; after its lease its set is flagged stale but kept.
     b.stop();
     // (Polled, not slept: a loaded machine takes its time.)

@@ -131,6 +131,26 @@ impl Peer {
         .expect("chmod node.toml");
     }
 
+    /// The simplest relation: this node serves `volume` to `b`, which pulls it from here
+    /// (`mirror_extra`: more lines for `b`'s [[mirror]], `region = "NAME"` say).
+    pub fn serve_to(&self, tls: &Tls, b: &Peer, volume: &str, mirror_extra: &str) {
+        self.configure(
+            tls,
+            Relations {
+                downstreams: vec![(b, vec![volume], "")],
+                ..Default::default()
+            },
+        );
+        b.configure(
+            tls,
+            Relations {
+                upstream: Some((self, volume)),
+                mirror_extra,
+                ..Default::default()
+            },
+        );
+    }
+
     /// Starts the daemon and waits until it answers `status`.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} already runs", self.name);

@@ -140,7 +140,7 @@ fn random_bytes(len: usize) -> Vec<u8> {
 /// with exit 6, names the chunk, commits nothing; once the pack is repaired a rerun succeeds.
 #[test]
 fn a_mirror_refuses_a_chunk_that_decodes_to_the_wrong_bytes() {
-    use holdfast_tests::cascade::{Peer, Relations, Tls};
+    use holdfast_tests::cascade::{Peer, Tls};
     let tls = Tls::new();
     let mut a = Peer::new("a");
     let data = random_bytes(1 << 20);
@@ -148,20 +148,7 @@ fn a_mirror_refuses_a_chunk_that_decodes_to_the_wrong_bytes() {
     a.node.add_volume("vm1", &img, "64KiB");
     a.node.snapshot("vm1", "s1");
     let b = Peer::new("b");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            ..Default::default()
-        },
-    );
+    a.serve_to(&tls, &b, "vm1", "");
     a.start();
     let pack = packs_in(&a.node.state).into_iter().next().expect("a pack");
     flip_byte(&pack, 100_000);

@@ -605,21 +605,7 @@ fn bad_regions_are_refused_and_change_nothing() {
     let tls = Tls::new();
     let mut a = a;
     let b = Peer::new("b");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            mirror_extra: "region = \"missing\"",
-            ..Default::default()
-        },
-    );
+    a.serve_to(&tls, &b, "vm1", "region = \"missing\"");
     a.start();
     let e = b.node.fails(
         &[

@@ -35,8 +35,24 @@ fn private_umask() {
     }
 }
 
+/// Few malloc arenas. glibc gives each thread that allocates under contention an arena of its
+/// own (up to 8 per core), and the daemon runs many (async workers, the blocking pool, rayon):
+/// memory freed in one arena is not reused by the others, so a daemon's resident memory crept
+/// up for hours (the soak: 53 → 167 MB in 7 minutes with the default, 51 → 81 MB with two
+/// arenas, the same work done).
+#[allow(unsafe_code)]
+fn few_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread
+    // exists, and a value it refuses leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
     private_umask();
+    few_malloc_arenas();
     let args = match cli::Cli::try_parse() {
         Ok(args) => args,
         Err(e) => {

@@ -7,7 +7,8 @@
 # processes, real WebAssembly policies, real daemons on 127.0.0.1 and a real S3-compatible
 # server, moto, installed from PyPI into target/moto-venv), and real NBD servers and QEMU tools
 # (qemu-nbd, qemu-img, qemu-io, qemu-storage-daemon, nbdkit, nbdinfo, nbdcopy, and openssl
-# for the TLS test's certificates: Debian packages, installed with apt-get when missing).
+# for the TLS test's certificates; binutils and man-db for the test that builds, installs and
+# purges the Debian package: Debian packages, installed with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -28,7 +29,8 @@ echo "== QEMU and NBD tools (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
   qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
-  nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk; do
+  nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk strip:binutils objdump:binutils \
+  man:man-db; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -38,6 +38,7 @@ mod daemon;
 mod demo;
 mod gc;
 mod init;
+mod install;
 mod lock;
 mod mirror;
 mod policy;
@@ -116,6 +117,12 @@ pub enum Command {
     /// Deterministic sample images, to try holdfast out and for benchmarks.
     #[command(subcommand)]
     Sample(sample::SampleCommand),
+    /// Print a shell completion script (bash: `holdfast completions bash >
+    /// /etc/bash_completion.d/holdfast`).
+    Completions(install::CompletionsCommand),
+    /// Write the manual pages (for packaging).
+    #[command(hide = true)]
+    Manpages(install::ManpagesCommand),
 }
 
 /// What every command gets.
@@ -195,6 +202,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tls(c) => c.run(&ctx).await,
         Command::Target(c) => c.run(&ctx).await,
         Command::Token(c) => c.run(&ctx).await,
+        Command::Completions(c) => c.run(&ctx).await,
+        Command::Manpages(c) => c.run(&ctx).await,
     }
 }
 

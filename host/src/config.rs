@@ -36,6 +36,9 @@ pub struct NodeConfig {
     /// The daemon's gc after deletions.
     #[serde(default)]
     pub gc: GcConfig,
+    /// How the daemon stops.
+    #[serde(default)]
+    pub daemon: DaemonSettings,
     /// Where this file was read from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -112,6 +115,34 @@ impl GcConfig {
             parse_duration("[gc] max_wait", &self.max_wait)?,
             parse_duration("[gc] target_every", &self.target_every)?,
         ))
+    }
+}
+
+/// `[daemon]`: how the daemon stops. On SIGTERM it starts no new job and lets the running ones
+/// finish for up to `shutdown_grace`; then it asks them to stop at their next safe point (what
+/// they fetched is kept, nothing half done is committed).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: String,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings {
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_shutdown_grace() -> String {
+    "1m".into()
+}
+
+impl DaemonSettings {
+    pub fn shutdown_grace(&self) -> Result<Duration> {
+        parse_duration("[daemon] shutdown_grace", &self.shutdown_grace)
     }
 }
 
@@ -453,6 +484,9 @@ impl NodeConfig {
             }
         }
         self.gc.parsed().map_err(|e| self.err(e.to_string()))?;
+        self.daemon
+            .shutdown_grace()
+            .map_err(|e| self.err(e.to_string()))?;
         for m in &self.mirror {
             if !self.upstream.iter().any(|u| u.name == m.upstream) {
                 return Err(self.err(format!(

@@ -67,6 +67,52 @@ pub struct JobStatus {
     pub next_run_unix_ms: Option<u64>,
     /// Mirror jobs: the last update that ran to the end.
     pub last_transfer: Option<MirrorReport>,
+    /// A reload removed or changed the job: it runs no more once its current run ends.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
+}
+
+impl JobStatus {
+    fn new(j: &Job) -> Self {
+        JobStatus {
+            kind: j.kind,
+            volume: j.volume.clone(),
+            target: j.target.clone(),
+            upstream: j.upstream.clone(),
+            schedule: j.schedule.to_string(),
+            runs: 0,
+            failures: 0,
+            consecutive_failures: 0,
+            running: false,
+            last_started_unix_ms: None,
+            last_finished_unix_ms: None,
+            last_ok: None,
+            last_error: None,
+            last_summary: None,
+            next_run_unix_ms: None,
+            last_transfer: None,
+            stopping: false,
+        }
+    }
+
+    /// `mirror vm1 <- a`, `push vm1 -> bucket`, `snapshot vm1`: for logs.
+    fn describe(&self) -> String {
+        match (&self.upstream, &self.target) {
+            (Some(u), _) => format!("{:?} {} <- {u}", self.kind, self.volume),
+            (_, Some(t)) => format!("{:?} {} -> {t}", self.kind, self.volume),
+            _ => format!("{:?} {}", self.kind, self.volume),
+        }
+        .to_lowercase()
+    }
+}
+
+/// A job the daemon runs: its definition, how it goes, and the switch a reload uses to end it.
+struct JobEntry {
+    id: u64,
+    /// Equal for two definitions that are the same job (see [`Job::identity`]).
+    identity: String,
+    status: JobStatus,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Clone)]
@@ -85,11 +131,122 @@ struct Job {
     full_read_every: Option<Duration>,
 }
 
+impl Job {
+    /// Everything that defines the job: a reload keeps a job whose identity is unchanged
+    /// running as it was, and replaces one whose identity changed.
+    fn identity(&self) -> String {
+        format!(
+            "{:?}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}|{:?}",
+            self.kind,
+            self.volume,
+            self.target,
+            self.upstream,
+            self.schedule,
+            self.keep,
+            self.gc,
+            self.hooks,
+            self.full_read_every
+        )
+    }
+}
+
+/// The jobs a configuration asks for, checked against the node (scheduled volumes and pushed
+/// targets must exist).
+fn jobs_of(node: &Node, cfg: &NodeConfig) -> Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for m in &cfg.mirror {
+        jobs.push(Job {
+            kind: JobKind::Mirror,
+            volume: m.volume.clone(),
+            target: None,
+            upstream: Some(m.upstream.clone()),
+            schedule: m.when.schedule("mirror")?,
+            keep: Default::default(),
+            gc: false,
+            hooks: Default::default(),
+            full_read_every: None,
+        });
+    }
+    for s in &cfg.schedule {
+        node.catalog.volume(&s.volume)?;
+        jobs.push(Job {
+            kind: JobKind::Snapshot,
+            volume: s.volume.clone(),
+            target: None,
+            upstream: None,
+            schedule: s.when.schedule("schedule")?,
+            keep: Default::default(),
+            gc: false,
+            hooks: crate::snapshot::hooks::Hooks {
+                before: s.before.clone(),
+                frozen: s.frozen.clone(),
+                after: s.after.clone(),
+            },
+            full_read_every: match &s.full_read_every {
+                Some(d) => Some(crate::config::parse_duration("full_read_every", d)?),
+                None => None,
+            },
+        });
+    }
+    for p in &cfg.push {
+        crate::target::Targets::new(node).get(&p.target)?;
+        jobs.push(Job {
+            kind: JobKind::Push,
+            volume: p.volume.clone(),
+            target: Some(p.target.clone()),
+            upstream: None,
+            schedule: p.when.schedule("push")?,
+            keep: Default::default(),
+            gc: false,
+            hooks: Default::default(),
+            full_read_every: None,
+        });
+    }
+    for r in &cfg.retention {
+        jobs.push(Job {
+            kind: JobKind::Retention,
+            volume: r.volume.clone(),
+            target: None,
+            upstream: None,
+            schedule: r.when.schedule("retention")?,
+            keep: crate::retention::KeepRules {
+                keep_last: r.keep_last,
+                keep_within: match &r.keep_within {
+                    Some(w) => Some(crate::config::parse_duration("keep_within", w)?),
+                    None => None,
+                },
+            },
+            gc: r.gc,
+            hooks: Default::default(),
+            full_read_every: None,
+        });
+    }
+    Ok(jobs)
+}
+
+/// Where the configuration came from and when it was (re)loaded, for `status`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ConfigInfo {
+    path: PathBuf,
+    loaded_unix_ms: u64,
+    reloads: u64,
+    /// The last reload that was refused, and why (the configuration before it stayed).
+    last_refused: Option<String>,
+    last_refused_unix_ms: Option<u64>,
+}
+
 pub struct Daemon {
     node: Arc<Node>,
-    cfg: Arc<NodeConfig>,
+    /// Replaced whole by a reload; a job takes the one current when it starts and keeps it
+    /// to its end.
+    cfg: std::sync::RwLock<Arc<NodeConfig>>,
+    config_info: Mutex<ConfigInfo>,
     engine: Option<Arc<PolicyEngine>>,
-    jobs: Mutex<Vec<JobStatus>>,
+    jobs: Mutex<Vec<JobEntry>>,
+    next_job_id: std::sync::atomic::AtomicU64,
+    /// Set when the daemon is stopping: no job starts a new run.
+    draining: tokio::sync::watch::Sender<bool>,
     served: Arc<ServedCounters>,
     volume_locks: Mutex<HashMap<VolumeName, Arc<tokio::sync::Mutex<()>>>>,
     started_unix_ms: u64,
@@ -110,8 +267,44 @@ impl Daemon {
             .clone()
     }
 
-    fn update(&self, i: usize, f: impl FnOnce(&mut JobStatus)) {
-        f(&mut self.jobs.lock().expect("not poisoned")[i]);
+    fn cfg(&self) -> Arc<NodeConfig> {
+        self.cfg.read().expect("not poisoned").clone()
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut JobStatus)) {
+        if let Some(e) = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .iter_mut()
+            .find(|e| e.id == id)
+        {
+            f(&mut e.status);
+        }
+    }
+
+    /// The jobs running now, described for a log line.
+    fn running_jobs(&self) -> Vec<String> {
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|e| e.status.running)
+            .map(|e| e.status.describe())
+            .collect()
+    }
+
+    /// Registers a job and starts its loop.
+    fn start_job(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>, job: Job) {
+        let id = self.next_job_id.fetch_add(1, Ordering::Relaxed);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        self.jobs.lock().expect("not poisoned").push(JobEntry {
+            id,
+            identity: job.identity(),
+            status: JobStatus::new(&job),
+            stop,
+        });
+        tasks.spawn(self.clone().job_loop(id, job, stopped));
     }
 
     async fn run_job(&self, job: &Job) -> Result<(String, Option<MirrorReport>)> {
@@ -120,7 +313,7 @@ impl Daemon {
             JobKind::Mirror => {
                 let r = mirror::run(
                     &self.node,
-                    &self.cfg,
+                    &self.cfg(),
                     &job.volume,
                     self.engine.as_deref(),
                     &hidden,
@@ -249,20 +442,24 @@ impl Daemon {
     /// (an estimate: what they added) or the oldest deletion waited long enough, and the
     /// repository is idle; a repository that stays busy is waited for after three looks.
     /// Then the targets this node pushes to, each once per `target_every`.
-    async fn gc_loop(
-        self: Arc<Self>,
-        every: Duration,
-        min_dead: u64,
-        max_wait: Duration,
-        target_every: Duration,
-    ) {
-        let max_wait_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+    async fn gc_loop(self: Arc<Self>) {
         let mut deferred = 0u32;
+        let mut draining = self.draining.subscribe();
         loop {
+            // Read each round: a reload may change them (they were checked when loaded).
+            let cfg = self.cfg();
+            let Ok((every, min_dead, max_wait, target_every)) = cfg.gc.parsed() else {
+                return;
+            };
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
+                _ = draining.wait_for(|d| *d) => return,
                 _ = crate::shutdown::wait() => return,
             }
+            if !self.cfg().gc.enabled {
+                continue;
+            }
+            let max_wait_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
             let state = match self.node.catalog.gc_state() {
                 Ok(s) => s,
                 Err(e) => {
@@ -322,7 +519,8 @@ impl Daemon {
     /// Gcs each target this node pushes to, once per `target_every` (the last run is kept in
     /// the catalog, so restarts do not repeat it).
     async fn gc_targets(&self, target_every: Duration) {
-        let mut targets: Vec<&str> = self.cfg.push.iter().map(|p| p.target.as_str()).collect();
+        let cfg = self.cfg();
+        let mut targets: Vec<&str> = cfg.push.iter().map(|p| p.target.as_str()).collect();
         targets.sort_unstable();
         targets.dedup();
         for name in targets {
@@ -374,21 +572,41 @@ impl Daemon {
         }
     }
 
-    async fn job_loop(self: Arc<Self>, i: usize, job: Job) {
+    /// Runs a job at its times until a reload ends it (`stop`: its current run finishes
+    /// first) or the daemon stops.
+    async fn job_loop(
+        self: Arc<Self>,
+        id: u64,
+        job: Job,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut draining = self.draining.subscribe();
         // Mirrors catch up at start; snapshots and retention wait for their first slot.
         let mut delay = match job.kind {
             JobKind::Mirror => Duration::ZERO,
             _ => job.schedule.next_delay(),
         };
+        let i = id;
         loop {
             self.update(i, |s| {
                 s.next_run_unix_ms = Some(crate::now_unix_ms() + delay.as_millis() as u64)
             });
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => break,
+                _ = draining.wait_for(|d| *d) => return,
+            }
             let lock = self.volume_lock(&job.volume);
-            let _guard = lock.lock().await;
-            if crate::shutdown::requested() {
+            let _guard = tokio::select! {
+                g = lock.lock() => g,
+                _ = stop.wait_for(|s| *s) => break,
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            if crate::shutdown::requested() || *draining.borrow() {
                 return;
+            }
+            if *stop.borrow() {
+                break;
             }
             let t0 = Instant::now();
             self.update(i, |s| {
@@ -456,8 +674,17 @@ impl Daemon {
                 }
             });
             drop(_guard);
+            if *stop.borrow() {
+                break;
+            }
             delay = job.schedule.next_delay();
         }
+        // Ended by a reload: it no longer exists.
+        tracing::info!(job = ?job.kind, volume = %job.volume, "job removed by a configuration reload");
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .retain(|e| e.id != id);
     }
 
     /// Forwards changed downstream lock sets upstream at once (see `mirror::forward_locks`).
@@ -471,14 +698,14 @@ impl Daemon {
                 volumes.insert(v);
             }
             for v in volumes {
-                if self.cfg.mirror_of(&v).is_err() {
+                if self.cfg().mirror_of(&v).is_err() {
                     continue; // the top of the cascade: nobody to tell
                 }
                 let lock = self.volume_lock(&v);
                 let _guard = lock.lock().await;
                 let t0 = Instant::now();
                 // In a task of its own: a panic is a failed forward, not the end of forwarding.
-                let (node, cfg, vol) = (self.node.clone(), self.cfg.clone(), v.clone());
+                let (node, cfg, vol) = (self.node.clone(), self.cfg(), v.clone());
                 let forwarded =
                     tokio::spawn(async move { mirror::forward_locks(&node, &cfg, &vol).await })
                         .await
@@ -553,7 +780,13 @@ impl Daemon {
     /// The jobs, with the counts of their relations' transfer logs: every mirror update and
     /// push of the relation, whether the daemon or a command line ran it.
     fn jobs_with_transfers(&self) -> Result<Vec<JobStatus>> {
-        let mut jobs = self.jobs.lock().expect("not poisoned").clone();
+        let mut jobs: Vec<JobStatus> = self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|e| e.status.clone())
+            .collect();
         let logs = crate::transfers::all(&self.node.catalog)?;
         for j in &mut jobs {
             let log = logs.iter().find(|l| match (&l.relation, j.kind) {
@@ -589,10 +822,11 @@ impl Daemon {
     fn gc_status(&self) -> Result<serde_json::Value> {
         let state = self.node.catalog.gc_state()?;
         let mut v = serde_json::to_value(&state).map_err(|e| Error::internal(e.to_string()))?;
-        v["enabled"] = self.cfg.gc.enabled.into();
-        v["every"] = self.cfg.gc.every.clone().into();
-        v["min-dead"] = self.cfg.gc.min_dead.clone().into();
-        v["max-wait"] = self.cfg.gc.max_wait.clone().into();
+        let cfg = self.cfg();
+        v["enabled"] = cfg.gc.enabled.into();
+        v["every"] = cfg.gc.every.clone().into();
+        v["min-dead"] = cfg.gc.min_dead.clone().into();
+        v["max-wait"] = cfg.gc.max_wait.clone().into();
         v["last-attempt"] = self.gc_attempt.lock().expect("not poisoned").clone().into();
         Ok(v)
     }
@@ -621,7 +855,7 @@ impl Reporter for Daemon {
                     .ok()
                     .and_then(|v| v.region)
                     .or_else(|| {
-                        self.cfg
+                        self.cfg()
                             .mirror_of(&j.volume)
                             .ok()
                             .and_then(|m| m.region.clone())
@@ -643,6 +877,7 @@ impl Reporter for Daemon {
             "started-unix-ms": self.started_unix_ms,
             "now-unix-ms": now,
             "listen": self.listen,
+            "config": self.config_info.lock().expect("not poisoned").clone(),
             "relations": relations,
             "jobs": jobs,
             "volumes": locks,
@@ -890,82 +1125,22 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM.
+/// Tells systemd (when it started the daemon with `Type=notify`) how the daemon is doing;
+/// nothing without `NOTIFY_SOCKET`.
+fn tell_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("could not notify the service manager: {e}");
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration.
 pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
     let t0 = Instant::now();
     let node = Arc::new(node);
     let cfg = Arc::new(cfg);
     node.clean_staging_files();
     let engine = Some(Arc::new(PolicyEngine::new()?));
-
-    let mut jobs = Vec::new();
-    for m in &cfg.mirror {
-        jobs.push(Job {
-            kind: JobKind::Mirror,
-            volume: m.volume.clone(),
-            target: None,
-            upstream: Some(m.upstream.clone()),
-            schedule: m.when.schedule("mirror")?,
-            keep: Default::default(),
-            gc: false,
-            hooks: Default::default(),
-            full_read_every: None,
-        });
-    }
-    for s in &cfg.schedule {
-        node.catalog.volume(&s.volume)?;
-        jobs.push(Job {
-            kind: JobKind::Snapshot,
-            volume: s.volume.clone(),
-            target: None,
-            upstream: None,
-            schedule: s.when.schedule("schedule")?,
-            keep: Default::default(),
-            gc: false,
-            hooks: crate::snapshot::hooks::Hooks {
-                before: s.before.clone(),
-                frozen: s.frozen.clone(),
-                after: s.after.clone(),
-            },
-            full_read_every: match &s.full_read_every {
-                Some(d) => Some(crate::config::parse_duration("full_read_every", d)?),
-                None => None,
-            },
-        });
-    }
-    for p in &cfg.push {
-        crate::target::Targets::new(&node).get(&p.target)?;
-        jobs.push(Job {
-            kind: JobKind::Push,
-            volume: p.volume.clone(),
-            target: Some(p.target.clone()),
-            upstream: None,
-            schedule: p.when.schedule("push")?,
-            keep: Default::default(),
-            gc: false,
-            hooks: Default::default(),
-            full_read_every: None,
-        });
-    }
-    for r in &cfg.retention {
-        jobs.push(Job {
-            kind: JobKind::Retention,
-            volume: r.volume.clone(),
-            target: None,
-            upstream: None,
-            schedule: r.when.schedule("retention")?,
-            keep: crate::retention::KeepRules {
-                keep_last: r.keep_last,
-                keep_within: match &r.keep_within {
-                    Some(w) => Some(crate::config::parse_duration("keep_within", w)?),
-                    None => None,
-                },
-            },
-            gc: r.gc,
-            hooks: Default::default(),
-            full_read_every: None,
-        });
-    }
+    let jobs = jobs_of(&node, &cfg)?;
 
     let listener = match &cfg.listen {
         Some(l) => Some((
@@ -989,30 +1164,18 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
 
     let daemon = Arc::new(Daemon {
         node: node.clone(),
-        cfg: cfg.clone(),
+        cfg: std::sync::RwLock::new(cfg.clone()),
+        config_info: Mutex::new(ConfigInfo {
+            path: std::fs::canonicalize(&cfg.path).unwrap_or_else(|_| cfg.path.clone()),
+            loaded_unix_ms: crate::now_unix_ms(),
+            reloads: 0,
+            last_refused: None,
+            last_refused_unix_ms: None,
+        }),
         engine,
-        jobs: Mutex::new(
-            jobs.iter()
-                .map(|j| JobStatus {
-                    kind: j.kind,
-                    volume: j.volume.clone(),
-                    target: j.target.clone(),
-                    upstream: j.upstream.clone(),
-                    schedule: j.schedule.to_string(),
-                    runs: 0,
-                    failures: 0,
-                    consecutive_failures: 0,
-                    running: false,
-                    last_started_unix_ms: None,
-                    last_finished_unix_ms: None,
-                    last_ok: None,
-                    last_error: None,
-                    last_summary: None,
-                    next_run_unix_ms: None,
-                    last_transfer: None,
-                })
-                .collect(),
-        ),
+        jobs: Mutex::new(Vec::new()),
+        next_job_id: Default::default(),
+        draining: tokio::sync::watch::Sender::new(false),
         served: Default::default(),
         volume_locks: Default::default(),
         started_unix_ms: crate::now_unix_ms(),
@@ -1023,6 +1186,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
 
     let admin_token = crate::peer::new_token();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut server = None;
     if let Some((sock, l)) = listener {
         let tls = match (&l.tls_cert, &l.tls_key, l.plaintext) {
             (Some(c), Some(k), false) => Some(crate::peer::tls::server_config(
@@ -1040,6 +1204,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             daemon.served.clone(),
             Some(tx),
         )?);
+        server = Some(state.clone());
         tasks.spawn(daemon.clone().forward_loop(rx));
         let app = crate::peer::server::router(state);
         tasks.spawn(crate::peer::server::serve(sock, tls, app));
@@ -1056,17 +1221,10 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
             },
         )?;
     }
-    for (i, job) in jobs.into_iter().enumerate() {
-        tasks.spawn(daemon.clone().job_loop(i, job));
+    for job in jobs {
+        daemon.start_job(&mut tasks, job);
     }
-    if cfg.gc.enabled {
-        let (every, min_dead, max_wait, target_every) = cfg.gc.parsed()?;
-        tasks.spawn(
-            daemon
-                .clone()
-                .gc_loop(every, min_dead, max_wait, target_every),
-        );
-    }
+    tasks.spawn(daemon.clone().gc_loop());
     tracing::info!(
         node = %node.info.node_id,
         listen = listen.as_deref().unwrap_or("-"),
@@ -1087,29 +1245,203 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
              [listen] to require a token"
         );
     }
+    tell_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "serving on {}",
+            listen.as_deref().unwrap_or("(no listener)")
+        )),
+    ]);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
         .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| Error::io("installing the SIGHUP handler", e))?;
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                tell_systemd(&[
+                    sd_notify::NotifyState::Reloading,
+                    sd_notify::NotifyState::monotonic_usec_now()
+                        .unwrap_or(sd_notify::NotifyState::Status("reloading")),
+                ]);
+                let status = match daemon.reload(&mut tasks, server.as_deref()) {
+                    Ok(line) => {
+                        tracing::info!("configuration reloaded: {line}");
+                        format!("configuration reloaded: {line}")
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "configuration reload refused, the running configuration stays: {e}"
+                        );
+                        let mut info = daemon.config_info.lock().expect("not poisoned");
+                        info.last_refused = Some(e.to_string());
+                        info.last_refused_unix_ms = Some(crate::now_unix_ms());
+                        format!("reload refused: {e}")
+                    }
+                };
+                tell_systemd(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status(&status),
+                ]);
+            }
+        }
     }
-    tracing::info!("daemon stopping");
-    // Running jobs stop at their next safe point (a snapshot removes what it added to QEMU and
-    // runs its after hook); new ones do not start. Wait for them a while.
-    crate::shutdown::request();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while daemon
-        .jobs
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .any(|j| j.running)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tasks.abort_all();
+    daemon.stop(&mut tasks, &mut int, &mut term).await;
     let _ = node.dir.remove_file(DAEMON_FILE);
     Ok(())
+}
+
+/// How long a job asked to stop at its next safe point is waited for.
+const SAFE_POINT_WAIT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Reads the configuration file again and takes it when it is whole and valid: changed
+    /// downstreams and tokens at once, new jobs started, removed or changed ones ended once
+    /// their current run ends. Returns what changed; on an error nothing did.
+    fn reload(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        server: Option<&ServerState>,
+    ) -> Result<String> {
+        let old = self.cfg();
+        let new = NodeConfig::load(&old.path)?;
+        let state_of = |c: &NodeConfig| c.state.as_ref().map(|s| c.resolve(s));
+        if state_of(&new) != state_of(&old) {
+            return Err(Error::invalid(format!(
+                "{}: `state` changed; a daemon serves one state directory, so restart it to \
+                 serve another",
+                new.path.display()
+            )));
+        }
+        let jobs = jobs_of(&self.node, &new)?;
+        if let Some(server) = server {
+            server.reconfigure(&new)?;
+        }
+        let listen_of = |c: &NodeConfig| {
+            c.listen.as_ref().map(|l| {
+                (
+                    l.address,
+                    l.tls_cert.clone(),
+                    l.tls_key.clone(),
+                    l.plaintext,
+                )
+            })
+        };
+        if listen_of(&new) != listen_of(&old) {
+            tracing::warn!(
+                "[listen] changed in {}: the listener (address, TLS) is set up at start; \
+                 restart the daemon to use the new one (everything else is reloaded)",
+                new.path.display()
+            );
+        }
+        let new = Arc::new(new);
+        *self.cfg.write().expect("not poisoned") = new;
+
+        // Match old and new jobs by identity; what is left over on each side changed.
+        let mut wanted: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+        let (mut kept, mut removed) = (0, Vec::new());
+        {
+            let mut entries = self.jobs.lock().expect("not poisoned");
+            for e in entries.iter_mut().filter(|e| !e.status.stopping) {
+                let same = wanted
+                    .iter_mut()
+                    .find(|w| w.as_ref().is_some_and(|w| w.identity() == e.identity));
+                match same {
+                    Some(w) => {
+                        *w = None;
+                        kept += 1;
+                    }
+                    None => {
+                        e.status.stopping = true;
+                        e.stop.send_replace(true);
+                        removed.push(e.status.describe());
+                    }
+                }
+            }
+        }
+        let mut added = Vec::new();
+        for job in wanted.into_iter().flatten() {
+            added.push(JobStatus::new(&job).describe());
+            self.start_job(tasks, job);
+        }
+        let mut info = self.config_info.lock().expect("not poisoned");
+        info.loaded_unix_ms = crate::now_unix_ms();
+        info.reloads += 1;
+        Ok(format!(
+            "{kept} job(s) unchanged, {} added {added:?}, {} removed {removed:?} (a removed job \
+             finishes its current run)",
+            added.len(),
+            removed.len()
+        ))
+    }
+
+    /// Stops the daemon: no new job runs; running ones get `[daemon] shutdown_grace` to
+    /// finish (a second signal cuts it short), then are asked to stop at their next safe point.
+    async fn stop(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        int: &mut tokio::signal::unix::Signal,
+        term: &mut tokio::signal::unix::Signal,
+    ) {
+        tell_systemd(&[sd_notify::NotifyState::Stopping]);
+        let grace = self
+            .cfg()
+            .daemon
+            .shutdown_grace()
+            .unwrap_or(Duration::from_secs(60));
+        self.draining.send_replace(true);
+        let running = self.running_jobs();
+        tracing::info!(
+            running = ?running,
+            grace_secs = grace.as_secs(),
+            "daemon stopping: no new job starts; running ones may finish (a second signal \
+             stops them now)"
+        );
+        let idle = async {
+            while !self.running_jobs().is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let finished = tokio::select! {
+            _ = idle => true,
+            _ = tokio::time::sleep(grace) => false,
+            _ = int.recv() => false,
+            _ = term.recv() => false,
+        };
+        let mut interrupted = Vec::new();
+        if !finished {
+            interrupted = self.running_jobs();
+            tracing::warn!(
+                interrupted = ?interrupted,
+                "stopping the jobs still running at their next safe point (what they fetched \
+                 is kept; nothing half done is committed)"
+            );
+            // Running jobs stop at their next safe point (a snapshot removes what it added
+            // to QEMU and runs its after hook; a mirror keeps the chunks it stored).
+            crate::shutdown::request();
+            let deadline = Instant::now() + SAFE_POINT_WAIT;
+            while !self.running_jobs().is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let cut = self.running_jobs();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if interrupted.is_empty() {
+            tracing::info!(finished = ?running, "daemon stopped; every running job finished");
+        } else {
+            tracing::warn!(
+                finished = running.len().saturating_sub(interrupted.len()),
+                interrupted = ?interrupted,
+                cut_off = ?cut,
+                "daemon stopped; interrupted jobs resume at the next start"
+            );
+        }
+    }
 }

@@ -1081,6 +1081,14 @@ impl Receive<'_> {
         let mut next_to_store = 0usize;
         let client = Arc::new(client.clone());
         loop {
+            // Asked to stop: a safe point. What was stored is made durable (the next run does
+            // not fetch it again); the snapshot is not committed.
+            if crate::shutdown::requested() {
+                if !builder.is_empty() {
+                    seal(node, std::mem::take(&mut builder), index).await?;
+                }
+                crate::shutdown::check(&what)?;
+            }
             // Answers that came early wait in `pending` for their turn: together with those
             // in flight they never exceed the concurrency, so memory stays bounded even if
             // the upstream holds back the one answer everything waits for.
@@ -1097,7 +1105,12 @@ impl Receive<'_> {
                     Ok((n, batch, body))
                 });
             }
-            let Some(done) = inflight.join_next().await else {
+            // A stop request is a safe point even while waiting on the upstream.
+            let done = tokio::select! {
+                d = inflight.join_next() => d,
+                _ = crate::shutdown::wait() => continue,
+            };
+            let Some(done) = done else {
                 break;
             };
             let (n, batch, body) =

@@ -215,6 +215,33 @@ impl Peer {
         }
     }
 
+    /// Sends the daemon a signal (`HUP`, `TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("daemon running");
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} {pid} ({}) failed", self.name);
+    }
+
+    /// Waits up to `timeout` for the daemon to exit: how it exited, or None while it runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.as_mut()?.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the daemon with SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

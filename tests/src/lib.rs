@@ -142,7 +142,11 @@ impl TestNode {
         // The runner's own settings must not change what a test sees.
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy();
-            if k.starts_with("HOLDFAST_") || k.starts_with("AWS_") {
+            if k.starts_with("HOLDFAST_")
+                || k.starts_with("AWS_")
+                || k == "NOTIFY_SOCKET"
+                || k == "JOURNAL_STREAM"
+            {
                 c.env_remove(k.as_ref());
             }
         }

@@ -92,6 +92,24 @@ impl StatusCommand {
             human_duration(now.saturating_sub(u(&s["started-unix-ms"]).unwrap_or(now))),
             s["listen"].as_str().unwrap_or("-")
         );
+        let c = &s["config"];
+        if !c.is_null() {
+            outln!(
+                "configuration {}, loaded {}{}",
+                c["path"].as_str().unwrap_or("?"),
+                ago(now, u(&c["loaded-unix-ms"])),
+                match u(&c["reloads"]) {
+                    Some(n) if n > 0 => format!(" ({n} reload(s))"),
+                    _ => String::new(),
+                }
+            );
+            if let Some(why) = c["last-refused"].as_str() {
+                outln!(
+                    "  the last reload was REFUSED {} (the configuration above stays): {why}",
+                    ago(now, u(&c["last-refused-unix-ms"]))
+                );
+            }
+        }
         outln!("\nMIRRORS");
         for r in s["relations"].as_array().into_iter().flatten() {
             let j = &r["job"];

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -207,10 +207,11 @@ const SERVED_CACHE: usize = 8;
 /// The server's shared state.
 pub struct ServerState {
     node: Arc<Node>,
-    peers: HashMap<NodeId, Peer>,
+    /// The downstreams, replaced whole when the configuration is reloaded.
+    peers: RwLock<Arc<HashMap<NodeId, Arc<Peer>>>>,
     admin_token: String,
     /// What `/metrics` requires, if anything.
-    metrics_token: Option<String>,
+    metrics_token: RwLock<Option<String>>,
     index: tokio::sync::Mutex<Arc<ChunkIndex>>,
     served: Mutex<VecDeque<Served>>,
     reporter: Arc<dyn Reporter>,
@@ -234,6 +235,30 @@ impl ServerState {
         counters: Arc<ServedCounters>,
         lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
     ) -> Result<Self> {
+        let peers = Self::peers_of(&node, cfg, &HashMap::new())?;
+        Ok(ServerState {
+            node,
+            peers: RwLock::new(Arc::new(peers)),
+            admin_token,
+            metrics_token: RwLock::new(cfg.metrics_token()?),
+            index: tokio::sync::Mutex::new(Arc::new(ChunkIndex::default())),
+            served: Mutex::new(VecDeque::new()),
+            reporter,
+            counters,
+            lock_changes,
+            refusals: LogLimiter::new(),
+            send_budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB as usize)),
+            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK)),
+        })
+    }
+
+    /// The downstreams of `cfg`, each keeping the request slots it had in `old` (requests in
+    /// progress go on counting against it).
+    fn peers_of(
+        node: &Node,
+        cfg: &NodeConfig,
+        old: &HashMap<NodeId, Arc<Peer>>,
+    ) -> Result<HashMap<NodeId, Arc<Peer>>> {
         let mut peers = HashMap::new();
         for d in &cfg.downstream {
             let lease_ms = match &d.lease {
@@ -249,9 +274,13 @@ impl ServerState {
                     },
                 )?;
             }
+            let slots = old.get(&d.name).map_or_else(
+                || Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
+                |p| p.slots.clone(),
+            );
             peers.insert(
                 d.name.clone(),
-                Peer {
+                Arc::new(Peer {
                     name: d.name.clone(),
                     token: cfg.downstream_token(d)?,
                     volumes: d.volumes.iter().cloned().collect(),
@@ -259,26 +288,25 @@ impl ServerState {
                     max_locks: d.max_locks,
                     max_snapshots: d.max_snapshots,
                     lease_ms,
-                    slots: Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
+                    slots,
                     rate: Mutex::new(TokenBucket::new(PEER_RATE, PEER_BURST)),
                     lock_sets: Mutex::new(TokenBucket::new(LOCK_SET_RATE, LOCK_SET_BURST)),
-                },
+                }),
             );
         }
-        Ok(ServerState {
-            node,
-            peers,
-            admin_token,
-            metrics_token: cfg.metrics_token()?,
-            index: tokio::sync::Mutex::new(Arc::new(ChunkIndex::default())),
-            served: Mutex::new(VecDeque::new()),
-            reporter,
-            counters,
-            lock_changes,
-            refusals: LogLimiter::new(),
-            send_budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB as usize)),
-            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK)),
-        })
+        Ok(peers)
+    }
+
+    /// Takes a reloaded configuration's downstreams (who may connect, with which token, to
+    /// what) and metrics token; requests in progress finish under the old ones. Nothing
+    /// changes if any of it is wrong.
+    pub fn reconfigure(&self, cfg: &NodeConfig) -> Result<()> {
+        let old = self.peers.read().expect("not poisoned").clone();
+        let peers = Self::peers_of(&self.node, cfg, &old)?;
+        let metrics_token = cfg.metrics_token()?;
+        *self.peers.write().expect("not poisoned") = Arc::new(peers);
+        *self.metrics_token.write().expect("not poisoned") = metrics_token;
+        Ok(())
     }
 
     fn bearer(headers: &HeaderMap) -> &str {
@@ -291,7 +319,7 @@ impl ServerState {
 
     /// The authenticated peer, or why not. An unknown peer and a wrong token get the same
     /// answer, so that names cannot be tried out; the log says which it was.
-    fn peer(&self, headers: &HeaderMap) -> Result<&Peer> {
+    fn peer(&self, headers: &HeaderMap) -> Result<Arc<Peer>> {
         let r = (|| {
             let name = headers
                 .get(PEER_HEADER)
@@ -302,7 +330,10 @@ impl ServerState {
             let id: NodeId = name.parse().map_err(|e: Error| e.to_string())?;
             let peer = self
                 .peers
+                .read()
+                .expect("not poisoned")
                 .get(&id)
+                .cloned()
                 .ok_or_else(|| format!("unknown peer {id}: no [[downstream]] is named so"))?;
             if !super::same_secret(Self::bearer(headers), &peer.token) {
                 return Err(format!("wrong token for peer {id}"));
@@ -321,10 +352,19 @@ impl ServerState {
     }
 
     /// The peer a request was authenticated as.
-    fn authed(&self, who: &Authed) -> Result<&Peer> {
+    fn authed(&self, who: &Authed) -> Result<Arc<Peer>> {
         self.peers
+            .read()
+            .expect("not poisoned")
             .get(&who.0)
-            .ok_or_else(|| Error::internal(format!("peer {} vanished", who.0)))
+            .cloned()
+            .ok_or_else(|| {
+                Error::denied(format!(
+                    "peer {} is no longer a [[downstream]] of this node (its configuration \
+                     was reloaded)",
+                    who.0
+                ))
+            })
     }
 
     /// The volume, if the peer may list it and pin its snapshots (it is granted the volume or
@@ -618,7 +658,7 @@ async fn list_snapshots(
     Path(volume): Path<String>,
 ) -> Api<Json<SnapshotList>> {
     let peer = s.authed(&who)?;
-    let volume = s.granted(peer, &volume)?;
+    let volume = s.granted(&peer, &volume)?;
     let mut snapshots = match s.node.catalog.snapshots(&volume) {
         Ok(v) => v,
         Err(Error::NotFound(_)) => vec![],
@@ -680,7 +720,7 @@ async fn manifest(
 ) -> Api<Response> {
     let peer = s.authed(&who)?;
     let region = region_param(q.region.as_deref())?;
-    let volume = s.granted_data(peer, &volume, region.as_ref())?;
+    let volume = s.granted_data(&peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     if let Some(region) = region {
         return region_manifest(&s, &rec, q, &region).await;
@@ -819,7 +859,7 @@ async fn chunks(
     let started = std::time::Instant::now();
     let peer = s.authed(&who)?;
     let region = region_param(q.region.as_deref())?;
-    let volume = s.granted_data(peer, &volume, region.as_ref())?;
+    let volume = s.granted_data(&peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     let id = rec.id;
     let req: ChunkRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -954,7 +994,7 @@ async fn put_locks(
     body: Bytes,
 ) -> Api<Response> {
     let peer = s.authed(&who)?;
-    let volume = s.granted(peer, &volume)?;
+    let volume = s.granted(&peer, &volume)?;
     if !peer.lock_sets.lock().expect("not poisoned").take() {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);
         return Err(Error::Unavailable {
@@ -1070,7 +1110,8 @@ async fn status(State(s): Shared, headers: HeaderMap) -> Api<Json<serde_json::Va
 }
 
 async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
-    if let Some(t) = &s.metrics_token
+    let token = s.metrics_token.read().expect("not poisoned").clone();
+    if let Some(t) = &token
         && !super::same_secret(ServerState::bearer(&headers), t)
     {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);

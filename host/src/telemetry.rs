@@ -20,7 +20,11 @@ pub fn init(verbose: u8, quiet: bool) {
     if journal {
         match tracing_journald::layer() {
             Ok(layer) => {
-                let layer = layer.with_syslog_identifier("holdfast".into());
+                // Fields as HOLDFAST_VOLUME=vm1, HOLDFAST_OUTCOME=error, ...:
+                // `journalctl -u holdfast HOLDFAST_VOLUME=vm1`.
+                let layer = layer
+                    .with_syslog_identifier("holdfast".into())
+                    .with_field_prefix(Some("HOLDFAST".into()));
                 let _ = tracing_subscriber::registry()
                     .with(filter)
                     .with(layer)

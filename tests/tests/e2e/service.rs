@@ -315,3 +315,101 @@ fn a_daemon_stopped_mid_transfer_lets_it_finish_within_its_grace() {
     );
     assert_eq!(b.node.restore("big@s1"), data);
 }
+
+/// Under systemd (stderr is the journal stream systemd named in `JOURNAL_STREAM`), the daemon
+/// logs to the journal with structured fields; elsewhere it logs text on stderr. The journal
+/// here is a socket the test binds where journald's would be, so the test runs only as root on
+/// a machine without a running journald.
+#[test]
+fn under_systemd_the_daemon_logs_to_the_journal_with_fields() {
+    let socket = std::path::Path::new("/run/systemd/journal/socket");
+    let made_run_systemd = !std::path::Path::new("/run/systemd").exists();
+    if socket.exists() || std::fs::create_dir_all("/run/systemd/journal").is_err() {
+        eprintln!("SKIPPED the journal test: a journald runs here, or /run is not writable");
+        return;
+    }
+    /// Removes the socket, and the folders if the test made them.
+    struct Unbind<'a>(&'a std::path::Path, bool);
+    impl Drop for Unbind<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+            if self.1 {
+                let _ = std::fs::remove_dir_all("/run/systemd");
+            }
+        }
+    }
+    let _unbind = Unbind(socket, made_run_systemd);
+    let journal = UnixDatagram::bind(socket).expect("bind");
+    journal
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let node = TestNode::new();
+    let config = node.path("node.toml");
+    std::fs::write(&config, format!("state = {:?}\n", node.state)).expect("config");
+    let stderr_path = node.path("stderr.txt");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let st = std::os::unix::fs::MetadataExt::dev(&stderr.metadata().expect("stat"));
+    let ino = std::os::unix::fs::MetadataExt::ino(&stderr.metadata().expect("stat"));
+    /// The daemon, killed if the test fails before it stops it.
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Daemon(
+        node.cmd(&["daemon", "--config", config.to_str().expect("utf-8")])
+            .env("JOURNAL_STREAM", format!("{st}:{ino}"))
+            .stderr(stderr)
+            .spawn()
+            .expect("daemon"),
+    );
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    while !String::from_utf8_lossy(&seen).contains("daemon started") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no journal entry");
+        if let Ok(n) = journal.recv(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .arg(daemon.0.id().to_string())
+        .status();
+    assert!(daemon.0.wait().expect("wait").success());
+    let entries = String::from_utf8_lossy(&seen).to_string();
+    for field in [
+        "SYSLOG_IDENTIFIER",
+        "HOLDFAST_NODE",
+        "PRIORITY",
+        "CODE_FILE",
+    ] {
+        assert!(entries.contains(field), "{field} missing: {entries:?}");
+    }
+    let text = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert!(
+        !text.contains("daemon started"),
+        "the log went to the journal, not stderr: {text}"
+    );
+
+    // Without the journal stream, the same daemon logs text on stderr.
+    let mut daemon = Daemon(
+        node.cmd(&["-v", "daemon", "--config", config.to_str().expect("utf-8")])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("daemon"),
+    );
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        daemon.0.stderr.take().expect("stderr"),
+    ));
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("daemon started"));
+    let _ = std::process::Command::new("kill")
+        .arg(daemon.0.id().to_string())
+        .status();
+    let _ = daemon.0.wait();
+    assert!(started.is_some(), "no \"daemon started\" on stderr");
+}

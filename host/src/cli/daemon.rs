@@ -30,6 +30,24 @@ impl ConfigArg {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_long_help = "SIGHUP (systemctl reload) re-reads the configuration. A file \
+that does not parse or check is refused, the reason logged and shown by `holdfast status`; the \
+daemon keeps the configuration it had. Unchanged jobs run on; a removed or changed job finishes \
+its current run, then ends. [listen] and `state` need a restart.
+
+SIGTERM or SIGINT (systemctl stop) stops the daemon: no new job starts; running ones get \
+[daemon] shutdown_grace (default 1m) to finish, then stop at a safe point (a mirror update keeps \
+what it fetched and commits nothing). A second signal cuts the grace short.
+
+Under systemd (Type=notify) the daemon reports ready, reloading and stopping, and logs to the \
+journal with fields HOLDFAST_*; elsewhere it logs text on stderr.
+
+The packaged service reads /etc/holdfast/node.toml and keeps its state in /var/lib/holdfast, \
+where daemon.json tells `holdfast status` how to reach the running daemon.
+
+Example: systemctl reload holdfast && holdfast --state /var/lib/holdfast status"
+)]
 pub struct DaemonCommand {
     #[command(flatten)]
     pub config: ConfigArg,

@@ -235,7 +235,8 @@ impl ServerState {
         counters: Arc<ServedCounters>,
         lock_changes: Option<tokio::sync::mpsc::UnboundedSender<VolumeName>>,
     ) -> Result<Self> {
-        let peers = Self::peers_of(&node, cfg, &HashMap::new())?;
+        let (peers, settings) = Self::peers_of(cfg, &HashMap::new())?;
+        Self::write_settings(&node, &settings)?;
         Ok(ServerState {
             node,
             peers: RwLock::new(Arc::new(peers)),
@@ -253,26 +254,26 @@ impl ServerState {
     }
 
     /// The downstreams of `cfg`, each keeping the request slots it had in `old` (requests in
-    /// progress go on counting against it).
+    /// progress go on counting against it), and the settings of their holders (so `prune`
+    /// honours release_stale), to be written with [`ServerState::write_settings`].
     fn peers_of(
-        node: &Node,
         cfg: &NodeConfig,
         old: &HashMap<NodeId, Arc<Peer>>,
-    ) -> Result<HashMap<NodeId, Arc<Peer>>> {
+    ) -> Result<(HashMap<NodeId, Arc<Peer>>, Vec<(HolderId, HolderSettings)>)> {
         let mut peers = HashMap::new();
+        let mut settings = Vec::new();
         for d in &cfg.downstream {
             let lease_ms = match &d.lease {
                 Some(l) => Some(crate::config::parse_duration("lease", l)?.as_millis() as u64),
                 None => None,
             };
-            // Settings for this downstream's holders, so `prune` honours release_stale.
             for v in d.volumes.iter().chain(d.region_grants()?.keys()) {
-                node.catalog.locks().set_settings(
-                    &HolderId::mirror(&d.name, v),
-                    &HolderSettings {
+                settings.push((
+                    HolderId::mirror(&d.name, v),
+                    HolderSettings {
                         auto_release_stale: d.release_stale,
                     },
-                )?;
+                ));
             }
             let slots = old.get(&d.name).map_or_else(
                 || Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
@@ -294,16 +295,24 @@ impl ServerState {
                 }),
             );
         }
-        Ok(peers)
+        Ok((peers, settings))
+    }
+
+    fn write_settings(node: &Node, settings: &[(HolderId, HolderSettings)]) -> Result<()> {
+        for (holder, s) in settings {
+            node.catalog.locks().set_settings(holder, s)?;
+        }
+        Ok(())
     }
 
     /// Takes a reloaded configuration's downstreams (who may connect, with which token, to
-    /// what) and metrics token; requests in progress finish under the old ones. Nothing
-    /// changes if any of it is wrong.
+    /// what) and metrics token; requests in progress finish under the old ones. Everything is
+    /// checked before anything changes.
     pub fn reconfigure(&self, cfg: &NodeConfig) -> Result<()> {
         let old = self.peers.read().expect("not poisoned").clone();
-        let peers = Self::peers_of(&self.node, cfg, &old)?;
+        let (peers, settings) = Self::peers_of(cfg, &old)?;
         let metrics_token = cfg.metrics_token()?;
+        Self::write_settings(&self.node, &settings)?;
         *self.peers.write().expect("not poisoned") = Arc::new(peers);
         *self.metrics_token.write().expect("not poisoned") = metrics_token;
         Ok(())

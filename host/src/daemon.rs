@@ -153,6 +153,19 @@ impl Job {
 /// The jobs a configuration asks for, checked against the node (scheduled volumes and pushed
 /// targets must exist).
 fn jobs_of(node: &Node, cfg: &NodeConfig) -> Result<Vec<Job>> {
+    // A volume a job works on exists here, or is a replica a mirror relation brings.
+    let known = |v: &VolumeName, what: &str| -> Result<()> {
+        if cfg.mirror.iter().any(|m| m.volume == *v) {
+            return Ok(());
+        }
+        node.catalog.volume(v).map(|_| ()).map_err(|_| {
+            Error::not_found(format!(
+                "{}: the {what} of volume {v}: there is no such volume on this node and no \
+                 [[mirror]] brings it (`holdfast volume list`)",
+                cfg.path.display()
+            ))
+        })
+    };
     let mut jobs = Vec::new();
     for m in &cfg.mirror {
         jobs.push(Job {
@@ -189,6 +202,7 @@ fn jobs_of(node: &Node, cfg: &NodeConfig) -> Result<Vec<Job>> {
         });
     }
     for p in &cfg.push {
+        known(&p.volume, "[[push]]")?;
         crate::target::Targets::new(node).get(&p.target)?;
         jobs.push(Job {
             kind: JobKind::Push,
@@ -203,6 +217,7 @@ fn jobs_of(node: &Node, cfg: &NodeConfig) -> Result<Vec<Job>> {
         });
     }
     for r in &cfg.retention {
+        known(&r.volume, "[[retention]]")?;
         jobs.push(Job {
             kind: JobKind::Retention,
             volume: r.volume.clone(),
@@ -255,6 +270,8 @@ pub struct Daemon {
     gc_pending: std::sync::atomic::AtomicBool,
     /// What the gc after deletions last did when it was due (ran, deferred, failed).
     gc_attempt: Mutex<Option<String>>,
+    /// The daemon's own gc while it runs (`gc after deletions`, `gc of target NAME`).
+    gc_running: Mutex<Option<String>>,
 }
 
 impl Daemon {
@@ -291,7 +308,12 @@ impl Daemon {
             .iter()
             .filter(|e| e.status.running)
             .map(|e| e.status.describe())
+            .chain(self.gc_running.lock().expect("not poisoned").clone())
             .collect()
+    }
+
+    fn gc_running(&self, what: Option<String>) {
+        *self.gc_running.lock().expect("not poisoned") = what;
     }
 
     /// Registers a job and starts its loop.
@@ -473,7 +495,9 @@ impl Daemon {
             let due = state.deleted_snapshots > 0
                 && (state.dead_bytes_estimate >= min_dead || waited >= max_wait_ms);
             if due {
+                self.gc_running(Some("gc after deletions".into()));
                 self.gc_after_deletions(&state, &mut deferred).await;
+                self.gc_running(None);
             }
             self.gc_targets(target_every).await;
         }
@@ -532,9 +556,10 @@ impl Daemon {
                 .and_then(|s| s.targets.get(name).map(|t| t.finished_unix_ms))
                 .unwrap_or(0);
             let every_ms = u64::try_from(target_every.as_millis()).unwrap_or(u64::MAX);
-            if crate::now_unix_ms().saturating_sub(last) < every_ms {
+            if crate::now_unix_ms().saturating_sub(last) < every_ms || *self.draining.borrow() {
                 continue;
             }
+            self.gc_running(Some(format!("gc of target {name}")));
             let run = async {
                 let repo = crate::target::Targets::new(&self.node).open(name).await?;
                 crate::target::gc(&repo, &self.node.info.node_id, false).await
@@ -569,6 +594,7 @@ impl Daemon {
             if let Err(e) = self.node.catalog.target_gc_done(name, done) {
                 tracing::warn!("could not record the gc of target {name}: {e}");
             }
+            self.gc_running(None);
         }
     }
 
@@ -1136,6 +1162,14 @@ fn tell_systemd(state: &[sd_notify::NotifyState]) {
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration.
 pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
     let t0 = Instant::now();
+    // First: a signal that comes while the daemon starts is handled, not fatal.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| Error::io("installing the SIGHUP handler", e))?;
     let node = Arc::new(node);
     let cfg = Arc::new(cfg);
     node.clean_staging_files();
@@ -1182,6 +1216,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         listen: listen.clone(),
         gc_pending: Default::default(),
         gc_attempt: Default::default(),
+        gc_running: Default::default(),
     });
 
     let admin_token = crate::peer::new_token();
@@ -1253,13 +1288,6 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         )),
     ]);
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| Error::io("installing the SIGINT handler", e))?;
-    let mut hup =
-        signal(SignalKind::hangup()).map_err(|e| Error::io("installing the SIGHUP handler", e))?;
     loop {
         tokio::select! {
             _ = int.recv() => break,
@@ -1270,6 +1298,8 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
                     sd_notify::NotifyState::monotonic_usec_now()
                         .unwrap_or(sd_notify::NotifyState::Status("reloading")),
                 ]);
+                // Loops of jobs that earlier reloads ended.
+                while tasks.try_join_next().is_some() {}
                 let status = match daemon.reload(&mut tasks, server.as_deref()) {
                     Ok(line) => {
                         tracing::info!("configuration reloaded: {line}");
@@ -1320,6 +1350,13 @@ impl Daemon {
             )));
         }
         let jobs = jobs_of(&self.node, &new)?;
+        // The certificate and key are read at start only, but one that would not load
+        // then is refused now, not found at the next restart.
+        if let Some(l) = &new.listen
+            && let (Some(c), Some(k), false) = (&l.tls_cert, &l.tls_key, l.plaintext)
+        {
+            crate::peer::tls::server_config(&new.resolve(c), &new.resolve(k))?;
+        }
         if let Some(server) = server {
             server.reconfigure(&new)?;
         }
@@ -1373,6 +1410,8 @@ impl Daemon {
         let mut info = self.config_info.lock().expect("not poisoned");
         info.loaded_unix_ms = crate::now_unix_ms();
         info.reloads += 1;
+        info.last_refused = None;
+        info.last_refused_unix_ms = None;
         Ok(format!(
             "{kept} job(s) unchanged, {} added {added:?}, {} removed {removed:?} (a removed job \
              finishes its current run)",
@@ -1382,7 +1421,10 @@ impl Daemon {
     }
 
     /// Stops the daemon: no new job runs; running ones get `[daemon] shutdown_grace` to
-    /// finish (a second signal cuts it short), then are asked to stop at their next safe point.
+    /// finish (another signal cuts it short), then are asked to stop at their next safe point
+    /// and waited for: a snapshot as long as its `after` hook may take, anything else
+    /// [`SAFE_POINT_WAIT`]. systemd is asked for more time as long as there is work to wait
+    /// for.
     async fn stop(
         &self,
         tasks: &mut tokio::task::JoinSet<()>,
@@ -1403,32 +1445,30 @@ impl Daemon {
             "daemon stopping: no new job starts; running ones may finish (a second signal \
              stops them now)"
         );
-        let idle = async {
-            while !self.running_jobs().is_empty() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        let finished = tokio::select! {
-            _ = idle => true,
-            _ = tokio::time::sleep(grace) => false,
-            _ = int.recv() => false,
-            _ = term.recv() => false,
-        };
+        let finished = self.wait_for_jobs(grace, int, term).await;
         let mut interrupted = Vec::new();
         if !finished {
             interrupted = self.running_jobs();
             tracing::warn!(
                 interrupted = ?interrupted,
-                "stopping the jobs still running at their next safe point (what they fetched \
-                 is kept; nothing half done is committed)"
+                "stopping the jobs still running at their next safe point (what they stored \
+                 is kept; nothing half done is committed; a snapshot runs its after hook)"
             );
             // Running jobs stop at their next safe point (a snapshot removes what it added
             // to QEMU and runs its after hook; a mirror keeps the chunks it stored).
             crate::shutdown::request();
-            let deadline = Instant::now() + SAFE_POINT_WAIT;
-            while !self.running_jobs().is_empty() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let snapshots = self
+                .jobs
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .any(|e| e.status.running && e.status.kind == JobKind::Snapshot);
+            let wait = if snapshots {
+                crate::snapshot::hooks::HOOK_TIMEOUT + SAFE_POINT_WAIT
+            } else {
+                SAFE_POINT_WAIT
+            };
+            self.wait_for_jobs(wait, int, term).await;
         }
         let cut = self.running_jobs();
         tasks.abort_all();
@@ -1442,6 +1482,37 @@ impl Daemon {
                 cut_off = ?cut,
                 "daemon stopped; interrupted jobs resume at the next start"
             );
+        }
+    }
+
+    /// Waits up to `limit` for the running jobs (and gc) to end: true if they did, false at
+    /// the limit or on another SIGINT or SIGTERM.
+    async fn wait_for_jobs(
+        &self,
+        limit: Duration,
+        int: &mut tokio::signal::unix::Signal,
+        term: &mut tokio::signal::unix::Signal,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut told = Instant::now() - Duration::from_secs(60);
+        loop {
+            if self.running_jobs().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if told.elapsed() >= Duration::from_secs(10) {
+                // Ask systemd for 30 s more each 10 s of waiting (TimeoutStopSec stays the
+                // bound for a daemon that stops answering).
+                tell_systemd(&[sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000)]);
+                told = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = int.recv() => return false,
+                _ = term.recv() => return false,
+            }
         }
     }
 }

@@ -81,7 +81,11 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    let result = runtime.block_on(cli::run(args));
+    // Blocking work left behind (a stopped daemon's job that waited for a file lock held by
+    // another command) must not keep the process alive once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // A closed stdout (`holdfast snapshot list | head`) is not a failure.

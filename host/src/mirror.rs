@@ -338,11 +338,8 @@ pub(crate) async fn lock_volume(node: &Node, volume: &VolumeName) -> Result<cap_
             tracing::warn!(
                 "another mirror update of {volume} is running on this node; waiting for it"
             );
-            tokio::task::spawn_blocking(move || f.lock().map(|()| f))
-                .await
-                .map_err(|e| Error::internal(e.to_string()))?
-                .map(cap_std::fs::File::from_std)
-                .map_err(|e| Error::io(format!("locking {name}"), e))
+            crate::state::wait_for_lock(&f, false, &name).await?;
+            Ok(cap_std::fs::File::from_std(f))
         }
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {name}"), e)),
     }

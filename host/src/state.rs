@@ -258,8 +258,8 @@ impl Node {
 
     /// Shared lock: snapshot writers (many at once) exclude gc, not each other.
     ///
-    /// Waits off the async runtime's threads: the daemon runs gc in-process, and blocking
-    /// workers on it would leave gc itself no thread to finish on.
+    /// Waits without holding a thread: the daemon runs gc in-process, and blocking workers on
+    /// it would leave gc itself no thread to finish on.
     pub async fn lock_repo_shared(&self) -> Result<RepoLock> {
         let f = self.lock_file()?;
         match f.try_lock_shared() {
@@ -270,10 +270,8 @@ impl Node {
             }
         }
         tracing::info!("waiting for gc on this node to finish");
-        tokio::task::spawn_blocking(move || f.lock_shared().map(|()| RepoLock { _file: f }))
-            .await
-            .map_err(|e| Error::internal(format!("repository lock task failed: {e}")))?
-            .map_err(|e| Error::io("locking the repository", e))
+        wait_for_lock(&f, true, "the repository lock").await?;
+        Ok(RepoLock { _file: f })
     }
 
     /// The exclusive lock if no one holds the repository now, else `None`.
@@ -418,4 +416,26 @@ pub fn write_atomic(dir: &Dir, name: &str, bytes: &[u8]) -> std::io::Result<()> 
     }
     dir.rename(&tmp, dir, name)?;
     dir.open(".")?.sync_all()
+}
+
+/// Waits for an advisory lock on `f` (shared or exclusive) without holding a thread, looking
+/// every 50 ms; gives up when the process is asked to stop (a stopping daemon must not wait
+/// for another command's lock).
+pub(crate) async fn wait_for_lock(f: &std::fs::File, shared: bool, what: &str) -> Result<()> {
+    loop {
+        let r = if shared {
+            f.try_lock_shared()
+        } else {
+            f.try_lock()
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("locking {what}"), e));
+            }
+        }
+        crate::shutdown::check(&format!("waiting for {what}"))?;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

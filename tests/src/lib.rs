@@ -36,6 +36,21 @@ pub fn holdfast_bin() -> PathBuf {
     bin
 }
 
+/// Records that `test` could not run here and why: on stderr, and in `target/test-skips.txt`,
+/// which `./test.sh` prints after the run (cargo hides a passing test's output).
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-skips.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        use std::io::Write;
+        let _ = writeln!(f, "{test}: {why}");
+    }
+}
+
 /// A policy component built from `plugins/` (`keep_base`, `gfs_retention`, `app_hold`,
 /// `hostile`, `wrong_world`).
 pub fn plugin(name: &str) -> PathBuf {

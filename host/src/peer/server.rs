@@ -208,7 +208,7 @@ const SERVED_CACHE: usize = 8;
 pub struct ServerState {
     node: Arc<Node>,
     /// The downstreams, replaced whole when the configuration is reloaded.
-    peers: RwLock<Arc<HashMap<NodeId, Arc<Peer>>>>,
+    peers: RwLock<Arc<PeerTable>>,
     admin_token: String,
     /// What `/metrics` requires, if anything.
     metrics_token: RwLock<Option<String>>,
@@ -225,6 +225,9 @@ pub struct ServerState {
     /// Manifest work under way (see [`HEAVY_WORK`]).
     heavy: Arc<tokio::sync::Semaphore>,
 }
+
+/// The downstreams by name.
+type PeerTable = HashMap<NodeId, Arc<Peer>>;
 
 impl ServerState {
     pub fn new(
@@ -258,8 +261,8 @@ impl ServerState {
     /// honours release_stale), to be written with [`ServerState::write_settings`].
     fn peers_of(
         cfg: &NodeConfig,
-        old: &HashMap<NodeId, Arc<Peer>>,
-    ) -> Result<(HashMap<NodeId, Arc<Peer>>, Vec<(HolderId, HolderSettings)>)> {
+        old: &PeerTable,
+    ) -> Result<(PeerTable, Vec<(HolderId, HolderSettings)>)> {
         let mut peers = HashMap::new();
         let mut settings = Vec::new();
         for d in &cfg.downstream {

@@ -250,6 +250,8 @@ async fn push_locked(
 
     // 3. Each new snapshot, oldest first.
     for s in &wanted {
+        // Asked to stop: a safe point between snapshots (those before are committed).
+        crate::shutdown::check(&format!("the push of {} to {}", s.display_ref(), rec.name))?;
         let sess = session(&mut loaded, node, rec, repo).await?;
         let raw = node.repo.read_manifest(volume, &s.id).await?;
         let m = Manifest::decode(&raw, &s.display_ref())?;

@@ -224,7 +224,10 @@ fn a_full_disk_fails_cleanly_and_a_rerun_completes_after_space_is_freed() {
     // fails with a clear message, nothing becomes visible, verify passes; after the
     // filesystem grows, the same command succeeds.
     if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        holdfast_tests::skipped(
+            "bad_input::a_full_disk_fails_cleanly",
+            "mounting a small tmpfs needs root",
+        );
         return;
     }
     let mnt = tempfile::tempdir().unwrap();
@@ -234,7 +237,10 @@ fn a_full_disk_fails_cleanly_and_a_rerun_completes_after_space_is_freed() {
         .status()
         .unwrap();
     if !mount.success() {
-        eprintln!("skipped: this machine does not allow mounting a tmpfs");
+        holdfast_tests::skipped(
+            "bad_input::a_full_disk_fails_cleanly",
+            "this machine does not allow mounting a tmpfs",
+        );
         return;
     }
     struct Unmount(String);

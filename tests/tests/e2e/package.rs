@@ -27,7 +27,10 @@ fn ok(cmd: &str) -> String {
 }
 
 fn skip(why: &str) {
-    eprintln!("SKIPPED the package test: {why}");
+    holdfast_tests::skipped(
+        "package::the_debian_package_installs_runs_and_purges_cleanly",
+        why,
+    );
 }
 
 /// Purges the package however the test ends, so a failure leaves the machine as it was.
@@ -49,8 +52,17 @@ fn the_debian_package_installs_runs_and_purges_cleanly() {
             return skip(&format!("{tool} is missing (./test.sh installs it)"));
         }
     }
-    if sh("dpkg -s holdfast >/dev/null 2>&1").0 == 0 || Path::new("/usr/bin/holdfast").exists() {
-        return skip("holdfast is already installed on this machine; the test leaves it alone");
+    // Purging deletes /var/lib/holdfast and /etc/holdfast: never where someone may use them.
+    if sh("dpkg -s holdfast >/dev/null 2>&1").0 == 0
+        || sh("getent passwd holdfast >/dev/null || getent group holdfast >/dev/null").0 == 0
+        || ["/usr/bin/holdfast", "/var/lib/holdfast", "/etc/holdfast"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+    {
+        return skip(
+            "holdfast (its package, user, state or configuration) is already on this machine; \
+             the test leaves it alone",
+        );
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = tempfile::tempdir().expect("tempdir");

@@ -201,6 +201,23 @@ fn a_reload_adds_and_removes_relations_without_dropping_a_transfer() {
     assert!(job(&s, "mirror", "v1").is_none());
     let text = b.node.ok(&["status"]);
     assert!(text.contains("REFUSED"), "{text}");
+    // So is one that names a volume that is neither here nor mirrored.
+    std::fs::write(
+        &b.config,
+        format!("{first}\n[[retention]]\nvolume = \"nope\"\nkeep_last = 1\nevery = \"1h\"\n"),
+    )
+    .expect("write");
+    b.signal("HUP");
+    assert!(notify.next().contains("RELOADING=1"));
+    assert!(notify.next().contains("reload refused"));
+    let s = b.status();
+    assert!(
+        s["config"]["last-refused"]
+            .as_str()
+            .is_some_and(|e| e.contains("volume nope")),
+        "{s}"
+    );
+    assert_eq!(s["config"]["reloads"], 1, "{s}");
     assert!(
         b.log().contains("configuration reload refused"),
         "{}",
@@ -325,7 +342,10 @@ fn under_systemd_the_daemon_logs_to_the_journal_with_fields() {
     let socket = std::path::Path::new("/run/systemd/journal/socket");
     let made_run_systemd = !std::path::Path::new("/run/systemd").exists();
     if socket.exists() || std::fs::create_dir_all("/run/systemd/journal").is_err() {
-        eprintln!("SKIPPED the journal test: a journald runs here, or /run is not writable");
+        holdfast_tests::skipped(
+            "service::under_systemd_the_daemon_logs_to_the_journal_with_fields",
+            "a journald runs here, or /run is not writable",
+        );
         return;
     }
     /// Removes the socket, and the folders if the test made them.
@@ -412,4 +432,89 @@ fn under_systemd_the_daemon_logs_to_the_journal_with_fields() {
         .status();
     let _ = daemon.0.wait();
     assert!(started.is_some(), "no \"daemon started\" on stderr");
+}
+
+/// A job waiting for a lock another command holds (here a mirror-volume lock, as a `target
+/// push` from the command line would) does not keep a stopping daemon alive.
+#[test]
+fn a_job_waiting_for_another_commands_lock_does_not_hold_up_the_stop() {
+    let node = TestNode::new();
+    let img = node.image("v1.img", &mixed_bytes(1 << 20, 3));
+    node.add_volume("v1", &img, "64KiB");
+    node.snapshot("v1", "s1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}/bucket", dir.path().display());
+    node.ok(&["target", "add", "bucket", "--url", &url]);
+    let config = node.path("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state = {:?}\n[daemon]\nshutdown_grace = \"1s\"\n\n[[push]]\nvolume = \"v1\"\ntarget = \"bucket\"\nevery = \"1s\"\n",
+            node.state
+        ),
+    )
+    .expect("config");
+    /// A process killed when the test ends, however it ends.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let lock = node.state.join("mirror.v1.lock");
+    let _holder = Holder(
+        std::process::Command::new("flock")
+            .arg(&lock)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock (util-linux)"),
+    );
+    wait_for("the lock to be held", Duration::from_secs(10), || {
+        lock.exists()
+            && std::process::Command::new("flock")
+                .args(["-n"])
+                .arg(&lock)
+                .arg("true")
+                .status()
+                .is_ok_and(|s| !s.success())
+    });
+    let log = node.path("daemon.log");
+    let mut daemon = Holder(
+        node.cmd(&["-v", "daemon", "--config", config.to_str().expect("utf-8")])
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("daemon"),
+    );
+    let daemon = &mut daemon.0;
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "the push to wait for the lock",
+        Duration::from_secs(60),
+        || read_log().contains("waiting for it"),
+    );
+    let t0 = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status();
+    let exited = loop {
+        if let Some(st) = daemon.try_wait().expect("try_wait") {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    let st = exited.unwrap_or_else(|| panic!("the daemon did not exit:\n{}", read_log()));
+    assert!(st.success(), "{st}\n{}", read_log());
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping took {took:?} with a 1s grace period:\n{}",
+        read_log()
+    );
+    assert!(read_log().contains("push v1 -> bucket"), "{}", read_log());
 }

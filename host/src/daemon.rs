@@ -152,19 +152,24 @@ impl Job {
 
 /// The jobs a configuration asks for, checked against the node (scheduled volumes and pushed
 /// targets must exist).
-fn jobs_of(node: &Node, cfg: &NodeConfig) -> Result<Vec<Job>> {
-    // A volume a job works on exists here, or is a replica a mirror relation brings.
+fn jobs_of(node: &Node, cfg: &NodeConfig, reload: bool) -> Result<Vec<Job>> {
+    // A volume a job works on exists here, or is a replica a mirror relation brings. A reload
+    // that names another is refused; at start such a job is kept (and fails each run, which
+    // status shows), so that one stale entry does not keep a whole node down.
     let known = |v: &VolumeName, what: &str| -> Result<()> {
-        if cfg.mirror.iter().any(|m| m.volume == *v) {
+        if cfg.mirror.iter().any(|m| m.volume == *v) || node.catalog.volume(v).is_ok() {
             return Ok(());
         }
-        node.catalog.volume(v).map(|_| ()).map_err(|_| {
-            Error::not_found(format!(
-                "{}: the {what} of volume {v}: there is no such volume on this node and no \
-                 [[mirror]] brings it (`holdfast volume list`)",
-                cfg.path.display()
-            ))
-        })
+        let e = Error::not_found(format!(
+            "{}: the {what} of volume {v}: there is no such volume on this node and no \
+             [[mirror]] brings it (`holdfast volume list`)",
+            cfg.path.display()
+        ));
+        if reload {
+            return Err(e);
+        }
+        tracing::warn!("{e}");
+        Ok(())
     };
     let mut jobs = Vec::new();
     for m in &cfg.mirror {
@@ -312,8 +317,16 @@ impl Daemon {
             .collect()
     }
 
-    fn gc_running(&self, what: Option<String>) {
-        *self.gc_running.lock().expect("not poisoned") = what;
+    /// Marks the daemon's own gc as running until the guard is dropped (however the gc ends).
+    fn gc_running(&self, what: String) -> impl Drop + '_ {
+        struct Running<'a>(&'a Mutex<Option<String>>);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                *self.0.lock().expect("not poisoned") = None;
+            }
+        }
+        *self.gc_running.lock().expect("not poisoned") = Some(what);
+        Running(&self.gc_running)
     }
 
     /// Registers a job and starts its loop.
@@ -495,9 +508,8 @@ impl Daemon {
             let due = state.deleted_snapshots > 0
                 && (state.dead_bytes_estimate >= min_dead || waited >= max_wait_ms);
             if due {
-                self.gc_running(Some("gc after deletions".into()));
+                let _running = self.gc_running("gc after deletions".into());
                 self.gc_after_deletions(&state, &mut deferred).await;
-                self.gc_running(None);
             }
             self.gc_targets(target_every).await;
         }
@@ -559,7 +571,7 @@ impl Daemon {
             if crate::now_unix_ms().saturating_sub(last) < every_ms || *self.draining.borrow() {
                 continue;
             }
-            self.gc_running(Some(format!("gc of target {name}")));
+            let _running = self.gc_running(format!("gc of target {name}"));
             let run = async {
                 let repo = crate::target::Targets::new(&self.node).open(name).await?;
                 crate::target::gc(&repo, &self.node.info.node_id, false).await
@@ -594,7 +606,6 @@ impl Daemon {
             if let Err(e) = self.node.catalog.target_gc_done(name, done) {
                 tracing::warn!("could not record the gc of target {name}: {e}");
             }
-            self.gc_running(None);
         }
     }
 
@@ -628,17 +639,24 @@ impl Daemon {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = draining.wait_for(|d| *d) => return,
             };
-            if crate::shutdown::requested() || *draining.borrow() {
-                return;
-            }
             if *stop.borrow() {
                 break;
             }
+            // Under the jobs' mutex, which `stop` holds to set `draining`: a run either starts
+            // before the stop begins (and is waited for) or not at all.
+            let started = {
+                let mut jobs = self.jobs.lock().expect("not poisoned");
+                let go = !crate::shutdown::requested() && !*draining.borrow();
+                if go && let Some(e) = jobs.iter_mut().find(|e| e.id == i) {
+                    e.status.running = true;
+                    e.status.last_started_unix_ms = Some(crate::now_unix_ms());
+                }
+                go
+            };
+            if !started {
+                return;
+            }
             let t0 = Instant::now();
-            self.update(i, |s| {
-                s.running = true;
-                s.last_started_unix_ms = Some(crate::now_unix_ms());
-            });
             // In a task of its own, so that a job that panics is a failed run (reported and
             // tried again at its next time), never a job that silently stops.
             let result = {
@@ -1174,7 +1192,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
     let cfg = Arc::new(cfg);
     node.clean_staging_files();
     let engine = Some(Arc::new(PolicyEngine::new()?));
-    let jobs = jobs_of(&node, &cfg)?;
+    let jobs = jobs_of(&node, &cfg, false)?;
 
     let listener = match &cfg.listen {
         Some(l) => Some((
@@ -1349,7 +1367,7 @@ impl Daemon {
                 new.path.display()
             )));
         }
-        let jobs = jobs_of(&self.node, &new)?;
+        let jobs = jobs_of(&self.node, &new, true)?;
         // The certificate and key are read at start only, but one that would not load
         // then is refused now, not found at the next restart.
         if let Some(l) = &new.listen
@@ -1437,7 +1455,10 @@ impl Daemon {
             .daemon
             .shutdown_grace()
             .unwrap_or(Duration::from_secs(60));
-        self.draining.send_replace(true);
+        {
+            let _jobs = self.jobs.lock().expect("not poisoned");
+            self.draining.send_replace(true);
+        }
         let running = self.running_jobs();
         tracing::info!(
             running = ?running,

@@ -60,9 +60,20 @@ pub async fn gc(node: &Node, dry_run: bool, progress: &ProgressBar) -> Result<Gc
 /// the daemon's gc after deletions that an always busy repository has put off long enough.
 pub async fn gc_waiting(node: Arc<Node>, progress: &ProgressBar) -> Result<GcReport> {
     let n = node.clone();
-    let lock = tokio::task::spawn_blocking(move || n.lock_repo_exclusive())
-        .await
-        .map_err(|e| Error::internal(format!("waiting for the repository lock: {e}")))??;
+    // In the kernel's queue for the lock (a poller could be starved by readers that overlap),
+    // but given up when the process is asked to stop: the waiting thread then drops the lock
+    // as soon as it gets it.
+    let waiting = tokio::task::spawn_blocking(move || n.lock_repo_exclusive());
+    let lock = tokio::select! {
+        r = waiting => r
+            .map_err(|e| Error::internal(format!("waiting for the repository lock: {e}")))??,
+        _ = crate::shutdown::wait() => {
+            return Err(Error::unavailable_msg(
+                "gc was interrupted while it waited for the repository lock (the process was \
+                 asked to stop); nothing was done",
+            ));
+        }
+    };
     gc_locked(&node, false, progress, lock).await
 }
 

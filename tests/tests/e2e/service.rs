@@ -464,9 +464,13 @@ fn a_job_waiting_for_another_commands_lock_does_not_hold_up_the_stop() {
     }
     let lock = node.state.join("mirror.v1.lock");
     let _holder = Holder(
+        // -o: the lock is flock's own, not its child's, so killing flock releases it.
         std::process::Command::new("flock")
+            .arg("-o")
             .arg(&lock)
-            .args(["sleep", "600"])
+            // `cat` ends when the test's end of its stdin closes, whatever happens.
+            .arg("cat")
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("flock (util-linux)"),
     );

@@ -186,3 +186,109 @@ fn listings_have_json_and_the_demo_runs() {
     // Running it again replaces its own directory.
     n.ok(&["demo", "--dir", demo.to_str().unwrap(), "--size-mib", "2"]);
 }
+
+#[test]
+fn two_gcs_never_run_together() {
+    // gc runs alone: while another gc (or a snapshot writer) holds the repository, a gc waits
+    // and changes nothing; then it runs. Two gcs started together both finish, one after the
+    // other, and leave a repository that verifies.
+    let n = TestNode::new();
+    let img = n.image("v.img", &mixed_bytes(2 << 20, 10));
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "a");
+    std::fs::write(&img, mixed_bytes(2 << 20, 11)).unwrap();
+    n.snapshot("v", "b");
+    n.ok(&["snapshot", "delete", "v@a"]);
+    let packs = holdfast_tests::pack_files(&n.state);
+
+    /// A process killed when the test ends, however it ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // "Another gc": the repository lock held exclusively.
+    let lock = n.state.join("repo.lock");
+    let mut other = Kill(
+        // -o: the lock is flock's own, not its child's, so killing flock releases it.
+        std::process::Command::new("flock")
+            .args(["-o", "-x"])
+            .arg(&lock)
+            // `cat` ends when the test's end of its stdin closes, whatever happens.
+            .arg("cat")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("flock (util-linux)"),
+    );
+    let held = || {
+        std::process::Command::new("flock")
+            .args(["-n", "-s"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .is_ok_and(|s| !s.success())
+    };
+    let t0 = std::time::Instant::now();
+    while !held() {
+        assert!(t0.elapsed().as_secs() < 10, "the lock was never taken");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // (If the test fails, the gc ends by itself once the holder above is killed.)
+    let mut gc = n
+        .cmd(&["gc", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gc");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        gc.try_wait().expect("try_wait").is_none(),
+        "gc ran while another held the repository"
+    );
+    assert_eq!(
+        holdfast_tests::pack_files(&n.state),
+        packs,
+        "gc changed packs while another held the repository"
+    );
+    let _ = other.0.kill();
+    let _ = other.0.wait();
+    let out = gc.wait_with_output().expect("gc output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("gc --json");
+    assert!(report["bytes-freed"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting"),
+        "gc said why it waited: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Two at once: both succeed, the repository verifies and restores.
+    std::fs::write(&img, mixed_bytes(2 << 20, 12)).unwrap();
+    n.snapshot("v", "c");
+    n.ok(&["snapshot", "delete", "v@b"]);
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            n.cmd(&["gc"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("gc")
+        })
+        .collect();
+    for c in both {
+        let out = c.wait_with_output().expect("gc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    n.ok(&["verify"]);
+    assert_eq!(n.restore("v@c"), mixed_bytes(2 << 20, 12));
+}

@@ -115,20 +115,40 @@ async fn gc_locked(
         live.extend(m.blocks.ids());
         owned.insert((rec.volume.clone(), rec.id));
     }
-    report.live_chunks = live.len() as u64;
 
     // 2. Orphan manifests.
     for (vol, id) in node.repo.list_manifests().await? {
-        // A manifest of a snapshot someone holds a lock on is never removed, catalogued or not.
-        if !owned.contains(&(vol.clone(), id))
-            && node.catalog.locks().locks_on(&vol, &id)?.is_empty()
-        {
+        if owned.contains(&(vol.clone(), id)) {
+            continue;
+        }
+        if node.catalog.locks().locks_on(&vol, &id)?.is_empty() {
             report.orphan_manifests_deleted += 1;
             if !dry_run {
                 node.repo.delete_manifest(&vol, &id).await?;
             }
+            continue;
         }
+        // A manifest of a snapshot someone holds a lock on is never removed, catalogued or
+        // not (a commit lost in a crash, a catalog restored from an older copy): and neither
+        // are the chunks it names, or keeping it would keep nothing.
+        let what = format!("{vol}@{id}");
+        let m = node
+            .repo
+            .read_manifest(&vol, &id)
+            .await
+            .and_then(|raw| super::Manifest::decode(&raw, &what))
+            .map_err(|e| {
+                Error::corrupt(format!(
+                    "gc stopped before deleting anything: {what} has no catalog entry and is \
+                     locked, so its data is kept, but its manifest is unreadable: {e}"
+                ))
+            })?;
+        live.extend(m.blocks.ids());
+        report.notes.push(format!(
+            "{what} has no catalog entry but is locked: its manifest and chunks were kept"
+        ));
     }
+    report.live_chunks = live.len() as u64;
 
     // 3. Packs.
     let packs: HashMap<PackId, u64> = node.repo.list_packs().await?.into_iter().collect();
@@ -297,4 +317,79 @@ async fn gc_locked(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::VolumeRecord;
+    use crate::id::VolumeName;
+    use crate::softlock::{LockType, NewLock};
+
+    #[test]
+    fn a_locked_manifest_without_a_catalog_entry_keeps_its_chunks() {
+        // A snapshot's catalog entry is gone (a commit lost in a crash, an older catalog) but
+        // a lock names it: gc keeps its manifest, and every chunk the manifest names.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let node = Node::init(&dir.path().join("state"), None).await.unwrap();
+            let image = dir.path().join("v.img");
+            crate::sample::write_mixed_image(&image, 1 << 20, 64 << 10, 7).unwrap();
+            let v: VolumeName = "v".parse().unwrap();
+            node.catalog
+                .add_volume(&VolumeRecord {
+                    name: v.clone(),
+                    image,
+                    block_size: 64 << 10,
+                    added_unix_ms: 0,
+                    upstream: None,
+                    source: None,
+                    checkpoint: None,
+                    regions: vec![],
+                    region: None,
+                })
+                .unwrap();
+            let pb = ProgressBar::hidden();
+            let created = crate::snapshot::create::create(&node, &v, Default::default(), &pb)
+                .await
+                .unwrap();
+            let id = created.record.id;
+            node.catalog
+                .locks()
+                .add(
+                    &v,
+                    &"app:keeper".parse().unwrap(),
+                    NewLock {
+                        snapshot: id,
+                        lock_type: LockType::Application,
+                        value: "x".into(),
+                        lease_ms: None,
+                        path: vec![],
+                    },
+                )
+                .unwrap();
+            node.catalog
+                .remove_snapshot(&v, &id, |_, _| Ok(()))
+                .unwrap();
+
+            let report = gc(&node, false, &pb).await.unwrap();
+            assert_eq!(report.orphan_manifests_deleted, 0, "{report:?}");
+            let raw = node.repo.read_manifest(&v, &id).await.unwrap();
+            let m = super::super::Manifest::decode(&raw, "v").unwrap();
+            let wanted: HashSet<ChunkId> = m.blocks.ids().iter().copied().collect();
+            assert!(!wanted.is_empty());
+            let (found, problems) = node.find_chunks(&wanted).await.unwrap();
+            assert!(problems.is_empty(), "{problems:?}");
+            for c in &wanted {
+                assert!(
+                    found.contains(c),
+                    "gc deleted chunk {c} of a locked manifest"
+                );
+            }
+        });
+    }
 }

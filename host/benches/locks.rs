@@ -46,17 +46,7 @@ fn main() {
     holdfast::sample::write_mixed_image(&img, 1 << 20, 64 << 10, 7).unwrap();
     let vol: holdfast::id::VolumeName = "v".parse().unwrap();
     node.catalog
-        .add_volume(&VolumeRecord {
-            name: vol.clone(),
-            image: img.clone(),
-            block_size: 64 << 10,
-            added_unix_ms: 0,
-            upstream: None,
-            source: None,
-            checkpoint: None,
-            regions: vec![],
-            region: None,
-        })
+        .add_volume(&VolumeRecord::image(vol.clone(), img.clone(), 64 << 10))
         .unwrap();
     // 10,000 catalogued snapshots (records only), then three real ones to explain.
     let t0 = 1_600_000_000_000u64;

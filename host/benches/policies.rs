@@ -54,17 +54,7 @@ fn main() {
     std::fs::write(&img, b"x").unwrap();
     let vol: holdfast::id::VolumeName = "v".parse().unwrap();
     node.catalog
-        .add_volume(&VolumeRecord {
-            name: vol.clone(),
-            image: img,
-            block_size: 4096,
-            added_unix_ms: 0,
-            upstream: None,
-            source: None,
-            checkpoint: None,
-            regions: vec![],
-            region: None,
-        })
+        .add_volume(&VolumeRecord::image(vol.clone(), img, 4096))
         .unwrap();
     let t0 = 1_600_000_000_000u64;
     let recs: Vec<SnapshotRecord> = (0..1000)

@@ -124,6 +124,21 @@ impl VolumeRecord {
         }
     }
 
+    /// A volume read from an image file or block device.
+    pub fn image(name: VolumeName, image: std::path::PathBuf, block_size: u32) -> VolumeRecord {
+        VolumeRecord {
+            name,
+            image,
+            block_size,
+            added_unix_ms: crate::now_unix_ms(),
+            upstream: None,
+            source: None,
+            checkpoint: None,
+            regions: vec![],
+            region: None,
+        }
+    }
+
     /// Where the data comes from, for listings and messages.
     pub fn source_label(&self) -> String {
         match &self.source {

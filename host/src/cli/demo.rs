@@ -59,17 +59,12 @@ impl DemoCommand {
         ));
         sample::write_mixed_image(&image, self.size_mib << 20, 64 << 10, 1)?;
         let node = ctx.open().await?;
-        node.catalog.add_volume(&holdfast::catalog::VolumeRecord {
-            name: "demo".parse()?,
-            image: std::fs::canonicalize(&image)?,
-            block_size: 64 << 10,
-            added_unix_ms: holdfast::now_unix_ms(),
-            upstream: None,
-            source: None,
-            checkpoint: None,
-            regions: vec![],
-            region: None,
-        })?;
+        node.catalog
+            .add_volume(&holdfast::catalog::VolumeRecord::image(
+                "demo".parse()?,
+                std::fs::canonicalize(&image)?,
+                64 << 10,
+            ))?;
         drop(node);
 
         say("first snapshot (everything is new)");

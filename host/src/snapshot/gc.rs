@@ -341,17 +341,7 @@ mod tests {
             crate::sample::write_mixed_image(&image, 1 << 20, 64 << 10, 7).unwrap();
             let v: VolumeName = "v".parse().unwrap();
             node.catalog
-                .add_volume(&VolumeRecord {
-                    name: v.clone(),
-                    image,
-                    block_size: 64 << 10,
-                    added_unix_ms: 0,
-                    upstream: None,
-                    source: None,
-                    checkpoint: None,
-                    regions: vec![],
-                    region: None,
-                })
+                .add_volume(&VolumeRecord::image(v.clone(), image, 64 << 10))
                 .unwrap();
             let pb = ProgressBar::hidden();
             let created = crate::snapshot::create::create(&node, &v, Default::default(), &pb)

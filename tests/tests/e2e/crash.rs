@@ -189,11 +189,64 @@ fn killing_delete_and_gc_at_random_instants_keeps_the_rest_intact() {
             copy.ok(&["gc"]);
         })
     };
-    for _ in 0..5 {
-        let delay = gc_time.mul_f64(rng.random_range(0.0..1.1));
-        kill_after(&n, &["gc"], delay);
-        check_visible(&n, "v", &expected);
+    // Each kill on a fresh copy of the garbage-laden state, at an instant that homes in on
+    // gc's writing phase: a kill that changed nothing moves the window later, one that came
+    // after gc finished moves it earlier. Where each landed is recorded, and one at least must
+    // land mid-write (the repository changed, gc not done) for the test to mean anything.
+    let (mut lo, mut hi) = (0.0f64, 1.1f64);
+    let mut landed = Vec::new();
+    for attempt in 0..20 {
+        if hi - lo < 0.02 {
+            // Timing noise closed the window: open it again around where it closed.
+            (lo, hi) = ((lo - 0.1).max(0.0), hi + 0.1);
+        }
+        let copy = TestNode::at(n.path(&format!("try{attempt}")));
+        let st = std::process::Command::new("cp")
+            .args([
+                "-a",
+                n.state.to_str().unwrap(),
+                copy.state.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let before = copy.fingerprint();
+        let frac = rng.random_range(lo..hi);
+        let killed = kill_after(&copy, &["gc"], gc_time.mul_f64(frac));
+        // Mid-write: gc had changed the repository and still had work left.
+        let work_left = || {
+            let r = copy.run(&["gc", "--dry-run", "--json"]).json();
+            r["bytes-freed"].as_u64().unwrap_or(0) > 0
+                || r["packs-deleted"].as_u64().unwrap_or(0) > 0
+                || r["packs-repacked"].as_u64().unwrap_or(0) > 0
+        };
+        let where_ = if !killed {
+            hi = frac;
+            "after"
+        } else if copy.fingerprint() == before {
+            lo = frac;
+            "before"
+        } else if work_left() {
+            "mid-write"
+        } else {
+            hi = frac;
+            "at the end"
+        };
+        landed.push(format!("{frac:.2}:{where_}"));
+        check_visible(&copy, "v", &expected);
+        copy.ok(&["gc"]);
+        check_visible(&copy, "v", &expected);
+        if landed.iter().filter(|l| l.ends_with("mid-write")).count() >= 2 {
+            break;
+        }
     }
+    eprintln!("gc kills landed (fraction of gc's time: where): {landed:?}");
+    // gc's writing phase is a small part of its run (reading manifests and indexes, and
+    // starting the process, are most of it): one landing there is the minimum.
+    assert!(
+        landed.iter().any(|l| l.ends_with("mid-write")),
+        "no kill landed while gc was changing the repository: {landed:?}"
+    );
     n.ok(&["gc"]);
     check_visible(&n, "v", &expected);
     let again = n.run(&["gc", "--json"]).json();

@@ -623,9 +623,8 @@ impl Daemon {
             JobKind::Mirror => Duration::ZERO,
             _ => job.schedule.next_delay(),
         };
-        let i = id;
         loop {
-            self.update(i, |s| {
+            self.update(id, |s| {
                 s.next_run_unix_ms = Some(crate::now_unix_ms() + delay.as_millis() as u64)
             });
             tokio::select! {
@@ -647,7 +646,7 @@ impl Daemon {
             let started = {
                 let mut jobs = self.jobs.lock().expect("not poisoned");
                 let go = !crate::shutdown::requested() && !*draining.borrow();
-                if go && let Some(e) = jobs.iter_mut().find(|e| e.id == i) {
+                if go && let Some(e) = jobs.iter_mut().find(|e| e.id == id) {
                     e.status.running = true;
                     e.status.last_started_unix_ms = Some(crate::now_unix_ms());
                 }
@@ -695,7 +694,7 @@ impl Daemon {
                     }
                 }
             }
-            self.update(i, |s| {
+            self.update(id, |s| {
                 s.running = false;
                 s.runs += 1;
                 s.last_finished_unix_ms = Some(crate::now_unix_ms());

@@ -36,6 +36,16 @@ pub fn holdfast_bin() -> PathBuf {
     bin
 }
 
+/// A process killed (and reaped) when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Records that `test` could not run here and why: on stderr, and in `target/test-skips.txt`,
 /// which `./test.sh` prints after the run (cargo hides a passing test's output).
 pub fn skipped(test: &str, why: &str) {

@@ -62,6 +62,21 @@ fn check_new(
     }
 }
 
+/// A node on a copy of `n`'s state (in `n`'s folder, as `name`).
+fn copy_of(n: &TestNode, name: &str) -> TestNode {
+    let copy = TestNode::at(n.path(name));
+    let st = std::process::Command::new("cp")
+        .args([
+            "-a",
+            n.state.to_str().unwrap(),
+            copy.state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    copy
+}
+
 fn time_it(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
@@ -175,16 +190,7 @@ fn killing_delete_and_gc_at_random_instants_keeps_the_rest_intact() {
     }
     let gc_time = {
         // Measure gc on a copy of the state, so the real one still has garbage.
-        let copy = TestNode::at(n.path("copy"));
-        let st = std::process::Command::new("cp")
-            .args([
-                "-a",
-                n.state.to_str().unwrap(),
-                copy.state.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let copy = copy_of(&n, "copy");
         time_it(|| {
             copy.ok(&["gc"]);
         })
@@ -202,16 +208,7 @@ fn killing_delete_and_gc_at_random_instants_keeps_the_rest_intact() {
             // Timing noise closed the window: open it again around where it closed.
             (lo, hi) = ((lo - 0.1).max(0.0), hi + 0.1);
         }
-        let copy = TestNode::at(n.path(&format!("try{attempt}")));
-        let st = std::process::Command::new("cp")
-            .args([
-                "-a",
-                n.state.to_str().unwrap(),
-                copy.state.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let copy = copy_of(&n, &format!("try{attempt}"));
         let before = copy.fingerprint();
         let frac = rng.random_range(lo..hi);
         let killed = kill_after(&copy, &["gc"], gc_time.mul_f64(frac));

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use holdfast_tests::cascade::{Peer, Relations, Tls};
-use holdfast_tests::{TestNode, mixed_bytes, pack_files};
+use holdfast_tests::{KillOnDrop, TestNode, mixed_bytes, pack_files};
 use serde_json::Value;
 
 /// Messages sent to a NOTIFY_SOCKET, as systemd would receive them.
@@ -370,15 +370,7 @@ fn under_systemd_the_daemon_logs_to_the_journal_with_fields() {
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
     let st = std::os::unix::fs::MetadataExt::dev(&stderr.metadata().expect("stat"));
     let ino = std::os::unix::fs::MetadataExt::ino(&stderr.metadata().expect("stat"));
-    /// The daemon, killed if the test fails before it stops it.
-    struct Daemon(std::process::Child);
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut daemon = Daemon(
+    let mut daemon = KillOnDrop(
         node.cmd(&["daemon", "--config", config.to_str().expect("utf-8")])
             .env("JOURNAL_STREAM", format!("{st}:{ino}"))
             .stderr(stderr)
@@ -414,7 +406,7 @@ fn under_systemd_the_daemon_logs_to_the_journal_with_fields() {
     );
 
     // Without the journal stream, the same daemon logs text on stderr.
-    let mut daemon = Daemon(
+    let mut daemon = KillOnDrop(
         node.cmd(&["-v", "daemon", "--config", config.to_str().expect("utf-8")])
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -454,16 +446,8 @@ fn a_job_waiting_for_another_commands_lock_does_not_hold_up_the_stop() {
         ),
     )
     .expect("config");
-    /// A process killed when the test ends, however it ends.
-    struct Holder(std::process::Child);
-    impl Drop for Holder {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let lock = node.state.join("mirror.v1.lock");
-    let _holder = Holder(
+    let _holder = KillOnDrop(
         // -o: the lock is flock's own, not its child's, so killing flock releases it.
         std::process::Command::new("flock")
             .arg("-o")
@@ -484,7 +468,7 @@ fn a_job_waiting_for_another_commands_lock_does_not_hold_up_the_stop() {
                 .is_ok_and(|s| !s.success())
     });
     let log = node.path("daemon.log");
-    let mut daemon = Holder(
+    let mut daemon = KillOnDrop(
         node.cmd(&["-v", "daemon", "--config", config.to_str().expect("utf-8")])
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()

@@ -201,17 +201,9 @@ fn two_gcs_never_run_together() {
     n.ok(&["snapshot", "delete", "v@a"]);
     let packs = holdfast_tests::pack_files(&n.state);
 
-    /// A process killed when the test ends, however it ends.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     // "Another gc": the repository lock held exclusively.
     let lock = n.state.join("repo.lock");
-    let mut other = Kill(
+    let mut other = holdfast_tests::KillOnDrop(
         // -o: the lock is flock's own, not its child's, so killing flock releases it.
         std::process::Command::new("flock")
             .args(["-o", "-x"])

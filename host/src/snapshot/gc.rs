@@ -4,7 +4,9 @@
 //! 1. Read every catalogued snapshot's manifest and collect the chunks they reference. If a
 //!    manifest cannot be read, stop: without it we cannot know what is live.
 //! 2. Delete manifests that no catalogued snapshot owns (left by a crash between writing a
-//!    manifest and committing it, or between uncataloguing and deleting it).
+//!    manifest and committing it, or between uncataloguing and deleting it), unless a soft
+//!    lock names one: that one is kept, and its chunks are live too. Such manifests are read
+//!    before any orphan is deleted; if one cannot be read, stop.
 //! 3. For each pack: if none of its chunks is live, delete it (index first, then pack). If
 //!    more than [`REPACK_THRESHOLD`] of its bytes are dead, copy its live chunks (verified)
 //!    into new packs, make those durable, and only then delete the old pack.
@@ -116,21 +118,20 @@ async fn gc_locked(
         owned.insert((rec.volume.clone(), rec.id));
     }
 
-    // 2. Orphan manifests.
+    // 2. Orphan manifests. A manifest of a snapshot someone holds a lock on is never
+    // removed, catalogued or not (a commit lost in a crash, a catalog restored from an older
+    // copy), and neither are the chunks it names, or keeping it would keep nothing. Those are
+    // read first, so that an unreadable one stops gc before anything is deleted.
+    let mut orphans = Vec::new();
     for (vol, id) in node.repo.list_manifests().await? {
         if owned.contains(&(vol.clone(), id)) {
             continue;
         }
-        if node.catalog.locks().locks_on(&vol, &id)?.is_empty() {
-            report.orphan_manifests_deleted += 1;
-            if !dry_run {
-                node.repo.delete_manifest(&vol, &id).await?;
-            }
+        let locks = node.catalog.locks().locks_on(&vol, &id)?;
+        if locks.is_empty() {
+            orphans.push((vol, id));
             continue;
         }
-        // A manifest of a snapshot someone holds a lock on is never removed, catalogued or
-        // not (a commit lost in a crash, a catalog restored from an older copy): and neither
-        // are the chunks it names, or keeping it would keep nothing.
         let what = format!("{vol}@{id}");
         let m = node
             .repo
@@ -138,15 +139,28 @@ async fn gc_locked(
             .await
             .and_then(|raw| super::Manifest::decode(&raw, &what))
             .map_err(|e| {
-                Error::corrupt(format!(
+                let mut holders: Vec<String> = locks.iter().map(|l| l.holder.to_string()).collect();
+                holders.sort();
+                holders.dedup();
+                let e = format!(
                     "gc stopped before deleting anything: {what} has no catalog entry and is \
-                     locked, so its data is kept, but its manifest is unreadable: {e}"
-                ))
+                     locked by {}, so its data is kept, but its manifest is unreadable: {e}; \
+                     if that data is not needed, release the locks (`holdfast lock release \
+                     --volume {vol} --holder HOLDER`) and run gc again",
+                    holders.join(", ")
+                );
+                Error::corrupt(e)
             })?;
         live.extend(m.blocks.ids());
         report.notes.push(format!(
             "{what} has no catalog entry but is locked: its manifest and chunks were kept"
         ));
+    }
+    for (vol, id) in orphans {
+        report.orphan_manifests_deleted += 1;
+        if !dry_run {
+            node.repo.delete_manifest(&vol, &id).await?;
+        }
     }
     report.live_chunks = live.len() as u64;
 

@@ -357,6 +357,50 @@ impl wasmtime_wasi::HostMonotonicClock for FixedClock {
     }
 }
 
+/// A policy's randomness (`wasi:random`, secure and insecure alike): a BLAKE3 stream seeded
+/// from the call, so that the same call over the same view gives the same answer, wherever
+/// and however often it is asked (`policy test`, a dry run and the real prune agree; a
+/// simulation replays). A policy has no use for secrets, so nothing is lost by it.
+struct SeededRandom(blake3::OutputReader);
+
+impl SeededRandom {
+    fn new(seed: &[u8; 32], stream: &str) -> Self {
+        let mut h = blake3::Hasher::new_keyed(seed);
+        h.update(stream.as_bytes());
+        SeededRandom(h.finalize_xof())
+    }
+
+    /// The seed of one call: what is asked (`describe`, `decide-locks (scheduled)`, ...) and,
+    /// for a decision, everything the policy can see of the view.
+    fn seed(what: &str, view: Option<&PreparedView>) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("holdfast policy call v1");
+        h.update(&(what.len() as u64).to_le_bytes());
+        h.update(what.as_bytes());
+        if let Some(v) = view {
+            h.update(&v.index.digest());
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+impl rand_core::TryRng for SeededRandom {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> std::result::Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.0.fill(&mut b);
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> std::result::Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.0.fill(&mut b);
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> std::result::Result<(), Self::Error> {
+        self.0.fill(dst);
+        Ok(())
+    }
+}
+
 /// The shared engine and linker.
 pub struct PolicyEngine {
     engine: Engine,
@@ -581,13 +625,13 @@ impl WasmPolicy<'_> {
         let now = crate::now_unix_ms();
         let d = match &self.pre {
             PolicyPre::V0_1(pre) => {
-                let d = self.call("describe", now, |s| {
+                let d = self.call("describe", now, None, |s| {
                     pre.instantiate(&mut *s)?.call_describe(s)
                 })?;
                 convert::since_v0_1::description_from_wit(d)
             }
             PolicyPre::V0_2(pre) => {
-                let d = self.call("describe", now, |s| {
+                let d = self.call("describe", now, None, |s| {
                     pre.instantiate(&mut *s)?.call_describe(s)
                 })?;
                 convert::since_v0_2::description_from_wit(d)
@@ -608,7 +652,7 @@ impl WasmPolicy<'_> {
             PolicyPre::V0_1(pre) => {
                 let wit = prepared.v01();
                 let answer = self
-                    .call(&what, view.now_unix_ms, |s| {
+                    .call(&what, view.now_unix_ms, Some(prepared), |s| {
                         pre.instantiate(&mut *s)?.call_decide_locks(s, wit)
                     })?
                     .map_err(|msg| self.refused(&what, msg))?;
@@ -616,7 +660,7 @@ impl WasmPolicy<'_> {
             }
             PolicyPre::V0_2(pre) => {
                 let answer = self
-                    .call(&what, view.now_unix_ms, |s| {
+                    .call(&what, view.now_unix_ms, Some(prepared), |s| {
                         let policy = pre.instantiate(&mut *s)?;
                         let view = lend(s, prepared)?;
                         policy.call_decide_locks(s, view)
@@ -637,7 +681,7 @@ impl WasmPolicy<'_> {
             PolicyPre::V0_1(pre) => {
                 let wit = prepared.v01();
                 let answer = self
-                    .call(&what, view.now_unix_ms, |s| {
+                    .call(&what, view.now_unix_ms, Some(prepared), |s| {
                         pre.instantiate(&mut *s)?.call_plan_retention(s, wit)
                     })?
                     .map_err(|msg| self.refused(&what, msg))?;
@@ -645,7 +689,7 @@ impl WasmPolicy<'_> {
             }
             PolicyPre::V0_2(pre) => {
                 let answer = self
-                    .call(&what, view.now_unix_ms, |s| {
+                    .call(&what, view.now_unix_ms, Some(prepared), |s| {
                         let policy = pre.instantiate(&mut *s)?;
                         let view = lend(s, prepared)?;
                         policy.call_plan_retention(s, view)
@@ -678,15 +722,16 @@ impl WasmPolicy<'_> {
         &self,
         what: &str,
         now_unix_ms: u64,
+        view: Option<&PreparedView>,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T> {
         // Synchronous WASI drives its I/O (a policy's stderr) with the ambient tokio runtime's
         // `block_on`, which must not run on an async worker thread: step aside first.
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.call_here(what, now_unix_ms, f))
+                tokio::task::block_in_place(|| self.call_here(what, now_unix_ms, view, f))
             }
-            _ => self.call_here(what, now_unix_ms, f),
+            _ => self.call_here(what, now_unix_ms, view, f),
         }
     }
 
@@ -694,12 +739,22 @@ impl WasmPolicy<'_> {
         &self,
         what: &str,
         now_unix_ms: u64,
+        view: Option<&PreparedView>,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
     ) -> Result<T> {
         let stderr = MemoryOutputPipe::new(STDERR_BYTES);
         let clock = Duration::from_millis(now_unix_ms);
+        let seed = SeededRandom::seed(what, view);
+        let insecure_seed = {
+            let mut b = [0; 16];
+            SeededRandom::new(&seed, "insecure-seed").0.fill(&mut b);
+            u128::from_le_bytes(b)
+        };
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
+            .secure_random(SeededRandom::new(&seed, "random"))
+            .insecure_random(SeededRandom::new(&seed, "insecure-random"))
+            .insecure_random_seed(insecure_seed)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

@@ -13,7 +13,7 @@
 //!   copied into the policy's memory (under its cap); a policy that asks in a loop runs into
 //!   its deadline like any other loop.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use wasmtime::component::Resource;
 
@@ -37,6 +37,8 @@ pub struct ViewIndex {
     by_id: Vec<(SnapshotId, usize)>,
     local: Vec<wit::SnapshotInfo>,
     downstreams: Vec<wit::Downstream>,
+    /// A hash of everything a policy can see, computed the first time a call needs it.
+    digest: OnceLock<[u8; 32]>,
 }
 
 impl ViewIndex {
@@ -69,7 +71,56 @@ impl ViewIndex {
             by_id,
             local,
             downstreams,
+            digest: OnceLock::new(),
         }
+    }
+
+    /// A hash of everything a policy can learn from the view (the node, volume, phase, time,
+    /// the snapshots' ids, names, times, sizes and labels, the upstream's snapshots, every
+    /// lock's snapshot, type, value and holder, the downstreams): the seed of a call's
+    /// randomness, so that the same view gives the same answer. What a policy cannot see
+    /// (a lock's lease, a snapshot's transfer statistics) is left out, so it changes nothing.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.digest.get_or_init(|| {
+            let v = &self.view;
+            let snapshot = |s: &SnapshotRecord| {
+                (
+                    s.id,
+                    s.name.as_str().to_string(),
+                    s.created_unix_ms,
+                    s.size,
+                    s.labels.clone(),
+                )
+            };
+            let lock = |l: &crate::softlock::SoftLock| {
+                (
+                    l.snapshot,
+                    l.lock_type.clone(),
+                    l.value.clone(),
+                    l.holder.to_string(),
+                )
+            };
+            let visible = (
+                v.node_id.to_string(),
+                v.volume.to_string(),
+                v.phase.to_string(),
+                v.now_unix_ms,
+                v.local_snapshots.iter().map(snapshot).collect::<Vec<_>>(),
+                v.upstream_snapshots
+                    .as_ref()
+                    .map(|u| u.iter().map(snapshot).collect::<Vec<_>>()),
+                v.locks_held_here.iter().map(lock).collect::<Vec<_>>(),
+                v.locks_from_downstream.iter().map(lock).collect::<Vec<_>>(),
+                v.downstreams
+                    .iter()
+                    .map(|(h, ids)| (h.to_string(), ids.clone()))
+                    .collect::<Vec<_>>(),
+            );
+            let mut hasher = blake3::Hasher::new_derive_key("holdfast policy view v1");
+            // Writing into a hasher cannot fail.
+            postcard::to_io(&visible, &mut hasher).expect("hashing a view");
+            *hasher.finalize().as_bytes()
+        })
     }
 
     /// The local snapshot with this id, if the volume has it on this node.

@@ -3,40 +3,29 @@
 //!
 //! Config: `n` (default 1): how many common snapshots to keep per downstream.
 //!
-//! Built against holdfast:policy@0.2.0: it asks the view only for the downstreams and what
+//! Built against holdfast:policy@0.2.0 (through the holdfast-policy crate): it asks the view only for the downstreams and what
 //! they share with this node (a few numbers per downstream), and for each downstream's
 //! qtree-name locks (a downstream that mirrors one region of the volume holds its base as one,
 //! valued `VOLUME/REGION`), never for the whole snapshot list.
 
-wit_bindgen::generate!({ world: "policy", path: "../../wit/since_v0.2.0" });
-
-use holdfast::policy::config;
-use holdfast::policy::log::{Level, log};
-use holdfast::policy::types::{LockFilter, LockType, Phase};
+use holdfast_policy::{
+    Description, LockFilter, LockRequest, LockType, NodeView, Phase, Policy, config, log,
+};
 
 struct KeepBase;
 
-impl Guest for KeepBase {
+impl Policy for KeepBase {
     fn describe() -> Description {
-        Description {
-            name: "keep-base".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            phases: vec![
-                Phase::SnapshotCreated,
-                Phase::BeforeMirror,
-                Phase::AfterMirror,
-                Phase::Scheduled,
-            ],
-        }
+        holdfast_policy::description!(&[
+            Phase::SnapshotCreated,
+            Phase::BeforeMirror,
+            Phase::AfterMirror,
+            Phase::Scheduled,
+        ])
     }
 
     fn decide_locks(view: &NodeView) -> Result<Vec<LockRequest>, String> {
-        let n: usize = match config::get("n") {
-            None => 1,
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("config n={v:?} is not a number"))?,
-        };
+        let n = config::count("n", 1)?;
         let downstreams = view.downstreams();
         let mut out = Vec::new();
         for d in &downstreams {
@@ -67,28 +56,19 @@ impl Guest for KeepBase {
             // The host lists only snapshots this node has, oldest first: the newest common
             // ones are at the end.
             for id in d.common.iter().rev().take(n) {
-                out.push(LockRequest {
-                    snapshot: *id,
-                    lock_type: lock_type.clone(),
-                    value: value.clone(),
-                });
+                out.push(LockRequest::new(*id, lock_type.clone(), value.clone()));
             }
         }
-        log(
-            Level::Debug,
-            &format!(
-                "keeping {} base(s) for {} downstream(s)",
-                out.len(),
-                downstreams.len()
-            ),
-        );
+        log::debug(&format!(
+            "keeping {} base(s) for {} downstream(s)",
+            out.len(),
+            downstreams.len()
+        ));
         Ok(out)
     }
 
-    fn plan_retention(_view: &NodeView) -> Result<Vec<PruneProposal>, String> {
-        // Not a retention policy (its phases do not include retention): no opinion.
-        Ok(Vec::new())
-    }
+    // Not a retention policy (its phases do not include retention): `plan_retention` keeps
+    // the default, no opinion.
 }
 
-export!(KeepBase);
+holdfast_policy::export!(KeepBase);

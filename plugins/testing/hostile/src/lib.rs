@@ -3,7 +3,8 @@
 //! (asks for 1 GiB), trap (panics), ghost (locks a snapshot that does not exist), prune-all
 //! (proposes every snapshot, locked or not), refuse (answers with an error), huge-value (a
 //! 10 MB lock value), flood (asks for more locks than a set may hold), greedy (asks the view
-//! for its snapshots again and again, never answering), ok (behaves). Without a mode it
+//! for its snapshots again and again, never answering), random (locks the first snapshot with
+//! a value drawn from `wasi:random`), ok (behaves). Without a mode it
 //! answers nothing and asks the view nothing: the benchmark uses it to measure a bare call.
 
 wit_bindgen::generate!({ world: "policy", path: "../../../wit/since_v0.2.0" });
@@ -84,6 +85,16 @@ impl Guest for Hostile {
                         value: String::new(),
                     })
                     .collect())
+            }
+            Some("random") => {
+                // std seeds a hash map's keys from wasi:random.
+                use std::hash::BuildHasher;
+                let drawn = std::collections::hash_map::RandomState::new().hash_one(0u8);
+                Ok(vec![LockRequest {
+                    snapshot: first_snapshot(view),
+                    lock_type: LockType::Application,
+                    value: format!("drawn {drawn:016x}"),
+                }])
             }
             _ => Ok(Vec::new()),
         }

@@ -32,8 +32,7 @@ fi
 python_component() {
   if stale "$OUT/$1.wasm" "$2/app.py" "$WIT" "$VENV/requirements.txt"; then
     echo "== $1 (Python)" >&2
-    # componentize-py writes bytecode caches next to the sources; keep them out of the tree.
-    PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/componentize-py" -d "$WIT" -w policy componentize \
+    "$VENV/bin/componentize-py" -d "$WIT" -w policy componentize \
       -p "$2" app -o "$OUT/$1.wasm.tmp" >/dev/null
     mv "$OUT/$1.wasm.tmp" "$OUT/$1.wasm"
   fi

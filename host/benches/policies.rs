@@ -3,11 +3,15 @@
 //! policy built against 0.1.0, what passing the view costs in each version, a retention plan by
 //! gfs-retention over the same view, load time from the precompiled cache versus the first
 //! compile, memory per loaded policy, and a daemon-like start that loads 10 registered
-//! policies.
+//! policies. Then what a policy written in Python or JavaScript costs beside its Rust twin
+//! (app-hold and app-hold-py, gfs-retention and gfs-retention-js): first compile, load from
+//! the cached artifact, memory per loaded policy, p50/p99 per decision over 1,000 snapshots
+//! with the default limits.
 //!
-//! `(cd plugins && cargo build --release) && cargo bench -p holdfast --bench policies`
+//! `(cd plugins && cargo build --release && ./build-py-js.sh target/wasm32-wasip2/release) &&
+//! cargo bench -p holdfast --bench policies`
 //! (uses plugins/target/wasm32-wasip2/{release,debug}/: keep_base, keep_base_v01, hostile,
-//! hostile_v01, gfs_retention).
+//! hostile_v01, gfs_retention, app_hold, app_hold_py, gfs_retention_js).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -307,4 +311,107 @@ fn main() {
         "engine + 10 registered policies from the cache: {:.1} ms (median of 5)",
         ms(percentile(&starts, 0.5))
     );
+
+    // The same decisions by policies in other languages and their Rust twins, with the
+    // default limits (100 ms, 64 MiB): every call must pass.
+    println!("policies by language, 1,000 snapshots in the view, default limits (100 ms, 64 MiB):");
+    println!(
+        "  {:<18} {:>8} {:>11} {:>11} {:>10} {:>10} {:>9}",
+        "policy", "size", "compile", "load", "memory", "p50", "p99"
+    );
+    let twins: [(&str, &str, &[(&str, &str)], Phase); 4] = [
+        (
+            "app-hold",
+            "app_hold.wasm",
+            &[("label", "backup:done")],
+            Phase::Scheduled,
+        ),
+        (
+            "app-hold-py",
+            "app_hold_py.wasm",
+            &[("label", "backup:done")],
+            Phase::Scheduled,
+        ),
+        (
+            "gfs-retention",
+            "gfs_retention.wasm",
+            &[("keep-last", "24"), ("daily", "7")],
+            Phase::Retention,
+        ),
+        (
+            "gfs-retention-js",
+            "gfs_retention_js.wasm",
+            &[("keep-last", "24"), ("daily", "7")],
+            Phase::Retention,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (name, file, config, phase) in twins {
+        let Ok(bytes) = std::fs::read(wasm_path.with_file_name(file)) else {
+            println!("  {name:<18} (missing: build it with plugins/build-py-js.sh)");
+            continue;
+        };
+        let t = Instant::now();
+        let artifact = engine.compile(name, &bytes).unwrap();
+        let compile = t.elapsed();
+        let config: std::collections::BTreeMap<String, String> = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut loads = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            drop(
+                engine
+                    .load(name, &artifact, config.clone(), Limits::default())
+                    .unwrap(),
+            );
+            loads.push(t.elapsed());
+        }
+        loads.sort();
+        let before = rss_bytes();
+        let many: Vec<_> = (0..5)
+            .map(|_| {
+                engine
+                    .load(name, &artifact, config.clone(), Limits::default())
+                    .unwrap()
+            })
+            .collect();
+        let memory = rss_bytes().saturating_sub(before) / 5;
+        drop(many);
+        let p = engine
+            .load(name, &artifact, config.clone(), Limits::default())
+            .unwrap();
+        let v = holdfast::policy::NodeView {
+            phase,
+            ..view.clone()
+        }
+        .prepare();
+        let mut answer = String::new();
+        let calls = timed(
+            200,
+            Box::new(|| {
+                answer = if phase == Phase::Retention {
+                    format!("{} prunes", p.plan_retention(&v).unwrap().len())
+                } else {
+                    format!("{} locks", p.decide_locks(&v).unwrap().len())
+                }
+            }),
+        );
+        answers.push((name, answer.clone()));
+        println!(
+            "  {name:<18} {:>6.1} MB {:>8.0} ms {:>8.2} ms {:>6.0} KiB {:>7.2} ms {:>7.2} ms  ({answer})",
+            bytes.len() as f64 / 1e6,
+            ms(compile),
+            ms(percentile(&loads, 0.5)),
+            memory as f64 / 1024.0,
+            ms(percentile(&calls, 0.5)),
+            ms(percentile(&calls, 0.99)),
+        );
+    }
+    for pair in answers.chunks(2) {
+        if let [(a, x), (b, y)] = pair {
+            assert_eq!(x, y, "{a} and {b} answer alike");
+        }
+    }
 }

@@ -319,7 +319,8 @@ fn main() {
         "  {:<18} {:>8} {:>11} {:>11} {:>10} {:>10} {:>9}",
         "policy", "size", "compile", "load", "memory", "p50", "p99"
     );
-    let twins: [(&str, &str, &[(&str, &str)], Phase); 4] = [
+    type Twin<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Phase);
+    let twins: [Twin; 4] = [
         (
             "app-hold",
             "app_hold.wasm",

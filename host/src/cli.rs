@@ -44,6 +44,7 @@ mod mirror;
 mod policy;
 mod prune;
 mod sample;
+mod simulate;
 mod snapshot;
 mod target;
 mod verify;

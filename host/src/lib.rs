@@ -54,12 +54,28 @@ pub mod volume;
 
 pub use error::{Error, Result};
 
-/// Milliseconds since the Unix epoch, now.
+/// The time every part of holdfast reads when set (milliseconds since the Unix epoch); 0 is
+/// the real clock. See [`set_fake_now`].
+static FAKE_NOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Milliseconds since the Unix epoch, now (or the simulated time, see [`set_fake_now`]).
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    match FAKE_NOW.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        fake => fake,
+    }
+}
+
+/// Makes [`now_unix_ms`] answer `unix_ms` from now on, in this process (0: the real clock
+/// again). The one seam of time: snapshot times and ids, lock and lease times, the time a
+/// policy sees and retention's "now" all read `now_unix_ms`. `policy simulate` steps it through
+/// a timeline; the binary sets it from `HOLDFAST_FAKE_NOW` (for tests that replay a timeline
+/// for real). Timeouts, schedules and transfer timing still use the real clock.
+pub fn set_fake_now(unix_ms: u64) {
+    FAKE_NOW.store(unix_ms, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How long identical failure output stays out of the log after it was logged.

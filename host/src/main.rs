@@ -71,6 +71,24 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(args.verbose, args.quiet);
+    if let Some(fake) = std::env::var_os("HOLDFAST_FAKE_NOW") {
+        // Tests replay a timeline with it (`policy simulate` must agree with what really
+        // happens); nobody should run a real node with it.
+        match fake.to_str().and_then(|s| s.parse::<u64>().ok()) {
+            Some(ms) if ms > 0 => {
+                holdfast::set_fake_now(ms);
+                tracing::warn!(
+                    "HOLDFAST_FAKE_NOW is set: this process takes the time to be {ms} ms since the epoch"
+                );
+            }
+            _ => {
+                eprintln!(
+                    "holdfast: error: HOLDFAST_FAKE_NOW must be milliseconds since the Unix epoch"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -30,6 +30,7 @@
 pub mod bindings;
 mod convert;
 pub mod registry;
+pub mod simulate;
 mod view;
 
 use std::collections::BTreeMap;

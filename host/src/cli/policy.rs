@@ -1,4 +1,4 @@
-//! `holdfast policy add|list|show|remove|test`.
+//! `holdfast policy add|list|show|remove|test|simulate`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -68,6 +68,19 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What the policies will keep, lock and prune over weeks of snapshots, day by day, on a
+    /// simulated timeline (downstream outages, application holds): touches no data.
+    #[command(after_help = "Examples:\n  \
+        holdfast policy simulate --volume db --every 1h --days 60\n  \
+        holdfast policy simulate --wasm gfs_retention.wasm --config keep-last=3 --config daily=7 \\\n      \
+            --config weekly=4 --config monthly=6 --every 1d --days 400 --plot gfs.svg\n  \
+        holdfast policy simulate --volume db --downstream c --outage c:3d@day10 \\\n      \
+            --label backup=pending --relabel-after 6h --relabel backup=done\n\n\
+        The policies run for real, in a scratch node with a simulated clock: the same code as \
+        `snapshot create`, `snapshot label`, a downstream's lock set and the daemon's retention \
+        job, step by step, from an empty volume (the node's own snapshots are not part of it). \
+        STORED and PINNED are estimates from --size and --change.")]
+    Simulate(super::simulate::SimulateArgs),
 }
 
 fn parse_config(s: &str) -> Result<(String, String), String> {
@@ -85,9 +98,15 @@ struct Shown<'a> {
 
 impl PolicyCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        // It needs no node for component files: it makes its own.
+        let this = match self {
+            PolicyCommand::Simulate(args) => return super::simulate::run(args, ctx).await,
+            other => other,
+        };
         let node = ctx.open().await?;
         let policies = Policies::new(&node);
-        match self {
+        match this {
+            PolicyCommand::Simulate(_) => unreachable!("handled above"),
             PolicyCommand::Add {
                 name,
                 wasm,

@@ -296,6 +296,14 @@ impl<'n> Policies<'n> {
             return Ok(p);
         }
         // No artifact for this engine build (an upgrade, a cleaned cache): compile again.
+        let wasm = self.component(rec)?;
+        let artifact = engine.compile(&rec.name, &wasm)?;
+        self.store_file("policy-cache", &cached, &artifact)?;
+        engine.load(&rec.name, &artifact, rec.config.clone(), rec.limits)
+    }
+
+    /// A registered policy's component, checked against its hash.
+    pub fn component(&self, rec: &PolicyRecord) -> Result<Vec<u8>> {
         let wasm = self
             .read_file("policies", &format!("{}.wasm", rec.component))
             .map_err(|e| Error::io(format!("reading the component of policy {}", rec.name), e))?;
@@ -305,9 +313,38 @@ impl<'n> Policies<'n> {
                 rec.name
             )));
         }
-        let artifact = engine.compile(&rec.name, &wasm)?;
-        self.store_file("policy-cache", &cached, &artifact)?;
-        engine.load(&rec.name, &artifact, rec.config.clone(), rec.limits)
+        Ok(wasm)
+    }
+
+    /// A registered policy's compiled artifact for this engine, if the cache has one.
+    pub fn cached_artifact(&self, engine: &PolicyEngine, rec: &PolicyRecord) -> Option<Vec<u8>> {
+        let cached = format!("{}-{}.cwasm", engine.engine_key(), rec.component);
+        self.read_file("policy-cache", &cached).ok()
+    }
+
+    /// Registers a component whose compiled artifact is at hand (from another node's cache of
+    /// this host, for a simulation): it goes into this node's cache first, so `add` compiles
+    /// nothing. An artifact that does not load is only a cache miss: `add` compiles then.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_precompiled(
+        &self,
+        engine: &PolicyEngine,
+        name: &str,
+        wasm: &[u8],
+        artifact: Option<&[u8]>,
+        volumes: Vec<VolumeName>,
+        config: BTreeMap<String, String>,
+        limits: Limits,
+    ) -> Result<PolicyRecord> {
+        if let Some(a) = artifact {
+            let hash = blake3::hash(wasm).to_hex().to_string();
+            self.store_file(
+                "policy-cache",
+                &format!("{}-{hash}.cwasm", engine.engine_key()),
+                a,
+            )?;
+        }
+        self.add(engine, name, wasm, volumes, config, limits)
     }
 
     /// The policies registered for a volume.

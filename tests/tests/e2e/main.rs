@@ -11,6 +11,7 @@ mod package;
 mod policies;
 mod regions;
 mod service;
+mod simulate;
 mod snapshots;
 mod soak;
 mod sparse;

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# A backup application's life on one holdfast node (see examples/README.md).
+# A backup application's life on one holdfast node (see examples/README.md), with restic as its
+# backup tool: holdfast streams the snapshot into `restic backup --stdin`, the app-hold policy
+# keeps the snapshot until the application relabels it, which it does only after restic
+# succeeded; a failed backup leaves the hold in place.
 #   HOLDFAST_BIN   the holdfast binary (default: target/debug/holdfast, else target/release)
 #   PLUGINS        the policy components (default: plugins/target/wasm32-wasip2/debug)
-# Exits non-zero if any step does not behave as described.
+# Needs restic (Debian: apt-get install restic). Exits non-zero if any step does not behave as
+# described (3 if restic is missing).
 set -euo pipefail
+command -v restic >/dev/null || { echo "restic is not installed (apt-get install restic)" >&2; exit 3; }
 cd "$(dirname "$0")/../.."
 H=${HOLDFAST_BIN:-target/debug/holdfast}
 [ -x "$H" ] || H=target/release/holdfast
@@ -39,13 +44,36 @@ say "retention may not take it while the backup is pending"
 "$H" prune db --dry-run
 "$H" snapshot delete db@nightly 2>/dev/null && fail "a held snapshot was deleted"
 
-say "the backup tool reads it (any tool that takes stdin: restic backup --stdin, borg create ... -)"
-"$H" snapshot read db@nightly --hold-as nightly-backup | sha256sum
-"$H" snapshot restore db@nightly --to "$WORK/check.img"
-cmp -s <("$H" snapshot read db@nightly --hold-as verify) "$WORK/check.img" || fail "read and restore differ"
+say "the backup application's repository: restic, in a local folder"
+export RESTIC_REPOSITORY="$WORK/restic" RESTIC_PASSWORD=example-only RESTIC_CACHE_DIR="$WORK/restic-cache"
+restic init -q
 
-say "copied: the application relabels it, and retention takes its course"
-"$H" snapshot label db@nightly backup=done
+# The application's nightly job: stream the held snapshot into restic; mark it done only if
+# restic succeeded (pipefail: a failure of either side fails the pipeline).
+backup_nightly() {
+  if "$H" snapshot read db@nightly --hold-as nightly-backup \
+      | restic backup -q --stdin --stdin-filename db.img --tag holdfast-nightly; then
+    "$H" snapshot label db@nightly backup=done
+  else
+    echo "backup failed: db@nightly stays held for the next attempt" >&2
+    return 1
+  fi
+}
+
+say "a failed backup (restic refuses a wrong password) leaves the hold in place"
+RESTIC_PASSWORD=wrong backup_nightly && fail "restic accepted a wrong password"
+"$H" lock list --holder app:policy.hold --json | grep -q nightly-backup || fail "the hold went away after a failed backup"
+"$H" prune db
+"$H" snapshot show db@nightly >/dev/null || fail "retention took a snapshot whose backup failed"
+
+say "the next attempt succeeds: restic has the snapshot's bytes"
+backup_nightly
+restic snapshots --tag holdfast-nightly
+restic restore latest --target "$WORK/from-restic" -q
+"$H" snapshot restore db@nightly --to "$WORK/check.img"
+cmp -s "$WORK/from-restic/db.img" "$WORK/check.img" || fail "restic's copy differs from the snapshot"
+
+say "copied and relabelled: the hold is released, and retention takes its course"
 "$H" lock list --holder app:policy.hold --json | grep -q nightly-backup && fail "the hold was not released"
 "$H" prune db
 names=$("$H" snapshot list db --json | grep -o '"name": "[^"]*"' | cut -d'"' -f4 | tr '\n' ' ')

@@ -440,7 +440,19 @@ fn components_that_are_not_policies_are_refused_at_registration() {
 
 #[test]
 fn the_backup_application_example_runs() {
-    // examples/backup-app/run.sh is what a user copies: it must keep working.
+    // examples/backup-app/run.sh is what a user copies: it must keep working. It backs up into
+    // restic (./test.sh installs Debian's package), with a failed backup first.
+    if std::process::Command::new("restic")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        holdfast_tests::skipped(
+            "the_backup_application_example_runs",
+            "restic is not installed (apt-get install restic)",
+        );
+        return;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let plugins = plugin("app_hold").parent().unwrap().to_path_buf();
     let out = std::process::Command::new("bash")
@@ -454,6 +466,10 @@ fn the_backup_application_example_runs() {
     assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("ok: backup application example passed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("backup failed: db@nightly stays held"),
         "{stderr}"
     );
 }

@@ -27,21 +27,24 @@ say "a node with one volume"
 say "the application registers its policies"
 "$H" policy add hold --wasm "$P/app_hold.wasm" --volume db \
   --config label=backup:pending --config owner=nightly-backup
-"$H" policy add gfs --wasm "$P/gfs_retention.wasm" --volume db --config keep-last=2
+"$H" policy add gfs --wasm "$P/gfs_retention.wasm" --volume db --config keep-last=1
 "$H" policy list
 
-say "hourly snapshots; the newest one is marked for the nightly backup"
+say "hourly snapshots; one is marked for the nightly backup, and the hours go on"
 for i in 1 2 3; do
   "$H" sample rewrite "$WORK/db.img" --fraction 0.05 --seed "$i" >/dev/null
   "$H" snapshot create db --name "hour-$i" --label backup=done >/dev/null
 done
 "$H" sample rewrite "$WORK/db.img" --fraction 0.05 --seed 9 >/dev/null
 "$H" snapshot create db --name nightly --label backup=pending >/dev/null
+"$H" sample rewrite "$WORK/db.img" --fraction 0.05 --seed 4 >/dev/null
+"$H" snapshot create db --name hour-4 --label backup=done >/dev/null
 "$H" lock list
 "$H" lock list --holder app:policy.hold --json | grep -q '"nightly-backup"' || fail "app-hold did not lock the pending snapshot"
 
-say "retention may not take it while the backup is pending"
-"$H" prune db --dry-run
+say "retention (keep-last=1) may not take it while the backup is pending"
+"$H" prune db --dry-run | tee "$WORK/dry-run"
+grep -q "kept   db@nightly: .*locked by app:policy.hold" "$WORK/dry-run" || fail "the dry run does not keep db@nightly for its hold"
 "$H" snapshot delete db@nightly 2>/dev/null && fail "a held snapshot was deleted"
 
 say "the backup application's repository: restic, in a local folder"
@@ -49,12 +52,16 @@ export RESTIC_REPOSITORY="$WORK/restic" RESTIC_PASSWORD=example-only RESTIC_CACH
 restic init -q
 
 # The application's nightly job: stream the held snapshot into restic; mark it done only if
-# restic succeeded (pipefail: a failure of either side fails the pipeline).
+# restic succeeded (pipefail: a failure of either side fails the pipeline). If holdfast fails
+# in the middle, restic (before 0.16's --stdin-from-command) still saves what it got: each
+# attempt is tagged, and a failed attempt's partial snapshot is forgotten.
 backup_nightly() {
+  local attempt="attempt-$(date +%s%N)"
   if "$H" snapshot read db@nightly --hold-as nightly-backup \
-      | restic backup -q --stdin --stdin-filename db.img --tag holdfast-nightly; then
+      | restic backup -q --stdin --stdin-filename db.img --tag holdfast-nightly --tag "$attempt"; then
     "$H" snapshot label db@nightly backup=done
   else
+    restic forget -q --tag "$attempt" >/dev/null 2>&1 || true
     echo "backup failed: db@nightly stays held for the next attempt" >&2
     return 1
   fi
@@ -65,6 +72,7 @@ RESTIC_PASSWORD=wrong backup_nightly && fail "restic accepted a wrong password"
 "$H" lock list --holder app:policy.hold --json | grep -q nightly-backup || fail "the hold went away after a failed backup"
 "$H" prune db
 "$H" snapshot show db@nightly >/dev/null || fail "retention took a snapshot whose backup failed"
+restic snapshots -q --tag holdfast-nightly --json | grep -q '"id"' && fail "a failed attempt left a snapshot in restic"
 
 say "the next attempt succeeds: restic has the snapshot's bytes"
 backup_nightly
@@ -77,7 +85,7 @@ say "copied and relabelled: the hold is released, and retention takes its course
 "$H" lock list --holder app:policy.hold --json | grep -q nightly-backup && fail "the hold was not released"
 "$H" prune db
 names=$("$H" snapshot list db --json | grep -o '"name": "[^"]*"' | cut -d'"' -f4 | tr '\n' ' ')
-[ "$names" = "hour-3 nightly " ] || fail "unexpected snapshots left: $names"
+[ "$names" = "hour-4 " ] || fail "unexpected snapshots left: $names"
 "$H" verify
 "$H" lock history
 echo "ok: backup application example passed" >&2

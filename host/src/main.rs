@@ -73,12 +73,19 @@ fn main() -> ExitCode {
     telemetry::init(args.verbose, args.quiet);
     if let Some(fake) = std::env::var_os("HOLDFAST_FAKE_NOW") {
         // Tests replay a timeline with it (`policy simulate` must agree with what really
-        // happens); nobody should run a real node with it.
+        // happens). A daemon's clock must move: leases, gc and schedules would stand still.
+        if matches!(args.command, cli::Command::Daemon(_)) {
+            eprintln!(
+                "holdfast: error: HOLDFAST_FAKE_NOW is set; it is for tests of single commands, \
+                 never for the daemon: unset it"
+            );
+            return ExitCode::from(2);
+        }
         match fake.to_str().and_then(|s| s.parse::<u64>().ok()) {
             Some(ms) if ms > 0 => {
                 holdfast::set_fake_now(ms);
                 tracing::warn!(
-                    "HOLDFAST_FAKE_NOW is set: this process takes the time to be {ms} ms since the epoch"
+                    "HOLDFAST_FAKE_NOW is set: this command takes the time to be {ms} ms since the epoch"
                 );
             }
             _ => {

@@ -371,12 +371,18 @@ impl SeededRandom {
         SeededRandom(h.finalize_xof())
     }
 
-    /// The seed of one call: what is asked (`describe`, `decide-locks (scheduled)`, ...) and,
-    /// for a decision, everything the policy can see of the view.
-    fn seed(what: &str, view: Option<&PreparedView>) -> [u8; 32] {
+    /// The seed of one call: the policy (its name and configuration: two policies asked in
+    /// the same decision draw differently), what is asked (`describe`, `decide-locks
+    /// (scheduled)`, ...) and, for a decision, everything the policy can see of the view.
+    fn seed(
+        policy: &str,
+        config: &BTreeMap<String, String>,
+        what: &str,
+        view: Option<&PreparedView>,
+    ) -> [u8; 32] {
         let mut h = blake3::Hasher::new_derive_key("holdfast policy call v1");
-        h.update(&(what.len() as u64).to_le_bytes());
-        h.update(what.as_bytes());
+        // Length-prefixed (postcard), so no two different calls hash alike.
+        postcard::to_io(&(policy, config, what), &mut h).expect("hashing a call");
         if let Some(v) = view {
             h.update(&v.index.digest());
         }
@@ -745,7 +751,7 @@ impl WasmPolicy<'_> {
     ) -> Result<T> {
         let stderr = MemoryOutputPipe::new(STDERR_BYTES);
         let clock = Duration::from_millis(now_unix_ms);
-        let seed = SeededRandom::seed(what, view);
+        let seed = SeededRandom::seed(&self.name, &self.config, what, view);
         let insecure_seed = {
             let mut b = [0; 16];
             SeededRandom::new(&seed, "insecure-seed").0.fill(&mut b);

@@ -4,7 +4,6 @@ host's tests compare the two over the same views). Built into a component with c
 
 Config: `label=KEY:VALUE` and/or `name-prefix=PREFIX`; `owner=NAME` (default `backup-app`).
 Raising `Err(message)` answers the call with an error."""
-import json
 from typing import List
 
 from componentize_py_types import Err
@@ -25,7 +24,7 @@ class WitWorld(wit_world.WitWorld):
         if label is not None:
             key, sep, value = label.partition(":")
             if not sep:
-                raise Err(f"config label={json.dumps(label)} must be KEY:VALUE")
+                raise Err(f'config label="{label}" must be KEY:VALUE')
             label = (key, value)
         prefix = config.get("name-prefix")
         if label is None and prefix is None:

@@ -38,9 +38,9 @@ function period(rule, ms) {
 function count(key) {
   const v = get(key);
   if (v === undefined) return 0;
-  if (!/^[0-9]+$/.test(v)) throw `config ${key}=${JSON.stringify(v)} is not a count`;
+  if (!/^[0-9]+$/.test(v)) throw `config ${key}="${v}" is not a count`;
   const n = Number(v);
-  if (n > MAX_COUNT) throw `config ${key}=${JSON.stringify(v)} is too large (at most ${MAX_COUNT})`;
+  if (n > MAX_COUNT) throw `config ${key}="${v}" is too large (at most ${MAX_COUNT})`;
   return n;
 }
 

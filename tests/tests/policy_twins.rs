@@ -137,8 +137,11 @@ fn gfs_retention_in_javascript_keeps_what_the_rust_one_keeps() {
         .chain((0..3).map(|i| snapshot(T0 + 50 * DAY, 5000 + i, &format!("tie{i}"), &[])))
         .collect();
     let v = view(Phase::Retention, T0 + 401 * DAY, snaps);
-    let configs: [&[(&str, &str)]; 8] = [
+    let configs: [&[(&str, &str)]; 10] = [
         &[("keep-last", "3")],
+        // Not counts: a byte-order mark after the digits, an Arabic-Indic three.
+        &[("keep-last", "5\u{feff}")],
+        &[("daily", "\u{663}")],
         &[
             ("keep-last", "3"),
             ("daily", "7"),
@@ -157,10 +160,10 @@ fn gfs_retention_in_javascript_keeps_what_the_rust_one_keeps() {
         assert_twins("gfs_retention", "gfs_retention_js", config, &v);
     }
     // The comparison is not vacuous: the plan prunes, and names what it kept.
-    let plan = answer("gfs_retention_js", configs[1], &v, generous());
+    let plan = answer("gfs_retention_js", configs[3], &v, generous());
     assert!(plan.contains("not kept by keep-last=3, daily=7"), "{plan}");
     assert!(
-        answer("gfs_retention_js", configs[5], &v, generous()).contains("no retention configured")
+        answer("gfs_retention_js", configs[7], &v, generous()).contains("no retention configured")
     );
 }
 
@@ -179,8 +182,11 @@ fn app_hold_in_python_holds_what_the_rust_one_holds() {
         })
         .collect();
     let v = view(Phase::Scheduled, T0 + 61 * 3_600_000, snaps);
-    let configs: [&[(&str, &str)]; 9] = [
+    let configs: [&[(&str, &str)]; 11] = [
         &[("label", "backup:pending")],
+        // Values beyond ASCII, matched and refused alike.
+        &[("label", "café")],
+        &[("label", "tier:gölb"), ("owner", "ünïcode")],
         &[("label", "backup:pending"), ("owner", "nightly")],
         &[("name-prefix", "backup-")],
         &[("label", "backup:done"), ("name-prefix", "daily-")],
@@ -193,7 +199,7 @@ fn app_hold_in_python_holds_what_the_rust_one_holds() {
     for config in configs {
         assert_twins("app_hold", "app_hold_py", config, &v);
     }
-    let held = answer("app_hold_py", configs[1], &v, generous());
+    let held = answer("app_hold_py", configs[3], &v, generous());
     assert_eq!(held.matches("nightly").count(), 15, "{held}");
 }
 

@@ -109,11 +109,25 @@ pub async fn run(args: SimulateArgs, ctx: &Context) -> anyhow::Result<()> {
             for path in &args.wasm {
                 let wasm = std::fs::read(path)
                     .map_err(|e| holdfast::Error::io(format!("reading {}", path.display()), e))?;
-                let stem = path
+                // Named after the file, in the characters a policy name may have.
+                let stem: String = path
                     .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("policy")
-                    .replace('_', "-");
+                    .map(|s| s.to_string_lossy())
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '.' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .take(48)
+                    .collect();
+                let stem = match stem.trim_matches(|c| c == '-' || c == '.') {
+                    "" => "policy".to_string(),
+                    s => s.to_string(),
+                };
                 let mut name = stem.clone();
                 let mut n = 1;
                 while policies.iter().any(|p: &SimPolicy| p.name == name) {

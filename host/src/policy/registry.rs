@@ -326,7 +326,7 @@ impl<'n> Policies<'n> {
     /// this host, for a simulation): it goes into this node's cache first, so `add` compiles
     /// nothing. An artifact that does not load is only a cache miss: `add` compiles then.
     #[allow(clippy::too_many_arguments)]
-    pub fn add_precompiled(
+    pub(crate) fn add_precompiled(
         &self,
         engine: &PolicyEngine,
         name: &str,

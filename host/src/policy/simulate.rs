@@ -21,8 +21,7 @@
 //! policy's randomness is seeded from what it sees.
 //!
 //! The storage estimate is a model, not a measurement: each step rewrites `change` of the
-//! volume, so a kept snapshot costs the changes since the kept one before it (at most the
-//! whole volume), the oldest the whole volume.
+//! volume's blocks, chosen at random ([`stored`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -42,6 +41,20 @@ use crate::state::Node;
 const DAY_MS: u64 = 86_400_000;
 /// At most this many steps (a year of snapshots every 5 minutes).
 pub const MAX_STEPS: u64 = 105_120;
+/// The last instant snapshot names can show: 9999-12-31T23:59:59.999Z.
+const LAST_MS: u64 = 253_402_300_799_999;
+
+fn millis(what: &str, d: Duration) -> Result<u64> {
+    u64::try_from(d.as_millis())
+        .ok()
+        .filter(|ms| *ms <= LAST_MS)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{what} {} is too long",
+                humantime::format_duration(d)
+            ))
+        })
+}
 
 /// A downstream away for a while: `NAME:LENGTH@dayN` (`c:3d@day10`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -126,6 +139,23 @@ impl Timeline {
         if self.every < Duration::from_secs(1) {
             return Err(Error::invalid("--every must be at least 1s"));
         }
+        let every = millis("--every", self.every)?;
+        if let Some(after) = self.relabel_after {
+            millis("--relabel-after", after)?;
+        }
+        // 0 would read as "the real clock" (set_fake_now).
+        let end = self
+            .start_unix_ms
+            .checked_add(u64::from(self.days) * DAY_MS);
+        if self.start_unix_ms == 0 || end.is_none_or(|e| e > LAST_MS) {
+            return Err(Error::invalid(
+                "the simulated time must lie after 1970-01-01T00:00:00Z and before the year 10000: \
+                 change --start or --days",
+            ));
+        }
+        for d in &self.downstreams {
+            crate::id::validate_name("--downstream", d)?;
+        }
         if self.days == 0 {
             return Err(Error::invalid("--days must be at least 1"));
         }
@@ -133,6 +163,7 @@ impl Timeline {
             return Err(Error::invalid("--change must be between 0% and 100%"));
         }
         for o in &self.outages {
+            millis("--outage", o.length)?;
             if !self.downstreams.contains(&o.downstream) {
                 return Err(Error::invalid(format!(
                     "--outage names downstream {:?}, which is not among --downstream {:?}",
@@ -140,7 +171,7 @@ impl Timeline {
                 )));
             }
         }
-        let steps = (u64::from(self.days) * DAY_MS).div_ceil(self.every.as_millis() as u64);
+        let steps = (u64::from(self.days) * DAY_MS).div_ceil(every);
         if steps > MAX_STEPS {
             return Err(Error::invalid(format!(
                 "{steps} snapshots is more than a simulation takes ({MAX_STEPS}): take them less \
@@ -153,7 +184,8 @@ impl Timeline {
     fn away(&self, downstream: &str, now: u64) -> bool {
         self.outages.iter().any(|o| {
             let from = self.start_unix_ms + u64::from(o.from_day) * DAY_MS;
-            o.downstream == downstream && (from..from + o.length.as_millis() as u64).contains(&now)
+            let until = from.saturating_add(o.length.as_millis().try_into().unwrap_or(u64::MAX));
+            o.downstream == downstream && (from..until).contains(&now)
         })
     }
 }
@@ -179,6 +211,8 @@ impl fmt::Debug for SimPolicy {
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct SimSnapshot {
+    /// The same in every run of the same timeline (a real snapshot's has 32 random bits).
+    pub id: SnapshotId,
     pub name: String,
     pub created_unix_ms: u64,
     /// When retention pruned it, and why (every retention policy's reason).
@@ -317,42 +351,46 @@ async fn run(
     };
     let mut index: HashMap<SnapshotId, usize> = HashMap::new();
     let mut by_name: HashMap<String, SnapshotId> = HashMap::new();
-    let mut relabelled: BTreeSet<SnapshotId> = BTreeSet::new();
+    // Snapshots waiting for the application's relabel, oldest first.
+    let mut pending: std::collections::VecDeque<(u64, SnapshotId)> = Default::default();
     let mut today = Day::empty(0, t.start_unix_ms);
     let every = t.every.as_millis() as u64;
     for step in 0..steps {
         let now = t.start_unix_ms + step * every;
         let day = ((now - t.start_unix_ms) / DAY_MS) as u32;
-        if day != today.day {
-            let done = std::mem::replace(
-                &mut today,
-                Day::empty(day, t.start_unix_ms + u64::from(day) * DAY_MS),
-            );
-            report.days.push(close_day(
-                &node,
-                volume,
-                t,
-                done,
-                &mut report.snapshots,
-                &index,
-            )?);
+        // Close the days before this one (a day without a step too: --every above a day).
+        while today.day < day {
+            close(&node, volume, t, &mut today, &mut report, &index)?;
         }
         crate::set_fake_now(now);
 
         // 1. The application relabels what became due, one snapshot at a time.
         if let Some(after) = t.relabel_after {
-            let after = after.as_millis() as u64;
-            for rec in node.catalog.snapshots(volume)? {
-                if rec.created_unix_ms + after <= now && relabelled.insert(rec.id) {
-                    node.catalog.set_labels(volume, &rec.id, &t.relabel, &[])?;
-                    decide(&node, engine, volume, Phase::Scheduled, &mut today)?;
+            let after = millis("--relabel-after", after)?;
+            while let Some(&(created, id)) = pending.front() {
+                if created.saturating_add(after) > now {
+                    break;
+                }
+                pending.pop_front();
+                match node.catalog.set_labels(volume, &id, &t.relabel, &[]) {
+                    Ok(_) => decide(&node, engine, volume, Phase::Scheduled, &mut today)?,
+                    // Pruned before its backup was done (nothing held it): nothing to relabel.
+                    Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
 
         // 2. A snapshot.
+        // Ids as a real snapshot's (time, then 32 bits) but the same in every run, so that a
+        // policy's seeded randomness, which sees them, replays too.
+        let salt = u32::from_le_bytes(
+            blake3::hash(&step.to_le_bytes()).as_bytes()[..4]
+                .try_into()
+                .expect("4 bytes"),
+        );
         let rec = SnapshotRecord {
-            id: SnapshotId::generate(now),
+            id: SnapshotId::from_u128((u128::from(now) << 32) | u128::from(salt)),
             volume: volume.clone(),
             name: snapshot_name(now).parse()?,
             created_unix_ms: now,
@@ -365,8 +403,10 @@ async fn run(
         };
         node.catalog.commit_snapshots(std::slice::from_ref(&rec))?;
         index.insert(rec.id, report.snapshots.len());
+        pending.push_back((now, rec.id));
         by_name.insert(rec.name.to_string(), rec.id);
         report.snapshots.push(SimSnapshot {
+            id: rec.id,
             name: rec.name.to_string(),
             created_unix_ms: now,
             pruned_unix_ms: None,
@@ -432,6 +472,9 @@ async fn run(
         }
         progress(step + 1, steps);
     }
+    while today.day + 1 < t.days {
+        close(&node, volume, t, &mut today, &mut report, &index)?;
+    }
     report.days.push(close_day(
         &node,
         volume,
@@ -441,6 +484,31 @@ async fn run(
         &index,
     )?);
     Ok(report)
+}
+
+/// Ends `today` (its report goes into `report`) and starts the next day.
+fn close(
+    node: &Node,
+    volume: &VolumeName,
+    t: &Timeline,
+    today: &mut Day,
+    report: &mut Report,
+    index: &HashMap<SnapshotId, usize>,
+) -> Result<()> {
+    let next = today.day + 1;
+    let done = std::mem::replace(
+        today,
+        Day::empty(next, t.start_unix_ms + u64::from(next) * DAY_MS),
+    );
+    report.days.push(close_day(
+        node,
+        volume,
+        t,
+        done,
+        &mut report.snapshots,
+        index,
+    )?);
+    Ok(())
 }
 
 /// The policies' lock decision for `phase`, as the CLI and the daemon ask it; a failure keeps
@@ -506,8 +574,11 @@ fn close_day(
     Ok(day)
 }
 
-/// The storage model: the oldest kept snapshot costs the whole volume; every later one the
-/// changes since the kept one before it (`change` per step), at most the whole volume.
+/// The storage model: each step rewrites `change` of the volume's blocks, chosen at random. A
+/// block then has one version per kept snapshot between which it changed, so the oldest kept
+/// snapshot costs the whole volume and every later one the share of blocks that changed since
+/// the kept one before it, `1 - (1 - change)^steps`. Dropping a snapshot between two others
+/// frees what changed on both sides of it.
 fn stored(t: &Timeline, times: &[u64]) -> u64 {
     let every = t.every.as_millis().max(1) as f64;
     let mut total = 0.0;
@@ -515,11 +586,11 @@ fn stored(t: &Timeline, times: &[u64]) -> u64 {
     for &at in times {
         total += match prev {
             None => 1.0,
-            Some(p) => ((at - p) as f64 / every * t.change).min(1.0),
+            Some(p) => 1.0 - (1.0 - t.change).powf((at - p) as f64 / every),
         } * t.size as f64;
         prev = Some(at);
     }
-    total as u64
+    total.round() as u64
 }
 
 fn estimate(
@@ -610,10 +681,16 @@ mod tests {
             change: 0.1,
         };
         let h = 3_600_000;
-        // The first costs the volume; one step later 10 %; five steps later 50 %.
-        assert_eq!(stored(&t, &[0, h, 6 * h]), 1000 + 100 + 500);
-        // Twenty steps of change are capped at the whole volume.
-        assert_eq!(stored(&t, &[0, 20 * h]), 2000);
+        // The first costs the volume; one step later 10 % changed; five steps later
+        // 1 - 0.9^5 = 40.951 %.
+        assert_eq!(stored(&t, &[0, h, 6 * h]), 1000 + 100 + 410);
+        // However long the gap, at most the whole volume changed.
+        assert_eq!(stored(&t, &[0, 500 * h]), 2000);
         assert_eq!(stored(&t, &[]), 0);
+        // A snapshot between two others costs what changed on both sides of it: dropping the
+        // middle of 0, 24 h, 48 h frees (1 - 0.9^24)^2 of the volume (92.8 %^2).
+        let freed = stored(&t, &[0, 24 * h, 48 * h]) - stored(&t, &[0, 48 * h]);
+        let p = 1.0 - 0.9f64.powi(24);
+        assert!((freed as f64 - 1000.0 * p * p).abs() <= 1.0, "{freed}");
     }
 }

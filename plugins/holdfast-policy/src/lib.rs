@@ -185,14 +185,16 @@ pub mod config {
         wit::all()
     }
 
+    // Messages quote the value as it is (no escapes), so that a policy in any language can
+    // word them alike; the host has checked config values at registration.
     pub(crate) fn parse_count(key: &str, v: &str) -> Result<usize, String> {
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("config {key}={v:?} is not a count"));
+            return Err(format!("config {key}=\"{v}\" is not a count"));
         }
         match v.parse() {
             Ok(n) if n <= MAX_COUNT => Ok(n),
             _ => Err(format!(
-                "config {key}={v:?} is too large (at most {MAX_COUNT})"
+                "config {key}=\"{v}\" is too large (at most {MAX_COUNT})"
             )),
         }
     }
@@ -200,7 +202,7 @@ pub mod config {
     pub(crate) fn parse_pair(key: &str, v: &str) -> Result<(String, String), String> {
         v.split_once(':')
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .ok_or_else(|| format!("config {key}={v:?} must be KEY:VALUE"))
+            .ok_or_else(|| format!("config {key}=\"{v}\" must be KEY:VALUE"))
     }
 }
 

@@ -21,31 +21,16 @@ fn a_gfs_schedule_over_400_days_keeps_what_the_hand_computed_table_says() {
     //   yearly 1      nothing: 2026 and 2025 are covered, no snapshot is older
     let n = TestNode::uninitialised();
     let gfs = plugin("gfs_retention");
-    let out = n.ok(&[
-        "policy",
-        "simulate",
-        "--wasm",
-        gfs.to_str().unwrap(),
-        "--config",
-        "keep-last=3",
-        "--config",
-        "daily=7",
-        "--config",
-        "weekly=4",
-        "--config",
-        "monthly=6",
-        "--config",
-        "yearly=1",
-        "--every",
-        "1d",
-        "--days",
-        "400",
-        "--start",
-        "2025-01-01T00:00:00Z",
-        "--json",
-        "--plot",
-        n.path("gfs.svg").to_str().unwrap(),
-    ]);
+    let out = simulate(
+        &n,
+        &[
+            "--wasm",
+            gfs.to_str().unwrap(),
+            "--plot",
+            n.path("gfs.svg").to_str().unwrap(),
+        ],
+        "--config keep-last=3 --config daily=7 --config weekly=4 --config monthly=6 --config yearly=1 --every 1d --days 400 --start 2025-01-01T00:00:00Z --json",
+    );
     let r: Value = serde_json::from_str(&out).unwrap();
     let days = r["days"].as_array().unwrap();
     assert_eq!(days.len(), 400);
@@ -106,20 +91,11 @@ fn a_gfs_schedule_over_400_days_keeps_what_the_hand_computed_table_says() {
     assert!(svg.starts_with("<svg"), "{}", &svg[..100.min(svg.len())]);
     assert!(svg.matches("<line").count() >= 400, "a line per snapshot");
     // The text table says the same in words.
-    let table = n.ok(&[
-        "policy",
-        "simulate",
-        "--wasm",
-        gfs.to_str().unwrap(),
-        "--config",
-        "keep-last=3",
-        "--every",
-        "1d",
-        "--days",
-        "5",
-        "--start",
-        "2025-01-01T00:00:00Z",
-    ]);
+    let table = simulate(
+        &n,
+        &["--wasm", gfs.to_str().unwrap()],
+        "--config keep-last=3 --every 1d --days 5 --start 2025-01-01T00:00:00Z",
+    );
     assert!(
         table.contains("pruned 2 of 5 snapshot(s), because:"),
         "{table}"
@@ -165,29 +141,11 @@ fn a_simulated_timeline_goes_exactly_so_when_it_is_replayed_for_real() {
         "daily=2",
     ]);
     let start: u64 = 1_772_323_200_000; // 2026-03-01T00:00:00Z
-    let sim = n.ok(&[
-        "policy",
-        "simulate",
-        "--volume",
-        "v",
-        "--start",
-        "2026-03-01T00:00:00Z",
-        "--every",
-        "6h",
-        "--days",
-        "4",
-        "--label",
-        "backup=pending",
-        "--relabel-after",
-        "12h",
-        "--relabel",
-        "backup=done",
-        "--downstream",
-        "c",
-        "--outage",
-        "c:1d@day1",
-        "--json",
-    ]);
+    let sim = simulate(
+        &n,
+        &[],
+        "--volume v --start 2026-03-01T00:00:00Z --every 6h --days 4 --label backup=pending --relabel-after 12h --relabel backup=done --downstream c --outage c:1d@day1 --json",
+    );
     let sim: Value = serde_json::from_str(&sim).unwrap();
     let days = sim["days"].as_array().unwrap();
     assert_eq!(days.len(), 4);
@@ -286,6 +244,15 @@ fn a_simulated_timeline_goes_exactly_so_when_it_is_replayed_for_real() {
     );
 }
 
+/// `holdfast policy simulate` with `paths` as they are (`--wasm FILE`, which may hold spaces) and
+/// `args` split at spaces, which must succeed: its output.
+fn simulate(n: &TestNode, paths: &[&str], args: &str) -> String {
+    let mut all = vec!["policy", "simulate"];
+    all.extend(paths);
+    all.extend(args.split_whitespace());
+    n.ok(&all)
+}
+
 /// `2026-03-01T06:00:00Z`, as the simulation names snapshots.
 fn time_name(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
@@ -314,21 +281,11 @@ fn every_day_is_reported_runs_replay_and_bad_timelines_are_refused() {
     let gfs = plugin("gfs_retention");
     let gfs = gfs.to_str().unwrap();
     // A snapshot every 36 hours: day 2 has none, and is reported all the same.
-    let out = n.ok(&[
-        "policy",
-        "simulate",
-        "--wasm",
-        gfs,
-        "--config",
-        "keep-last=1",
-        "--every",
-        "36h",
-        "--days",
-        "4",
-        "--start",
-        "2026-01-01T00:00:00Z",
-        "--json",
-    ]);
+    let out = simulate(
+        &n,
+        &["--wasm", gfs],
+        "--config keep-last=1 --every 36h --days 4 --start 2026-01-01T00:00:00Z --json",
+    );
     let r: Value = serde_json::from_str(&out).unwrap();
     let days: Vec<(u64, Value)> = r["days"]
         .as_array()
@@ -348,21 +305,11 @@ fn every_day_is_reported_runs_replay_and_bad_timelines_are_refused() {
     // A policy that draws random numbers decides the same in every run of a simulation.
     let hostile = plugin("hostile");
     let random = || {
-        let out = n.ok(&[
-            "policy",
-            "simulate",
-            "--wasm",
-            hostile.to_str().unwrap(),
-            "--config",
-            "mode=random",
-            "--every",
-            "12h",
-            "--days",
-            "2",
-            "--start",
-            "2026-01-01T00:00:00Z",
-            "--json",
-        ]);
+        let out = simulate(
+            &n,
+            &["--wasm", hostile.to_str().unwrap()],
+            "--config mode=random --every 12h --days 2 --start 2026-01-01T00:00:00Z --json",
+        );
         let r: Value = serde_json::from_str(&out).unwrap();
         (r["days"].clone(), r["snapshots"].clone())
     };

@@ -191,6 +191,37 @@ mod tests {
         assert!(is_zero(&[]));
     }
 
+    /// Bytes no compressor can shrink.
+    fn random(len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(b"random test bytes")
+            .finalize_xof()
+            .fill(&mut v);
+        v
+    }
+
+    #[test]
+    fn the_incompressibility_guess_is_pinned_where_it_decides() {
+        // The guess and the trial only ever cost space or time, never correctness (decode
+        // takes either encoding); these pin what they decide, so a change is a decision.
+        // Blocks from 8 KiB up are judged, from eight samples spread over the whole block.
+        assert!(looks_incompressible(&random(65536)));
+        assert!(looks_incompressible(&random(8192)));
+        assert!(!looks_incompressible(&random(8191)));
+        assert!(!looks_incompressible(&random(4096)));
+        assert!(!looks_incompressible(&b"holdfast ".repeat(7000)));
+        assert_eq!(encode(&random(65536)).unwrap().0, Encoding::Raw);
+        // The trial reads two 4 KiB slices (start and middle), not the block: a block that is
+        // a 6,000-byte random tile repeated looks random there, so it is stored raw unread by
+        // zstd, although zstd would find the repeats. That is the price of not reading random
+        // blocks twice.
+        let tiled: Vec<u8> = random(6000).iter().copied().cycle().take(65536).collect();
+        assert!(looks_incompressible(&tiled));
+        assert!(compress(&tiled).unwrap().1.len() < tiled.len() / 5);
+        assert_eq!(encode(&tiled).unwrap().0, Encoding::Raw);
+    }
+
     #[test]
     fn random_data_is_stored_raw_and_text_compressed() {
         // Incompressible data is not inflated; compressible data is compressed.

@@ -211,6 +211,17 @@ mod tests {
         assert!(!looks_incompressible(&random(8191)));
         assert!(!looks_incompressible(&random(4096)));
         assert!(!looks_incompressible(&b"holdfast ".repeat(7000)));
+        // Only the samples are read: random data with zeros where the samples are taken is
+        // judged by the zeros.
+        let mut spotty = random(65536);
+        for k in 0..8 {
+            spotty[k * 8192..k * 8192 + 512].fill(0);
+        }
+        assert!(!looks_incompressible(&spotty));
+        // Random bytes folded into 240 values (7.88 bits of entropy) still look random, though
+        // 16 byte values never occur.
+        let uneven: Vec<u8> = random(65536).iter().map(|b| b % 240).collect();
+        assert!(looks_incompressible(&uneven));
         assert_eq!(encode(&random(65536)).unwrap().0, Encoding::Raw);
         // The trial reads two 4 KiB slices (start and middle), not the block: a block that is
         // a 6,000-byte random tile repeated looks random there, so it is stored raw unread by

@@ -280,6 +280,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refresh_is_the_same_dependency_and_anything_else_is_a_new_lock() {
+        // `add` refreshes a lock that is the same dependency instead of adding a second one:
+        // the same snapshot, type, value and first node of its path; times, leases and the
+        // rest of the route do not count.
+        let base = SoftLock {
+            volume: "v".parse().unwrap(),
+            snapshot: SnapshotId::from_u128(1 << 40),
+            lock_type: LockType::DestinationPath,
+            value: "b/v".into(),
+            holder: "b/v".parse().unwrap(),
+            set_unix_ms: 1,
+            refreshed_unix_ms: 1,
+            lease_ms: None,
+            path: vec!["b".parse().unwrap()],
+        };
+        let refreshed = SoftLock {
+            set_unix_ms: 5,
+            refreshed_unix_ms: 9,
+            lease_ms: Some(1000),
+            path: vec!["b".parse().unwrap(), "c".parse().unwrap()],
+            ..base.clone()
+        };
+        assert!(base.same_dependency(&refreshed));
+        for other in [
+            SoftLock {
+                snapshot: SnapshotId::from_u128(2 << 40),
+                ..base.clone()
+            },
+            SoftLock {
+                lock_type: LockType::QtreeName,
+                ..base.clone()
+            },
+            SoftLock {
+                value: "c/v".into(),
+                ..base.clone()
+            },
+            SoftLock {
+                path: vec!["c".parse().unwrap()],
+                ..base.clone()
+            },
+        ] {
+            assert!(!base.same_dependency(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn holders_say_whether_they_are_applications() {
+        let app: HolderId = "app:backup".parse().unwrap();
+        let mirror: HolderId = "nodeB/v".parse().unwrap();
+        assert_eq!(app.application_name(), Some("backup"));
+        assert_eq!(mirror.application_name(), None);
+        assert_eq!(format!("{app:?} {mirror}"), "\"app:backup\" nodeB/v");
+    }
+
+    #[test]
     fn lock_types_parse_and_print_and_unknown_types_are_refused() {
         // Every known type round-trips; custom tags need the custom: prefix.
         for t in [

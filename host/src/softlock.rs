@@ -326,6 +326,40 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_reads_a_locks_age_lease_and_route() {
+        let lock = SoftLock {
+            volume: "v".parse().unwrap(),
+            snapshot: SnapshotId::from_u128(1 << 40),
+            lock_type: LockType::DestinationPath,
+            value: "c/v".into(),
+            holder: "c/v".parse().unwrap(),
+            set_unix_ms: 1_000,
+            refreshed_unix_ms: 61_000,
+            lease_ms: Some(120_000),
+            path: vec!["b".parse().unwrap(), "c".parse().unwrap()],
+        };
+        assert_eq!(
+            lock.describe(121_500),
+            "c/v holds it as destination-path \"c/v\", set 2m ago, refreshed 1m ago, \
+             lease 2m (expires in 59s), came through b -> c"
+        );
+        assert_eq!(
+            lock.describe(241_000),
+            "c/v holds it as destination-path \"c/v\", set 4m ago, refreshed 3m ago, \
+             lease 2m ran out 1m ago (stale), came through b -> c"
+        );
+        let here = SoftLock {
+            lease_ms: None,
+            path: vec![],
+            ..lock
+        };
+        assert!(
+            here.describe(61_000)
+                .ends_with("no lease, set on this node")
+        );
+    }
+
+    #[test]
     fn holders_say_whether_they_are_applications() {
         let app: HolderId = "app:backup".parse().unwrap();
         let mirror: HolderId = "nodeB/v".parse().unwrap();

@@ -279,21 +279,35 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
 mod tests {
     use super::*;
 
+    /// Downstream c's base lock on v, which came through b: set at 1 s, refreshed at 61 s,
+    /// with a 2-minute lease.
+    fn mirror_lock() -> SoftLock {
+        SoftLock {
+            volume: "v".parse().unwrap(),
+            snapshot: SnapshotId::from_u128(1 << 40),
+            lock_type: LockType::DestinationPath,
+            value: "c/v".into(),
+            holder: "c/v".parse().unwrap(),
+            set_unix_ms: 1_000,
+            refreshed_unix_ms: 61_000,
+            lease_ms: Some(120_000),
+            path: vec!["b".parse().unwrap(), "c".parse().unwrap()],
+        }
+    }
+
     #[test]
     fn a_refresh_is_the_same_dependency_and_anything_else_is_a_new_lock() {
         // `add` refreshes a lock that is the same dependency instead of adding a second one:
         // the same snapshot, type, value and first node of its path; times, leases and the
         // rest of the route do not count.
         let base = SoftLock {
-            volume: "v".parse().unwrap(),
-            snapshot: SnapshotId::from_u128(1 << 40),
-            lock_type: LockType::DestinationPath,
             value: "b/v".into(),
             holder: "b/v".parse().unwrap(),
             set_unix_ms: 1,
             refreshed_unix_ms: 1,
             lease_ms: None,
             path: vec!["b".parse().unwrap()],
+            ..mirror_lock()
         };
         let refreshed = SoftLock {
             set_unix_ms: 5,
@@ -327,17 +341,7 @@ mod tests {
 
     #[test]
     fn an_operator_reads_a_locks_age_lease_and_route() {
-        let lock = SoftLock {
-            volume: "v".parse().unwrap(),
-            snapshot: SnapshotId::from_u128(1 << 40),
-            lock_type: LockType::DestinationPath,
-            value: "c/v".into(),
-            holder: "c/v".parse().unwrap(),
-            set_unix_ms: 1_000,
-            refreshed_unix_ms: 61_000,
-            lease_ms: Some(120_000),
-            path: vec!["b".parse().unwrap(), "c".parse().unwrap()],
-        };
+        let lock = mirror_lock();
         assert_eq!(
             lock.describe(121_500),
             "c/v holds it as destination-path \"c/v\", set 2m ago, refreshed 1m ago, \

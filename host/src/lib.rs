@@ -78,6 +78,47 @@ pub fn set_fake_now(unix_ms: u64) {
     FAKE_NOW.store(unix_ms, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// A test hook (debug builds only; release builds compile it to nothing): the process waits
+/// at the protocol step `point` if `HOLDFAST_PAUSE_AT` names it (a comma-separated list of
+/// `POINT` or `POINT@PERCENT`, the chance of pausing at each pass). While it waits, the file
+/// `$HOLDFAST_PAUSE_DIR/POINT.PID` exists; the process goes on once that file is removed. A
+/// test thereby holds a push or gc at the one step whose window it attacks, as a SIGSTOP at
+/// the right instant would, and resumes it when it chooses (`tests/tests/e2e/target_gc.rs`).
+/// The points: `target-gc-decided` (a gc has read everything and decided, and has not
+/// deleted or written anything), `target-push-before-manifest` (a push wrote its intent and
+/// not its manifest) and `target-push-before-confirm` (it wrote its manifest and has not
+/// confirmed it).
+pub fn pause_point(point: &str) {
+    #[cfg(debug_assertions)]
+    {
+        let Ok(list) = std::env::var("HOLDFAST_PAUSE_AT") else {
+            return;
+        };
+        let chance = list.split(',').find_map(|item| {
+            let (name, percent) = item.split_once('@').unwrap_or((item, "100"));
+            (name.trim() == point).then(|| percent.trim().parse::<u32>().unwrap_or(100))
+        });
+        let Some(percent) = chance else { return };
+        if rand::random::<u32>() % 100 >= percent {
+            return;
+        }
+        let dir = std::env::var_os("HOLDFAST_PAUSE_DIR").unwrap_or_else(|| ".".into());
+        let flag = std::path::Path::new(&dir).join(format!("{point}.{}", std::process::id()));
+        if std::fs::write(&flag, b"").is_err() {
+            return;
+        }
+        tracing::warn!(
+            "paused at {point} (test hook): remove {} to go on",
+            flag.display()
+        );
+        while flag.exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
+
 /// How long identical failure output stays out of the log after it was logged.
 const REPEAT_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -700,6 +700,17 @@ impl Repository {
 
     /// Every manifest in the repository, as (volume, snapshot id).
     pub async fn list_manifests(&self) -> Result<Vec<(VolumeName, SnapshotId)>> {
+        Ok(self
+            .list_manifest_objects()
+            .await?
+            .into_iter()
+            .map(|(v, id, _)| (v, id))
+            .collect())
+    }
+
+    /// Every object under `manifests/` named like a manifest, as (volume, snapshot id, size).
+    /// (In a mirror target an empty one is a fence, not a manifest: `target/pending.rs`.)
+    pub async fn list_manifest_objects(&self) -> Result<Vec<(VolumeName, SnapshotId, u64)>> {
         let metas: Vec<_> = self
             .store
             .list(Some(&Path::from("manifests")))
@@ -712,10 +723,15 @@ impl Repository {
                 continue;
             }
             if let (Ok(v), Ok(id)) = (parts[1].as_ref().parse(), parts[2].as_ref().parse()) {
-                out.push((v, id));
+                out.push((v, id, m.size));
             }
         }
         Ok(out)
+    }
+
+    /// The key of a manifest, for the objects a mirror target keeps beside the format proper.
+    pub fn manifest_key(volume: &VolumeName, id: &SnapshotId) -> String {
+        Self::manifest_path(volume, id).to_string()
     }
 }
 

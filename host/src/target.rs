@@ -327,16 +327,12 @@ pub async fn check_or_init(
     repo.put_object(&probe, b"holdfast write check".to_vec())
         .await
         .map_err(ctx)?;
-    // The probe's time is the store's clock, by which pending pushes are aged.
-    let now = repo
-        .list_objects("probe")
-        .await
-        .map_err(ctx)?
-        .into_iter()
-        .find(|(k, _, _)| *k == probe)
-        .map_or_else(crate::now_unix_ms, |(_, _, t)| t);
+    // The probe's time is the store's clock, by which pending pushes are aged (never by this
+    // node's clock: it may be hours off).
+    let now = gc::listed_time(repo, "probe", &probe).await;
     repo.delete_object(&probe).await.map_err(ctx)?;
-    let snapshots = repo.list_manifests().await.map_err(ctx)?.len();
+    let now = now.map_err(ctx)?;
+    let snapshots = pending::listed_manifests(repo).await.map_err(ctx)?.len();
     let packs = repo.list_packs().await.map_err(ctx)?.len();
     let pending_pushes = pending::pending_pushes(repo, now).await.map_err(ctx)?;
     let gc_records = repo.list_objects(gc::CONDEMNED).await.map_err(ctx)?.len();
@@ -368,7 +364,7 @@ pub async fn snapshots(
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         // Pruned since it was listed (by another node, say): it is simply not there.
-        let Some(raw) = repo.read_manifest_if_present(volume, &id).await? else {
+        let Some(raw) = pending::manifest_if_present(repo, volume, &id).await? else {
             continue;
         };
         let m = Manifest::decode(&raw, &format!("{volume}@{id} in {}", repo.location()))?;

@@ -73,6 +73,7 @@ impl Hold {
 struct Shared {
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<String>>,
+    answered: Mutex<Vec<String>>,
 }
 
 /// The proxy; it stops accepting when dropped (held requests are released).
@@ -123,13 +124,13 @@ impl Proxy {
     /// Holds every `method` request whose path (or small body) contains `path_contains` until
     /// released.
     pub fn hold(&self, method: &str, path_contains: &str) -> Hold {
+        self.hold_times(method, path_contains, usize::MAX)
+    }
+
+    /// Holds the next `times` such requests until released (later ones go through).
+    pub fn hold_times(&self, method: &str, path_contains: &str, times: usize) -> Hold {
         let gate = Arc::new(Gate::default());
-        self.add(
-            method,
-            path_contains,
-            Action::Hold(gate.clone()),
-            usize::MAX,
-        );
+        self.add(method, path_contains, Action::Hold(gate.clone()), times);
         let h = Hold(gate);
         self.holds.lock().unwrap().push(h.clone());
         h
@@ -154,6 +155,12 @@ impl Proxy {
     /// Every request seen so far, as "METHOD PATH".
     pub fn requests(&self) -> Vec<String> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// The requests the upstream answered, as "METHOD PATH STATUS" (a held request appears
+    /// once it was let through and answered, whether or not its client is still there).
+    pub fn answered(&self) -> Vec<String> {
+        self.shared.answered.lock().unwrap().clone()
     }
 }
 
@@ -321,6 +328,11 @@ fn serve(client: TcpStream, upstream: u16, shared: &Shared) -> std::io::Result<(
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        shared
+            .answered
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path} {status}"));
         let no_body = method == "HEAD" || status == 204 || status == 304 || status < 200;
         let framed = resp.chunked() || resp.get("content-length").is_some();
         let resp_body = if no_body {

@@ -65,6 +65,14 @@ impl GcCommand {
                     r.packs_too_young
                 );
             }
+            if r.packs_unreadable > 0 {
+                eprintln!(
+                    "warning: {} packs in target {t} have neither a readable index nor a \
+                     readable trailer: gc keeps them, as it cannot tell what they hold. Run \
+                     `holdfast verify --target {t}` to see which snapshots they damage",
+                    r.packs_unreadable
+                );
+            }
             for p in &r.pending_pushes {
                 eprintln!(
                     "note: unfinished push of {}@{} by node {} ({}s ago); its chunks are kept \

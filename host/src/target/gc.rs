@@ -56,17 +56,25 @@ pub fn grace() -> Result<Duration> {
 pub async fn server_now(repo: &Repository, me: &NodeId) -> Result<u64> {
     let key = format!("{CLOCK}/{me}-{:016x}", rand::random::<u64>());
     repo.put_object(&key, Vec::new()).await?;
-    // (A listing's prefix is a folder: list the probes' folder and find ours.)
-    let listed = repo.list_objects(CLOCK).await;
+    let t = listed_time(repo, CLOCK, &key).await;
     repo.delete_object(&key).await?;
-    listed?
+    t
+}
+
+/// The store's modification time of `key`, just written under the folder `dir`, from a
+/// listing: an error (never the node's clock) if the listing does not show it.
+pub async fn listed_time(repo: &Repository, dir: &str, key: &str) -> Result<u64> {
+    // (A listing's prefix is a folder: list the probes' folder and find ours.)
+    repo.list_objects(dir)
+        .await?
         .into_iter()
         .find(|(k, _, _)| *k == key)
         .map(|(_, _, t)| t)
         .ok_or_else(|| Error::Unavailable {
             message: format!(
                 "{} does not list an object just written ({key}); its listings lag its writes, \
-                 which holdfast's gc cannot work with",
+                 which holdfast cannot work with (gc, and the ages `target check` reports, go \
+                 by the store's clock)",
                 repo.location()
             ),
             source: None,
@@ -180,6 +188,10 @@ pub struct TargetGcReport {
     pub packs_kept_partly_live: usize,
     /// Unreferenced packs younger than the grace period (condemned by a later gc).
     pub packs_too_young: usize,
+    /// Packs whose index and trailer are both unreadable: what they hold cannot be told, so
+    /// they are neither condemned nor deleted (a store that damages what it returns must not
+    /// make gc delete a live pack).
+    pub packs_unreadable: usize,
     /// Records whose packs are all gone, removed.
     pub records_removed: usize,
     /// Pushes that wrote an intent and have not finished (see `target check`).
@@ -217,6 +229,7 @@ pub async fn gc_with_grace(
         plan.report.dry_run = true;
         return Ok(plan.report);
     }
+    crate::pause_point("target-gc-decided");
     plan.execute(repo).await
 }
 
@@ -301,9 +314,9 @@ impl GcPlan {
         // 2. What is live: every manifest, committed or pending. Listed after `now`, so after
         //    every record that is a grace period old was visible.
         let mut live: HashSet<ChunkId> = HashSet::new();
-        let manifests = repo.list_manifests().await?;
+        let manifests = pending::listed_manifests(repo).await?;
         for (v, id) in &manifests {
-            let Some(raw) = repo.read_manifest_if_present(v, id).await? else {
+            let Some(raw) = pending::manifest_if_present(repo, v, id).await? else {
                 continue; // pruned since the listing
             };
             // A manifest that cannot be read could reference anything: stop before deleting.
@@ -322,6 +335,7 @@ impl GcPlan {
             open_records.iter().flat_map(|r| r.packs.clone()).collect();
         let mut waiting = BTreeMap::new();
         let mut deleting = HashSet::new();
+        let mut unreadable = HashSet::new();
         for r in &open_records {
             if r.modified_unix_ms + grace_ms > now {
                 for p in &r.packs {
@@ -339,8 +353,17 @@ impl GcPlan {
                 if !packs.contains_key(p) && !indexes.contains_key(p) {
                     continue;
                 }
-                let chunks = entries.of(repo, p, &indexes, &packs).await?;
-                if chunks.is_some_and(|c| c.iter().any(|e| live.contains(&e.id))) {
+                let is_live = entries
+                    .of(repo, p, &indexes, &packs)
+                    .await?
+                    .map(|c| c.iter().any(|e| live.contains(&e.id)));
+                if is_live.is_none() && !entries.found_missing.contains(p) {
+                    // What it holds cannot be told: kept (it may be live), for an operator.
+                    all_gone = false;
+                    unreadable.insert(*p);
+                    continue;
+                }
+                if is_live == Some(true) {
                     all_gone = false;
                     report.packs_condemned_but_live += 1;
                     continue;
@@ -374,11 +397,16 @@ impl GcPlan {
                 }
                 continue;
             }
-            let chunks = entries.of(repo, &p, &indexes, &packs).await?;
-            let live_chunks =
-                chunks.map_or(0, |c| c.iter().filter(|e| live.contains(&e.id)).count());
+            let Some(chunks) = entries.of(repo, &p, &indexes, &packs).await? else {
+                // Unreadable, or gone since the listing (another gc deleted it).
+                if !entries.found_missing.contains(&p) {
+                    unreadable.insert(p);
+                }
+                continue;
+            };
+            let live_chunks = chunks.iter().filter(|e| live.contains(&e.id)).count();
             if live_chunks > 0 {
-                if chunks.is_some_and(|c| live_chunks < c.len()) {
+                if live_chunks < chunks.len() {
                     report.packs_kept_partly_live += 1;
                 }
                 continue;
@@ -403,6 +431,15 @@ impl GcPlan {
             let at = now + grace_ms;
             report.next_deletion_unix_ms =
                 Some(report.next_deletion_unix_ms.map_or(at, |t| t.min(at)));
+        }
+        report.packs_unreadable = unreadable.len();
+        if report.packs_unreadable > 0 {
+            tracing::warn!(
+                target_url = repo.location(),
+                packs = report.packs_unreadable,
+                "packs whose index and trailer are both unreadable are kept: what they hold \
+                 cannot be told; `holdfast verify --target` names the snapshots they damage"
+            );
         }
         report.packs_waiting = waiting.len();
         report.bytes_waiting = waiting.values().sum();
@@ -508,10 +545,12 @@ async fn refuse_legacy_leases(repo: &Repository, now: u64) -> Result<()> {
 
 /// The chunks of packs, read once each: from the index object, else (a pack whose index is
 /// missing or unreadable: a gc or push stopped between the two) from the pack's trailer.
-/// `None` when neither can be read: nothing can use such a pack.
+/// `None` when neither can be read: gc keeps such a pack, since it cannot tell what it holds.
 #[derive(Default)]
 struct Entries {
     known: HashMap<PackId, Option<Vec<crate::repo::pack::PackEntry>>>,
+    /// Packs that were gone when read (another gc deleted them since the listing).
+    found_missing: HashSet<PackId>,
 }
 
 impl Entries {
@@ -532,13 +571,18 @@ impl Entries {
                     Err(e) => return Err(e),
                 }
             }
+            if found.is_none() && !packs.contains_key(p) {
+                self.found_missing.insert(*p);
+            }
             if found.is_none()
                 && let Some(info) = packs.get(p)
             {
                 match repo.read_pack_trailer(p, info.size).await {
                     Ok(pi) => found = Some(pi),
                     Err(Error::Corrupt(m)) => tracing::warn!("{m}"),
-                    Err(Error::NotFound(_)) => {}
+                    Err(Error::NotFound(_)) => {
+                        self.found_missing.insert(*p);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -919,11 +963,115 @@ mod tests {
         let got = finish(&mut view, &t, None, &intent, true, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Dropped);
         assert!(
-            t.read_manifest_if_present(&m.volume, &m.id)
+            crate::target::pending::manifest_if_present(&t, &m.volume, &m.id)
                 .await
                 .unwrap()
                 .is_none()
         );
         assert!(intents(&t, None).await.unwrap().is_empty());
+        // The dropped manifest's key is fenced: a copy of its write still on the way (a
+        // retried request) cannot bring the unconfirmed snapshot back.
+        let late = t.put_manifest(&m.volume, &m.id, m.encode().unwrap()).await;
+        assert!(matches!(late, Err(Error::Conflict(_))), "{late:?}");
+        assert!(
+            crate::target::snapshots(&t, &m.volume)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn finishing_a_push_without_its_manifest_fences_the_late_write() {
+        // A push wrote its intent and sent its manifest write, and its process ended; its
+        // node's next push finishes the intent and finds no manifest. The write may still land
+        // (a proxy held it): finishing fences the key first, so the late write fails and no
+        // snapshot appears that nobody confirmed; a gc in between deletes the packs the late
+        // manifest would have named. Without the fence, the snapshot was listed and damaged.
+        use crate::target::pending::{Finished, finish, intents, write_intent};
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, ids) = store(&t, &[1, 2], true).await;
+        let m = manifest(&ids);
+        write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
+        let hidden = ProgressBar::hidden();
+        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::NoManifest);
+        assert!(intents(&t, None).await.unwrap().is_empty());
+        for _ in 0..2 {
+            run(&t, Duration::ZERO).await;
+        }
+        assert!(t.pack_listing().await.unwrap().is_empty(), "not collected");
+        // The held write lands now: create-only, it meets the fence.
+        let late = t.put_manifest(&m.volume, &m.id, m.encode().unwrap()).await;
+        assert!(matches!(late, Err(Error::Conflict(_))), "{late:?}");
+        assert!(
+            crate::target::snapshots(&t, &m.volume)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!(r.snapshots, 0, "a fence is not a manifest: {r:?}");
+        // Finishing again (a crash before the intent went) finds the fence and is done.
+        write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
+        let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
+        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::NoManifest);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_lands_while_its_push_is_finished_is_confirmed() {
+        // The fence is create-only too: if the late write wins, finishing finds the manifest
+        // and confirms it like any other.
+        use crate::target::pending::{Finished, finish, intents, write_intent};
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, ids) = store(&t, &[1, 2], true).await;
+        let m = manifest(&ids);
+        write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
+        commit(&t, &m).await;
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
+        let got = finish(&mut view, &t, None, &intent, false, &ProgressBar::hidden()).await;
+        assert_eq!(got.unwrap(), Finished::Committed);
+        assert_eq!(
+            crate::target::snapshots(&t, &m.volume).await.unwrap().len(),
+            1
+        );
+    }
+
+    /// Overwrites pack `p`'s index and the pack itself with bytes that decode as neither.
+    async fn damage_index_and_trailer(t: &Repository, p: &PackId) {
+        let hex = p.to_hex();
+        t.put_object(&format!("index/{p}"), b"not an index".to_vec())
+            .await
+            .unwrap();
+        t.put_object(&format!("packs/{}/{hex}", &hex[..2]), vec![7; 300])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pack_whose_index_and_trailer_cannot_be_read_is_never_deleted() {
+        // What such a pack holds cannot be told (a store or middlebox that damages what it
+        // returns): it may hold live chunks, so gc neither condemns nor deletes it, whether
+        // it became unreadable before it was condemned or after, and says so in its report.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (live_pack, ids) = store(&t, &[1, 2], true).await;
+        commit(&t, &manifest(&ids)).await;
+        damage_index_and_trailer(&t, &live_pack).await;
+        let (condemned, _) = store(&t, &[3], true).await;
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        damage_index_and_trailer(&t, &condemned).await;
+        for _ in 0..3 {
+            let r = run(&t, Duration::ZERO).await;
+            assert_eq!((r.packs_deleted, r.packs_unreadable), (0, 2), "{r:?}");
+            assert_eq!(r.packs_condemned, 0, "{r:?}");
+        }
+        let packs = t.pack_listing().await.unwrap();
+        assert!(packs.contains_key(&live_pack) && packs.contains_key(&condemned));
     }
 }

@@ -66,8 +66,7 @@ pub async fn verify(
 ) -> Result<crate::snapshot::VerifyReport> {
     repo.check().await?;
     let mut snaps = Vec::new();
-    let mut volumes: Vec<VolumeName> = repo
-        .list_manifests()
+    let mut volumes: Vec<VolumeName> = super::pending::listed_manifests(repo)
         .await?
         .into_iter()
         .map(|(v, _)| v)

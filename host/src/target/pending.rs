@@ -118,14 +118,57 @@ pub async fn pending_pushes(repo: &Repository, now: u64) -> Result<Vec<PendingPu
         .collect())
 }
 
+/// The manifests in the target, as (volume, snapshot id): every object at a manifest's key
+/// but the empty ones, which are **fences**. Finishing a push that left no manifest (or
+/// dropping an incomplete one) puts an empty object at the manifest's key, create-only, before
+/// the intent goes: the abandoned push's own manifest write, which may still be on its way (a
+/// request held by a proxy or retried after its process ended), is create-only too and can
+/// then never land, so no snapshot appears that nobody confirmed. A fence is never removed; a
+/// push of the same snapshot overwrites it (`push.rs`).
+pub async fn listed_manifests(repo: &Repository) -> Result<Vec<(VolumeName, SnapshotId)>> {
+    Ok(repo
+        .list_manifest_objects()
+        .await?
+        .into_iter()
+        .filter(|(_, _, size)| *size > 0)
+        .map(|(v, id, _)| (v, id))
+        .collect())
+}
+
+/// A manifest in the target, `None` if it is not there or is a fence.
+pub async fn manifest_if_present(
+    repo: &Repository,
+    volume: &VolumeName,
+    id: &SnapshotId,
+) -> Result<Option<bytes::Bytes>> {
+    Ok(repo
+        .read_manifest_if_present(volume, id)
+        .await?
+        .filter(|raw| !raw.is_empty()))
+}
+
+/// Puts a fence at `volume@id`'s manifest key unless an object is there. Returns the
+/// manifest if one was there after all (it landed in the meantime), `None` once the key holds
+/// a fence (this one or an earlier one).
+async fn fence(
+    repo: &Repository,
+    volume: &VolumeName,
+    id: &SnapshotId,
+) -> Result<Option<bytes::Bytes>> {
+    let key = Repository::manifest_key(volume, id);
+    if repo.put_object_if_absent(&key, Vec::new()).await? {
+        return Ok(None);
+    }
+    manifest_if_present(repo, volume, id).await
+}
+
 /// The snapshots of `volume` whose manifests are committed: listed, with no intent.
 ///
 /// Manifests are listed first, intents after: a push writes its intent before its manifest,
 /// so a manifest this listing sees had its intent written before the intents are listed (the
 /// other order could see a manifest, and miss the intent written just before it).
 pub async fn committed_ids(repo: &Repository, volume: &VolumeName) -> Result<HashSet<SnapshotId>> {
-    let listed: Vec<SnapshotId> = repo
-        .list_manifests()
+    let listed: Vec<SnapshotId> = listed_manifests(repo)
         .await?
         .into_iter()
         .filter(|(v, _)| v == volume)
@@ -208,7 +251,9 @@ impl PushView {
                     index.insert(pi);
                 }
                 Err(e @ Error::Corrupt(_)) => {
-                    tracing::warn!("{e}; a later gc reclaims it");
+                    tracing::warn!(
+                        "{e}; no push relies on it, and gc keeps it for an operator to look at"
+                    );
                 }
                 Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -314,13 +359,15 @@ pub async fn confirm(
 pub enum Finished {
     /// The manifest is whole: the intent went, the snapshot is committed.
     Committed,
-    /// There was no manifest: the intent went.
+    /// There was no manifest: its key was fenced (the push's write can no longer land), and
+    /// the intent went.
     NoManifest,
     /// The manifest names chunks that are not safely stored and cannot be stored again from
     /// here: it stays hidden under its intent (any node that has the snapshot completes it by
     /// pushing it; `target clear-pending --drop-incomplete` removes it).
     Incomplete { missing: usize },
-    /// Incomplete, and removed as the operator asked (manifest first, then the intent).
+    /// Incomplete, and removed as the operator asked (the manifest replaced by a fence, then
+    /// the intent).
     Dropped,
 }
 
@@ -339,7 +386,13 @@ pub async fn finish(
     progress: &ProgressBar,
 ) -> Result<Finished> {
     let (volume, snapshot) = (&intent.volume, intent.snapshot);
-    let outcome = match repo.read_manifest_if_present(volume, &snapshot).await? {
+    let present = match manifest_if_present(repo, volume, &snapshot).await? {
+        Some(raw) => Some(raw),
+        // The push's manifest write may still land (a request that outlived its process):
+        // fence the key first, so that it cannot, or find the manifest that just did.
+        None => fence(repo, volume, &snapshot).await?,
+    };
+    let outcome = match present {
         None => Finished::NoManifest,
         Some(raw) => {
             let what = format!("{volume}@{snapshot} in {}", repo.location());
@@ -359,7 +412,10 @@ pub async fn finish(
                         // Committed meanwhile by another node, or someone depends on it.
                         return Ok(Finished::Incomplete { missing });
                     }
-                    repo.delete_manifest(volume, &snapshot).await?;
+                    // A fence, not a deletion: a copy of the manifest write that is still on
+                    // its way (a retried request) can then never land.
+                    repo.put_object(&Repository::manifest_key(volume, &snapshot), Vec::new())
+                        .await?;
                     Finished::Dropped
                 }
             }

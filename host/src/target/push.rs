@@ -299,26 +299,38 @@ async fn commit(
 ) -> Result<u64> {
     let intent = pending::write_intent(repo, volume, &s.id, &node.info.node_id).await?;
     let mut shared = false;
+    crate::pause_point("target-push-before-manifest");
     match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
         Ok(()) => {}
         Err(Error::Conflict(_)) => {
-            // Another node pushed the same snapshot (the same volume mirrored to both): it
-            // must be the same manifest, which this push then confirms like its own.
-            let existing = repo.read_manifest(volume, &s.id).await?;
-            let what = format!("{volume}@{} in {}", s.id, repo.location());
-            if Manifest::decode(&existing, &what)?.blocks != m.blocks {
-                repo.delete_object(&intent).await?;
-                return Err(Error::corrupt(format!(
-                    "{what} exists with other blocks than this node's snapshot of the same id; \
-                     nothing was changed (verify both)"
-                )));
-            }
             shared = true;
+            match pending::manifest_if_present(repo, volume, &s.id).await? {
+                // Another node pushed the same snapshot (the same volume mirrored to both): it
+                // must be the same manifest, which this push then confirms like its own.
+                Some(existing) => {
+                    let what = format!("{volume}@{} in {}", s.id, repo.location());
+                    if Manifest::decode(&existing, &what)?.blocks != m.blocks {
+                        repo.delete_object(&intent).await?;
+                        return Err(Error::corrupt(format!(
+                            "{what} exists with other blocks than this node's snapshot of the \
+                             same id; nothing was changed (verify both)"
+                        )));
+                    }
+                }
+                // A fence (an abandoned push of this snapshot was finished without its
+                // manifest): overwritten, so the key is never empty and the abandoned write
+                // still cannot land. This push's intent hides the manifest until confirmed.
+                None => {
+                    repo.put_object(&Repository::manifest_key(volume, &s.id), raw.to_vec())
+                        .await?
+                }
+            }
         }
         // The write may have landed all the same (a reply lost after the last retry): the
         // intent stays, and this node's next push finishes the snapshot either way.
         Err(e) => return Err(e),
     }
+    crate::pause_point("target-push-before-confirm");
     let src = Some((&node.repo, &sess.local_index));
     let restored = match pending::confirm(&mut sess.view, repo, src, m.blocks.ids(), progress)
         .await?

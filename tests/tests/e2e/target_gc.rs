@@ -112,25 +112,53 @@ fn spawn_json(n: &TestNode, args: &[&str]) -> Child {
         .unwrap()
 }
 
-/// The target verifies, and `vol@name` restores from it, on a node that has only the URL.
-fn restores_from_the_bucket(s3: &S3Server, bucket: &str, reference: &str, want: &[u8]) {
+/// The target verifies, and holds exactly the snapshots `want` names (`vol@name`, contents),
+/// each of which restores from it bit for bit, on a node that has only the URL.
+fn restores_from_the_bucket(s3: &S3Server, bucket: &str, want: &[(&str, &[u8])]) {
     let fresh = node(s3, "fresh");
     add_target(&fresh, &s3.endpoint(), bucket);
-    let report = fresh
-        .run(&["verify", "--target", "bucket", "--json"])
-        .json();
+    every_snapshot_restores(&fresh, want);
+}
+
+/// `n`'s target `bucket` verifies and holds exactly the snapshots of `want`, which restore.
+fn every_snapshot_restores(n: &TestNode, want: &[(&str, &[u8])]) {
+    let report = n.run(&["verify", "--target", "bucket", "--json"]).json();
     assert_eq!(report["damage"], serde_json::json!([]), "{report}");
-    let out = fresh.path("r.img");
-    fresh.ok(&[
-        "snapshot",
-        "restore",
-        reference,
-        "--target",
-        "bucket",
-        "--to",
-        out.to_str().unwrap(),
-    ]);
-    assert!(std::fs::read(&out).unwrap() == want, "{reference} differs");
+    let mut volumes: Vec<&str> = want
+        .iter()
+        .map(|(r, _)| r.split('@').next().unwrap())
+        .collect();
+    volumes.dedup();
+    let mut listed = Vec::new();
+    for v in volumes {
+        let l = n
+            .run(&["snapshot", "list", v, "--target", "bucket", "--json"])
+            .json();
+        for s in l.as_array().unwrap() {
+            listed.push(format!("{v}@{}", s["name"].as_str().unwrap()));
+        }
+    }
+    let mut names: Vec<String> = want.iter().map(|(r, _)| r.to_string()).collect();
+    names.sort();
+    listed.sort();
+    assert_eq!(listed, names, "the target's snapshots");
+    for (reference, bytes) in want {
+        let out = n.path("r.img");
+        n.ok(&[
+            "snapshot",
+            "restore",
+            reference,
+            "--target",
+            "bucket",
+            "--to",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        assert!(
+            std::fs::read(&out).unwrap() == *bytes,
+            "{reference} differs"
+        );
+    }
 }
 
 /// Sequence A: a gc decides to delete the packs of a pruned snapshot and stalls in its first
@@ -185,7 +213,7 @@ fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     hold.release();
     let g = json_of(&output_of(gc));
     assert!(u(&g["packs-deleted"]) >= 1, "{g}");
-    restores_from_the_bucket(&s3, "gc-stall", "vm1@s3", &x);
+    restores_from_the_bucket(&s3, "gc-stall", &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
 
 /// Sequence B: a push deduplicates against the packs of a pruned snapshot and stalls before
@@ -241,7 +269,361 @@ fn a_push_stalled_before_its_manifest_stores_again_what_gc_deleted() {
             .any(|o| o.starts_with("backups/pending/")),
         "the intent stayed"
     );
-    restores_from_the_bucket(&s3, "push-stall", "vm1@s3", &x);
+    restores_from_the_bucket(&s3, "push-stall", &[("vm1@s2", &y), ("vm1@s3", &x)]);
+}
+
+/// A command held at a protocol step by the test hook `HOLDFAST_PAUSE_AT` (see
+/// `holdfast::pause_point`): it waits while its flag file exists.
+struct Paused {
+    child: Child,
+    flag: std::path::PathBuf,
+}
+
+impl Paused {
+    /// Starts `args` on `n`, to pause at each of `points` (comma-separated) it gets to; waits
+    /// until it is paused at the first.
+    fn at(n: &TestNode, points: &str, dir: &std::path::Path, args: &[&str]) -> Paused {
+        let mut c = n.cmd(args);
+        c.env("HOLDFAST_PAUSE_AT", points)
+            .env("HOLDFAST_PAUSE_DIR", dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        let point = points.split(',').next().unwrap();
+        let flag = dir.join(format!("{point}.{}", child.id()));
+        let t0 = Instant::now();
+        while !flag.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{args:?} never reached {point}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Paused { child, flag }
+    }
+
+    /// Lets it go on to the next pause point, `point`, and waits until it is there.
+    fn next(&mut self, dir: &std::path::Path, point: &str) {
+        std::fs::remove_file(&self.flag).unwrap();
+        self.flag = dir.join(format!("{point}.{}", self.child.id()));
+        let t0 = Instant::now();
+        while !self.flag.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "it never reached {point}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets it go on, and waits for its end.
+    fn resume(self) -> Run {
+        std::fs::remove_file(&self.flag).unwrap();
+        output_of(self.child)
+    }
+}
+
+/// A node of a directory target `file://DIR/target`, with a grace period of `GRACE`.
+fn dir_node(dir: &std::path::Path, id: &str) -> TestNode {
+    let mut n = TestNode::uninitialised();
+    n.env.push((
+        "HOLDFAST_TARGET_GRACE".into(),
+        format!("{}s", GRACE.as_secs()),
+    ));
+    n.ok(&["init", "--node-id", id]);
+    let url = format!("file://{}/target", dir.display());
+    n.ok(&["target", "add", "bucket", "--url", &url]);
+    n
+}
+
+/// vm1@s1 and vm1@s2 pushed from `a` to its target, and s1 pruned there: s1's packs are
+/// unreferenced. Returns the image and the contents of s1 and s2.
+fn pushed_and_pruned(a: &TestNode) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+    let (x, y) = (random_bytes(2 * MIB), random_bytes(2 * MIB));
+    let img = a.image("vm1.img", &x);
+    a.add_volume("vm1", &img, "64KiB");
+    a.snapshot("vm1", "s1");
+    json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    std::fs::write(&img, &y).unwrap();
+    a.snapshot("vm1", "s2");
+    json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    a.ok(&["prune", "vm1", "--target", "bucket", "--keep-last", "1"]);
+    (img, x, y)
+}
+
+/// Sequence A on a directory target: b's gc has decided to delete s1's packs and is held
+/// before its first delete (as a SIGSTOP there would); a pushes s3 with s1's content and
+/// commits it; the gc goes on and deletes. s3 must not rely on the packs the gc deletes.
+#[test]
+fn sequence_a_on_a_directory_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
+    let (img, x, y) = pushed_and_pruned(&a);
+    gc_until_condemned(&b);
+    std::thread::sleep(GRACE + Duration::from_millis(500));
+    let flags = tempfile::tempdir().unwrap();
+    let gc = Paused::at(
+        &b,
+        "target-gc-decided",
+        flags.path(),
+        &["gc", "--target", "bucket", "--json"],
+    );
+    std::fs::write(&img, &x).unwrap();
+    a.snapshot("vm1", "s3");
+    let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    assert!(
+        u(&r["chunks"]) >= 32,
+        "the push relied on condemned packs: {r}"
+    );
+    let g = json_of(&gc.resume());
+    assert!(
+        u(&g["packs-deleted"]) >= 1,
+        "the held gc deleted nothing: {g}"
+    );
+    every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
+}
+
+/// Sequence B on a directory target: a's push of s3 (s1's content) deduplicates against s1's
+/// unreferenced packs and is held after its intent, before its manifest; b's gcs condemn and
+/// delete those packs; the push goes on: its confirmation stores the chunks again.
+#[test]
+fn sequence_b_on_a_directory_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
+    let (img, x, y) = pushed_and_pruned(&a);
+    std::fs::write(&img, &x).unwrap();
+    a.snapshot("vm1", "s3");
+    let flags = tempfile::tempdir().unwrap();
+    let push = Paused::at(
+        &a,
+        "target-push-before-manifest",
+        flags.path(),
+        &["mirror", "push", "vm1", "--target", "bucket", "--json"],
+    );
+    gc_until_condemned(&b);
+    gc_until_deleted(&b);
+    let r = json_of(&push.resume());
+    assert_eq!(u(&r["chunks"]), 0, "s3 did not deduplicate: {r}");
+    assert!(
+        u(&r["restored-chunks"]) >= 32,
+        "the push did not store again what gc deleted: {r}"
+    );
+    every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
+}
+
+/// A push that deduplicated against s1's unreferenced packs is held before its manifest
+/// while a gc condemns them, then held again after its manifest and before its confirmation
+/// while the next gc (a grace period later) would delete them: that gc keeps them (the
+/// manifest is live), the snapshot stays hidden from other nodes, and the confirmation
+/// stores the condemned chunks again before the snapshot is committed.
+#[test]
+fn a_snapshot_is_hidden_until_its_push_confirms_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
+    let (img, x, y) = pushed_and_pruned(&a);
+    std::fs::write(&img, &x).unwrap();
+    a.snapshot("vm1", "s3");
+    let flags = tempfile::tempdir().unwrap();
+    let mut push = Paused::at(
+        &a,
+        "target-push-before-manifest,target-push-before-confirm",
+        flags.path(),
+        &["mirror", "push", "vm1", "--target", "bucket", "--json"],
+    );
+    gc_until_condemned(&b);
+    std::thread::sleep(GRACE + Duration::from_millis(500));
+    push.next(flags.path(), "target-push-before-confirm");
+    let listed = b
+        .run(&["snapshot", "list", "vm1", "--target", "bucket", "--json"])
+        .json();
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "s3 is visible: {listed}"
+    );
+    let g = json_of(&b.run(&["gc", "--target", "bucket", "--json"]));
+    assert_eq!(u(&g["packs-deleted"]), 0, "{g}");
+    assert!(u(&g["packs-condemned-but-live"]) >= 1, "{g}");
+    let r = json_of(&push.resume());
+    assert_eq!(u(&r["chunks"]), 0, "s3 did not deduplicate: {r}");
+    assert!(u(&r["restored-chunks"]) >= 32, "{r}");
+    every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
+}
+
+/// A node whose clock is three hours fast judges no age by it: its gc (grace one hour) finds
+/// s1's packs seconds old by the store's clock and condemns nothing, and `target check` ages
+/// an unfinished push by the store's clock too.
+#[test]
+fn a_node_whose_clock_is_hours_fast_judges_nothing_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir_node(dir.path(), "a");
+    pushed_and_pruned(&a);
+    let mut b = dir_node(dir.path(), "b");
+    let fast = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        + Duration::from_secs(3 * 3600);
+    b.env.retain(|(k, _)| k != "HOLDFAST_TARGET_GRACE");
+    b.env.extend([
+        ("HOLDFAST_TARGET_GRACE".into(), "1h".into()),
+        ("HOLDFAST_FAKE_NOW".into(), fast.as_millis().to_string()),
+    ]);
+    let g = json_of(&b.run(&["gc", "--target", "bucket", "--json"]));
+    assert_eq!(u(&g["packs-condemned"]), 0, "{g}");
+    assert!(u(&g["packs-too-young"]) >= 1, "{g}");
+    let flags = tempfile::tempdir().unwrap();
+    a.snapshot("vm1", "s3");
+    let push = Paused::at(
+        &a,
+        "target-push-before-manifest",
+        flags.path(),
+        &["mirror", "push", "vm1", "--target", "bucket", "--json"],
+    );
+    let check = json_of(&b.run(&["target", "check", "bucket", "--json"]));
+    let ages: Vec<u64> = check["pending-pushes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u(&p["age-seconds"]))
+        .collect();
+    assert!(ages.len() == 1 && ages[0] < 600, "{check}");
+    json_of(&push.resume());
+}
+
+/// A gc killed between deleting a pack's index and the pack (the order it deletes them in)
+/// leaves a condemned pack without an index: the next gc reads what it holds from the pack's
+/// trailer and deletes it, so nothing leaks; the snapshot that is left restores.
+#[test]
+fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
+    let (_, _, y) = pushed_and_pruned(&a);
+    gc_until_condemned(&b);
+    let root = dir.path().join("target");
+    let mut orphaned = 0;
+    for record in std::fs::read_dir(root.join("gc/condemned")).unwrap() {
+        let rec: Value =
+            serde_json::from_slice(&std::fs::read(record.unwrap().path()).unwrap()).unwrap();
+        for pack in rec["packs"].as_array().unwrap() {
+            std::fs::remove_file(root.join("index").join(pack.as_str().unwrap())).unwrap();
+            orphaned += 1;
+        }
+    }
+    assert!(orphaned >= 1);
+    let packs_before = std::fs::read_dir(root.join("packs"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .count();
+    let g = gc_until_deleted(&b);
+    assert_eq!(u(&g["packs-deleted"]), orphaned, "{g}");
+    let packs_after = std::fs::read_dir(root.join("packs"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .count();
+    assert_eq!(packs_after, packs_before - orphaned as usize);
+    every_snapshot_restores(&b, &[("vm1@s2", &y)]);
+}
+
+/// A push killed after its intent and before its manifest: the node's next push finishes the
+/// intent (fencing the manifest's key), then pushes the same snapshot again, over the fence,
+/// and commits it whole.
+#[test]
+fn a_snapshot_pushed_again_after_its_push_was_killed_replaces_the_fence() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir_node(dir.path(), "a");
+    let x = random_bytes(MIB);
+    let img = a.image("vm1.img", &x);
+    a.add_volume("vm1", &img, "64KiB");
+    a.snapshot("vm1", "s1");
+    let flags = tempfile::tempdir().unwrap();
+    let push = Paused::at(
+        &a,
+        "target-push-before-manifest",
+        flags.path(),
+        &["mirror", "push", "vm1", "--target", "bucket"],
+    );
+    let mut child = push.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    assert_eq!(
+        r["finished-pending"],
+        serde_json::json!([format!("vm1@{} dropped", a.snapshot_id("vm1@s1"))]),
+        "{r}"
+    );
+    assert_eq!(r["transferred"], serde_json::json!(["vm1@s1"]), "{r}");
+    every_snapshot_restores(&a, &[("vm1@s1", &x)]);
+}
+
+/// A push whose process ended while its manifest write was held (a proxy, a retried request):
+/// the node's next push finishes its intent, and by then gc has deleted the packs that
+/// manifest names. When the held write lands at last, it must not bring up a snapshot that
+/// nobody confirmed: finishing fenced the manifest's key, so the create-only write fails.
+#[test]
+fn a_manifest_write_that_outlives_its_push_commits_nothing() {
+    let s3 = S3Server::start();
+    s3.create_bucket("late");
+    let proxy = Proxy::start(s3.port);
+    let a = node(&s3, "a");
+    let b = node(&s3, "b");
+    add_target(&a, &proxy.endpoint(), "late");
+    add_target(&b, &s3.endpoint(), "late");
+    let (x, y, z) = (random_bytes(MIB), random_bytes(MIB), random_bytes(MIB));
+    let img = a.image("vm1.img", &x);
+    a.add_volume("vm1", &img, "64KiB");
+    a.snapshot("vm1", "s1");
+    json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+
+    // s2's push is killed while its manifest write is held.
+    std::fs::write(&img, &y).unwrap();
+    let s2 = a.snapshot("vm1", "s2");
+    let hold = proxy.hold_times("PUT", &format!("/late/backups/manifests/vm1/{s2}"), 1);
+    let mut push = spawn_json(&a, &["mirror", "push", "vm1", "--target", "bucket"]);
+    assert!(hold.wait_held(Duration::from_secs(60)), "no manifest write");
+    push.kill().unwrap();
+    push.wait().unwrap();
+
+    // s2 is gone from a; a's next push (of s3) finishes the intent without a manifest.
+    a.ok(&["snapshot", "delete", "vm1@s2"]);
+    std::fs::write(&img, &z).unwrap();
+    a.snapshot("vm1", "s3");
+    let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    assert_eq!(r["finished-pending"].as_array().unwrap().len(), 1, "{r}");
+    assert!(
+        r["finished-pending"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("dropped"),
+        "{r}"
+    );
+    // s2's packs are unreferenced: gc condemns and deletes them.
+    gc_until_condemned(&b);
+    gc_until_deleted(&b);
+
+    // The held write is let through now: the store refuses it (412: the key is fenced).
+    let to_s2 = |p: &Proxy| -> Vec<String> {
+        let key = format!("PUT /late/backups/manifests/vm1/{s2}");
+        p.answered()
+            .into_iter()
+            .filter(|r| r.starts_with(&key))
+            .collect()
+    };
+    let before = to_s2(&proxy).len();
+    hold.release();
+    let t0 = Instant::now();
+    while to_s2(&proxy).len() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the held write was never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    restores_from_the_bucket(&s3, "late", &[("vm1@s1", &x), ("vm1@s3", &z)]);
+    let answers = to_s2(&proxy);
+    assert!(
+        answers.last().unwrap().ends_with(" 412"),
+        "the late write was not refused: {answers:?}"
+    );
 }
 
 /// A push killed after its intent: its snapshot stays hidden, `target check` names it, and
@@ -415,91 +797,182 @@ impl Chaos {
     }
 }
 
-/// Two nodes push overlapping data to one directory target while both prune and gc it, and
-/// processes are paused at random for longer than the grace period (1 s): every command
-/// succeeds, and after every round each committed snapshot restores bit for bit.
+/// Removes every pause flag that appears in `dir` after `grace` and up to 1.5 s more (each in
+/// its own thread, so pauses overlap), counting them by pause point, until `stop`.
+fn release_pauses(
+    dir: &std::path::Path,
+    grace: Duration,
+    stop: &AtomicBool,
+) -> BTreeMap<String, usize> {
+    let mut seen = std::collections::HashSet::new();
+    let mut landed = BTreeMap::new();
+    std::thread::scope(|scope| {
+        while !stop.load(Ordering::Relaxed) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                let point = name.split('.').next().unwrap().to_string();
+                *landed.entry(point).or_insert(0) += 1;
+                let longer = grace + Duration::from_millis(rand::random::<u64>() % 1500);
+                scope.spawn(move || {
+                    std::thread::sleep(longer);
+                    let _ = std::fs::remove_file(e.path());
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    landed
+}
+
+/// Two nodes, each pushing two volumes, with overlapping data, to one directory target, while
+/// both prune and gc it, all at once. Pushes and gcs are held at random at the steps whose
+/// windows matter (a gc that has decided; a push before its manifest, and before its
+/// confirmation) for longer than the grace period (1 s), and any process is also paused at
+/// random (SIGSTOP): every command succeeds, and after every round the target verifies and
+/// every committed snapshot restores bit for bit.
 #[test]
 fn pushes_and_gcs_paused_at_random_lose_nothing() {
-    const ROUNDS: usize = 5;
+    const ROUNDS: usize = 6;
     const BLOCK: usize = 64 << 10;
+    const GRACE_HERE: Duration = Duration::from_secs(1);
     let dir = tempfile::tempdir().unwrap();
+    let flags = tempfile::tempdir().unwrap();
     let url = format!("file://{}/target", dir.path().display());
     let nodes: Vec<TestNode> = (0..2)
         .map(|i| {
             let mut n = TestNode::uninitialised();
-            n.env.push(("HOLDFAST_TARGET_GRACE".into(), "1s".into()));
+            n.env.extend([
+                ("HOLDFAST_TARGET_GRACE".into(), "1s".into()),
+                (
+                    "HOLDFAST_PAUSE_AT".into(),
+                    "target-gc-decided@50,target-push-before-manifest@50,\
+                     target-push-before-confirm@50"
+                        .into(),
+                ),
+                (
+                    "HOLDFAST_PAUSE_DIR".into(),
+                    flags.path().display().to_string(),
+                ),
+            ]);
             n.ok(&["init", "--node-id", &format!("n{i}")]);
             n.ok(&["target", "add", "bucket", "--url", &url]);
             n
         })
         .collect();
-    // Blocks come from a small pool, so snapshots (of both nodes) share chunks with pruned
-    // ones: pushes keep meeting packs that gcs are condemning and deleting.
-    let pool: Vec<Vec<u8>> = (0..12).map(|_| random_bytes(BLOCK)).collect();
+    let volumes = |i: usize| [format!("v{i}a"), format!("v{i}b")];
+    // Each snapshot holds new blocks, or (half the time, from the third round on) the content
+    // of a snapshot of any volume at least two rounds old, which keep-last 1 has pruned:
+    // pushes keep meeting the packs that gcs are condemning and deleting (sequence A and B).
+    let history: Mutex<Vec<(usize, Vec<u8>)>> = Mutex::new(Vec::new());
+    let content_for = |round: usize| -> Vec<u8> {
+        let h = history.lock().unwrap();
+        let old: Vec<&Vec<u8>> = h
+            .iter()
+            .filter(|(r, _)| r + 2 <= round)
+            .map(|(_, b)| b)
+            .collect();
+        if !old.is_empty() && rand::random::<bool>() {
+            old[rand::random::<u32>() as usize % old.len()].clone()
+        } else {
+            random_bytes(16 * BLOCK)
+        }
+    };
     let chaos = Arc::new(Chaos::default());
     let pauser = {
         let c = chaos.clone();
-        std::thread::spawn(move || c.pause_at_random(Duration::from_secs(1)))
+        std::thread::spawn(move || c.pause_at_random(GRACE_HERE))
     };
-    let content: Mutex<BTreeMap<(usize, String), Vec<u8>>> = Mutex::new(BTreeMap::new());
-    std::thread::scope(|scope| {
-        for (i, n) in nodes.iter().enumerate() {
-            let (chaos, pool, content) = (&chaos, &pool, &content);
-            scope.spawn(move || {
-                let vol = format!("v{i}");
-                let img = n.path("v.img");
-                for round in 0..ROUNDS {
-                    let bytes: Vec<u8> = (0..16)
-                        .flat_map(|_| pool[rand::random::<u32>() as usize % pool.len()].clone())
-                        .collect();
-                    std::fs::write(&img, &bytes).unwrap();
-                    if round == 0 {
-                        n.add_volume(&vol, &img, "64KiB");
-                    }
-                    let name = format!("r{round}");
-                    n.snapshot(&vol, &name);
-                    content.lock().unwrap().insert((i, name), bytes);
-                    for args in [
-                        vec!["mirror", "push", &vol, "--target", "bucket"],
-                        vec!["prune", &vol, "--target", "bucket", "--keep-last", "2"],
-                        vec!["gc", "--target", "bucket"],
-                    ] {
+    let stop = Arc::new(AtomicBool::new(false));
+    let releaser = {
+        let (stop, dir) = (stop.clone(), flags.path().to_path_buf());
+        std::thread::spawn(move || release_pauses(&dir, GRACE_HERE, &stop))
+    };
+    let content: Mutex<BTreeMap<String, Vec<u8>>> = Mutex::new(BTreeMap::new());
+    for round in 0..ROUNDS {
+        std::thread::scope(|scope| {
+            for (i, n) in nodes.iter().enumerate() {
+                let (chaos, content, history, content_for) =
+                    (&chaos, &content, &history, &content_for);
+                for vol in volumes(i) {
+                    scope.spawn(move || {
+                        let img = n.path(&format!("{vol}.img"));
+                        let bytes = content_for(round);
+                        history.lock().unwrap().push((round, bytes.clone()));
+                        std::fs::write(&img, &bytes).unwrap();
+                        if round == 0 {
+                            n.add_volume(&vol, &img, "64KiB");
+                        }
+                        let name = format!("r{round}");
+                        n.snapshot(&vol, &name);
+                        content
+                            .lock()
+                            .unwrap()
+                            .insert(format!("{vol}@{name}"), bytes);
+                        let r = chaos.run(n, &["mirror", "push", &vol, "--target", "bucket"]);
+                        assert_eq!(r.code, 0, "push {vol}: {}", r.stderr);
+                    });
+                }
+                scope.spawn(move || {
+                    for vol in volumes(i) {
+                        let args = ["prune", &vol, "--target", "bucket", "--keep-last", "1"];
                         let r = chaos.run(n, &args);
                         assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
                     }
-                    // Every committed snapshot of this volume restores bit for bit.
-                    let listed = n
-                        .run(&["snapshot", "list", &vol, "--target", "bucket", "--json"])
-                        .json();
-                    for s in listed.as_array().unwrap() {
-                        let name = s["name"].as_str().unwrap().to_string();
-                        let out = n.path("restored.img");
-                        let r = chaos.run(
-                            n,
-                            &[
-                                "snapshot",
-                                "restore",
-                                &format!("{vol}@{name}"),
-                                "--target",
-                                "bucket",
-                                "--to",
-                                out.to_str().unwrap(),
-                                "--force",
-                            ],
-                        );
-                        assert_eq!(r.code, 0, "restore {vol}@{name}: {}", r.stderr);
-                        let want = content.lock().unwrap()[&(i, name.clone())].clone();
-                        assert!(std::fs::read(&out).unwrap() == want, "{vol}@{name} differs");
-                    }
-                }
-            });
+                    let r = chaos.run(n, &["gc", "--target", "bucket"]);
+                    assert_eq!(r.code, 0, "gc: {}", r.stderr);
+                });
+            }
+        });
+        // Every committed snapshot of every volume restores bit for bit.
+        let n = &nodes[0];
+        let report = n.run(&["verify", "--target", "bucket", "--json"]).json();
+        assert_eq!(
+            report["damage"],
+            serde_json::json!([]),
+            "round {round}: {report}"
+        );
+        for vol in (0..2).flat_map(volumes) {
+            let listed = n
+                .run(&["snapshot", "list", &vol, "--target", "bucket", "--json"])
+                .json();
+            for s in listed.as_array().unwrap() {
+                let reference = format!("{vol}@{}", s["name"].as_str().unwrap());
+                let out = n.path("restored.img");
+                n.ok(&[
+                    "snapshot",
+                    "restore",
+                    &reference,
+                    "--target",
+                    "bucket",
+                    "--to",
+                    out.to_str().unwrap(),
+                    "--force",
+                ]);
+                let want = content.lock().unwrap()[&reference].clone();
+                assert!(
+                    std::fs::read(&out).unwrap() == want,
+                    "round {round}: {reference} differs"
+                );
+            }
         }
-    });
+    }
     chaos.stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     pauser.join().unwrap();
+    let landed = releaser.join().unwrap();
     assert!(*chaos.pauses.lock().unwrap() > 0, "nothing was paused");
-    let report = nodes[0]
-        .run(&["verify", "--target", "bucket", "--json"])
-        .json();
-    assert_eq!(report["damage"], serde_json::json!([]), "{report}");
+    for point in [
+        "target-gc-decided",
+        "target-push-before-manifest",
+        "target-push-before-confirm",
+    ] {
+        assert!(
+            landed.get(point).is_some_and(|n| *n > 0),
+            "no pause at {point}: {landed:?}"
+        );
+    }
+    eprintln!("pauses at protocol steps: {landed:?}");
 }

@@ -747,6 +747,15 @@ impl Repository {
         }
     }
 
+    /// The size the store gives for `key` (a HEAD request), `None` if it does not exist.
+    pub async fn object_size(&self, key: &str) -> Result<Option<u64>> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes (or overwrites) `key`.
     pub async fn put_object(&self, key: &str, body: Vec<u8>) -> Result<()> {
         self.store

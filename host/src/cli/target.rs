@@ -212,9 +212,13 @@ impl TargetCommand {
                     let said = match c.outcome {
                         Finished::Committed => "committed (every chunk is stored)".to_string(),
                         Finished::NoManifest => {
-                            "nothing to finish (no manifest was written)".to_string()
+                            "nothing to finish (no manifest was written; its key is fenced)"
+                                .to_string()
                         }
                         Finished::Dropped => "removed (it could not be made whole)".to_string(),
+                        Finished::Damaged => "left hidden: the object at its manifest's key is \
+                                              not its manifest (see the warning above)"
+                            .to_string(),
                         Finished::Incomplete { missing } => format!(
                             "left hidden: {missing} chunks are gone; a node that has the snapshot \
                              completes it by pushing it, or rerun with --drop-incomplete"

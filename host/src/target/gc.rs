@@ -929,7 +929,7 @@ mod tests {
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
         assert_eq!(intent.key, key);
         let hidden = ProgressBar::hidden();
-        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
         assert!(
             t.read_manifest_if_present(&m.volume, &m.id)
@@ -949,7 +949,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let got = finish(&mut view, &t, None, &intent, true, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, true, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
         assert!(
             t.read_manifest_if_present(&m.volume, &m.id)
@@ -960,7 +960,7 @@ mod tests {
         crate::target::write_lock_record(&t, &m.volume, &"app:restore".parse().unwrap(), vec![])
             .await
             .unwrap();
-        let got = finish(&mut view, &t, None, &intent, true, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, true, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Dropped);
         assert!(
             crate::target::pending::manifest_if_present(&t, &m.volume, &m.id)
@@ -997,7 +997,7 @@ mod tests {
         let mut view = PushView::over(&t, index).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
         let hidden = ProgressBar::hidden();
-        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
         assert_eq!(got.unwrap(), Finished::NoManifest);
         assert!(intents(&t, None).await.unwrap().is_empty());
         for _ in 0..2 {
@@ -1018,7 +1018,7 @@ mod tests {
         // Finishing again (a crash before the intent went) finds the fence and is done.
         write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
-        let got = finish(&mut view, &t, None, &intent, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
         assert_eq!(got.unwrap(), Finished::NoManifest);
     }
 
@@ -1035,11 +1035,65 @@ mod tests {
         let (index, _) = t.load_index().await.unwrap();
         let mut view = PushView::over(&t, index).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
-        let got = finish(&mut view, &t, None, &intent, false, &ProgressBar::hidden()).await;
+        let got = finish(
+            &mut view,
+            &t,
+            None,
+            &intent,
+            None,
+            false,
+            &ProgressBar::hidden(),
+        )
+        .await;
         assert_eq!(got.unwrap(), Finished::Committed);
         assert_eq!(
             crate::target::snapshots(&t, &m.volume).await.unwrap().len(),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn finishing_its_own_push_with_the_snapshot_at_hand_completes_it() {
+        // The node still has the snapshot: finishing writes the manifest (create-only) and
+        // confirms it instead of fencing; a late copy of the old write then finds it there.
+        use crate::target::pending::{Finished, finish, intents, write_intent};
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, ids) = store(&t, &[1, 2], true).await;
+        let m = manifest(&ids);
+        let raw = m.encode().unwrap();
+        write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
+        let hidden = ProgressBar::hidden();
+        let got = finish(&mut view, &t, None, &intent, Some(&raw), false, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Committed);
+        assert_eq!(
+            crate::target::snapshots(&t, &m.volume).await.unwrap().len(),
+            1
+        );
+        let late = t.put_manifest(&m.volume, &m.id, raw.to_vec()).await;
+        assert!(matches!(late, Err(Error::Conflict(_))), "{late:?}");
+        // An object of other blocks at the key is not taken for it: kept hidden, not
+        // overwritten.
+        let other = manifest(&ids[..1]);
+        let other = Manifest { id: m.id, ..other };
+        let t2 = repo(TARGET_FORMAT_VERSION).await;
+        store(&t2, &[1], true).await;
+        t2.put_manifest(&m.volume, &m.id, other.encode().unwrap())
+            .await
+            .unwrap();
+        write_intent(&t2, &m.volume, &m.id, &me()).await.unwrap();
+        let (index, _) = t2.load_index().await.unwrap();
+        let mut view = PushView::over(&t2, index).await.unwrap();
+        let intent = intents(&t2, Some(&m.volume)).await.unwrap().remove(0);
+        let got = finish(&mut view, &t2, None, &intent, Some(&raw), false, &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Damaged);
+        assert!(
+            crate::target::snapshots(&t2, &m.volume)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 

@@ -135,31 +135,73 @@ pub async fn listed_manifests(repo: &Repository) -> Result<Vec<(VolumeName, Snap
         .collect())
 }
 
+/// What a manifest's key in a target holds.
+#[derive(Debug)]
+pub enum AtKey {
+    Absent,
+    /// An empty object (see [`listed_manifests`]).
+    Fence,
+    Manifest(bytes::Bytes),
+}
+
+/// What `volume@id`'s manifest key holds. An empty body is a fence only if the store says
+/// the object is empty: a store or middlebox that answers a manifest with no bytes must stop
+/// whoever reads it, not make a manifest look absent (gc would free its chunks).
+pub async fn at_key(repo: &Repository, volume: &VolumeName, id: &SnapshotId) -> Result<AtKey> {
+    let Some(raw) = repo.read_manifest_if_present(volume, id).await? else {
+        return Ok(AtKey::Absent);
+    };
+    if !raw.is_empty() {
+        return Ok(AtKey::Manifest(raw));
+    }
+    match repo
+        .object_size(&Repository::manifest_key(volume, id))
+        .await?
+    {
+        None => Ok(AtKey::Absent),
+        Some(0) => Ok(AtKey::Fence),
+        Some(n) => Err(Error::corrupt(format!(
+            "{} answered the manifest {volume}@{id} ({n} bytes) with no bytes; nothing was \
+             changed. Check the store or what stands between it and this node",
+            repo.location()
+        ))),
+    }
+}
+
 /// A manifest in the target, `None` if it is not there or is a fence.
 pub async fn manifest_if_present(
     repo: &Repository,
     volume: &VolumeName,
     id: &SnapshotId,
 ) -> Result<Option<bytes::Bytes>> {
-    Ok(repo
-        .read_manifest_if_present(volume, id)
-        .await?
-        .filter(|raw| !raw.is_empty()))
+    Ok(match at_key(repo, volume, id).await? {
+        AtKey::Manifest(raw) => Some(raw),
+        AtKey::Absent | AtKey::Fence => None,
+    })
 }
 
-/// Puts a fence at `volume@id`'s manifest key unless an object is there. Returns the
-/// manifest if one was there after all (it landed in the meantime), `None` once the key holds
-/// a fence (this one or an earlier one).
-async fn fence(
-    repo: &Repository,
-    volume: &VolumeName,
-    id: &SnapshotId,
-) -> Result<Option<bytes::Bytes>> {
+/// Puts a fence at `volume@id`'s manifest key, create-only, unless something is there: then
+/// says what is (a manifest that landed in the meantime, or an earlier fence). Nothing ever
+/// overwrites a manifest key: once a fence or a manifest is there, a create-only manifest
+/// write can never land.
+async fn fence(repo: &Repository, volume: &VolumeName, id: &SnapshotId) -> Result<AtKey> {
     let key = Repository::manifest_key(volume, id);
-    if repo.put_object_if_absent(&key, Vec::new()).await? {
-        return Ok(None);
+    for _ in 0..3 {
+        if repo.put_object_if_absent(&key, Vec::new()).await? {
+            return Ok(AtKey::Fence);
+        }
+        match at_key(repo, volume, id).await? {
+            AtKey::Absent => continue, // deleted between the two: try again
+            other => return Ok(other),
+        }
     }
-    manifest_if_present(repo, volume, id).await
+    Err(Error::Unavailable {
+        message: format!(
+            "the manifest key of {volume}@{id} in {} keeps changing; try again",
+            repo.location()
+        ),
+        source: None,
+    })
 }
 
 /// The snapshots of `volume` whose manifests are committed: listed, with no intent.
@@ -366,62 +408,78 @@ pub enum Finished {
     /// here: it stays hidden under its intent (any node that has the snapshot completes it by
     /// pushing it; `target clear-pending --drop-incomplete` removes it).
     Incomplete { missing: usize },
-    /// Incomplete, and removed as the operator asked (the manifest replaced by a fence, then
-    /// the intent).
+    /// The object at the manifest's key does not decode, or describes another snapshot: it
+    /// stays hidden under its intent for an operator to look at (`holdfast target check`).
+    Damaged,
+    /// Incomplete, and removed as the operator asked (the manifest deleted and its key fenced,
+    /// then the intent).
     Dropped,
 }
 
 /// Finishes an intent whose push is not running (this node's own, proven by its volume lock,
-/// or one the operator clears): if its manifest exists and is whole (repaired from `src` if
-/// given), the intent goes and the snapshot becomes visible. A manifest that cannot be made
-/// whole is removed only if `drop_incomplete` says so, only while an intent still hides it
-/// and no lock record names it; otherwise it stays hidden. (Another node may have committed
-/// the same snapshot meanwhile: its push removes every intent of the snapshot first.)
+/// or one the operator clears). `ours` is the snapshot's manifest when this node still has
+/// it: the push is then completed (the manifest written, create-only, if it is not there). A
+/// manifest that is there is confirmed (repaired from `src` if given); once whole, the intent
+/// goes and the snapshot becomes visible. Without a manifest (and without `ours`) the key is
+/// fenced first, so the stopped push's write, if it is still on its way, can never land. A
+/// manifest that cannot be made whole is removed only if `drop_incomplete` says so, only
+/// while an intent still hides it and no lock record names it; otherwise it stays hidden.
 pub async fn finish(
     view: &mut PushView,
     repo: &Repository,
     src: Option<(&Repository, &ChunkIndex)>,
     intent: &Intent,
+    ours: Option<&[u8]>,
     drop_incomplete: bool,
     progress: &ProgressBar,
 ) -> Result<Finished> {
     let (volume, snapshot) = (&intent.volume, intent.snapshot);
-    let present = match manifest_if_present(repo, volume, &snapshot).await? {
-        Some(raw) => Some(raw),
+    let what = format!("{volume}@{snapshot} in {}", repo.location());
+    let mut found = at_key(repo, volume, &snapshot).await?;
+    if let (AtKey::Absent, Some(raw)) = (&found, ours) {
+        found = match repo.put_manifest(volume, &snapshot, raw.to_vec()).await {
+            Ok(()) => AtKey::Manifest(bytes::Bytes::copy_from_slice(raw)),
+            Err(Error::Conflict(_)) => at_key(repo, volume, &snapshot).await?,
+            Err(e) => return Err(e),
+        };
+    }
+    if let AtKey::Absent = found {
         // The push's manifest write may still land (a request that outlived its process):
         // fence the key first, so that it cannot, or find the manifest that just did.
-        None => fence(repo, volume, &snapshot).await?,
-    };
-    let outcome = match present {
-        None => Finished::NoManifest,
-        Some(raw) => {
-            let what = format!("{volume}@{snapshot} in {}", repo.location());
-            let m = Manifest::decode(&raw, &what)?;
-            match confirm(view, repo, src, m.blocks.ids(), progress).await? {
-                Confirmed::Whole { .. } => Finished::Committed,
-                Confirmed::Incomplete { missing } if !drop_incomplete => {
-                    Finished::Incomplete { missing }
+        found = fence(repo, volume, &snapshot).await?;
+    }
+    let outcome = match found {
+        AtKey::Absent | AtKey::Fence => Finished::NoManifest,
+        AtKey::Manifest(raw) => {
+            let decoded = Manifest::decode(&raw, &what).and_then(|m| {
+                let ours_too = ours.map(|o| Manifest::decode(o, &what)).transpose()?;
+                Ok((m, ours_too))
+            });
+            match decoded {
+                Ok((m, ours_too))
+                    if m.id == snapshot
+                        && &m.volume == volume
+                        && ours_too.as_ref().is_none_or(|o| o.blocks == m.blocks) =>
+                {
+                    finish_manifest(view, repo, src, intent, &m, drop_incomplete, progress).await?
                 }
-                Confirmed::Incomplete { missing } => {
-                    let still_hidden = intents(repo, Some(volume))
-                        .await?
-                        .iter()
-                        .any(|i| i.snapshot == snapshot);
-                    let locked = super::locked(repo, volume).await?.contains_key(&snapshot);
-                    if !still_hidden || locked {
-                        // Committed meanwhile by another node, or someone depends on it.
-                        return Ok(Finished::Incomplete { missing });
-                    }
-                    // A fence, not a deletion: a copy of the manifest write that is still on
-                    // its way (a retried request) can then never land.
-                    repo.put_object(&Repository::manifest_key(volume, &snapshot), Vec::new())
-                        .await?;
-                    Finished::Dropped
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "it describes other blocks or another snapshot".to_string(),
+                    };
+                    tracing::warn!(
+                        "{what}: the object at its manifest's key is not this snapshot's \
+                         manifest ({why}); it stays hidden under its intent. If no holdfast \
+                         wrote it, delete it and its intent {}",
+                        intent.key
+                    );
+                    Finished::Damaged
                 }
             }
         }
     };
-    if !matches!(outcome, Finished::Incomplete { .. }) {
+    if matches!(outcome, Finished::Committed | Finished::NoManifest) {
         repo.delete_object(&intent.key).await?;
     }
     tracing::info!(
@@ -432,6 +490,46 @@ pub async fn finish(
         "finished an interrupted push"
     );
     Ok(outcome)
+}
+
+/// Confirms a manifest found under an intent; drops it if asked and allowed.
+async fn finish_manifest(
+    view: &mut PushView,
+    repo: &Repository,
+    src: Option<(&Repository, &ChunkIndex)>,
+    intent: &Intent,
+    m: &Manifest,
+    drop_incomplete: bool,
+    progress: &ProgressBar,
+) -> Result<Finished> {
+    let (volume, snapshot) = (&intent.volume, intent.snapshot);
+    let missing = match confirm(view, repo, src, m.blocks.ids(), progress).await? {
+        Confirmed::Whole { .. } => return Ok(Finished::Committed),
+        Confirmed::Incomplete { missing } => missing,
+    };
+    if !drop_incomplete {
+        return Ok(Finished::Incomplete { missing });
+    }
+    let still_hidden = intents(repo, Some(volume))
+        .await?
+        .iter()
+        .any(|i| i.snapshot == snapshot);
+    let locked = super::locked(repo, volume).await?.contains_key(&snapshot);
+    if !still_hidden || locked {
+        // Committed meanwhile by another node, or someone depends on it.
+        return Ok(Finished::Incomplete { missing });
+    }
+    // Deleted, then fenced (create-only): a copy of the manifest write still on its way (a
+    // retried request) can then never land. If one lands in between, the fence finds it:
+    // it stays hidden under this intent, incomplete.
+    repo.delete_manifest(volume, &snapshot).await?;
+    match fence(repo, volume, &snapshot).await? {
+        AtKey::Fence | AtKey::Absent => {
+            repo.delete_object(&intent.key).await?;
+            Ok(Finished::Dropped)
+        }
+        AtKey::Manifest(_) => Ok(Finished::Incomplete { missing }),
+    }
 }
 
 /// One unfinished push that `clear_pending` finished (or could not).
@@ -475,7 +573,16 @@ pub async fn clear_pending(
     }
     let (mut view, _) = PushView::load(node, rec, &repo).await?;
     for intent in &theirs {
-        let outcome = finish(&mut view, &repo, None, intent, drop_incomplete, progress).await?;
+        let outcome = finish(
+            &mut view,
+            &repo,
+            None,
+            intent,
+            None,
+            drop_incomplete,
+            progress,
+        )
+        .await?;
         out.push(ClearedPush {
             volume: intent.volume.clone(),
             snapshot: intent.snapshot,

@@ -71,6 +71,7 @@ pub async fn pull(
         stored_bytes: 0,
         restored_chunks: 0,
         finished_pending: vec![],
+        skipped: vec![],
         seconds: 0.0,
     };
     if !wanted.is_empty() {

@@ -33,6 +33,8 @@ pub struct TransferReport {
     pub restored_chunks: u64,
     /// This node's interrupted pushes that this one finished ("VOL@ID committed|dropped").
     pub finished_pending: Vec<String>,
+    /// Snapshots this push could not store, each with why (the push went on with the next).
+    pub skipped: Vec<String>,
     pub seconds: f64,
 }
 
@@ -190,6 +192,7 @@ async fn push_locked(
         stored_bytes: 0,
         restored_chunks: 0,
         finished_pending: vec![],
+        skipped: vec![],
         seconds: 0.0,
     };
 
@@ -201,10 +204,25 @@ async fn push_locked(
     {
         let s = session(&mut loaded, node, rec, repo).await?;
         let src = Some((&node.repo, &s.local_index));
-        let outcome = pending::finish(&mut s.view, repo, src, &intent, false, progress).await?;
+        // The snapshot is still here: the push of it is completed, not dropped.
+        let local = match ours.iter().find(|o| o.id == intent.snapshot) {
+            Some(o) => Some(node.repo.read_manifest(volume, &o.id).await?),
+            None => None,
+        };
+        let outcome = pending::finish(
+            &mut s.view,
+            repo,
+            src,
+            &intent,
+            local.as_deref(),
+            false,
+            progress,
+        )
+        .await?;
         let said = match outcome {
             pending::Finished::Committed => "committed".to_string(),
             pending::Finished::NoManifest | pending::Finished::Dropped => "dropped".to_string(),
+            pending::Finished::Damaged => "damaged (kept hidden)".to_string(),
             pending::Finished::Incomplete { missing } => {
                 tracing::warn!(
                     "{volume}@{}: this node's unfinished push names {missing} chunks that are \
@@ -249,6 +267,7 @@ async fn push_locked(
         crate::mirror::TransferKind::of(wanted.is_empty(), theirs.is_empty(), base.is_some());
 
     // 3. Each new snapshot, oldest first.
+    let mut newest_pushed: Option<&SnapshotRecord> = None;
     for s in &wanted {
         // Asked to stop: a safe point between snapshots (those before are committed).
         crate::shutdown::check(&format!("the push of {} to {}", s.display_ref(), rec.name))?;
@@ -270,12 +289,21 @@ async fn push_locked(
         report.chunks += stats.new_chunks;
         report.plain_bytes += stats.new_bytes;
         report.stored_bytes += stats.new_stored_bytes;
-        report.restored_chunks += commit(sess, node, repo, volume, s, &m, raw, progress).await?;
-        report.transferred.push(s.display_ref());
+        match commit(sess, node, repo, volume, s, &m, raw, progress).await? {
+            Committed::Whole { restored } => {
+                report.restored_chunks += restored;
+                report.transferred.push(s.display_ref());
+                newest_pushed = Some(*s);
+            }
+            Committed::Skipped(why) => {
+                tracing::warn!("not pushed to {}: {why}", rec.name);
+                report.skipped.push(why);
+            }
+        }
     }
 
     // After: the new base replaces the old one.
-    if let Some(newest) = ours.last().filter(|_| !wanted.is_empty()).or(base) {
+    if let Some(newest) = newest_pushed.or(base) {
         write_lock_record(repo, volume, &holder, record_of(newest.id)).await?;
         lock_base_locally(node, rec, volume, Some(newest.id))?;
     }
@@ -296,35 +324,35 @@ async fn commit(
     m: &Manifest,
     raw: bytes::Bytes,
     progress: &ProgressBar,
-) -> Result<u64> {
+) -> Result<Committed> {
     let intent = pending::write_intent(repo, volume, &s.id, &node.info.node_id).await?;
     let mut shared = false;
     crate::pause_point("target-push-before-manifest");
     match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
         Ok(()) => {}
         Err(Error::Conflict(_)) => {
-            shared = true;
-            match pending::manifest_if_present(repo, volume, &s.id).await? {
-                // Another node pushed the same snapshot (the same volume mirrored to both): it
-                // must be the same manifest, which this push then confirms like its own.
-                Some(existing) => {
-                    let what = format!("{volume}@{} in {}", s.id, repo.location());
-                    if Manifest::decode(&existing, &what)?.blocks != m.blocks {
-                        repo.delete_object(&intent).await?;
-                        return Err(Error::corrupt(format!(
-                            "{what} exists with other blocks than this node's snapshot of the \
-                             same id; nothing was changed (verify both)"
-                        )));
-                    }
-                }
-                // A fence (an abandoned push of this snapshot was finished without its
-                // manifest): overwritten, so the key is never empty and the abandoned write
-                // still cannot land. This push's intent hides the manifest until confirmed.
-                None => {
-                    repo.put_object(&Repository::manifest_key(volume, &s.id), raw.to_vec())
-                        .await?
-                }
+            // Another node pushed the same snapshot (the same volume mirrored to both): it
+            // must be the same manifest, which this push then confirms like its own. Anything
+            // else at the key stays: a fence (a push of this snapshot was given up by
+            // finishing it) or an object of other blocks. Nothing is ever written over it.
+            let what = format!("{volume}@{} in {}", s.id, repo.location());
+            let why = match pending::at_key(repo, volume, &s.id).await? {
+                pending::AtKey::Manifest(existing) => match Manifest::decode(&existing, &what) {
+                    Ok(theirs) if theirs.blocks == m.blocks => None,
+                    Ok(_) => Some("its key holds a manifest of other blocks (verify both)"),
+                    Err(_) => Some("its key holds an object that is not a manifest"),
+                },
+                pending::AtKey::Fence => Some(
+                    "an earlier push of it was given up and its key fenced (`target check`); \
+                     later snapshots are pushed instead",
+                ),
+                pending::AtKey::Absent => Some("its key changed under this push; push again"),
+            };
+            if let Some(why) = why {
+                repo.delete_object(&intent).await?;
+                return Ok(Committed::Skipped(format!("{}: {why}", s.display_ref())));
             }
+            shared = true;
         }
         // The write may have landed all the same (a reply lost after the last retry): the
         // intent stays, and this node's next push finishes the snapshot either way.
@@ -355,5 +383,13 @@ async fn commit(
     } else {
         repo.delete_object(&intent).await?;
     }
-    Ok(restored)
+    Ok(Committed::Whole { restored })
+}
+
+/// What [`commit`] did with one snapshot.
+enum Committed {
+    /// Committed; this many chunks had to be stored again.
+    Whole { restored: u64 },
+    /// Not stored, for this reason; nothing of it is visible.
+    Skipped(String),
 }

@@ -524,11 +524,13 @@ fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
     every_snapshot_restores(&b, &[("vm1@s2", &y)]);
 }
 
-/// A push killed after its intent and before its manifest: the node's next push finishes the
-/// intent (fencing the manifest's key), then pushes the same snapshot again, over the fence,
-/// and commits it whole.
+/// A push killed after its intent and before its manifest: the node's next push completes it
+/// (the snapshot is still on the node: its manifest is written, create-only, and confirmed),
+/// and the snapshot restores. Another node's push of the same snapshot id (the same volume
+/// mirrored to both), after an operator gave up a push of it, finds the key fenced: it skips
+/// that snapshot, says why, and writes nothing over the fence.
 #[test]
-fn a_snapshot_pushed_again_after_its_push_was_killed_replaces_the_fence() {
+fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
     let x = random_bytes(MIB);
@@ -536,23 +538,61 @@ fn a_snapshot_pushed_again_after_its_push_was_killed_replaces_the_fence() {
     a.add_volume("vm1", &img, "64KiB");
     a.snapshot("vm1", "s1");
     let flags = tempfile::tempdir().unwrap();
-    let push = Paused::at(
-        &a,
-        "target-push-before-manifest",
-        flags.path(),
-        &["mirror", "push", "vm1", "--target", "bucket"],
-    );
-    let mut child = push.child;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let kill_at_manifest = |n: &TestNode| {
+        let push = Paused::at(
+            n,
+            "target-push-before-manifest",
+            flags.path(),
+            &["mirror", "push", "vm1", "--target", "bucket"],
+        );
+        let mut child = push.child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    kill_at_manifest(&a);
     let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    let s1 = a.snapshot_id("vm1@s1");
     assert_eq!(
         r["finished-pending"],
-        serde_json::json!([format!("vm1@{} dropped", a.snapshot_id("vm1@s1"))]),
+        serde_json::json!([format!("vm1@{s1} committed")]),
         "{r}"
     );
-    assert_eq!(r["transferred"], serde_json::json!(["vm1@s1"]), "{r}");
     every_snapshot_restores(&a, &[("vm1@s1", &x)]);
+
+    // s2's push is killed, and node a is "gone": b clears its pending push (fencing s2).
+    let y = random_bytes(MIB);
+    std::fs::write(&img, &y).unwrap();
+    let s2 = a.snapshot("vm1", "s2");
+    kill_at_manifest(&a);
+    let b = dir_node(dir.path(), "b");
+    let cleared = json_of(&b.run(&[
+        "target",
+        "clear-pending",
+        "bucket",
+        "--node",
+        "a",
+        "--yes",
+        "--json",
+    ]));
+    assert_eq!(cleared[0]["outcome"], "no-manifest", "{cleared}");
+    // a comes back: s2's key is fenced, so s2 is skipped; s3 is pushed.
+    let z = random_bytes(MIB);
+    std::fs::write(&img, &z).unwrap();
+    a.snapshot("vm1", "s3");
+    let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    assert_eq!(r["transferred"], serde_json::json!(["vm1@s3"]), "{r}");
+    let skipped = r["skipped"].as_array().unwrap();
+    assert!(
+        skipped.len() == 1 && skipped[0].as_str().unwrap().contains("fenced"),
+        "{r}"
+    );
+    let fence = dir.path().join(format!("target/manifests/vm1/{s2}"));
+    assert_eq!(
+        std::fs::metadata(&fence).unwrap().len(),
+        0,
+        "the fence was overwritten"
+    );
+    every_snapshot_restores(&a, &[("vm1@s1", &x), ("vm1@s3", &z)]);
 }
 
 /// A push whose process ended while its manifest write was held (a proxy, a retried request):

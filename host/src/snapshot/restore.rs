@@ -27,8 +27,26 @@ use crate::repo::{ChunkLocation, Repository};
 
 /// Bytes of zeros written to a device at once.
 const ZERO_WRITE: usize = 1 << 20;
-/// Packs being read and decoded at once.
+/// Packs being read and decoded at once, by default (`HOLDFAST_RESTORE_PACKS`): each holds
+/// its stored bytes (a pack is about 16 MiB) and at most [`DECODED_BUDGET`] decoded.
 const PACK_CONCURRENCY: usize = 3;
+/// Decoded bytes one pack holds before its blocks are written.
+const DECODED_BUDGET: usize = 32 << 20;
+
+/// How many packs a restore reads and decodes at once: `HOLDFAST_RESTORE_PACKS` (1 to 64,
+/// default 3). More is faster from a store with a long round trip and costs about 56 MiB each.
+pub fn pack_concurrency() -> Result<usize> {
+    match std::env::var("HOLDFAST_RESTORE_PACKS") {
+        Err(_) => Ok(PACK_CONCURRENCY),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n @ 1..=64) => Ok(n),
+            _ => Err(Error::invalid(format!(
+                "HOLDFAST_RESTORE_PACKS={v:?}: give a number of packs from 1 to 64 (default \
+                 {PACK_CONCURRENCY}); each costs about 56 MiB of memory"
+            ))),
+        },
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct RestoreReport {
@@ -62,6 +80,7 @@ pub async fn restore_cut(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     let what = format!("{}@{}", m.volume, m.name);
+    pack_concurrency()?; // a bad setting is refused before anything is opened
     let nbd = match to.to_str() {
         Some(t)
             if ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
@@ -370,6 +389,7 @@ async fn write_all(
     }
 
     let (size, block_size) = (m.size, m.block_size);
+    let concurrency = pack_concurrency()?;
     let counts: Vec<u64> = futures::stream::iter(by_pack)
         .map(|(pack, chunks)| {
             let file = file.clone();
@@ -385,10 +405,45 @@ async fn write_all(
                     .collect();
                 let blobs = repo.read_pack_ranges(&pack, &ranges).await?;
                 tokio::task::spawn_blocking(move || -> Result<u64> {
-                    // Decode and verify every chunk of this pack, then write the blocks in
-                    // offset order, adjacent ones together.
-                    let mut plains = Vec::with_capacity(chunks.len());
+                    // Decode and verify the chunks of this pack in pack order, and write their
+                    // blocks in offset order, adjacent ones together, whenever the decoded
+                    // chunks held reach DECODED_BUDGET (and at the end): what a pack decodes
+                    // to is bounded by the budget, not by how well its chunks compressed.
+                    let mut plains: Vec<Vec<u8>> = Vec::new();
+                    let mut held = 0usize;
                     let mut writes: Vec<(u64, usize)> = Vec::new();
+                    let mut run = AlignedBuf::new();
+                    let flush = |run: &mut AlignedBuf, start: Option<u64>| -> Result<()> {
+                        if let Some(b) = start {
+                            let (data, aligned) = run.contents();
+                            let aligned = aligned && data.len().is_multiple_of(ALIGN);
+                            file.write_at(data, b * bs, aligned)
+                                .map_err(|e| Error::io(format!("writing block {b}"), e))?;
+                            progress.inc(data.len() as u64);
+                        }
+                        run.clear();
+                        Ok(())
+                    };
+                    let mut write_group =
+                        |writes: &mut Vec<(u64, usize)>, plains: &mut Vec<Vec<u8>>| -> Result<()> {
+                            writes.sort_unstable();
+                            let mut run_start: Option<u64> = None;
+                            let mut next_block = 0u64;
+                            for &(b, p) in writes.iter() {
+                                let data = &plains[p][..super::block_len(size, block_size, b)];
+                                let adjacent = run_start.is_some() && b == next_block;
+                                if !adjacent || run.len() + data.len() > MAX_RUN_BYTES {
+                                    flush(&mut run, run_start)?;
+                                    run_start = Some(b);
+                                }
+                                run.extend(data);
+                                next_block = b + 1;
+                            }
+                            flush(&mut run, run_start)?;
+                            writes.clear();
+                            plains.clear();
+                            Ok(())
+                        };
                     for ((id, (loc, blocks)), blob) in chunks.iter().zip(blobs) {
                         let plain = chunk::decode(id, loc.encoding, &blob, loc.raw_length as usize)
                             .map_err(|e| {
@@ -410,41 +465,21 @@ async fn write_all(
                             }
                             writes.push((b, plains.len()));
                         }
+                        held += plain.len();
                         plains.push(plain);
-                    }
-                    writes.sort_unstable();
-                    let mut run = AlignedBuf::new();
-                    let mut run_start: Option<u64> = None;
-                    let mut next_block = 0u64;
-                    let flush = |run: &mut AlignedBuf, start: Option<u64>| -> Result<()> {
-                        if let Some(b) = start {
-                            let (data, aligned) = run.contents();
-                            let aligned = aligned && data.len().is_multiple_of(ALIGN);
-                            file.write_at(data, b * bs, aligned)
-                                .map_err(|e| Error::io(format!("writing block {b}"), e))?;
-                            progress.inc(data.len() as u64);
+                        if held >= DECODED_BUDGET {
+                            write_group(&mut writes, &mut plains)?;
+                            held = 0;
                         }
-                        run.clear();
-                        Ok(())
-                    };
-                    for (b, p) in writes {
-                        let data = &plains[p][..super::block_len(size, block_size, b)];
-                        let adjacent = run_start.is_some() && b == next_block;
-                        if !adjacent || run.len() + data.len() > MAX_RUN_BYTES {
-                            flush(&mut run, run_start)?;
-                            run_start = Some(b);
-                        }
-                        run.extend(data);
-                        next_block = b + 1;
                     }
-                    flush(&mut run, run_start)?;
+                    write_group(&mut writes, &mut plains)?;
                     Ok(chunks.len() as u64)
                 })
                 .await
                 .map_err(|e| Error::internal(format!("restore worker failed: {e}")))?
             }
         })
-        .buffer_unordered(PACK_CONCURRENCY)
+        .buffer_unordered(concurrency)
         .try_collect()
         .await?;
     Ok(counts.iter().sum())

@@ -144,25 +144,7 @@ fn memory_stays_bounded_whatever_the_image_size() {
         .collect();
     sparse(&img, 4096 * MIB, &data);
     n.add_volume("v", &img, "64KiB");
-    let script = r#"
-import resource, subprocess, sys
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-sys.stderr.write(r.stderr.decode())
-print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(holdfast_tests::holdfast_bin())
-        .args(["snapshot", "create", "v", "--name", "s"])
-        .env("HOLDFAST_STATE", &n.state)
-        .output()
-        .expect("python3");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    let max_rss_kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let max_rss_kib = peak_rss_kib(&n, &["snapshot", "create", "v", "--name", "s"]);
     eprintln!(
         "peak RSS of a 4 GiB (256 MiB of data) snapshot: {} MiB",
         max_rss_kib / 1024
@@ -181,4 +163,77 @@ print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         restored.to_str().unwrap(),
     ]);
     assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
+}
+
+/// Runs holdfast on `n` with `args` and returns its peak resident memory (KiB), from
+/// `getrusage` of a python3 parent that does nothing else.
+fn peak_rss_kib(n: &TestNode, args: &[&str]) -> u64 {
+    let script = r#"
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode())
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(holdfast_tests::holdfast_bin())
+        .args(args)
+        .env("HOLDFAST_STATE", &n.state)
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    let max_rss_kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    assert_eq!(
+        code,
+        0,
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    max_rss_kib
+}
+
+/// A restore holds a bounded amount of decoded data whatever the data compresses to: 512 MiB
+/// of distinct blocks that compress a thousandfold fit in one pack, which restore used to
+/// decode whole before writing any of it (over 512 MiB of memory).
+#[test]
+fn a_restore_of_data_that_compresses_well_stays_bounded() {
+    let n = TestNode::new();
+    let block = 64 * 1024;
+    let mut bytes = vec![0u8; (512 * MIB) as usize];
+    for (b, chunk) in bytes.chunks_mut(block).enumerate() {
+        chunk.fill((b % 251) as u8 + 1);
+        chunk[..8].copy_from_slice(&(b as u64).to_le_bytes());
+    }
+    let img = n.image("compressible.img", &bytes);
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "s");
+    let out = n.path("r.img");
+    let kib = peak_rss_kib(
+        &n,
+        &["snapshot", "restore", "v@s", "--to", out.to_str().unwrap()],
+    );
+    eprintln!(
+        "peak RSS of a restore of 512 MiB that compresses well: {} MiB",
+        kib / 1024
+    );
+    assert!(std::fs::read(&out).unwrap() == bytes, "the restore differs");
+    assert!(kib < 200 * 1024, "peak RSS {} MiB", kib / 1024);
+    let bad = n
+        .cmd(&[
+            "snapshot",
+            "restore",
+            "v@s",
+            "--to",
+            n.path("x.img").to_str().unwrap(),
+        ])
+        .env("HOLDFAST_RESTORE_PACKS", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("HOLDFAST_RESTORE_PACKS"), "{stderr}");
+    assert!(!n.path("x.img").exists(), "a refused restore left a file");
 }

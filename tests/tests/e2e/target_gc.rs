@@ -777,6 +777,8 @@ struct Chaos {
     pids: Mutex<Vec<u32>>,
     stop: AtomicBool,
     pauses: Mutex<usize>,
+    /// Pushes killed at a pause point (their failure is expected).
+    killed: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Chaos {
@@ -791,6 +793,9 @@ impl Chaos {
         self.pids.lock().unwrap().push(pid);
         let r = output_of(child);
         self.pids.lock().unwrap().retain(|p| *p != pid);
+        if r.code != 0 && self.killed.lock().unwrap().contains(&pid) {
+            return Run { code: 0, ..r };
+        }
         r
     }
 
@@ -838,11 +843,14 @@ impl Chaos {
 }
 
 /// Removes every pause flag that appears in `dir` after `grace` and up to 1.5 s more (each in
-/// its own thread, so pauses overlap), counting them by pause point, until `stop`.
+/// its own thread, so pauses overlap), counting them by pause point, until `stop`. A push
+/// held at a pause point is killed instead, one time in four (recorded in `chaos.killed`):
+/// the node's next push must complete what it left.
 fn release_pauses(
     dir: &std::path::Path,
     grace: Duration,
     stop: &AtomicBool,
+    chaos: &Chaos,
 ) -> BTreeMap<String, usize> {
     let mut seen = std::collections::HashSet::new();
     let mut landed = BTreeMap::new();
@@ -853,7 +861,15 @@ fn release_pauses(
                 if !seen.insert(name.clone()) {
                     continue;
                 }
-                let point = name.split('.').next().unwrap().to_string();
+                let (point, pid) = name.split_once('.').unwrap();
+                let (point, pid) = (point.to_string(), pid.parse::<u32>().unwrap());
+                if point.starts_with("target-push") && rand::random::<u32>() % 4 == 0 {
+                    chaos.killed.lock().unwrap().insert(pid);
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    *landed.entry(format!("{point} (killed)")).or_insert(0) += 1;
+                }
                 *landed.entry(point).or_insert(0) += 1;
                 let longer = grace + Duration::from_millis(rand::random::<u64>() % 1500);
                 scope.spawn(move || {
@@ -870,9 +886,10 @@ fn release_pauses(
 /// Two nodes, each pushing two volumes, with overlapping data, to one directory target, while
 /// both prune and gc it, all at once. Pushes and gcs are held at random at the steps whose
 /// windows matter (a gc that has decided; a push before its manifest, and before its
-/// confirmation) for longer than the grace period (1 s), and any process is also paused at
-/// random (SIGSTOP): every command succeeds, and after every round the target verifies and
-/// every committed snapshot restores bit for bit.
+/// confirmation) for longer than the grace period (1 s), or killed there, and any process is
+/// also paused at random (SIGSTOP): every command not killed succeeds, after every round the
+/// target verifies and every committed snapshot restores bit for bit, and at the end each
+/// node's next push has completed every push that was killed.
 #[test]
 fn pushes_and_gcs_paused_at_random_lose_nothing() {
     const ROUNDS: usize = 6;
@@ -881,7 +898,7 @@ fn pushes_and_gcs_paused_at_random_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let flags = tempfile::tempdir().unwrap();
     let url = format!("file://{}/target", dir.path().display());
-    let nodes: Vec<TestNode> = (0..2)
+    let mut nodes: Vec<TestNode> = (0..2)
         .map(|i| {
             let mut n = TestNode::uninitialised();
             n.env.extend([
@@ -927,8 +944,8 @@ fn pushes_and_gcs_paused_at_random_lose_nothing() {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let releaser = {
-        let (stop, dir) = (stop.clone(), flags.path().to_path_buf());
-        std::thread::spawn(move || release_pauses(&dir, GRACE_HERE, &stop))
+        let (stop, dir, chaos) = (stop.clone(), flags.path().to_path_buf(), chaos.clone());
+        std::thread::spawn(move || release_pauses(&dir, GRACE_HERE, &stop, &chaos))
     };
     let content: Mutex<BTreeMap<String, Vec<u8>>> = Mutex::new(BTreeMap::new());
     for round in 0..ROUNDS {
@@ -1014,5 +1031,31 @@ fn pushes_and_gcs_paused_at_random_lose_nothing() {
             "no pause at {point}: {landed:?}"
         );
     }
+    assert!(
+        landed.keys().any(|k| k.ends_with("(killed)")),
+        "no push was killed: {landed:?}"
+    );
     eprintln!("pauses at protocol steps: {landed:?}");
+    // Each node's next push completes what its killed pushes left.
+    let mut want = Vec::new();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.env.retain(|(k, _)| k != "HOLDFAST_PAUSE_AT");
+        for vol in volumes(i) {
+            n.ok(&["mirror", "push", &vol, "--target", "bucket"]);
+            let listed = n
+                .run(&["snapshot", "list", &vol, "--target", "bucket", "--json"])
+                .json();
+            for s in listed.as_array().unwrap() {
+                want.push(format!("{vol}@{}", s["name"].as_str().unwrap()));
+            }
+        }
+    }
+    let check = json_of(&nodes[0].run(&["target", "check", "bucket", "--json"]));
+    assert_eq!(check["pending-pushes"], serde_json::json!([]), "{check}");
+    let content = content.into_inner().unwrap();
+    let want: Vec<(&str, &[u8])> = want
+        .iter()
+        .map(|r| (r.as_str(), content[r].as_slice()))
+        .collect();
+    every_snapshot_restores(&nodes[0], &want);
 }

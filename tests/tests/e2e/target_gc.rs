@@ -863,7 +863,7 @@ fn release_pauses(
                 }
                 let (point, pid) = name.split_once('.').unwrap();
                 let (point, pid) = (point.to_string(), pid.parse::<u32>().unwrap());
-                if point.starts_with("target-push") && rand::random::<u32>() % 4 == 0 {
+                if point.starts_with("target-push") && rand::random::<u32>().is_multiple_of(4) {
                     chaos.killed.lock().unwrap().insert(pid);
                     let _ = std::process::Command::new("kill")
                         .args(["-KILL", &pid.to_string()])

@@ -28,12 +28,12 @@ if ! target/moto-venv/bin/python -c 'import moto, boto3' 2>/dev/null \
   cp tests/s3/requirements.txt target/moto-venv/requirements.txt
 fi
 
-echo "== QEMU and NBD tools, restic (Debian packages)" >&2
+echo "== QEMU and NBD tools, restic, fincore (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
   qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
   nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk strip:binutils objdump:binutils \
-  man:man-db restic:restic; do
+  man:man-db restic:restic fincore:util-linux-extra; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

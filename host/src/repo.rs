@@ -604,7 +604,7 @@ impl Repository {
                 r.end
             ))
         };
-        if self.local.is_some() {
+        if let Some(root) = &self.local {
             // The local store reads each range exactly, or fails.
             let out = self.store.get_ranges(&path, ranges).await?;
             for (r, b) in ranges.iter().zip(&out) {
@@ -612,6 +612,27 @@ impl Repository {
                     return Err(short(r, b.len()));
                 }
             }
+            // Packs are read rarely (a restore, a verify, a mirror or push sending them): what
+            // was read leaves the page cache, as packs bypass it when written, so a restore
+            // of a large volume does not evict the machine's own cache.
+            let (root, key) = (root.clone(), path.to_string());
+            let span = ranges.iter().map(|r| r.start).min().unwrap_or(0)
+                ..ranges.iter().map(|r| r.end).max().unwrap_or(0);
+            tokio::task::spawn_blocking(move || {
+                if let (Ok(f), Some(len)) = (
+                    root.open(&key),
+                    std::num::NonZeroU64::new(span.end - span.start),
+                ) {
+                    let _ = rustix::fs::fadvise(
+                        &f,
+                        span.start,
+                        Some(len),
+                        rustix::fs::Advice::DontNeed,
+                    );
+                }
+            })
+            .await
+            .ok();
             return Ok(out);
         }
         // Object stores: coalesce nearby ranges into few requests, and check what each one

@@ -86,8 +86,9 @@ pub fn set_fake_now(unix_ms: u64) {
 /// the right instant would, and resumes it when it chooses (`tests/tests/e2e/target_gc.rs`).
 /// The points: `target-gc-decided` (a gc has read everything and decided, and has not
 /// deleted or written anything), `target-push-before-manifest` (a push wrote its intent and
-/// not its manifest) and `target-push-before-confirm` (it wrote its manifest and has not
-/// confirmed it).
+/// not its manifest), `target-push-before-confirm` (it wrote its manifest and has not
+/// confirmed it) and `snapshot-segment-read` (a snapshot read the data of a segment of an
+/// image and has not looked again for holes filled meanwhile).
 pub fn pause_point(point: &str) {
     #[cfg(debug_assertions)]
     {

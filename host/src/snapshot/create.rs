@@ -1042,6 +1042,7 @@ impl Blocks {
         for (i, d) in read_blocks(image, index, &mut self.buf, offset, &holds_data, block)? {
             done[i] = d;
         }
+        crate::pause_point("snapshot-segment-read");
         // Blocks that were holes and hold data now were filled while this segment was read:
         // read them after the change.
         if done.iter().any(Option::is_none) {

@@ -79,6 +79,60 @@ fn holes_are_not_read() {
     n.ok(&["verify"]);
 }
 
+/// A hole filled after a snapshot read its segment's data and before it looked for holes
+/// again is read after the change: the snapshot holds the new data, not zeros. (The snapshot
+/// is held at that instant by the test hook `HOLDFAST_PAUSE_AT`.)
+#[test]
+fn a_hole_filled_after_its_segment_was_read_is_read_again() {
+    let n = TestNode::new();
+    let img = n.path("live.img");
+    sparse(&img, 4 * MIB, &[(0, pattern(MIB as usize, 3))]);
+    n.add_volume("v", &img, "64KiB");
+    let flags = tempfile::tempdir().unwrap();
+    let child = n
+        .cmd(&["snapshot", "create", "v", "--name", "s"])
+        .env("HOLDFAST_PAUSE_AT", "snapshot-segment-read")
+        .env("HOLDFAST_PAUSE_DIR", flags.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let flag = flags
+        .path()
+        .join(format!("snapshot-segment-read.{}", child.id()));
+    let t0 = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the snapshot never paused");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let filled = pattern(MIB as usize, 4);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&filled, 2 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::remove_file(&flag).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = n.path("r.img");
+    n.ok(&[
+        "snapshot",
+        "restore",
+        "v@s",
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(&restored).unwrap();
+    assert!(
+        got[2 * MIB as usize..3 * MIB as usize] == filled[..],
+        "the filled hole was not read again"
+    );
+    assert!(got == std::fs::read(&img).unwrap());
+}
+
 /// A writer fills holes while a snapshot reads the image: every block of the snapshot is as
 /// it was before the writer touched it or after (all zeros or all its pattern), never a
 /// mixture; the snapshot verifies.

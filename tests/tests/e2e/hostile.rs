@@ -55,15 +55,18 @@ fn mirror_against(handler: Handler) -> (holdfast_tests::Run, TestNode, FakeUpstr
 }
 
 /// Nothing of the update is left: vm3 keeps its one snapshot, and no replica vm1 appeared
-/// unless `replica` (created before the refusal, empty).
-fn changed_nothing(n: &TestNode, replica: bool) {
+/// (not even an empty one: it would keep the block size and region the refused upstream
+/// listed).
+fn changed_nothing(n: &TestNode) {
     assert_eq!(n.snapshots("vm3").len(), 1, "vm3 changed");
     let vols = n.run(&["volume", "list", "--json"]).json();
-    let has_vm1 = vols.as_array().unwrap().iter().any(|v| v["name"] == "vm1");
-    assert_eq!(has_vm1, replica, "{vols}");
-    if has_vm1 {
-        assert!(n.snapshots("vm1").is_empty());
-    }
+    let names: Vec<&Value> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["name"])
+        .collect();
+    assert_eq!(names, vec!["vm3"], "{vols}");
     n.ok(&["verify"]);
 }
 
@@ -160,7 +163,7 @@ fn an_upstream_that_lies_in_its_listing_is_refused() {
             "{what}: fetched after a bad listing: {:?}",
             fake.requests()
         );
-        changed_nothing(&n, false);
+        changed_nothing(&n);
     }
 }
 
@@ -171,7 +174,7 @@ fn an_oversized_answer_is_refused_while_it_streams() {
     let (r, n, _fake) = mirror_against(Arc::new(|_, _, _| endless(80 << 20, b' ')));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("at most"), "{}", r.stderr);
-    changed_nothing(&n, false);
+    changed_nothing(&n);
 }
 
 /// A redirect is never followed (it could lead the token elsewhere).
@@ -194,7 +197,7 @@ fn a_redirect_is_not_followed() {
     assert_ne!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("307"), "{}", r.stderr);
     assert!(elsewhere.requests().is_empty(), "the redirect was followed");
-    changed_nothing(&n, false);
+    changed_nothing(&n);
 }
 
 /// A lock-set reply claiming the highest generation cannot overflow the next one: exit 9.
@@ -215,7 +218,57 @@ fn a_lock_set_reply_at_the_last_generation_is_refused() {
     }));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("generation"), "{}", r.stderr);
-    changed_nothing(&n, true);
+    changed_nothing(&n);
+}
+
+/// A refused update leaves nothing behind, not even an empty replica: a first listing whose
+/// block size (4 KiB) and region passed the listing's checks, followed by a manifest that is
+/// refused, does not pin the replica to them, and the next update, from the real upstream
+/// (64 KiB blocks, no region), succeeds.
+#[test]
+fn a_refused_first_update_leaves_no_replica_behind() {
+    let (_tls, a, b) = pair();
+    let mut list = listing(vec![record("vm1", ID1, 1 << 20, 4096, json!({}))]);
+    list["region"] = json!("r1");
+    let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else {
+            // Not a manifest in format 2: refused after the listing passed.
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "full")
+                .body(axum::body::Body::from(vec![0u8; 100]))
+                .unwrap()
+        }
+    }));
+    // B's relation, but pointed at the fake one under A's name.
+    let cfg = b.node.path("fake.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            b.node.state,
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let r = b
+        .node
+        .run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("format 2"), "{}", r.stderr);
+    let vols = b.node.run(&["volume", "list", "--json"]).json();
+    assert_eq!(vols, json!([]), "a refused update left a volume behind");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "baseline", "{r}");
+    assert_eq!(b.ids("vm1"), vec![a.node.snapshot_id("vm1@s1")]);
+    b.node.ok(&["verify"]);
 }
 
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
@@ -539,7 +592,7 @@ fn a_manifest_in_another_format_than_asked_is_refused() {
     }));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("format 2"), "{}", r.stderr);
-    changed_nothing(&n, true);
+    changed_nothing(&n);
 }
 
 fn zstd_compress(raw: &[u8]) -> Vec<u8> {

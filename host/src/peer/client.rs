@@ -160,7 +160,7 @@ impl PeerClient {
                 message: format!(
                     "{} answered {status}: {}",
                     self.who(),
-                    crate::id::shorten(&String::from_utf8_lossy(&body))
+                    super::peer_text(&crate::id::shorten(&String::from_utf8_lossy(&body)))
                 ),
                 source: None,
             },
@@ -174,8 +174,14 @@ impl PeerClient {
         what: &str,
     ) -> Result<T> {
         let body = self.bytes(req, limit, what).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| Error::corrupt(format!("{} sent a malformed answer: {e}", self.who())))
+        // serde's message may quote what the peer sent (an unknown variant, say).
+        serde_json::from_slice(&body).map_err(|e| {
+            Error::denied(format!(
+                "{} sent a malformed {what}: {}; nothing was changed",
+                self.who(),
+                super::peer_text(&e.to_string())
+            ))
+        })
     }
 
     async fn bytes(&self, req: RequestBuilder, limit: usize, what: &str) -> Result<Bytes> {

@@ -271,6 +271,129 @@ fn a_refused_first_update_leaves_no_replica_behind() {
     b.node.ok(&["verify"]);
 }
 
+/// What an upstream's error may look like: a window-title escape, a bell, a screen clear, a
+/// right-to-left override, and 60 KB more.
+fn evil_text() -> String {
+    format!(
+        "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{202e}desrever\u{2066}{}",
+        "x".repeat(60_000)
+    )
+}
+
+/// Text printed from an upstream's error: escaped (no raw escape, bell or bidi mark), and cut
+/// short.
+fn assert_printable(what: &str, text: &str) {
+    assert_no_raw(what, text);
+    assert!(text.len() < 4096, "{what}: {} bytes printed", text.len());
+}
+
+fn assert_no_raw(what: &str, text: &str) {
+    let raw = text.chars().find(|&c| {
+        c == '\u{1b}'
+            || c == '\u{7}'
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    });
+    assert!(raw.is_none(), "{what}: {raw:?} printed raw: {text:?}");
+}
+
+/// An upstream's error answer is text from outside: its terminal escapes and bidi marks are
+/// printed escaped and it is cut short. Its `kind` chooses the exit code only as far as a peer
+/// may: "not found" (3) and a refusal (9); its own corrupt data, policy or internal error is
+/// the upstream failing to answer (7), never this node's data (6), policy (8) or bug (70). A
+/// body that is not JSON is shown the same way.
+#[test]
+fn an_upstream_error_is_printed_escaped_and_cannot_choose_the_exit_code() {
+    let cases = [
+        ("internal", 7),
+        ("policy", 7),
+        ("corrupt", 7),
+        ("locked", 7),
+        ("conflict", 7),
+        ("made-up", 7),
+        ("unavailable", 7),
+        ("invalid", 9),
+        ("denied", 9),
+        ("not-found", 3),
+    ];
+    for (kind, code) in cases {
+        let (r, n, _fake) = mirror_against(Arc::new(move |_, _, _| {
+            json(500, json!({"kind": kind, "message": evil_text()}))
+        }));
+        assert_eq!(r.code, code, "{kind}: {}", r.stderr);
+        assert_printable(kind, &r.stderr);
+        assert!(r.stderr.contains("\\u{1b}]0;pwned"), "{kind}: {}", r.stderr);
+        changed_nothing(&n);
+    }
+    let (r, n, _fake) = mirror_against(Arc::new(|_, _, _| {
+        axum::response::Response::builder()
+            .status(502)
+            .body(axum::body::Body::from(evil_text()))
+            .unwrap()
+    }));
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert_printable("a body that is not JSON", &r.stderr);
+    assert!(r.stderr.contains("502"), "{}", r.stderr);
+    changed_nothing(&n);
+}
+
+/// A daemon node whose one mirror (vm1, every `every`) pulls from `upstream`.
+fn daemon_downstream(tls: &Tls, upstream: &str, every: &str) -> Peer {
+    let b = Peer::new("b");
+    std::fs::write(
+        &b.config,
+        format!(
+            "state = {:?}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n\
+             [[upstream]]\nname = \"fake\"\nurl = {upstream:?}\ntoken = \"0123456789abcdef0123\"\n\
+             [[mirror]]\nvolume = \"vm1\"\nupstream = \"fake\"\nevery = {every:?}\n",
+            b.node.state, b.port, tls.cert, tls.key
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &b.config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    b
+}
+
+/// Waits until the daemon's mirror job has failed `n` times in a row; returns `status --json`.
+fn wait_for_failures(b: &Peer, n: u64) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = b.status();
+        let job = &s["relations"][0]["job"];
+        if job["consecutive-failures"].as_u64().unwrap_or(0) >= n {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the mirror job did not fail {n} time(s): {s}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The daemon's `status` shows a failed mirror's error, which an upstream wrote, escaped and
+/// cut short; its log does too.
+#[test]
+fn status_shows_an_upstreams_error_escaped() {
+    let tls = Tls::new();
+    let fake = FakeUpstream::start(Arc::new(|_, _, _| {
+        json(500, json!({"kind": "internal", "message": evil_text()}))
+    }));
+    let mut b = daemon_downstream(&tls, &fake.url(), "1h");
+    b.start();
+    wait_for_failures(&b, 1);
+    let r = b.node.run(&["status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("pwned"), "{}", r.stdout);
+    assert_printable("status", &r.stdout);
+    assert_no_raw("the daemon's log", &b.log());
+}
+
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
     let tls = Tls::new();

@@ -178,7 +178,8 @@ pub struct SnapshotRecord {
     pub created_unix_ms: u64,
     pub size: u64,
     pub block_size: u32,
-    #[serde(default)]
+    /// (Bounded while a peer's listing is parsed: [`crate::id::with_label_budget`].)
+    #[serde(default, deserialize_with = "crate::id::deserialize_labels")]
     pub labels: BTreeMap<String, String>,
     pub parent: Option<SnapshotId>,
     #[serde(default)]

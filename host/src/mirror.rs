@@ -997,7 +997,7 @@ impl Receive<'_> {
                 &rec.volume,
                 &rec.id,
                 self.prev.map(|p| p.id),
-                limit,
+                (rec.size, rec.block_size),
                 self.region,
             )
             .await?;
@@ -1038,7 +1038,13 @@ impl Receive<'_> {
                         tracing::warn!("{e}; fetching the whole manifest");
                         let raw = match self
                             .client
-                            .manifest(&rec.volume, &rec.id, None, limit, self.region)
+                            .manifest(
+                                &rec.volume,
+                                &rec.id,
+                                None,
+                                (rec.size, rec.block_size),
+                                self.region,
+                            )
                             .await?
                         {
                             ManifestAnswer::Full(raw) => raw,

@@ -394,6 +394,241 @@ fn status_shows_an_upstreams_error_escaped() {
     assert_no_raw("the daemon's log", &b.log());
 }
 
+/// Runs `holdfast ARGS` under a Python parent that reports the child's peak resident memory
+/// (getrusage of its children): (exit code, stderr, peak RSS in bytes).
+fn peak_rss(state: &std::path::Path, args: &[&str]) -> (i32, String, u64) {
+    let script = r#"
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode(errors="replace"))
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(holdfast_tests::holdfast_bin())
+        .args(args)
+        .env("HOLDFAST_STATE", state)
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    let kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    (
+        code,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        kib * 1024,
+    )
+}
+
+/// A fake upstream's answer to one request.
+type Answer = Arc<dyn Fn() -> axum::response::Response + Send + Sync>;
+
+/// The most a refused `mirror run` may take in these tests: far below what the bombs claim.
+const BOMB_RSS_BOUND: u64 = 150 << 20;
+
+/// A listing that claims the most blocks a snapshot may have (2^25 of 64 KiB) lets a whole
+/// manifest be a gigabyte; an upstream that sends 600 MB of something else, or a valid header
+/// and bitmap followed by more ids than its bitmap says, is refused as soon as the first bytes
+/// show it: the downstream's peak memory stays far below what was sent.
+#[test]
+fn a_manifest_bomb_is_refused_before_it_is_buffered() {
+    let size = (1u64 << 25) * 65536;
+    let list = listing(vec![record("vm1", ID1, size, 65536, json!({}))]);
+    // Magic, header, an all-zero bitmap (4 MiB): a manifest of exactly that plus a checksum.
+    let header = json!({"format": 2, "id": ID1, "volume": "vm1", "name": format!("s-{ID1}"),
+        "created-unix-ms": 1, "size": size, "block-size": 65536, "labels": {}, "parent": null})
+    .to_string();
+    let mut valid_start = b"HFMNFST2".to_vec();
+    valid_start.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    valid_start.extend_from_slice(header.as_bytes());
+    valid_start.extend_from_slice(&vec![0u8; (1 << 25) / 8]);
+    let cases: Vec<(&str, Answer)> = vec![
+        (
+            "600 MB that are no manifest",
+            Arc::new(|| endless(600 << 20, b'x')),
+        ),
+        (
+            "a valid start and 600 MB more",
+            Arc::new(move || {
+                let start = axum::body::Bytes::from(valid_start.clone());
+                let piece = axum::body::Bytes::from(vec![7u8; 1 << 20]);
+                let rest = (0..600).map(move |_| Ok::<_, std::io::Error>(piece.clone()));
+                let stream = futures::stream::iter(
+                    std::iter::once(Ok::<_, std::io::Error>(start)).chain(rest),
+                );
+                axum::response::Response::builder()
+                    .header("x-holdfast-manifest", "full")
+                    .body(axum::body::Body::from_stream(stream))
+                    .unwrap()
+            }),
+        ),
+    ];
+    for (what, answer) in cases {
+        let list = list.clone();
+        let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+            if path.ends_with("/snapshots") {
+                json(200, list.clone())
+            } else if method == "PUT" {
+                json(
+                    200,
+                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+                )
+            } else {
+                answer()
+            }
+        }));
+        let (n, cfg) = downstream(&fake.url());
+        let (code, stderr, peak) = peak_rss(
+            &n.state,
+            &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+        );
+        eprintln!("{what}: mirror run peak RSS {peak} bytes");
+        assert_eq!(code, 9, "{what}: {stderr}");
+        assert!(stderr.contains("upstream fake"), "{what}: {stderr}");
+        assert!(
+            peak < BOMB_RSS_BOUND,
+            "{what}: mirror run took {peak} bytes"
+        );
+        changed_nothing(&n);
+    }
+}
+
+/// A manifest delta is parsed as it decompresses: 50 KB of zstd that inflate to 600 MB of
+/// changes that cannot be (all block 0) are refused at the second change, and the
+/// downstream's memory stays put.
+#[test]
+fn a_delta_bomb_is_refused_as_it_decompresses() {
+    let (_tls, a, b) = pair();
+    b.mirror("vm1");
+    let s1 = b.node.run(&["snapshot", "list", "vm1", "--json"]).json()[0].clone();
+    let id1 = s1["id"].as_str().unwrap().to_string();
+    let id2 = format!("{:020x}", u128::from_str_radix(&id1, 16).unwrap() + 1);
+    let size = (1u64 << 25) * 65536;
+    let mut s2 = record("vm1", &id2, size, 65536, json!({}));
+    s2["name"] = json!("s2");
+    let list = json!({"node": "a", "volume": "vm1", "snapshots": [s1, s2]});
+    let header = json!({"format": 2, "id": id2, "volume": "vm1", "name": "s2",
+        "created-unix-ms": 1, "size": size, "block-size": 65536, "labels": {}, "parent": null})
+    .to_string();
+    let mut raw = b"HFMDLTA1".to_vec();
+    raw.extend_from_slice(&u128::from_str_radix(&id1, 16).unwrap().to_le_bytes());
+    raw.extend_from_slice(&[0u8; 32]);
+    raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    raw.extend_from_slice(header.as_bytes());
+    raw.extend_from_slice(&(1u64 << 25).to_le_bytes());
+    raw.resize(raw.len() + (600 << 20), 0);
+    let bomb = zstd::bulk::compress(&raw, 3).unwrap();
+    drop(raw);
+    eprintln!("the delta bomb: {} bytes of zstd", bomb.len());
+    let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else if path.contains("base=") {
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "delta")
+                .body(axum::body::Body::from(bomb.clone()))
+                .unwrap()
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    let cfg = b.node.path("fake.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            b.node.state,
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let (code, stderr, peak) = peak_rss(
+        &b.node.state,
+        &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+    );
+    eprintln!("a delta bomb: mirror run peak RSS {peak} bytes");
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("out of order"), "{stderr}");
+    assert!(peak < BOMB_RSS_BOUND, "mirror run took {peak} bytes");
+    assert_eq!(b.ids("vm1"), vec![id1]);
+    b.node.ok(&["verify"]);
+    drop(a);
+}
+
+/// A listing of four million tiny labels (under the listing's byte limit, ten times that once
+/// parsed) is refused while it is parsed, and so is one snapshot with more labels than a
+/// snapshot may carry.
+#[test]
+fn a_listing_of_countless_labels_is_refused_while_it_is_parsed() {
+    let labels = |n: usize| -> String {
+        let l: Vec<String> = (0..n).map(|i| format!("\"{i:x}\":\"\"")).collect();
+        format!("{{{}}}", l.join(","))
+    };
+    let listing_of = |records: Vec<String>| -> String {
+        format!(
+            "{{\"node\":\"fake\",\"volume\":\"vm1\",\"snapshots\":[{}]}}",
+            records.join(",")
+        )
+    };
+    let rec = |id: &str, labels: &str| -> String {
+        let mut r = record("vm1", id, 1 << 20, 65536, json!({})).to_string();
+        r = r.replace("\"labels\":{}", &format!("\"labels\":{labels}"));
+        r
+    };
+    let per_snapshot = listing_of(vec![rec(ID1, &labels(300))]);
+    let many = labels(256);
+    let in_all = listing_of(
+        (0..16_000u64)
+            .map(|i| rec(&format!("{:020x}", 0x1000_0000_0000u128 + i as u128), &many))
+            .collect(),
+    );
+    for (what, body, says) in [
+        (
+            "300 labels on one snapshot",
+            per_snapshot,
+            "more than 256 labels",
+        ),
+        ("four million labels in all", in_all, "labels in all"),
+    ] {
+        eprintln!("{what}: a listing of {} bytes", body.len());
+        let fake = FakeUpstream::start(Arc::new(move |_, path, _| {
+            if path.ends_with("/snapshots") {
+                axum::response::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body.clone()))
+                    .unwrap()
+            } else {
+                json(404, json!({"kind": "not-found", "message": "no"}))
+            }
+        }));
+        let (n, cfg) = downstream(&fake.url());
+        let (code, stderr, peak) = peak_rss(
+            &n.state,
+            &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+        );
+        eprintln!("{what}: mirror run peak RSS {peak} bytes");
+        assert_eq!(code, 9, "{what}: {}", shorten(&stderr));
+        assert!(stderr.contains(says), "{what}: {}", shorten(&stderr));
+        assert!(
+            peak < BOMB_RSS_BOUND,
+            "{what}: mirror run took {peak} bytes"
+        );
+        changed_nothing(&n);
+    }
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(2000).collect()
+}
+
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
     let tls = Tls::new();

@@ -224,7 +224,17 @@ pub struct ServerState {
     send_budget: Arc<tokio::sync::Semaphore>,
     /// Manifest work under way (see [`HEAVY_WORK`]).
     heavy: Arc<tokio::sync::Semaphore>,
+    /// The last `/metrics` text and when it was made: a scraper (or a flood) costs one
+    /// catalog read a second at most.
+    metrics_cache: Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a `/metrics` text is served again before it is made anew.
+const METRICS_CACHE: Duration = Duration::from_secs(1);
+
+/// The address a request came from (set by [`serve`] on every request).
+#[derive(Clone, Copy, Debug)]
+pub struct Remote(pub std::net::SocketAddr);
 
 /// The downstreams by name.
 type PeerTable = HashMap<NodeId, Arc<Peer>>;
@@ -253,6 +263,7 @@ impl ServerState {
             refusals: LogLimiter::new(),
             send_budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB as usize)),
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK)),
+            metrics_cache: Mutex::new(None),
         })
     }
 
@@ -1121,23 +1132,50 @@ async fn status(State(s): Shared, headers: HeaderMap) -> Api<Json<serde_json::Va
     Ok(Json(s.reporter.status()?))
 }
 
-async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
+/// `/metrics`: with a metrics token, to whoever presents it; without one, only to this host
+/// (a loopback address), since the series name the node's volumes, peers and upstreams, which
+/// strangers must not learn. The text is made at most once a second.
+async fn metrics(
+    State(s): Shared,
+    remote: Option<Extension<Remote>>,
+    headers: HeaderMap,
+) -> Response {
     let token = s.metrics_token.read().expect("not poisoned").clone();
-    if let Some(t) = &token
-        && !super::same_secret(ServerState::bearer(&headers), t)
-    {
+    let refuse = |why: &'static str| {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);
-        return ApiError(Error::denied(
-            "/metrics needs the token set in this node's [listen] metrics_token(_file)",
-        ))
-        .into_response();
+        ApiError(Error::denied(why)).into_response()
+    };
+    match &token {
+        Some(t) if !super::same_secret(ServerState::bearer(&headers), t) => {
+            return refuse(
+                "/metrics needs the token set in this node's [listen] metrics_token(_file)",
+            );
+        }
+        None if !remote.is_some_and(|Extension(Remote(a))| a.ip().is_loopback()) => {
+            return refuse(
+                "/metrics is served only to this host unless [listen] metrics_token(_file) is \
+                 set (then to whoever presents that token)",
+            );
+        }
+        _ => {}
     }
+    let text = {
+        let mut cache = s.metrics_cache.lock().expect("not poisoned");
+        match &*cache {
+            Some((at, text)) if at.elapsed() < METRICS_CACHE => text.clone(),
+            _ => {
+                let text = s.reporter.metrics();
+                *cache = Some((Instant::now(), text.clone()));
+                text
+            }
+        }
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.reporter.metrics(),
+        text,
     )
         .into_response()
 }
@@ -1315,7 +1353,11 @@ where
         trusted: std::sync::atomic::AtomicBool::new(false),
     });
     let act = activity.clone();
-    let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+    let svc = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Remote(remote));
+        // A scrape is answered but earns no trust: a peer keeps a connection by its own
+        // requests, a scraper reconnects (a stranger could scrape from this host).
+        let earns_trust = req.uri().path() != "/metrics";
         let n = act.next.fetch_add(1, Ordering::Relaxed);
         act.in_flight
             .lock()
@@ -1326,7 +1368,7 @@ where
         async move {
             let resp = app.oneshot(req.map(axum::body::Body::new)).await?;
             // Only an answered request keeps the connection alive; a refusal does not.
-            if resp.status().is_success() {
+            if resp.status().is_success() && earns_trust {
                 act.trusted.store(true, Ordering::Relaxed);
                 *act.last.lock().expect("not poisoned") = Instant::now();
             }

@@ -629,6 +629,86 @@ fn shorten(s: &str) -> String {
     s.chars().take(2000).collect()
 }
 
+/// Without a metrics token, `/metrics` names the node's volumes and peers to this host only:
+/// a client from another address (this machine's own non-loopback address, connecting to the
+/// loopback listener) is refused and learns no name. A scrape earns no trust: a connection
+/// that only scrapes is closed after the handshake timeout, not kept for the idle one.
+#[test]
+fn metrics_without_a_token_are_for_this_host_only() {
+    let (tls, a, b) = pair();
+    b.mirror("vm1");
+    let (status, body) = a.request(&tls, "GET", "/metrics", "", "", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("vm1"), "{body}");
+    let script = r#"
+import socket, ssl, subprocess, sys, time
+port, cafile, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["http/1.1"])
+raw = socket.socket()
+if mode == "other":
+    ips = [ip for ip in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split() if "." in ip and not ip.startswith("127.")]
+    if not ips:
+        print("no-address"); sys.exit(0)
+    raw.bind((ips[0], 0))
+raw.settimeout(5)
+raw.connect(("127.0.0.1", port))
+s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+def get():
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = s.recv(65536)
+        if not piece: return None
+        data += piece
+    head, body = data.split(b"\r\n\r\n", 1)
+    n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += s.recv(65536)
+    return head.split(b"\r\n")[0].decode() + "\n" + body.decode(errors="replace")
+if mode == "other":
+    print(get())
+else:
+    t0 = time.time()
+    while time.time() - t0 < 40:
+        try:
+            if get() is None: break
+        except OSError:
+            break
+        time.sleep(2)
+    print(round(time.time() - t0))
+"#;
+    let run = |mode: &str| -> String {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(a.port.to_string())
+            .arg(&tls.cert)
+            .arg(mode)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let other = run("other");
+    if other.trim() == "no-address" {
+        eprintln!("this machine has no non-loopback IPv4 address: the stranger's part is skipped");
+    } else {
+        assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+        assert!(other.contains("metrics_token"), "{other}");
+        assert!(
+            !other.contains("vm1") && !other.contains("\"b\""),
+            "{other}"
+        );
+    }
+    let secs: u64 = run("scrape").trim().parse().expect("seconds");
+    assert!(secs < 30, "a scraping connection was kept for {secs} s");
+}
+
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
     let tls = Tls::new();

@@ -396,7 +396,13 @@ impl ServerState {
         let volume: VolumeName = volume.parse()?;
         if !peer.volumes.contains(&volume) && !peer.regions.contains_key(&volume) {
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %peer.name, %volume, "refused: volume not granted");
+            // A peer asking again and again must not fill the log.
+            self.refusals.warn(|| {
+                format!(
+                    "refused a peer request: peer {} is not granted volume {volume}",
+                    peer.name
+                )
+            });
             return Err(Error::denied(format!(
                 "peer {} is not granted volume {volume}",
                 peer.name
@@ -421,7 +427,14 @@ impl ServerState {
             Some(r) if allowed.is_some_and(|a| a.contains(r)) => Ok(volume),
             _ => {
                 self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %peer.name, %volume, "refused: region not granted");
+                self.refusals.warn(|| {
+                    format!(
+                        "refused a peer request: peer {} is not granted region {} of volume \
+                         {volume}",
+                        peer.name,
+                        region.map_or("(none named)", |r| r.as_str())
+                    )
+                });
                 let mut names: Vec<&str> =
                     allowed.into_iter().flatten().map(|r| r.as_str()).collect();
                 names.sort();

@@ -709,6 +709,44 @@ else:
     assert!(secs < 30, "a scraping connection was kept for {secs} s");
 }
 
+/// A peer asking again and again for a volume it is not granted is refused every time, and
+/// logged at most once a second (with a count of what was left out), not once a request.
+#[test]
+fn refusals_of_ungranted_volumes_are_logged_once_a_second() {
+    let (tls, a, b) = pair();
+    let script = r#"
+import http.client, ssl, sys
+port, cafile, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+codes = []
+for i in range(100):
+    c.request("GET", "/v1/volumes/vm2/snapshots", headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": "b"})
+    r = c.getresponse(); r.read(); codes.append(r.status)
+print(" ".join(map(str, sorted(set(codes)))))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .arg(&tls.cert)
+        .arg(&b.token)
+        .output()
+        .expect("python3");
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        codes.trim() == "403",
+        "{codes} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = a.log();
+    let lines = log.lines().filter(|l| l.contains("not granted")).count();
+    assert!(
+        (1..=6).contains(&lines),
+        "{lines} log lines for 100 refusals:\n{log}"
+    );
+}
+
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
     let tls = Tls::new();

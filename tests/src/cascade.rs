@@ -153,12 +153,18 @@ impl Peer {
 
     /// Starts the daemon and waits until it answers `status`.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`Peer::start`] with more environment (`HOLDFAST_FAILPOINT`, say).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "{} already runs", self.name);
         let log = std::fs::File::create(self.node.path("daemon.log")).expect("log file");
         let child = self
             .node
             .cmd(&["-v", "daemon", "--config"])
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -358,13 +358,13 @@ fn daemon_downstream(tls: &Tls, upstream: &str, every: &str) -> Peer {
     b
 }
 
-/// Waits until the daemon's mirror job has failed `n` times in a row; returns `status --json`.
+/// Waits until the daemon's mirror job has failed `n` times; returns `status --json`.
 fn wait_for_failures(b: &Peer, n: u64) -> Value {
     let t0 = Instant::now();
     loop {
         let s = b.status();
         let job = &s["relations"][0]["job"];
-        if job["consecutive-failures"].as_u64().unwrap_or(0) >= n {
+        if job["failures"].as_u64().unwrap_or(0) >= n {
             return s;
         }
         assert!(
@@ -745,6 +745,68 @@ print(" ".join(map(str, sorted(set(codes)))))
         (1..=6).contains(&lines),
         "{lines} log lines for 100 refusals:\n{log}"
     );
+}
+
+/// A mirror job that panics (a test-only failure point) is a failed run: the daemon lives on,
+/// `status` reports the panic, and the job runs again at its next time and succeeds.
+#[test]
+fn a_panicking_mirror_job_is_reported_and_run_again() {
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let mut b = Peer::new("b");
+    let img = a.node.image("vm1.img", &mixed_bytes(1 << 20, 5));
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            mirror_every: Some("3s"),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start_with_env(&[("HOLDFAST_FAILPOINT", "mirror-panic")]);
+    let failed = wait_for_failures(&b, 1);
+    let job = &failed["relations"][0]["job"];
+    assert_eq!(job["last-ok"], false, "{failed}");
+    let error = job["last-error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("panicked") && error.contains("mirror-panic"),
+        "{failed}"
+    );
+    let text = b.node.run(&["status"]).stdout;
+    assert!(
+        text.contains("FAILED") && text.contains("panicked"),
+        "{text}"
+    );
+    // The next scheduled run succeeds.
+    let t0 = Instant::now();
+    loop {
+        let s = b.status();
+        let job = &s["relations"][0]["job"];
+        if job["last-ok"] == true {
+            assert!(job["runs"].as_u64().unwrap_or(0) >= 2, "{s}\n{}", b.log());
+            assert_eq!(job["failures"], 1, "{s}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the job did not run again: {s}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.ids("vm1"), vec![a.node.snapshot_id("vm1@s1")]);
+    assert!(b.pid().is_some());
+    b.node.ok(&["verify"]);
 }
 
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).

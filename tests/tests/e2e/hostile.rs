@@ -1022,8 +1022,9 @@ print(open_count(), round(time.time() - t0, 1))
 }
 
 /// State is private whatever the umask: the state directory is 0700 and its files 0600; a
-/// token file others can read is refused; a state directory left open by an older release is
-/// closed when opened.
+/// token file others can read, or another user owns, is refused, and so is such a TLS key; a
+/// configuration with inline tokens that others can read is warned about; a state directory
+/// left open by an older release is closed when opened.
 #[test]
 fn state_and_secrets_are_private() {
     use std::os::unix::fs::PermissionsExt;
@@ -1049,7 +1050,7 @@ fn state_and_secrets_are_private() {
     std::fs::write(
         &cfg,
         format!(
-            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = {token:?}\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\n",
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = {token:?}\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\nevery = \"1h\"\n",
             n.state
         ),
     )
@@ -1058,7 +1059,66 @@ fn state_and_secrets_are_private() {
         &["mirror", "run", "w", "--config", cfg.to_str().unwrap()],
         2,
     );
-    assert!(err.contains("chmod 600"), "{err}");
+    assert!(err.contains("Run `chmod 600 "), "{err}");
+
+    // A token file another user owns is refused even at 0600: its owner can change it.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let me = std::fs::metadata(&n.state).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    if me.is_ok_and(|uid| uid == 0) {
+        std::os::unix::fs::chown(&token, Some(65534), None).unwrap();
+        let err = n.fails(
+            &["mirror", "run", "w", "--config", cfg.to_str().unwrap()],
+            2,
+        );
+        assert!(err.contains("owned by user 65534"), "{err}");
+        assert!(err.contains("chown"), "{err}");
+    } else {
+        eprintln!("not root: a file owned by another user cannot be made; that part is skipped");
+    }
+
+    // A TLS key others can read is refused when the daemon starts.
+    let tls = Tls::new();
+    std::fs::set_permissions(&tls.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let listen = n.path("listen.toml");
+    std::fs::write(
+        &listen,
+        format!(
+            "state = {:?}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            n.state,
+            holdfast_tests::cascade::free_port(),
+            tls.cert,
+            tls.key
+        ),
+    )
+    .unwrap();
+    let err = n.fails(&["daemon", "--config", listen.to_str().unwrap()], 2);
+    assert!(
+        err.contains("TLS private key") && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    // Inline tokens in a configuration others can read: a loud warning (it still runs).
+    let inline = n.path("inline.toml");
+    std::fs::write(
+        &inline,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            n.state
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&inline, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = n.run(&["mirror", "list", "--config", inline.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("holds tokens and other users can read it"),
+        "{}",
+        r.stderr
+    );
+    std::fs::set_permissions(&inline, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = n.run(&["mirror", "list", "--config", inline.to_str().unwrap()]);
+    assert!(!r.stderr.contains("other users can read"), "{}", r.stderr);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -61,7 +61,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 /// Bytes of chunk answers being read and sent at once, for all peers together (KiB units).
 const SEND_BUDGET_KIB: u32 = 512 << 10;
-/// Manifest work (decoding, deltas, old formats, chunk sets) done at once, for all peers.
+/// Manifest work (decoding, deltas, old formats, chunk sets, regions) done at once, for all
+/// peers; one peer holds at most one of these permits, so no peer can take them all.
 const HEAVY_WORK: usize = 2;
 /// Lock sets one peer may send a second, on average, and in a burst.
 const LOCK_SET_RATE: f64 = 5.0;
@@ -80,6 +81,9 @@ struct Peer {
     lease_ms: Option<u64>,
     /// Its requests in progress (at most [`PEER_CONCURRENCY`]).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Its manifest work: one piece at a time, so that it holds at most one of the
+    /// [`HEAVY_WORK`] permits all peers share.
+    heavy: Arc<tokio::sync::Semaphore>,
     /// Its request rate.
     rate: Mutex<TokenBucket>,
     /// Its rate of lock sets (each may rewrite up to `max_locks` locks and their history).
@@ -179,7 +183,13 @@ struct Served {
     deltas: VecDeque<(SnapshotId, Bytes)>,
     /// Its regions asked for lately.
     regions: Vec<Arc<RegionView>>,
+    /// Region manifests sent lately, by region and base (none: whole): every peer asking the
+    /// same gets the same bytes, made once.
+    region_answers: VecDeque<RegionAnswer>,
 }
+
+/// A region's manifest as sent: (region, base, the bytes, whether they are a delta).
+type RegionAnswer = (RegionName, Option<SnapshotId>, Bytes, bool);
 
 /// One region of a served snapshot, as a downstream that mirrors the region receives it.
 struct RegionView {
@@ -239,6 +249,23 @@ pub struct Remote(pub std::net::SocketAddr);
 /// The downstreams by name.
 type PeerTable = HashMap<NodeId, Arc<Peer>>;
 
+/// The peer's own permit (`own`), then one of the `shared` ones.
+async fn heavy_permit(
+    own: &Arc<tokio::sync::Semaphore>,
+    shared: &Arc<tokio::sync::Semaphore>,
+) -> Result<HeavyPermit> {
+    let closed = |_| Error::internal("the work permits closed");
+    let own = own.clone().acquire_owned().await.map_err(closed)?;
+    let shared = shared.clone().acquire_owned().await.map_err(closed)?;
+    Ok((own, shared))
+}
+
+/// A peer's manifest-work permit and a shared one (see [`ServerState::heavy_work`]).
+type HeavyPermit = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
 impl ServerState {
     pub fn new(
         node: Arc<Node>,
@@ -293,6 +320,10 @@ impl ServerState {
                 || Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
                 |p| p.slots.clone(),
             );
+            let heavy = old.get(&d.name).map_or_else(
+                || Arc::new(tokio::sync::Semaphore::new(1)),
+                |p| p.heavy.clone(),
+            );
             peers.insert(
                 d.name.clone(),
                 Arc::new(Peer {
@@ -304,6 +335,7 @@ impl ServerState {
                     max_snapshots: d.max_snapshots,
                     lease_ms,
                     slots,
+                    heavy,
                     rate: Mutex::new(TokenBucket::new(PEER_RATE, PEER_BURST)),
                     lock_sets: Mutex::new(TokenBucket::new(LOCK_SET_RATE, LOCK_SET_BURST)),
                 }),
@@ -451,6 +483,7 @@ impl ServerState {
     /// Region `region` of a served snapshot (kept with the snapshot for the next requests).
     async fn region_of(
         &self,
+        peer: &Peer,
         rec: &SnapshotRecord,
         region: &RegionName,
     ) -> Result<Arc<RegionView>> {
@@ -462,7 +495,7 @@ impl ServerState {
         let extent = rec.regions.get(region).copied().ok_or_else(|| {
             Error::not_found(format!("snapshot {} has no region {region}", rec.id))
         })?;
-        let m = self.manifest_of(rec).await?;
+        let m = self.manifest_of(peer, rec).await?;
         if extent.end() > m.size {
             return Err(Error::corrupt(format!(
                 "region {region} of {} lies past the snapshot's end",
@@ -473,7 +506,7 @@ impl ServerState {
             let _lock = self.node.lock_repo_shared().await?;
             crate::region::cut_tail_of(&self.node, &m, extent).await?
         };
-        let heavy = self.heavy_work().await?;
+        let heavy = self.heavy_work(peer).await?;
         let name = region.clone();
         let view = tokio::task::spawn_blocking(move || {
             let _heavy = heavy;
@@ -509,11 +542,11 @@ impl ServerState {
     }
 
     /// The decoded manifest of a snapshot (kept for the last few served).
-    async fn manifest_of(&self, rec: &SnapshotRecord) -> Result<Arc<Manifest>> {
+    async fn manifest_of(&self, peer: &Peer, rec: &SnapshotRecord) -> Result<Arc<Manifest>> {
         if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
             return Ok(m);
         }
-        let _heavy = self.heavy_work().await?;
+        let _heavy = self.heavy_work(peer).await?;
         // Another request may have loaded it while this one waited.
         if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
             return Ok(m);
@@ -532,6 +565,7 @@ impl ServerState {
                 format1: None,
                 deltas: VecDeque::new(),
                 regions: Vec::new(),
+                region_answers: VecDeque::new(),
             });
             while cache.len() > SERVED_CACHE {
                 cache.pop_front();
@@ -557,6 +591,7 @@ impl ServerState {
     /// those), if any.
     async fn not_in_snapshot(
         &self,
+        peer: &Peer,
         rec: &SnapshotRecord,
         chunks: &[ChunkId],
     ) -> Result<Option<ChunkId>> {
@@ -571,8 +606,8 @@ impl ServerState {
         if let Some(Some(answer)) = quick {
             return Ok(answer);
         }
-        let m = self.manifest_of(rec).await?;
-        let heavy = self.heavy_work().await?;
+        let m = self.manifest_of(peer, rec).await?;
+        let heavy = self.heavy_work(peer).await?;
         if let Some(Some(all)) = self.with_served(&rec.volume, rec.id, |e| e.all.clone()) {
             return Ok(chunks.iter().find(|c| !all.contains(c)).copied());
         }
@@ -587,13 +622,11 @@ impl ServerState {
         Ok(chunks.iter().find(|c| !all.contains(c)).copied())
     }
 
-    /// A permit for manifest work (at most [`HEAVY_WORK`] at once, for all peers).
-    async fn heavy_work(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.heavy
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::internal("the work permits closed"))
+    /// A permit for manifest work for `peer`: its own (one at a time), then one of the
+    /// [`HEAVY_WORK`] all peers share. No caller holds one while it waits for another, so a
+    /// peer's requests queue behind each other and never behind themselves.
+    async fn heavy_work(&self, peer: &Peer) -> Result<HeavyPermit> {
+        heavy_permit(&peer.heavy, &self.heavy).await
     }
 
     /// Brings the chunk index up to the repository (packs gone since are dropped, new ones
@@ -759,7 +792,7 @@ async fn manifest(
     let volume = s.granted_data(&peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     if let Some(region) = region {
-        return region_manifest(&s, &rec, q, &region).await;
+        return region_manifest(&s, &peer, &rec, q, &region).await;
     }
     // A base this node no longer has (pruned since the peer listed it) means the whole
     // manifest, as for a baseline.
@@ -783,8 +816,8 @@ async fn manifest(
         if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
             return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
         }
-        let m = s.manifest_of(&rec).await?;
-        let heavy = s.heavy_work().await?;
+        let m = s.manifest_of(&peer, &rec).await?;
+        let heavy = s.heavy_work(&peer).await?;
         if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
             return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
         }
@@ -813,8 +846,8 @@ async fn manifest(
     if let Some(Some(d)) = cached {
         return Ok(([(MANIFEST_KIND_HEADER, "delta")], d).into_response());
     }
-    let (m, b) = tokio::try_join!(s.manifest_of(&rec), s.manifest_of(&base))?;
-    let heavy = s.heavy_work().await?;
+    let (m, b) = tokio::try_join!(s.manifest_of(&peer, &rec), s.manifest_of(&peer, &base))?;
+    let heavy = s.heavy_work(&peer).await?;
     let cached = s.with_served(&volume, rec.id, |e| {
         e.deltas
             .iter()
@@ -845,9 +878,10 @@ async fn manifest(
 }
 
 /// The manifest of one region of a snapshot, whole or as a delta against the same region of
-/// the base (when the base has it).
+/// the base (when the base has it), made once for every peer that asks the same.
 async fn region_manifest(
     s: &ServerState,
+    peer: &Peer,
     rec: &SnapshotRecord,
     q: ManifestQuery,
     region: &RegionName,
@@ -859,19 +893,40 @@ async fn region_manifest(
         ))
         .into());
     }
-    let view = s.region_of(rec, region).await?;
+    let view = s.region_of(peer, rec, region).await?;
     let base = match q.base.as_deref().map(|b| s.record(&rec.volume, b)) {
         Some(Ok(b)) if b.block_size == rec.block_size && b.regions.contains_key(region) => {
-            Some(s.region_of(&b, region).await?)
+            Some((b.id, s.region_of(peer, &b, region).await?))
         }
         Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
         Some(Err(e)) => return Err(e.into()),
     };
-    let heavy = s.heavy_work().await?;
+    let base_id = base.as_ref().map(|(id, _)| *id);
+    let answer = |bytes: Bytes, delta: bool| {
+        let kind = if delta { "delta" } else { "full" };
+        ([(MANIFEST_KIND_HEADER, kind)], bytes).into_response()
+    };
+    let cached = || {
+        s.with_served(&rec.volume, rec.id, |e| {
+            e.region_answers
+                .iter()
+                .find(|(r, b, _, _)| r == region && *b == base_id)
+                .map(|(_, _, bytes, delta)| (bytes.clone(), *delta))
+        })
+        .flatten()
+    };
+    if let Some((bytes, delta)) = cached() {
+        return Ok(answer(bytes, delta));
+    }
+    let heavy = s.heavy_work(peer).await?;
+    // Another request may have made it while this one waited.
+    if let Some((bytes, delta)) = cached() {
+        return Ok(answer(bytes, delta));
+    }
     let (encoded, delta) = tokio::task::spawn_blocking(move || {
         let _heavy = heavy;
         match base {
-            Some(b) => view
+            Some((_, b)) => view
                 .manifest
                 .delta_from(&b.manifest)
                 .encode()
@@ -881,8 +936,15 @@ async fn region_manifest(
     })
     .await
     .map_err(|e| Error::internal(format!("manifest worker failed: {e}")))??;
-    let kind = if delta { "delta" } else { "full" };
-    Ok(([(MANIFEST_KIND_HEADER, kind)], Bytes::from(encoded)).into_response())
+    let encoded = Bytes::from(encoded);
+    s.with_served(&rec.volume, rec.id, |e| {
+        e.region_answers
+            .push_back((region.clone(), base_id, encoded.clone(), delta));
+        while e.region_answers.len() > DELTAS_KEPT {
+            e.region_answers.pop_front();
+        }
+    });
+    Ok(answer(encoded, delta))
 }
 
 async fn chunks(
@@ -917,7 +979,7 @@ async fn chunks(
     // Through a region, only its chunks; the cut last block's chunk is made here.
     let mut cut = None;
     if let Some(region) = &region {
-        let view = s.region_of(&rec, region).await?;
+        let view = s.region_of(&peer, &rec, region).await?;
         if let Some(bad) = req.chunks.iter().find(|c| !view.all.contains(c)) {
             return Err(Error::denied(format!(
                 "chunk {bad} is not part of region {region} of snapshot {volume}@{id}"
@@ -925,7 +987,7 @@ async fn chunks(
             .into());
         }
         cut = view.cut_chunk().filter(|(c, _, _)| req.chunks.contains(c));
-    } else if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
+    } else if let Some(bad) = s.not_in_snapshot(&peer, &rec, &req.chunks).await? {
         return Err(
             Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
         );
@@ -1453,4 +1515,31 @@ fn connection_builder() -> hyper_util::server::conn::auto::Builder<hyper_util::r
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_peer_cannot_hold_every_manifest_work_permit() {
+        // Peer a cycling manifest requests holds one shared permit at most: its second
+        // request waits for its first, and peer b still gets the other shared permit.
+        let shared = Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK));
+        let (a, b) = (
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Arc::new(tokio::sync::Semaphore::new(1)),
+        );
+        let first = heavy_permit(&a, &shared).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(50), heavy_permit(&a, &shared));
+        assert!(second.await.is_err(), "a peer took a second permit");
+        let other = tokio::time::timeout(Duration::from_millis(50), heavy_permit(&b, &shared));
+        assert!(other.await.is_ok(), "another peer found no permit");
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), heavy_permit(&a, &shared))
+                .await
+                .is_ok()
+        );
+    }
 }

@@ -209,6 +209,18 @@ impl Peer {
             * 1024
     }
 
+    /// The daemon's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.pid().expect("daemon running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.node.path("daemon.log")).unwrap_or_default()
     }

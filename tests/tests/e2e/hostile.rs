@@ -943,7 +943,12 @@ fn unauthenticated_bodies_are_not_buffered() {
         "{answers:?}"
     );
     let after = a.rss();
-    eprintln!("daemon RSS before {before} after {after} bytes");
+    let peak = a.peak_rss();
+    eprintln!("daemon RSS before {before} after {after} bytes, peak {peak} bytes");
+    assert!(
+        peak < before + (100 << 20),
+        "the daemon's memory peaked at {peak} bytes (from {before})"
+    );
     assert!(
         after < before + (100 << 20),
         "memory grew from {before} to {after} bytes"

@@ -50,6 +50,13 @@ const OTHER_BODY_LIMIT: usize = 16 << 10;
 /// Connections served at once, in all and from one address; more are closed at once.
 const MAX_CONNECTIONS: usize = 512;
 const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Of [`MAX_CONNECTIONS`], the last this many are kept for addresses a peer authenticated
+/// from lately ([`KNOWN_FOR`]): eight addresses of strangers can fill the rest, not these.
+const RESERVED_FOR_KNOWN: usize = 64;
+/// How long an address a peer authenticated from counts as known.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Most known addresses remembered (the oldest are forgotten first).
+const KNOWN_ADDRESSES: usize = 4096;
 /// A TLS handshake, and the first request of a connection, must come within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed (a peer reconnects when it needs to).
@@ -1289,6 +1296,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
 struct Connections {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     total: AtomicU64,
+    /// Addresses a peer authenticated from, and when last.
+    known: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 /// A connection's place in [`Connections`], given back when dropped.
@@ -1298,6 +1307,25 @@ struct ConnectionSlot {
 }
 
 impl Connections {
+    /// Remembers that a peer authenticated from `ip` (as [`ConnectionSlot`] names it).
+    fn remember(&self, ip: IpAddr) {
+        let mut known = self.known.lock().expect("not poisoned");
+        if known.len() >= KNOWN_ADDRESSES && !known.contains_key(&ip) {
+            known.retain(|_, at| at.elapsed() < KNOWN_FOR);
+            if known.len() >= KNOWN_ADDRESSES
+                && let Some(oldest) = known.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k)
+            {
+                known.remove(&oldest);
+            }
+        }
+        known.insert(ip, Instant::now());
+    }
+
+    fn is_known(&self, ip: &IpAddr) -> bool {
+        let known = self.known.lock().expect("not poisoned");
+        known.get(ip).is_some_and(|at| at.elapsed() < KNOWN_FOR)
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<ConnectionSlot, String> {
         // An IPv6 host usually holds a whole /64: count it as one address.
         let ip = match ip {
@@ -1311,8 +1339,15 @@ impl Connections {
         };
         let mut per = self.per_address.lock().expect("not poisoned");
         let here = per.get(&ip).copied().unwrap_or(0);
-        if self.total.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
+        let total = self.total.load(Ordering::Relaxed) as usize;
+        if total >= MAX_CONNECTIONS {
             return Err(format!("{MAX_CONNECTIONS} connections are open"));
+        }
+        if total >= MAX_CONNECTIONS - RESERVED_FOR_KNOWN && !self.is_known(&ip) {
+            return Err(format!(
+                "{total} connections are open, and the last {RESERVED_FOR_KNOWN} are kept for \
+                 addresses peers authenticated from"
+            ));
         }
         if here >= MAX_CONNECTIONS_PER_ADDRESS {
             return Err(format!(
@@ -1377,11 +1412,11 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
             let _slot = slot;
             match acceptor {
                 Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(tls, app, remote).await,
+                    Ok(Ok(tls)) => serve_connection(tls, app, remote, &_slot).await,
                     Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 },
-                None => serve_connection(stream, app, remote).await,
+                None => serve_connection(stream, app, remote, &_slot).await,
             }
         });
     }
@@ -1412,8 +1447,12 @@ impl Drop for InFlight {
     }
 }
 
-async fn serve_connection<I>(io: I, app: Router, remote: std::net::SocketAddr)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    remote: std::net::SocketAddr,
+    slot: &ConnectionSlot,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use futures::StreamExt;
@@ -1428,6 +1467,7 @@ where
         trusted: std::sync::atomic::AtomicBool::new(false),
     });
     let act = activity.clone();
+    let (slot_all, slot_ip) = (slot.all.clone(), slot.ip);
     let svc = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(Remote(remote));
         // A scrape is answered but earns no trust: a peer keeps a connection by its own
@@ -1440,11 +1480,16 @@ where
             .insert(n, Instant::now());
         let guard = InFlight(act.clone(), n);
         let (app, act) = (app.clone(), act.clone());
+        let (conns, ip) = (slot_all.clone(), slot_ip);
         async move {
             let resp = app.oneshot(req.map(axum::body::Body::new)).await?;
             // Only an answered request keeps the connection alive; a refusal does not.
             if resp.status().is_success() && earns_trust {
-                act.trusted.store(true, Ordering::Relaxed);
+                // Only a request that authenticated is answered with success here (a peer's,
+                // or `status` with the admin token): its address is known from now on.
+                if !act.trusted.swap(true, Ordering::Relaxed) {
+                    conns.remember(ip);
+                }
                 *act.last.lock().expect("not poisoned") = Instant::now();
             }
             Ok::<_, std::convert::Infallible>(resp.map(|body| {

@@ -809,6 +809,63 @@ fn a_panicking_mirror_job_is_reported_and_run_again() {
     b.node.ok(&["verify"]);
 }
 
+/// Eight addresses of strangers cannot take every connection: the last 64 of the 512 are kept
+/// for addresses a peer authenticated from, so B, which mirrored before, is served while 512
+/// half-open connections from 127.0.0.2 to 127.0.0.9 wait for their handshake timeout.
+#[test]
+fn strangers_from_eight_addresses_cannot_take_every_connection() {
+    let (_tls, a, b) = pair();
+    b.mirror("vm1");
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+socks = []
+for host in range(2, 10):
+    for _ in range(64):
+        s = socket.socket()
+        s.bind(("127.0.0.%d" % host, 0))
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+time.sleep(0.5)
+alive = 0
+for s in socks:
+    try:
+        if s.recv(1) != b"":
+            alive += 1
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive)
+sys.stdout.flush()
+time.sleep(6)
+"#;
+    let flood = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let r = b.mirror_run("vm1");
+    let secs = t0.elapsed();
+    let out = flood.wait_with_output().unwrap();
+    let held: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("count");
+    assert_eq!(
+        r.code, 0,
+        "B was not served while strangers held {held}: {}",
+        r.stderr
+    );
+    assert!(secs < Duration::from_secs(5), "B waited {secs:?}");
+    assert!(held <= 512 - 64, "strangers held {held} connections");
+}
+
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
     let tls = Tls::new();

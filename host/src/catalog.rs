@@ -178,7 +178,8 @@ pub struct SnapshotRecord {
     pub created_unix_ms: u64,
     pub size: u64,
     pub block_size: u32,
-    #[serde(default)]
+    /// (Bounded while a peer's listing is parsed: [`crate::id::with_label_budget`].)
+    #[serde(default, deserialize_with = "crate::id::deserialize_labels")]
     pub labels: BTreeMap<String, String>,
     pub parent: Option<SnapshotId>,
     #[serde(default)]
@@ -420,7 +421,7 @@ impl Catalog {
     /// Makes many snapshots visible in one transaction (a mirror committing a batch, an
     /// import). Each must satisfy what [`Catalog::commit_snapshot`] checks.
     pub fn commit_snapshots(&self, recs: &[SnapshotRecord]) -> Result<()> {
-        self.commit(recs, false)
+        self.commit(recs, false, None)
     }
 
     /// Commits a snapshot received into a replica. A replica follows its upstream, where
@@ -428,14 +429,62 @@ impl Catalog {
     /// holds the name under another id (one the upstream deleted, kept here by a lock, say)
     /// moves aside to `NAME.ID` in the same transaction. Its locks, which name its id, hold on.
     pub fn commit_replica_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
-        self.commit(std::slice::from_ref(rec), true)
+        self.commit(std::slice::from_ref(rec), true, None)
     }
 
-    fn commit(&self, recs: &[SnapshotRecord], move_aside: bool) -> Result<()> {
+    /// Commits the first snapshot a mirror received into a replica together with the
+    /// replica's record, in one transaction: a mirror creates nothing before everything the
+    /// upstream sent has been checked, so a refused update leaves no empty replica whose
+    /// block size or region a hostile first listing chose. The record is written when no
+    /// volume of its name exists, or replaces a replica of the same upstream that holds no
+    /// snapshot yet (one an older release made before a refusal); any other volume of the
+    /// name is a conflict, and a replica that holds snapshots by now is kept as it is.
+    pub fn commit_first_replica_snapshot(
+        &self,
+        volume: &VolumeRecord,
+        rec: &SnapshotRecord,
+    ) -> Result<()> {
+        debug_assert_eq!(volume.name, rec.volume);
+        self.commit(std::slice::from_ref(rec), true, Some(volume))
+    }
+
+    fn commit(
+        &self,
+        recs: &[SnapshotRecord],
+        move_aside: bool,
+        make: Option<&VolumeRecord>,
+    ) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
-            let vols = tx.open_table(VOLUMES)?;
+            let mut vols = tx.open_table(VOLUMES)?;
             let mut t = tx.open_table(SNAPSHOTS)?;
+            if let Some(make) = make {
+                let (lo, hi) = volume_range(&make.name);
+                let empty = t.range(lo.as_str()..hi.as_str())?.next().is_none();
+                let now: Option<VolumeRecord> = match vols.get(make.name.as_str())? {
+                    Some(v) => Some(decode(v.value(), make.name.as_str())?),
+                    None => None,
+                };
+                let write = match now {
+                    None => true,
+                    // Holding snapshots, it was made by an earlier commit: it stays.
+                    Some(v) if v.upstream.is_some() && v.upstream == make.upstream => empty,
+                    Some(v) => {
+                        return Err(Error::conflict(format!(
+                            "volume {} appeared on this node while it was being mirrored ({}); \
+                             a mirror writes only into its own replica, nothing was committed",
+                            v.name,
+                            v.upstream.clone().unwrap_or_else(|| format!(
+                                "a local volume of {}",
+                                v.source_label()
+                            ))
+                        )));
+                    }
+                };
+                if write {
+                    vols.insert(make.name.as_str(), encode(make)?.as_slice())?;
+                }
+            }
             let mut names: std::collections::HashSet<(String, String)> = Default::default();
             let mut loaded: std::collections::HashSet<&VolumeName> = Default::default();
             for rec in recs {
@@ -679,4 +728,88 @@ pub fn resolve_in(snaps: &[SnapshotRecord], r: &SnapshotRef) -> Result<SnapshotR
         shorten(want),
         r.volume
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(dir: &tempfile::TempDir) -> Catalog {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("catalog.redb"))
+            .unwrap();
+        Catalog::open_file(f).unwrap()
+    }
+
+    fn snap(volume: &str, i: u64, block_size: u32) -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId::generate(1_000 + i),
+            volume: volume.parse().unwrap(),
+            name: format!("s{i}").parse().unwrap(),
+            created_unix_ms: 1_000 + i,
+            size: 1 << 20,
+            block_size,
+            labels: Default::default(),
+            parent: None,
+            stats: Default::default(),
+            regions: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_replica_is_made_with_its_first_snapshot_and_an_empty_one_is_made_again() {
+        // An empty replica an older release left behind (4 KiB, region r1) is made again as
+        // the first snapshot's record says; later commits keep the replica as it is.
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(&dir);
+        let v: VolumeName = "vm1".parse().unwrap();
+        let mut old = VolumeRecord::replica(v.clone(), 4096, "mirror of a".into());
+        old.region = Some("r1".parse().unwrap());
+        c.add_volume(&old).unwrap();
+        let made = VolumeRecord::replica(v.clone(), 65536, "mirror of a".into());
+        c.commit_first_replica_snapshot(&made, &snap("vm1", 1, 65536))
+            .unwrap();
+        let now = c.volume(&v).unwrap();
+        assert_eq!((now.block_size, now.region), (65536, None));
+        let other = VolumeRecord::replica(v.clone(), 4096, "mirror of a".into());
+        c.commit_first_replica_snapshot(&other, &snap("vm1", 2, 65536))
+            .unwrap();
+        assert_eq!(c.volume(&v).unwrap().block_size, 65536);
+        assert_eq!(c.snapshots(&v).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_first_replica_snapshot_never_lands_in_another_volume() {
+        // A local volume (or another upstream's replica) of the name, even without snapshots,
+        // is a conflict: nothing is committed and its record stays.
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(&dir);
+        let v: VolumeName = "vm1".parse().unwrap();
+        c.add_volume(&VolumeRecord::image(v.clone(), "/x.img".into(), 4096))
+            .unwrap();
+        let made = VolumeRecord::replica(v.clone(), 65536, "mirror of a".into());
+        let e = c
+            .commit_first_replica_snapshot(&made, &snap("vm1", 1, 65536))
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict(_)), "{e}");
+        assert!(c.snapshots(&v).unwrap().is_empty());
+        assert_eq!(c.volume(&v).unwrap().upstream, None);
+        let w: VolumeName = "vm2".parse().unwrap();
+        c.add_volume(&VolumeRecord::replica(
+            w.clone(),
+            4096,
+            "mirror of b".into(),
+        ))
+        .unwrap();
+        let made = VolumeRecord::replica(w.clone(), 65536, "mirror of a".into());
+        assert!(
+            c.commit_first_replica_snapshot(&made, &snap("vm2", 1, 65536))
+                .is_err()
+        );
+        assert_eq!(c.volume(&w).unwrap().block_size, 4096);
+    }
 }

@@ -208,23 +208,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Text from outside (labels, lock values) as it is safe to print on a terminal: control
-/// characters (a terminal escape, say) shown escaped, never sent raw.
+/// Text from outside (labels, lock values, an error a peer sent) as it is safe to print on a
+/// terminal: control characters (a terminal escape, say) shown escaped, never sent raw.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(holdfast::id::is_hazard) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    std::borrow::Cow::Owned(
-        s.chars()
-            .map(|c| {
-                if holdfast::id::is_hazard(c) {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
-    )
+    holdfast::id::escape_hazards(s)
 }
 
 /// `k=v,k=v`, printable.

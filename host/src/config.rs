@@ -158,7 +158,8 @@ pub struct Listen {
     #[serde(default)]
     pub plaintext: bool,
     /// A bearer token `/metrics` requires (give one of these two); without one, the metrics
-    /// are open to whoever reaches the listener, as Prometheus exporters usually are.
+    /// are served only to clients on this host (a loopback address), since they name the
+    /// node's volumes and peers.
     pub metrics_token: Option<String>,
     pub metrics_token_file: Option<PathBuf>,
 }

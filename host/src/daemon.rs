@@ -346,6 +346,9 @@ impl Daemon {
         let hidden = indicatif::ProgressBar::hidden();
         match job.kind {
             JobKind::Mirror => {
+                if crate::failpoint("mirror-panic") {
+                    panic!("failure point mirror-panic (HOLDFAST_FAILPOINT, for tests only)");
+                }
                 let r = mirror::run(
                     &self.node,
                     &self.cfg(),
@@ -609,6 +612,23 @@ impl Daemon {
         }
     }
 
+    /// Records in the transfer log a mirror or push run that ended without recording itself
+    /// (it panicked), so that `status` counts it.
+    fn record_unfinished(&self, job: &Job, err: &Error) {
+        let relation = match (job.kind, &job.upstream, &job.target) {
+            (JobKind::Mirror, Some(upstream), _) => crate::transfers::Relation::Mirror {
+                volume: job.volume.clone(),
+                upstream: upstream.to_string(),
+            },
+            (JobKind::Push, _, Some(target)) => crate::transfers::Relation::Push {
+                volume: job.volume.clone(),
+                target: target.clone(),
+            },
+            _ => return,
+        };
+        crate::transfers::record(&self.node.catalog, relation, Err(err));
+    }
+
     /// Runs a job at its times until a reload ends it (`stop`: its current run finishes
     /// first) or the daemon stops.
     async fn job_loop(
@@ -662,17 +682,23 @@ impl Daemon {
                 let (d, j) = (self.clone(), job.clone());
                 match tokio::spawn(async move { d.run_job(&j).await }).await {
                     Ok(r) => r,
-                    Err(e) => Err(Error::internal(format!(
-                        "the {:?} job of {} {}: {}",
-                        job.kind,
-                        job.volume,
-                        if e.is_panic() {
-                            "panicked"
-                        } else {
-                            "was cancelled"
-                        },
-                        panic_message(e)
-                    ))),
+                    Err(e) => {
+                        let err = Error::internal(format!(
+                            "the {:?} job of {} {}: {}",
+                            job.kind,
+                            job.volume,
+                            if e.is_panic() {
+                                "panicked"
+                            } else {
+                                "was cancelled"
+                            },
+                            panic_message(e)
+                        ));
+                        // A run that unwound never reached the transfer log, from which
+                        // `status` takes a relation's counts: it goes there as a failure.
+                        self.record_unfinished(&job, &err);
+                        Err(err)
+                    }
                 }
             };
             let secs = t0.elapsed().as_secs_f64();
@@ -1293,8 +1319,8 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
         && cfg.metrics_token()?.is_none()
     {
         tracing::info!(
-            "{url}/metrics is open to whoever reaches the listener; set metrics_token_file in \
-             [listen] to require a token"
+            "{url}/metrics is served to this host only; set metrics_token_file in [listen] \
+             to serve it to whoever presents that token (a Prometheus elsewhere)"
         );
     }
     tell_systemd(&[

@@ -399,6 +399,85 @@ pub fn is_hazard(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
+/// Most labels one snapshot in a peer's listing may carry, and one listing in all. A listing is
+/// parsed before its records can be checked, and a tiny label costs ten times its bytes once
+/// held: these bounds apply while it is parsed ([`with_label_budget`]).
+pub const MAX_LISTED_LABELS_PER_SNAPSHOT: usize = 256;
+pub const MAX_LISTED_LABELS: usize = 1 << 17;
+
+thread_local! {
+    /// Labels the parse running on this thread may still take (`None`: no bound, as when the
+    /// catalog reads its own records).
+    static LABEL_BUDGET: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `parse`, a synchronous deserialization of text from a peer, with the labels of the
+/// snapshot records in it bounded ([`MAX_LISTED_LABELS_PER_SNAPSHOT`],
+/// [`MAX_LISTED_LABELS`]): past them the parse fails, before more is allocated.
+pub fn with_label_budget<T>(parse: impl FnOnce() -> T) -> T {
+    let before = LABEL_BUDGET.replace(Some(MAX_LISTED_LABELS));
+    let out = parse();
+    LABEL_BUDGET.set(before);
+    out
+}
+
+/// A snapshot record's labels, bounded while a [`with_label_budget`] parse runs.
+pub fn deserialize_labels<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    struct Labels;
+    impl<'de> serde::de::Visitor<'de> for Labels {
+        type Value = std::collections::BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of labels")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if let Some(left) = LABEL_BUDGET.get() {
+                    if out.len() >= MAX_LISTED_LABELS_PER_SNAPSHOT {
+                        return Err(serde::de::Error::custom(format!(
+                            "a snapshot with more than {MAX_LISTED_LABELS_PER_SNAPSHOT} labels"
+                        )));
+                    }
+                    if left == 0 {
+                        return Err(serde::de::Error::custom(format!(
+                            "more than {MAX_LISTED_LABELS} labels in all"
+                        )));
+                    }
+                    LABEL_BUDGET.set(Some(left - 1));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Labels)
+}
+
+/// Text from outside (a label, a lock value, a peer's error message) as it is safe to print on
+/// a terminal or in a log: the characters of [`is_hazard`] shown escaped (`\u{1b}`), never
+/// sent raw.
+pub fn escape_hazards(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(is_hazard) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if is_hazard(c) {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

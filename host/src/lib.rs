@@ -120,6 +120,31 @@ pub fn pause_point(point: &str) {
     let _ = point;
 }
 
+/// Test-only failure injection: whether the failure point `name` fires now, which it does
+/// once per process when `HOLDFAST_FAILPOINT` names it, and only in debug builds (a release
+/// build compiles this to `false`, whatever the environment says). The points: `mirror-panic`
+/// (the first mirror update a daemon job runs panics, so the tests can watch the daemon report
+/// it and run the job again).
+pub fn failpoint(name: &str) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        static FIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        if std::env::var("HOLDFAST_FAILPOINT").is_ok_and(|v| v.split(',').any(|p| p == name)) {
+            let mut fired = FIRED.lock().expect("not poisoned");
+            if !fired.iter().any(|f| f == name) {
+                fired.push(name.to_string());
+                return true;
+            }
+        }
+        false
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// How long identical failure output stays out of the log after it was logged.
 const REPEAT_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -117,7 +117,14 @@ fn main() -> ExitCode {
             if err.chain().any(|c| c.is::<cli::StdoutClosed>()) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("holdfast: error: {err:#}");
+            // A message may quote text from outside (a peer's, an object store's): no
+            // terminal escape in it reaches the terminal raw. Line breaks are ours.
+            let text: String = format!("{err:#}")
+                .split('\n')
+                .map(|line| holdfast::id::escape_hazards(line).into_owned())
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!("holdfast: error: {text}");
             let code = err
                 .chain()
                 .find_map(|c| c.downcast_ref::<holdfast::Error>())

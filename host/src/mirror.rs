@@ -187,10 +187,12 @@ pub fn base_lock_value(node: &NodeId, volume: &VolumeName) -> String {
 /// The lock set this node sends upstream for `volume`: its base, the snapshots the transfer
 /// about to run will fetch (sent before it, so that the upstream keeps them until they are
 /// here; the set sent after it releases them), and every lock held here (applications,
-/// policies, downstreams) on a snapshot the upstream has.
+/// policies, downstreams) on a snapshot the upstream has. `region` is the one the replica
+/// holds, if only one (its base lock is then a qtree-name lock).
 pub fn lock_set(
     node: &Node,
     volume: &VolumeName,
+    region: Option<&crate::id::RegionName>,
     upstream_has: &HashSet<SnapshotId>,
     base: Option<SnapshotId>,
     transfer: &[SnapshotId],
@@ -201,7 +203,7 @@ pub fn lock_set(
     mine.sort();
     mine.dedup();
     // A replica of one region holds a qtree: its base lock says which (`VOLUME/REGION`).
-    let (lock_type, value) = match node.catalog.volume(volume).ok().and_then(|v| v.region) {
+    let (lock_type, value) = match region {
         Some(region) => (LockType::QtreeName, format!("{volume}/{region}")),
         None => (LockType::DestinationPath, base_lock_value(me, volume)),
     };
@@ -535,13 +537,15 @@ async fn update(
     let upstream = cfg.upstream(&relation.upstream)?;
     let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
     let _volume_lock = lock_volume(node, volume).await?;
-    let u = Update {
+    let mut u = Update {
         node,
         client: &client,
         volume,
         engine,
         started,
         region: relation.region.as_ref(),
+        holds: None,
+        make: None,
     };
 
     // 1. The upstream's snapshots, each checked before anything of it is used; of a region
@@ -564,9 +568,14 @@ async fn update(
             relation.upstream
         )));
     }
-    if !u.replica_ready(&relation.upstream, &theirs, holds)? {
-        return Ok(MirrorReport::nothing(volume, &relation.upstream, started));
-    }
+    u.make = match u.replica(&relation.upstream, &theirs, &holds)? {
+        Replica::NothingYet => {
+            return Ok(MirrorReport::nothing(volume, &relation.upstream, started));
+        }
+        Replica::Ready => None,
+        Replica::Make(rec) => Some(*rec),
+    };
+    u.holds = holds;
     let ours = node.catalog.snapshots(volume)?;
     let base = ours
         .iter()
@@ -618,6 +627,31 @@ struct Update<'a> {
     started: Instant,
     /// The region of the upstream's volume this relation mirrors, if only one.
     region: Option<&'a crate::id::RegionName>,
+    /// The region the replica holds (this relation's, or the one the upstream's volume holds).
+    holds: Option<crate::id::RegionName>,
+    /// The replica's record when this update makes it: written with its first snapshot.
+    make: Option<VolumeRecord>,
+}
+
+/// Where an update writes.
+enum Replica {
+    /// Nothing here and nothing listed: there is nothing to mirror yet.
+    NothingYet,
+    /// The replica as it is.
+    Ready,
+    /// A replica made with the first snapshot committed (nothing is created before).
+    Make(Box<VolumeRecord>),
+}
+
+/// The block size a listing must match: the local volume's, once it holds a snapshot. A
+/// replica without snapshots (one an older release made before refusing an update) is made
+/// again as the upstream lists it: what a refused listing said must not pin it.
+fn replica_block_size(node: &Node, volume: &VolumeName) -> Result<Option<u32>> {
+    match node.catalog.volume(volume) {
+        Ok(v) if !node.catalog.snapshots(volume)?.is_empty() => Ok(Some(v.block_size)),
+        Ok(_) | Err(Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 impl Update<'_> {
@@ -630,11 +664,7 @@ impl Update<'_> {
     async fn list(&self) -> Result<(Vec<SnapshotRecord>, Option<crate::id::RegionName>)> {
         let listed = self.client.snapshots(self.volume).await?;
         self.debug("listed the upstream's snapshots");
-        let local_block_size = match self.node.catalog.volume(self.volume) {
-            Ok(v) => Some(v.block_size),
-            Err(Error::NotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
+        let local_block_size = replica_block_size(self.node, self.volume)?;
         let holds = self.region.cloned().or(listed.region);
         let list = check_listing(
             &self.client.upstream,
@@ -645,30 +675,46 @@ impl Update<'_> {
         Ok((list, holds))
     }
 
-    /// The local replica, created on the first update (false: there is nothing to mirror
-    /// yet). A local volume of the same name is never written into, nor a replica of another
-    /// region.
-    fn replica_ready(
+    /// The local replica, if it exists, or the record it is made with when its first snapshot
+    /// is committed: nothing is created before every check of the update has passed. A local
+    /// volume of the same name is never written into, nor a replica of another region.
+    fn replica(
         &self,
         upstream: &NodeId,
         theirs: &[SnapshotRecord],
-        holds: Option<crate::id::RegionName>,
-    ) -> Result<bool> {
+        holds: &Option<crate::id::RegionName>,
+    ) -> Result<Replica> {
         let (node, volume) = (self.node, self.volume);
         let marker = format!("mirror of {upstream}");
         let what = |r: &Option<crate::id::RegionName>| match r {
             Some(r) => format!("region {r} of {volume}"),
             None => format!("all of {volume}"),
         };
+        let make = || match theirs.first() {
+            None => Replica::NothingYet,
+            Some(first) => {
+                let mut rec =
+                    VolumeRecord::replica(volume.clone(), first.block_size, marker.clone());
+                rec.region = holds.clone();
+                Replica::Make(Box::new(rec))
+            }
+        };
         match node.catalog.volume(volume) {
-            Ok(v) if v.upstream.is_some() && v.region != holds => Err(Error::conflict(format!(
+            // Empty: made again as this listing says (see `replica_block_size`).
+            Ok(v)
+                if v.upstream.as_deref() == Some(marker.as_str())
+                    && node.catalog.snapshots(volume)?.is_empty() =>
+            {
+                Ok(make())
+            }
+            Ok(v) if v.upstream.is_some() && &v.region != holds => Err(Error::conflict(format!(
                 "volume {volume} on this node holds {}, but this relation mirrors {}; a replica \
                  keeps what it was made of (mirror into another node, or delete the replica's \
                  snapshots and `holdfast volume remove {volume}` to start over)",
                 what(&v.region),
-                what(&holds)
+                what(holds)
             ))),
-            Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => Ok(true),
+            Ok(v) if v.upstream.as_deref() == Some(marker.as_str()) => Ok(Replica::Ready),
             Ok(v)
                 if v.upstream
                     .as_deref()
@@ -677,10 +723,10 @@ impl Update<'_> {
                 // Seeded from a bucket (`mirror pull --target`): the snapshot ids are the
                 // upstream's, so mirroring continues incrementally from here.
                 node.catalog.modify_volume(volume, |now| {
-                    now.upstream = Some(marker);
+                    now.upstream = Some(marker.clone());
                     Ok(())
                 })?;
-                Ok(true)
+                Ok(Replica::Ready)
             }
             Ok(v) => Err(Error::conflict(format!(
                 "volume {volume} on this node is {}; a mirror writes only into its own replica \
@@ -689,15 +735,7 @@ impl Update<'_> {
                     .clone()
                     .unwrap_or_else(|| format!("a local volume of {}", v.source_label()))
             ))),
-            Err(Error::NotFound(_)) => {
-                let Some(first) = theirs.first() else {
-                    return Ok(false);
-                };
-                let mut rec = VolumeRecord::replica(volume.clone(), first.block_size, marker);
-                rec.region = holds;
-                node.catalog.add_volume(&rec)?;
-                Ok(true)
-            }
+            Err(Error::NotFound(_)) => Ok(make()),
             Err(e) => Err(e),
         }
     }
@@ -724,7 +762,14 @@ impl Update<'_> {
         base: Option<SnapshotId>,
         transfer: &[SnapshotId],
     ) -> Result<usize> {
-        let set = lock_set(self.node, self.volume, upstream_has, base, transfer)?;
+        let set = lock_set(
+            self.node,
+            self.volume,
+            self.holds.as_ref(),
+            upstream_has,
+            base,
+            transfer,
+        )?;
         let n = send_lock_set(self.client, self.volume, &self.node.info.node_id, set).await?;
         self.debug("sent the lock set");
         Ok(n)
@@ -776,6 +821,7 @@ impl Update<'_> {
                     rec,
                     prev: got.last().map(|g: &Received| &g.manifest).or(prev.as_ref()),
                     region: self.region,
+                    make: None,
                 }
                 .manifest(report)
                 .await?;
@@ -791,6 +837,7 @@ impl Update<'_> {
                     rec,
                     prev: None,
                     region: self.region,
+                    make: self.make.as_ref(),
                 };
                 prev = Some(r.store(received, &mut index, report, progress).await?);
                 tracing::debug!(ms = self.started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
@@ -835,7 +882,7 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
     let client = PeerClient::new(cfg, &node.info.node_id, upstream)?;
     let _volume_lock = lock_volume(node, volume).await?;
     let listed = client.snapshots(volume).await?;
-    let local_block_size = node.catalog.volume(volume).ok().map(|v| v.block_size);
+    let local_block_size = replica_block_size(node, volume)?;
     let theirs = check_listing(&client.upstream, volume, local_block_size, listed.snapshots)?;
     let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
     let base = node
@@ -845,7 +892,8 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
         .rev()
         .find(|s| upstream_has.contains(&s.id))
         .map(|s| s.id);
-    let locks = lock_set(node, volume, &upstream_has, base, &[])?;
+    let region = node.catalog.volume(volume).ok().and_then(|v| v.region);
+    let locks = lock_set(node, volume, region.as_ref(), &upstream_has, base, &[])?;
     send_lock_set(&client, volume, &node.info.node_id, locks).await
 }
 
@@ -858,6 +906,8 @@ struct Receive<'a> {
     prev: Option<&'a Manifest>,
     /// The region of it to receive, if only one.
     region: Option<&'a crate::id::RegionName>,
+    /// The replica's record, when this update makes it with its first commit.
+    make: Option<&'a VolumeRecord>,
 }
 
 /// A manifest received, and what to look for in the repository before its chunks are fetched.
@@ -947,7 +997,7 @@ impl Receive<'_> {
                 &rec.volume,
                 &rec.id,
                 self.prev.map(|p| p.id),
-                limit,
+                (rec.size, rec.block_size),
                 self.region,
             )
             .await?;
@@ -988,7 +1038,13 @@ impl Receive<'_> {
                         tracing::warn!("{e}; fetching the whole manifest");
                         let raw = match self
                             .client
-                            .manifest(&rec.volume, &rec.id, None, limit, self.region)
+                            .manifest(
+                                &rec.volume,
+                                &rec.id,
+                                None,
+                                (rec.size, rec.block_size),
+                                self.region,
+                            )
                             .await?
                         {
                             ManifestAnswer::Full(raw) => raw,
@@ -1172,7 +1228,11 @@ impl Receive<'_> {
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();
         local.regions = rec.regions.clone();
-        if let Err(e) = node.catalog.commit_replica_snapshot(&local) {
+        let committed = match self.make {
+            Some(volume) => node.catalog.commit_first_replica_snapshot(volume, &local),
+            None => node.catalog.commit_replica_snapshot(&local),
+        };
+        if let Err(e) = committed {
             let _ = node.repo.delete_manifest(&rec.volume, &rec.id).await;
             return Err(e);
         }

@@ -92,23 +92,33 @@ impl WireError {
         )
     }
 
-    /// Back into an [`Error`], prefixed with who said it.
+    /// Back into an [`Error`], prefixed with who said it. The peer's message is text from
+    /// outside: it enters the error escaped and cut short ([`peer_text`]). The peer's `kind`
+    /// chooses the category only where it is a peer's to say: a volume or snapshot it does not
+    /// have (not found, exit 3), a request it refuses (denied or invalid: exit 9, as every
+    /// refusal by a peer); anything else it reports (its own corrupt data, its own policy, an
+    /// internal error, a kind this node does not know) is the peer failing to answer
+    /// (unavailable, exit 7), never this node's input, data or policy failing.
     pub fn into_error(self, who: &str) -> Error {
-        let m = format!("{who}: {}", self.message);
+        let m = format!("{who}: {}", peer_text(&self.message));
         match self.kind.as_str() {
             "not-found" => Error::NotFound(m),
-            "invalid" => Error::InvalidInput(m),
-            "conflict" => Error::Conflict(m),
-            "locked" => Error::Locked(m),
-            "corrupt" => Error::Corrupt(m),
-            "denied" => Error::Denied(m),
-            "policy" => Error::Policy(m),
+            "denied" | "invalid" => Error::Denied(m),
             _ => Error::Unavailable {
                 message: m,
                 source: None,
             },
         }
     }
+}
+
+/// Most bytes of a peer's own text (an error message) kept in an error here.
+pub const MAX_PEER_TEXT: usize = 1024;
+
+/// Text a peer sent, as it may enter an error, a log or `status`: terminal escapes, bidi
+/// marks and line breaks escaped, at most [`MAX_PEER_TEXT`] bytes.
+pub fn peer_text(s: &str) -> String {
+    crate::id::shorten_to(&crate::id::escape_hazards(s), MAX_PEER_TEXT)
 }
 
 /// One chunk in a frame stream, borrowed from the buffer.

@@ -372,15 +372,28 @@ fn make_private(path: &Path) -> Result<()> {
 }
 
 /// Refuses a secret (a token or key file) that users other than its owner can read or write,
-/// as ssh refuses such a private key.
+/// or that another user owns (who could change it, or its mode, at will), as ssh refuses such
+/// a private key. Root may own it too (a key an administrator installed for a service user).
 pub fn check_private(path: &Path, what: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(Error::invalid(format!(
+            "{what} {} is owned by user {}, not by this process's user ({me}) or root: its \
+             owner can change it. Run `chown {me} {}` (or give it to root); holdfast uses no \
+             secret another user controls",
+            path.display(),
+            meta.uid(),
+            path.display()
+        )));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::invalid(format!(
-            "{what} {} is mode {mode:o}: other users can read or change it. Run              `chmod 600 {}`; holdfast uses no secret others can reach",
+            "{what} {} is mode {mode:o}: other users can read or change it. Run `chmod 600 \
+             {}`; holdfast uses no secret others can reach",
             path.display(),
             path.display()
         )));

@@ -153,12 +153,18 @@ impl Peer {
 
     /// Starts the daemon and waits until it answers `status`.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// [`Peer::start`] with more environment (`HOLDFAST_FAILPOINT`, say).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "{} already runs", self.name);
         let log = std::fs::File::create(self.node.path("daemon.log")).expect("log file");
         let child = self
             .node
             .cmd(&["-v", "daemon", "--config"])
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -200,6 +206,18 @@ impl Peer {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
             .expect("VmRSS")
+            * 1024
+    }
+
+    /// The daemon's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.pid().expect("daemon running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
             * 1024
     }
 

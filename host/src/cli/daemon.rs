@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{Context, human_bytes, print_json};
+use super::{Context, human_bytes, print_json, printable};
 use holdfast::config::NodeConfig;
 use holdfast::softlock::human_duration;
 
@@ -159,7 +159,11 @@ impl StatusCommand {
                 );
             }
             if let Some(e) = j["last-error"].as_str() {
-                outln!("      error ({} in a row): {e}", j["consecutive-failures"]);
+                outln!(
+                    "      error ({} in a row): {}",
+                    j["consecutive-failures"],
+                    printable(e)
+                );
             }
         }
         let g = &s["gc"];
@@ -194,9 +198,10 @@ impl StatusCommand {
                     None => "-",
                 },
                 ago(now, u(&j["next-run-unix-ms"])),
-                j["last-error"]
-                    .as_str()
-                    .map_or(String::new(), |e| format!("\n      error: {e}"))
+                j["last-error"].as_str().map_or(String::new(), |e| format!(
+                    "\n      error: {}",
+                    printable(e)
+                ))
             );
         }
         outln!("\nLOCKS");

@@ -42,12 +42,14 @@ const MANIFEST_HEADER_ROOM: usize = 1 << 20;
 
 /// Most bytes a manifest (whole, or a delta) of a snapshot of `size` bytes in blocks of
 /// `block_size` may take on the wire: its header, a presence bit and 32-byte id per block, or
-/// per changed block an index and an id.
+/// per changed block an index, a tag and an id (a delta, zstd-compressed, may grow by a little
+/// over that). A whole manifest is held to the exact length its own bitmap gives.
 pub fn manifest_limit(size: u64, block_size: u32) -> usize {
     let blocks = crate::snapshot::block_count(size, block_size.max(1)) as usize;
-    MANIFEST_HEADER_ROOM
-        .saturating_add(blocks.saturating_mul(8 + 33))
-        .saturating_add(blocks / 8 + 64)
+    let raw = MANIFEST_HEADER_ROOM
+        .saturating_add(blocks.saturating_mul(8 + 1 + 32))
+        .saturating_add(blocks / 8 + 128);
+    raw.saturating_add(raw / 128)
 }
 
 fn client_builder() -> reqwest::ClientBuilder {
@@ -160,13 +162,15 @@ impl PeerClient {
                 message: format!(
                     "{} answered {status}: {}",
                     self.who(),
-                    crate::id::shorten(&String::from_utf8_lossy(&body))
+                    super::peer_text(&crate::id::shorten(&String::from_utf8_lossy(&body)))
                 ),
                 source: None,
             },
         })
     }
 
+    /// An answer in JSON, at most `limit` bytes, parsed with the labels of the snapshot
+    /// records in it bounded ([`crate::id::with_label_budget`]).
     async fn json<T: DeserializeOwned>(
         &self,
         req: RequestBuilder,
@@ -174,8 +178,14 @@ impl PeerClient {
         what: &str,
     ) -> Result<T> {
         let body = self.bytes(req, limit, what).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| Error::corrupt(format!("{} sent a malformed answer: {e}", self.who())))
+        // serde's message may quote what the peer sent (an unknown variant, say).
+        crate::id::with_label_budget(|| serde_json::from_slice(&body)).map_err(|e| {
+            Error::denied(format!(
+                "{} sent a malformed {what}: {}; nothing was changed",
+                self.who(),
+                super::peer_text(&e.to_string())
+            ))
+        })
     }
 
     async fn bytes(&self, req: RequestBuilder, limit: usize, what: &str) -> Result<Bytes> {
@@ -185,7 +195,26 @@ impl PeerClient {
 
     /// Reads an answer's body, refusing it as soon as it grows past `limit` bytes (checked
     /// while it streams in, so a hostile upstream cannot make this node buffer more).
-    async fn body(&self, mut resp: Response, limit: usize, what: &str) -> Result<Bytes> {
+    async fn body(&self, resp: Response, limit: usize, what: &str) -> Result<Bytes> {
+        self.body_sized(resp, limit, what, |_| Ok(None)).await
+    }
+
+    /// [`PeerClient::body`], where `exact` tells from the first bytes how long the whole body
+    /// must be (`None`: not yet known): the body is then refused as soon as its first bytes
+    /// are wrong or it runs past that length, and its buffer is sized once.
+    async fn body_sized(
+        &self,
+        mut resp: Response,
+        limit: usize,
+        what: &str,
+        exact: impl Fn(&[u8]) -> Result<Option<usize>>,
+    ) -> Result<Bytes> {
+        let refused = |e: Error| {
+            Error::denied(format!(
+                "{} sent a {what} this node refuses: {e}; nothing was changed",
+                self.who()
+            ))
+        };
         let too_big = |n: u64| {
             Error::denied(format!(
                 "{} sent a {what} of {n} bytes or more; at most {limit} bytes are accepted, \
@@ -199,16 +228,48 @@ impl PeerClient {
         let mut out = bytes::BytesMut::with_capacity(
             resp.content_length().map_or(0, |n| n as usize).min(limit),
         );
+        let mut length: Option<usize> = None;
         loop {
             let next = resp.chunk().await.map_err(|e| Error::Unavailable {
                 message: format!("reading the {what} of {}: {e}", self.who()),
                 source: None,
             })?;
             let Some(chunk) = next else { break };
+            let limit = length.unwrap_or(limit);
             if out.len() + chunk.len() > limit {
-                return Err(too_big((out.len() + chunk.len()) as u64));
+                return Err(match length {
+                    Some(n) => refused(Error::corrupt(format!(
+                        "it runs past the {n} bytes its first bytes say it has"
+                    ))),
+                    None => too_big((out.len() + chunk.len()) as u64),
+                });
             }
             out.extend_from_slice(&chunk);
+            if length.is_none()
+                && let Some(n) = exact(&out).map_err(refused)?
+            {
+                if n > limit {
+                    return Err(too_big(n as u64));
+                }
+                // Sized once (growing by doubling would take up to twice the length).
+                if out.capacity() < n {
+                    let mut exact = bytes::BytesMut::with_capacity(n);
+                    exact.extend_from_slice(&out);
+                    out = exact;
+                }
+                length = Some(n);
+                if out.len() > n {
+                    return Err(refused(Error::corrupt(format!(
+                        "it runs past the {n} bytes its first bytes say it has"
+                    ))));
+                }
+            }
+        }
+        if let Some(n) = length.filter(|n| out.len() != *n) {
+            return Err(refused(Error::corrupt(format!(
+                "it ends after {} of the {n} bytes its first bytes say it has",
+                out.len()
+            ))));
         }
         Ok(out.freeze())
     }
@@ -231,17 +292,20 @@ impl PeerClient {
         Ok(list)
     }
 
-    /// The manifest of snapshot `id`; with `base`, preferably as a delta against that
-    /// snapshot's manifest (an upstream without `base` sends the whole manifest). At most
-    /// `limit` bytes ([`manifest_limit`] of the listed snapshot) are accepted.
+    /// The manifest of snapshot `id`, listed as `geometry` (its size and block size); with
+    /// `base`, preferably as a delta against that snapshot's manifest (an upstream without
+    /// `base` sends the whole manifest). At most [`manifest_limit`] of the listed snapshot is
+    /// accepted, and a whole manifest must be in format 2 of exactly the length its header and
+    /// presence bitmap give (checked as soon as they arrive).
     pub async fn manifest(
         &self,
         volume: &VolumeName,
         id: &SnapshotId,
         base: Option<SnapshotId>,
-        limit: usize,
+        geometry: (u64, u32),
         region: Option<&RegionName>,
     ) -> Result<ManifestAnswer> {
+        let limit = manifest_limit(geometry.0, geometry.1);
         let mut path = format!(
             "v1/volumes/{volume}/snapshots/{id}/manifest?format={}",
             crate::snapshot::MANIFEST_FORMAT
@@ -258,11 +322,16 @@ impl PeerClient {
             .headers()
             .get(MANIFEST_KIND_HEADER)
             .is_some_and(|v| v.as_bytes() == b"delta");
-        let body = self.body(resp, limit, "manifest").await?;
         Ok(if delta {
-            ManifestAnswer::Delta(body)
+            ManifestAnswer::Delta(self.body(resp, limit, "manifest delta").await?)
         } else {
-            ManifestAnswer::Full(body)
+            let what = format!("manifest of {volume}@{id}");
+            ManifestAnswer::Full(
+                self.body_sized(resp, limit, "manifest", |prefix| {
+                    crate::snapshot::manifest::format_2_len(prefix, geometry, &what)
+                })
+                .await?,
+            )
         })
     }
 

@@ -50,6 +50,13 @@ const OTHER_BODY_LIMIT: usize = 16 << 10;
 /// Connections served at once, in all and from one address; more are closed at once.
 const MAX_CONNECTIONS: usize = 512;
 const MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// Of [`MAX_CONNECTIONS`], the last this many are kept for addresses a peer authenticated
+/// from lately ([`KNOWN_FOR`]): eight addresses of strangers can fill the rest, not these.
+const RESERVED_FOR_KNOWN: usize = 64;
+/// How long an address a peer authenticated from counts as known.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Most known addresses remembered (the oldest are forgotten first).
+const KNOWN_ADDRESSES: usize = 4096;
 /// A TLS handshake, and the first request of a connection, must come within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed (a peer reconnects when it needs to).
@@ -61,7 +68,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 /// Bytes of chunk answers being read and sent at once, for all peers together (KiB units).
 const SEND_BUDGET_KIB: u32 = 512 << 10;
-/// Manifest work (decoding, deltas, old formats, chunk sets) done at once, for all peers.
+/// Manifest work (decoding, deltas, old formats, chunk sets, regions) done at once, for all
+/// peers; one peer holds at most one of these permits, so no peer can take them all.
 const HEAVY_WORK: usize = 2;
 /// Lock sets one peer may send a second, on average, and in a burst.
 const LOCK_SET_RATE: f64 = 5.0;
@@ -80,6 +88,9 @@ struct Peer {
     lease_ms: Option<u64>,
     /// Its requests in progress (at most [`PEER_CONCURRENCY`]).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Its manifest work: one piece at a time, so that it holds at most one of the
+    /// [`HEAVY_WORK`] permits all peers share.
+    heavy: Arc<tokio::sync::Semaphore>,
     /// Its request rate.
     rate: Mutex<TokenBucket>,
     /// Its rate of lock sets (each may rewrite up to `max_locks` locks and their history).
@@ -179,7 +190,13 @@ struct Served {
     deltas: VecDeque<(SnapshotId, Bytes)>,
     /// Its regions asked for lately.
     regions: Vec<Arc<RegionView>>,
+    /// Region manifests sent lately, by region and base (none: whole): every peer asking the
+    /// same gets the same bytes, made once.
+    region_answers: VecDeque<RegionAnswer>,
 }
+
+/// A region's manifest as sent: (region, base, the bytes, whether they are a delta).
+type RegionAnswer = (RegionName, Option<SnapshotId>, Bytes, bool);
 
 /// One region of a served snapshot, as a downstream that mirrors the region receives it.
 struct RegionView {
@@ -224,10 +241,37 @@ pub struct ServerState {
     send_budget: Arc<tokio::sync::Semaphore>,
     /// Manifest work under way (see [`HEAVY_WORK`]).
     heavy: Arc<tokio::sync::Semaphore>,
+    /// The last `/metrics` text and when it was made: a scraper (or a flood) costs one
+    /// catalog read a second at most.
+    metrics_cache: Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a `/metrics` text is served again before it is made anew.
+const METRICS_CACHE: Duration = Duration::from_secs(1);
+
+/// The address a request came from (set by [`serve`] on every request).
+#[derive(Clone, Copy, Debug)]
+pub struct Remote(pub std::net::SocketAddr);
 
 /// The downstreams by name.
 type PeerTable = HashMap<NodeId, Arc<Peer>>;
+
+/// The peer's own permit (`own`), then one of the `shared` ones.
+async fn heavy_permit(
+    own: &Arc<tokio::sync::Semaphore>,
+    shared: &Arc<tokio::sync::Semaphore>,
+) -> Result<HeavyPermit> {
+    let closed = |_| Error::internal("the work permits closed");
+    let own = own.clone().acquire_owned().await.map_err(closed)?;
+    let shared = shared.clone().acquire_owned().await.map_err(closed)?;
+    Ok((own, shared))
+}
+
+/// A peer's manifest-work permit and a shared one (see [`ServerState::heavy_work`]).
+type HeavyPermit = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 impl ServerState {
     pub fn new(
@@ -253,6 +297,7 @@ impl ServerState {
             refusals: LogLimiter::new(),
             send_budget: Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET_KIB as usize)),
             heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK)),
+            metrics_cache: Mutex::new(None),
         })
     }
 
@@ -282,6 +327,10 @@ impl ServerState {
                 || Arc::new(tokio::sync::Semaphore::new(PEER_CONCURRENCY)),
                 |p| p.slots.clone(),
             );
+            let heavy = old.get(&d.name).map_or_else(
+                || Arc::new(tokio::sync::Semaphore::new(1)),
+                |p| p.heavy.clone(),
+            );
             peers.insert(
                 d.name.clone(),
                 Arc::new(Peer {
@@ -293,6 +342,7 @@ impl ServerState {
                     max_snapshots: d.max_snapshots,
                     lease_ms,
                     slots,
+                    heavy,
                     rate: Mutex::new(TokenBucket::new(PEER_RATE, PEER_BURST)),
                     lock_sets: Mutex::new(TokenBucket::new(LOCK_SET_RATE, LOCK_SET_BURST)),
                 }),
@@ -385,7 +435,13 @@ impl ServerState {
         let volume: VolumeName = volume.parse()?;
         if !peer.volumes.contains(&volume) && !peer.regions.contains_key(&volume) {
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %peer.name, %volume, "refused: volume not granted");
+            // A peer asking again and again must not fill the log.
+            self.refusals.warn(|| {
+                format!(
+                    "refused a peer request: peer {} is not granted volume {volume}",
+                    peer.name
+                )
+            });
             return Err(Error::denied(format!(
                 "peer {} is not granted volume {volume}",
                 peer.name
@@ -410,7 +466,14 @@ impl ServerState {
             Some(r) if allowed.is_some_and(|a| a.contains(r)) => Ok(volume),
             _ => {
                 self.counters.denied.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %peer.name, %volume, "refused: region not granted");
+                self.refusals.warn(|| {
+                    format!(
+                        "refused a peer request: peer {} is not granted region {} of volume \
+                         {volume}",
+                        peer.name,
+                        region.map_or("(none named)", |r| r.as_str())
+                    )
+                });
                 let mut names: Vec<&str> =
                     allowed.into_iter().flatten().map(|r| r.as_str()).collect();
                 names.sort();
@@ -427,6 +490,7 @@ impl ServerState {
     /// Region `region` of a served snapshot (kept with the snapshot for the next requests).
     async fn region_of(
         &self,
+        peer: &Peer,
         rec: &SnapshotRecord,
         region: &RegionName,
     ) -> Result<Arc<RegionView>> {
@@ -438,7 +502,7 @@ impl ServerState {
         let extent = rec.regions.get(region).copied().ok_or_else(|| {
             Error::not_found(format!("snapshot {} has no region {region}", rec.id))
         })?;
-        let m = self.manifest_of(rec).await?;
+        let m = self.manifest_of(peer, rec).await?;
         if extent.end() > m.size {
             return Err(Error::corrupt(format!(
                 "region {region} of {} lies past the snapshot's end",
@@ -449,7 +513,7 @@ impl ServerState {
             let _lock = self.node.lock_repo_shared().await?;
             crate::region::cut_tail_of(&self.node, &m, extent).await?
         };
-        let heavy = self.heavy_work().await?;
+        let heavy = self.heavy_work(peer).await?;
         let name = region.clone();
         let view = tokio::task::spawn_blocking(move || {
             let _heavy = heavy;
@@ -485,11 +549,11 @@ impl ServerState {
     }
 
     /// The decoded manifest of a snapshot (kept for the last few served).
-    async fn manifest_of(&self, rec: &SnapshotRecord) -> Result<Arc<Manifest>> {
+    async fn manifest_of(&self, peer: &Peer, rec: &SnapshotRecord) -> Result<Arc<Manifest>> {
         if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
             return Ok(m);
         }
-        let _heavy = self.heavy_work().await?;
+        let _heavy = self.heavy_work(peer).await?;
         // Another request may have loaded it while this one waited.
         if let Some(m) = self.with_served(&rec.volume, rec.id, |e| e.manifest.clone()) {
             return Ok(m);
@@ -508,6 +572,7 @@ impl ServerState {
                 format1: None,
                 deltas: VecDeque::new(),
                 regions: Vec::new(),
+                region_answers: VecDeque::new(),
             });
             while cache.len() > SERVED_CACHE {
                 cache.pop_front();
@@ -533,6 +598,7 @@ impl ServerState {
     /// those), if any.
     async fn not_in_snapshot(
         &self,
+        peer: &Peer,
         rec: &SnapshotRecord,
         chunks: &[ChunkId],
     ) -> Result<Option<ChunkId>> {
@@ -547,8 +613,8 @@ impl ServerState {
         if let Some(Some(answer)) = quick {
             return Ok(answer);
         }
-        let m = self.manifest_of(rec).await?;
-        let heavy = self.heavy_work().await?;
+        let m = self.manifest_of(peer, rec).await?;
+        let heavy = self.heavy_work(peer).await?;
         if let Some(Some(all)) = self.with_served(&rec.volume, rec.id, |e| e.all.clone()) {
             return Ok(chunks.iter().find(|c| !all.contains(c)).copied());
         }
@@ -563,13 +629,11 @@ impl ServerState {
         Ok(chunks.iter().find(|c| !all.contains(c)).copied())
     }
 
-    /// A permit for manifest work (at most [`HEAVY_WORK`] at once, for all peers).
-    async fn heavy_work(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.heavy
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::internal("the work permits closed"))
+    /// A permit for manifest work for `peer`: its own (one at a time), then one of the
+    /// [`HEAVY_WORK`] all peers share. No caller holds one while it waits for another, so a
+    /// peer's requests queue behind each other and never behind themselves.
+    async fn heavy_work(&self, peer: &Peer) -> Result<HeavyPermit> {
+        heavy_permit(&peer.heavy, &self.heavy).await
     }
 
     /// Brings the chunk index up to the repository (packs gone since are dropped, new ones
@@ -735,7 +799,7 @@ async fn manifest(
     let volume = s.granted_data(&peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     if let Some(region) = region {
-        return region_manifest(&s, &rec, q, &region).await;
+        return region_manifest(&s, &peer, &rec, q, &region).await;
     }
     // A base this node no longer has (pruned since the peer listed it) means the whole
     // manifest, as for a baseline.
@@ -759,8 +823,8 @@ async fn manifest(
         if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
             return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
         }
-        let m = s.manifest_of(&rec).await?;
-        let heavy = s.heavy_work().await?;
+        let m = s.manifest_of(&peer, &rec).await?;
+        let heavy = s.heavy_work(&peer).await?;
         if let Some(Some(json)) = s.with_served(&volume, rec.id, |e| e.format1.clone()) {
             return Ok(([(MANIFEST_KIND_HEADER, "full")], json).into_response());
         }
@@ -789,8 +853,8 @@ async fn manifest(
     if let Some(Some(d)) = cached {
         return Ok(([(MANIFEST_KIND_HEADER, "delta")], d).into_response());
     }
-    let (m, b) = tokio::try_join!(s.manifest_of(&rec), s.manifest_of(&base))?;
-    let heavy = s.heavy_work().await?;
+    let (m, b) = tokio::try_join!(s.manifest_of(&peer, &rec), s.manifest_of(&peer, &base))?;
+    let heavy = s.heavy_work(&peer).await?;
     let cached = s.with_served(&volume, rec.id, |e| {
         e.deltas
             .iter()
@@ -821,9 +885,10 @@ async fn manifest(
 }
 
 /// The manifest of one region of a snapshot, whole or as a delta against the same region of
-/// the base (when the base has it).
+/// the base (when the base has it), made once for every peer that asks the same.
 async fn region_manifest(
     s: &ServerState,
+    peer: &Peer,
     rec: &SnapshotRecord,
     q: ManifestQuery,
     region: &RegionName,
@@ -835,19 +900,40 @@ async fn region_manifest(
         ))
         .into());
     }
-    let view = s.region_of(rec, region).await?;
+    let view = s.region_of(peer, rec, region).await?;
     let base = match q.base.as_deref().map(|b| s.record(&rec.volume, b)) {
         Some(Ok(b)) if b.block_size == rec.block_size && b.regions.contains_key(region) => {
-            Some(s.region_of(&b, region).await?)
+            Some((b.id, s.region_of(peer, &b, region).await?))
         }
         Some(Err(Error::NotFound(_))) | Some(Ok(_)) | None => None,
         Some(Err(e)) => return Err(e.into()),
     };
-    let heavy = s.heavy_work().await?;
+    let base_id = base.as_ref().map(|(id, _)| *id);
+    let answer = |bytes: Bytes, delta: bool| {
+        let kind = if delta { "delta" } else { "full" };
+        ([(MANIFEST_KIND_HEADER, kind)], bytes).into_response()
+    };
+    let cached = || {
+        s.with_served(&rec.volume, rec.id, |e| {
+            e.region_answers
+                .iter()
+                .find(|(r, b, _, _)| r == region && *b == base_id)
+                .map(|(_, _, bytes, delta)| (bytes.clone(), *delta))
+        })
+        .flatten()
+    };
+    if let Some((bytes, delta)) = cached() {
+        return Ok(answer(bytes, delta));
+    }
+    let heavy = s.heavy_work(peer).await?;
+    // Another request may have made it while this one waited.
+    if let Some((bytes, delta)) = cached() {
+        return Ok(answer(bytes, delta));
+    }
     let (encoded, delta) = tokio::task::spawn_blocking(move || {
         let _heavy = heavy;
         match base {
-            Some(b) => view
+            Some((_, b)) => view
                 .manifest
                 .delta_from(&b.manifest)
                 .encode()
@@ -857,8 +943,15 @@ async fn region_manifest(
     })
     .await
     .map_err(|e| Error::internal(format!("manifest worker failed: {e}")))??;
-    let kind = if delta { "delta" } else { "full" };
-    Ok(([(MANIFEST_KIND_HEADER, kind)], Bytes::from(encoded)).into_response())
+    let encoded = Bytes::from(encoded);
+    s.with_served(&rec.volume, rec.id, |e| {
+        e.region_answers
+            .push_back((region.clone(), base_id, encoded.clone(), delta));
+        while e.region_answers.len() > DELTAS_KEPT {
+            e.region_answers.pop_front();
+        }
+    });
+    Ok(answer(encoded, delta))
 }
 
 async fn chunks(
@@ -893,7 +986,7 @@ async fn chunks(
     // Through a region, only its chunks; the cut last block's chunk is made here.
     let mut cut = None;
     if let Some(region) = &region {
-        let view = s.region_of(&rec, region).await?;
+        let view = s.region_of(&peer, &rec, region).await?;
         if let Some(bad) = req.chunks.iter().find(|c| !view.all.contains(c)) {
             return Err(Error::denied(format!(
                 "chunk {bad} is not part of region {region} of snapshot {volume}@{id}"
@@ -901,7 +994,7 @@ async fn chunks(
             .into());
         }
         cut = view.cut_chunk().filter(|(c, _, _)| req.chunks.contains(c));
-    } else if let Some(bad) = s.not_in_snapshot(&rec, &req.chunks).await? {
+    } else if let Some(bad) = s.not_in_snapshot(&peer, &rec, &req.chunks).await? {
         return Err(
             Error::denied(format!("chunk {bad} is not part of snapshot {volume}@{id}")).into(),
         );
@@ -1121,23 +1214,50 @@ async fn status(State(s): Shared, headers: HeaderMap) -> Api<Json<serde_json::Va
     Ok(Json(s.reporter.status()?))
 }
 
-async fn metrics(State(s): Shared, headers: HeaderMap) -> Response {
+/// `/metrics`: with a metrics token, to whoever presents it; without one, only to this host
+/// (a loopback address), since the series name the node's volumes, peers and upstreams, which
+/// strangers must not learn. The text is made at most once a second.
+async fn metrics(
+    State(s): Shared,
+    remote: Option<Extension<Remote>>,
+    headers: HeaderMap,
+) -> Response {
     let token = s.metrics_token.read().expect("not poisoned").clone();
-    if let Some(t) = &token
-        && !super::same_secret(ServerState::bearer(&headers), t)
-    {
+    let refuse = |why: &'static str| {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);
-        return ApiError(Error::denied(
-            "/metrics needs the token set in this node's [listen] metrics_token(_file)",
-        ))
-        .into_response();
+        ApiError(Error::denied(why)).into_response()
+    };
+    match &token {
+        Some(t) if !super::same_secret(ServerState::bearer(&headers), t) => {
+            return refuse(
+                "/metrics needs the token set in this node's [listen] metrics_token(_file)",
+            );
+        }
+        None if !remote.is_some_and(|Extension(Remote(a))| a.ip().is_loopback()) => {
+            return refuse(
+                "/metrics is served only to this host unless [listen] metrics_token(_file) is \
+                 set (then to whoever presents that token)",
+            );
+        }
+        _ => {}
     }
+    let text = {
+        let mut cache = s.metrics_cache.lock().expect("not poisoned");
+        match &*cache {
+            Some((at, text)) if at.elapsed() < METRICS_CACHE => text.clone(),
+            _ => {
+                let text = s.reporter.metrics();
+                *cache = Some((Instant::now(), text.clone()));
+                text
+            }
+        }
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.reporter.metrics(),
+        text,
     )
         .into_response()
 }
@@ -1176,6 +1296,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
 struct Connections {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     total: AtomicU64,
+    /// Addresses a peer authenticated from, and when last.
+    known: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 /// A connection's place in [`Connections`], given back when dropped.
@@ -1185,6 +1307,25 @@ struct ConnectionSlot {
 }
 
 impl Connections {
+    /// Remembers that a peer authenticated from `ip` (as [`ConnectionSlot`] names it).
+    fn remember(&self, ip: IpAddr) {
+        let mut known = self.known.lock().expect("not poisoned");
+        if known.len() >= KNOWN_ADDRESSES && !known.contains_key(&ip) {
+            known.retain(|_, at| at.elapsed() < KNOWN_FOR);
+            if known.len() >= KNOWN_ADDRESSES
+                && let Some(oldest) = known.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k)
+            {
+                known.remove(&oldest);
+            }
+        }
+        known.insert(ip, Instant::now());
+    }
+
+    fn is_known(&self, ip: &IpAddr) -> bool {
+        let known = self.known.lock().expect("not poisoned");
+        known.get(ip).is_some_and(|at| at.elapsed() < KNOWN_FOR)
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<ConnectionSlot, String> {
         // An IPv6 host usually holds a whole /64: count it as one address.
         let ip = match ip {
@@ -1198,8 +1339,15 @@ impl Connections {
         };
         let mut per = self.per_address.lock().expect("not poisoned");
         let here = per.get(&ip).copied().unwrap_or(0);
-        if self.total.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
+        let total = self.total.load(Ordering::Relaxed) as usize;
+        if total >= MAX_CONNECTIONS {
             return Err(format!("{MAX_CONNECTIONS} connections are open"));
+        }
+        if total >= MAX_CONNECTIONS - RESERVED_FOR_KNOWN && !self.is_known(&ip) {
+            return Err(format!(
+                "{total} connections are open, and the last {RESERVED_FOR_KNOWN} are kept for \
+                 addresses peers authenticated from"
+            ));
         }
         if here >= MAX_CONNECTIONS_PER_ADDRESS {
             return Err(format!(
@@ -1264,11 +1412,11 @@ pub async fn serve(listener: TcpListener, tls: Option<rustls::ServerConfig>, app
             let _slot = slot;
             match acceptor {
                 Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(tls, app, remote).await,
+                    Ok(Ok(tls)) => serve_connection(tls, app, remote, &_slot).await,
                     Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 },
-                None => serve_connection(stream, app, remote).await,
+                None => serve_connection(stream, app, remote, &_slot).await,
             }
         });
     }
@@ -1299,8 +1447,12 @@ impl Drop for InFlight {
     }
 }
 
-async fn serve_connection<I>(io: I, app: Router, remote: std::net::SocketAddr)
-where
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    remote: std::net::SocketAddr,
+    slot: &ConnectionSlot,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use futures::StreamExt;
@@ -1315,7 +1467,12 @@ where
         trusted: std::sync::atomic::AtomicBool::new(false),
     });
     let act = activity.clone();
-    let svc = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+    let (slot_all, slot_ip) = (slot.all.clone(), slot.ip);
+    let svc = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Remote(remote));
+        // A scrape is answered but earns no trust: a peer keeps a connection by its own
+        // requests, a scraper reconnects (a stranger could scrape from this host).
+        let earns_trust = req.uri().path() != "/metrics";
         let n = act.next.fetch_add(1, Ordering::Relaxed);
         act.in_flight
             .lock()
@@ -1323,11 +1480,16 @@ where
             .insert(n, Instant::now());
         let guard = InFlight(act.clone(), n);
         let (app, act) = (app.clone(), act.clone());
+        let (conns, ip) = (slot_all.clone(), slot_ip);
         async move {
             let resp = app.oneshot(req.map(axum::body::Body::new)).await?;
             // Only an answered request keeps the connection alive; a refusal does not.
-            if resp.status().is_success() {
-                act.trusted.store(true, Ordering::Relaxed);
+            if resp.status().is_success() && earns_trust {
+                // Only a request that authenticated is answered with success here (a peer's,
+                // or `status` with the admin token): its address is known from now on.
+                if !act.trusted.swap(true, Ordering::Relaxed) {
+                    conns.remember(ip);
+                }
                 *act.last.lock().expect("not poisoned") = Instant::now();
             }
             Ok::<_, std::convert::Infallible>(resp.map(|body| {
@@ -1398,4 +1560,31 @@ fn connection_builder() -> hyper_util::server::conn::auto::Builder<hyper_util::r
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_peer_cannot_hold_every_manifest_work_permit() {
+        // Peer a cycling manifest requests holds one shared permit at most: its second
+        // request waits for its first, and peer b still gets the other shared permit.
+        let shared = Arc::new(tokio::sync::Semaphore::new(HEAVY_WORK));
+        let (a, b) = (
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            Arc::new(tokio::sync::Semaphore::new(1)),
+        );
+        let first = heavy_permit(&a, &shared).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(50), heavy_permit(&a, &shared));
+        assert!(second.await.is_err(), "a peer took a second permit");
+        let other = tokio::time::timeout(Duration::from_millis(50), heavy_permit(&b, &shared));
+        assert!(other.await.is_ok(), "another peer found no permit");
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), heavy_permit(&a, &shared))
+                .await
+                .is_ok()
+        );
+    }
 }

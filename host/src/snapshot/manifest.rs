@@ -137,6 +137,46 @@ fn decompress_at_most(bytes: &[u8], what: &str, max: u64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The exact length of a format-2 manifest from its first bytes, as soon as they hold its
+/// header and presence bitmap (`None`: more bytes are needed), so that a peer's answer is
+/// refused, or its buffer sized exactly, long before it has all arrived. `expect` is the
+/// (size, block size) the listing gave: a header that says otherwise is refused at once.
+pub fn format_2_len(prefix: &[u8], expect: (u64, u32), what: &str) -> Result<Option<usize>> {
+    let n = MAGIC.len().min(prefix.len());
+    if prefix[..n] != MAGIC[..n] {
+        return Err(Error::corrupt(format!(
+            "{what} is not a manifest in format 2"
+        )));
+    }
+    let Some(len) = prefix.get(8..12) else {
+        return Ok(None);
+    };
+    let header_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(Error::corrupt(format!(
+            "{what} has a {header_len}-byte header"
+        )));
+    }
+    let Some(json) = prefix.get(12..12 + header_len) else {
+        return Ok(None);
+    };
+    let h: Header = serde_json::from_slice(json)
+        .map_err(|e| Error::corrupt(format!("{what} has a malformed header: {e}")))?;
+    if (h.size, h.block_size) != expect {
+        return Err(Error::corrupt(format!(
+            "{what} is of {} bytes in {}-byte blocks, not the {} in {}-byte blocks listed",
+            h.size, h.block_size, expect.0, expect.1
+        )));
+    }
+    check_geometry(&h, what)?;
+    let n = block_count(h.size, h.block_size) as usize;
+    let Some(bitmap) = prefix.get(12 + header_len..12 + header_len + n.div_ceil(8)) else {
+        return Ok(None);
+    };
+    let present: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+    Ok(Some(12 + header_len + n.div_ceil(8) + present * 32 + 32))
+}
+
 /// Whether `bytes` is a manifest in format 2 (what peers ask for; format 1 is zstd JSON).
 pub fn is_format_2(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC)
@@ -166,14 +206,6 @@ impl<'a> Cursor<'a> {
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn id(&mut self) -> Result<ChunkId> {
-        Ok(ChunkId(self.take(32)?.try_into().expect("32 bytes")))
-    }
     fn header(&mut self) -> Result<Header> {
         let len = self.u32()? as usize;
         if len > MAX_HEADER_BYTES {
@@ -185,17 +217,6 @@ impl<'a> Cursor<'a> {
         let json = self.take(len)?;
         serde_json::from_slice(json)
             .map_err(|e| Error::corrupt(format!("{} has a malformed header: {e}", self.what)))
-    }
-    fn finish(&self) -> Result<()> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::corrupt(format!(
-                "{} has {} bytes after its end",
-                self.what,
-                self.buf.len()
-            )))
-        }
     }
 }
 
@@ -412,22 +433,43 @@ impl ManifestDelta {
     }
 
     /// [`ManifestDelta::decode`], refusing a delta that decompresses to more than `max`
-    /// bytes (what a delta of the listed snapshot can take).
+    /// bytes (what a delta of the listed snapshot can take). The delta is parsed as it
+    /// decompresses, never held whole: its changes are the only allocation, made once at the
+    /// count it declares (at most one per block of the snapshot it names), so a few KiB of
+    /// zstd cannot make this node buffer (and double) what they inflate to.
     pub fn decode_at_most(bytes: &[u8], what: &str, max: u64) -> Result<Self> {
         let what = format!("manifest delta of {what}");
-        let raw = decompress_at_most(bytes, &what, max)?;
-        let rest = raw
-            .strip_prefix(DELTA_MAGIC)
-            .ok_or_else(|| Error::corrupt(format!("{what} is not a manifest delta")))?;
-        let mut c = Cursor {
-            buf: rest,
-            what: &what,
+        let decoder = zstd::stream::Decoder::new(bytes)
+            .map_err(|e| Error::corrupt(format!("{what} does not decompress: {e}")))?;
+        let mut r = std::io::BufReader::with_capacity(64 << 10, decoder.take(max + 1));
+        let mut read = |buf: &mut [u8]| -> Result<()> {
+            r.read_exact(buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!(
+                    "{what} is truncated (or decompresses to more than the {max} bytes it may \
+                     hold)"
+                )),
+                _ => Error::corrupt(format!("{what} does not decompress: {e}")),
+            })
         };
+        let mut fixed = [0u8; 8 + 16 + 32 + 4];
+        read(&mut fixed)?;
+        if &fixed[..8] != DELTA_MAGIC {
+            return Err(Error::corrupt(format!("{what} is not a manifest delta")));
+        }
         let base = SnapshotId::from_u128(u128::from_le_bytes(
-            c.take(16)?.try_into().expect("16 bytes"),
+            fixed[8..24].try_into().expect("16 bytes"),
         ));
-        let digest: [u8; 32] = c.take(32)?.try_into().expect("32 bytes");
-        let header = c.header()?;
+        let digest: [u8; 32] = fixed[24..56].try_into().expect("32 bytes");
+        let header_len = u32::from_le_bytes(fixed[56..60].try_into().expect("4 bytes")) as usize;
+        if header_len > MAX_HEADER_BYTES {
+            return Err(Error::corrupt(format!(
+                "{what} has a {header_len}-byte header"
+            )));
+        }
+        let mut json = vec![0u8; header_len];
+        read(&mut json)?;
+        let header: Header = serde_json::from_slice(&json)
+            .map_err(|e| Error::corrupt(format!("{what} has a malformed header: {e}")))?;
         if header.format != MANIFEST_FORMAT {
             return Err(Error::invalid(format!(
                 "{what} has format {}; this holdfast reads {MANIFEST_FORMAT}",
@@ -436,31 +478,44 @@ impl ManifestDelta {
         }
         check_geometry(&header, &what)?;
         let n = block_count(header.size, header.block_size);
-        let count = c.u64()?;
-        if count > n {
+        let mut word = [0u8; 8];
+        read(&mut word)?;
+        let count = u64::from_le_bytes(word);
+        if count > n || 8 + 16 + 32 + 4 + header_len as u64 + 8 + count * 9 > max {
             return Err(Error::corrupt(format!(
-                "{what} changes {count} of {n} blocks"
+                "{what} changes {count} of {n} blocks, more than it may hold"
             )));
         }
-        // Each change takes at least 9 bytes: a count the bytes cannot back is not allocated.
-        let mut changes = Vec::with_capacity((count as usize).min(c.buf.len() / 9));
+        let mut changes = Vec::with_capacity(count as usize);
         let mut next = 0u64;
+        let mut change = [0u8; 9];
         for _ in 0..count {
-            let i = c.u64()?;
+            read(&mut change)?;
+            let i = u64::from_le_bytes(change[..8].try_into().expect("8 bytes"));
             if i < next || i >= n {
                 return Err(Error::corrupt(format!(
                     "{what} changes block {i} out of order or past the end ({n} blocks)"
                 )));
             }
             next = i + 1;
-            let b = match c.take(1)?[0] {
+            let b = match change[8] {
                 0 => None,
-                1 => Some(c.id()?),
+                1 => {
+                    let mut id = [0u8; 32];
+                    read(&mut id)?;
+                    Some(ChunkId(id))
+                }
                 t => return Err(Error::corrupt(format!("{what} has block tag {t}"))),
             };
             changes.push((i, b));
         }
-        c.finish()?;
+        let mut more = [0u8; 1];
+        if r.read(&mut more)
+            .map_err(|e| Error::corrupt(format!("{what} does not decompress: {e}")))?
+            > 0
+        {
+            return Err(Error::corrupt(format!("{what} has bytes after its end")));
+        }
         Ok(ManifestDelta {
             base,
             digest,

@@ -55,15 +55,18 @@ fn mirror_against(handler: Handler) -> (holdfast_tests::Run, TestNode, FakeUpstr
 }
 
 /// Nothing of the update is left: vm3 keeps its one snapshot, and no replica vm1 appeared
-/// unless `replica` (created before the refusal, empty).
-fn changed_nothing(n: &TestNode, replica: bool) {
+/// (not even an empty one: it would keep the block size and region the refused upstream
+/// listed).
+fn changed_nothing(n: &TestNode) {
     assert_eq!(n.snapshots("vm3").len(), 1, "vm3 changed");
     let vols = n.run(&["volume", "list", "--json"]).json();
-    let has_vm1 = vols.as_array().unwrap().iter().any(|v| v["name"] == "vm1");
-    assert_eq!(has_vm1, replica, "{vols}");
-    if has_vm1 {
-        assert!(n.snapshots("vm1").is_empty());
-    }
+    let names: Vec<&Value> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["name"])
+        .collect();
+    assert_eq!(names, vec!["vm3"], "{vols}");
     n.ok(&["verify"]);
 }
 
@@ -160,7 +163,7 @@ fn an_upstream_that_lies_in_its_listing_is_refused() {
             "{what}: fetched after a bad listing: {:?}",
             fake.requests()
         );
-        changed_nothing(&n, false);
+        changed_nothing(&n);
     }
 }
 
@@ -171,7 +174,7 @@ fn an_oversized_answer_is_refused_while_it_streams() {
     let (r, n, _fake) = mirror_against(Arc::new(|_, _, _| endless(80 << 20, b' ')));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("at most"), "{}", r.stderr);
-    changed_nothing(&n, false);
+    changed_nothing(&n);
 }
 
 /// A redirect is never followed (it could lead the token elsewhere).
@@ -194,7 +197,7 @@ fn a_redirect_is_not_followed() {
     assert_ne!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("307"), "{}", r.stderr);
     assert!(elsewhere.requests().is_empty(), "the redirect was followed");
-    changed_nothing(&n, false);
+    changed_nothing(&n);
 }
 
 /// A lock-set reply claiming the highest generation cannot overflow the next one: exit 9.
@@ -215,7 +218,652 @@ fn a_lock_set_reply_at_the_last_generation_is_refused() {
     }));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("generation"), "{}", r.stderr);
-    changed_nothing(&n, true);
+    changed_nothing(&n);
+}
+
+/// A refused update leaves nothing behind, not even an empty replica: a first listing whose
+/// block size (4 KiB) and region passed the listing's checks, followed by a manifest that is
+/// refused, does not pin the replica to them, and the next update, from the real upstream
+/// (64 KiB blocks, no region), succeeds.
+#[test]
+fn a_refused_first_update_leaves_no_replica_behind() {
+    let (_tls, a, b) = pair();
+    let mut list = listing(vec![record("vm1", ID1, 1 << 20, 4096, json!({}))]);
+    list["region"] = json!("r1");
+    let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else {
+            // Not a manifest in format 2: refused after the listing passed.
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "full")
+                .body(axum::body::Body::from(vec![0u8; 100]))
+                .unwrap()
+        }
+    }));
+    // B's relation, but pointed at the fake one under A's name.
+    let cfg = b.node.path("fake.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            b.node.state,
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let r = b
+        .node
+        .run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("format 2"), "{}", r.stderr);
+    let vols = b.node.run(&["volume", "list", "--json"]).json();
+    assert_eq!(vols, json!([]), "a refused update left a volume behind");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "baseline", "{r}");
+    assert_eq!(b.ids("vm1"), vec![a.node.snapshot_id("vm1@s1")]);
+    b.node.ok(&["verify"]);
+}
+
+/// What an upstream's error may look like: a window-title escape, a bell, a screen clear, a
+/// right-to-left override, and 60 KB more.
+fn evil_text() -> String {
+    format!(
+        "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{202e}desrever\u{2066}{}",
+        "x".repeat(60_000)
+    )
+}
+
+/// Text printed from an upstream's error: escaped (no raw escape, bell or bidi mark), and cut
+/// short.
+fn assert_printable(what: &str, text: &str) {
+    assert_no_raw(what, text);
+    assert!(text.len() < 4096, "{what}: {} bytes printed", text.len());
+}
+
+fn assert_no_raw(what: &str, text: &str) {
+    let raw = text.chars().find(|&c| {
+        c == '\u{1b}'
+            || c == '\u{7}'
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    });
+    assert!(raw.is_none(), "{what}: {raw:?} printed raw: {text:?}");
+}
+
+/// An upstream's error answer is text from outside: its terminal escapes and bidi marks are
+/// printed escaped and it is cut short. Its `kind` chooses the exit code only as far as a peer
+/// may: "not found" (3) and a refusal (9); its own corrupt data, policy or internal error is
+/// the upstream failing to answer (7), never this node's data (6), policy (8) or bug (70). A
+/// body that is not JSON is shown the same way.
+#[test]
+fn an_upstream_error_is_printed_escaped_and_cannot_choose_the_exit_code() {
+    let cases = [
+        ("internal", 7),
+        ("policy", 7),
+        ("corrupt", 7),
+        ("locked", 7),
+        ("conflict", 7),
+        ("made-up", 7),
+        ("unavailable", 7),
+        ("invalid", 9),
+        ("denied", 9),
+        ("not-found", 3),
+    ];
+    for (kind, code) in cases {
+        let (r, n, _fake) = mirror_against(Arc::new(move |_, _, _| {
+            json(500, json!({"kind": kind, "message": evil_text()}))
+        }));
+        assert_eq!(r.code, code, "{kind}: {}", r.stderr);
+        assert_printable(kind, &r.stderr);
+        assert!(r.stderr.contains("\\u{1b}]0;pwned"), "{kind}: {}", r.stderr);
+        changed_nothing(&n);
+    }
+    let (r, n, _fake) = mirror_against(Arc::new(|_, _, _| {
+        axum::response::Response::builder()
+            .status(502)
+            .body(axum::body::Body::from(evil_text()))
+            .unwrap()
+    }));
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert_printable("a body that is not JSON", &r.stderr);
+    assert!(r.stderr.contains("502"), "{}", r.stderr);
+    changed_nothing(&n);
+}
+
+/// A daemon node whose one mirror (vm1, every `every`) pulls from `upstream`.
+fn daemon_downstream(tls: &Tls, upstream: &str, every: &str) -> Peer {
+    let b = Peer::new("b");
+    std::fs::write(
+        &b.config,
+        format!(
+            "state = {:?}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n\
+             [[upstream]]\nname = \"fake\"\nurl = {upstream:?}\ntoken = \"0123456789abcdef0123\"\n\
+             [[mirror]]\nvolume = \"vm1\"\nupstream = \"fake\"\nevery = {every:?}\n",
+            b.node.state, b.port, tls.cert, tls.key
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &b.config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    b
+}
+
+/// Waits until the daemon's mirror job has failed `n` times; returns `status --json`.
+fn wait_for_failures(b: &Peer, n: u64) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = b.status();
+        let job = &s["relations"][0]["job"];
+        if job["failures"].as_u64().unwrap_or(0) >= n {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the mirror job did not fail {n} time(s): {s}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The daemon's `status` shows a failed mirror's error, which an upstream wrote, escaped and
+/// cut short; its log does too.
+#[test]
+fn status_shows_an_upstreams_error_escaped() {
+    let tls = Tls::new();
+    let fake = FakeUpstream::start(Arc::new(|_, _, _| {
+        json(500, json!({"kind": "internal", "message": evil_text()}))
+    }));
+    let mut b = daemon_downstream(&tls, &fake.url(), "1h");
+    b.start();
+    wait_for_failures(&b, 1);
+    let r = b.node.run(&["status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("pwned"), "{}", r.stdout);
+    assert_printable("status", &r.stdout);
+    assert_no_raw("the daemon's log", &b.log());
+}
+
+/// Runs `holdfast ARGS` under a Python parent that reports the child's peak resident memory
+/// (getrusage of its children): (exit code, stderr, peak RSS in bytes).
+fn peak_rss(state: &std::path::Path, args: &[&str]) -> (i32, String, u64) {
+    let script = r#"
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode(errors="replace"))
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(holdfast_tests::holdfast_bin())
+        .args(args)
+        .env("HOLDFAST_STATE", state)
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    let kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    (
+        code,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        kib * 1024,
+    )
+}
+
+/// A fake upstream's answer to one request.
+type Answer = Arc<dyn Fn() -> axum::response::Response + Send + Sync>;
+
+/// The most a refused `mirror run` may take in these tests: far below what the bombs claim.
+const BOMB_RSS_BOUND: u64 = 150 << 20;
+
+/// A listing that claims the most blocks a snapshot may have (2^25 of 64 KiB) lets a whole
+/// manifest be a gigabyte; an upstream that sends 600 MB of something else, or a valid header
+/// and bitmap followed by more ids than its bitmap says, is refused as soon as the first bytes
+/// show it: the downstream's peak memory stays far below what was sent.
+#[test]
+fn a_manifest_bomb_is_refused_before_it_is_buffered() {
+    let size = (1u64 << 25) * 65536;
+    let list = listing(vec![record("vm1", ID1, size, 65536, json!({}))]);
+    // Magic, header, an all-zero bitmap (4 MiB): a manifest of exactly that plus a checksum.
+    let header = json!({"format": 2, "id": ID1, "volume": "vm1", "name": format!("s-{ID1}"),
+        "created-unix-ms": 1, "size": size, "block-size": 65536, "labels": {}, "parent": null})
+    .to_string();
+    let mut valid_start = b"HFMNFST2".to_vec();
+    valid_start.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    valid_start.extend_from_slice(header.as_bytes());
+    valid_start.extend_from_slice(&vec![0u8; (1 << 25) / 8]);
+    let cases: Vec<(&str, Answer)> = vec![
+        (
+            "600 MB that are no manifest",
+            Arc::new(|| endless(600 << 20, b'x')),
+        ),
+        (
+            "a valid start and 600 MB more",
+            Arc::new(move || {
+                let start = axum::body::Bytes::from(valid_start.clone());
+                let piece = axum::body::Bytes::from(vec![7u8; 1 << 20]);
+                let rest = (0..600).map(move |_| Ok::<_, std::io::Error>(piece.clone()));
+                let stream = futures::stream::iter(
+                    std::iter::once(Ok::<_, std::io::Error>(start)).chain(rest),
+                );
+                axum::response::Response::builder()
+                    .header("x-holdfast-manifest", "full")
+                    .body(axum::body::Body::from_stream(stream))
+                    .unwrap()
+            }),
+        ),
+    ];
+    for (what, answer) in cases {
+        let list = list.clone();
+        let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+            if path.ends_with("/snapshots") {
+                json(200, list.clone())
+            } else if method == "PUT" {
+                json(
+                    200,
+                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+                )
+            } else {
+                answer()
+            }
+        }));
+        let (n, cfg) = downstream(&fake.url());
+        let (code, stderr, peak) = peak_rss(
+            &n.state,
+            &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+        );
+        eprintln!("{what}: mirror run peak RSS {peak} bytes");
+        assert_eq!(code, 9, "{what}: {stderr}");
+        assert!(stderr.contains("upstream fake"), "{what}: {stderr}");
+        assert!(
+            peak < BOMB_RSS_BOUND,
+            "{what}: mirror run took {peak} bytes"
+        );
+        changed_nothing(&n);
+    }
+}
+
+/// A manifest delta is parsed as it decompresses: 50 KB of zstd that inflate to 600 MB of
+/// changes that cannot be (all block 0) are refused at the second change, and the
+/// downstream's memory stays put.
+#[test]
+fn a_delta_bomb_is_refused_as_it_decompresses() {
+    let (_tls, a, b) = pair();
+    b.mirror("vm1");
+    let s1 = b.node.run(&["snapshot", "list", "vm1", "--json"]).json()[0].clone();
+    let id1 = s1["id"].as_str().unwrap().to_string();
+    let id2 = format!("{:020x}", u128::from_str_radix(&id1, 16).unwrap() + 1);
+    let size = (1u64 << 25) * 65536;
+    let mut s2 = record("vm1", &id2, size, 65536, json!({}));
+    s2["name"] = json!("s2");
+    let list = json!({"node": "a", "volume": "vm1", "snapshots": [s1, s2]});
+    let header = json!({"format": 2, "id": id2, "volume": "vm1", "name": "s2",
+        "created-unix-ms": 1, "size": size, "block-size": 65536, "labels": {}, "parent": null})
+    .to_string();
+    let mut raw = b"HFMDLTA1".to_vec();
+    raw.extend_from_slice(&u128::from_str_radix(&id1, 16).unwrap().to_le_bytes());
+    raw.extend_from_slice(&[0u8; 32]);
+    raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    raw.extend_from_slice(header.as_bytes());
+    raw.extend_from_slice(&(1u64 << 25).to_le_bytes());
+    raw.resize(raw.len() + (600 << 20), 0);
+    let bomb = zstd::bulk::compress(&raw, 3).unwrap();
+    drop(raw);
+    eprintln!("the delta bomb: {} bytes of zstd", bomb.len());
+    let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else if path.contains("base=") {
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "delta")
+                .body(axum::body::Body::from(bomb.clone()))
+                .unwrap()
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    let cfg = b.node.path("fake.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            b.node.state,
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let (code, stderr, peak) = peak_rss(
+        &b.node.state,
+        &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+    );
+    eprintln!("a delta bomb: mirror run peak RSS {peak} bytes");
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("out of order"), "{stderr}");
+    assert!(peak < BOMB_RSS_BOUND, "mirror run took {peak} bytes");
+    assert_eq!(b.ids("vm1"), vec![id1]);
+    b.node.ok(&["verify"]);
+    drop(a);
+}
+
+/// A listing of four million tiny labels (under the listing's byte limit, ten times that once
+/// parsed) is refused while it is parsed, and so is one snapshot with more labels than a
+/// snapshot may carry.
+#[test]
+fn a_listing_of_countless_labels_is_refused_while_it_is_parsed() {
+    let labels = |n: usize| -> String {
+        let l: Vec<String> = (0..n).map(|i| format!("\"{i:x}\":\"\"")).collect();
+        format!("{{{}}}", l.join(","))
+    };
+    let listing_of = |records: Vec<String>| -> String {
+        format!(
+            "{{\"node\":\"fake\",\"volume\":\"vm1\",\"snapshots\":[{}]}}",
+            records.join(",")
+        )
+    };
+    let rec = |id: &str, labels: &str| -> String {
+        let mut r = record("vm1", id, 1 << 20, 65536, json!({})).to_string();
+        r = r.replace("\"labels\":{}", &format!("\"labels\":{labels}"));
+        r
+    };
+    let per_snapshot = listing_of(vec![rec(ID1, &labels(300))]);
+    let many = labels(256);
+    let in_all = listing_of(
+        (0..16_000u64)
+            .map(|i| rec(&format!("{:020x}", 0x1000_0000_0000u128 + i as u128), &many))
+            .collect(),
+    );
+    for (what, body, says) in [
+        (
+            "300 labels on one snapshot",
+            per_snapshot,
+            "more than 256 labels",
+        ),
+        ("four million labels in all", in_all, "labels in all"),
+    ] {
+        eprintln!("{what}: a listing of {} bytes", body.len());
+        let fake = FakeUpstream::start(Arc::new(move |_, path, _| {
+            if path.ends_with("/snapshots") {
+                axum::response::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(body.clone()))
+                    .unwrap()
+            } else {
+                json(404, json!({"kind": "not-found", "message": "no"}))
+            }
+        }));
+        let (n, cfg) = downstream(&fake.url());
+        let (code, stderr, peak) = peak_rss(
+            &n.state,
+            &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
+        );
+        eprintln!("{what}: mirror run peak RSS {peak} bytes");
+        assert_eq!(code, 9, "{what}: {}", shorten(&stderr));
+        assert!(stderr.contains(says), "{what}: {}", shorten(&stderr));
+        assert!(
+            peak < BOMB_RSS_BOUND,
+            "{what}: mirror run took {peak} bytes"
+        );
+        changed_nothing(&n);
+    }
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(2000).collect()
+}
+
+/// Without a metrics token, `/metrics` names the node's volumes and peers to this host only:
+/// a client from another address (this machine's own non-loopback address, connecting to the
+/// loopback listener) is refused and learns no name. A scrape earns no trust: a connection
+/// that only scrapes is closed after the handshake timeout, not kept for the idle one.
+#[test]
+fn metrics_without_a_token_are_for_this_host_only() {
+    let (tls, a, b) = pair();
+    b.mirror("vm1");
+    let (status, body) = a.request(&tls, "GET", "/metrics", "", "", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("vm1"), "{body}");
+    let script = r#"
+import socket, ssl, subprocess, sys, time
+port, cafile, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.set_alpn_protocols(["http/1.1"])
+raw = socket.socket()
+if mode == "other":
+    ips = [ip for ip in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split() if "." in ip and not ip.startswith("127.")]
+    if not ips:
+        print("no-address"); sys.exit(0)
+    raw.bind((ips[0], 0))
+raw.settimeout(5)
+raw.connect(("127.0.0.1", port))
+s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+def get():
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = s.recv(65536)
+        if not piece: return None
+        data += piece
+    head, body = data.split(b"\r\n\r\n", 1)
+    n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += s.recv(65536)
+    return head.split(b"\r\n")[0].decode() + "\n" + body.decode(errors="replace")
+if mode == "other":
+    print(get())
+else:
+    t0 = time.time()
+    while time.time() - t0 < 40:
+        try:
+            if get() is None: break
+        except OSError:
+            break
+        time.sleep(2)
+    print(round(time.time() - t0))
+"#;
+    let run = |mode: &str| -> String {
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(a.port.to_string())
+            .arg(&tls.cert)
+            .arg(mode)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let other = run("other");
+    if other.trim() == "no-address" {
+        eprintln!("this machine has no non-loopback IPv4 address: the stranger's part is skipped");
+    } else {
+        assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+        assert!(other.contains("metrics_token"), "{other}");
+        assert!(
+            !other.contains("vm1") && !other.contains("\"b\""),
+            "{other}"
+        );
+    }
+    let secs: u64 = run("scrape").trim().parse().expect("seconds");
+    assert!(secs < 30, "a scraping connection was kept for {secs} s");
+}
+
+/// A peer asking again and again for a volume it is not granted is refused every time, and
+/// logged at most once a second (with a count of what was left out), not once a request.
+#[test]
+fn refusals_of_ungranted_volumes_are_logged_once_a_second() {
+    let (tls, a, b) = pair();
+    let script = r#"
+import http.client, ssl, sys
+port, cafile, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+codes = []
+for i in range(100):
+    c.request("GET", "/v1/volumes/vm2/snapshots", headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": "b"})
+    r = c.getresponse(); r.read(); codes.append(r.status)
+print(" ".join(map(str, sorted(set(codes)))))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .arg(&tls.cert)
+        .arg(&b.token)
+        .output()
+        .expect("python3");
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        codes.trim() == "403",
+        "{codes} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = a.log();
+    let lines = log.lines().filter(|l| l.contains("not granted")).count();
+    assert!(
+        (1..=6).contains(&lines),
+        "{lines} log lines for 100 refusals:\n{log}"
+    );
+}
+
+/// A mirror job that panics (a test-only failure point) is a failed run: the daemon lives on,
+/// `status` reports the panic, and the job runs again at its next time and succeeds.
+#[test]
+fn a_panicking_mirror_job_is_reported_and_run_again() {
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let mut b = Peer::new("b");
+    let img = a.node.image("vm1.img", &mixed_bytes(1 << 20, 5));
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            mirror_every: Some("3s"),
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start_with_env(&[("HOLDFAST_FAILPOINT", "mirror-panic")]);
+    let failed = wait_for_failures(&b, 1);
+    let job = &failed["relations"][0]["job"];
+    assert_eq!(job["last-ok"], false, "{failed}");
+    let error = job["last-error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("panicked") && error.contains("mirror-panic"),
+        "{failed}"
+    );
+    let text = b.node.run(&["status"]).stdout;
+    assert!(
+        text.contains("FAILED") && text.contains("panicked"),
+        "{text}"
+    );
+    // The next scheduled run succeeds.
+    let t0 = Instant::now();
+    loop {
+        let s = b.status();
+        let job = &s["relations"][0]["job"];
+        if job["last-ok"] == true {
+            assert!(job["runs"].as_u64().unwrap_or(0) >= 2, "{s}\n{}", b.log());
+            assert_eq!(job["failures"], 1, "{s}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the job did not run again: {s}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.ids("vm1"), vec![a.node.snapshot_id("vm1@s1")]);
+    assert!(b.pid().is_some());
+    b.node.ok(&["verify"]);
+}
+
+/// Eight addresses of strangers cannot take every connection: the last 64 of the 512 are kept
+/// for addresses a peer authenticated from, so B, which mirrored before, is served while 512
+/// half-open connections from 127.0.0.2 to 127.0.0.9 wait for their handshake timeout.
+#[test]
+fn strangers_from_eight_addresses_cannot_take_every_connection() {
+    let (_tls, a, b) = pair();
+    b.mirror("vm1");
+    let script = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+socks = []
+for host in range(2, 10):
+    for _ in range(64):
+        s = socket.socket()
+        s.bind(("127.0.0.%d" % host, 0))
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+time.sleep(0.5)
+alive = 0
+for s in socks:
+    try:
+        if s.recv(1) != b"":
+            alive += 1
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive)
+sys.stdout.flush()
+time.sleep(6)
+"#;
+    let flood = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(a.port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    let r = b.mirror_run("vm1");
+    let secs = t0.elapsed();
+    let out = flood.wait_with_output().unwrap();
+    let held: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("count");
+    assert_eq!(
+        r.code, 0,
+        "B was not served while strangers held {held}: {}",
+        r.stderr
+    );
+    assert!(secs < Duration::from_secs(5), "B waited {secs:?}");
+    assert!(held <= 512 - 64, "strangers held {held} connections");
 }
 
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
@@ -352,7 +1000,12 @@ fn unauthenticated_bodies_are_not_buffered() {
         "{answers:?}"
     );
     let after = a.rss();
-    eprintln!("daemon RSS before {before} after {after} bytes");
+    let peak = a.peak_rss();
+    eprintln!("daemon RSS before {before} after {after} bytes, peak {peak} bytes");
+    assert!(
+        peak < before + (100 << 20),
+        "the daemon's memory peaked at {peak} bytes (from {before})"
+    );
     assert!(
         after < before + (100 << 20),
         "memory grew from {before} to {after} bytes"
@@ -431,8 +1084,9 @@ print(open_count(), round(time.time() - t0, 1))
 }
 
 /// State is private whatever the umask: the state directory is 0700 and its files 0600; a
-/// token file others can read is refused; a state directory left open by an older release is
-/// closed when opened.
+/// token file others can read, or another user owns, is refused, and so is such a TLS key; a
+/// configuration with inline tokens that others can read is warned about; a state directory
+/// left open by an older release is closed when opened.
 #[test]
 fn state_and_secrets_are_private() {
     use std::os::unix::fs::PermissionsExt;
@@ -458,7 +1112,7 @@ fn state_and_secrets_are_private() {
     std::fs::write(
         &cfg,
         format!(
-            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = {token:?}\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\n",
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken_file = {token:?}\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\nevery = \"1h\"\n",
             n.state
         ),
     )
@@ -467,7 +1121,66 @@ fn state_and_secrets_are_private() {
         &["mirror", "run", "w", "--config", cfg.to_str().unwrap()],
         2,
     );
-    assert!(err.contains("chmod 600"), "{err}");
+    assert!(err.contains("Run `chmod 600 "), "{err}");
+
+    // A token file another user owns is refused even at 0600: its owner can change it.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let me = std::fs::metadata(&n.state).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    if me.is_ok_and(|uid| uid == 0) {
+        std::os::unix::fs::chown(&token, Some(65534), None).unwrap();
+        let err = n.fails(
+            &["mirror", "run", "w", "--config", cfg.to_str().unwrap()],
+            2,
+        );
+        assert!(err.contains("owned by user 65534"), "{err}");
+        assert!(err.contains("chown"), "{err}");
+    } else {
+        eprintln!("not root: a file owned by another user cannot be made; that part is skipped");
+    }
+
+    // A TLS key others can read is refused when the daemon starts.
+    let tls = Tls::new();
+    std::fs::set_permissions(&tls.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let listen = n.path("listen.toml");
+    std::fs::write(
+        &listen,
+        format!(
+            "state = {:?}\n[listen]\naddress = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            n.state,
+            holdfast_tests::cascade::free_port(),
+            tls.cert,
+            tls.key
+        ),
+    )
+    .unwrap();
+    let err = n.fails(&["daemon", "--config", listen.to_str().unwrap()], 2);
+    assert!(
+        err.contains("TLS private key") && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    // Inline tokens in a configuration others can read: a loud warning (it still runs).
+    let inline = n.path("inline.toml");
+    std::fs::write(
+        &inline,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = \"http://127.0.0.1:9\"\ntoken = \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"w\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            n.state
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&inline, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = n.run(&["mirror", "list", "--config", inline.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("holds tokens and other users can read it"),
+        "{}",
+        r.stderr
+    );
+    std::fs::set_permissions(&inline, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = n.run(&["mirror", "list", "--config", inline.to_str().unwrap()]);
+    assert!(!r.stderr.contains("other users can read"), "{}", r.stderr);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -539,7 +1252,7 @@ fn a_manifest_in_another_format_than_asked_is_refused() {
     }));
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(r.stderr.contains("format 2"), "{}", r.stderr);
-    changed_nothing(&n, true);
+    changed_nothing(&n);
 }
 
 fn zstd_compress(raw: &[u8]) -> Vec<u8> {

@@ -36,6 +36,15 @@ use crate::state::Node;
 /// Reads and checks the manifest of a catalogued snapshot.
 pub async fn load_manifest(repo: &Repository, rec: &SnapshotRecord) -> Result<Manifest> {
     let bytes = repo.read_manifest(&rec.volume, &rec.id).await?;
+    if bytes.is_empty() {
+        // In a mirror target, a fence: the snapshot was given up (or dropped) since it was
+        // listed (`target/pending.rs`).
+        return Err(Error::not_found(format!(
+            "the manifest of {} is gone from {} (removed since it was listed)",
+            rec.display_ref(),
+            repo.location()
+        )));
+    }
     let m = Manifest::decode(&bytes, &rec.display_ref())?;
     if m.id != rec.id || m.volume != rec.volume {
         return Err(Error::corrupt(format!(

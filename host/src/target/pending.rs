@@ -510,13 +510,19 @@ async fn finish_manifest(
     if !drop_incomplete {
         return Ok(Finished::Incomplete { missing });
     }
-    let still_hidden = intents(repo, Some(volume))
+    // Only while this intent is the snapshot's one intent (another node pushing the same
+    // snapshot has its own, and completes it) and nobody locks it. A node that starts such a
+    // push between this check and the deletion is the one window left: the operator says the
+    // node that wrote this intent is gone, and no other should be pushing its snapshot.
+    let of_snapshot: Vec<Intent> = intents(repo, Some(volume))
         .await?
-        .iter()
-        .any(|i| i.snapshot == snapshot);
+        .into_iter()
+        .filter(|i| i.snapshot == snapshot)
+        .collect();
+    let alone = of_snapshot.len() == 1 && of_snapshot[0].key == intent.key;
     let locked = super::locked(repo, volume).await?.contains_key(&snapshot);
-    if !still_hidden || locked {
-        // Committed meanwhile by another node, or someone depends on it.
+    if !alone || locked {
+        // Being pushed by another node, committed meanwhile, or someone depends on it.
         return Ok(Finished::Incomplete { missing });
     }
     // Deleted, then fenced (create-only): a copy of the manifest write still on its way (a

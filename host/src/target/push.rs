@@ -272,6 +272,14 @@ async fn push_locked(
         // Asked to stop: a safe point between snapshots (those before are committed).
         crate::shutdown::check(&format!("the push of {} to {}", s.display_ref(), rec.name))?;
         let sess = session(&mut loaded, node, rec, repo).await?;
+        // A fenced key is known before any chunk is sent (a fenced newest snapshot must not
+        // cost an upload at every push).
+        if let pending::AtKey::Fence = pending::at_key(repo, volume, &s.id).await? {
+            let why = format!("{}: {FENCED}", s.display_ref());
+            tracing::warn!("not pushed to {}: {why}", rec.name);
+            report.skipped.push(why);
+            continue;
+        }
         let raw = node.repo.read_manifest(volume, &s.id).await?;
         let m = Manifest::decode(&raw, &s.display_ref())?;
         let mut sink = PackSink::into_target(repo, &mut sess.view.index);
@@ -294,6 +302,17 @@ async fn push_locked(
                 report.restored_chunks += restored;
                 report.transferred.push(s.display_ref());
                 newest_pushed = Some(*s);
+            }
+            Committed::Hidden { restored, by } => {
+                report.restored_chunks += restored;
+                let why = format!(
+                    "{}: stored and confirmed, and visible once node {by} finishes its own push \
+                     of it (`holdfast target check {}`)",
+                    s.display_ref(),
+                    rec.name
+                );
+                tracing::warn!("{why}");
+                report.skipped.push(why);
             }
             Committed::Skipped(why) => {
                 tracing::warn!("not pushed to {}: {why}", rec.name);
@@ -326,7 +345,6 @@ async fn commit(
     progress: &ProgressBar,
 ) -> Result<Committed> {
     let intent = pending::write_intent(repo, volume, &s.id, &node.info.node_id).await?;
-    let mut shared = false;
     crate::pause_point("target-push-before-manifest");
     match repo.put_manifest(volume, &s.id, raw.to_vec()).await {
         Ok(()) => {}
@@ -338,21 +356,26 @@ async fn commit(
             let what = format!("{volume}@{} in {}", s.id, repo.location());
             let why = match pending::at_key(repo, volume, &s.id).await? {
                 pending::AtKey::Manifest(existing) => match Manifest::decode(&existing, &what) {
-                    Ok(theirs) if theirs.blocks == m.blocks => None,
+                    Ok(theirs)
+                        if theirs.blocks == m.blocks
+                            && theirs.id == m.id
+                            && theirs.volume == m.volume =>
+                    {
+                        None
+                    }
                     Ok(_) => Some("its key holds a manifest of other blocks (verify both)"),
                     Err(_) => Some("its key holds an object that is not a manifest"),
                 },
-                pending::AtKey::Fence => Some(
-                    "an earlier push of it was given up and its key fenced (`target check`); \
-                     later snapshots are pushed instead",
+                pending::AtKey::Fence => Some(FENCED),
+                pending::AtKey::Absent => Some(
+                    "its key held an object that was then removed (a prune or a drop by another \
+                     node); it is not pushed again",
                 ),
-                pending::AtKey::Absent => Some("its key changed under this push; push again"),
             };
             if let Some(why) = why {
                 repo.delete_object(&intent).await?;
                 return Ok(Committed::Skipped(format!("{}: {why}", s.display_ref())));
             }
-            shared = true;
         }
         // The write may have landed all the same (a reply lost after the last retry): the
         // intent stays, and this node's next push finishes the snapshot either way.
@@ -373,23 +396,37 @@ async fn commit(
             )));
         }
     };
-    if shared {
-        // The manifest is whole: no intent needs to hide it any more, another node's included.
-        for i in pending::intents(repo, Some(volume)).await? {
-            if i.snapshot == s.id {
-                repo.delete_object(&i.key).await?;
-            }
-        }
-    } else {
-        repo.delete_object(&intent).await?;
+    // Only this push's own intent goes. Another node's intent for the same snapshot stays
+    // until that node finishes it (its push may be paused before its manifest write: with
+    // its intent gone, that write could land after a prune, unconfirmed and visible).
+    repo.delete_object(&intent).await?;
+    if let Some(other) = pending::intents(repo, Some(volume))
+        .await?
+        .into_iter()
+        .find(|i| i.snapshot == s.id)
+    {
+        return Ok(Committed::Hidden {
+            restored,
+            by: other.node,
+        });
     }
     Ok(Committed::Whole { restored })
 }
+
+/// Why a snapshot whose key is fenced is not pushed.
+const FENCED: &str = "an earlier push of it was given up and its key fenced (`target check`); \
+                      later snapshots are pushed instead";
 
 /// What [`commit`] did with one snapshot.
 enum Committed {
     /// Committed; this many chunks had to be stored again.
     Whole { restored: u64 },
+    /// Stored and confirmed, but another node's unfinished push of the same snapshot still
+    /// hides it: it becomes visible when that node finishes (or an operator clears it).
+    Hidden {
+        restored: u64,
+        by: crate::id::NodeId,
+    },
     /// Not stored, for this reason; nothing of it is visible.
     Skipped(String),
 }

@@ -595,6 +595,55 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
     every_snapshot_restores(&a, &[("vm1@s1", &x), ("vm1@s3", &z)]);
 }
 
+/// Two nodes push the same snapshot (the same volume mirrored to both; here one node's state
+/// copied). The first is held after its intent, before its manifest; the second stores and
+/// confirms the snapshot but must not remove the first one's intent (its manifest write may
+/// still come, and were the snapshot pruned meanwhile it would land unconfirmed): the
+/// snapshot stays hidden, the push says which node it waits for and keeps its old base; once
+/// the first push goes on, it confirms the same manifest and the snapshot is committed.
+#[test]
+fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir_node(dir.path(), "a");
+    let x = random_bytes(MIB);
+    let img = a.image("vm1.img", &x);
+    a.add_volume("vm1", &img, "64KiB");
+    a.snapshot("vm1", "s1");
+    // The twin has a's volume, snapshots and target, under its own node id.
+    let twin = dir_node(dir.path(), "twin");
+    let identity = std::fs::read(twin.state.join("node.json")).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", a.state.display()))
+        .arg(&twin.state)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(twin.state.join("node.json"), identity).unwrap();
+    let flags = tempfile::tempdir().unwrap();
+    let held = Paused::at(
+        &a,
+        "target-push-before-manifest",
+        flags.path(),
+        &["mirror", "push", "vm1", "--target", "bucket", "--json"],
+    );
+    let r = json_of(&twin.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));
+    assert_eq!(r["transferred"], serde_json::json!([]), "{r}");
+    assert!(
+        r["skipped"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("visible once node a finishes")),
+        "{r}"
+    );
+    let listed = twin
+        .run(&["snapshot", "list", "vm1", "--target", "bucket", "--json"])
+        .json();
+    assert_eq!(listed, serde_json::json!([]), "visible before a finished");
+    let r = json_of(&held.resume());
+    assert_eq!(r["transferred"], serde_json::json!(["vm1@s1"]), "{r}");
+    every_snapshot_restores(&twin, &[("vm1@s1", &x)]);
+}
+
 /// A push whose process ended while its manifest write was held (a proxy, a retried request):
 /// the node's next push finishes its intent, and by then gc has deleted the packs that
 /// manifest names. When the held write lands at last, it must not bring up a snapshot that

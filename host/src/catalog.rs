@@ -184,8 +184,12 @@ pub struct SnapshotRecord {
     pub parent: Option<SnapshotId>,
     #[serde(default)]
     pub stats: SnapshotStats,
-    /// Where each region of the volume lay in this snapshot.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Where each region of the volume lay in this snapshot. (Bounded like the labels.)
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::id::deserialize_regions"
+    )]
     pub regions: crate::region::RegionMap,
 }
 

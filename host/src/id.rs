@@ -425,27 +425,58 @@ pub fn with_label_budget<T>(parse: impl FnOnce() -> T) -> T {
 pub fn deserialize_labels<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
-    struct Labels;
-    impl<'de> serde::de::Visitor<'de> for Labels {
-        type Value = std::collections::BTreeMap<String, String>;
+    bounded_map(d, MAX_LISTED_LABELS_PER_SNAPSHOT, "labels")
+}
+
+/// A snapshot record's regions, bounded like its labels (and counted in the same budget).
+pub fn deserialize_regions<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::region::RegionMap, D::Error> {
+    bounded_map(d, crate::region::MAX_REGIONS, "regions")
+}
+
+/// A map whose entries, while a [`with_label_budget`] parse runs, are counted as they are
+/// parsed: at most `per_record` in this map and [`MAX_LISTED_LABELS`] in the whole parse.
+fn bounded_map<'de, D, K, V>(
+    d: D,
+    per_record: usize,
+    what: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: serde::Deserialize<'de> + Ord,
+    V: serde::Deserialize<'de>,
+{
+    struct Bounded<K, V> {
+        per_record: usize,
+        what: &'static str,
+        _kv: std::marker::PhantomData<(K, V)>,
+    }
+    impl<'de, K, V> serde::de::Visitor<'de> for Bounded<K, V>
+    where
+        K: serde::Deserialize<'de> + Ord,
+        V: serde::Deserialize<'de>,
+    {
+        type Value = std::collections::BTreeMap<K, V>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of labels")
+            write!(f, "a map of {}", self.what)
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
             let mut out = std::collections::BTreeMap::new();
-            while let Some((k, v)) = map.next_entry::<String, String>()? {
+            while let Some((k, v)) = map.next_entry::<K, V>()? {
                 if let Some(left) = LABEL_BUDGET.get() {
-                    if out.len() >= MAX_LISTED_LABELS_PER_SNAPSHOT {
+                    if out.len() >= self.per_record {
                         return Err(serde::de::Error::custom(format!(
-                            "a snapshot with more than {MAX_LISTED_LABELS_PER_SNAPSHOT} labels"
+                            "a snapshot with more than {} {}",
+                            self.per_record, self.what
                         )));
                     }
                     if left == 0 {
                         return Err(serde::de::Error::custom(format!(
-                            "more than {MAX_LISTED_LABELS} labels in all"
+                            "more than {MAX_LISTED_LABELS} labels and regions in all"
                         )));
                     }
                     LABEL_BUDGET.set(Some(left - 1));
@@ -455,7 +486,11 @@ pub fn deserialize_labels<'de, D: serde::Deserializer<'de>>(
             Ok(out)
         }
     }
-    d.deserialize_map(Labels)
+    d.deserialize_map(Bounded {
+        per_record,
+        what,
+        _kv: std::marker::PhantomData,
+    })
 }
 
 /// Text from outside (a label, a lock value, a peer's error message) as it is safe to print on

@@ -367,6 +367,9 @@ fn next_batch(rest: &[&SnapshotRecord]) -> usize {
 /// replica's own where one exists), a size whose block list a manifest can hold, labels that
 /// pass the local rules, and an id listed once. Anything else is an upstream that is broken
 /// or hostile: the update stops, refused (exit 9), and nothing is changed.
+/// How far ahead of this node's clock a listed snapshot's id may lie.
+const MAX_CLOCK_AHEAD_MS: u64 = 24 * 3_600_000;
+
 pub fn check_listing(
     upstream: &NodeId,
     volume: &VolumeName,
@@ -412,6 +415,16 @@ pub fn check_listing(
         }
         if !seen.insert(r.id) {
             return Err(refuse(format!("{it} twice")));
+        }
+        // An id is made from its snapshot's creation time: one from far in the future would
+        // sort after everything the upstream ever makes, and the replica would stop following.
+        let now = crate::now_unix_ms();
+        if r.id.unix_ms() > now.saturating_add(MAX_CLOCK_AHEAD_MS) {
+            return Err(refuse(format!(
+                "{it} made {} h from now by its id (an upstream's clock may run at most a day \
+                 ahead of this node's)",
+                (r.id.unix_ms() - now) / 3_600_000
+            )));
         }
         if r.regions.len() > crate::region::MAX_REGIONS {
             return Err(refuse(format!(
@@ -1221,9 +1234,26 @@ impl Receive<'_> {
                 )));
             }
         }
-        node.repo
-            .put_manifest(&rec.volume, &rec.id, stored_manifest)
-            .await?;
+        match node
+            .repo
+            .put_manifest(&rec.volume, &rec.id, stored_manifest.clone())
+            .await
+        {
+            Ok(()) => {}
+            // A run that stopped between the manifest and the commit left it: the same
+            // manifest is this one (the catalog does not have the snapshot: it was never
+            // committed); anything else stops the update.
+            Err(Error::Conflict(_))
+                if node
+                    .repo
+                    .read_manifest_if_present(&rec.volume, &rec.id)
+                    .await?
+                    .is_some_and(|b| b[..] == stored_manifest[..]) =>
+            {
+                tracing::info!("{what}: using the manifest an interrupted update left");
+            }
+            Err(e) => return Err(e),
+        }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the manifest");
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();

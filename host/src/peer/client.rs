@@ -207,7 +207,7 @@ impl PeerClient {
         mut resp: Response,
         limit: usize,
         what: &str,
-        exact: impl Fn(&[u8]) -> Result<Option<usize>>,
+        mut exact: impl FnMut(&[u8]) -> Result<Option<usize>>,
     ) -> Result<Bytes> {
         let refused = |e: Error| {
             Error::denied(format!(
@@ -322,13 +322,22 @@ impl PeerClient {
             .headers()
             .get(MANIFEST_KIND_HEADER)
             .is_some_and(|v| v.as_bytes() == b"delta");
+        if delta && base.is_none() {
+            // Refused before a byte of its body is read.
+            return Err(Error::denied(format!(
+                "{} sent a manifest delta for {volume}@{id} though no base was asked for; \
+                 nothing was changed",
+                self.who()
+            )));
+        }
         Ok(if delta {
             ManifestAnswer::Delta(self.body(resp, limit, "manifest delta").await?)
         } else {
             let what = format!("manifest of {volume}@{id}");
             ManifestAnswer::Full(
-                self.body_sized(resp, limit, "manifest", |prefix| {
-                    crate::snapshot::manifest::format_2_len(prefix, geometry, &what)
+                self.body_sized(resp, limit, "manifest", {
+                    let mut length = crate::snapshot::manifest::Format2Length::default();
+                    move |prefix| length.feed(prefix, geometry, &what)
                 })
                 .await?,
             )
@@ -368,7 +377,7 @@ impl PeerClient {
             let req = self
                 .request(Method::PUT, &format!("v1/volumes/{}/locks", update.volume))
                 .json(update);
-            match self.json(req, SMALL_ANSWER_LIMIT, "lock-set reply").await {
+            match self.bytes(req, SMALL_ANSWER_LIMIT, "lock-set reply").await {
                 Err(Error::Unavailable { message, .. })
                     if message.contains("slow down") && attempt < 6 =>
                 {
@@ -376,7 +385,22 @@ impl PeerClient {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                r => return r,
+                // A reply that cannot be read says nothing about whether the set was taken:
+                // it is not a refusal (a refusal makes this node send its own locks without
+                // its downstreams', which would release theirs upstream). The update stops;
+                // the next one sends the whole set again.
+                Ok(body) => {
+                    return serde_json::from_slice(&body).map_err(|e| Error::Unavailable {
+                        message: format!(
+                            "{} sent a lock-set reply that cannot be read ({}); whether it \
+                             took the set is unknown, so nothing more was sent",
+                            self.who(),
+                            super::peer_text(&e.to_string())
+                        ),
+                        source: None,
+                    });
+                }
+                Err(e) => return Err(e),
             }
         }
         unreachable!("the loop returns")

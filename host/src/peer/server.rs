@@ -1233,7 +1233,7 @@ async fn metrics(
                 "/metrics needs the token set in this node's [listen] metrics_token(_file)",
             );
         }
-        None if !remote.is_some_and(|Extension(Remote(a))| a.ip().is_loopback()) => {
+        None if !remote.is_some_and(|Extension(Remote(a))| a.ip().to_canonical().is_loopback()) => {
             return refuse(
                 "/metrics is served only to this host unless [listen] metrics_token(_file) is \
                  set (then to whoever presents that token)",

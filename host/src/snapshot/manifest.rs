@@ -142,39 +142,59 @@ fn decompress_at_most(bytes: &[u8], what: &str, max: u64) -> Result<Vec<u8>> {
 /// refused, or its buffer sized exactly, long before it has all arrived. `expect` is the
 /// (size, block size) the listing gave: a header that says otherwise is refused at once.
 pub fn format_2_len(prefix: &[u8], expect: (u64, u32), what: &str) -> Result<Option<usize>> {
-    let n = MAGIC.len().min(prefix.len());
-    if prefix[..n] != MAGIC[..n] {
-        return Err(Error::corrupt(format!(
-            "{what} is not a manifest in format 2"
-        )));
+    Format2Length::default().feed(prefix, expect, what)
+}
+
+/// [`format_2_len`] for a prefix that grows as a body streams in: the header is parsed once
+/// and the bitmap counted once, whatever the number of pieces it arrives in (an upstream
+/// sending a byte at a time must not make this node parse a large header for each byte).
+#[derive(Debug, Default)]
+pub struct Format2Length {
+    /// Where the bitmap starts and how long it is, once the header was read.
+    bitmap: Option<(usize, usize)>,
+}
+
+impl Format2Length {
+    pub fn feed(&mut self, prefix: &[u8], expect: (u64, u32), what: &str) -> Result<Option<usize>> {
+        if self.bitmap.is_none() {
+            let n = MAGIC.len().min(prefix.len());
+            if prefix[..n] != MAGIC[..n] {
+                return Err(Error::corrupt(format!(
+                    "{what} is not a manifest in format 2"
+                )));
+            }
+            let Some(len) = prefix.get(8..12) else {
+                return Ok(None);
+            };
+            let header_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+            if header_len > MAX_HEADER_BYTES {
+                return Err(Error::corrupt(format!(
+                    "{what} has a {header_len}-byte header"
+                )));
+            }
+            let Some(json) = prefix.get(12..12 + header_len) else {
+                return Ok(None);
+            };
+            let h: Header = serde_json::from_slice(json)
+                .map_err(|e| Error::corrupt(format!("{what} has a malformed header: {e}")))?;
+            if (h.size, h.block_size) != expect {
+                return Err(Error::corrupt(format!(
+                    "{what} is of {} bytes in {}-byte blocks, not the {} in {}-byte blocks \
+                     listed",
+                    h.size, h.block_size, expect.0, expect.1
+                )));
+            }
+            check_geometry(&h, what)?;
+            let n = block_count(h.size, h.block_size) as usize;
+            self.bitmap = Some((12 + header_len, n.div_ceil(8)));
+        }
+        let (start, len) = self.bitmap.expect("read above");
+        let Some(bitmap) = prefix.get(start..start + len) else {
+            return Ok(None);
+        };
+        let present: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+        Ok(Some(start + len + present * 32 + 32))
     }
-    let Some(len) = prefix.get(8..12) else {
-        return Ok(None);
-    };
-    let header_len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
-    if header_len > MAX_HEADER_BYTES {
-        return Err(Error::corrupt(format!(
-            "{what} has a {header_len}-byte header"
-        )));
-    }
-    let Some(json) = prefix.get(12..12 + header_len) else {
-        return Ok(None);
-    };
-    let h: Header = serde_json::from_slice(json)
-        .map_err(|e| Error::corrupt(format!("{what} has a malformed header: {e}")))?;
-    if (h.size, h.block_size) != expect {
-        return Err(Error::corrupt(format!(
-            "{what} is of {} bytes in {}-byte blocks, not the {} in {}-byte blocks listed",
-            h.size, h.block_size, expect.0, expect.1
-        )));
-    }
-    check_geometry(&h, what)?;
-    let n = block_count(h.size, h.block_size) as usize;
-    let Some(bitmap) = prefix.get(12 + header_len..12 + header_len + n.div_ceil(8)) else {
-        return Ok(None);
-    };
-    let present: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-    Ok(Some(12 + header_len + n.div_ceil(8) + present * 32 + 32))
 }
 
 /// Whether `bytes` is a manifest in format 2 (what peers ask for; format 1 is zstd JSON).
@@ -486,7 +506,8 @@ impl ManifestDelta {
                 "{what} changes {count} of {n} blocks, more than it may hold"
             )));
         }
-        let mut changes = Vec::with_capacity(count as usize);
+        // Grown as changes arrive, not reserved for the count a header claims.
+        let mut changes = Vec::with_capacity((count as usize).min(1 << 16));
         let mut next = 0u64;
         let mut change = [0u8; 9];
         for _ in 0..count {

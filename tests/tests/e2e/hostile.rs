@@ -141,6 +141,19 @@ fn an_upstream_that_lies_in_its_listing_is_refused() {
             listing(vec![record("vm1", ID1, u64::MAX / 2, 4096, json!({}))]),
             "cannot be held",
         ),
+        (
+            // It would sort after everything the upstream ever makes: the replica would
+            // stop following (and report up-to-date) for good.
+            "an id from the far future",
+            listing(vec![record(
+                "vm1",
+                "ffffffffffff00000001",
+                mib,
+                65536,
+                json!({}),
+            )]),
+            "h from now",
+        ),
     ];
     for (what, list, says) in cases {
         let (r, n, fake) = mirror_against(listing_handler(list));
@@ -450,6 +463,16 @@ fn a_manifest_bomb_is_refused_before_it_is_buffered() {
             Arc::new(|| endless(600 << 20, b'x')),
         ),
         (
+            // A first mirror asks for no base: a delta is refused before its body is read.
+            "600 MB labelled a delta",
+            Arc::new(|| {
+                let mut r = endless(600 << 20, b'x');
+                r.headers_mut()
+                    .insert("x-holdfast-manifest", "delta".parse().unwrap());
+                r
+            }),
+        ),
+        (
             "a valid start and 600 MB more",
             Arc::new(move || {
                 let start = axum::body::Bytes::from(valid_start.clone());
@@ -596,7 +619,7 @@ fn a_listing_of_countless_labels_is_refused_while_it_is_parsed() {
             per_snapshot,
             "more than 256 labels",
         ),
-        ("four million labels in all", in_all, "labels in all"),
+        ("four million labels in all", in_all, "in all"),
     ] {
         eprintln!("{what}: a listing of {} bytes", body.len());
         let fake = FakeUpstream::start(Arc::new(move |_, path, _| {

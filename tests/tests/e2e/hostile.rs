@@ -234,6 +234,36 @@ fn a_lock_set_reply_at_the_last_generation_is_refused() {
     changed_nothing(&n);
 }
 
+/// A lock-set reply that cannot be read is not a refusal: a refusal makes a node send its
+/// own locks again without its downstreams' (which would release theirs upstream), while a
+/// reply nobody can read says nothing about whether the set was taken. The update stops as
+/// "unavailable" (exit 7), and no second set is sent.
+#[test]
+fn an_unreadable_lock_set_reply_is_not_taken_for_a_refusal() {
+    let list = listing(vec![record("vm1", ID1, 1 << 20, 65536, json!({}))]);
+    let (r, n, fake) = mirror_against(Arc::new(move |method, path, _| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" && path.ends_with("/locks") {
+            axum::response::Response::builder()
+                .header("content-type", "text/html")
+                .body(axum::body::Body::from("<html>proxy says hello</html>"))
+                .unwrap()
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot be read"), "{}", r.stderr);
+    let puts = fake
+        .requests()
+        .iter()
+        .filter(|q| q.starts_with("PUT"))
+        .count();
+    assert_eq!(puts, 1, "{:?}", fake.requests());
+    changed_nothing(&n);
+}
+
 /// A refused update leaves nothing behind, not even an empty replica: a first listing whose
 /// block size (4 KiB) and region passed the listing's checks, followed by a manifest that is
 /// refused, does not pin the replica to them, and the next update, from the real upstream

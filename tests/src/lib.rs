@@ -370,3 +370,22 @@ pub fn pack_files(state: &Path) -> Vec<PathBuf> {
         .map(|l| PathBuf::from(l.rsplit_once(' ').expect("size").0))
         .collect()
 }
+
+/// How many bytes of `files` are in the page cache (`fincore` from util-linux-extra, which
+/// `./test.sh` installs).
+pub fn cached_bytes(files: &[PathBuf]) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .args(files)
+        .output()
+        .expect("fincore (util-linux-extra; ./test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().expect("a number of bytes"))
+        .sum()
+}

@@ -292,24 +292,6 @@ fn a_restore_of_data_that_compresses_well_stays_bounded() {
     assert!(!n.path("x.img").exists(), "a refused restore left a file");
 }
 
-/// How many bytes of `files` are in the page cache (`fincore`, util-linux).
-fn cached_bytes(files: &[std::path::PathBuf]) -> u64 {
-    let out = Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
-        .args(files)
-        .output()
-        .expect("fincore (util-linux-extra; ./test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(|n| n.parse::<u64>().unwrap())
-        .sum()
-}
-
 /// A restore leaves neither the packs it read nor the image it wrote in the page cache (a
 /// restore of a large volume must not evict the machine's own cache), and neither does a
 /// snapshot leave its packs there.
@@ -320,17 +302,17 @@ fn a_restore_leaves_the_page_cache_as_it_found_it() {
     let img = n.image("dense.img", &bytes);
     n.add_volume("v", &img, "64KiB");
     n.snapshot("v", "s");
-    let packs: Vec<std::path::PathBuf> = walk(&n.state.join("repo/packs"));
+    let packs = holdfast_tests::pack_files(&n.state);
     assert!(!packs.is_empty());
     let stored: u64 = packs
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())
         .sum();
-    let after_snapshot = cached_bytes(&packs);
+    let after_snapshot = holdfast_tests::cached_bytes(&packs);
     let out = n.path("r.img");
     n.ok(&["snapshot", "restore", "v@s", "--to", out.to_str().unwrap()]);
     assert!(std::fs::read(&out).unwrap() == bytes, "the restore differs");
-    let after_restore = cached_bytes(&packs);
+    let after_restore = holdfast_tests::cached_bytes(&packs);
     eprintln!(
         "packs: {stored} bytes; cached after the snapshot {after_snapshot}, after the restore \
          {after_restore}"
@@ -347,17 +329,4 @@ fn a_restore_leaves_the_page_cache_as_it_found_it() {
         after_restore < stored / 10,
         "the restore left {after_restore} of {stored} pack bytes in the page cache"
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -65,9 +65,10 @@ pub enum TargetCommand {
     ClearPending {
         /// Its name (letters, digits, `_ - : . +`)
         name: String,
-        /// The node whose pushes to finish (as `target check` names it).
-        #[arg(long)]
-        node: String,
+        /// The node whose pushes to finish (as `target check` names it); repeatable: nodes
+        /// that pushed the same snapshot are cleared together.
+        #[arg(long, required = true)]
+        node: Vec<String>,
         /// Also remove the snapshots that cannot be made whole (a chunk is gone and no node
         /// stored it again); without it they stay hidden. Never one a lock record names.
         #[arg(long)]
@@ -194,10 +195,14 @@ impl TargetCommand {
                 yes,
                 json,
             } => {
-                let of: holdfast::id::NodeId = of.parse()?;
+                let of = of
+                    .iter()
+                    .map(|n| n.parse::<holdfast::id::NodeId>())
+                    .collect::<Result<Vec<_>, _>>()?;
                 let rec = targets.get(&name)?;
                 if !yes {
-                    confirm_clear(&name, &of)?;
+                    let names: Vec<String> = of.iter().map(|n| n.to_string()).collect();
+                    confirm_clear(&name, &names.join(", "))?;
                 }
                 let pb = ctx.count_bar("checking chunks");
                 let r =
@@ -220,15 +225,18 @@ impl TargetCommand {
                                               not its manifest (see the warning above)"
                             .to_string(),
                         Finished::Incomplete { missing } => format!(
-                            "left hidden: {missing} chunks are gone; a node that has the snapshot \
-                             completes it by pushing it, or rerun with --drop-incomplete"
+                            "left hidden: {missing} chunks are gone; rerun with \
+                             --drop-incomplete (with a --node for every node that pushed this \
+                             snapshot and is gone: `target check` lists them)"
                         ),
                     };
-                    outln!("{}@{} {said}", c.volume, c.snapshot);
+                    outln!("{}@{} (node {}) {said}", c.volume, c.snapshot, c.node);
                 }
+                let names: Vec<String> = of.iter().map(|n| n.to_string()).collect();
                 ctx.summary(format!(
-                    "finished {} unfinished push(es) of node {of} in target {name}",
-                    r.len()
+                    "finished {} unfinished push(es) of node {} in target {name}",
+                    r.len(),
+                    names.join(", ")
                 ));
             }
         }
@@ -237,7 +245,7 @@ impl TargetCommand {
 }
 
 /// Asks on the terminal before finishing another node's pushes; refuses without a terminal.
-fn confirm_clear(target: &str, of: &holdfast::id::NodeId) -> anyhow::Result<()> {
+fn confirm_clear(target: &str, of: &str) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
         anyhow::bail!(holdfast::Error::invalid(format!(

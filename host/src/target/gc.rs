@@ -680,6 +680,10 @@ mod tests {
         "n1".parse().unwrap()
     }
 
+    fn gone() -> NodeId {
+        "gone".parse().unwrap()
+    }
+
     async fn run(repo: &Repository, grace: Duration) -> TargetGcReport {
         gc_with_grace(repo, &me(), false, grace).await.unwrap()
     }
@@ -929,7 +933,7 @@ mod tests {
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
         assert_eq!(intent.key, key);
         let hidden = ProgressBar::hidden();
-        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, None, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
         assert!(
             t.read_manifest_if_present(&m.volume, &m.id)
@@ -949,7 +953,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let got = finish(&mut view, &t, None, &intent, None, true, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, Some(&[gone()]), &hidden).await;
         assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
         assert!(
             t.read_manifest_if_present(&m.volume, &m.id)
@@ -960,7 +964,7 @@ mod tests {
         crate::target::write_lock_record(&t, &m.volume, &"app:restore".parse().unwrap(), vec![])
             .await
             .unwrap();
-        let got = finish(&mut view, &t, None, &intent, None, true, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, Some(&[gone()]), &hidden).await;
         assert_eq!(got.unwrap(), Finished::Dropped);
         assert!(
             crate::target::pending::manifest_if_present(&t, &m.volume, &m.id)
@@ -997,7 +1001,7 @@ mod tests {
         let mut view = PushView::over(&t, index).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
         let hidden = ProgressBar::hidden();
-        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, None, &hidden).await;
         assert_eq!(got.unwrap(), Finished::NoManifest);
         assert!(intents(&t, None).await.unwrap().is_empty());
         for _ in 0..2 {
@@ -1018,7 +1022,7 @@ mod tests {
         // Finishing again (a crash before the intent went) finds the fence and is done.
         write_intent(&t, &m.volume, &m.id, &me()).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
-        let got = finish(&mut view, &t, None, &intent, None, false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, None, None, &hidden).await;
         assert_eq!(got.unwrap(), Finished::NoManifest);
     }
 
@@ -1041,7 +1045,7 @@ mod tests {
             None,
             &intent,
             None,
-            false,
+            None,
             &ProgressBar::hidden(),
         )
         .await;
@@ -1066,7 +1070,7 @@ mod tests {
         let mut view = PushView::over(&t, index).await.unwrap();
         let intent = intents(&t, Some(&m.volume)).await.unwrap().remove(0);
         let hidden = ProgressBar::hidden();
-        let got = finish(&mut view, &t, None, &intent, Some(&raw), false, &hidden).await;
+        let got = finish(&mut view, &t, None, &intent, Some(&raw), None, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Committed);
         assert_eq!(
             crate::target::snapshots(&t, &m.volume).await.unwrap().len(),
@@ -1087,10 +1091,46 @@ mod tests {
         let (index, _) = t2.load_index().await.unwrap();
         let mut view = PushView::over(&t2, index).await.unwrap();
         let intent = intents(&t2, Some(&m.volume)).await.unwrap().remove(0);
-        let got = finish(&mut view, &t2, None, &intent, Some(&raw), false, &hidden).await;
+        let got = finish(&mut view, &t2, None, &intent, Some(&raw), None, &hidden).await;
         assert_eq!(got.unwrap(), Finished::Damaged);
         assert!(
             crate::target::snapshots(&t2, &m.volume)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_snapshot_two_gone_nodes_pushed_is_dropped_only_with_both() {
+        // Two nodes pushed the same snapshot and are gone; its chunks are gone too. Dropping
+        // it for one of them would pull it from under the other's push, so it is refused;
+        // clearing both at once drops it, and the other intent then finds the fence.
+        use crate::target::pending::{Finished, finish, intents, write_intent};
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (p, ids) = store(&t, &[1, 2], true).await;
+        let m = manifest(&ids);
+        let (g1, g2): (NodeId, NodeId) = ("gone-1".parse().unwrap(), "gone-2".parse().unwrap());
+        write_intent(&t, &m.volume, &m.id, &g1).await.unwrap();
+        write_intent(&t, &m.volume, &m.id, &g2).await.unwrap();
+        commit(&t, &m).await;
+        t.delete_pack(&p).await.unwrap();
+        let (index, _) = t.load_index().await.unwrap();
+        let mut view = PushView::over(&t, index).await.unwrap();
+        let all = intents(&t, Some(&m.volume)).await.unwrap();
+        let of = |n: &NodeId| all.iter().find(|i| &i.node == n).unwrap().clone();
+        let hidden = ProgressBar::hidden();
+        let alone = std::slice::from_ref(&g1);
+        let got = finish(&mut view, &t, None, &of(&g1), None, Some(alone), &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Incomplete { missing: 2 });
+        let both = [g1.clone(), g2.clone()];
+        let got = finish(&mut view, &t, None, &of(&g1), None, Some(&both), &hidden).await;
+        assert_eq!(got.unwrap(), Finished::Dropped);
+        let got = finish(&mut view, &t, None, &of(&g2), None, Some(&both), &hidden).await;
+        assert_eq!(got.unwrap(), Finished::NoManifest);
+        assert!(intents(&t, None).await.unwrap().is_empty());
+        assert!(
+            crate::target::snapshots(&t, &m.volume)
                 .await
                 .unwrap()
                 .is_empty()

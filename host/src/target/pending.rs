@@ -405,8 +405,9 @@ pub enum Finished {
     /// the intent went.
     NoManifest,
     /// The manifest names chunks that are not safely stored and cannot be stored again from
-    /// here: it stays hidden under its intent (any node that has the snapshot completes it by
-    /// pushing it; `target clear-pending --drop-incomplete` removes it).
+    /// here: it stays hidden under its intent (the node that wrote the intent completes it if
+    /// it still has the snapshot; `target clear-pending --drop-incomplete` with every node
+    /// that pushed the snapshot removes it).
     Incomplete { missing: usize },
     /// The object at the manifest's key does not decode, or describes another snapshot: it
     /// stays hidden under its intent for an operator to look at (`holdfast target check`).
@@ -430,7 +431,7 @@ pub async fn finish(
     src: Option<(&Repository, &ChunkIndex)>,
     intent: &Intent,
     ours: Option<&[u8]>,
-    drop_incomplete: bool,
+    drop_incomplete: Option<&[NodeId]>,
     progress: &ProgressBar,
 ) -> Result<Finished> {
     let (volume, snapshot) = (&intent.volume, intent.snapshot);
@@ -499,7 +500,7 @@ async fn finish_manifest(
     src: Option<(&Repository, &ChunkIndex)>,
     intent: &Intent,
     m: &Manifest,
-    drop_incomplete: bool,
+    drop_incomplete: Option<&[NodeId]>,
     progress: &ProgressBar,
 ) -> Result<Finished> {
     let (volume, snapshot) = (&intent.volume, intent.snapshot);
@@ -507,19 +508,20 @@ async fn finish_manifest(
         Confirmed::Whole { .. } => return Ok(Finished::Committed),
         Confirmed::Incomplete { missing } => missing,
     };
-    if !drop_incomplete {
+    let Some(cleared) = drop_incomplete else {
         return Ok(Finished::Incomplete { missing });
-    }
-    // Only while this intent is the snapshot's one intent (another node pushing the same
-    // snapshot has its own, and completes it) and nobody locks it. A node that starts such a
-    // push between this check and the deletion is the one window left: the operator says the
-    // node that wrote this intent is gone, and no other should be pushing its snapshot.
+    };
+    // Only while every intent of the snapshot is one of the nodes the operator clears
+    // (another node pushing the same snapshot has its own, and completes it; nodes that
+    // pushed the same snapshot and are all gone are cleared together) and nobody locks it. A
+    // node that starts such a push between this check and the deletion is the one window
+    // left: the operator says those nodes are gone, and no other should push the snapshot.
     let of_snapshot: Vec<Intent> = intents(repo, Some(volume))
         .await?
         .into_iter()
         .filter(|i| i.snapshot == snapshot)
         .collect();
-    let alone = of_snapshot.len() == 1 && of_snapshot[0].key == intent.key;
+    let alone = of_snapshot.iter().all(|i| cleared.contains(&i.node));
     let locked = super::locked(repo, volume).await?.contains_key(&snapshot);
     if !alone || locked {
         // Being pushed by another node, committed meanwhile, or someone depends on it.
@@ -542,6 +544,7 @@ async fn finish_manifest(
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ClearedPush {
+    pub node: NodeId,
     pub volume: VolumeName,
     pub snapshot: SnapshotId,
     pub outcome: Finished,
@@ -555,15 +558,15 @@ pub struct ClearedPush {
 pub async fn clear_pending(
     node: &Node,
     rec: &TargetRecord,
-    of: &NodeId,
+    of: &[NodeId],
     drop_incomplete: bool,
     progress: &ProgressBar,
 ) -> Result<Vec<ClearedPush>> {
-    if *of == node.info.node_id {
+    if of.contains(&node.info.node_id) {
         return Err(Error::invalid(format!(
-            "{of} is this node: its unfinished pushes are finished by its next push of each \
+            "{} is this node: its unfinished pushes are finished by its next push of each \
              volume (`holdfast mirror push VOLUME --target {}`)",
-            rec.name
+            node.info.node_id, rec.name
         )));
     }
     let repo = super::open(rec)?;
@@ -571,7 +574,7 @@ pub async fn clear_pending(
     let theirs: Vec<Intent> = intents(&repo, None)
         .await?
         .into_iter()
-        .filter(|i| &i.node == of)
+        .filter(|i| of.contains(&i.node))
         .collect();
     let mut out = Vec::new();
     if theirs.is_empty() {
@@ -585,11 +588,12 @@ pub async fn clear_pending(
             None,
             intent,
             None,
-            drop_incomplete,
+            drop_incomplete.then_some(of),
             progress,
         )
         .await?;
         out.push(ClearedPush {
+            node: intent.node.clone(),
             volume: intent.volume.clone(),
             snapshot: intent.snapshot,
             outcome,
@@ -612,6 +616,8 @@ mod tests {
         for bad in [
             format!("{PENDING}/vm/{id}/node"),
             format!("{PENDING}/vm/{id}/node-xyz"),
+            format!("{PENDING}/vm/{id}/node-ff"),
+            format!("{PENDING}/vm/{id}/node-zzzzzzzzzzzzzzzz"),
             format!("{PENDING}/vm/{id}/node-00000000000000ff/x"),
             format!("{PENDING}/../{id}/node-00000000000000ff"),
             format!("{PENDING}/vm/notanid/node-00000000000000ff"),

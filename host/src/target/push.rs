@@ -215,12 +215,22 @@ async fn push_locked(
             src,
             &intent,
             local.as_deref(),
-            false,
+            None,
             progress,
         )
         .await?;
         let said = match outcome {
-            pending::Finished::Committed => "committed".to_string(),
+            pending::Finished::Committed => match pending::intents(repo, Some(volume))
+                .await?
+                .into_iter()
+                .find(|i| i.snapshot == intent.snapshot)
+            {
+                Some(other) => format!(
+                    "confirmed (visible once node {} finishes its push of it)",
+                    other.node
+                ),
+                None => "committed".to_string(),
+            },
             pending::Finished::NoManifest | pending::Finished::Dropped => "dropped".to_string(),
             pending::Finished::Damaged => "damaged (kept hidden)".to_string(),
             pending::Finished::Incomplete { missing } => {

@@ -596,11 +596,11 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
 }
 
 /// Two nodes push the same snapshot (the same volume mirrored to both; here one node's state
-/// copied). The first is held after its intent, before its manifest; the second stores and
-/// confirms the snapshot but must not remove the first one's intent (its manifest write may
-/// still come, and were the snapshot pruned meanwhile it would land unconfirmed): the
-/// snapshot stays hidden, the push says which node it waits for and keeps its old base; once
-/// the first push goes on, it confirms the same manifest and the snapshot is committed.
+/// copied). The first is held after its manifest write, before its confirmation; the second
+/// finds the same manifest (the conflict path), confirms it, and must not remove the first
+/// one's intent (were it removed, a write of the first still on its way could land after a
+/// prune, unconfirmed): the snapshot stays hidden and the push says which node it waits for;
+/// once the first push goes on, it confirms the manifest and the snapshot is committed.
 #[test]
 fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -623,7 +623,7 @@ fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
     let flags = tempfile::tempdir().unwrap();
     let held = Paused::at(
         &a,
-        "target-push-before-manifest",
+        "target-push-before-confirm",
         flags.path(),
         &["mirror", "push", "vm1", "--target", "bucket", "--json"],
     );

@@ -989,6 +989,63 @@ fn strangers_learn_nothing_and_oversized_lock_sets_are_refused() {
     b.mirror("vm1");
 }
 
+/// A downstream that sends lock sets faster than the upstream takes them (5 a second, 20 in a
+/// burst) is asked to slow down (503, "slow down") instead of making it write its catalog for
+/// each; the upstream goes on serving, and the same downstream's next update succeeds.
+#[test]
+fn a_downstream_that_floods_lock_sets_is_asked_to_slow_down() {
+    let (tls, a, b) = pair();
+    let snap = a.node.snapshot_id("vm1@s1");
+    let script = r#"
+import http.client, json, ssl, sys
+host, port, token, cafile, snap = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=cafile)
+c = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+codes, said = [], ""
+for g in range(1, 61):
+    body = json.dumps({"volume": "vm1", "holder": "b/vm1", "generation": g,
+        "locks": [{"snapshot": snap, "type": "owner-name", "value": "x", "path": ["b"]}]})
+    c.request("PUT", "/v1/volumes/vm1/locks", body=body, headers={
+        "Authorization": "Bearer " + token, "X-Holdfast-Peer": "b",
+        "Content-Type": "application/json"})
+    r = c.getresponse(); text = r.read().decode(errors="replace"); codes.append(r.status)
+    if r.status != 200 and not said:
+        said = text
+print(" ".join(map(str, codes)))
+print(said)
+"#;
+    let url = a.url();
+    let hostport = url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([host, port, &b.token, tls.cert.to_str().unwrap(), &snap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (first, said) = text.split_once('\n').unwrap();
+    let codes: Vec<u16> = first
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    let slowed = codes.iter().filter(|c| **c == 503).count();
+    assert!(said.contains("slow down"), "{said}");
+    let taken = codes.iter().filter(|c| **c == 200).count();
+    eprintln!("60 lock sets at once: {taken} taken, {slowed} asked to slow down");
+    assert!(slowed >= 20, "{codes:?}");
+    assert!(taken >= 20, "{codes:?}");
+    b.mirror("vm1");
+}
+
 /// Sends `n` requests with `bytes`-byte bodies and no credentials at once (HTTP/1.1 over TLS,
 /// as a stranger would); returns the statuses.
 fn unauthenticated_bodies(a: &Peer, tls: &Tls, n: usize, bytes: usize) -> Vec<String> {

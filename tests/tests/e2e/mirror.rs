@@ -912,24 +912,7 @@ fn the_cascade_example_runs() {
 /// the packs it read to send them, the downstream writes what it receives with direct I/O.
 #[test]
 fn a_mirror_update_leaves_the_page_cache_alone() {
-    let tls = Tls::new();
-    let (mut a, _img) = source("a", 32 * MIB);
-    let b = Peer::new("b");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            ..Default::default()
-        },
-    );
-    a.start();
+    let (_tls, a, b, _img) = pair_running_of(32 * MIB);
     snap(&a, "s1");
     let before = holdfast_tests::cached_bytes(&holdfast_tests::pack_files(&a.node.state));
     b.mirror("vm1");
@@ -966,8 +949,13 @@ fn a_mirror_update_leaves_the_page_cache_alone() {
 }
 
 fn pair_running() -> (Tls, Peer, Peer, std::path::PathBuf) {
+    pair_running_of(2 * MIB)
+}
+
+/// [`pair_running`] with an image of `size` bytes.
+fn pair_running_of(size: usize) -> (Tls, Peer, Peer, std::path::PathBuf) {
     let tls = Tls::new();
-    let (mut a, img) = source("a", 2 * MIB);
+    let (mut a, img) = source("a", size);
     let b = Peer::new("b");
     a.configure(
         &tls,

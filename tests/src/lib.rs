@@ -389,3 +389,31 @@ pub fn cached_bytes(files: &[PathBuf]) -> u64 {
         .map(|n| n.parse::<u64>().expect("a number of bytes"))
         .sum()
 }
+
+/// Runs `holdfast ARGS` under a Python parent that reports the child's peak resident memory
+/// (getrusage of its children): (exit code, stderr, peak RSS in bytes).
+pub fn peak_rss(state: &Path, args: &[&str]) -> (i32, String, u64) {
+    let script = r#"
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode(errors="replace"))
+print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(holdfast_bin())
+        .args(args)
+        .env("HOLDFAST_STATE", state)
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    let kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
+    (
+        code,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        kib * 1024,
+    )
+}

@@ -437,34 +437,6 @@ fn status_shows_an_upstreams_error_escaped() {
     assert_no_raw("the daemon's log", &b.log());
 }
 
-/// Runs `holdfast ARGS` under a Python parent that reports the child's peak resident memory
-/// (getrusage of its children): (exit code, stderr, peak RSS in bytes).
-fn peak_rss(state: &std::path::Path, args: &[&str]) -> (i32, String, u64) {
-    let script = r#"
-import resource, subprocess, sys
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-sys.stderr.write(r.stderr.decode(errors="replace"))
-print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(holdfast_tests::holdfast_bin())
-        .args(args)
-        .env("HOLDFAST_STATE", state)
-        .output()
-        .expect("python3");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    let kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    (
-        code,
-        String::from_utf8_lossy(&out.stderr).to_string(),
-        kib * 1024,
-    )
-}
-
 /// A fake upstream's answer to one request.
 type Answer = Arc<dyn Fn() -> axum::response::Response + Send + Sync>;
 
@@ -533,7 +505,7 @@ fn a_manifest_bomb_is_refused_before_it_is_buffered() {
             }
         }));
         let (n, cfg) = downstream(&fake.url());
-        let (code, stderr, peak) = peak_rss(
+        let (code, stderr, peak) = holdfast_tests::peak_rss(
             &n.state,
             &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
         );
@@ -603,7 +575,7 @@ fn a_delta_bomb_is_refused_as_it_decompresses() {
         ),
     )
     .unwrap();
-    let (code, stderr, peak) = peak_rss(
+    let (code, stderr, peak) = holdfast_tests::peak_rss(
         &b.node.state,
         &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
     );
@@ -663,7 +635,7 @@ fn a_listing_of_countless_labels_is_refused_while_it_is_parsed() {
             }
         }));
         let (n, cfg) = downstream(&fake.url());
-        let (code, stderr, peak) = peak_rss(
+        let (code, stderr, peak) = holdfast_tests::peak_rss(
             &n.state,
             &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
         );

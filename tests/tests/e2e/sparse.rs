@@ -2,7 +2,6 @@
 //! hole filled while a snapshot reads leaves each block as it was before or after.
 
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 
 use holdfast_tests::TestNode;
 use serde_json::Value;
@@ -219,34 +218,12 @@ fn memory_stays_bounded_whatever_the_image_size() {
     assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
 }
 
-/// Runs holdfast on `n` with `args` and returns its peak resident memory (KiB), from
-/// `getrusage` of a python3 parent that does nothing else.
+/// Runs holdfast on `n` with `args`, which must succeed, and returns its peak resident memory
+/// (KiB).
 fn peak_rss_kib(n: &TestNode, args: &[&str]) -> u64 {
-    let script = r#"
-import resource, subprocess, sys
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-sys.stderr.write(r.stderr.decode())
-print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(holdfast_tests::holdfast_bin())
-        .args(args)
-        .env("HOLDFAST_STATE", &n.state)
-        .output()
-        .expect("python3");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    let max_rss_kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);
-    assert_eq!(
-        code,
-        0,
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    max_rss_kib
+    let (code, stderr, bytes) = holdfast_tests::peak_rss(&n.state, args);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    bytes / 1024
 }
 
 /// A restore holds a bounded amount of decoded data whatever the data compresses to: 512 MiB

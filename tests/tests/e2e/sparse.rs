@@ -116,15 +116,7 @@ fn a_hole_filled_after_its_segment_was_read_is_read_again() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let restored = n.path("r.img");
-    n.ok(&[
-        "snapshot",
-        "restore",
-        "v@s",
-        "--to",
-        restored.to_str().unwrap(),
-    ]);
-    let got = std::fs::read(&restored).unwrap();
+    let got = n.restore("v@s");
     assert!(
         got[2 * MIB as usize..3 * MIB as usize] == filled[..],
         "the filled hole was not read again"
@@ -207,15 +199,7 @@ fn memory_stays_bounded_whatever_the_image_size() {
         "peak RSS {} MiB for a snapshot of 256 MiB of data",
         max_rss_kib / 1024
     );
-    let restored = n.path("r.img");
-    n.ok(&[
-        "snapshot",
-        "restore",
-        "v@s",
-        "--to",
-        restored.to_str().unwrap(),
-    ]);
-    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&img).unwrap());
+    assert!(n.restore("v@s") == std::fs::read(&img).unwrap());
 }
 
 /// Runs holdfast on `n` with `args`, which must succeed, and returns its peak resident memory

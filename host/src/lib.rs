@@ -22,7 +22,7 @@
 //! - [`target`]: mirror targets (a directory or an S3 bucket): push, pull, locks, prune, gc.
 //! - [`transfers`]: the log of every mirror update and push, whoever ran it, for `status`.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
-//! - `cli` (binary only): the `holdfast` command line.
+//! - [`cli`]: the `holdfast` command line (`host/src/main.rs` only calls [`cli::main`]).
 //!
 //! # Data flow of a snapshot
 //!
@@ -33,6 +33,7 @@
 
 pub mod catalog;
 pub mod chunk;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
@@ -49,6 +50,7 @@ pub mod snapshot;
 pub mod softlock;
 pub mod state;
 pub mod target;
+mod telemetry;
 pub mod transfers;
 pub mod volume;
 

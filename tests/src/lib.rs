@@ -1,7 +1,8 @@
 //! Test harness: real `holdfast` processes on throw-away state directories.
 //!
 //! The binary is `$HOLDFAST_BIN` if set, else `target/debug/holdfast` next to this test
-//! executable's `deps/` folder (the test script builds it first).
+//! executable's `deps/` folder (the test script builds it first), or with this package's
+//! `mutants` feature `holdfast-mutant` there, which `cargo test` builds itself.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -22,10 +23,15 @@ pub fn holdfast_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/e2e-HASH -> target/debug/holdfast
+    let name = if cfg!(feature = "mutants") {
+        "holdfast-mutant"
+    } else {
+        "holdfast"
+    };
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("holdfast"))
+        .map(|d| d.join(name))
         .expect("target directory");
     assert!(
         bin.exists(),

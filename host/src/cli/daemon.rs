@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{Context, human_bytes, print_json, printable};
-use holdfast::config::NodeConfig;
-use holdfast::softlock::human_duration;
+use crate::config::NodeConfig;
+use crate::softlock::human_duration;
 
 /// Where the node configuration comes from.
 #[derive(Debug, Args)]
@@ -18,13 +18,13 @@ pub struct ConfigArg {
 
 impl ConfigArg {
     /// The configuration and the node it names (its `state`, else `--state`).
-    pub async fn open(&self, ctx: &Context) -> anyhow::Result<(NodeConfig, holdfast::state::Node)> {
+    pub async fn open(&self, ctx: &Context) -> anyhow::Result<(NodeConfig, crate::state::Node)> {
         let cfg = NodeConfig::load(&self.config)?;
         let state = cfg
             .state
             .as_ref()
             .map_or_else(|| ctx.state.clone(), |s| cfg.resolve(s));
-        let node = holdfast::state::Node::open(&state).await?;
+        let node = crate::state::Node::open(&state).await?;
         Ok((cfg, node))
     }
 }
@@ -56,7 +56,7 @@ pub struct DaemonCommand {
 impl DaemonCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let (cfg, node) = self.config.open(ctx).await?;
-        holdfast::daemon::run(node, cfg).await?;
+        crate::daemon::run(node, cfg).await?;
         Ok(())
     }
 }
@@ -78,8 +78,8 @@ fn ago(now: u64, t: Option<u64>) -> String {
 impl StatusCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
-        let f = holdfast::daemon::read_daemon_file(&node)?;
-        let client = holdfast::peer::client::PeerClient::admin(
+        let f = crate::daemon::read_daemon_file(&node)?;
+        let client = crate::peer::client::PeerClient::admin(
             &f.url,
             &f.admin_token,
             f.ca.as_deref(),
@@ -88,7 +88,7 @@ impl StatusCommand {
         let s = client
             .status()
             .await
-            .map_err(|e| holdfast::Error::Unavailable {
+            .map_err(|e| crate::Error::Unavailable {
                 message: format!(
                     "the daemon of {} (pid {}, {}) does not answer: {e}; is it still running?",
                     node.path.display(),
@@ -276,13 +276,13 @@ impl TlsCommand {
             TlsCommand::SelfSigned { cert, key, names } => {
                 for p in [&cert, &key] {
                     if p.exists() {
-                        anyhow::bail!(holdfast::Error::conflict(format!(
+                        anyhow::bail!(crate::Error::conflict(format!(
                             "{} already exists; remove it or choose another path",
                             p.display()
                         )));
                     }
                 }
-                let (c, k) = holdfast::peer::tls::self_signed(&names)?;
+                let (c, k) = crate::peer::tls::self_signed(&names)?;
                 write_new(&key, k.as_bytes(), 0o600)?;
                 write_new(&cert, c.as_bytes(), 0o644)?;
                 ctx.summary(format!(
@@ -305,13 +305,13 @@ fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<
         .create_new(true)
         .mode(mode)
         .open(path)
-        .map_err(|e| holdfast::Error::io(format!("creating {}", path.display()), e))?;
+        .map_err(|e| crate::Error::io(format!("creating {}", path.display()), e))?;
     // The mode as asked, whatever the umask (holdfast runs with 077): a certificate is
     // public, a key is not.
     f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
         .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
-        .map_err(|e| holdfast::Error::io(format!("writing {}", path.display()), e))?;
+        .map_err(|e| crate::Error::io(format!("writing {}", path.display()), e))?;
     Ok(())
 }
 
@@ -324,7 +324,7 @@ pub enum TokenCommand {
 impl TokenCommand {
     pub async fn run(self, _ctx: &Context) -> anyhow::Result<()> {
         match self {
-            TokenCommand::New => outln!("{}", holdfast::peer::new_token()),
+            TokenCommand::New => outln!("{}", crate::peer::new_token()),
         }
         Ok(())
     }

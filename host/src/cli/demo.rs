@@ -7,8 +7,8 @@ use clap::Args;
 use super::Context;
 use super::snapshot::SnapshotCommand;
 use super::verify::VerifyCommand;
-use holdfast::sample;
-use holdfast::state::Node;
+use crate::sample;
+use crate::state::Node;
 
 const MARKER: &str = ".holdfast-demo";
 
@@ -27,7 +27,7 @@ impl DemoCommand {
         let dir = &self.dir;
         if dir.exists() {
             if !dir.join(MARKER).exists() {
-                anyhow::bail!(holdfast::Error::conflict(format!(
+                anyhow::bail!(crate::Error::conflict(format!(
                     "{} exists and was not made by `holdfast demo`; pass another --dir",
                     dir.display()
                 )));
@@ -60,7 +60,7 @@ impl DemoCommand {
         sample::write_mixed_image(&image, self.size_mib << 20, 64 << 10, 1)?;
         let node = ctx.open().await?;
         node.catalog
-            .add_volume(&holdfast::catalog::VolumeRecord::image(
+            .add_volume(&crate::catalog::VolumeRecord::image(
                 "demo".parse()?,
                 std::fs::canonicalize(&image)?,
                 64 << 10,
@@ -101,7 +101,7 @@ impl DemoCommand {
         .await?;
         let same = hash_file(&image)? == hash_file(&restored)?;
         if !same {
-            anyhow::bail!(holdfast::Error::corrupt(
+            anyhow::bail!(crate::Error::corrupt(
                 "the restored image differs from the volume; please report this"
             ));
         }

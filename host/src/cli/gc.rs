@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::{Context, human_bytes, print_json};
-use holdfast::snapshot;
+use crate::snapshot;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  holdfast gc --dry-run\n  holdfast gc --target bucket --json")]
@@ -24,8 +24,8 @@ impl GcCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
         if let Some(t) = &self.target {
-            let repo = holdfast::target::Targets::new(&node).open(t).await?;
-            let r = holdfast::target::gc(&repo, &node.info.node_id, self.dry_run).await?;
+            let repo = crate::target::Targets::new(&node).open(t).await?;
+            let r = crate::target::gc(&repo, &node.info.node_id, self.dry_run).await?;
             if self.json {
                 return print_json(&r);
             }

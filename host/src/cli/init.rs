@@ -3,8 +3,8 @@
 use clap::Args;
 
 use super::Context;
-use holdfast::id::NodeId;
-use holdfast::state::Node;
+use crate::id::NodeId;
+use crate::state::Node;
 
 #[derive(Debug, Args)]
 #[command(
@@ -41,7 +41,7 @@ impl InitCommand {
             "initialised node {} in {} (repository format {})",
             node.info.node_id,
             ctx.state.display(),
-            holdfast::repo::FORMAT_VERSION
+            crate::repo::FORMAT_VERSION
         ));
         Ok(())
     }

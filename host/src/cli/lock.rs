@@ -8,11 +8,11 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{Context, format_time, human_bytes, print_json};
-use holdfast::catalog::SnapshotRecord;
-use holdfast::id::{SnapshotRef, VolumeName};
-use holdfast::snapshot;
-use holdfast::softlock::registry::HolderSettings;
-use holdfast::softlock::{HolderId, LockSetUpdate, LockType, NewLock, SoftLock};
+use crate::catalog::SnapshotRecord;
+use crate::id::{SnapshotRef, VolumeName};
+use crate::snapshot;
+use crate::softlock::registry::HolderSettings;
+use crate::softlock::{HolderId, LockSetUpdate, LockType, NewLock, SoftLock};
 
 #[derive(Debug, Subcommand)]
 pub enum LockCommand {
@@ -127,7 +127,7 @@ impl LockCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
         let locks = node.catalog.locks();
-        let now = holdfast::now_unix_ms();
+        let now = crate::now_unix_ms();
         match self {
             LockCommand::Add {
                 snapshot,
@@ -172,7 +172,7 @@ impl LockCommand {
                     }
                 };
                 if released.is_empty() {
-                    anyhow::bail!(holdfast::Error::not_found(format!(
+                    anyhow::bail!(crate::Error::not_found(format!(
                         "{holder} holds no lock{}",
                         snapshot.map(|s| format!(" on {s}")).unwrap_or_default()
                     )));
@@ -365,12 +365,11 @@ impl LockCommand {
                 if file.as_os_str() == "-" {
                     std::io::stdin().read_to_end(&mut raw)?;
                 } else {
-                    raw = std::fs::read(&file).map_err(|e| {
-                        holdfast::Error::io(format!("reading {}", file.display()), e)
-                    })?;
+                    raw = std::fs::read(&file)
+                        .map_err(|e| crate::Error::io(format!("reading {}", file.display()), e))?;
                 }
                 let update: LockSetUpdate = serde_json::from_slice(&raw).map_err(|e| {
-                    holdfast::Error::invalid(format!(
+                    crate::Error::invalid(format!(
                         "{} is not a valid lock set: {e}",
                         file.display()
                     ))
@@ -388,16 +387,16 @@ impl LockCommand {
                 target: Some(t),
             } => {
                 if ttl.is_some() {
-                    anyhow::bail!(holdfast::Error::invalid(
+                    anyhow::bail!(crate::Error::invalid(
                         "--ttl is not supported for locks inside a target (a target has no clock \
                          of its own); release the lock when done"
                     ));
                 }
-                holdfast::softlock::validate_value(&value)?;
-                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
-                let rec = holdfast::target::resolve(&repo, &snapshot).await?;
+                crate::softlock::validate_value(&value)?;
+                let repo = crate::target::Targets::new(&node).open(&t).await?;
+                let rec = crate::target::resolve(&repo, &snapshot).await?;
                 let mut mine = target_locks_of(&repo, &rec.volume, &holder).await?;
-                let l = holdfast::target::TargetLock {
+                let l = crate::target::TargetLock {
                     snapshot: rec.id,
                     lock_type,
                     value,
@@ -405,7 +404,7 @@ impl LockCommand {
                 if !mine.contains(&l) {
                     mine.push(l);
                 }
-                holdfast::target::write_lock_record(&repo, &rec.volume, &holder, mine).await?;
+                crate::target::write_lock_record(&repo, &rec.volume, &holder, mine).await?;
                 ctx.summary(format!(
                     "locked {} in target {t} for {holder}",
                     rec.display_ref()
@@ -417,17 +416,15 @@ impl LockCommand {
                 volume,
                 target: Some(t),
             } => {
-                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
+                let repo = crate::target::Targets::new(&node).open(&t).await?;
                 let (vol, id) = match &snapshot {
                     Some(r) => {
-                        let rec = holdfast::target::resolve(&repo, r).await?;
+                        let rec = crate::target::resolve(&repo, r).await?;
                         (rec.volume, Some(rec.id))
                     }
                     None => (
                         volume.ok_or_else(|| {
-                            holdfast::Error::invalid(
-                                "give VOLUME@SNAPSHOT or --volume with --target",
-                            )
+                            crate::Error::invalid("give VOLUME@SNAPSHOT or --volume with --target")
                         })?,
                         None,
                     ),
@@ -439,7 +436,7 @@ impl LockCommand {
                     .filter(|l| id.is_some_and(|id| l.snapshot != id))
                     .collect();
                 let released = before - kept.len();
-                holdfast::target::write_lock_record(&repo, &vol, &holder, kept).await?;
+                crate::target::write_lock_record(&repo, &vol, &holder, kept).await?;
                 ctx.summary(format!(
                     "released {released} lock(s) of {holder} in target {t}"
                 ));
@@ -451,10 +448,10 @@ impl LockCommand {
                 target: Some(t),
                 ..
             } => {
-                let volume = volume
-                    .ok_or_else(|| holdfast::Error::invalid("give --volume with --target"))?;
-                let repo = holdfast::target::Targets::new(&node).open(&t).await?;
-                let recs: Vec<_> = holdfast::target::lock_records(&repo, &volume)
+                let volume =
+                    volume.ok_or_else(|| crate::Error::invalid("give --volume with --target"))?;
+                let repo = crate::target::Targets::new(&node).open(&t).await?;
+                let recs: Vec<_> = crate::target::lock_records(&repo, &volume)
                     .await?
                     .into_iter()
                     .filter(|r| holder.as_ref().is_none_or(|h| *h == r.holder))
@@ -504,13 +501,11 @@ fn compact_age(out: &mut String, ms: u64) {
     };
 }
 
-type Names = std::collections::HashMap<
-    VolumeName,
-    std::collections::HashMap<holdfast::id::SnapshotId, String>,
->;
+type Names =
+    std::collections::HashMap<VolumeName, std::collections::HashMap<crate::id::SnapshotId, String>>;
 
 /// Snapshot names by volume and id, for showing locks by name.
-fn snapshot_names(node: &holdfast::state::Node, volumes: &[VolumeName]) -> anyhow::Result<Names> {
+fn snapshot_names(node: &crate::state::Node, volumes: &[VolumeName]) -> anyhow::Result<Names> {
     let mut out = Names::new();
     for v in volumes {
         if !out.contains_key(v) {
@@ -539,7 +534,7 @@ struct Explanation {
 }
 
 async fn explain(
-    node: &holdfast::state::Node,
+    node: &crate::state::Node,
     rec: &SnapshotRecord,
     _now: u64,
 ) -> anyhow::Result<Explanation> {
@@ -630,11 +625,11 @@ fn break_cost(l: &SoftLock, rec: &SnapshotRecord) -> String {
 
 /// `holder`'s locks in a target's record for `volume`.
 async fn target_locks_of(
-    repo: &holdfast::repo::Repository,
+    repo: &crate::repo::Repository,
     volume: &VolumeName,
     holder: &HolderId,
-) -> anyhow::Result<Vec<holdfast::target::TargetLock>> {
-    Ok(holdfast::target::lock_records(repo, volume)
+) -> anyhow::Result<Vec<crate::target::TargetLock>> {
+    Ok(crate::target::lock_records(repo, volume)
         .await?
         .into_iter()
         .filter(|r| &r.holder == holder)

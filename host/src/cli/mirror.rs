@@ -4,7 +4,7 @@ use clap::Subcommand;
 
 use super::daemon::ConfigArg;
 use super::{Context, human_bytes, print_json, throughput};
-use holdfast::id::VolumeName;
+use crate::id::VolumeName;
 
 enum Kind {
     Push,
@@ -74,9 +74,9 @@ impl MirrorCommand {
                 json,
             } => {
                 let (cfg, node) = config.open(ctx).await?;
-                let engine = holdfast::policy::PolicyEngine::new()?;
+                let engine = crate::policy::PolicyEngine::new()?;
                 let pb = ctx.count_bar("chunks");
-                let r = holdfast::mirror::run(&node, &cfg, &volume, Some(&engine), &pb).await;
+                let r = crate::mirror::run(&node, &cfg, &volume, Some(&engine), &pb).await;
                 pb.finish_and_clear();
                 let r = r?;
                 if json {
@@ -120,12 +120,12 @@ impl MirrorCommand {
             } => {
                 let pushing = matches!(self_kind, Kind::Push);
                 let node = ctx.open().await?;
-                let rec = holdfast::target::Targets::new(&node).get(&target)?;
+                let rec = crate::target::Targets::new(&node).get(&target)?;
                 let pb = ctx.count_bar("chunks");
                 let r = if pushing {
-                    holdfast::target::push(&node, &rec, &volume, &pb).await
+                    crate::target::push(&node, &rec, &volume, &pb).await
                 } else {
-                    holdfast::target::pull(&node, &rec, &volume, &pb).await
+                    crate::target::pull(&node, &rec, &volume, &pb).await
                 };
                 pb.finish_and_clear();
                 let r = r?;

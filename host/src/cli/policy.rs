@@ -8,9 +8,9 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{Context, format_time, human_bytes, print_json};
-use holdfast::id::{VolumeName, parse_label};
-use holdfast::policy::registry::{self, Policies, PolicyRecord};
-use holdfast::policy::{Limits, Phase, PolicyEngine};
+use crate::id::{VolumeName, parse_label};
+use crate::policy::registry::{self, Policies, PolicyRecord};
+use crate::policy::{Limits, Phase, PolicyEngine};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -116,7 +116,7 @@ impl PolicyCommand {
                 memory,
             } => {
                 let bytes = std::fs::read(&wasm)
-                    .map_err(|e| holdfast::Error::io(format!("reading {}", wasm.display()), e))?;
+                    .map_err(|e| crate::Error::io(format!("reading {}", wasm.display()), e))?;
                 let mut cfg = BTreeMap::new();
                 for (k, v) in config {
                     cfg.insert(k, v);
@@ -251,7 +251,7 @@ impl PolicyCommand {
             } => {
                 let r = policies.require(&name)?;
                 if !r.volumes.contains(&volume) {
-                    anyhow::bail!(holdfast::Error::invalid(format!(
+                    anyhow::bail!(crate::Error::invalid(format!(
                         "policy {name} is not registered for volume {volume}"
                     )));
                 }
@@ -289,7 +289,7 @@ impl PolicyCommand {
                 };
                 // What a real run would plan against: the locks the policy is about to set
                 // included (the same as `prune --dry-run` and the real prune).
-                let locked = holdfast::retention::locks_after(&node, &volume, &all_locks, false)?;
+                let locked = crate::retention::locks_after(&node, &volume, &all_locks, false)?;
                 let failed =
                     locks.iter().any(|d| d.error.is_some()) || matches!(retention, Some(Err(_)));
                 let names: std::collections::HashMap<_, _> = node
@@ -316,7 +316,7 @@ impl PolicyCommand {
                         retention,
                     })?;
                     if failed {
-                        anyhow::bail!(holdfast::Error::Policy(format!(
+                        anyhow::bail!(crate::Error::Policy(format!(
                             "policy {name} failed on volume {volume} (see the report)"
                         )));
                     }
@@ -365,7 +365,7 @@ impl PolicyCommand {
                     }
                 }
                 if failed {
-                    anyhow::bail!(holdfast::Error::Policy(format!(
+                    anyhow::bail!(crate::Error::Policy(format!(
                         "policy {name} failed on volume {volume} (see above); a real run would \
                          keep its previous locks and prune nothing"
                     )));

@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Context, print_json};
-use holdfast::id::VolumeName;
-use holdfast::retention::{self, KeepRules};
+use crate::id::VolumeName;
+use crate::retention::{self, KeepRules};
 
 #[derive(Debug, Args)]
 #[command(
@@ -86,13 +86,13 @@ impl PruneCommand {
         };
         if let Some(t) = &self.target {
             if rules.keep_last.is_none() && rules.keep_within.is_none() {
-                anyhow::bail!(holdfast::Error::invalid(
+                anyhow::bail!(crate::Error::invalid(
                     "give --keep-last N and/or --keep-within DURATION for a target (holdfast never \
                      prunes without a rule)"
                 ));
             }
-            let repo = holdfast::target::Targets::new(&node).open(t).await?;
-            let r = holdfast::target::prune(&repo, &self.volume, &rules, self.dry_run).await?;
+            let repo = crate::target::Targets::new(&node).open(t).await?;
+            let r = crate::target::prune(&repo, &self.volume, &rules, self.dry_run).await?;
             if self.json {
                 return print_json(&r);
             }
@@ -111,18 +111,18 @@ impl PruneCommand {
         if rules.keep_last.is_none() && rules.keep_within.is_none() {
             // No rule on the command line: the volume's retention policies decide.
             node.catalog.volume(&self.volume)?;
-            let has_policies = !holdfast::policy::registry::Policies::new(&node)
+            let has_policies = !crate::policy::registry::Policies::new(&node)
                 .for_volume(&self.volume)?
                 .is_empty();
             if has_policies {
-                let engine = holdfast::policy::PolicyEngine::new()?;
+                let engine = crate::policy::PolicyEngine::new()?;
                 if let Some(r) =
                     retention::prune_by_policies(&node, &engine, &self.volume, self.dry_run).await?
                 {
                     return self.report_policies(ctx, &r);
                 }
             }
-            anyhow::bail!(holdfast::Error::invalid(format!(
+            anyhow::bail!(crate::Error::invalid(format!(
                 "volume {} has no retention policy; give --keep-last N and/or --keep-within DURATION (holdfast never prunes without a rule)",
                 self.volume
             )));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::Context;
-use holdfast::sample;
+use crate::sample;
 
 #[derive(Debug, Subcommand)]
 pub enum SampleCommand {
@@ -56,7 +56,7 @@ impl SampleCommand {
                 seed,
             } => {
                 if !(0.0..=1.0).contains(&fraction) {
-                    anyhow::bail!(holdfast::Error::invalid("--fraction must be within 0..=1"));
+                    anyhow::bail!(crate::Error::invalid("--fraction must be within 0..=1"));
                 }
                 let blocks =
                     sample::rewrite_blocks(&path, block_size.as_u64() as usize, fraction, seed)?;

@@ -1,4 +1,4 @@
-//! `holdfast policy simulate`: the command line of `holdfast::policy::simulate`, with its table,
+//! `holdfast policy simulate`: the command line of `crate::policy::simulate`, with its table,
 //! JSON and SVG plot.
 
 use std::collections::BTreeMap;
@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 
 use super::{Context, human_bytes, print_json};
-use holdfast::id::{VolumeName, parse_label};
-use holdfast::policy::registry::Policies;
-use holdfast::policy::simulate::{self, Outage, Report, SimPolicy, Timeline};
-use holdfast::policy::{Limits, PolicyEngine};
+use crate::id::{VolumeName, parse_label};
+use crate::policy::registry::Policies;
+use crate::policy::simulate::{self, Outage, Report, SimPolicy, Timeline};
+use crate::policy::{Limits, PolicyEngine};
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
@@ -108,7 +108,7 @@ pub async fn run(args: SimulateArgs, ctx: &Context) -> anyhow::Result<()> {
             let mut policies = Vec::new();
             for path in &args.wasm {
                 let wasm = std::fs::read(path)
-                    .map_err(|e| holdfast::Error::io(format!("reading {}", path.display()), e))?;
+                    .map_err(|e| crate::Error::io(format!("reading {}", path.display()), e))?;
                 // Named after the file, in the characters a policy name may have.
                 let stem: String = path
                     .file_stem()
@@ -149,9 +149,9 @@ pub async fn run(args: SimulateArgs, ctx: &Context) -> anyhow::Result<()> {
         Some(t) => t
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
-            .map_err(|_| holdfast::Error::invalid("--start is before 1970"))?,
+            .map_err(|_| crate::Error::invalid("--start is before 1970"))?,
         None => {
-            let now = holdfast::now_unix_ms();
+            let now = crate::now_unix_ms();
             now - now % DAY_MS
         }
     };
@@ -177,7 +177,7 @@ pub async fn run(args: SimulateArgs, ctx: &Context) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         let svg = plot(&report);
         std::fs::write(path, svg)
-            .map_err(|e| holdfast::Error::io(format!("writing {}", path.display()), e))?;
+            .map_err(|e| crate::Error::io(format!("writing {}", path.display()), e))?;
     }
     if args.json {
         return print_json(&report);

@@ -7,12 +7,12 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use super::{Context, format_time, human_bytes, print_json, throughput};
-use holdfast::catalog::SnapshotRecord;
-use holdfast::id::{RegionName, SnapshotName, SnapshotRef, VolumeName, parse_label};
-use holdfast::policy::{Phase, PolicyEngine, registry};
-use holdfast::region;
-use holdfast::snapshot::{self, CreateOptions};
-use holdfast::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
+use crate::catalog::SnapshotRecord;
+use crate::id::{RegionName, SnapshotName, SnapshotRef, VolumeName, parse_label};
+use crate::policy::{Phase, PolicyEngine, registry};
+use crate::region;
+use crate::snapshot::{self, CreateOptions};
+use crate::softlock::{BreakLocks, HolderId, LockType, NewLock, SoftLock};
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -196,9 +196,7 @@ impl SnapshotCommand {
                 let mut map = BTreeMap::new();
                 for (k, v) in labels {
                     if map.insert(k.clone(), v).is_some() {
-                        anyhow::bail!(holdfast::Error::invalid(format!(
-                            "label {k:?} is given twice"
-                        )));
+                        anyhow::bail!(crate::Error::invalid(format!("label {k:?} is given twice")));
                     }
                 }
                 let pb = ctx.bytes_bar("snapshot");
@@ -216,7 +214,7 @@ impl SnapshotCommand {
                     },
                 };
                 // SIGINT or SIGTERM: stop cleanly (hooks, what was added to QEMU).
-                holdfast::shutdown::on_signals()?;
+                crate::shutdown::on_signals()?;
                 let report = snapshot::create(&node, &volume, opts, &pb).await;
                 pb.finish_and_clear();
                 let report = report?;
@@ -285,10 +283,10 @@ impl SnapshotCommand {
                 let in_target = target.clone();
                 let snaps = match target {
                     Some(t) => {
-                        let rec = holdfast::target::Targets::new(&node).get(&t)?;
-                        let repo = holdfast::target::open(&rec)?;
+                        let rec = crate::target::Targets::new(&node).get(&t)?;
+                        let repo = crate::target::open(&rec)?;
                         repo.check().await?;
-                        holdfast::target::snapshots(&repo, &volume)
+                        crate::target::snapshots(&repo, &volume)
                             .await?
                             .into_iter()
                             .map(|(s, _)| s)
@@ -440,8 +438,8 @@ impl SnapshotCommand {
                 // whose lock is held shared so gc cannot remove a pack being read.
                 let (repo, rec, _repo_lock, from) = match &target {
                     Some(t) => {
-                        let repo = holdfast::target::Targets::new(&node).open(t).await?;
-                        let rec = holdfast::target::resolve(&repo, &snapshot).await?;
+                        let repo = crate::target::Targets::new(&node).open(t).await?;
+                        let rec = crate::target::resolve(&repo, &snapshot).await?;
                         (repo, rec, None, format!(" from target {t}"))
                     }
                     None => {
@@ -480,10 +478,10 @@ impl SnapshotCommand {
                 remove,
             } => {
                 for k in &remove {
-                    holdfast::id::validate_name("label key", k)?;
+                    crate::id::validate_name("label key", k)?;
                 }
                 if set.is_empty() && remove.is_empty() {
-                    anyhow::bail!(holdfast::Error::invalid(
+                    anyhow::bail!(crate::Error::invalid(
                         "give KEY=VALUE to set or --remove KEY"
                     ));
                 }
@@ -521,7 +519,7 @@ impl SnapshotCommand {
                 };
                 let (removed, broken) = snapshot::delete(&node, &rec, brk.as_ref()).await?;
                 for l in &broken {
-                    eprintln!("broke lock: {}", l.describe(holdfast::now_unix_ms()));
+                    eprintln!("broke lock: {}", l.describe(crate::now_unix_ms()));
                 }
                 ctx.summary(format!(
                     "deleted {} ({}); run `holdfast gc` to reclaim its space",
@@ -542,7 +540,7 @@ impl SnapshotCommand {
 /// Lets the volume's policies that handle `phase` decide their locks again (a failure keeps
 /// that policy's previous locks and is only a warning here).
 fn refresh_policy_locks(
-    node: &holdfast::state::Node,
+    node: &crate::state::Node,
     volume: &VolumeName,
     phase: Phase,
 ) -> anyhow::Result<()> {
@@ -570,13 +568,13 @@ fn refresh_policy_locks(
 fn confirm_break(rec: &SnapshotRecord, locks: &[SoftLock]) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!(holdfast::Error::invalid(format!(
+        anyhow::bail!(crate::Error::invalid(format!(
             "{} is held by {} lock(s); --break-locks needs --yes when not run on a terminal",
             rec.display_ref(),
             locks.len()
         )));
     }
-    let now = holdfast::now_unix_ms();
+    let now = crate::now_unix_ms();
     eprintln!("{} is held by:", rec.display_ref());
     for l in locks {
         eprintln!("  - {}", l.describe(now));
@@ -586,9 +584,7 @@ fn confirm_break(rec: &SnapshotRecord, locks: &[SoftLock]) -> anyhow::Result<()>
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     if answer.trim() != "yes" {
-        anyhow::bail!(holdfast::Error::conflict(
-            "not confirmed; nothing was changed"
-        ));
+        anyhow::bail!(crate::Error::conflict("not confirmed; nothing was changed"));
     }
     Ok(())
 }
@@ -601,7 +597,7 @@ fn hostname() -> String {
 
 /// `snapshot read`: lock, stream, refresh the lease while streaming, release at the end.
 async fn read(
-    node: &holdfast::state::Node,
+    node: &crate::state::Node,
     ctx: &Context,
     r: &SnapshotRef,
     hold_as: &str,

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 
 use super::{Context, print_json};
-use holdfast::target::{TargetRecord, Targets};
+use crate::target::{TargetRecord, Targets};
 
 #[derive(Debug, Subcommand)]
 pub enum TargetCommand {
@@ -100,7 +100,7 @@ impl TargetCommand {
                 let credentials_file = credentials_file
                     .map(|f| std::path::absolute(&f))
                     .transpose()
-                    .map_err(|e| holdfast::Error::io("resolving --credentials-file", e))?;
+                    .map_err(|e| crate::Error::io("resolving --credentials-file", e))?;
                 let r = targets
                     .add(TargetRecord {
                         name,
@@ -110,7 +110,7 @@ impl TargetCommand {
                         allow_http,
                         profile,
                         credentials_file,
-                        added_unix_ms: holdfast::now_unix_ms(),
+                        added_unix_ms: crate::now_unix_ms(),
                     })
                     .await?;
                 if json {
@@ -159,8 +159,8 @@ impl TargetCommand {
             }
             TargetCommand::Check { name, json } => {
                 let rec = targets.get(&name)?;
-                let repo = holdfast::target::open(&rec)?;
-                let r = holdfast::target::check_or_init(&repo, &rec, &node.info.node_id).await?;
+                let repo = crate::target::open(&rec)?;
+                let r = crate::target::check_or_init(&repo, &rec, &node.info.node_id).await?;
                 if json {
                     return print_json(&r);
                 }
@@ -197,7 +197,7 @@ impl TargetCommand {
             } => {
                 let of = of
                     .iter()
-                    .map(|n| n.parse::<holdfast::id::NodeId>())
+                    .map(|n| n.parse::<crate::id::NodeId>())
                     .collect::<Result<Vec<_>, _>>()?;
                 let rec = targets.get(&name)?;
                 if !yes {
@@ -205,14 +205,13 @@ impl TargetCommand {
                     confirm_clear(&name, &names.join(", "))?;
                 }
                 let pb = ctx.count_bar("checking chunks");
-                let r =
-                    holdfast::target::clear_pending(&node, &rec, &of, drop_incomplete, &pb).await;
+                let r = crate::target::clear_pending(&node, &rec, &of, drop_incomplete, &pb).await;
                 pb.finish_and_clear();
                 let r = r?;
                 if json {
                     return print_json(&r);
                 }
-                use holdfast::target::Finished;
+                use crate::target::Finished;
                 for c in &r {
                     let said = match c.outcome {
                         Finished::Committed => "committed (every chunk is stored)".to_string(),
@@ -248,7 +247,7 @@ impl TargetCommand {
 fn confirm_clear(target: &str, of: &str) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!(holdfast::Error::invalid(format!(
+        anyhow::bail!(crate::Error::invalid(format!(
             "clear-pending needs --yes when not run on a terminal (node {of}, target {target})"
         )));
     }
@@ -260,9 +259,7 @@ fn confirm_clear(target: &str, of: &str) -> anyhow::Result<()> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     if answer.trim() != "yes" {
-        anyhow::bail!(holdfast::Error::conflict(
-            "not confirmed; nothing was changed"
-        ));
+        anyhow::bail!(crate::Error::conflict("not confirmed; nothing was changed"));
     }
     Ok(())
 }

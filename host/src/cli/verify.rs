@@ -3,8 +3,8 @@
 use clap::Args;
 
 use super::{Context, human_bytes, print_json, throughput};
-use holdfast::id::VolumeName;
-use holdfast::snapshot;
+use crate::id::VolumeName;
+use crate::snapshot;
 
 #[derive(Debug, Args)]
 #[command(
@@ -27,8 +27,8 @@ impl VerifyCommand {
         let pb = ctx.bytes_bar("verify");
         let r = match &self.target {
             Some(t) => {
-                let repo = holdfast::target::Targets::new(&node).open(t).await?;
-                holdfast::target::verify(&repo, &pb).await
+                let repo = crate::target::Targets::new(&node).open(t).await?;
+                crate::target::verify(&repo, &pb).await
             }
             None => snapshot::verify(&node, self.volume.as_ref(), &pb).await,
         };
@@ -73,7 +73,7 @@ impl VerifyCommand {
             Ok(())
         })();
         if !r.is_clean() {
-            anyhow::bail!(holdfast::Error::corrupt(format!(
+            anyhow::bail!(crate::Error::corrupt(format!(
                 "verification found damage in {} place(s); the snapshots named above cannot be \
                  restored whole",
                 r.damage.len()

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::{Context, human_bytes, print_json};
-use holdfast::catalog::VolumeRecord;
-use holdfast::id::{RegionName, VolumeName};
-use holdfast::region::{self, Region, RegionDef};
-use holdfast::volume::{self, DEFAULT_BLOCK_SIZE, FileVolume, SourceSpec};
+use crate::catalog::VolumeRecord;
+use crate::id::{RegionName, VolumeName};
+use crate::region::{self, Region, RegionDef};
+use crate::volume::{self, DEFAULT_BLOCK_SIZE, FileVolume, SourceSpec};
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
@@ -101,7 +101,7 @@ pub enum RegionCommand {
 }
 
 impl RegionCommand {
-    async fn run(self, ctx: &Context, node: &holdfast::state::Node) -> anyhow::Result<()> {
+    async fn run(self, ctx: &Context, node: &crate::state::Node) -> anyhow::Result<()> {
         match self {
             RegionCommand::Add {
                 volume,
@@ -113,7 +113,7 @@ impl RegionCommand {
             } => {
                 let mut rec = node.catalog.volume(&volume)?;
                 if let Some(from) = &rec.upstream {
-                    anyhow::bail!(holdfast::Error::invalid(format!(
+                    anyhow::bail!(crate::Error::invalid(format!(
                         "volume {volume} is a replica ({from}); regions are named where the \
                          data is, on the volume's own node, and its snapshots carry them here"
                     )));
@@ -128,15 +128,15 @@ impl RegionCommand {
                     _ => unreachable!("clap allows exactly one way"),
                 };
                 region::check_def(&def, rec.block_size)?;
-                let check_new = |rec: &holdfast::catalog::VolumeRecord| {
+                let check_new = |rec: &crate::catalog::VolumeRecord| {
                     if rec.regions.iter().any(|r| r.name == name) {
-                        return Err(holdfast::Error::conflict(format!(
+                        return Err(crate::Error::conflict(format!(
                             "volume {volume} already has a region named {name}; remove it first \
                              or choose another name"
                         )));
                     }
                     if rec.regions.len() >= region::MAX_REGIONS {
-                        return Err(holdfast::Error::invalid(format!(
+                        return Err(crate::Error::invalid(format!(
                             "volume {volume} has {} regions, the most a volume may have",
                             rec.regions.len()
                         )));
@@ -154,7 +154,7 @@ impl RegionCommand {
                 // once, not at the next snapshot. A running QEMU's disk is read only by
                 // snapshots; its byte ranges are checked against its size.
                 let (r2, new2) = (rec.clone(), new.clone());
-                let extent = tokio::task::spawn_blocking(move || -> holdfast::Result<_> {
+                let extent = tokio::task::spawn_blocking(move || -> crate::Result<_> {
                     let (src, size, regions) = match &r2.source {
                         Some(SourceSpec::Qmp { monitor, node, .. }) => {
                             let mut q = volume::qmp::Qmp::connect(monitor)?;
@@ -190,7 +190,7 @@ impl RegionCommand {
                             r2.block_size,
                         ),
                     }
-                    .map_err(holdfast::Error::invalid)?;
+                    .map_err(crate::Error::invalid)?;
                     Ok(map.get(&new2.name).copied())
                 })
                 .await??;
@@ -199,7 +199,7 @@ impl RegionCommand {
                     // What was checked is what is there: a region added or removed meanwhile
                     // (another `region add`) means checking again.
                     if now.regions != before {
-                        return Err(holdfast::Error::conflict(format!(
+                        return Err(crate::Error::conflict(format!(
                             "the regions of volume {volume} changed while this command checked \
                              them; run it again"
                         )));
@@ -289,7 +289,7 @@ impl RegionCommand {
                     let before = rec.regions.len();
                     rec.regions.retain(|r| r.name != name);
                     if rec.regions.len() == before {
-                        return Err(holdfast::Error::not_found(format!(
+                        return Err(crate::Error::not_found(format!(
                             "volume {volume} has no region named {name}; `holdfast volume \
                              region list {volume}` shows them"
                         )));
@@ -345,7 +345,7 @@ impl VolumeCommand {
                             uri.parse::<volume::nbd::NbdUri>()?;
                         }
                         let monitor = std::path::absolute(&monitor).map_err(|e| {
-                            holdfast::Error::io(format!("resolving {}", monitor.display()), e)
+                            crate::Error::io(format!("resolving {}", monitor.display()), e)
                         })?;
                         // Reach it now: a wrong socket or node is found at once.
                         let (m, n) = (monitor.clone(), qmp_node.clone());
@@ -379,7 +379,7 @@ impl VolumeCommand {
                         let path = volume::check_image(&path)?;
                         let info = volume::qemu::info(&path)?;
                         if info.format != "qcow2" {
-                            anyhow::bail!(holdfast::Error::invalid(format!(
+                            anyhow::bail!(crate::Error::invalid(format!(
                                 "{} is a {} image, not qcow2; register a raw image with --image",
                                 path.display(),
                                 info.format
@@ -393,7 +393,7 @@ impl VolumeCommand {
                     }
                     _ => unreachable!("clap allows exactly one source"),
                 };
-                holdfast::snapshot::manifest::check_block_count(
+                crate::snapshot::manifest::check_block_count(
                     size,
                     block_size,
                     &format!("volume {name}"),
@@ -402,7 +402,7 @@ impl VolumeCommand {
                     name,
                     image,
                     block_size,
-                    added_unix_ms: holdfast::now_unix_ms(),
+                    added_unix_ms: crate::now_unix_ms(),
                     upstream: None,
                     source,
                     checkpoint: None,

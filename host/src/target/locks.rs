@@ -111,4 +111,62 @@ mod tests {
         let k = lock_key(&"v".parse().unwrap(), &"b/v".parse().unwrap());
         assert!(k.starts_with("locks/v/") && !k["locks/v/".len()..].contains('/'));
     }
+
+    fn lock(snapshot: SnapshotId) -> TargetLock {
+        TargetLock {
+            snapshot,
+            lock_type: LockType::Application,
+            value: "restic".into(),
+        }
+    }
+
+    /// A volume's locks are its own (`vm1` is a prefix of `vm10`'s key, not of its folder),
+    /// an empty set removes a record, and an unreadable record is an error, never "no lock".
+    #[tokio::test]
+    async fn lock_records_are_per_volume_and_unreadable_ones_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::local(dir.path()).unwrap();
+        let (vm1, vm10): (VolumeName, VolumeName) =
+            ("vm1".parse().unwrap(), "vm10".parse().unwrap());
+        let (a, b): (HolderId, HolderId) = ("app:a".parse().unwrap(), "app:b".parse().unwrap());
+        let (s1, s2) = (
+            SnapshotId::generate(1_700_000_000_000),
+            SnapshotId::generate(1_700_000_000_001),
+        );
+        assert!(locked(&repo, &vm1).await.unwrap().is_empty());
+        write_lock_record(&repo, &vm1, &a, vec![lock(s1.clone())])
+            .await
+            .unwrap();
+        write_lock_record(&repo, &vm1, &b, vec![lock(s1.clone()), lock(s2.clone())])
+            .await
+            .unwrap();
+        write_lock_record(&repo, &vm10, &b, vec![lock(s2.clone())])
+            .await
+            .unwrap();
+
+        let on_vm1 = locked(&repo, &vm1).await.unwrap();
+        assert_eq!(on_vm1.len(), 2);
+        let mut holders = on_vm1[&s1].clone();
+        holders.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        assert_eq!(holders, vec![a.clone(), b.clone()]);
+        assert_eq!(on_vm1[&s2], vec![b.clone()]);
+        let on_vm10 = locked(&repo, &vm10).await.unwrap();
+        assert_eq!(on_vm10.len(), 1);
+        assert_eq!(on_vm10[&s2], vec![b.clone()]);
+        let records = lock_records(&repo, &vm10).await.unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!((&records[0].holder, &records[0].volume), (&b, &vm10));
+        assert_eq!(records[0].locks, vec![lock(s2.clone())]);
+
+        // Releasing every lock removes the record.
+        write_lock_record(&repo, &vm1, &b, vec![]).await.unwrap();
+        let on_vm1 = locked(&repo, &vm1).await.unwrap();
+        assert_eq!((on_vm1.len(), &on_vm1[&s1]), (1, &vec![a.clone()]));
+
+        repo.put_object(&lock_key(&vm1, &b), b"{not json".to_vec())
+            .await
+            .unwrap();
+        let err = locked(&repo, &vm1).await.unwrap_err().to_string();
+        assert!(err.contains("unreadable"), "{err}");
+    }
 }

@@ -5,34 +5,38 @@
 # gap in the tests, or an equivalent change to explain. Not part of ./test.sh: every mutant is
 # a rebuild, hours in all on 2 cores.
 #
-#   tests/mutants.sh [--unit-only] [FILE...]
+#   tests/mutants.sh [--unit-only | --resume] [FILE...]
 #
 # FILE...  the files to mutate (default: every invariant module below), one run per file.
 #
-# Two passes per file, results accumulated in target/mutants/<file>/mutants.out/ (caught.txt,
-# missed.txt, timeout.txt, unviable.txt, outcomes.json):
+# Two passes per file, in target/mutants/<file>/:
 #  1. every mutant against the host's unit and property tests (cargo test -p holdfast --lib),
-#     about 25 s a mutant;
-#  2. (unless --unit-only) only the mutants pass 1 missed or timed out (cargo-mutants
-#     --iterate), against the end-to-end tests that drive that module (E2E below). They run
-#     `holdfast-mutant`, the same program built by the tests package (its `mutants` feature)
-#     from the mutated library, so every mutant is a real holdfast process on real state
-#     directories, peers and a real S3 server; a few minutes a mutant.
-# What is left in missed.txt after both passes is a gap in the tests or an equivalent mutant.
+#     about 20 s a mutant; cargo-mutants' results in unit.out/ (caught.txt, missed.txt,
+#     timeout.txt, unviable.txt, outcomes.json, diff/);
+#  2. (unless --unit-only) each mutant pass 1 missed or timed out, against the end-to-end tests
+#     that drive that module (E2E below), in a scratch copy of the tree; they run
+#     `holdfast-mutant`, the holdfast program the tests package builds (its `mutants` feature)
+#     from the mutated library, so each mutant is a real holdfast process on real state
+#     directories, peers and a real S3 server; a few minutes a mutant. Results in e2e.txt.
+# --resume skips pass 1 for a file that has its results. A MISSED line left in e2e.txt is a gap
+# in the tests or an equivalent mutant, to be explained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked --version 27.1.0
 
-unit_only=0
-if [ "${1:-}" = "--unit-only" ]; then unit_only=1; shift; fi
+unit_only=0 resume=0
+case "${1:-}" in
+  --unit-only) unit_only=1; shift ;;
+  --resume) resume=1; shift ;;
+esac
 
 # The end-to-end tests (name filters of the e2e test binary) that exercise each module.
 declare -A E2E=(
   [host/src/chunk.rs]="corruption:: snapshots::"
   [host/src/softlock.rs]="locks:: policies::a_refused_deletion"
   [host/src/softlock/registry.rs]="locks:: mirror::offline_downstream"
-  [host/src/snapshot/gc.rs]="snapshots::delete_then_gc snapshots::two_gcs crash:: corruption::a_lost_index corruption::a_corrupt_manifest locks::delete_prune_and_gc"
+  [host/src/snapshot/gc.rs]="snapshots::delete_then_gc snapshots::two_gcs crash::killing_delete_and_gc crash::gc_after corruption::a_lost_index corruption::a_corrupt_manifest locks::delete_prune_and_gc"
   [host/src/snapshot/create.rs]="snapshots:: crash::killing_snapshot sparse::"
   [host/src/mirror.rs]="mirror:: corruption:: hostile::"
   [host/src/target/locks.rs]="targets::target_locks targets::a_lease targets::concurrent target_gc::"
@@ -63,29 +67,56 @@ export HOLDFAST_MOTO_VENV="$root/target/moto-venv"
 [ -d "$HOLDFAST_PLUGINS" ] && [ -x "$HOLDFAST_MOTO_VENV/bin/python" ] \
   || { echo "run ./test.sh once first: it builds the policies and installs the S3 server" >&2; exit 2; }
 
+# Pass 2. cargo-mutants 27.1 runs only the mutated package's tests when --file is given
+# (--test-package is ignored), so this pass applies each missed mutant's diff (from pass 1's
+# diff/ folder) to a scratch copy of the tree itself and runs the named end-to-end tests there.
+# Results: e2e.txt (CAUGHT or MISSED, and the mutant) next to unit.out/.
+e2e_pass() {
+  local out=$1 filters=$2 scratch="$root/target/mutants/scratch"
+  rm -rf "$scratch" && mkdir -p "$scratch"
+  git ls-files -z | xargs -0 cp --parents -t "$scratch"
+  : >"$out/e2e.txt"
+  python3 - "$out/unit.out/outcomes.json" <<'PY' >"$out/e2e-todo.txt"
+import json, sys
+for o in json.load(open(sys.argv[1]))["outcomes"]:
+    if o.get("summary") in ("MissedMutant", "Timeout") and "Mutant" in o["scenario"]:
+        m = o["scenario"]["Mutant"]
+        print(o["diff_path"] + "\t" + m["file"] + "\t" + m["name"])
+PY
+  while IFS=$'\t' read -r diff file name; do
+    (cd "$scratch" && patch -s -p0 "$file" <"$root/$out/unit.out/$diff")
+    # shellcheck disable=SC2086 # the filters are words
+    if (cd "$scratch" && timeout 1800 cargo test -q -p holdfast-tests --features mutants \
+        --test e2e -- $filters >"$root/$out/e2e-last.log" 2>&1); then
+      echo "MISSED  $name" | tee -a "$out/e2e.txt" >&2
+    else
+      echo "CAUGHT  $name" | tee -a "$out/e2e.txt" >&2
+    fi
+    (cd "$scratch" && patch -s -R -p0 "$file" <"$root/$out/unit.out/$diff")
+  done <"$out/e2e-todo.txt"
+}
+
 for f in "${files[@]}"; do
   out="target/mutants/${f//\//_}"
   mkdir -p "$out"
-  echo "== $f: unit tests" >&2
-  cargo mutants --package holdfast --test-package holdfast --output "$out" --file "$f" \
-    -- --lib || true
-  rm -rf "$out/unit.out" && cp -r "$out/mutants.out" "$out/unit.out"  # pass 1 alone, kept
+  if [ "$resume" = 0 ] || [ ! -d "$out/unit.out" ]; then
+    echo "== $f: unit tests" >&2
+    cargo mutants --package holdfast --test-package holdfast --output "$out" --file "$f" \
+      -- --lib || true
+    rm -rf "$out/unit.out" && mv "$out/mutants.out" "$out/unit.out"
+  fi
   [ "$unit_only" = 1 ] && continue
   filters=${E2E[$f]:-}
   if [ -z "$filters" ]; then echo "no end-to-end tests named for $f in tests/mutants.sh" >&2; continue; fi
   echo "== $f: end-to-end tests for what the unit tests missed ($filters)" >&2
-  # shellcheck disable=SC2086 # the filters are words
-  cargo mutants --iterate --package holdfast --test-package holdfast-tests \
-    --features holdfast-tests/mutants --cargo-test-arg=--test=e2e --output "$out" --file "$f" \
-    -- $filters || true
+  e2e_pass "$out" "$filters"
 done
 count() { cat "$@" 2>/dev/null | sort -u | wc -l; }
-echo "file: unit tests alone (caught/missed/timeout/unviable) -> with the end-to-end tests" >&2
+echo "file: unit tests alone (caught/missed/timeout/unviable); the missed ones with the end-to-end tests (caught/missed)" >&2
 for f in "${files[@]}"; do
-  u="target/mutants/${f//\//_}/unit.out"; d="target/mutants/${f//\//_}/mutants.out"
-  printf '%-32s %3s/%3s/%3s/%3s -> caught %3s missed %3s timeout %3s\n' "$f" \
+  o="target/mutants/${f//\//_}"; u="$o/unit.out"
+  printf '%-32s %3s/%3s/%3s/%3s  e2e %3s/%3s\n' "$f" \
     "$(count "$u/caught.txt")" "$(count "$u/missed.txt")" "$(count "$u/timeout.txt")" \
-    "$(count "$u/unviable.txt")" \
-    "$(count "$d/caught.txt" "$d/previously_caught.txt" | awk -v v="$(count "$u/unviable.txt")" '{print $1 - v}')" \
-    "$(count "$d/missed.txt")" "$(count "$d/timeout.txt")"
+    "$(count "$u/unviable.txt")" "$(grep -c ^CAUGHT "$o/e2e.txt" 2>/dev/null || echo -)" \
+    "$(grep -c ^MISSED "$o/e2e.txt" 2>/dev/null || echo -)"
 done

@@ -83,14 +83,27 @@ for o in json.load(open(sys.argv[1]))["outcomes"]:
         m = o["scenario"]["Mutant"]
         print(o["diff_path"] + "\t" + m["file"] + "\t" + m["name"])
 PY
+  mkdir -p "$out/e2e-logs"
+  # shellcheck disable=SC2086 # the filters are words
+  run_e2e() {
+    (cd "$scratch" && cargo test -q -p holdfast-tests --features mutants --test e2e --no-run \
+      && timeout 1800 cargo test -q -p holdfast-tests --features mutants --test e2e -- $filters)
+  }
+  # The unmutated tree must pass, or every mutant would look caught.
+  if ! run_e2e >"$out/e2e-logs/baseline.log" 2>&1; then
+    echo "the end-to-end tests fail on the unmutated tree: see $out/e2e-logs/baseline.log" >&2
+    return 1
+  fi
+  local n=0
   while IFS=$'\t' read -r diff file name; do
+    n=$((n + 1))
     (cd "$scratch" && patch -s -p0 "$file" <"$root/$out/unit.out/$diff")
-    # shellcheck disable=SC2086 # the filters are words
-    if (cd "$scratch" && timeout 1800 cargo test -q -p holdfast-tests --features mutants \
-        --test e2e -- $filters >"$root/$out/e2e-last.log" 2>&1); then
+    if run_e2e >"$out/e2e-logs/$n.log" 2>&1; then
       echo "MISSED  $name" | tee -a "$out/e2e.txt" >&2
-    else
+    elif grep -q "^test result: FAILED\|panicked" "$out/e2e-logs/$n.log"; then
       echo "CAUGHT  $name" | tee -a "$out/e2e.txt" >&2
+    else
+      echo "ERROR   $name (no test failed: see $out/e2e-logs/$n.log)" | tee -a "$out/e2e.txt" >&2
     fi
     (cd "$scratch" && patch -s -R -p0 "$file" <"$root/$out/unit.out/$diff")
   done <"$out/e2e-todo.txt"

@@ -134,13 +134,13 @@ mod tests {
             SnapshotId::generate(1_700_000_000_001),
         );
         assert!(locked(&repo, &vm1).await.unwrap().is_empty());
-        write_lock_record(&repo, &vm1, &a, vec![lock(s1.clone())])
+        write_lock_record(&repo, &vm1, &a, vec![lock(s1)])
             .await
             .unwrap();
-        write_lock_record(&repo, &vm1, &b, vec![lock(s1.clone()), lock(s2.clone())])
+        write_lock_record(&repo, &vm1, &b, vec![lock(s1), lock(s2)])
             .await
             .unwrap();
-        write_lock_record(&repo, &vm10, &b, vec![lock(s2.clone())])
+        write_lock_record(&repo, &vm10, &b, vec![lock(s2)])
             .await
             .unwrap();
 
@@ -156,7 +156,7 @@ mod tests {
         let records = lock_records(&repo, &vm10).await.unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!((&records[0].holder, &records[0].volume), (&b, &vm10));
-        assert_eq!(records[0].locks, vec![lock(s2.clone())]);
+        assert_eq!(records[0].locks, vec![lock(s2)]);
 
         // Releasing every lock removes the record.
         write_lock_record(&repo, &vm1, &b, vec![]).await.unwrap();

@@ -5,9 +5,12 @@
 # gap in the tests, or an equivalent change to explain. Not part of ./test.sh: every mutant is
 # a rebuild, hours in all on 2 cores.
 #
-#   tests/mutants.sh [--unit-only | --resume] [FILE...]
+#   tests/mutants.sh [--unit-only | --resume] [--re REGEX] [FILE...]
 #
 # FILE...  the files to mutate (default: every invariant module below), one run per file.
+# --re     only the mutants whose name matches REGEX (cargo-mutants' --re), for example the
+#          functions of one step: --re 'verify_frames|Receive<.*>::store'. The default runs of
+#          some files have one (FOCUS below).
 #
 # Two passes per file, in target/mutants/<file>/:
 #  1. every mutant against the host's unit and property tests (cargo test -p holdfast --lib),
@@ -25,11 +28,16 @@ cd "$(dirname "$0")/.."
 root=$PWD
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked --version 27.1.0
 
-unit_only=0 resume=0
-case "${1:-}" in
-  --unit-only) unit_only=1; shift ;;
-  --resume) resume=1; shift ;;
-esac
+unit_only=0 resume=0 re=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --unit-only) unit_only=1; shift ;;
+    --resume) resume=1; shift ;;
+    --re) re=${2:?--re needs a regular expression}; shift 2 ;;
+    -*) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
 
 # The end-to-end tests (name filters of the e2e test binary) that exercise each module.
 declare -A E2E=(
@@ -42,6 +50,12 @@ declare -A E2E=(
   [host/src/target/locks.rs]="targets::target_locks targets::a_lease targets::concurrent target_gc::"
   [host/src/target/gc.rs]="target_gc:: targets::concurrent targets::a_lease"
   [host/src/target/pending.rs]="target_gc:: targets::interrupted targets::concurrent"
+)
+# The parts of a large file that carry its invariants, when no --re is given: mirror.rs's
+# receive step (the listing's checks, the manifest, verification and storage of what arrives)
+# and its deletion step.
+declare -A FOCUS=(
+  [host/src/mirror.rs]="check_listing|full_manifest|Receive<'_>::(manifest|store)|verify_frames|look_up|seal|Received::candidates|Update<'_>::apply_deletions"
 )
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
@@ -114,8 +128,9 @@ for f in "${files[@]}"; do
   mkdir -p "$out"
   if [ "$resume" = 0 ] || [ ! -d "$out/unit.out" ]; then
     echo "== $f: unit tests" >&2
+    focus=${re:-${FOCUS[$f]:-}}
     cargo mutants --package holdfast --test-package holdfast --output "$out" --file "$f" \
-      -- --lib || true
+      ${focus:+--re "$focus"} -- --lib || true
     rm -rf "$out/unit.out" && mv "$out/mutants.out" "$out/unit.out"
   fi
   [ "$unit_only" = 1 ] && continue

@@ -89,8 +89,10 @@ pub fn set_fake_now(unix_ms: u64) {
 /// The points: `target-gc-decided` (a gc has read everything and decided, and has not
 /// deleted or written anything), `target-push-before-manifest` (a push wrote its intent and
 /// not its manifest), `target-push-before-confirm` (it wrote its manifest and has not
-/// confirmed it) and `snapshot-segment-read` (a snapshot read the data of a segment of an
-/// image and has not looked again for holes filled meanwhile).
+/// confirmed it), `snapshot-segment-read` (a snapshot read the data of a segment of an
+/// image and has not looked again for holes filled meanwhile) and
+/// `snapshot-delete-uncatalogued` (a deletion removed the snapshot from the catalog and has
+/// not deleted its manifest).
 pub fn pause_point(point: &str) {
     #[cfg(debug_assertions)]
     {

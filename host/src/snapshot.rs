@@ -145,6 +145,7 @@ pub async fn delete(
             Ok(())
         })?;
     // A crash here leaves an orphan manifest, invisible; gc removes it.
+    crate::pause_point("snapshot-delete-uncatalogued");
     node.repo.delete_manifest(&rec.volume, &rec.id).await?;
     Ok((removed, broken))
 }

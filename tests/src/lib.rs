@@ -52,6 +52,66 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A command held at a protocol step by the test hook `HOLDFAST_PAUSE_AT` (see
+/// `holdfast::pause_point`): it waits while its flag file exists.
+pub struct Paused {
+    pub child: Child,
+    flag: PathBuf,
+}
+
+impl Paused {
+    /// Starts `args` on `n`, to pause at each of `points` (comma-separated) it gets to; waits
+    /// until it is paused at the first.
+    pub fn at(n: &TestNode, points: &str, dir: &Path, args: &[&str]) -> Paused {
+        let mut c = n.cmd(args);
+        c.env("HOLDFAST_PAUSE_AT", points)
+            .env("HOLDFAST_PAUSE_DIR", dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        let point = points.split(',').next().unwrap();
+        let mut p = Paused {
+            child,
+            flag: PathBuf::new(),
+        };
+        p.wait_for(dir, point, args);
+        p
+    }
+
+    fn wait_for(&mut self, dir: &Path, point: &str, args: &[&str]) {
+        self.flag = dir.join(format!("{point}.{}", self.child.id()));
+        let t0 = std::time::Instant::now();
+        while !self.flag.exists() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{args:?} ended ({status}) before it reached {point}");
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "{args:?} never reached {point}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Lets it go on to the next pause point, `point`, and waits until it is there.
+    pub fn next(&mut self, dir: &Path, point: &str) {
+        std::fs::remove_file(&self.flag).unwrap();
+        self.wait_for(dir, point, &[]);
+    }
+
+    /// Lets it go on, and waits for its end.
+    pub fn resume(self) -> Run {
+        std::fs::remove_file(&self.flag).unwrap();
+        Run::of(self.child)
+    }
+
+    /// Kills it where it waits (SIGKILL, as a crash or a power cut would).
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
 /// Records that `test` could not run here and why: on stderr, and in `target/test-skips.txt`,
 /// which `./test.sh` prints after the run (cargo hides a passing test's output).
 pub fn skipped(test: &str, why: &str) {
@@ -99,6 +159,11 @@ impl Run {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Waits for `child` (spawned with its output piped) and collects what it did.
+    pub fn of(child: Child) -> Run {
+        Run::from(child.wait_with_output().unwrap())
     }
 
     pub fn json(&self) -> Value {

@@ -336,9 +336,498 @@ async fn gc_locked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::SnapshotRecord;
     use crate::catalog::VolumeRecord;
     use crate::id::VolumeName;
     use crate::softlock::{LockType, NewLock};
+    use rand::{RngCore, SeedableRng};
+    use std::os::unix::fs::FileExt;
+
+    const BS: usize = 64 << 10;
+
+    /// A node with one image volume of 64 KiB blocks of incompressible bytes, each block made
+    /// from a seed, so that a test knows which chunks two snapshots share.
+    struct Vol {
+        dir: tempfile::TempDir,
+        node: Arc<Node>,
+        image: std::path::PathBuf,
+        v: VolumeName,
+    }
+
+    fn block(seed: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut b);
+        b
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    impl Vol {
+        async fn new(blocks: u64) -> Vol {
+            let dir = tempfile::tempdir().unwrap();
+            let node = Node::init(&dir.path().join("state"), None).await.unwrap();
+            let image = dir.path().join("v.img");
+            let mut bytes = Vec::with_capacity(blocks as usize * BS);
+            for i in 0..blocks {
+                bytes.extend_from_slice(&block(i));
+            }
+            std::fs::write(&image, bytes).unwrap();
+            let v: VolumeName = "v".parse().unwrap();
+            node.catalog
+                .add_volume(&VolumeRecord::image(v.clone(), image.clone(), BS as u32))
+                .unwrap();
+            Vol {
+                dir,
+                node: Arc::new(node),
+                image,
+                v,
+            }
+        }
+
+        /// Gives block `i` the content of `seed`.
+        fn write(&self, i: u64, seed: u64) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.image)
+                .unwrap();
+            f.write_all_at(&block(seed), i * BS as u64).unwrap();
+        }
+
+        async fn snap(&self) -> SnapshotRecord {
+            let pb = ProgressBar::hidden();
+            crate::snapshot::create::create(&self.node, &self.v, Default::default(), &pb)
+                .await
+                .unwrap()
+                .record
+        }
+
+        async fn delete(&self, rec: &SnapshotRecord) {
+            crate::snapshot::delete(&self.node, rec, None)
+                .await
+                .unwrap();
+        }
+
+        async fn packs(&self) -> HashMap<PackId, u64> {
+            self.node
+                .repo
+                .list_packs()
+                .await
+                .unwrap()
+                .into_iter()
+                .collect()
+        }
+
+        async fn indexes(&self) -> HashSet<PackId> {
+            self.node
+                .repo
+                .list_indexes()
+                .await
+                .unwrap()
+                .into_iter()
+                .collect()
+        }
+
+        async fn chunks(&self, rec: &SnapshotRecord) -> HashSet<ChunkId> {
+            let m = load_manifest(&self.node.repo, rec).await.unwrap();
+            m.blocks.ids().iter().copied().collect()
+        }
+
+        /// Every chunk of `rec` is in a pack with a readable index.
+        async fn assert_whole(&self, rec: &SnapshotRecord) {
+            let wanted = self.chunks(rec).await;
+            let (found, problems) = self.node.find_chunks(&wanted).await.unwrap();
+            assert!(problems.is_empty(), "{problems:?}");
+            for c in &wanted {
+                assert!(found.contains(c), "chunk {c} of {} is gone", rec.id);
+            }
+        }
+
+        fn repo_path(&self) -> std::path::PathBuf {
+            self.dir.path().join("state/repo")
+        }
+
+        fn pack_file(&self, id: &PackId) -> std::path::PathBuf {
+            let hex = id.to_hex();
+            self.repo_path().join("packs").join(&hex[..2]).join(hex)
+        }
+    }
+
+    /// (live bytes, stored bytes) of a pack, given what is live.
+    fn live_and_total(pi: &PackIndex, live: &HashSet<ChunkId>) -> (u64, u64) {
+        let live_bytes = pi
+            .entries
+            .iter()
+            .filter(|e| live.contains(&e.id))
+            .map(|e| e.length as u64)
+            .sum();
+        (live_bytes, pi.stored_bytes())
+    }
+
+    #[test]
+    fn gc_frees_the_packs_no_snapshot_needs_and_a_dry_run_only_counts_them() {
+        run(async {
+            let t = Vol::new(16).await;
+            let a = t.snap().await;
+            let pa: HashSet<PackId> = t.packs().await.into_keys().collect();
+            for i in 0..16 {
+                t.write(i, 1000 + i);
+            }
+            let b = t.snap().await;
+            assert!(t.chunks(&a).await.is_disjoint(&t.chunks(&b).await));
+            t.delete(&a).await;
+            // What a write that a crash interrupted leaves: a staging file.
+            let staging = t.repo_path().join("leftover#123");
+            std::fs::write(&staging, b"x").unwrap();
+            let before = t.packs().await;
+            let a_bytes: u64 = pa.iter().map(|p| before[p]).sum();
+            let n = pa.len() as u64;
+
+            let pb = ProgressBar::hidden();
+            let dry = gc(&t.node, true, &pb).await.unwrap();
+            assert!(dry.dry_run);
+            assert_eq!(dry.snapshots, 1);
+            assert_eq!(dry.live_chunks, t.chunks(&b).await.len() as u64);
+            assert_eq!(
+                (dry.packs_deleted, dry.packs_repacked, dry.packs_written),
+                (n, 0, 0),
+                "{dry:?}"
+            );
+            assert_eq!(dry.bytes_freed, a_bytes);
+            assert_eq!((dry.dead_bytes_kept, dry.packs_partly_dead), (0, 0));
+            assert!(dry.notes.is_empty(), "{:?}", dry.notes);
+            assert_eq!(t.packs().await, before, "a dry run deleted packs");
+            assert!(staging.exists(), "a dry run removed a staging file");
+            let state = t.node.catalog.gc_state().unwrap();
+            assert_eq!(state.deleted_snapshots, 1);
+            assert!(state.last.is_none(), "a dry run was recorded as a gc");
+
+            let pb = ProgressBar::hidden();
+            let done = gc(&t.node, false, &pb).await.unwrap();
+            assert!(!done.dry_run);
+            assert_eq!(
+                (done.packs_deleted, done.packs_repacked, done.packs_written),
+                (n, 0, 0),
+                "{done:?}"
+            );
+            assert_eq!(done.bytes_freed, a_bytes);
+            assert!(done.notes.is_empty(), "{:?}", done.notes);
+            assert_eq!((pb.length(), pb.position()), (Some(n), n));
+            let after = t.packs().await;
+            assert_eq!(after.len(), before.len() - pa.len());
+            assert!(pa.iter().all(|p| !after.contains_key(p)));
+            assert!(
+                t.indexes().await.is_disjoint(&pa),
+                "an index outlived its pack"
+            );
+            assert!(!staging.exists(), "gc left a staging file");
+            let state = t.node.catalog.gc_state().unwrap();
+            assert_eq!(state.deleted_snapshots, 0);
+            let last = state.last.expect("the gc is recorded");
+            assert_eq!((last.bytes_freed, last.packs_deleted), (a_bytes, n));
+            t.assert_whole(&b).await;
+
+            let again = gc(&t.node, false, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (again.packs_deleted, again.bytes_freed),
+                (0, 0),
+                "{again:?}"
+            );
+            assert_eq!(t.packs().await, after);
+        });
+    }
+
+    #[test]
+    fn packs_mostly_dead_are_repacked_into_new_packs_before_they_go() {
+        run(async {
+            // 40 MiB: the first snapshot fills several packs, and what stays live of them
+            // fills more than one new pack.
+            let blocks = 640;
+            let t = Vol::new(blocks).await;
+            let a = t.snap().await;
+            let pa: HashSet<PackId> = t.packs().await.into_keys().collect();
+            for i in (0..blocks).step_by(2) {
+                t.write(i, 10_000 + i);
+            }
+            let b = t.snap().await;
+            t.delete(&a).await;
+            let live = t.chunks(&b).await;
+            let before = t.packs().await;
+            let mut live_bytes = 0;
+            let mut freed = 0;
+            let mut kept: HashSet<ChunkId> = HashSet::new();
+            for p in &pa {
+                let pi = t.node.repo.read_index(p).await.unwrap();
+                let (l, total) = live_and_total(&pi, &live);
+                assert!(l > 0 && 1.0 - l as f64 / total as f64 > REPACK_THRESHOLD);
+                live_bytes += l;
+                freed += before[p] - l;
+                kept.extend(pi.entries.iter().map(|e| e.id).filter(|c| live.contains(c)));
+            }
+            assert!(live_bytes > pack::TARGET_PACK_BYTES as u64);
+            let n = pa.len() as u64;
+
+            let dry = gc(&t.node, true, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (dry.packs_repacked, dry.packs_written, dry.packs_deleted),
+                (n, 0, 0),
+                "{dry:?}"
+            );
+            assert_eq!(dry.bytes_freed, freed);
+            assert_eq!(t.packs().await, before, "a dry run changed packs");
+
+            let pb = ProgressBar::hidden();
+            let done = gc(&t.node, false, &pb).await.unwrap();
+            assert_eq!(
+                (done.packs_repacked, done.packs_deleted),
+                (n, 0),
+                "{done:?}"
+            );
+            assert_eq!(done.bytes_freed, freed);
+            assert_eq!((pb.length(), pb.position()), (Some(n), n));
+            let after = t.packs().await;
+            assert!(pa.iter().all(|p| !after.contains_key(p)));
+            let new: Vec<PackId> = after
+                .keys()
+                .filter(|p| !before.contains_key(p))
+                .copied()
+                .collect();
+            assert!(done.packs_written >= 2, "{done:?}");
+            assert_eq!(new.len() as u64, done.packs_written);
+            let mut copied = HashSet::new();
+            for p in &new {
+                let pi = t.node.repo.read_index(p).await.unwrap();
+                copied.extend(pi.entries.iter().map(|e| e.id));
+            }
+            assert_eq!(copied, kept, "the new packs hold exactly the live chunks");
+            t.assert_whole(&b).await;
+        });
+    }
+
+    #[test]
+    fn a_pack_no_more_than_a_quarter_dead_stays_and_its_dead_bytes_are_reported() {
+        run(async {
+            let t = Vol::new(16).await;
+            let a = t.snap().await;
+            let pa: Vec<PackId> = t.packs().await.into_keys().collect();
+            assert_eq!(pa.len(), 1);
+            // A quarter of the blocks change: exactly a quarter of the pack is dead.
+            for i in [1, 5, 9, 13] {
+                t.write(i, 1000 + i);
+            }
+            let b = t.snap().await;
+            t.delete(&a).await;
+            let live = t.chunks(&b).await;
+            let pi = t.node.repo.read_index(&pa[0]).await.unwrap();
+            assert!(pi.entries.iter().all(|e| e.length == pi.entries[0].length));
+            let (l, total) = live_and_total(&pi, &live);
+            assert_eq!(4 * (total - l), total);
+            let before = t.packs().await;
+
+            let done = gc(&t.node, false, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (done.packs_repacked, done.packs_deleted, done.bytes_freed),
+                (0, 0, 0),
+                "{done:?}"
+            );
+            // b's own pack is all live: it is not partly dead.
+            assert_eq!(
+                (done.dead_bytes_kept, done.packs_partly_dead),
+                (total - l, 1)
+            );
+            assert!(
+                done.notes.iter().any(|n| n.contains("dead bytes stay")),
+                "{:?}",
+                done.notes
+            );
+            assert_eq!(t.packs().await, before);
+            let last = t.node.catalog.gc_state().unwrap().last.unwrap();
+            assert_eq!(last.dead_bytes_kept, total - l);
+            t.assert_whole(&b).await;
+        });
+    }
+
+    #[test]
+    fn orphan_manifests_and_indexes_without_a_pack_go_and_a_dry_run_keeps_them() {
+        run(async {
+            let t = Vol::new(4).await;
+            let a = t.snap().await;
+            let pa: Vec<PackId> = t.packs().await.into_keys().collect();
+            for i in 0..4 {
+                t.write(i, 1000 + i);
+            }
+            let b = t.snap().await;
+            // A crash inside a delete: a's catalog entry is gone, its manifest is not. And a
+            // pack file went while its index stayed.
+            t.node
+                .catalog
+                .remove_snapshot(&t.v, &a.id, |_, _| Ok(()))
+                .unwrap();
+            for p in &pa {
+                std::fs::remove_file(t.pack_file(p)).unwrap();
+            }
+            let n = pa.len() as u64;
+
+            let dry = gc(&t.node, true, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (dry.orphan_manifests_deleted, dry.stale_indexes_deleted),
+                (1, n),
+                "{dry:?}"
+            );
+            assert!(t.node.repo.read_manifest(&t.v, &a.id).await.is_ok());
+            let idx = t.indexes().await;
+            assert!(pa.iter().all(|p| idx.contains(p)));
+
+            let done = gc(&t.node, false, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (done.orphan_manifests_deleted, done.stale_indexes_deleted),
+                (1, n),
+                "{done:?}"
+            );
+            assert!(t.node.repo.read_manifest(&t.v, &a.id).await.is_err());
+            assert!(t.indexes().await.is_disjoint(&pa.iter().copied().collect()));
+            t.assert_whole(&b).await;
+
+            let again = gc(&t.node, false, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(
+                (again.orphan_manifests_deleted, again.stale_indexes_deleted),
+                (0, 0)
+            );
+        });
+    }
+
+    #[test]
+    fn a_missing_or_damaged_index_is_rebuilt_from_the_pack_and_an_unreadable_pack_is_kept() {
+        run(async {
+            let t = Vol::new(4).await;
+            let a = t.snap().await;
+            let p1: Vec<PackId> = t.packs().await.into_keys().collect();
+            for i in 0..4 {
+                t.write(i, 1000 + i);
+            }
+            let b = t.snap().await;
+            let p2: Vec<PackId> = t
+                .packs()
+                .await
+                .into_keys()
+                .filter(|p| !p1.contains(p))
+                .collect();
+            for i in 0..4 {
+                t.write(i, 2000 + i);
+            }
+            let c = t.snap().await;
+            let p3: Vec<PackId> = t
+                .packs()
+                .await
+                .into_keys()
+                .filter(|p| !p1.contains(p) && !p2.contains(p))
+                .collect();
+            assert_eq!((p1.len(), p2.len(), p3.len()), (1, 1, 1));
+            let (p1, p2, p3) = (p1[0], p2[0], p3[0]);
+            let i1 = t.node.repo.read_index(&p1).await.unwrap();
+            let i2 = t.node.repo.read_index(&p2).await.unwrap();
+            // p1 lost its index, p2's is damaged, p3's is gone and so is its trailer.
+            t.node.repo.delete_index(&p1).await.unwrap();
+            t.node
+                .repo
+                .put_object(&format!("index/{p2}"), b"not an index".to_vec())
+                .await
+                .unwrap();
+            t.node.repo.delete_index(&p3).await.unwrap();
+            let f = t.pack_file(&p3);
+            let len = std::fs::metadata(&f).unwrap().len();
+            std::fs::write(&f, vec![0u8; len as usize]).unwrap();
+            let before = t.packs().await;
+
+            let dry = gc(&t.node, true, &ProgressBar::hidden()).await.unwrap();
+            let rebuilt = |r: &GcReport| {
+                r.notes
+                    .iter()
+                    .filter(|n| n.contains("rebuilt it from the pack's trailer"))
+                    .count()
+            };
+            assert_eq!(rebuilt(&dry), 2, "{:?}", dry.notes);
+            assert!(t.node.repo.read_index(&p1).await.is_err());
+            assert!(t.node.repo.read_index(&p2).await.is_err());
+
+            let done = gc(&t.node, false, &ProgressBar::hidden()).await.unwrap();
+            assert_eq!(rebuilt(&done), 2, "{:?}", done.notes);
+            assert!(
+                done.notes
+                    .iter()
+                    .any(|n| n.contains(&p3.short()) && n.contains("unreadable and was kept")),
+                "{:?}",
+                done.notes
+            );
+            assert_eq!(
+                t.node.repo.read_index(&p1).await.unwrap().entries,
+                i1.entries
+            );
+            assert_eq!(
+                t.node.repo.read_index(&p2).await.unwrap().entries,
+                i2.entries
+            );
+            assert_eq!(done.packs_deleted, 0, "{done:?}");
+            assert_eq!(
+                t.packs().await,
+                before,
+                "gc deleted a pack it could not read"
+            );
+            t.assert_whole(&a).await;
+            t.assert_whole(&b).await;
+            let _ = c;
+        });
+    }
+
+    #[test]
+    fn the_daemons_gc_skips_a_busy_repository_or_waits_for_it() {
+        run(async {
+            let t = Vol::new(4).await;
+            let a = t.snap().await;
+            let pa: HashSet<PackId> = t.packs().await.into_keys().collect();
+            for i in 0..4 {
+                t.write(i, 1000 + i);
+            }
+            let b = t.snap().await;
+            t.delete(&a).await;
+
+            // A snapshot being read holds the repository shared.
+            let reader = t.node.lock_repo_shared().await.unwrap();
+            let pb = ProgressBar::hidden();
+            assert!(gc_when_idle(&t.node, &pb).await.unwrap().is_none());
+            let now = t.packs().await;
+            assert!(pa.iter().all(|p| now.contains_key(p)));
+            let node = t.node.clone();
+            let waiting =
+                tokio::spawn(async move { gc_waiting(node, &ProgressBar::hidden()).await });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished(), "gc did not wait for the reader");
+            drop(reader);
+            let r = waiting.await.unwrap().unwrap();
+            assert_eq!(r.packs_deleted, pa.len() as u64, "{r:?}");
+            let after = t.packs().await;
+            assert!(pa.iter().all(|p| !after.contains_key(p)));
+
+            let pb_: HashSet<PackId> = after.into_keys().collect();
+            for i in 0..4 {
+                t.write(i, 2000 + i);
+            }
+            let c = t.snap().await;
+            t.delete(&b).await;
+            let r = gc_when_idle(&t.node, &pb)
+                .await
+                .unwrap()
+                .expect("nothing holds it");
+            assert_eq!(r.packs_deleted, pb_.len() as u64, "{r:?}");
+            assert!(t.packs().await.keys().all(|p| !pb_.contains(p)));
+            t.assert_whole(&c).await;
+        });
+    }
 
     #[test]
     fn a_locked_manifest_without_a_catalog_entry_keeps_its_chunks() {

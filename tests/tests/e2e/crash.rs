@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use holdfast_tests::{TestNode, mixed_bytes};
+use holdfast_tests::{Paused, TestNode, mixed_bytes};
 use rand::{Rng, SeedableRng};
 
 fn rng() -> rand::rngs::StdRng {
@@ -178,16 +178,32 @@ fn killing_delete_and_gc_at_random_instants_keeps_the_rest_intact() {
         n.snapshot("v", &format!("s{k}"));
         expected.insert(format!("s{k}"), data);
     }
-    for k in [1, 3] {
-        let name = format!("s{k}");
-        let delay = Duration::from_millis(rng.random_range(0..40));
-        kill_after(&n, &["snapshot", "delete", &format!("v@{name}")], delay);
-        check_visible(&n, "v", &expected);
-        if n.snapshots("v").iter().any(|s| s["name"] == name.as_str()) {
-            n.ok(&["snapshot", "delete", &format!("v@{name}")]);
+    // A delete killed at a random instant: it landed before the catalog let go of the
+    // snapshot (still listed, deleted again), or after (gone, perhaps its manifest left).
+    let orphans = |n: &TestNode| {
+        n.run(&["gc", "--dry-run", "--json"]).json()["orphan-manifests-deleted"]
+            .as_u64()
+            .unwrap()
+    };
+    let delay = Duration::from_millis(rng.random_range(0..40));
+    let killed = kill_after(&n, &["snapshot", "delete", "v@s1"], delay);
+    check_visible(&n, "v", &expected);
+    let listed = n.snapshots("v").iter().any(|s| s["name"] == "s1");
+    eprintln!(
+        "delete kill after {delay:?} landed {}",
+        match (killed, listed) {
+            (false, _) => "after it finished",
+            (true, true) => "before its catalog commit",
+            (true, false) if orphans(&n) > 0 => "between its catalog commit and its manifest",
+            (true, false) => "after its last write",
         }
-        expected.remove(&name);
+    );
+    if listed {
+        n.ok(&["snapshot", "delete", "v@s1"]);
     }
+    expected.remove("s1");
+    n.ok(&["snapshot", "delete", "v@s3"]);
+    expected.remove("s3");
     let gc_time = {
         // Measure gc on a copy of the state, so the real one still has garbage.
         let copy = copy_of(&n, "copy");
@@ -252,6 +268,24 @@ fn killing_delete_and_gc_at_random_instants_keeps_the_rest_intact() {
     check_visible(&n, "v", &expected);
     let again = n.run(&["gc", "--json"]).json();
     assert_eq!(again["bytes-freed"], 0, "{again}");
+
+    // And one killed where it must land: uncatalogued, its manifest still there. The
+    // snapshot is gone for good; the manifest is an orphan that gc removes, and nothing else.
+    let flags = tempfile::tempdir().unwrap();
+    Paused::at(
+        &n,
+        "snapshot-delete-uncatalogued",
+        flags.path(),
+        &["snapshot", "delete", "v@s4"],
+    )
+    .kill();
+    expected.remove("s4");
+    assert!(!n.snapshots("v").iter().any(|s| s["name"] == "s4"));
+    assert_eq!(orphans(&n), 1, "the killed delete left no orphan manifest");
+    check_visible(&n, "v", &expected);
+    let r = n.run(&["gc", "--json"]).json();
+    assert_eq!(r["orphan-manifests-deleted"], 1, "{r}");
+    check_visible(&n, "v", &expected);
 }
 
 #[test]

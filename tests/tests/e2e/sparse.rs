@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use holdfast_tests::TestNode;
+use holdfast_tests::{Paused, TestNode};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -88,34 +88,19 @@ fn a_hole_filled_after_its_segment_was_read_is_read_again() {
     sparse(&img, 4 * MIB, &[(0, pattern(MIB as usize, 3))]);
     n.add_volume("v", &img, "64KiB");
     let flags = tempfile::tempdir().unwrap();
-    let child = n
-        .cmd(&["snapshot", "create", "v", "--name", "s"])
-        .env("HOLDFAST_PAUSE_AT", "snapshot-segment-read")
-        .env("HOLDFAST_PAUSE_DIR", flags.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let flag = flags
-        .path()
-        .join(format!("snapshot-segment-read.{}", child.id()));
-    let t0 = std::time::Instant::now();
-    while !flag.exists() {
-        assert!(t0.elapsed().as_secs() < 60, "the snapshot never paused");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let paused = Paused::at(
+        &n,
+        "snapshot-segment-read",
+        flags.path(),
+        &["snapshot", "create", "v", "--name", "s"],
+    );
     let filled = pattern(MIB as usize, 4);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all_at(&filled, 2 * MIB).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    std::fs::remove_file(&flag).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let r = paused.resume();
+    assert_eq!(r.code, 0, "{}", r.stderr);
     let got = n.restore("v@s");
     assert!(
         got[2 * MIB as usize..3 * MIB as usize] == filled[..],

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_tests::proxy::Proxy;
 use holdfast_tests::s3::S3Server;
-use holdfast_tests::{Run, TestNode};
+use holdfast_tests::{Paused, Run, TestNode};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
@@ -92,15 +92,6 @@ fn gc_until_deleted(n: &TestNode) -> Value {
             "nothing deleted: {r}"
         );
         std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn output_of(child: Child) -> Run {
-    let out = child.wait_with_output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
@@ -192,7 +183,7 @@ fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     let hold = proxy.hold("POST", "<Key>backups/index/");
     let gc = spawn_json(&b, &["gc", "--target", "bucket", "--json"]);
     if !hold.wait_held(Duration::from_secs(60)) {
-        let r = output_of(gc);
+        let r = Run::of(gc);
         panic!(
             "gc deleted nothing: {}\n{}\nrequests: {:#?}",
             r.stdout,
@@ -211,7 +202,7 @@ fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     );
 
     hold.release();
-    let g = json_of(&output_of(gc));
+    let g = json_of(&Run::of(gc));
     assert!(u(&g["packs-deleted"]) >= 1, "{g}");
     restores_from_the_bucket(&s3, "gc-stall", &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
@@ -257,7 +248,7 @@ fn a_push_stalled_before_its_manifest_stores_again_what_gc_deleted() {
     gc_until_condemned(&b);
     gc_until_deleted(&b);
     hold.release();
-    let r = json_of(&output_of(push));
+    let r = json_of(&Run::of(push));
     assert!(
         u(&r["restored-chunks"]) >= 32,
         "the push did not store again what gc deleted: {r}"
@@ -270,57 +261,6 @@ fn a_push_stalled_before_its_manifest_stores_again_what_gc_deleted() {
         "the intent stayed"
     );
     restores_from_the_bucket(&s3, "push-stall", &[("vm1@s2", &y), ("vm1@s3", &x)]);
-}
-
-/// A command held at a protocol step by the test hook `HOLDFAST_PAUSE_AT` (see
-/// `holdfast::pause_point`): it waits while its flag file exists.
-struct Paused {
-    child: Child,
-    flag: std::path::PathBuf,
-}
-
-impl Paused {
-    /// Starts `args` on `n`, to pause at each of `points` (comma-separated) it gets to; waits
-    /// until it is paused at the first.
-    fn at(n: &TestNode, points: &str, dir: &std::path::Path, args: &[&str]) -> Paused {
-        let mut c = n.cmd(args);
-        c.env("HOLDFAST_PAUSE_AT", points)
-            .env("HOLDFAST_PAUSE_DIR", dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = c.spawn().unwrap();
-        let point = points.split(',').next().unwrap();
-        let flag = dir.join(format!("{point}.{}", child.id()));
-        let t0 = Instant::now();
-        while !flag.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{args:?} never reached {point}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Paused { child, flag }
-    }
-
-    /// Lets it go on to the next pause point, `point`, and waits until it is there.
-    fn next(&mut self, dir: &std::path::Path, point: &str) {
-        std::fs::remove_file(&self.flag).unwrap();
-        self.flag = dir.join(format!("{point}.{}", self.child.id()));
-        let t0 = Instant::now();
-        while !self.flag.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "it never reached {point}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Lets it go on, and waits for its end.
-    fn resume(self) -> Run {
-        std::fs::remove_file(&self.flag).unwrap();
-        output_of(self.child)
-    }
 }
 
 /// A node of a directory target `file://DIR/target`, with a grace period of `GRACE`.
@@ -840,7 +780,7 @@ impl Chaos {
             .unwrap();
         let pid = child.id();
         self.pids.lock().unwrap().push(pid);
-        let r = output_of(child);
+        let r = Run::of(child);
         self.pids.lock().unwrap().retain(|p| *p != pid);
         if r.code != 0 && self.killed.lock().unwrap().contains(&pid) {
             return Run { code: 0, ..r };

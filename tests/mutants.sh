@@ -21,7 +21,8 @@
 #     `holdfast-mutant`, the holdfast program the tests package builds (its `mutants` feature)
 #     from the mutated library, so each mutant is a real holdfast process on real state
 #     directories, peers and a real S3 server; a few minutes a mutant. Results in e2e.txt.
-# --resume skips pass 1 for a file that has its results. A MISSED line left in e2e.txt is a gap
+# --resume skips pass 1 for a file that has its results, and in pass 2 the mutants e2e.txt
+# already judges. A MISSED line left in e2e.txt is a gap
 # in the tests or an equivalent mutant, to be explained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,7 +90,8 @@ e2e_pass() {
   local out=$1 filters=$2 scratch="$root/target/mutants/scratch"
   rm -rf "$scratch" && mkdir -p "$scratch"
   git ls-files -z | xargs -0 cp --parents -t "$scratch"
-  : >"$out/e2e.txt"
+  # --resume keeps the mutants already judged (a pass is hours for a large file).
+  [ "$resume" = 1 ] && [ -f "$out/e2e.txt" ] || : >"$out/e2e.txt"
   python3 - "$out/unit.out/outcomes.json" <<'PY' >"$out/e2e-todo.txt"
 import json, sys
 for o in json.load(open(sys.argv[1]))["outcomes"]:
@@ -111,6 +113,7 @@ PY
   local n=0
   while IFS=$'\t' read -r diff file name; do
     n=$((n + 1))
+    if grep -qF "  $name" "$out/e2e.txt"; then continue; fi
     (cd "$scratch" && patch -s -p0 "$file" <"$root/$out/unit.out/$diff")
     if run_e2e >"$out/e2e-logs/$n.log" 2>&1; then
       echo "MISSED  $name" | tee -a "$out/e2e.txt" >&2

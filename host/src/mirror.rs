@@ -1366,3 +1366,240 @@ async fn fetch_with_retry(
     }
     unreachable!("the loop returns")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::Extent;
+    use crate::snapshot::manifest::tests::{c, manifest};
+
+    const BS: u32 = 64 << 10;
+
+    fn rec(volume: &str, unix_ms: u64, size: u64, block_size: u32) -> SnapshotRecord {
+        let mut m = manifest(size, block_size, vec![]);
+        m.volume = volume.parse().unwrap();
+        m.id = SnapshotId::generate(unix_ms);
+        m.name = format!("s{unix_ms}").parse().unwrap();
+        m.record(Default::default())
+    }
+
+    fn check(local: Option<u32>, list: Vec<SnapshotRecord>) -> Result<Vec<SnapshotRecord>> {
+        check_listing(&"up".parse().unwrap(), &"v".parse().unwrap(), local, list)
+    }
+
+    /// The listing is refused as an upstream's fault (exit 9), and the message says why.
+    #[track_caller]
+    fn refused(r: Result<Vec<SnapshotRecord>>, why: &str) {
+        match r {
+            Err(Error::Denied(m)) => {
+                assert!(m.contains(why), "{m:?} does not say {why:?}");
+                assert!(m.contains("upstream up sent"), "{m:?}");
+            }
+            other => panic!("not refused ({why}): {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_listing_comes_back_oldest_first() {
+        let now = crate::now_unix_ms();
+        let (a, b, c) = (
+            rec("v", now - 2000, 4 * BS as u64, BS),
+            rec("v", now - 1000, 4 * BS as u64, BS),
+            rec("v", now, 5 * BS as u64, BS),
+        );
+        let got = check(Some(BS), vec![c.clone(), a.clone(), b.clone()]).unwrap();
+        assert_eq!(got, vec![a, b, c]);
+        assert_eq!(check(None, vec![]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_listing_that_does_not_fit_this_replica_is_refused() {
+        let now = crate::now_unix_ms();
+        let ok = || rec("v", now, 4 * BS as u64, BS);
+        refused(check(None, vec![rec("w", now, 4096, BS)]), "of volume w");
+        refused(
+            check(None, vec![rec("v", now, 4096, 3000)]),
+            "bad block size",
+        );
+        refused(
+            check(Some(2 * BS), vec![ok()]),
+            &format!("but the replica's is {}", 2 * BS),
+        );
+        // Two records that disagree with each other, with no replica yet.
+        refused(
+            check(None, vec![ok(), rec("v", now + 1, 4096, 2 * BS)]),
+            &format!("but the replica's is {BS}"),
+        );
+        let too_big = (crate::snapshot::manifest::MAX_BLOCKS + 1) * 4096;
+        refused(
+            check(None, vec![rec("v", now, too_big, 4096)]),
+            "cannot be held",
+        );
+        // Exactly the most blocks a manifest lists is fine.
+        check(
+            None,
+            vec![rec(
+                "v",
+                now,
+                crate::snapshot::manifest::MAX_BLOCKS * 4096,
+                4096,
+            )],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn labels_ids_and_clocks_an_upstream_cannot_send() {
+        let now = crate::now_unix_ms();
+        let ok = || rec("v", now, 4 * BS as u64, BS);
+        let mut bad_key = ok();
+        bad_key.labels.insert("no spaces here".into(), "x".into());
+        refused(check(None, vec![bad_key]), "label this node refuses");
+        let mut bad_value = ok();
+        bad_value
+            .labels
+            .insert("k".into(), "x".repeat(crate::id::MAX_LABEL_VALUE_BYTES + 1));
+        refused(check(None, vec![bad_value]), "label this node refuses");
+        let twice = ok();
+        refused(check(None, vec![twice.clone(), twice]), "twice");
+        let hour = 3_600_000;
+        refused(
+            check(None, vec![rec("v", now + 25 * hour + hour / 2, 4096, BS)]),
+            "made 25 h from now",
+        );
+        // Less than a day ahead: a clock that runs fast, not a hostile id.
+        check(None, vec![rec("v", now + 23 * hour, 4096, BS)]).unwrap();
+    }
+
+    #[test]
+    fn regions_must_lie_inside_their_snapshot() {
+        let now = crate::now_unix_ms();
+        let size = 8 * BS as u64;
+        let with = |extents: &[(u64, u64)]| {
+            let mut r = rec("v", now, size, BS);
+            for (i, &(offset, length)) in extents.iter().enumerate() {
+                r.regions
+                    .insert(format!("r{i}").parse().unwrap(), Extent { offset, length });
+            }
+            check(None, vec![r])
+        };
+        let bs = BS as u64;
+        // The whole volume, and the last block, are regions of it.
+        with(&[(0, size), (size - bs, bs)]).unwrap();
+        for (offset, length) in [
+            (0, 0),                // empty
+            (bs / 2, bs),          // not on a block boundary
+            (size - bs, bs + 1),   // past the end
+            (size, bs),            // after the end
+            (bs, u64::MAX - 1000), // wraps around
+        ] {
+            refused(with(&[(offset, length)]), "which is not a region of it");
+        }
+        let most: Vec<(u64, u64)> = vec![(0, bs); crate::region::MAX_REGIONS];
+        with(&most).unwrap();
+        let more: Vec<(u64, u64)> = vec![(0, bs); crate::region::MAX_REGIONS + 1];
+        refused(with(&more), "regions (a volume has at most");
+    }
+
+    fn frames(chunks: &[(ChunkId, crate::chunk::Encoding, Vec<u8>, u32)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (id, enc, stored, raw) in chunks {
+            crate::peer::write_frame(&mut body, id, *enc, *raw, stored);
+        }
+        body
+    }
+
+    #[test]
+    fn received_chunks_are_exactly_those_asked_for_and_each_is_its_hash() {
+        let datas: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 10_000]).collect();
+        let chunks: Vec<_> = datas
+            .iter()
+            .map(|d| {
+                let (enc, stored) = crate::chunk::encode(d).unwrap();
+                (crate::chunk::hash(d), enc, stored, d.len() as u32)
+            })
+            .collect();
+        let asked: HashSet<ChunkId> = chunks.iter().map(|c| c.0).collect();
+        let body = frames(&chunks);
+        let got = verify_frames(&body, &asked).unwrap();
+        assert_eq!(got.len(), 3);
+        for ((id, enc, range, raw), (cid, cenc, stored, craw)) in got.iter().zip(&chunks) {
+            assert_eq!((id, enc, *raw), (cid, cenc, *craw as usize));
+            assert_eq!(&body[range.clone()], &stored[..], "where {id}'s bytes lie");
+        }
+
+        let err = |body: &[u8], asked: &HashSet<ChunkId>| match verify_frames(body, asked) {
+            Err(Error::Corrupt(m)) => m,
+            other => panic!("accepted: {other:?}"),
+        };
+        // One missing, one more than asked.
+        let m = err(&frames(&chunks[..2]), &asked);
+        assert!(m.contains("sent 2 chunks for 3 asked"), "{m}");
+        let fewer: HashSet<ChunkId> = chunks[..2].iter().map(|c| c.0).collect();
+        assert!(err(&body, &fewer).contains("sent 3 chunks for 2 asked"));
+        // As many as asked, but one of them another.
+        let other = vec![9u8; 100];
+        let mut swapped = chunks[..2].to_vec();
+        swapped.push((
+            crate::chunk::hash(&other),
+            crate::chunk::Encoding::Raw,
+            other,
+            100,
+        ));
+        let m = err(&frames(&swapped), &asked);
+        assert!(m.contains("not asked for"), "{m}");
+        // Bytes stored raw that decode cleanly, but to something else: the hash catches it.
+        let raw = vec![5u8; 100];
+        let mut flipped = raw.clone();
+        flipped[50] ^= 1;
+        let id = crate::chunk::hash(&raw);
+        let one: HashSet<ChunkId> = [id].into();
+        let body = frames(&[(id, crate::chunk::Encoding::Raw, flipped, 100)]);
+        assert!(verify_frames(&body, &one).is_err());
+        let body = frames(&[(id, crate::chunk::Encoding::Raw, raw, 100)]);
+        assert_eq!(verify_frames(&body, &one).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_delta_fetches_only_its_changed_blocks_unless_every_block_is_asked() {
+        let m = manifest(5 * 4096, 4096, vec![c(1), c(2), None, c(4), c(5)]);
+        let got = |changed: Option<Vec<u64>>, every: bool| {
+            Received {
+                manifest: m.clone(),
+                stored: vec![],
+                changed,
+                candidates: vec![],
+            }
+            .candidates(every)
+        };
+        let all: Vec<(usize, ChunkId)> = [(0, 1), (1, 2), (3, 4), (4, 5)]
+            .map(|(i, n)| (i, c(n).unwrap()))
+            .into();
+        // Block 2 is a hole: nothing to fetch for it.
+        assert_eq!(
+            got(Some(vec![1, 2, 4]), false),
+            vec![(1, c(2).unwrap()), (4, c(5).unwrap())]
+        );
+        assert_eq!(got(Some(vec![1, 2, 4]), true), all);
+        assert_eq!(got(None, false), all);
+        assert_eq!(got(None, true), all);
+    }
+
+    #[test]
+    fn a_whole_manifest_must_be_format_2() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let m = manifest(3 * 4096, 4096, vec![c(1), None, c(3)]);
+        let two = m.encode().unwrap();
+        let got = rt
+            .block_on(full_manifest(two.into(), "v@s from upstream up"))
+            .unwrap();
+        assert_eq!(got.blocks, m.blocks);
+        let one = m.encode_format_1().unwrap();
+        match rt.block_on(full_manifest(one.into(), "v@s from upstream up")) {
+            Err(Error::Denied(msg)) => assert!(msg.contains("format 2"), "{msg}"),
+            other => panic!("a format 1 manifest was taken: {other:?}"),
+        }
+    }
+}

@@ -44,9 +44,14 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 /// It must exceed how late the store's listings may show a write or a delete; pushes and gcs
 /// may take any time whatever it is. Tests set it to seconds.
 pub fn grace() -> Result<Duration> {
-    match std::env::var("HOLDFAST_TARGET_GRACE") {
-        Ok(v) => crate::config::parse_duration("HOLDFAST_TARGET_GRACE", &v),
-        Err(_) => Ok(DEFAULT_GRACE),
+    grace_of(std::env::var("HOLDFAST_TARGET_GRACE").ok().as_deref())
+}
+
+/// The grace period `HOLDFAST_TARGET_GRACE` sets when it is `setting`.
+fn grace_of(setting: Option<&str>) -> Result<Duration> {
+    match setting {
+        Some(v) => crate::config::parse_duration("HOLDFAST_TARGET_GRACE", v),
+        None => Ok(DEFAULT_GRACE),
     }
 }
 
@@ -686,6 +691,14 @@ mod tests {
 
     async fn run(repo: &Repository, grace: Duration) -> TargetGcReport {
         gc_with_grace(repo, &me(), false, grace).await.unwrap()
+    }
+
+    #[test]
+    fn the_grace_period_is_an_hour_unless_set() {
+        assert_eq!(grace_of(None).unwrap(), Duration::from_secs(3600));
+        assert_eq!(grace_of(Some("5s")).unwrap(), Duration::from_secs(5));
+        let e = grace_of(Some("soon")).unwrap_err().to_string();
+        assert!(e.contains("HOLDFAST_TARGET_GRACE"), "{e}");
     }
 
     #[tokio::test]

@@ -715,14 +715,58 @@ mod tests {
         let r = run(&t, Duration::ZERO).await;
         assert_eq!((r.packs_condemned, r.packs_deleted), (1, 0), "{r:?}");
         assert!(t.pack_listing().await.unwrap().contains_key(&dead));
-        let r = run(&t, Duration::ZERO).await;
-        assert_eq!((r.packs_condemned, r.packs_deleted), (0, 1), "{r:?}");
+        let size = t.pack_listing().await.unwrap()[&dead].size;
+        // Condemned a moment ago: a gc with an hour's grace waits, and says until when.
+        let r = run(&t, Duration::from_secs(3600)).await;
+        assert_eq!((r.packs_deleted, r.packs_waiting), (0, 1), "{r:?}");
+        let at = r.next_deletion_unix_ms.expect("when the pack may go");
+        let now = crate::now_unix_ms();
+        assert!(at > now + 3_500_000 && at <= now + 3_600_000, "{r:?}");
+        // Its grace over (5 ms here, by the store's clock), it goes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = run(&t, Duration::from_millis(5)).await;
+        assert_eq!(
+            (r.packs_condemned, r.packs_deleted, r.bytes_freed),
+            (0, 1, size),
+            "{r:?}"
+        );
         assert!(!t.pack_listing().await.unwrap().contains_key(&dead));
         assert!(!t.index_listing().await.unwrap().contains_key(&dead));
-        let r = run(&t, Duration::ZERO).await;
+        // The record stays a grace period after its packs went (a push may still list one),
+        // and so does the marker that says they went.
+        let r = run(&t, Duration::from_secs(3600)).await;
+        assert_eq!((r.records_removed, r.grace_seconds), (0, 3600), "{r:?}");
+        assert_eq!(t.list_objects(CLEARED).await.unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = run(&t, Duration::from_millis(5)).await;
         assert_eq!(r.records_removed, 1, "{r:?}");
         assert!(t.list_objects("gc").await.unwrap().is_empty());
         assert!(readable(&t, &live).await);
+    }
+
+    #[tokio::test]
+    async fn a_record_is_read_within_its_bound_and_forgotten_once_removed() {
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (dead, _) = store(&t, &[3], true).await;
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!(r.packs_condemned, 1, "{r:?}");
+        let listed = t.list_objects(CONDEMNED).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        let key = &listed[0].0;
+        // The size a listing gives is checked before anything is read.
+        let packs = read_record(&t, key, MAX_RECORD_BYTES).await.unwrap();
+        assert_eq!(packs, Some(vec![dead]));
+        match read_record(&t, key, MAX_RECORD_BYTES + 1).await {
+            Err(Error::Corrupt(m)) => assert!(m.contains("more than any gc writes"), "{m}"),
+            other => panic!("a record past the bound was read: {other:?}"),
+        }
+        let mut condemned = Condemned::default();
+        condemned.refresh(&t).await.unwrap();
+        assert!(condemned.contains(&dead));
+        // A record removed (its packs all gone) no longer condemns anything.
+        t.delete_object(key).await.unwrap();
+        condemned.refresh(&t).await.unwrap();
+        assert!(!condemned.contains(&dead));
     }
 
     #[tokio::test]
@@ -866,6 +910,12 @@ mod tests {
             .to_string();
         assert!(err.contains("leases/push-old"), "{err}");
         assert!(t.list_objects("gc/condemned").await.unwrap().is_empty());
+        // Such a lease lasts an hour by the store's clock, to the millisecond.
+        let (_, _, written) = t.list_objects(LEGACY_LEASES).await.unwrap()[0].clone();
+        let over = written + LEGACY_LEASE_MS;
+        assert!(refuse_legacy_leases(&t, over - 1).await.is_err());
+        refuse_legacy_leases(&t, over).await.unwrap();
+        refuse_legacy_leases(&t, over + 1).await.unwrap();
     }
 
     #[tokio::test]
@@ -922,10 +972,65 @@ mod tests {
         for _ in 0..10 {
             assert!(readable(&t, &ids).await);
         }
-        let r = run(&t, Duration::ZERO).await;
+        // Young, it stays a grace period (its pack may be on its way); then it goes.
+        let r = run(&t, Duration::from_secs(3600)).await;
+        assert_eq!(r.packs_condemned, 0, "{r:?}");
+        assert!(t.index_listing().await.unwrap().contains_key(&gone));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = run(&t, Duration::from_millis(5)).await;
         assert_eq!(r.packs_condemned, 0, "{r:?}");
         assert!(!t.index_listing().await.unwrap().contains_key(&gone));
         assert!(readable(&t, &ids).await);
+    }
+
+    #[tokio::test]
+    async fn a_pack_is_condemned_a_grace_period_after_it_was_written() {
+        // Three packs: two all live, one half live (kept, and counted), one dead.
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (_, a) = store(&t, &[1, 2], true).await;
+        let (_, b) = store(&t, &[3], true).await;
+        let (_, c) = store(&t, &[4, 5], true).await;
+        commit(&t, &manifest(&[a.clone(), b, c[..1].to_vec()].concat())).await;
+        let (dead, _) = store(&t, &[6], true).await;
+        // A leftover probe of a writer that died before removing it.
+        t.put_object("probe/left", vec![]).await.unwrap();
+        let r = run(&t, Duration::from_secs(3600)).await;
+        assert_eq!(
+            (
+                r.packs_kept_partly_live,
+                r.packs_too_young,
+                r.packs_condemned
+            ),
+            (1, 1, 0),
+            "{r:?}"
+        );
+        assert_eq!(r.next_deletion_unix_ms, None, "{r:?}");
+        assert_eq!(t.list_objects("probe").await.unwrap().len(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = crate::now_unix_ms();
+        let r = run(&t, Duration::from_millis(5)).await;
+        let after = crate::now_unix_ms();
+        assert_eq!((r.packs_condemned, r.packs_waiting), (1, 1), "{r:?}");
+        let size = t.pack_listing().await.unwrap()[&dead].size;
+        assert_eq!(r.bytes_condemned, size);
+        let at = r.next_deletion_unix_ms.expect("when the pack may go");
+        assert!(
+            at >= before + 5 && at <= after + 5,
+            "{at} not 5 ms after the gc"
+        );
+        assert!(t.list_objects("probe").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_condemned_pack_another_gc_deleted_is_not_counted_again() {
+        let t = repo(TARGET_FORMAT_VERSION).await;
+        let (dead, _) = store(&t, &[3], true).await;
+        assert_eq!(run(&t, Duration::ZERO).await.packs_condemned, 1);
+        t.delete_pack(&dead).await.unwrap();
+        let r = run(&t, Duration::ZERO).await;
+        assert_eq!((r.packs_deleted, r.bytes_freed), (0, 0), "{r:?}");
+        // All its packs are gone: the record is marked cleared.
+        assert_eq!(t.list_objects(CLEARED).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

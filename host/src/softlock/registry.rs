@@ -42,8 +42,12 @@ const HISTORY_SUMMARIES: TableDefinition<&str, &[u8]> =
 const DEFAULT_HISTORY_PER_HOLDER: u64 = 1000;
 
 fn history_per_holder() -> u64 {
-    std::env::var("HOLDFAST_HISTORY_PER_HOLDER")
-        .ok()
+    history_per_holder_of(std::env::var("HOLDFAST_HISTORY_PER_HOLDER").ok().as_deref())
+}
+
+/// `HOLDFAST_HISTORY_PER_HOLDER`'s value: a positive number, or the default.
+fn history_per_holder_of(setting: Option<&str>) -> u64 {
+    setting
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
         .unwrap_or(DEFAULT_HISTORY_PER_HOLDER)
@@ -996,5 +1000,607 @@ mod tests {
         assert_eq!(sums[0].holder, "app:noisy");
         assert_eq!(sums[0].events["release"], 7);
         assert_eq!((sums[0].first_unix_ms, sums[0].last_unix_ms), (1, 7));
+    }
+}
+
+/// The registry against a real catalog: what each operation stores, refuses and records.
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+    use crate::catalog::{Catalog, VolumeRecord};
+
+    struct Fx {
+        _dir: tempfile::TempDir,
+        c: Catalog,
+        vm1: VolumeName,
+        vm10: VolumeName,
+        /// Snapshots of vm1, then one of vm10 (last).
+        s: Vec<SnapshotId>,
+    }
+
+    impl Fx {
+        fn reg(&self) -> LockRegistry<'_> {
+            self.c.locks()
+        }
+        fn t0(&self) -> SnapshotId {
+            *self.s.last().unwrap()
+        }
+    }
+
+    /// vm1 with four snapshots, vm10 (whose keys share vm1's prefix) with one.
+    fn fixture() -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("catalog.redb"))
+            .unwrap();
+        let c = Catalog::open_file(f).unwrap();
+        ensure_tables_in(c.db()).unwrap();
+        let mut s = Vec::new();
+        for (vol, n) in [("vm1", 4u64), ("vm10", 1)] {
+            let v: VolumeName = vol.parse().unwrap();
+            c.add_volume(&VolumeRecord::image(v.clone(), "/x.img".into(), 65536))
+                .unwrap();
+            for i in 0..n {
+                let rec = SnapshotRecord {
+                    id: SnapshotId::generate(1_000 + s.len() as u64),
+                    volume: v.clone(),
+                    name: format!("s{i}").parse().unwrap(),
+                    created_unix_ms: 1_000 + s.len() as u64,
+                    size: 1 << 20,
+                    block_size: 65536,
+                    labels: Default::default(),
+                    parent: None,
+                    stats: Default::default(),
+                    regions: Default::default(),
+                };
+                c.commit_snapshot(&rec).unwrap();
+                s.push(rec.id);
+            }
+        }
+        Fx {
+            _dir: dir,
+            c,
+            vm1: "vm1".parse().unwrap(),
+            vm10: "vm10".parse().unwrap(),
+            s,
+        }
+    }
+
+    fn app(name: &str) -> HolderId {
+        HolderId::application(name).unwrap()
+    }
+
+    fn lock(snapshot: SnapshotId, value: &str) -> NewLock {
+        NewLock {
+            snapshot,
+            lock_type: LockType::Application,
+            value: value.into(),
+            lease_ms: None,
+            path: vec![],
+        }
+    }
+
+    fn set(
+        volume: &VolumeName,
+        holder: &HolderId,
+        generation: u64,
+        locks: Vec<NewLock>,
+    ) -> LockSetUpdate {
+        LockSetUpdate {
+            volume: volume.clone(),
+            holder: holder.clone(),
+            generation,
+            locks,
+        }
+    }
+
+    /// Snapshot → its holders, sorted, as `locked_snapshots` says.
+    fn locked(fx: &Fx, volume: &VolumeName) -> BTreeMap<SnapshotId, Vec<String>> {
+        fx.reg()
+            .locked_snapshots(volume)
+            .unwrap()
+            .into_iter()
+            .map(|(s, mut h)| {
+                h.sort();
+                (s, h.iter().map(|h| h.to_string()).collect())
+            })
+            .collect()
+    }
+
+    fn the_set(fx: &Fx, volume: &VolumeName, holder: &HolderId) -> Option<LockSet> {
+        fx.reg()
+            .sets(Some(volume))
+            .unwrap()
+            .into_iter()
+            .find(|s| s.holder == *holder)
+    }
+
+    /// Deletes a snapshot through the catalog with the registry's guard, as every deletion
+    /// path does; the locks broken, or the refusal.
+    fn delete(fx: &Fx, volume: &VolumeName, id: SnapshotId, brk: bool) -> Result<Vec<SoftLock>> {
+        let mut broken = Vec::new();
+        let brk = brk.then(|| BreakLocks {
+            reason: "operator said so".into(),
+        });
+        fx.c.remove_snapshot(volume, &id, |tx, rec| {
+            broken = guard_delete(tx, rec, brk.as_ref(), crate::now_unix_ms())?;
+            Ok(())
+        })?;
+        Ok(broken)
+    }
+
+    fn pause() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_newer_set_replaces_an_older_one_is_ignored_and_the_same_generation_only_refreshes() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let a = app("backup");
+        // A duplicate in the set counts once.
+        let out = fx
+            .reg()
+            .replace_set(set(
+                vm1,
+                &a,
+                5,
+                vec![lock(s[0], "x"), lock(s[1], "y"), lock(s[0], "x")],
+            ))
+            .unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::Replaced {
+                generation: 5,
+                locks: 2,
+                released: 0
+            }
+        );
+        let first = the_set(&fx, vm1, &a).unwrap();
+        assert_eq!((first.generation, first.locks.len()), (5, 2));
+        let set_at = first.locks[0].set_unix_ms;
+
+        // Older: nothing changes.
+        let out = fx.reg().replace_set(set(vm1, &a, 4, vec![])).unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::IgnoredStale {
+                generation: 4,
+                stored: 5
+            }
+        );
+        assert_eq!(the_set(&fx, vm1, &a).unwrap(), first);
+
+        // The same generation again refreshes the stored locks; its content is not read.
+        pause();
+        let out = fx.reg().replace_set(set(vm1, &a, 5, vec![])).unwrap();
+        assert_eq!(out, ReplaceOutcome::Refreshed { generation: 5 });
+        let refreshed = the_set(&fx, vm1, &a).unwrap();
+        assert_eq!(refreshed.locks.len(), 2);
+        assert!(refreshed.refreshed_unix_ms > first.refreshed_unix_ms);
+        for (l, old) in refreshed.locks.iter().zip(&first.locks) {
+            assert!(l.refreshed_unix_ms > old.refreshed_unix_ms);
+            assert_eq!(l.set_unix_ms, old.set_unix_ms);
+        }
+
+        // Newer: s1 is released (and recorded), s0 keeps the time it was first set, s2 is new.
+        pause();
+        let out = fx
+            .reg()
+            .replace_set(set(vm1, &a, 6, vec![lock(s[0], "x"), lock(s[2], "z")]))
+            .unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::Replaced {
+                generation: 6,
+                locks: 2,
+                released: 1
+            }
+        );
+        let third = the_set(&fx, vm1, &a).unwrap();
+        let on = |id: SnapshotId| third.locks.iter().find(|l| l.snapshot == id).unwrap();
+        assert_eq!(on(s[0]).set_unix_ms, set_at);
+        assert!(on(s[2]).set_unix_ms > set_at);
+        let h = fx.reg().history().unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(
+            (h[0].event.as_str(), h[0].snapshot, h[0].value.as_str()),
+            ("release", s[1], "y")
+        );
+        assert!(h[0].detail.contains("generation 6"), "{}", h[0].detail);
+        let want: BTreeMap<_, _> = [
+            (s[0], vec!["app:backup".to_string()]),
+            (s[2], vec!["app:backup".to_string()]),
+        ]
+        .into();
+        assert_eq!(locked(&fx, vm1), want);
+
+        // An empty set releases everything and leaves no set behind.
+        let out = fx.reg().replace_set(set(vm1, &a, 7, vec![])).unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::Replaced {
+                generation: 7,
+                locks: 0,
+                released: 2
+            }
+        );
+        assert!(fx.reg().sets(None).unwrap().is_empty());
+        assert!(locked(&fx, vm1).is_empty());
+        assert_eq!(fx.reg().history().unwrap().len(), 3);
+
+        // replace_own_set goes one generation above whatever is stored.
+        fx.reg()
+            .replace_set(set(vm1, &a, 9, vec![lock(s[3], "w")]))
+            .unwrap();
+        let out = fx
+            .reg()
+            .replace_own_set(vm1, a.clone(), vec![lock(s[0], "x")])
+            .unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::Replaced {
+                generation: 10,
+                locks: 1,
+                released: 1
+            }
+        );
+        let out = fx
+            .reg()
+            .replace_own_set(vm1, app("fresh"), vec![lock(s[0], "x")])
+            .unwrap();
+        assert_eq!(
+            out,
+            ReplaceOutcome::Replaced {
+                generation: 1,
+                locks: 1,
+                released: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_set_is_checked_whole_and_a_refused_one_changes_nothing() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let a = app("backup");
+        fx.reg()
+            .replace_set(set(vm1, &a, 1, vec![lock(s[0], "x")]))
+            .unwrap();
+        let before = fx.reg().sets(None).unwrap();
+        let refused = |update: LockSetUpdate, says: &str| {
+            let e = fx.reg().replace_set(update).unwrap_err();
+            assert!(e.to_string().contains(says), "{says}: {e}");
+            assert_eq!(fx.reg().sets(None).unwrap(), before);
+        };
+        // One lock on a snapshot the volume does not have (vm10's) spoils the set.
+        refused(
+            set(vm1, &a, 2, vec![lock(s[1], "x"), lock(fx.t0(), "x")]),
+            "no snapshot with id",
+        );
+        refused(
+            set(
+                vm1,
+                &a,
+                2,
+                vec![lock(
+                    s[1],
+                    &"v".repeat(crate::softlock::MAX_VALUE_BYTES + 1),
+                )],
+            ),
+            "lock value",
+        );
+        // A path as deep as a cascade may be passes; one node more is refused.
+        let path = |n: usize| {
+            (0..n)
+                .map(|i| format!("n{i}").parse().unwrap())
+                .collect::<Vec<NodeId>>()
+        };
+        let mut deep = lock(s[1], "x");
+        deep.path = path(crate::softlock::MAX_LOCK_PATH + 1);
+        refused(set(vm1, &a, 2, vec![deep.clone()]), "a cascade is at most");
+        deep.path = path(crate::softlock::MAX_LOCK_PATH);
+        fx.reg().replace_set(set(vm1, &a, 2, vec![deep])).unwrap();
+        let before = fx.reg().sets(None).unwrap();
+        let refused = |update: LockSetUpdate, says: &str| {
+            let e = fx.reg().replace_set(update).unwrap_err();
+            assert!(e.to_string().contains(says), "{says}: {e}");
+            assert_eq!(fx.reg().sets(None).unwrap(), before);
+        };
+        // The most locks a set may hold pass; one more is refused.
+        let many = |n: usize| {
+            (0..n)
+                .map(|i| lock(s[2], &i.to_string()))
+                .collect::<Vec<_>>()
+        };
+        refused(set(vm1, &a, 3, many(MAX_LOCKS_PER_SET + 1)), "at most");
+        let out = fx
+            .reg()
+            .replace_set(set(vm1, &a, 3, many(MAX_LOCKS_PER_SET)))
+            .unwrap();
+        assert!(
+            matches!(
+                out,
+                ReplaceOutcome::Replaced {
+                    locks: MAX_LOCKS_PER_SET,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        // And `add` then refuses a new dependency, but still refreshes one it has.
+        let e = fx.reg().add(vm1, &a, lock(s[3], "new")).unwrap_err();
+        assert!(e.to_string().contains("already has"), "{e}");
+        fx.reg().add(vm1, &a, lock(s[2], "7")).unwrap();
+    }
+
+    #[test]
+    fn add_refreshes_the_same_dependency_and_keeps_the_holders_generation() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let a = app("backup");
+        let first = fx.reg().add(vm1, &a, lock(s[0], "x")).unwrap();
+        pause();
+        let mut again = lock(s[0], "x");
+        again.lease_ms = Some(60_000);
+        let second = fx.reg().add(vm1, &a, again).unwrap();
+        assert_eq!(second.set_unix_ms, first.set_unix_ms);
+        assert!(second.refreshed_unix_ms > first.refreshed_unix_ms);
+        assert_eq!(second.lease_ms, Some(60_000));
+        fx.reg().add(vm1, &a, lock(s[0], "other")).unwrap();
+        let stored = the_set(&fx, vm1, &a).unwrap();
+        assert_eq!((stored.generation, stored.locks.len()), (0, 2));
+        assert_eq!(stored.locks[0], second);
+        // A holder's own set keeps its generation through local additions.
+        fx.reg()
+            .replace_set(set(vm1, &a, 4, vec![lock(s[1], "y")]))
+            .unwrap();
+        fx.reg().add(vm1, &a, lock(s[2], "z")).unwrap();
+        assert_eq!(the_set(&fx, vm1, &a).unwrap().generation, 4);
+        // Only snapshots the volume has.
+        let e = fx.reg().add(vm1, &a, lock(fx.t0(), "x")).unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert_eq!(the_set(&fx, vm1, &a).unwrap().locks.len(), 2);
+    }
+
+    #[test]
+    fn a_deletion_is_refused_naming_every_holder_and_a_break_is_recorded() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let (a, b) = (app("a"), app("b"));
+        let down = HolderId::mirror(&"c".parse().unwrap(), vm1);
+        fx.reg()
+            .replace_set(set(vm1, &a, 3, vec![lock(s[0], "x"), lock(s[2], "x")]))
+            .unwrap();
+        fx.reg()
+            .replace_set(set(vm1, &down, 8, vec![lock(s[0], "c/vm1")]))
+            .unwrap();
+        fx.reg().add(vm1, &b, lock(s[1], "y")).unwrap();
+        // The same holder on vm10: not a lock on vm1's snapshots.
+        fx.reg().add(&fx.vm10, &a, lock(fx.t0(), "x")).unwrap();
+
+        let e = delete(&fx, vm1, s[0], false).unwrap_err();
+        assert!(matches!(e, Error::Locked(_)), "{e}");
+        let msg = e.to_string();
+        for says in [
+            "2 soft lock(s)",
+            "app:a holds it",
+            "c/vm1 holds it",
+            "--break-locks",
+        ] {
+            assert!(msg.contains(says), "{says}: {msg}");
+        }
+        assert!(!msg.contains("app:b"), "{msg}");
+        assert_eq!(fx.c.snapshots(vm1).unwrap().len(), 4);
+        let e = delete(&fx, vm1, s[1], false).unwrap_err();
+        assert!(e.to_string().contains("app:b holds it"), "{e}");
+
+        // Broken: both locks go, in the same transaction, and the history says who and why.
+        let broken = delete(&fx, vm1, s[0], true).unwrap();
+        let mut holders: Vec<String> = broken.iter().map(|l| l.holder.to_string()).collect();
+        holders.sort();
+        assert_eq!(holders, ["app:a", "c/vm1"]);
+        assert_eq!(fx.c.snapshots(vm1).unwrap().len(), 3);
+        let h = fx.reg().history().unwrap();
+        assert_eq!(h.len(), 2);
+        for e in &h {
+            assert_eq!((e.event.as_str(), e.snapshot), ("break", s[0]));
+            assert!(
+                e.detail.contains("operator said so") && e.detail.contains("vm1@s0"),
+                "{}",
+                e.detail
+            );
+        }
+        assert!(fx.reg().locks_on(vm1, &s[0]).unwrap().is_empty());
+        let want: BTreeMap<_, _> = [
+            (s[1], vec!["app:b".to_string()]),
+            (s[2], vec!["app:a".to_string()]),
+        ]
+        .into();
+        assert_eq!(locked(&fx, vm1), want);
+        // The holders' generations are theirs: a break does not move them; an emptied set goes.
+        assert_eq!(the_set(&fx, vm1, &a).unwrap().generation, 3);
+        assert!(the_set(&fx, vm1, &down).is_none());
+        assert_eq!(fx.reg().locks_on(&fx.vm10, &fx.t0()).unwrap().len(), 1);
+
+        // An unlocked snapshot is deleted without a word.
+        assert!(delete(&fx, vm1, s[3], false).unwrap().is_empty());
+        assert_eq!(fx.reg().history().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn release_takes_one_snapshot_one_volume_or_everything_of_one_holder() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let (a, b) = (app("a"), app("b"));
+        fx.reg()
+            .replace_set(set(vm1, &a, 3, vec![lock(s[0], "x"), lock(s[1], "x")]))
+            .unwrap();
+        fx.reg().add(&fx.vm10, &a, lock(fx.t0(), "x")).unwrap();
+        fx.reg().add(vm1, &b, lock(s[0], "y")).unwrap();
+        let before = the_set(&fx, vm1, &a).unwrap();
+        pause();
+        let gone = fx
+            .reg()
+            .release(&a, Some(vm1), Some(&s[0]), "done with it")
+            .unwrap();
+        assert_eq!(gone.iter().map(|l| l.snapshot).collect::<Vec<_>>(), [s[0]]);
+        let after = the_set(&fx, vm1, &a).unwrap();
+        assert_eq!(after.generation, 3);
+        assert!(after.refreshed_unix_ms > before.refreshed_unix_ms);
+        assert_eq!(fx.reg().locks_on(vm1, &s[0]).unwrap()[0].holder, b);
+        let h = fx.reg().history().unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(
+            (
+                h[0].event.as_str(),
+                h[0].detail.as_str(),
+                h[0].holder.clone()
+            ),
+            ("release", "done with it", a.clone())
+        );
+
+        let gone = fx.reg().release(&a, Some(vm1), None, "").unwrap();
+        assert_eq!(gone.iter().map(|l| l.snapshot).collect::<Vec<_>>(), [s[1]]);
+        assert_eq!(fx.reg().locks_on(&fx.vm10, &fx.t0()).unwrap().len(), 1);
+        let gone = fx.reg().release(&a, None, None, "").unwrap();
+        assert_eq!(
+            gone.iter().map(|l| l.snapshot).collect::<Vec<_>>(),
+            [fx.t0()]
+        );
+        assert!(fx.reg().release(&a, None, None, "").unwrap().is_empty());
+        assert_eq!(fx.reg().history().unwrap().len(), 3);
+        let sets = fx.reg().sets(None).unwrap();
+        assert_eq!(
+            sets.iter().map(|s| s.holder.clone()).collect::<Vec<_>>(),
+            [b]
+        );
+    }
+
+    #[test]
+    fn stale_locks_go_only_for_holders_that_asked_and_only_where_asked() {
+        let fx = fixture();
+        let (vm1, s) = (&fx.vm1, &fx.s);
+        let (auto, manual) = (app("auto"), app("manual"));
+        let leased = |id: SnapshotId| NewLock {
+            lease_ms: Some(1),
+            ..lock(id, "x")
+        };
+        fx.reg().add(vm1, &auto, leased(s[0])).unwrap();
+        fx.reg().add(vm1, &auto, lock(s[1], "x")).unwrap();
+        fx.reg().add(&fx.vm10, &auto, leased(fx.t0())).unwrap();
+        fx.reg().add(vm1, &manual, leased(s[0])).unwrap();
+        pause();
+        // Nobody opted in: nothing goes, stale or not.
+        assert!(fx.reg().expire_stale().unwrap().is_empty());
+        assert_eq!(fx.reg().locks_on(vm1, &s[0]).unwrap().len(), 2);
+
+        let on = HolderSettings {
+            auto_release_stale: true,
+        };
+        fx.reg().set_settings(&auto, &on).unwrap();
+        fx.reg()
+            .set_settings(&manual, &HolderSettings::default())
+            .unwrap();
+        let all = fx.reg().all_settings().unwrap();
+        assert_eq!(
+            (all[&auto].clone(), all[&manual].clone()),
+            (on, HolderSettings::default())
+        );
+
+        // A deletion in vm1 expires vm1's stale locks first (and only vm1's).
+        delete(&fx, vm1, s[3], false).unwrap();
+        let on_s0 = fx.reg().locks_on(vm1, &s[0]).unwrap();
+        assert_eq!(
+            on_s0.iter().map(|l| l.holder.clone()).collect::<Vec<_>>(),
+            [manual.clone()]
+        );
+        assert_eq!(fx.reg().locks_on(vm1, &s[1]).unwrap().len(), 1);
+        assert_eq!(fx.reg().locks_on(&fx.vm10, &fx.t0()).unwrap().len(), 1);
+        let h = fx.reg().history().unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!((h[0].event.as_str(), h[0].snapshot), ("expire", s[0]));
+        assert!(h[0].detail.contains("auto-release"), "{}", h[0].detail);
+
+        let gone = fx.reg().expire_stale().unwrap();
+        assert_eq!(
+            gone.iter().map(|l| l.snapshot).collect::<Vec<_>>(),
+            [fx.t0()]
+        );
+        assert!(fx.reg().expire_stale().unwrap().is_empty());
+        assert_eq!(fx.reg().history().unwrap().len(), 2);
+        let want: BTreeMap<_, _> = [
+            (s[0], vec!["app:manual".to_string()]),
+            (s[1], vec!["app:auto".to_string()]),
+        ]
+        .into();
+        assert_eq!(locked(&fx, vm1), want);
+    }
+
+    #[test]
+    fn the_tables_are_made_once_and_an_older_history_is_indexed_by_holder() {
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        assert!(!tables_present(&db.begin_read().unwrap()).unwrap());
+        // A history written by a release before the per-holder index.
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(HISTORY).unwrap();
+            for (seq, holder) in [(1u64, "app:old"), (2, "app:old"), (3, "app:other")] {
+                let e = LockEvent {
+                    seq,
+                    unix_ms: 100 * seq,
+                    event: "release".into(),
+                    holder: holder.parse().unwrap(),
+                    volume: "v".parse().unwrap(),
+                    snapshot: SnapshotId::generate(seq),
+                    lock_type: LockType::Application,
+                    value: "x".into(),
+                    detail: String::new(),
+                };
+                t.insert(seq, encode(&e).unwrap().as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        assert!(!tables_present(&db.begin_read().unwrap()).unwrap());
+        ensure_tables_in(&db).unwrap();
+        assert!(tables_present(&db.begin_read().unwrap()).unwrap());
+        // Trimming uses the index: app:old's events fold into its summary, app:other's stay.
+        let tx = db.begin_write().unwrap();
+        trim_history(&tx, "app:old", 0).unwrap();
+        tx.commit().unwrap();
+        let reg = LockRegistry::new(&db);
+        let h = reg.history().unwrap();
+        assert_eq!(h.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        let sums = reg.history_summaries().unwrap();
+        assert_eq!(sums.len(), 1);
+        assert_eq!(
+            (
+                sums[0].events["release"],
+                sums[0].first_unix_ms,
+                sums[0].last_unix_ms
+            ),
+            (2, 100, 200)
+        );
+        // Made once: a second call writes nothing (and keeps what is there).
+        ensure_tables_in(&db).unwrap();
+        assert_eq!(reg.history().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_history_kept_per_holder_is_a_positive_number_or_the_default() {
+        assert_eq!(history_per_holder_of(None), DEFAULT_HISTORY_PER_HOLDER);
+        assert_eq!(history_per_holder_of(Some("25")), 25);
+        assert_eq!(history_per_holder_of(Some("0")), DEFAULT_HISTORY_PER_HOLDER);
+        assert_eq!(
+            history_per_holder_of(Some("many")),
+            DEFAULT_HISTORY_PER_HOLDER
+        );
+        assert_eq!(history_per_holder_of(Some("1")), 1);
     }
 }

@@ -1593,6 +1593,51 @@ mod registry_tests {
     }
 
     #[test]
+    fn a_summary_spans_the_trimmed_events_even_when_the_clock_stepped_back() {
+        // Events are trimmed in the order they were recorded; their times need not be (a
+        // clock set back): the summary still spans the earliest to the latest.
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        ensure_tables_in(&db).unwrap();
+        let tx = db.begin_write().unwrap();
+        for (t, event) in [
+            (50u64, "release"),
+            (30, "expire"),
+            (70, "release"),
+            (40, "break"),
+        ] {
+            let l = SoftLock {
+                volume: "v".parse().unwrap(),
+                snapshot: SnapshotId::generate(t),
+                lock_type: LockType::Application,
+                value: "x".into(),
+                holder: "app:a".parse().unwrap(),
+                set_unix_ms: t,
+                refreshed_unix_ms: t,
+                lease_ms: None,
+                path: vec![],
+            };
+            record_all(&tx, t, event, [&l], "").unwrap();
+        }
+        trim_history(&tx, "app:a", 1).unwrap();
+        tx.commit().unwrap();
+        let sums = LockRegistry::new(&db).history_summaries().unwrap();
+        assert_eq!((sums[0].first_unix_ms, sums[0].last_unix_ms), (30, 70));
+        let counts: Vec<(&str, u64)> = sums[0]
+            .events
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(counts, [("expire", 1), ("release", 2)]);
+        let kept = LockRegistry::new(&db).history().unwrap();
+        assert_eq!(
+            (kept.len(), kept[0].unix_ms, kept[0].event.as_str()),
+            (1, 40, "break")
+        );
+    }
+
+    #[test]
     fn the_history_kept_per_holder_is_a_positive_number_or_the_default() {
         assert_eq!(history_per_holder_of(None), DEFAULT_HISTORY_PER_HOLDER);
         assert_eq!(history_per_holder_of(Some("25")), 25);

@@ -1110,3 +1110,71 @@ fn transfers_are_locked_reported_honestly_and_counted() {
         );
     }
 }
+
+/// What a replica's snapshot records and a transfer reports is what crossed the wire: each
+/// chunk the replica lacks once (a block repeated in the volume is fetched once), zero blocks
+/// never, and the replica's stats (blocks, zero blocks, new chunks and their bytes) match
+/// the content. Then an increment that rewrites one block and revives a held chunk in a
+/// zero block fetches exactly the one new chunk.
+#[test]
+fn a_transfer_fetches_each_missing_chunk_once_and_counts_it() {
+    let (_tls, a, b, img) = pair_running_of(8 * BLOCK);
+    let random = || -> Vec<u8> { (0..BLOCK).map(|_| rand::random::<u8>()).collect() };
+    // Blocks: 0 and 1 zero; 2..=5 distinct random; 6 repeats 2, 7 repeats 3.
+    let distinct: Vec<Vec<u8>> = (0..4).map(|_| random()).collect();
+    let mut bytes = vec![0u8; 2 * BLOCK];
+    for d in distinct.iter().chain(&distinct[..2]) {
+        bytes.extend_from_slice(d);
+    }
+    std::fs::write(&img, &bytes).unwrap();
+    snap(&a, "s1");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "baseline", "{r}");
+    assert_eq!(u(&r["chunks-fetched"]), 4, "{r}");
+    assert_eq!(u(&r["plain-bytes-fetched"]), 4 * BLOCK as u64, "{r}");
+    // Random blocks are stored as they are: the bodies are the blocks and their frames.
+    let fetched = u(&r["bytes-fetched"]);
+    assert!(
+        (4 * BLOCK as u64..4 * BLOCK as u64 + 4096).contains(&fetched),
+        "{r}"
+    );
+    let stats = |p: &Peer, name: &str| {
+        p.node
+            .snapshots("vm1")
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{}: no vm1@{name}", p.name))["stats"]
+            .clone()
+    };
+    let (sa, sb) = (stats(&a, "s1"), stats(&b, "s1"));
+    assert_eq!(u(&sb["blocks"]), 8, "{sb}");
+    assert_eq!(u(&sb["zero-blocks"]), 2, "{sb}");
+    assert_eq!(u(&sb["new-chunks"]), 4, "{sb}");
+    assert_eq!(u(&sb["new-bytes"]), 4 * BLOCK as u64, "{sb}");
+    // The replica stores the chunks as the upstream encoded them.
+    assert_eq!(sb["new-stored-bytes"], sa["new-stored-bytes"], "{sa} {sb}");
+    assert!(u(&sb["new-stored-bytes"]) >= 4 * BLOCK as u64, "{sb}");
+
+    // Block 4 rewritten; zero block 1 now holds block 5's content (a chunk B has).
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&random(), 4 * BLOCK as u64).unwrap();
+    f.write_all_at(&distinct[3], BLOCK as u64).unwrap();
+    f.sync_all().unwrap();
+    snap(&a, "s2");
+    let r = b.mirror("vm1");
+    assert_eq!(r["kind"], "incremental", "{r}");
+    assert_eq!(u(&r["chunks-fetched"]), 1, "{r}");
+    assert_eq!(u(&r["plain-bytes-fetched"]), BLOCK as u64, "{r}");
+    let sb = stats(&b, "s2");
+    assert_eq!(
+        (
+            u(&sb["blocks"]),
+            u(&sb["zero-blocks"]),
+            u(&sb["new-chunks"])
+        ),
+        (8, 1, 1),
+        "{sb}"
+    );
+    assert_eq!(u(&sb["new-bytes"]), BLOCK as u64, "{sb}");
+    assert_eq!(b.node.restore("vm1@s2"), std::fs::read(&img).unwrap());
+}

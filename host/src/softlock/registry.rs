@@ -1516,8 +1516,8 @@ mod registry_tests {
         delete(&fx, vm1, s[3], false).unwrap();
         let on_s0 = fx.reg().locks_on(vm1, &s[0]).unwrap();
         assert_eq!(
-            on_s0.iter().map(|l| l.holder.clone()).collect::<Vec<_>>(),
-            [manual.clone()]
+            on_s0.iter().map(|l| l.holder.as_str()).collect::<Vec<_>>(),
+            ["app:manual"]
         );
         assert_eq!(fx.reg().locks_on(vm1, &s[1]).unwrap().len(), 1);
         assert_eq!(fx.reg().locks_on(&fx.vm10, &fx.t0()).unwrap().len(), 1);

@@ -179,8 +179,11 @@ fn memory_stays_bounded_whatever_the_image_size() {
         "peak RSS of a 4 GiB (256 MiB of data) snapshot: {} MiB",
         max_rss_kib / 1024
     );
+    // Below the data's size with room for load: alone it peaks at 106-121 MiB (debug build);
+    // in the full suite, with the machine busy, the pipeline's bounded queues fill and it
+    // reached 170 MiB. Holding the data (or mapping the image) would be 256 MiB or more.
     assert!(
-        max_rss_kib < 160 * 1024,
+        max_rss_kib < 224 * 1024,
         "peak RSS {} MiB for a snapshot of 256 MiB of data",
         max_rss_kib / 1024
     );

@@ -735,10 +735,11 @@ pub fn resolve_in(snaps: &[SnapshotRecord], r: &SnapshotRef) -> Result<SnapshotR
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn catalog(dir: &tempfile::TempDir) -> Catalog {
+    /// A catalog in `dir` (for the tests of the modules that live in its database too).
+    pub(crate) fn catalog(dir: &tempfile::TempDir) -> Catalog {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

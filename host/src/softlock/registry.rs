@@ -1030,14 +1030,7 @@ mod registry_tests {
     /// vm1 with four snapshots, vm10 (whose keys share vm1's prefix) with one.
     fn fixture() -> Fx {
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.path().join("catalog.redb"))
-            .unwrap();
-        let c = Catalog::open_file(f).unwrap();
+        let c = crate::catalog::tests::catalog(&dir);
         ensure_tables_in(c.db()).unwrap();
         let mut s = Vec::new();
         for (vol, n) in [("vm1", 4u64), ("vm10", 1)] {

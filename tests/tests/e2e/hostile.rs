@@ -1477,3 +1477,220 @@ print(round(time.time() - t0))
         "a refused stranger kept its connection for {secs} s"
     );
 }
+
+/// A manifest must be the snapshot it was listed as, in every field of its header: an upstream
+/// that lists a snapshot of vm1 and serves a real manifest that differs from the listing in
+/// one field only (another volume's snapshot of the same size, or vm1's own snapshot under
+/// another id, size or block size) is refused, and nothing is committed. Each case differs in
+/// one field so that a check needing several fields to differ fails here.
+#[test]
+fn a_manifest_that_differs_from_its_listing_in_one_field_is_refused() {
+    // A real node whose stored manifests the fake upstream serves.
+    let src = TestNode::new();
+    for (vol, seed) in [("vm1", 11), ("vm2", 12)] {
+        let img = src.image(&format!("{vol}.img"), &mixed_bytes(1 << 20, seed));
+        src.add_volume(vol, &img, "64KiB");
+        src.snapshot(vol, "s1");
+    }
+    let id1 = src.snapshot_id("vm1@s1");
+    let id2 = src.snapshot_id("vm2@s1");
+    let stored = |vol: &str, id: &str| {
+        std::fs::read(src.state.join(format!("repo/manifests/{vol}/{id}"))).unwrap()
+    };
+    let (vm1, vm2) = (stored("vm1", &id1), stored("vm2", &id2));
+    let later = format!("{:020x}", u128::from_str_radix(&id1, 16).unwrap() + 1);
+    let mib = 1u64 << 20;
+    // The size and block size are checked as the manifest streams in (exit 9, before it is
+    // buffered), the volume and id once it is decoded (exit 6).
+    let listed = "does not match the snapshot it was listed as";
+    let cases: Vec<(&str, Value, Vec<u8>, i32, &str)> = vec![
+        (
+            "another volume",
+            record("vm1", &id2, mib, 65536, json!({})),
+            vm2,
+            6,
+            listed,
+        ),
+        (
+            "another id",
+            record("vm1", &later, mib, 65536, json!({})),
+            vm1.clone(),
+            6,
+            listed,
+        ),
+        (
+            "another size",
+            record("vm1", &id1, 2 * mib, 65536, json!({})),
+            vm1.clone(),
+            9,
+            "not the 2097152 in 65536-byte blocks listed",
+        ),
+        (
+            "another block size",
+            record("vm1", &id1, mib, 4096, json!({})),
+            vm1,
+            9,
+            "not the 1048576 in 4096-byte blocks listed",
+        ),
+    ];
+    for (what, rec, manifest, code, says) in cases {
+        let list = listing(vec![rec]);
+        let (r, n, fake) = mirror_against(Arc::new(move |method, path, _| {
+            if path.ends_with("/snapshots") {
+                json(200, list.clone())
+            } else if method == "PUT" && path.ends_with("/locks") {
+                json(
+                    200,
+                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+                )
+            } else if path.contains("/manifest") {
+                axum::response::Response::builder()
+                    .header("x-holdfast-manifest", "full")
+                    .body(axum::body::Body::from(manifest.clone()))
+                    .unwrap()
+            } else {
+                json(404, json!({"kind": "not-found", "message": "no"}))
+            }
+        }));
+        assert_eq!(r.code, code, "{what}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{what}: {}", r.stderr);
+        assert!(
+            fake.requests().iter().any(|q| q.contains("/manifest")),
+            "{what}: the manifest was never asked for: {:?}",
+            fake.requests()
+        );
+        assert!(
+            !fake.requests().iter().any(|q| q.contains("/chunks")),
+            "{what}: chunks fetched for a refused manifest: {:?}",
+            fake.requests()
+        );
+        changed_nothing(&n);
+    }
+}
+
+/// A delta that changes the volume's size must not carry a block over at its old length: the
+/// old last block, short, is a whole block once the volume grows, and a whole block becomes
+/// the short last one when it shrinks. An upstream that sends a delta changing only the size
+/// (every block kept) names a chunk of the wrong length for that block; the replica refuses
+/// the update (exit 6, nothing committed) instead of storing a snapshot whose restore would be
+/// cut short or too long. A delta whose header disagrees with the listed size is refused too.
+#[test]
+fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
+    use holdfast::id::SnapshotId;
+    use holdfast::snapshot::manifest::Manifest;
+
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let b = Peer::new("b");
+    // 16 whole blocks and a short 17th of 1000 bytes.
+    let size1 = (1u64 << 20) + 1000;
+    let img = a.node.image("vm1.img", &mixed_bytes(size1 as usize, 7));
+    a.node.add_volume("vm1", &img, "64KiB");
+    a.node.snapshot("vm1", "s1");
+    a.configure(
+        &tls,
+        Relations {
+            downstreams: vec![(&b, vec!["vm1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "vm1")),
+            ..Default::default()
+        },
+    );
+    a.start();
+    assert_eq!(b.mirror("vm1")["kind"], "baseline");
+    let id1 = a.node.snapshot_id("vm1@s1");
+    let raw = std::fs::read(a.node.state.join(format!("repo/manifests/vm1/{id1}"))).unwrap();
+    let m1 = Manifest::decode(&raw, "s1").unwrap();
+    assert_eq!(m1.blocks.len(), 17);
+    let id2 = SnapshotId::from_u128(m1.id.as_u128() + 1);
+
+    // Grown to 32 whole blocks: block 16 keeps its 1000-byte chunk. Shrunk to 15 whole blocks
+    // and a short 16th: block 15 keeps its whole chunk. And a delta whose own header says
+    // another size than the listing (checked once it is applied: a delta has no length to
+    // check as it streams).
+    let grown = {
+        let mut m = m1.clone();
+        m.size = 2 << 20;
+        m.blocks.push_zeros(32 - 17);
+        (
+            m.size,
+            m,
+            "block 16 is 65536 bytes, but the chunk".to_string(),
+        )
+    };
+    let shrunk = {
+        let mut m = m1.clone();
+        m.size = (1 << 20) - 1000;
+        m.blocks = m1.blocks.iter().take(16).collect();
+        (
+            m.size,
+            m,
+            "block 15 is 64536 bytes, but the chunk".to_string(),
+        )
+    };
+    let mislabelled = (
+        2 << 20,
+        m1.clone(),
+        "does not match the snapshot it was listed as".to_string(),
+    );
+    for (size2, mut m2, says) in [grown, shrunk, mislabelled] {
+        m2.id = id2;
+        m2.parent = Some(m1.id);
+        let delta = m2.delta_from(&m1).encode().unwrap();
+        let list = listing(vec![
+            record("vm1", &id1, size1, 65536, json!({})),
+            record("vm1", &id2.to_string(), size2, 65536, json!({})),
+        ]);
+        let fake = FakeUpstream::start(Arc::new(move |method, path, _| {
+            if path.ends_with("/snapshots") {
+                json(200, list.clone())
+            } else if method == "PUT" && path.ends_with("/locks") {
+                json(
+                    200,
+                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+                )
+            } else if path.contains("/manifest") && path.contains("base=") {
+                axum::response::Response::builder()
+                    .header("x-holdfast-manifest", "delta")
+                    .body(axum::body::Body::from(delta.clone()))
+                    .unwrap()
+            } else {
+                json(404, json!({"kind": "not-found", "message": "no"}))
+            }
+        }));
+        // B's relation, pointed at the fake one under A's name.
+        let cfg = b.node.path("fake.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+                 \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+                b.node.state,
+                fake.url()
+            ),
+        )
+        .unwrap();
+        let r = b
+            .node
+            .run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);
+        assert!(
+            fake.requests().iter().any(|q| q.contains("base=")),
+            "size {size2}: no delta was asked for: {:?}",
+            fake.requests()
+        );
+        assert_eq!(r.code, 6, "size {size2}: {}", r.stderr);
+        assert!(r.stderr.contains(&says), "size {size2}: {}", r.stderr);
+        assert_eq!(b.ids("vm1"), vec![id1.clone()], "size {size2}: committed");
+        b.node.ok(&["verify"]);
+    }
+    // The real upstream still updates the replica.
+    a.node.snapshot("vm1", "s2");
+    assert_eq!(b.ids("vm1").len(), 1);
+    b.mirror("vm1");
+    assert_eq!(b.ids("vm1").len(), 2);
+}

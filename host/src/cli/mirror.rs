@@ -76,6 +76,9 @@ impl MirrorCommand {
                 let (cfg, node) = config.open(ctx).await?;
                 let engine = crate::policy::PolicyEngine::new()?;
                 let pb = ctx.count_bar("chunks");
+                // SIGINT or SIGTERM: stop at the next safe point, keeping the chunks fetched
+                // so far (the next run does not fetch them again); a second one ends at once.
+                crate::shutdown::on_signals()?;
                 let r = crate::mirror::run(&node, &cfg, &volume, Some(&engine), &pb).await;
                 pb.finish_and_clear();
                 let r = r?;

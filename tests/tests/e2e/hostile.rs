@@ -1694,3 +1694,213 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
     b.mirror("vm1");
     assert_eq!(b.ids("vm1").len(), 2);
 }
+
+/// A fake upstream serving one synthetic snapshot of vm1, named `s-ID`, of `blocks` blocks of
+/// 4 KiB of distinct random data, 256 chunks a request; the request for the chunk of block
+/// `held` (if any) is answered only once `released` is set. It logs each chunk asked for.
+struct Synthetic {
+    fake: FakeUpstream,
+    id: holdfast::id::SnapshotId,
+    ids: Vec<holdfast::id::ChunkId>,
+    data: Vec<Vec<u8>>,
+    /// The manifest as it is served (and as the downstream stores it).
+    manifest: holdfast::snapshot::Manifest,
+    released: Arc<std::sync::atomic::AtomicBool>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    asked: Arc<std::sync::Mutex<Vec<holdfast::id::ChunkId>>>,
+}
+
+fn synthetic_upstream(blocks: usize, held: Option<usize>) -> Synthetic {
+    use holdfast::id::{ChunkId, SnapshotId};
+    use holdfast::snapshot::{BlockList, MANIFEST_FORMAT, Manifest};
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+
+    let data: Vec<Vec<u8>> = (0..blocks as u64)
+        .map(|i| {
+            let mut b = vec![0u8; 4096];
+            blake3::Hasher::new()
+                .update(&i.to_le_bytes())
+                .finalize_xof()
+                .fill(&mut b);
+            b
+        })
+        .collect();
+    let ids: Vec<ChunkId> = data
+        .iter()
+        .map(|b| ChunkId(*blake3::hash(b).as_bytes()))
+        .collect();
+    let by_id: Arc<HashMap<ChunkId, Vec<u8>>> =
+        Arc::new(ids.iter().copied().zip(data.iter().cloned()).collect());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let id = SnapshotId::from_u128((now_ms << 32) | 1);
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id,
+        volume: "vm1".parse().unwrap(),
+        name: format!("s-{id}").parse().unwrap(),
+        created_unix_ms: now_ms as u64,
+        size: (blocks * 4096) as u64,
+        block_size: 4096,
+        labels: Default::default(),
+        parent: None,
+        blocks: ids.iter().map(|i| Some(*i)).collect::<BlockList>(),
+    };
+    let served = manifest.encode().unwrap();
+    let list = listing(vec![record(
+        "vm1",
+        &id.to_string(),
+        (blocks * 4096) as u64,
+        4096,
+        json!({}),
+    )]);
+    let held = held.map(|b| ids[b]);
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked: Arc<std::sync::Mutex<Vec<ChunkId>>> = Arc::default();
+    let (rel, reqs, log) = (released.clone(), requests.clone(), asked.clone());
+    let fake = FakeUpstream::start(Arc::new(move |method, path, body| {
+        if path.ends_with("/snapshots") {
+            json(200, list.clone())
+        } else if method == "PUT" && path.ends_with("/locks") {
+            json(
+                200,
+                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+            )
+        } else if path.contains("/manifest") {
+            axum::response::Response::builder()
+                .header("x-holdfast-manifest", "full")
+                .body(axum::body::Body::from(served.clone()))
+                .unwrap()
+        } else if path.contains("/chunks") {
+            let req: holdfast::peer::ChunkRequest = serde_json::from_slice(body).unwrap();
+            let mut out = Vec::new();
+            for c in &req.chunks {
+                let b = &by_id[c];
+                holdfast::peer::write_frame(
+                    &mut out,
+                    c,
+                    holdfast::chunk::Encoding::Raw,
+                    b.len() as u32,
+                    b,
+                );
+            }
+            let wait = held.is_some_and(|h| req.chunks.contains(&h));
+            log.lock().unwrap().extend(req.chunks);
+            reqs.fetch_add(1, Ordering::SeqCst);
+            let rel = rel.clone();
+            let body = futures::stream::once(async move {
+                while wait && !rel.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok::<_, std::io::Error>(axum::body::Bytes::from(out))
+            });
+            axum::response::Response::new(axum::body::Body::from_stream(body))
+        } else {
+            json(404, json!({"kind": "not-found", "message": "no"}))
+        }
+    }));
+    Synthetic {
+        fake,
+        id,
+        ids,
+        data,
+        manifest,
+        released,
+        requests,
+        asked,
+    }
+}
+
+/// The fetch of a snapshot's chunks from an upstream that holds back one answer: no more than
+/// four requests are ever out or answered and waiting (the fetch's concurrency; memory stays
+/// bounded whatever the upstream does), and a stop (SIGTERM) then stores what arrived in order
+/// before it (made durable, nothing committed), so that the next run fetches only the rest.
+/// A synthetic snapshot of 2560 blocks of 4 KiB, 256 chunks a request: ten requests.
+#[test]
+fn a_held_back_answer_bounds_the_requests_out_and_a_stop_keeps_what_came_before_it() {
+    use std::sync::atomic::Ordering;
+    const BLOCKS: usize = 2560;
+    // The third request (from block 512) is held.
+    let up = synthetic_upstream(BLOCKS, Some(512));
+    let (n, cfg) = downstream(&up.fake.url());
+    let cfg = cfg.to_str().unwrap().to_string();
+    let mut child = n.spawn(&["mirror", "run", "vm1", "--config", &cfg]);
+    // Answered: the first two (stored), the fourth to sixth (waiting for the third's turn);
+    // the third held: six requests, and no seventh however long the third takes.
+    let t0 = Instant::now();
+    while up.requests.load(Ordering::SeqCst) < 6 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        6,
+        "chunk requests out or waiting while one is held back"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the mirror ended early"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    n.ok(&["verify"]);
+
+    // The next run fetches what did not arrive in order before the held answer, once each.
+    up.released.store(true, Ordering::SeqCst);
+    let first = std::mem::take(&mut *up.asked.lock().unwrap());
+    assert_eq!(first.len(), 6 * 256);
+    let r = n.run(&["mirror", "run", "vm1", "--config", &cfg]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut second = up.asked.lock().unwrap().clone();
+    second.sort();
+    let mut rest = up.ids[512..].to_vec();
+    rest.sort();
+    assert_eq!(
+        second.len(),
+        BLOCKS - 512,
+        "the second run fetched {} chunks; the first stored 512 before its stop",
+        second.len()
+    );
+    assert_eq!(second, rest);
+    assert_eq!(n.restore(&format!("vm1@s-{}", up.id)), up.data.concat());
+    n.ok(&["verify"]);
+}
+
+/// A manifest file that an interrupted update left under the id being fetched is used only if
+/// it is the manifest this update stores: another one under that id (left by an update from
+/// another upstream that listed the same id, say) stops the update, and nothing is committed
+/// over it.
+#[test]
+fn a_manifest_left_under_the_same_id_is_used_only_if_it_is_the_same() {
+    let up = synthetic_upstream(64, None);
+    let (n, cfg) = downstream(&up.fake.url());
+    let cfg = cfg.to_str().unwrap().to_string();
+    let dir = n.state.join("repo/manifests/vm1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let left = dir.join(up.id.to_string());
+    let mut other = up.manifest.clone();
+    other.name = "other".parse().unwrap();
+    std::fs::write(&left, other.encode().unwrap()).unwrap();
+    let r = n.run(&["mirror", "run", "vm1", "--config", &cfg]);
+    assert_ne!(r.code, 0, "committed over another manifest: {}", r.stderr);
+    let vols = n.run(&["volume", "list", "--json"]).json();
+    assert!(
+        !vols.to_string().contains("\"vm1\""),
+        "a replica was made: {vols}"
+    );
+    // What this update stores, left by an interrupted run of it: used.
+    std::fs::write(&left, up.manifest.encode().unwrap()).unwrap();
+    let r = n.run(&["mirror", "run", "vm1", "--config", &cfg]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(n.restore(&format!("vm1@s-{}", up.id)), up.data.concat());
+    n.ok(&["verify"]);
+}

@@ -1339,3 +1339,450 @@ mod tests {
         );
     }
 }
+
+/// The compute side of a snapshot against an image file on disk (holes, written zeros,
+/// repeated and known blocks, a short last block, several segments), checked against a
+/// reading of the whole file block by block: every block's id, the stats, the bytes read and
+/// each new chunk packed once with bytes that decode to it.
+#[cfg(test)]
+mod compute_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    const BS: usize = 4096;
+
+    /// Pseudo-random, incompressible enough bytes of `len` from `seed`.
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A sparse image of `size` bytes with `writes` (offset, bytes) written into it.
+    fn image(dir: &std::path::Path, name: &str, size: u64, writes: &[(u64, Vec<u8>)]) -> Source {
+        let path = dir.join(name);
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        for (at, b) in writes {
+            f.write_all_at(b, *at).unwrap();
+        }
+        f.sync_all().unwrap();
+        Source::File(FileVolume::open(&path).unwrap())
+    }
+
+    /// Each block's id as a plain reading of the whole image gives it (`None`: all zeros).
+    fn expected(src: &Source) -> Vec<Option<ChunkId>> {
+        let size = src.size();
+        let mut all = vec![0u8; size as usize];
+        src.read_exact_at(0, &mut all).unwrap();
+        all.chunks(BS)
+            .map(|b| (!chunk::is_zero(b)).then(|| chunk::hash(b)))
+            .collect()
+    }
+
+    /// Runs `compute`; returns what it computed and every chunk it packed (id, plain bytes).
+    fn run(
+        src: Source,
+        index: ChunkIndex,
+        base: Option<(BlockList, Vec<Range<u64>>)>,
+    ) -> (Computed, Vec<(ChunkId, Vec<u8>)>) {
+        let (tx, mut rx) = mpsc::channel::<PackBuilder>(2);
+        let drain = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(b) = rx.blocking_recv() {
+                let p = b.finish().unwrap();
+                for e in &p.index.entries {
+                    let stored = &p.bytes[e.offset as usize..e.offset as usize + e.length as usize];
+                    let plain =
+                        chunk::decode(&e.id, e.encoding, stored, e.raw_length as usize).unwrap();
+                    got.push((e.id, plain));
+                }
+            }
+            got
+        });
+        let c = compute(src, BS as u32, index, tx, ProgressBar::hidden(), base).unwrap();
+        (c, drain.join().unwrap())
+    }
+
+    fn blocks_of(c: &Computed) -> Vec<Option<ChunkId>> {
+        c.blocks.iter().collect()
+    }
+
+    /// An index that holds `data` as a chunk already.
+    fn index_with(data: &[u8]) -> ChunkIndex {
+        let mut b = PackBuilder::new();
+        let (enc, stored) = chunk::encode(data).unwrap();
+        b.add(chunk::hash(data), enc, &stored, data.len());
+        let mut index = ChunkIndex::default();
+        index.insert(b.finish().unwrap().index);
+        index
+    }
+
+    #[test]
+    fn a_full_pass_gives_every_block_its_id_and_packs_each_new_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three segments (8 MiB each) and a short last block of 1000 bytes.
+        let size = (20 << 20) + 1000;
+        let seg = SEGMENT_BYTES as u64;
+        let repeated = bytes(BS, 5);
+        let known = bytes(BS, 6);
+        let writes = vec![
+            (0, bytes(BS, 1)),
+            // Written zeros: data to the filesystem, a zero block to the snapshot.
+            (BS as u64, vec![0; BS]),
+            (5 * BS as u64, repeated.clone()),
+            (9 * BS as u64, repeated.clone()),
+            (12 * BS as u64, known.clone()),
+            // Across the first segment boundary, and half a block at its start.
+            (seg - 3 * BS as u64, bytes(6 * BS, 2)),
+            (seg + 9 * BS as u64, bytes(BS / 2, 3)),
+            // The repeated block again, in another segment.
+            (2 * seg + 7 * BS as u64, repeated.clone()),
+            // The short last block.
+            (size - 1000, bytes(1000, 4)),
+        ];
+        let src = image(dir.path(), "a.img", size, &writes);
+        let want = expected(&src);
+        let (c, packed) = run(src, index_with(&known), None);
+        assert_eq!(blocks_of(&c), want);
+        let n = size.div_ceil(BS as u64);
+        assert_eq!(c.stats.blocks, n);
+        assert_eq!(
+            c.stats.zero_blocks,
+            want.iter().filter(|b| b.is_none()).count() as u64
+        );
+        // Read: the blocks the writes touched (whole blocks, the last one short), holes not.
+        let written: std::collections::BTreeSet<u64> = writes
+            .iter()
+            .flat_map(|(at, b)| at / BS as u64..(at + b.len() as u64).div_ceil(BS as u64))
+            .collect();
+        let read: u64 = written
+            .iter()
+            .map(|&i| (BS as u64).min(size - i * BS as u64))
+            .sum();
+        assert_eq!(c.bytes_read, read);
+        assert_eq!(c.unmarked, 0);
+        // Each new chunk packed once, decoding to its block; the known one not at all.
+        let mut new: Vec<ChunkId> = want.iter().flatten().copied().collect();
+        new.sort();
+        new.dedup();
+        new.retain(|id| *id != chunk::hash(&known));
+        let mut ids: Vec<ChunkId> = packed.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        assert_eq!(ids, new, "each new chunk packed once");
+        for (id, plain) in &packed {
+            assert_eq!(chunk::hash(plain), *id);
+        }
+        assert_eq!(c.stats.new_chunks, new.len() as u64);
+        let plain: u64 = packed.iter().map(|(_, p)| p.len() as u64).sum();
+        assert_eq!(c.stats.new_bytes, plain);
+        assert!(
+            packed.iter().any(|(_, p)| p.len() == 1000),
+            "the short block"
+        );
+        assert!(c.stats.new_stored_bytes > 0 && c.stats.new_stored_bytes <= plain + 64 * n);
+    }
+
+    #[test]
+    fn a_changed_block_pass_reads_the_dirty_ranges_and_keeps_the_base_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = (9 << 20) + 1000;
+        let base_writes: Vec<(u64, Vec<u8>)> = (0..40)
+            .map(|i| (i * 3 * BS as u64, bytes(BS, 100 + i)))
+            .chain([(size - 1000, bytes(1000, 7))])
+            .collect();
+        let (base, _) = run(
+            image(dir.path(), "base.img", size, &base_writes),
+            ChunkIndex::default(),
+            None,
+        );
+        let prev = base.blocks.clone();
+        // The image now: blocks 3, 4 and 60 rewritten, block 6 zeroed (all inside the dirty
+        // ranges), block 9 rewritten outside them (a change the bitmap does not report: the
+        // snapshot keeps the base's block there, as changed-block tracking promises), and the
+        // short last block rewritten.
+        let mut now = base_writes.clone();
+        now.extend([
+            (3 * BS as u64, bytes(2 * BS, 200)),
+            (6 * BS as u64, vec![0; BS]),
+            (9 * BS as u64, bytes(BS, 201)),
+            (60 * BS as u64, bytes(BS, 202)),
+            (size - 1000, bytes(1000, 203)),
+        ]);
+        let src = image(dir.path(), "now.img", size, &now);
+        let fresh = expected(&src);
+        let dirty = vec![
+            3 * BS as u64..7 * BS as u64,
+            60 * BS as u64..61 * BS as u64,
+            size - 1000 - (size - 1000) % BS as u64..size,
+        ];
+        let (c, packed) = run(
+            src,
+            ChunkIndex::default(),
+            Some((prev.clone(), dirty.clone())),
+        );
+        let got = blocks_of(&c);
+        let n = size.div_ceil(BS as u64) as usize;
+        assert_eq!(got.len(), n);
+        for i in 0..n {
+            let r = i as u64 * BS as u64..((i + 1) * BS) as u64;
+            let in_dirty = dirty.iter().any(|d| d.start < r.end && d.end > r.start);
+            let want = if in_dirty {
+                fresh[i]
+            } else {
+                prev.get(i).unwrap()
+            };
+            assert_eq!(got[i], want, "block {i} (dirty: {in_dirty})");
+        }
+        assert_ne!(got[9], fresh[9], "block 9 is the base's");
+        assert_eq!(got[6], None);
+        assert_eq!(c.stats.blocks, n as u64);
+        assert_eq!(
+            c.stats.zero_blocks,
+            got.iter().filter(|b| b.is_none()).count() as u64
+        );
+        // Only the dirty blocks that hold data were read: 3, 4, 5 (a hole: not read), 6 (written
+        // zeros), 60 and the short last one.
+        assert_eq!(c.bytes_read, (4 * BS + 1000) as u64);
+        assert_eq!(c.unmarked, 0);
+        // New: blocks 3, 4, 60 and the last; 6 is zeros.
+        assert_eq!(c.stats.new_chunks, 4);
+        assert_eq!(packed.len(), 4);
+        assert_eq!(c.stats.new_bytes, (3 * BS + 1000) as u64);
+    }
+
+    /// A block the base holds data in and the image now reads as zeros (a disk shrunk and
+    /// grown back) is read again although no dirty range covers it.
+    #[test]
+    fn blocks_the_bitmap_missed_that_now_read_as_zeros_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * BS as u64;
+        let base_writes: Vec<(u64, Vec<u8>)> = (0..8)
+            .map(|i| (i * 4 * BS as u64, bytes(BS, 300 + i)))
+            .collect();
+        let (base, _) = run(
+            image(dir.path(), "base.img", size, &base_writes),
+            ChunkIndex::default(),
+            None,
+        );
+        let prev = base.blocks.clone();
+        // Blocks 8 and 12 are holes now (13, a hole in the base too, is not read).
+        let now: Vec<(u64, Vec<u8>)> = base_writes
+            .iter()
+            .filter(|(at, _)| ![8, 12].contains(&(at / BS as u64)))
+            .cloned()
+            .collect();
+        let src = image(dir.path(), "now.img", size, &now);
+        let fresh = expected(&src);
+        let (c, _) = run(src, ChunkIndex::default(), Some((prev.clone(), vec![])));
+        let got = blocks_of(&c);
+        assert_eq!(got, fresh);
+        assert_eq!(got[8], None);
+        assert_eq!(got[12], None);
+        assert_eq!(c.unmarked, 2 * BS as u64);
+        // Both are holes now: nothing is read.
+        assert_eq!(c.bytes_read, 0);
+    }
+
+    #[test]
+    fn unmarked_zeros_names_the_base_blocks_that_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        // Blocks of two filesystem blocks, so that one can be half data.
+        let bs = 2 * BS as u64;
+        let size = 20 * bs + 100;
+        let mut prev = BlockList::new();
+        for i in 0..21 {
+            prev.push(
+                [1, 2, 3, 5, 6, 7, 20]
+                    .contains(&i)
+                    .then(|| chunk::hash(&[i as u8])),
+            );
+        }
+        // Data in blocks 1, 3 (its first half), 5, 6 and the short block 20; 2 and 7 are
+        // holes.
+        let src = image(
+            dir.path(),
+            "z.img",
+            size,
+            &[
+                (bs, bytes(bs as usize, 1)),
+                (3 * bs, bytes(BS, 2)),
+                (5 * bs, bytes(2 * bs as usize, 3)),
+                (20 * bs, bytes(100, 4)),
+            ],
+        );
+        assert_eq!(
+            unmarked_zeros(&src, &prev, bs, size).unwrap(),
+            vec![2 * bs..4 * bs, 7 * bs..8 * bs]
+        );
+        // Nothing where the base has nothing.
+        assert_eq!(
+            unmarked_zeros(&src, &BlockList::new(), bs, size).unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn ranges_are_aligned_to_whole_blocks_clipped_and_joined() {
+        let r = |v: &[(u64, u64)]| v.iter().map(|&(a, b)| a..b).collect::<Vec<_>>();
+        assert_eq!(align(&r(&[(1, 2)]), 10, 95), r(&[(0, 10)]));
+        assert_eq!(
+            align(&r(&[(10, 20), (20, 21), (35, 36)]), 10, 95),
+            r(&[(10, 40)])
+        );
+        assert_eq!(align(&r(&[(91, 93)]), 10, 95), r(&[(90, 95)]));
+        // In the last block's tail past the end: the short last block; wholly past it: nothing.
+        assert_eq!(align(&r(&[(95, 99)]), 10, 95), r(&[(90, 95)]));
+        assert_eq!(align(&r(&[(100, 120)]), 10, 95), r(&[]));
+        assert_eq!(align(&r(&[(0, 30), (12, 18)]), 10, 95), r(&[(0, 30)]));
+        assert_eq!(
+            align(&r(&[(0, 10), (21, 22)]), 10, 95),
+            r(&[(0, 10), (20, 30)])
+        );
+        assert_eq!(
+            union(&r(&[(0, 10), (40, 50)]), &r(&[(5, 20), (30, 40), (60, 70)])),
+            r(&[(0, 20), (30, 50), (60, 70)])
+        );
+        assert_eq!(union(&r(&[]), &r(&[(3, 4)])), r(&[(3, 4)]));
+    }
+
+    /// Every reason a changed-block snapshot falls back to a full read, each on its own, and
+    /// the base it builds on when none applies.
+    #[test]
+    fn a_chain_builds_on_its_base_only_when_its_bitmap_still_marks_every_change() {
+        let base = |size: u64, bs: u32| SnapshotRecord {
+            id: SnapshotId::from_u128(7 << 32),
+            volume: "v".parse().unwrap(),
+            name: "s".parse().unwrap(),
+            created_unix_ms: 7,
+            size,
+            block_size: bs,
+            labels: Default::default(),
+            parent: None,
+            stats: Default::default(),
+            regions: Default::default(),
+        };
+        let vol = |cp: bool| VolumeRecord {
+            name: "v".parse().unwrap(),
+            image: "/i".into(),
+            block_size: 4096,
+            added_unix_ms: 1,
+            upstream: None,
+            source: None,
+            checkpoint: cp.then(|| Checkpoint {
+                bitmap: "holdfast-1".into(),
+                snapshot: SnapshotId::from_u128(7 << 32),
+                full_read_unix_ms: crate::now_unix_ms() - 60_000,
+            }),
+            regions: vec![],
+            region: None,
+        };
+        let bitmap = |name: &str, flags: &[&str]| qemu::Bitmap {
+            name: name.into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+            granularity: 65536,
+        };
+        let good = [bitmap("other", &[]), bitmap("holdfast-1", &["auto"])];
+        let full = FullRead::default();
+        let why = |r: (Option<SnapshotRecord>, Option<String>)| {
+            assert!(r.0.is_none(), "{r:?}");
+            r.1.expect("a reason")
+        };
+        // Builds on the base.
+        let (prev, why_not) = chain(&vol(true), &[base(1 << 20, 4096)], &good, 1 << 20, full);
+        assert_eq!(prev.map(|p| p.id), Some(SnapshotId::from_u128(7 << 32)));
+        assert_eq!(why_not, None);
+        // A full read within its period still builds on the base.
+        let hour = FullRead {
+            now: false,
+            every: Some(Duration::from_secs(3600)),
+        };
+        assert!(
+            chain(&vol(true), &[base(1 << 20, 4096)], &good, 1 << 20, hour)
+                .0
+                .is_some()
+        );
+        type Chain = (Option<SnapshotRecord>, Option<String>);
+        let cases: Vec<(&str, Chain)> = vec![
+            (
+                "no dirty bitmap yet",
+                chain(&vol(false), &[base(1 << 20, 4096)], &good, 1 << 20, full),
+            ),
+            (
+                "--full-read",
+                chain(
+                    &vol(true),
+                    &[base(1 << 20, 4096)],
+                    &good,
+                    1 << 20,
+                    FullRead {
+                        now: true,
+                        every: None,
+                    },
+                ),
+            ),
+            (
+                "full_read_every = 30s",
+                chain(
+                    &vol(true),
+                    &[base(1 << 20, 4096)],
+                    &good,
+                    1 << 20,
+                    FullRead {
+                        now: false,
+                        every: Some(Duration::from_secs(30)),
+                    },
+                ),
+            ),
+            ("was deleted", chain(&vol(true), &[], &good, 1 << 20, full)),
+            (
+                "is missing",
+                chain(
+                    &vol(true),
+                    &[base(1 << 20, 4096)],
+                    &good[..1],
+                    1 << 20,
+                    full,
+                ),
+            ),
+            (
+                "inconsistent",
+                chain(
+                    &vol(true),
+                    &[base(1 << 20, 4096)],
+                    &[bitmap("holdfast-1", &["auto", "in-use"])],
+                    1 << 20,
+                    full,
+                ),
+            ),
+            (
+                "was disabled",
+                chain(
+                    &vol(true),
+                    &[base(1 << 20, 4096)],
+                    &[bitmap("holdfast-1", &[])],
+                    1 << 20,
+                    full,
+                ),
+            ),
+            (
+                "changed size (1048576 -> 2097152",
+                chain(&vol(true), &[base(1 << 20, 4096)], &good, 2 << 20, full),
+            ),
+            (
+                "block size changed",
+                chain(&vol(true), &[base(1 << 20, 65536)], &good, 1 << 20, full),
+            ),
+        ];
+        for (says, r) in cases {
+            let w = why(r);
+            assert!(w.contains(says), "{says}: {w}");
+        }
+    }
+}

@@ -1371,7 +1371,7 @@ pub async fn run(node: Node, cfg: NodeConfig) -> Result<()> {
 }
 
 /// How long a job asked to stop at its next safe point is waited for.
-const SAFE_POINT_WAIT: Duration = Duration::from_secs(30);
+pub const SAFE_POINT_WAIT: Duration = Duration::from_secs(30);
 
 impl Daemon {
     /// Reads the configuration file again and takes it when it is whole and valid: changed

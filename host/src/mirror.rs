@@ -611,6 +611,7 @@ async fn update(
     //      (A catch-up goes in batches; before each later batch, the set moves on to it, so
     //      that a set never pins more than a batch besides the base and what others hold.)
     let first: Vec<SnapshotId> = wanted[..next_batch(&wanted)].iter().map(|s| s.id).collect();
+    u.stop_point(&report)?;
     report.locks_sent_before = u
         .send_locks(&upstream_has, base.as_ref().map(|b| b.id), &first)
         .await?;
@@ -670,6 +671,22 @@ fn replica_block_size(node: &Node, volume: &VolumeName) -> Result<Option<u32>> {
 impl Update<'_> {
     fn debug(&self, what: &str) {
         tracing::debug!(ms = self.started.elapsed().as_millis(), "{what}");
+    }
+
+    /// A safe point between steps: on a stop request (SIGINT or SIGTERM to `mirror run`, a
+    /// daemon stopping) the update ends here, keeping the snapshots it committed so far; the
+    /// lock set sent last still holds what they and the next ones need.
+    fn stop_point(&self, report: &MirrorReport) -> Result<()> {
+        if !crate::shutdown::requested() {
+            return Ok(());
+        }
+        Err(Error::unavailable_msg(format!(
+            "the update of {} from upstream {} was interrupted (the process was asked to stop) \
+             after receiving {} snapshot(s), which are kept; the next update goes on from there",
+            self.volume,
+            self.client.upstream,
+            report.received.len()
+        )))
     }
 
     /// Step 1: the upstream's snapshots of the volume, checked, oldest first, and the region
@@ -818,6 +835,7 @@ impl Update<'_> {
         while !rest.is_empty() {
             let (batch, later) = rest.split_at(next_batch(rest));
             rest = later;
+            self.stop_point(report)?;
             if !std::mem::take(&mut first_batch) {
                 // The set moves on: the newest received is the base, this batch is pinned.
                 let ids: Vec<SnapshotId> = batch.iter().map(|s| s.id).collect();
@@ -828,6 +846,7 @@ impl Update<'_> {
             // look-up in the repository serves them all (a catch-up of many snapshots).
             let mut got = Vec::with_capacity(batch.len());
             for rec in batch {
+                self.stop_point(report)?;
                 let received = Receive {
                     node,
                     client,
@@ -1153,7 +1172,12 @@ impl Receive<'_> {
                 if !builder.is_empty() {
                     seal(node, std::mem::take(&mut builder), index).await?;
                 }
-                crate::shutdown::check(&what)?;
+                return Err(Error::unavailable_msg(format!(
+                    "{what} was interrupted (the process was asked to stop) and not committed; \
+                     the chunks fetched for it are kept, and so are the {} snapshot(s) received \
+                     before it: the next update goes on from there",
+                    report.received.len()
+                )));
             }
             // Answers that came early wait in `pending` for their turn: together with those
             // in flight they never exceed the concurrency, so memory stays bounded even if

@@ -79,7 +79,22 @@ impl MirrorCommand {
                 // SIGINT or SIGTERM: stop at the next safe point, keeping the chunks fetched
                 // so far (the next run does not fetch them again); a second one ends at once.
                 crate::shutdown::on_signals()?;
-                let r = crate::mirror::run(&node, &cfg, &volume, Some(&engine), &pb).await;
+                // A step that does not reach a safe point soon (an upstream that stopped
+                // answering in the middle of a request) is cut where it is, as a kill would
+                // cut it: every step is safe to cut.
+                let cut = async {
+                    crate::shutdown::wait().await;
+                    tokio::time::sleep(crate::daemon::SAFE_POINT_WAIT).await;
+                };
+                let r = tokio::select! {
+                    r = crate::mirror::run(&node, &cfg, &volume, Some(&engine), &pb) => r,
+                    () = cut => Err(crate::Error::unavailable_msg(format!(
+                        "the update of {volume} was interrupted (the process was asked to stop) \
+                         and reached no safe point within {}s; it was cut where it was, which \
+                         loses nothing committed, and the next update goes on from there",
+                        crate::daemon::SAFE_POINT_WAIT.as_secs()
+                    ))),
+                };
                 pb.finish_and_clear();
                 let r = r?;
                 if json {

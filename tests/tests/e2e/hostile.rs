@@ -1638,7 +1638,18 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
         m1.clone(),
         "does not match the snapshot it was listed as".to_string(),
     );
-    for (size2, mut m2, says) in [grown, shrunk, mislabelled] {
+    // A delta whose header says 32 KiB blocks (the listing, 64 KiB): the same bytes in 33.
+    let other_block_size = {
+        let mut m = m1.clone();
+        m.block_size = 32768;
+        m.blocks.push_zeros(33 - 17);
+        (
+            size1,
+            m,
+            "does not match the snapshot it was listed as".to_string(),
+        )
+    };
+    for (size2, mut m2, says) in [grown, shrunk, mislabelled, other_block_size] {
         m2.id = id2;
         m2.parent = Some(m1.id);
         let delta = m2.delta_from(&m1).encode().unwrap();
@@ -1697,7 +1708,8 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
 
 /// A fake upstream serving one synthetic snapshot of vm1, named `s-ID`, of `blocks` blocks of
 /// 4 KiB of distinct random data, 256 chunks a request; the request for the chunk of block
-/// `held` (if any) is answered only once `released` is set. It logs each chunk asked for.
+/// `held` (if any), and with `hold_lock_set` the lock set, are answered only once `released`
+/// is set. It logs each chunk asked for.
 struct Synthetic {
     fake: FakeUpstream,
     id: holdfast::id::SnapshotId,
@@ -1710,7 +1722,7 @@ struct Synthetic {
     asked: Arc<std::sync::Mutex<Vec<holdfast::id::ChunkId>>>,
 }
 
-fn synthetic_upstream(blocks: usize, held: Option<usize>) -> Synthetic {
+fn synthetic_upstream(blocks: usize, held: Option<usize>, hold_lock_set: bool) -> Synthetic {
     use holdfast::id::{ChunkId, SnapshotId};
     use holdfast::snapshot::{BlockList, MANIFEST_FORMAT, Manifest};
     use std::collections::HashMap;
@@ -1766,10 +1778,18 @@ fn synthetic_upstream(blocks: usize, held: Option<usize>) -> Synthetic {
         if path.ends_with("/snapshots") {
             json(200, list.clone())
         } else if method == "PUT" && path.ends_with("/locks") {
-            json(
-                200,
-                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-            )
+            let reply = json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0});
+            let rel = rel.clone();
+            let body = futures::stream::once(async move {
+                while hold_lock_set && !rel.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok::<_, std::io::Error>(axum::body::Bytes::from(reply.to_string()))
+            });
+            axum::response::Response::builder()
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from_stream(body))
+                .unwrap()
         } else if path.contains("/manifest") {
             axum::response::Response::builder()
                 .header("x-holdfast-manifest", "full")
@@ -1815,6 +1835,31 @@ fn synthetic_upstream(blocks: usize, held: Option<usize>) -> Synthetic {
     }
 }
 
+/// Sends SIGTERM to a running holdfast and waits for it (killed, and the test failed, if it
+/// is still running after `within`); returns its exit code and stderr.
+fn stop(mut child: std::process::Child, within: Duration) -> (Option<i32>, String) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > within {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running {within:?} after SIGTERM: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The fetch of a snapshot's chunks from an upstream that holds back one answer: no more than
 /// four requests are ever out or answered and waiting (the fetch's concurrency; memory stays
 /// bounded whatever the upstream does), and a stop (SIGTERM) then stores what arrived in order
@@ -1825,7 +1870,7 @@ fn a_held_back_answer_bounds_the_requests_out_and_a_stop_keeps_what_came_before_
     use std::sync::atomic::Ordering;
     const BLOCKS: usize = 2560;
     // The third request (from block 512) is held.
-    let up = synthetic_upstream(BLOCKS, Some(512));
+    let up = synthetic_upstream(BLOCKS, Some(512), false);
     let (n, cfg) = downstream(&up.fake.url());
     let cfg = cfg.to_str().unwrap().to_string();
     let mut child = n.spawn(&["mirror", "run", "vm1", "--config", &cfg]);
@@ -1833,6 +1878,13 @@ fn a_held_back_answer_bounds_the_requests_out_and_a_stop_keeps_what_came_before_
     // the third held: six requests, and no seventh however long the third takes.
     let t0 = Instant::now();
     while up.requests.load(Ordering::SeqCst) < 6 && t0.elapsed() < Duration::from_secs(60) {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the mirror ended early: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -1845,13 +1897,12 @@ fn a_held_back_answer_bounds_the_requests_out_and_a_stop_keeps_what_came_before_
         child.try_wait().unwrap().is_none(),
         "the mirror ended early"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
+    let (code, stderr) = stop(child, Duration::from_secs(60));
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("chunks fetched for it are kept"),
+        "{stderr}"
+    );
     n.ok(&["verify"]);
 
     // The next run fetches what did not arrive in order before the held answer, once each.
@@ -1881,7 +1932,7 @@ fn a_held_back_answer_bounds_the_requests_out_and_a_stop_keeps_what_came_before_
 /// over it.
 #[test]
 fn a_manifest_left_under_the_same_id_is_used_only_if_it_is_the_same() {
-    let up = synthetic_upstream(64, None);
+    let up = synthetic_upstream(64, None, false);
     let (n, cfg) = downstream(&up.fake.url());
     let cfg = cfg.to_str().unwrap().to_string();
     let dir = n.state.join("repo/manifests/vm1");
@@ -1891,7 +1942,12 @@ fn a_manifest_left_under_the_same_id_is_used_only_if_it_is_the_same() {
     other.name = "other".parse().unwrap();
     std::fs::write(&left, other.encode().unwrap()).unwrap();
     let r = n.run(&["mirror", "run", "vm1", "--config", &cfg]);
-    assert_ne!(r.code, 0, "committed over another manifest: {}", r.stderr);
+    assert_eq!(r.code, 4, "committed over another manifest: {}", r.stderr);
+    assert_eq!(
+        std::fs::read(&left).unwrap(),
+        other.encode().unwrap(),
+        "the manifest left there was changed"
+    );
     let vols = n.run(&["volume", "list", "--json"]).json();
     assert!(
         !vols.to_string().contains("\"vm1\""),
@@ -1903,4 +1959,65 @@ fn a_manifest_left_under_the_same_id_is_used_only_if_it_is_the_same() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(n.restore(&format!("vm1@s-{}", up.id)), up.data.concat());
     n.ok(&["verify"]);
+}
+
+/// A stop that lands inside a request (here the lock set before the transfer, which the
+/// upstream answers a second later) ends the update at the next safe point, before any
+/// manifest is asked for, keeping nothing half done; and a request the upstream never answers
+/// is cut 30 s after the stop, where it is, as a kill would cut it.
+#[test]
+fn a_stopped_update_ends_at_the_next_safe_point_or_is_cut() {
+    let up = synthetic_upstream(64, None, true);
+    let (n, cfg) = downstream(&up.fake.url());
+    let cfg = cfg.to_str().unwrap().to_string();
+    let puts = |want: usize| {
+        let t0 = Instant::now();
+        while up
+            .fake
+            .requests()
+            .iter()
+            .filter(|q| q.starts_with("PUT"))
+            .count()
+            < want
+        {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no lock set sent");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Never answered: cut.
+    let child = n.spawn(&["mirror", "run", "vm1", "--config", &cfg]);
+    puts(1);
+    let (code, stderr) = stop(child, Duration::from_secs(90));
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(
+        stderr.contains("reached no safe point within 30s"),
+        "{stderr}"
+    );
+    // Answered a second after the stop: the update ends before its manifests.
+    let child = n.spawn(&["mirror", "run", "vm1", "--config", &cfg]);
+    puts(2);
+    let released = up.released.clone();
+    let answer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (code, stderr) = stop(child, Duration::from_secs(60));
+    answer.join().unwrap();
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("after receiving 0 snapshot(s)"),
+        "{stderr}"
+    );
+    assert!(
+        !up.fake.requests().iter().any(|q| q.contains("/manifest")),
+        "{:?}",
+        up.fake.requests()
+    );
+    let vols = n.run(&["volume", "list", "--json"]).json();
+    assert!(!vols.to_string().contains("\"vm1\""), "{vols}");
+    n.ok(&["verify"]);
+    // And the next run completes.
+    let r = n.run(&["mirror", "run", "vm1", "--config", &cfg]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(n.restore(&format!("vm1@s-{}", up.id)), up.data.concat());
 }

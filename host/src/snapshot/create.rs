@@ -1410,6 +1410,17 @@ mod compute_tests {
         (c, drain.join().unwrap())
     }
 
+    /// The blocks a full pass gives for an image of `writes` (the base of a changed-block
+    /// pass).
+    fn full_pass(dir: &std::path::Path, size: u64, writes: &[(u64, Vec<u8>)]) -> BlockList {
+        let (c, _) = run(
+            image(dir, "base.img", size, writes),
+            ChunkIndex::default(),
+            None,
+        );
+        c.blocks
+    }
+
     fn blocks_of(c: &Computed) -> Vec<Option<ChunkId>> {
         c.blocks.iter().collect()
     }
@@ -1497,12 +1508,7 @@ mod compute_tests {
             .map(|i| (i * 3 * BS as u64, bytes(BS, 100 + i)))
             .chain([(size - 1000, bytes(1000, 7))])
             .collect();
-        let (base, _) = run(
-            image(dir.path(), "base.img", size, &base_writes),
-            ChunkIndex::default(),
-            None,
-        );
-        let prev = base.blocks.clone();
+        let prev = full_pass(dir.path(), size, &base_writes);
         // The image now: blocks 3, 4 and 60 rewritten, block 6 zeroed (all inside the dirty
         // ranges), block 9 rewritten outside them (a change the bitmap does not report: the
         // snapshot keeps the base's block there, as changed-block tracking promises), and the
@@ -1566,12 +1572,7 @@ mod compute_tests {
         let base_writes: Vec<(u64, Vec<u8>)> = (0..8)
             .map(|i| (i * 4 * BS as u64, bytes(BS, 300 + i)))
             .collect();
-        let (base, _) = run(
-            image(dir.path(), "base.img", size, &base_writes),
-            ChunkIndex::default(),
-            None,
-        );
-        let prev = base.blocks.clone();
+        let prev = full_pass(dir.path(), size, &base_writes);
         // Blocks 8 and 12 are holes now (13, a hole in the base too, is not read).
         let now: Vec<(u64, Vec<u8>)> = base_writes
             .iter()

@@ -70,6 +70,30 @@ fn changed_nothing(n: &TestNode) {
     n.ok(&["verify"]);
 }
 
+/// The answer of an upstream that took a lock set.
+fn lock_set_taken() -> axum::response::Response {
+    json(
+        200,
+        json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
+    )
+}
+
+/// A config for B's relation (vm1 from "a"), pointed at `fake` under A's name.
+fn pointed_at(b: &Peer, fake: &FakeUpstream) -> std::path::PathBuf {
+    let cfg = b.node.path("fake.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
+             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
+            b.node.state,
+            fake.url()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn listing_handler(list: Value) -> Handler {
     Arc::new(move |_, path, _| {
         if path.ends_with("/snapshots") {
@@ -277,10 +301,7 @@ fn a_refused_first_update_leaves_no_replica_behind() {
         if path.ends_with("/snapshots") {
             json(200, list.clone())
         } else if method == "PUT" {
-            json(
-                200,
-                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-            )
+            lock_set_taken()
         } else {
             // Not a manifest in format 2: refused after the listing passed.
             axum::response::Response::builder()
@@ -289,18 +310,7 @@ fn a_refused_first_update_leaves_no_replica_behind() {
                 .unwrap()
         }
     }));
-    // B's relation, but pointed at the fake one under A's name.
-    let cfg = b.node.path("fake.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
-             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
-            b.node.state,
-            fake.url()
-        ),
-    )
-    .unwrap();
+    let cfg = pointed_at(&b, &fake);
     let r = b
         .node
         .run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);
@@ -496,10 +506,7 @@ fn a_manifest_bomb_is_refused_before_it_is_buffered() {
             if path.ends_with("/snapshots") {
                 json(200, list.clone())
             } else if method == "PUT" {
-                json(
-                    200,
-                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-                )
+                lock_set_taken()
             } else {
                 answer()
             }
@@ -551,10 +558,7 @@ fn a_delta_bomb_is_refused_as_it_decompresses() {
         if path.ends_with("/snapshots") {
             json(200, list.clone())
         } else if method == "PUT" {
-            json(
-                200,
-                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-            )
+            lock_set_taken()
         } else if path.contains("base=") {
             axum::response::Response::builder()
                 .header("x-holdfast-manifest", "delta")
@@ -564,17 +568,7 @@ fn a_delta_bomb_is_refused_as_it_decompresses() {
             json(404, json!({"kind": "not-found", "message": "no"}))
         }
     }));
-    let cfg = b.node.path("fake.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
-             \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
-            b.node.state,
-            fake.url()
-        ),
-    )
-    .unwrap();
+    let cfg = pointed_at(&b, &fake);
     let (code, stderr, peak) = holdfast_tests::peak_rss(
         &b.node.state,
         &["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()],
@@ -893,10 +887,15 @@ time.sleep(6)
 
 /// A -> B over TLS, B mirrors vm1 from A; returns (tls, a, b).
 fn pair() -> (Tls, Peer, Peer) {
+    pair_of(2 << 20)
+}
+
+/// [`pair`], with a volume of `size` bytes (64 KiB blocks) and its snapshot s1 on A.
+fn pair_of(size: usize) -> (Tls, Peer, Peer) {
     let tls = Tls::new();
     let mut a = Peer::new("a");
     let b = Peer::new("b");
-    let img = a.node.image("vm1.img", &mixed_bytes(2 << 20, 7));
+    let img = a.node.image("vm1.img", &mixed_bytes(size, 7));
     a.node.add_volume("vm1", &img, "64KiB");
     a.node.snapshot("vm1", "s1");
     a.configure(
@@ -1319,10 +1318,7 @@ fn a_manifest_in_another_format_than_asked_is_refused() {
         if path.ends_with("/snapshots") {
             json(200, list.clone())
         } else if method == "PUT" {
-            json(
-                200,
-                json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-            )
+            lock_set_taken()
         } else if path.contains("/manifest") {
             axum::response::Response::builder()
                 .header("x-holdfast-manifest", "full")
@@ -1539,10 +1535,7 @@ fn a_manifest_that_differs_from_its_listing_in_one_field_is_refused() {
             if path.ends_with("/snapshots") {
                 json(200, list.clone())
             } else if method == "PUT" && path.ends_with("/locks") {
-                json(
-                    200,
-                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-                )
+                lock_set_taken()
             } else if path.contains("/manifest") {
                 axum::response::Response::builder()
                     .header("x-holdfast-manifest", "full")
@@ -1579,29 +1572,9 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
     use holdfast::id::SnapshotId;
     use holdfast::snapshot::manifest::Manifest;
 
-    let tls = Tls::new();
-    let mut a = Peer::new("a");
-    let b = Peer::new("b");
     // 16 whole blocks and a short 17th of 1000 bytes.
     let size1 = (1u64 << 20) + 1000;
-    let img = a.node.image("vm1.img", &mixed_bytes(size1 as usize, 7));
-    a.node.add_volume("vm1", &img, "64KiB");
-    a.node.snapshot("vm1", "s1");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            ..Default::default()
-        },
-    );
-    a.start();
+    let (_tls, a, b) = pair_of(size1 as usize);
     assert_eq!(b.mirror("vm1")["kind"], "baseline");
     let id1 = a.node.snapshot_id("vm1@s1");
     let raw = std::fs::read(a.node.state.join(format!("repo/manifests/vm1/{id1}"))).unwrap();
@@ -1661,10 +1634,7 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
             if path.ends_with("/snapshots") {
                 json(200, list.clone())
             } else if method == "PUT" && path.ends_with("/locks") {
-                json(
-                    200,
-                    json!({"outcome": "replaced", "generation": 1, "locks": 1, "released": 0}),
-                )
+                lock_set_taken()
             } else if path.contains("/manifest") && path.contains("base=") {
                 axum::response::Response::builder()
                     .header("x-holdfast-manifest", "delta")
@@ -1674,18 +1644,7 @@ fn a_delta_that_keeps_a_block_at_its_old_length_across_a_resize_is_refused() {
                 json(404, json!({"kind": "not-found", "message": "no"}))
             }
         }));
-        // B's relation, pointed at the fake one under A's name.
-        let cfg = b.node.path("fake.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "state = {:?}\n[[upstream]]\nname = \"a\"\nurl = {:?}\ntoken = \
-                 \"0123456789abcdef0123\"\n[[mirror]]\nvolume = \"vm1\"\nupstream = \"a\"\nevery = \"1h\"\n",
-                b.node.state,
-                fake.url()
-            ),
-        )
-        .unwrap();
+        let cfg = pointed_at(&b, &fake);
         let r = b
             .node
             .run(&["mirror", "run", "vm1", "--config", cfg.to_str().unwrap()]);

@@ -1378,10 +1378,14 @@ mod compute_tests {
 
     /// Each block's id as a plain reading of the whole image gives it (`None`: all zeros).
     fn expected(src: &Source) -> Vec<Option<ChunkId>> {
+        expected_in(src, BS)
+    }
+
+    fn expected_in(src: &Source, bs: usize) -> Vec<Option<ChunkId>> {
         let size = src.size();
         let mut all = vec![0u8; size as usize];
         src.read_exact_at(0, &mut all).unwrap();
-        all.chunks(BS)
+        all.chunks(bs)
             .map(|b| (!chunk::is_zero(b)).then(|| chunk::hash(b)))
             .collect()
     }
@@ -1389,6 +1393,15 @@ mod compute_tests {
     /// Runs `compute`; returns what it computed and every chunk it packed (id, plain bytes).
     fn run(
         src: Source,
+        index: ChunkIndex,
+        base: Option<(BlockList, Vec<Range<u64>>)>,
+    ) -> (Computed, Vec<(ChunkId, Vec<u8>)>) {
+        run_in(src, BS, index, base)
+    }
+
+    fn run_in(
+        src: Source,
+        bs: usize,
         index: ChunkIndex,
         base: Option<(BlockList, Vec<Range<u64>>)>,
     ) -> (Computed, Vec<(ChunkId, Vec<u8>)>) {
@@ -1406,7 +1419,7 @@ mod compute_tests {
             }
             got
         });
-        let c = compute(src, BS as u32, index, tx, ProgressBar::hidden(), base).unwrap();
+        let c = compute(src, bs as u32, index, tx, ProgressBar::hidden(), base).unwrap();
         (c, drain.join().unwrap())
     }
 
@@ -1498,6 +1511,30 @@ mod compute_tests {
             "the short block"
         );
         assert!(c.stats.new_stored_bytes > 0 && c.stats.new_stored_bytes <= plain + 64 * n);
+    }
+
+    /// Blocks larger than the filesystem's: data that starts inside a block (a hole before it
+    /// in the same block) and holes a segment long, whose first data is not block-aligned.
+    #[test]
+    fn blocks_larger_than_the_filesystems_are_read_whole_from_where_their_data_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 64 << 10;
+        let size = (40 << 20) + 4096;
+        let writes = vec![
+            (bs as u64 + 4096, bytes(4096, 1)),
+            (5 * bs as u64 + 60 * 1024, bytes(8192, 2)),
+            // After 20 MiB of holes (more than two segments), 12 KiB into a block.
+            ((25 << 20) + 12 * 1024, bytes(4096, 3)),
+            (size - 4096, bytes(4096, 4)),
+        ];
+        let src = image(dir.path(), "big-blocks.img", size, &writes);
+        let want = expected_in(&src, bs);
+        let (c, packed) = run_in(src, bs, ChunkIndex::default(), None);
+        assert_eq!(c.blocks.iter().collect::<Vec<_>>(), want);
+        assert_eq!(c.stats.blocks, (size as usize).div_ceil(bs) as u64);
+        // Blocks 1, 5, 6 (the 8 KiB cross into it), the one at 25 MiB and the short last.
+        assert_eq!(packed.len(), 5);
+        assert_eq!(c.bytes_read, 4 * bs as u64 + 4096);
     }
 
     #[test]

@@ -1537,6 +1537,34 @@ mod compute_tests {
         assert_eq!(c.bytes_read, 4 * bs as u64 + 4096);
     }
 
+    /// An image that shrinks under the read is a conflict, never a block made of what the
+    /// buffer held before (the end-of-snapshot size check cannot see a file that shrank and
+    /// grew back).
+    #[test]
+    fn a_short_read_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.img");
+        std::fs::write(&path, bytes(4 * BS, 1)).unwrap();
+        let f = FileVolume::open(&path).unwrap();
+        let index = ChunkIndex::default();
+        // Fills this thread's buffer with a whole block.
+        assert!(matches!(
+            read_block(&f, &index, 0..BS as u64).unwrap(),
+            Block::New(..)
+        ));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(3 * BS as u64 + 100)
+            .unwrap();
+        match read_block(&f, &index, 3 * BS as u64..4 * BS as u64) {
+            Err(Error::Conflict(m)) => assert!(m.contains("shrank"), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a short read gave a block"),
+        }
+    }
+
     #[test]
     fn a_changed_block_pass_reads_the_dirty_ranges_and_keeps_the_base_elsewhere() {
         let dir = tempfile::tempdir().unwrap();

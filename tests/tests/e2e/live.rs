@@ -246,6 +246,82 @@ fn qcow2_and_nbd_sources_restore_bit_for_bit() {
     n.ok(&["verify"]);
 }
 
+/// Over NBD a snapshot asks the server for exactly the blocks that hold data: each run of
+/// adjacent blocks is one request, the holes between them are never asked for, and data a
+/// terabyte into a sparse export needs a buffer of its segment, not of its offset. Counted on
+/// the server's side (nbdkit's log filter records every read), not by holdfast.
+#[test]
+fn nbd_reads_are_the_data_blocks_one_request_per_run() {
+    use std::os::unix::fs::FileExt;
+    let n = TestNode::new();
+    let img = n.path("sparse.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    let tib = 1u64 << 40;
+    f.set_len(tib).unwrap();
+    let data: [(u64, usize, u8); 4] = [
+        (MIB, MIB as usize, 0xab),                 // 16 blocks
+        (2 * MIB, 4096, 0xcd),                     // the start of the 17th: one run with them
+        (3 * MIB + 8192, 4096, 0x11),              // inside a block, a hole away: a second run
+        (tib - 3 * MIB, 2 * KIB64 as usize, 0x5a), // the last segment of the export
+    ];
+    for (at, len, byte) in data {
+        f.write_all_at(&vec![byte; len], at).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let runs = [
+        (MIB, 2 * MIB + KIB64),
+        (3 * MIB, 3 * MIB + KIB64),
+        (tib - 3 * MIB, tib - 3 * MIB + 2 * KIB64),
+    ];
+
+    let log = n.path("nbdkit.log");
+    let port = free_port();
+    let mut child = Command::new("nbdkit")
+        .args(["--foreground", "--ipaddr", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .args(["--filter=log", "file"])
+        .arg(format!("file={}", img.display()))
+        .arg(format!("logfile={}", log.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    n.ok(&["volume", "add", "v", "--nbd", &uri, "--block-size", "64KiB"]);
+    let r = create(&n, "s1");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // "connection=2 Read id=2 offset=0x100000 count=0x40000 ..."
+    let hex = |line: &str, key: &str| -> u64 {
+        let v = line.split(key).nth(1).unwrap().split(' ').next().unwrap();
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+    };
+    let mut reads: Vec<(u64, u64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" Read id="))
+        .map(|l| {
+            let at = hex(l, " offset=");
+            (at, at + hex(l, " count="))
+        })
+        .collect();
+    reads.sort();
+    assert_eq!(
+        reads, runs,
+        "the reads the server saw (sorted), against one per run of data blocks"
+    );
+    let want: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(r["bytes-read"].as_u64(), Some(want), "{r}");
+    assert_eq!(r["stats"]["blocks"].as_u64(), Some(tib / KIB64), "{r}");
+    assert_eq!(
+        r["stats"]["zero-blocks"].as_u64(),
+        Some(tib / KIB64 - 20),
+        "{r}"
+    );
+}
+
 /// With a dirty bitmap, an incremental reads exactly the blocks written since the previous
 /// snapshot; every way the chain can break (bitmap removed, disabled, left inconsistent by a
 /// crashed QEMU, image resized, previous snapshot deleted) gives a full read with the reason,

@@ -165,6 +165,14 @@ fn create(n: &TestNode, name: &str) -> Value {
     r.json()
 }
 
+/// When volume `v`'s changed-block chain last read the whole volume (its checkpoint).
+fn last_full_read(n: &TestNode) -> u64 {
+    let vols = n.run(&["volume", "list", "--json"]).json();
+    let v = vols.as_array().unwrap().iter().find(|v| v["name"] == "v");
+    v.and_then(|v| v["checkpoint"]["full-read-unix-ms"].as_u64())
+        .unwrap_or_else(|| panic!("no checkpoint for v in {vols}"))
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -343,6 +351,8 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
         "{r}"
     );
     assert_eq!(r["bytes-read"], 5 * MIB, "{r}");
+    let s1_ms = r["created-unix-ms"].as_u64().unwrap();
+    assert_eq!(last_full_read(&n), s1_ms);
 
     // Writes at known offsets: three whole blocks and 4 KiB inside a fourth.
     qemu_io(
@@ -371,6 +381,8 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
     assert_eq!(r["bytes-read"], 0, "{r}");
     assert_eq!(r["stats"]["new-chunks"], 0, "{r}");
     assert_eq!(n.restore("v@s3"), raw_of(&img));
+    // Incrementals keep the time of the chain's full read (what `full_read_every` counts from).
+    assert_eq!(last_full_read(&n), s1_ms);
 
     let full = |name: &str, reason: &str| {
         let r = create(&n, name);
@@ -382,6 +394,8 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
         );
         assert!(r["bytes-read"].as_u64().unwrap() >= 5 * MIB, "{r}");
         assert_eq!(n.restore(&format!("v@{name}")), raw_of(&img), "{name}");
+        let full_ms = r["created-unix-ms"].as_u64().unwrap();
+        assert_eq!(last_full_read(&n), full_ms, "{name}");
         // The chain starts again at once.
         qemu_io(&img, &["write -P 0x44 30M 64k"]);
         let next = format!("{name}-next");
@@ -389,6 +403,7 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
         assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
         assert_eq!(r["bytes-read"], KIB64, "{r}");
         assert_eq!(n.restore(&format!("v@{next}")), raw_of(&img), "{next}");
+        assert_eq!(last_full_read(&n), full_ms, "{next}");
     };
 
     // The bitmap removed (or renamed: holdfast finds it by name).

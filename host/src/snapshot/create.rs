@@ -1338,6 +1338,22 @@ mod tests {
             "2023-11-14T22:13:20Z-2"
         );
     }
+
+    #[test]
+    fn tracking_shows_unmarked_zeros_only_when_there_were_some() {
+        let t = |unmarked| Tracking {
+            changed_blocks_only: true,
+            base: Some("v@s1".into()),
+            full_read_reason: None,
+            dirty_bytes: 4096,
+            unmarked_zero_bytes: unmarked,
+        };
+        let json = serde_json::to_value(t(0)).unwrap();
+        assert!(json.get("unmarked-zero-bytes").is_none(), "{json}");
+        assert_eq!(json["dirty-bytes"], 4096, "{json}");
+        let json = serde_json::to_value(t(8192)).unwrap();
+        assert_eq!(json["unmarked-zero-bytes"], 8192, "{json}");
+    }
 }
 
 /// The compute side of a snapshot against an image file on disk (holes, written zeros,

@@ -90,7 +90,8 @@ pub fn set_fake_now(unix_ms: u64) {
 /// deleted or written anything), `target-push-before-manifest` (a push wrote its intent and
 /// not its manifest), `target-push-before-confirm` (it wrote its manifest and has not
 /// confirmed it), `snapshot-segment-read` (a snapshot read the data of a segment of an
-/// image and has not looked again for holes filled meanwhile) and
+/// image and has not looked again for holes filled meanwhile), `snapshot-base-chosen` (a
+/// changed-block snapshot chose the snapshot it builds on and has not loaded it) and
 /// `snapshot-delete-uncatalogued` (a deletion removed the snapshot from the catalog and has
 /// not deleted its manifest).
 pub fn pause_point(point: &str) {

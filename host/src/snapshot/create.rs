@@ -712,6 +712,7 @@ async fn base_blocks(
     block_size: u32,
     index: &ChunkIndex,
 ) -> Result<BlockList> {
+    crate::pause_point("snapshot-base-chosen");
     if !node
         .catalog
         .snapshots(&prev.volume)?

@@ -177,6 +177,56 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The snapshot a changed-block snapshot builds on is deleted after the chain chose it and
+/// before it is loaded: the snapshot refuses (exit 4, nothing committed), removes the bitmap it
+/// had started, and the next one reads everything.
+#[test]
+fn a_base_deleted_under_a_changed_block_snapshot_commits_nothing() {
+    let n = TestNode::new();
+    let img = n.path("d.qcow2");
+    qcow2(&img, "8M");
+    qemu_io(&img, &["write -P 0x01 0 1M"]);
+    n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
+    create(&n, "s0");
+    qemu_io(&img, &["write -P 0x02 2M 64k"]);
+    create(&n, "s1");
+    let checkpoint = holdfast_bitmap(&img);
+    qemu_io(&img, &["write -P 0x03 4M 64k"]);
+
+    let flags = tempfile::tempdir().unwrap();
+    let paused = holdfast_tests::Paused::at(
+        &n,
+        "snapshot-base-chosen",
+        flags.path(),
+        &["snapshot", "create", "v", "--name", "s2"],
+    );
+    n.ok(&["snapshot", "delete", "v@s1"]);
+    let r = paused.resume();
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("v@s1 was deleted while this snapshot started"),
+        "{}",
+        r.stderr
+    );
+    let left: Vec<Value> = n.snapshots("v").iter().map(|s| s["name"].clone()).collect();
+    assert_eq!(left, ["s0"]);
+    // Only the checkpoint's bitmap is left: the one this snapshot started is gone.
+    assert_eq!(holdfast_bitmap(&img), checkpoint);
+
+    let r = create(&n, "s2");
+    assert_eq!(r["tracking"]["changed-blocks-only"], false, "{r}");
+    assert!(
+        r["tracking"]["full-read-reason"]
+            .as_str()
+            .unwrap()
+            .contains("was deleted"),
+        "{r}"
+    );
+    assert_eq!(n.restore("v@s2"), raw_of(&img));
+    n.ok(&["verify"]);
+}
+
 /// A qcow2 image snapshotted through `--qcow2` (served by holdfast's own qemu-nbd), through
 /// `--nbd` from a qemu-nbd and from an nbdkit: each restore equals what QEMU and libnbd's
 /// nbdcopy read of the image, bit for bit, and only the allocated data is read. A restore into

@@ -1335,8 +1335,16 @@ mod tests {
             regions: Default::default(),
         };
         assert_eq!(
-            default_name(&[rec], 1_700_000_000_000).as_str(),
+            default_name(std::slice::from_ref(&rec), 1_700_000_000_000).as_str(),
             "2023-11-14T22:13:20Z-2"
+        );
+        let second = SnapshotRecord {
+            name: "2023-11-14T22:13:20Z-2".parse().unwrap(),
+            ..rec.clone()
+        };
+        assert_eq!(
+            default_name(&[rec, second], 1_700_000_000_000).as_str(),
+            "2023-11-14T22:13:20Z-3"
         );
     }
 

@@ -1690,13 +1690,13 @@ mod compute_tests {
         let mut prev = BlockList::new();
         for i in 0..21 {
             prev.push(
-                [1, 2, 3, 5, 6, 7, 20]
+                [1, 2, 3, 5, 6, 7, 10, 11, 12, 20]
                     .contains(&i)
                     .then(|| chunk::hash(&[i as u8])),
             );
         }
-        // Data in blocks 1, 3 (its first half), 5, 6 and the short block 20; 2 and 7 are
-        // holes.
+        // Data in blocks 1, 3 (its first half), 5, 6, 10, 12 and the short block 20; 2, 7
+        // and 11 are holes (11 between two blocks of data in one run of the base).
         let src = image(
             dir.path(),
             "z.img",
@@ -1705,12 +1705,14 @@ mod compute_tests {
                 (bs, bytes(bs as usize, 1)),
                 (3 * bs, bytes(BS, 2)),
                 (5 * bs, bytes(2 * bs as usize, 3)),
+                (10 * bs, bytes(bs as usize, 5)),
+                (12 * bs, bytes(bs as usize, 6)),
                 (20 * bs, bytes(100, 4)),
             ],
         );
         assert_eq!(
             unmarked_zeros(&src, &prev, bs, size).unwrap(),
-            vec![2 * bs..4 * bs, 7 * bs..8 * bs]
+            vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs]
         );
         // Nothing where the base has nothing.
         assert_eq!(

@@ -94,10 +94,13 @@ e2e_pass() {
   [ "$resume" = 1 ] && [ -f "$out/e2e.txt" ] || : >"$out/e2e.txt"
   python3 - "$out/unit.out/outcomes.json" <<'PY' >"$out/e2e-todo.txt"
 import json, sys
-for o in json.load(open(sys.argv[1]))["outcomes"]:
-    if o.get("summary") in ("MissedMutant", "Timeout") and "Mutant" in o["scenario"]:
-        m = o["scenario"]["Mutant"]
-        print(o["diff_path"] + "\t" + m["file"] + "\t" + m["name"])
+# The missed first: a timed-out mutant is an endless loop that a test's deadline caught far
+# more often than a slow mutant that would have passed, and judging one costs a deadline.
+todo = [o for o in json.load(open(sys.argv[1]))["outcomes"]
+        if o.get("summary") in ("MissedMutant", "Timeout") and "Mutant" in o["scenario"]]
+for o in sorted(todo, key=lambda o: o["summary"] != "MissedMutant"):
+    m = o["scenario"]["Mutant"]
+    print(o["diff_path"] + "\t" + m["file"] + "\t" + m["name"])
 PY
   mkdir -p "$out/e2e-logs"
   # shellcheck disable=SC2086 # the filters are words

@@ -1653,6 +1653,107 @@ mod compute_tests {
         assert_eq!(c.stats.new_bytes, (3 * BS + 1000) as u64);
     }
 
+    /// The changed-block pass over NBD (where dirty bitmaps come from): small dirty ranges
+    /// read in batches of up to a segment (a batch fills and the next one starts), a range
+    /// larger than a segment streamed a segment at a time, holes inside dirty ranges not read,
+    /// written zeros read and stored as zero blocks, a short last block, and a change outside
+    /// the dirty ranges left as the base has it. Served by qemu-nbd from the same file, it must
+    /// give what the same pass over the file gives, and both what the ranges say.
+    #[test]
+    fn a_changed_block_pass_over_nbd_is_the_pass_over_the_file() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        // (QEMU serves whole sectors: a short last block of 1000 bytes would be 1024 over NBD.)
+        let size = 24 * MIB + 1024;
+        // The base: data in every fifth block, and the short last block.
+        let base_writes: Vec<(u64, Vec<u8>)> = (0..size / BS as u64)
+            .step_by(5)
+            .map(|i| (i * BS as u64, bytes(BS, 1000 + i)))
+            .chain([(size - 1024, bytes(1024, 7))])
+            .collect();
+        let prev = full_pass(dir.path(), size, &base_writes);
+        let mut now = base_writes.clone();
+        let mut dirty = Vec::new();
+        // Twelve ranges of 700 KiB, 8.2 MiB in all: one batch takes eleven, the next the last.
+        // Each has 300 KiB written at its start, one block of written zeros, and holes.
+        for k in 0..12u64 {
+            let start = k * MIB + 2 * BS as u64;
+            dirty.push(start..start + 700 * 1024);
+            now.push((start, bytes(300 * 1024, 2000 + k)));
+            now.push((start + 400 * 1024, vec![0; BS]));
+        }
+        // A change the bitmap does not report: the base's block stays.
+        now.push((12 * MIB + 8 * BS as u64, bytes(BS, 3000)));
+        // 9.5 MiB, more than a segment: streamed. Data at its start, middle and end.
+        let large = 13 * MIB..13 * MIB + 9 * MIB + MIB / 2;
+        dirty.push(large.clone());
+        for (j, at) in [large.start, large.start + 4 * MIB, large.end - MIB]
+            .into_iter()
+            .enumerate()
+        {
+            now.push((at, bytes(MIB as usize / 2, 4000 + j as u64)));
+        }
+        // The short last block, rewritten.
+        let last = size - size % BS as u64;
+        dirty.push(last..size);
+        now.push((size - 1024, bytes(1024, 5000)));
+
+        let file = image(dir.path(), "now.img", size, &now);
+        let fresh = expected(&file);
+        let (on_file, _) = run(
+            file,
+            ChunkIndex::default(),
+            Some((prev.clone(), dirty.clone())),
+        );
+        let served = crate::volume::NbdVolume::serve(&dir.path().join("now.img"), "raw", None)
+            .expect("qemu-nbd (Debian package qemu-utils; ./test.sh installs it)");
+        let (on_nbd, packed) = run(
+            Source::Nbd(Box::new(served)),
+            ChunkIndex::default(),
+            Some((prev.clone(), dirty.clone())),
+        );
+
+        let got = blocks_of(&on_nbd);
+        let n = size.div_ceil(BS as u64) as usize;
+        assert_eq!(got.len(), n);
+        let mut read = 0u64;
+        for i in 0..n {
+            let r = i as u64 * BS as u64..((i as u64 + 1) * BS as u64).min(size);
+            let in_dirty = dirty.iter().any(|d| d.start < r.end && d.end > r.start);
+            let want = if in_dirty {
+                fresh[i]
+            } else {
+                prev.get(i).unwrap()
+            };
+            assert_eq!(got[i], want, "block {i} (dirty: {in_dirty})");
+            let holds_data = now
+                .iter()
+                .any(|(at, b)| *at < r.end && at + b.len() as u64 > r.start);
+            if in_dirty && holds_data {
+                read += r.end - r.start;
+            }
+        }
+        assert_ne!(
+            got[(12 * MIB / BS as u64 + 8) as usize],
+            fresh[(12 * MIB / BS as u64 + 8) as usize],
+            "the unreported change is the base's"
+        );
+        assert_eq!(on_nbd.bytes_read, read);
+        assert_eq!(on_nbd.stats.blocks, n as u64);
+        assert_eq!(
+            on_nbd.stats.zero_blocks,
+            got.iter().filter(|b| b.is_none()).count() as u64
+        );
+        assert_eq!(on_nbd.unmarked, 0);
+        for (id, plain) in &packed {
+            assert_eq!(chunk::hash(plain), *id);
+        }
+        // The same as over the file, block for block and in what it counted.
+        assert_eq!(got, blocks_of(&on_file));
+        assert_eq!(on_nbd.bytes_read, on_file.bytes_read);
+        assert_eq!(on_nbd.stats, on_file.stats);
+    }
+
     /// A block the base holds data in and the image now reads as zeros (a disk shrunk and
     /// grown back) is read again although no dirty range covers it.
     #[test]

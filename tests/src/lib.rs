@@ -53,10 +53,21 @@ impl Drop for KillOnDrop {
 }
 
 /// A command held at a protocol step by the test hook `HOLDFAST_PAUSE_AT` (see
-/// `holdfast::pause_point`): it waits while its flag file exists.
+/// `holdfast::pause_point`): it waits while its flag file exists. Dropped without `resume` or
+/// `kill` (a test that failed meanwhile), it is killed: it must not go on into a state
+/// directory that is being removed.
 pub struct Paused {
-    pub child: Child,
+    child: Option<Child>,
     flag: PathBuf,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Paused {
@@ -71,7 +82,7 @@ impl Paused {
         let child = c.spawn().unwrap();
         let point = points.split(',').next().unwrap();
         let mut p = Paused {
-            child,
+            child: Some(child),
             flag: PathBuf::new(),
         };
         p.wait_for(dir, point, args);
@@ -79,10 +90,11 @@ impl Paused {
     }
 
     fn wait_for(&mut self, dir: &Path, point: &str, args: &[&str]) {
-        self.flag = dir.join(format!("{point}.{}", self.child.id()));
+        let child = self.child.as_mut().expect("running");
+        self.flag = dir.join(format!("{point}.{}", child.id()));
         let t0 = std::time::Instant::now();
         while !self.flag.exists() {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!("{args:?} ended ({status}) before it reached {point}");
             }
             assert!(
@@ -100,16 +112,48 @@ impl Paused {
     }
 
     /// Lets it go on, and waits for its end.
-    pub fn resume(self) -> Run {
+    pub fn resume(mut self) -> Run {
         std::fs::remove_file(&self.flag).unwrap();
-        Run::of(self.child)
+        Run::of(self.child.take().expect("running"))
     }
 
     /// Kills it where it waits (SIGKILL, as a crash or a power cut would).
     pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
     }
+}
+
+/// Whether the filesystem holding `probe` (a file created and removed here) reports holes
+/// and data to the 4 KiB (SEEK_DATA, SEEK_HOLE), which tests that count the bytes read of a
+/// sparse image rely on.
+pub fn holes_of_4k(probe: &Path) -> bool {
+    let script = r#"
+import os, sys
+p = sys.argv[1]
+with open(p, "wb") as f:
+    f.truncate(1 << 20)
+    f.seek(64 << 10)
+    f.write(b"x" * 4096)
+    f.flush()
+    os.fsync(f.fileno())
+    fd = f.fileno()
+    try:
+        ok = (os.lseek(fd, 0, os.SEEK_DATA) == 64 << 10
+              and os.lseek(fd, 64 << 10, os.SEEK_HOLE) == 68 << 10)
+    except OSError:
+        ok = False
+os.remove(p)
+print("yes" if ok else "no")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(probe)
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
 }
 
 /// Records that `test` could not run here and why: on stderr, and in `target/test-skips.txt`,
@@ -466,19 +510,38 @@ pub fn cached_bytes(files: &[PathBuf]) -> u64 {
 pub fn peak_rss(state: &Path, args: &[&str]) -> (i32, String, u64) {
     let script = r#"
 import resource, subprocess, sys
-r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+try:
+    r = subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=float(sys.argv[1]))
+except subprocess.TimeoutExpired:
+    print("timeout")
+    sys.exit(0)
 sys.stderr.write(r.stderr.decode(errors="replace"))
 print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 "#;
-    let out = Command::new("python3")
+    let mut c = Command::new("python3");
+    // The runner's own settings must not change what a test sees (as in `TestNode::cmd`).
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("HOLDFAST_") || k.starts_with("AWS_") || k == "RUST_LOG" {
+            c.env_remove(k.as_ref());
+        }
+    }
+    let out = c
         .arg("-c")
         .arg(script)
+        .arg(command_timeout().as_secs().to_string())
         .arg(holdfast_bin())
         .args(args)
         .env("HOLDFAST_STATE", state)
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.trim() != "timeout",
+        "holdfast {args:?} ran longer than {:?} (HOLDFAST_TEST_TIMEOUT_SECS) and was killed",
+        command_timeout()
+    );
     let mut it = text.split_whitespace();
     let code: i32 = it.next().and_then(|c| c.parse().ok()).expect(&text);
     let kib: u64 = it.next().and_then(|c| c.parse().ok()).expect(&text);

@@ -1706,7 +1706,9 @@ mod compute_tests {
             Some((prev.clone(), dirty.clone())),
         );
         let served = crate::volume::NbdVolume::serve(&dir.path().join("now.img"), "raw", None)
-            .expect("qemu-nbd (Debian package qemu-utils; ./test.sh installs it)");
+            .unwrap_or_else(|e| {
+                panic!("serving the image with qemu-nbd (Debian package qemu-utils): {e}")
+            });
         let (on_nbd, packed) = run(
             Source::Nbd(Box::new(served)),
             ChunkIndex::default(),

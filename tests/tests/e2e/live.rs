@@ -144,6 +144,29 @@ impl Server {
     }
 }
 
+impl Server {
+    /// `nbdkit` serving the raw file `img` on a unix socket, every request logged to `log`
+    /// (its log filter).
+    fn nbdkit_logged(img: &Path, log: &Path) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let child = Command::new("nbdkit")
+            .args(["--foreground", "--unix"])
+            .arg(&sock)
+            .args(["--filter=log", "file"])
+            .arg(format!("file={}", img.display()))
+            .arg(format!("logfile={}", log.display()))
+            .spawn()
+            .unwrap();
+        wait_for(|| sock.exists());
+        Server {
+            child,
+            uri: fake_nbd::uri_for(&sock, ""),
+            _dir: dir,
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -237,7 +260,15 @@ fn a_large_changed_range_is_read_a_segment_at_a_time() {
     qemu_io(&img, &["write -P 0x01 0 1M"]);
     n.ok(&["volume", "add", "v", "--qcow2", s(&img)]);
     let s1 = create(&n, "s1")["created-unix-ms"].as_u64().unwrap();
-    qemu_io(&img, &["write -P 0x02 64M 384M"]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x02 64M 96M",
+            "write -P 0x02 160M 96M",
+            "write -P 0x02 256M 96M",
+            "write -P 0x02 352M 96M",
+        ],
+    );
     let (code, stderr, rss) =
         holdfast_tests::peak_rss(&n.state, &["snapshot", "create", "v", "--name", "s2"]);
     assert_eq!(code, 0, "{stderr}");
@@ -251,7 +282,8 @@ fn a_large_changed_range_is_read_a_segment_at_a_time() {
         mib < 224,
         "peak RSS {mib} MiB for 384 MiB changed in one range"
     );
-    assert_eq!(n.restore("v@s2"), raw_of(&img));
+    // (Not assert_eq!: a failure would print 512 MiB twice.)
+    assert!(n.restore("v@s2") == raw_of(&img), "the restore differs");
 }
 
 /// A qcow2 image snapshotted through `--qcow2` (served by holdfast's own qemu-nbd), through
@@ -339,6 +371,13 @@ fn qcow2_and_nbd_sources_restore_bit_for_bit() {
 fn nbd_reads_are_the_data_blocks_one_request_per_run() {
     use std::os::unix::fs::FileExt;
     let n = TestNode::new();
+    if !holdfast_tests::holes_of_4k(&n.dir.path().join("probe")) {
+        holdfast_tests::skipped(
+            "live::nbd_reads_are_the_data_blocks_one_request_per_run",
+            "the temporary directory's filesystem does not report holes of 4 KiB (SEEK_DATA)",
+        );
+        return;
+    }
     let img = n.path("sparse.raw");
     let f = std::fs::File::create(&img).unwrap();
     let tib = 1u64 << 40;
@@ -361,22 +400,18 @@ fn nbd_reads_are_the_data_blocks_one_request_per_run() {
     ];
 
     let log = n.path("nbdkit.log");
-    let port = free_port();
-    let mut child = Command::new("nbdkit")
-        .args(["--foreground", "--ipaddr", "127.0.0.1", "--port"])
-        .arg(port.to_string())
-        .args(["--filter=log", "file"])
-        .arg(format!("file={}", img.display()))
-        .arg(format!("logfile={}", log.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let uri = format!("nbd://127.0.0.1:{port}/");
-    n.ok(&["volume", "add", "v", "--nbd", &uri, "--block-size", "64KiB"]);
+    let k = Server::nbdkit_logged(&img, &log);
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--nbd",
+        &k.uri,
+        "--block-size",
+        "64KiB",
+    ]);
     let r = create(&n, "s1");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(k);
 
     // "connection=2 Read id=2 offset=0x100000 count=0x40000 ..."
     let hex = |line: &str, key: &str| -> u64 {

@@ -485,9 +485,7 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
             flags.path(),
             &["mirror", "push", "vm1", "--target", "bucket"],
         );
-        let mut child = push.child;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        push.kill();
     };
     kill_at_manifest(&a);
     let r = json_of(&a.run(&["mirror", "push", "vm1", "--target", "bucket", "--json"]));

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 /// `nbd_socket`, and a QMP monitor on `qmp_socket`.
 pub struct StorageDaemon {
     child: Child,
+    image: PathBuf,
     pub qmp_socket: PathBuf,
     pub nbd_socket: PathBuf,
     _dir: tempfile::TempDir,
@@ -24,43 +25,35 @@ impl StorageDaemon {
         let dir = tempfile::tempdir().unwrap();
         let qmp_socket = dir.path().join("qmp.sock");
         let nbd_socket = dir.path().join("nbd.sock");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                image.display()
-            ))
-            .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
-            .args([
-                "--export",
-                "type=nbd,id=guest,node-name=disk0,name=disk0,writable=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qmp0",
-                qmp_socket.display()
-            ))
-            .args(["--monitor", "chardev=qmp0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon (Debian package qemu-utils)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(qmp_socket.exists() && nbd_socket.exists()) {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         StorageDaemon {
-            child,
+            child: spawn(image, &qmp_socket, &nbd_socket),
+            image: image.to_path_buf(),
             qmp_socket,
             nbd_socket,
             _dir: dir,
         }
+    }
+
+    /// Stops it as an orderly shutdown does (SIGTERM: persistent bitmaps are written to the
+    /// image) and starts it again on the same sockets, as a restarted VM host would.
+    pub fn restart(mut self) -> StorageDaemon {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not quit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&self.qmp_socket);
+        let _ = std::fs::remove_file(&self.nbd_socket);
+        self.child = spawn(&self.image, &self.qmp_socket, &self.nbd_socket);
+        self
     }
 
     /// The NBD server's address, as `volume add --nbd-server` takes it.
@@ -186,4 +179,41 @@ impl NbdWriter {
             self.cookie
         );
     }
+}
+
+/// Starts qemu-storage-daemon on `image` with its monitor and NBD server on these sockets, and
+/// waits until both listen.
+fn spawn(image: &Path, qmp_socket: &Path, nbd_socket: &Path) -> Child {
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
+        .args([
+            "--export",
+            "type=nbd,id=guest,node-name=disk0,name=disk0,writable=on",
+        ])
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp0",
+            qmp_socket.display()
+        ))
+        .args(["--monitor", "chardev=qmp0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (Debian package qemu-utils)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(qmp_socket.exists() && nbd_socket.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }

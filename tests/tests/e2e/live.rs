@@ -251,7 +251,8 @@ fn a_base_deleted_under_a_changed_block_snapshot_commits_nothing() {
 }
 
 /// Memory does not grow with what changed: a changed-block snapshot of 384 MiB written in one
-/// range reads it a segment at a time, its peak RSS far below the range's size.
+/// range reads it a segment at a time, and one of 4096 small ranges in batches of a segment,
+/// its peak RSS far below what changed.
 #[test]
 fn a_large_changed_range_is_read_a_segment_at_a_time() {
     let n = TestNode::new();
@@ -284,6 +285,24 @@ fn a_large_changed_range_is_read_a_segment_at_a_time() {
     );
     // (Not assert_eq!: a failure would print 512 MiB twice.)
     assert!(n.restore("v@s2") == raw_of(&img), "the restore differs");
+
+    // The same for many small ranges: 64 KiB in every 128 KiB, 256 MiB in 4096 ranges, read
+    // in batches of up to a segment (one batch of them all would hold 256 MiB).
+    let writes: Vec<String> = (0..4096u64)
+        .map(|i| format!("write -P 0x03 {} 64k", i * 128 * 1024))
+        .collect();
+    qemu_io(&img, &writes.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, stderr, rss) =
+        holdfast_tests::peak_rss(&n.state, &["snapshot", "create", "v", "--name", "s3"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(last_full_read(&n), s1);
+    let mib = rss >> 20;
+    eprintln!("peak RSS of a changed-block snapshot of 4096 ranges of 64 KiB: {mib} MiB");
+    assert!(
+        mib < 224,
+        "peak RSS {mib} MiB for 256 MiB changed in 4096 ranges"
+    );
+    assert!(n.restore("v@s3") == raw_of(&img), "the restore differs");
 }
 
 /// A qcow2 image snapshotted through `--qcow2` (served by holdfast's own qemu-nbd), through
@@ -1035,6 +1054,26 @@ fn a_stopped_live_snapshot_undoes_what_it_did() {
     let r = create(&n, "next");
     assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
     assert_eq!(r["bytes-read"], KIB64, "{r}");
+}
+
+/// The dirty bitmap of a running QEMU's qcow2 disk is persistent: after QEMU shuts down and
+/// starts again, the next snapshot still reads only what changed.
+#[test]
+fn a_live_chain_outlives_a_restart_of_qemu() {
+    let n = TestNode::new();
+    let img = n.path("guest.qcow2");
+    qcow2(&img, "16M");
+    let qsd = holdfast_tests::qemu::StorageDaemon::start(&img);
+    add_live(&n, &qsd);
+    qemu_io_nbd(&qsd, "write -P 0x61 0 1M");
+    create(&n, "s1");
+    let qsd = qsd.restart();
+    qemu_io_nbd(&qsd, "write -P 0x62 4M 64k");
+    let r = create(&n, "s2");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert_eq!(r["bytes-read"], KIB64, "{r}");
+    drop(qsd);
+    assert_eq!(n.restore("v@s2"), raw_of(&img));
 }
 
 fn qemu_io_nbd(qsd: &holdfast_tests::qemu::StorageDaemon, cmd: &str) {

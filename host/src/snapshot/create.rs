@@ -1459,6 +1459,26 @@ mod compute_tests {
         c.blocks
     }
 
+    /// A changed-block pass's rule, block by block: a block a dirty range touches is as the
+    /// image has it now (`fresh`), any other as the base (`prev`) has it.
+    fn check_changed_pass(
+        got: &[Option<ChunkId>],
+        dirty: &[Range<u64>],
+        fresh: &[Option<ChunkId>],
+        prev: &BlockList,
+    ) {
+        for (i, got) in got.iter().enumerate() {
+            let r = i as u64 * BS as u64..(i as u64 + 1) * BS as u64;
+            let in_dirty = dirty.iter().any(|d| d.start < r.end && d.end > r.start);
+            let want = if in_dirty {
+                fresh[i]
+            } else {
+                prev.get(i).unwrap()
+            };
+            assert_eq!(*got, want, "block {i} (dirty: {in_dirty})");
+        }
+    }
+
     fn blocks_of(c: &Computed) -> Vec<Option<ChunkId>> {
         c.blocks.iter().collect()
     }
@@ -1626,16 +1646,7 @@ mod compute_tests {
         let got = blocks_of(&c);
         let n = size.div_ceil(BS as u64) as usize;
         assert_eq!(got.len(), n);
-        for i in 0..n {
-            let r = i as u64 * BS as u64..((i + 1) * BS) as u64;
-            let in_dirty = dirty.iter().any(|d| d.start < r.end && d.end > r.start);
-            let want = if in_dirty {
-                fresh[i]
-            } else {
-                prev.get(i).unwrap()
-            };
-            assert_eq!(got[i], want, "block {i} (dirty: {in_dirty})");
-        }
+        check_changed_pass(&got, &dirty, &fresh, &prev);
         assert_ne!(got[9], fresh[9], "block 9 is the base's");
         assert_eq!(got[6], None);
         assert_eq!(c.stats.blocks, n as u64);
@@ -1718,16 +1729,11 @@ mod compute_tests {
         let got = blocks_of(&on_nbd);
         let n = size.div_ceil(BS as u64) as usize;
         assert_eq!(got.len(), n);
+        check_changed_pass(&got, &dirty, &fresh, &prev);
         let mut read = 0u64;
         for i in 0..n {
             let r = i as u64 * BS as u64..((i as u64 + 1) * BS as u64).min(size);
             let in_dirty = dirty.iter().any(|d| d.start < r.end && d.end > r.start);
-            let want = if in_dirty {
-                fresh[i]
-            } else {
-                prev.get(i).unwrap()
-            };
-            assert_eq!(got[i], want, "block {i} (dirty: {in_dirty})");
             let holds_data = now
                 .iter()
                 .any(|(at, b)| *at < r.end && at + b.len() as u64 > r.start);

@@ -173,6 +173,21 @@ pub fn decode(id: &ChunkId, encoding: Encoding, stored: &[u8], raw_len: usize) -
     Ok(plain)
 }
 
+/// Pseudo-random bytes (xorshift), `len` of them from `seed`: data that does not compress,
+/// for tests.
+#[cfg(test)]
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,24 +287,13 @@ mod tests {
         // A block whose bytes are evenly spread (so the histogram calls it random) but which
         // repeats every 3,000 bytes, like a table or machine code, goes through zstd; truly
         // random bytes are stored raw.
-        let mut x: u64 = 0x2545f4914f6cdd1d;
-        let mut bytes = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
-        let unit = bytes(3000);
+        let unit = pseudo_random(3000, 1);
         let repeating: Vec<u8> = unit.iter().copied().cycle().take(65536).collect();
         assert!(looks_incompressible(&repeating));
         let (enc, out) = encode(&repeating).unwrap();
         assert_eq!(enc, Encoding::Zstd);
         assert!(out.len() < repeating.len() / 4, "{}", out.len());
-        let random = bytes(65536);
+        let random = pseudo_random(65536, 2);
         assert_eq!(encode(&random).unwrap().0, Encoding::Raw);
     }
 

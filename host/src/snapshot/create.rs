@@ -1376,18 +1376,7 @@ mod compute_tests {
 
     const BS: usize = 4096;
 
-    /// Pseudo-random, incompressible enough bytes of `len` from `seed`.
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::chunk::pseudo_random as bytes;
 
     /// A sparse image of `size` bytes with `writes` (offset, bytes) written into it.
     fn image(dir: &std::path::Path, name: &str, size: u64, writes: &[(u64, Vec<u8>)]) -> Source {

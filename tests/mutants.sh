@@ -5,12 +5,14 @@
 # gap in the tests, or an equivalent change to explain. Not part of ./test.sh: every mutant is
 # a rebuild, hours in all on 2 cores.
 #
-#   tests/mutants.sh [--unit-only | --resume] [--re REGEX] [FILE...]
+#   tests/mutants.sh [--unit-only | --resume] [--re REGEX] [--exclude-re REGEX] [FILE...]
 #
 # FILE...  the files to mutate (default: every invariant module below), one run per file.
 # --re     only the mutants whose name matches REGEX (cargo-mutants' --re), for example the
 #          functions of one step: --re 'verify_frames|Receive<.*>::store'. The default runs of
 #          some files have one (FOCUS below).
+# --exclude-re  leave out the mutants whose name matches REGEX, for example the rest of a
+#          file after its focus: --exclude-re "$(the FOCUS regex)".
 #
 # Two passes per file, in target/mutants/<file>/:
 #  1. every mutant against the host's unit and property tests (cargo test -p holdfast --lib),
@@ -29,12 +31,13 @@ cd "$(dirname "$0")/.."
 root=$PWD
 command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked --version 27.1.0
 
-unit_only=0 resume=0 re=
+unit_only=0 resume=0 re= exclude_re=
 while [ $# -gt 0 ]; do
   case "$1" in
     --unit-only) unit_only=1; shift ;;
     --resume) resume=1; shift ;;
     --re) re=${2:?--re needs a regular expression}; shift 2 ;;
+    --exclude-re) exclude_re=${2:?--exclude-re needs a regular expression}; shift 2 ;;
     -*) echo "unknown option $1 (see the top of $0)" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -142,8 +145,10 @@ for f in "${files[@]}"; do
   if [ "$resume" = 0 ] || [ ! -d "$out/unit.out" ]; then
     echo "== $f: unit tests" >&2
     focus=${re:-${FOCUS[$f]:-}}
+    # (With --exclude-re, no default focus: the run is what the exclusion leaves.)
+    [ -n "$exclude_re" ] && [ -z "$re" ] && focus=
     cargo mutants --package holdfast --test-package holdfast --output "$out" --file "$f" \
-      ${focus:+--re "$focus"} -- --lib || true
+      ${focus:+--re "$focus"} ${exclude_re:+--exclude-re "$exclude_re"} -- --lib || true
     rm -rf "$out/unit.out" && mv "$out/mutants.out" "$out/unit.out"
   fi
   [ "$unit_only" = 1 ] && continue

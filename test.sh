@@ -8,8 +8,9 @@
 # server, moto, installed from PyPI into target/moto-venv), and real NBD servers and QEMU tools
 # (qemu-nbd, qemu-img, qemu-io, qemu-storage-daemon, nbdkit, nbdinfo, nbdcopy, and openssl
 # for the TLS test's certificates; binutils and man-db for the test that builds, installs and
-# purges the Debian package; restic for the backup application example: Debian packages,
-# installed with apt-get when missing). The policies in Python and JavaScript are built with
+# purges the Debian package; restic for the backup application example; headless Chromium and
+# chromedriver for the web page's browser test: Debian packages, installed with apt-get when
+# missing). The policies in Python and JavaScript are built with
 # tools from PyPI and npm (plugins/build-py-js.sh; Node.js itself comes from PyPI when the
 # machine has no node 20 or newer).
 set -euo pipefail
@@ -28,12 +29,13 @@ if ! target/moto-venv/bin/python -c 'import moto, boto3' 2>/dev/null \
   cp tests/s3/requirements.txt target/moto-venv/requirements.txt
 fi
 
-echo "== QEMU and NBD tools, restic, fincore (Debian packages)" >&2
+echo "== QEMU and NBD tools, restic, fincore, Chromium (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
   qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
   nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk strip:binutils objdump:binutils \
-  man:man-db restic:restic fincore:util-linux-extra; do
+  man:man-db restic:restic fincore:util-linux-extra chromium:chromium \
+  chromedriver:chromium-driver; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -27,6 +27,21 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 /// One entry, [`GC_KEY`]: what deletions left for gc (see [`GcState`]).
 const GC: TableDefinition<&str, &[u8]> = TableDefinition::new("gc");
 const GC_KEY: &str = "state";
+/// The last [`PRUNED_KEPT`] deletions of each volume's snapshots, for the web page's timeline.
+/// Key: `volume/deleted-unix-ms (20 digits)/snapshot-id`, so a volume's deletions list in order.
+const PRUNED: TableDefinition<&str, &[u8]> = TableDefinition::new("pruned");
+/// Deletions remembered per volume.
+pub const PRUNED_KEPT: usize = 1000;
+
+/// A deleted snapshot, as the deletion log remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Pruned {
+    pub id: SnapshotId,
+    pub name: SnapshotName,
+    pub created_unix_ms: u64,
+    pub deleted_unix_ms: u64,
+}
 
 /// What deletions have left for gc since it last ran, whatever deleted (retention, a mirror
 /// applying its upstream's deletions, `snapshot delete`), and how the last gc went.
@@ -262,6 +277,7 @@ impl Catalog {
             if present(tx.open_table(VOLUMES).map(drop))?
                 && present(tx.open_table(SNAPSHOTS).map(drop))?
                 && present(tx.open_table(GC).map(drop))?
+                && present(tx.open_table(PRUNED).map(drop))?
             {
                 return Ok(());
             }
@@ -270,6 +286,7 @@ impl Catalog {
         tx.open_table(VOLUMES)?;
         tx.open_table(SNAPSHOTS)?;
         tx.open_table(GC)?;
+        tx.open_table(PRUNED)?;
         tx.commit()?;
         Ok(())
     }
@@ -379,7 +396,17 @@ impl Catalog {
                     "no volume named {name:?} on this node"
                 )));
             };
-            decode::<VolumeRecord>(v.value(), name.as_str())?
+            let rec = decode::<VolumeRecord>(v.value(), name.as_str())?;
+            // A volume added again under this name starts with no deletions of its own.
+            let mut pruned = tx.open_table(PRUNED)?;
+            let keys: Vec<String> = pruned
+                .range(lo.as_str()..hi.as_str())?
+                .map(|e| e.map(|(k, _)| k.value().to_string()))
+                .collect::<std::result::Result<_, _>>()?;
+            for k in &keys {
+                pruned.remove(k.as_str())?;
+            }
+            rec
         };
         tx.commit()?;
         Ok(rec)
@@ -593,10 +620,24 @@ impl Catalog {
             state.dead_bytes_estimate += rec.stats.new_stored_bytes;
             state.since_unix_ms.get_or_insert_with(crate::now_unix_ms);
             gc.insert(GC_KEY, encode(&state)?.as_slice())?;
+            log_pruned(&tx, &rec)?;
             rec
         };
         tx.commit()?;
         Ok(rec)
+    }
+
+    /// The volume's remembered deletions, oldest first (the last [`PRUNED_KEPT`]).
+    pub fn pruned(&self, volume: &VolumeName) -> Result<Vec<Pruned>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRUNED)?;
+        let (lo, hi) = volume_range(volume);
+        let mut out = Vec::new();
+        for entry in t.range(lo.as_str()..hi.as_str())? {
+            let (k, v) = entry?;
+            out.push(decode(v.value(), k.value())?);
+        }
+        Ok(out)
     }
 
     /// What deletions have left for gc, and the last gc.
@@ -702,6 +743,30 @@ pub(crate) fn snapshot_exists(
 }
 
 /// Resolution of a reference within one volume's snapshots (oldest first).
+/// Remembers a deletion in the deletion log, forgetting the volume's oldest beyond
+/// [`PRUNED_KEPT`] (in the deletion's own transaction).
+fn log_pruned(tx: &redb::WriteTransaction, rec: &SnapshotRecord) -> Result<()> {
+    let now = crate::now_unix_ms();
+    let entry = Pruned {
+        id: rec.id,
+        name: rec.name.clone(),
+        created_unix_ms: rec.created_unix_ms,
+        deleted_unix_ms: now,
+    };
+    let mut t = tx.open_table(PRUNED)?;
+    let key = format!("{}/{now:020}/{}", rec.volume, rec.id);
+    t.insert(key.as_str(), encode(&entry)?.as_slice())?;
+    let (lo, hi) = volume_range(&rec.volume);
+    let keys: Vec<String> = t
+        .range(lo.as_str()..hi.as_str())?
+        .map(|e| e.map(|(k, _)| k.value().to_string()))
+        .collect::<std::result::Result<_, _>>()?;
+    for old in keys.iter().take(keys.len().saturating_sub(PRUNED_KEPT)) {
+        t.remove(old.as_str())?;
+    }
+    Ok(())
+}
+
 pub fn resolve_in(snaps: &[SnapshotRecord], r: &SnapshotRef) -> Result<SnapshotRecord> {
     let want = r.snapshot.as_str();
     if let Some(s) = snaps.iter().find(|s| s.name.as_str() == want) {
@@ -763,6 +828,35 @@ pub(crate) mod tests {
             stats: Default::default(),
             regions: Default::default(),
         }
+    }
+
+    #[test]
+    fn deletions_are_remembered_per_volume_the_newest_few_and_go_with_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(&dir);
+        for v in ["vm", "other"] {
+            c.add_volume(&VolumeRecord::image(v.parse().unwrap(), "/x".into(), 4096))
+                .unwrap();
+        }
+        let vm: VolumeName = "vm".parse().unwrap();
+        let n = PRUNED_KEPT as u64 + 3;
+        let snaps: Vec<SnapshotRecord> = (0..n).map(|i| snap("vm", i, 4096)).collect();
+        c.commit_snapshots(&snaps).unwrap();
+        c.commit_snapshot(&snap("other", 0, 4096)).unwrap();
+        for r in &snaps {
+            c.remove_snapshot(&vm, &r.id, |_, _| Ok(())).unwrap();
+        }
+        let pruned = c.pruned(&vm).unwrap();
+        assert_eq!(pruned.len(), PRUNED_KEPT, "the log is bounded");
+        // The oldest deletions went; the newest stay, in order.
+        assert_eq!(pruned[0].id, snaps[3].id);
+        assert_eq!(pruned.last().unwrap().id, snaps.last().unwrap().id);
+        assert_eq!(pruned[0].name, snaps[3].name);
+        assert_eq!(pruned[0].created_unix_ms, snaps[3].created_unix_ms);
+        assert!(c.pruned(&"other".parse().unwrap()).unwrap().is_empty());
+        // A volume removed and added again starts with no deletions of its own.
+        c.remove_volume(&vm).unwrap();
+        assert!(c.pruned(&vm).unwrap().is_empty());
     }
 
     #[test]

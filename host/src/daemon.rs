@@ -934,6 +934,7 @@ impl Reporter for Daemon {
                     "region": region,
                     "upstream": j.upstream,
                     "lag-ms": newest.map(|c| now.saturating_sub(c)),
+                    "newest-unix-ms": newest,
                     "job": j,
                 })
             })

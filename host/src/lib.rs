@@ -19,6 +19,8 @@
 //! - [`peer`]: the peer protocol (HTTP/2 over rustls): client, server, TLS, wire format.
 //! - [`mirror`]: one mirror update, pulled by the downstream, with lock sets sent before and after.
 //! - [`daemon`]: `holdfast daemon`: the listener, the scheduled jobs, status and metrics.
+//! - [`ui`]: the daemon's read-only web page (`/ui`) and its JSON API (`/api/v1/`), and the
+//!   cascade map ([`ui::cascade`]) drawn from jobs, lock paths and the upstreams' views.
 //! - [`target`]: mirror targets (a directory or an S3 bucket): push, pull, locks, prune, gc.
 //! - [`transfers`]: the log of every mirror update and push, whoever ran it, for `status`.
 //! - [`snapshot`]: manifests and the operations: create, restore, diff, delete, verify, gc.
@@ -52,6 +54,7 @@ pub mod state;
 pub mod target;
 mod telemetry;
 pub mod transfers;
+pub mod ui;
 pub mod volume;
 
 pub use error::{Error, Result};

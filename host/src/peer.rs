@@ -31,6 +31,8 @@ use crate::id::{ChunkId, NodeId, VolumeName};
 
 /// The header a peer names itself with.
 pub const PEER_HEADER: &str = "x-holdfast-peer";
+/// How many nodes below asked for a cascade view before this request (`/v1/cascade`).
+pub const HOPS_HEADER: &str = "x-holdfast-hops";
 /// The header that says whether a manifest answer is `full` or a `delta`.
 pub const MANIFEST_KIND_HEADER: &str = "x-holdfast-manifest";
 /// Most chunks one request may ask for.

@@ -380,6 +380,109 @@ except urllib.error.HTTPError as e:
     }
 }
 
+/// An answer of [`Peer::http`].
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// Header names in lower case, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+}
+
+impl Peer {
+    /// The admin token of the running daemon (from its `daemon.json`).
+    pub fn admin_token(&self) -> String {
+        let f = std::fs::read_to_string(self.node.state.join("daemon.json")).expect("daemon.json");
+        let v: Value = serde_json::from_str(&f).expect("daemon.json is JSON");
+        v["admin-token"].as_str().expect("admin-token").to_string()
+    }
+
+    /// An HTTPS request to this node's daemon with exactly `headers` (redirects are not
+    /// followed), with Python's standard library like [`Peer::request`].
+    pub fn http(
+        &self,
+        tls: &Tls,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let script = r#"
+import json, ssl, sys, urllib.request, urllib.error
+url, method, headers, cafile = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+body = sys.stdin.read()
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+ctx = ssl.create_default_context(cafile=cafile)
+opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+req = urllib.request.Request(url, method=method, data=body.encode() if body else None, headers=dict(headers))
+try:
+    r = opener.open(req, timeout=30)
+except urllib.error.HTTPError as e:
+    r = e
+print(json.dumps({"status": r.status if hasattr(r, "status") else r.code,
+    "headers": [[k.lower(), v] for k, v in r.headers.items()],
+    "body": r.read().decode(errors="replace")}))
+"#;
+        let hs: Vec<(&str, &str)> = headers.to_vec();
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(format!("{}{path}", self.url()))
+            .arg(method)
+            .arg(serde_json::to_string(&hs).expect("headers"))
+            .arg(&tls.cert)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().expect("stdin").write_all(body.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("python3");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "request {method} {path} failed ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        Answer {
+            status: v["status"].as_u64().expect("status") as u16,
+            headers: v["headers"]
+                .as_array()
+                .expect("headers")
+                .iter()
+                .map(|h| {
+                    (
+                        h[0].as_str().unwrap_or("").to_string(),
+                        h[1].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect(),
+            body: v["body"].as_str().unwrap_or("").to_string(),
+        }
+    }
+}
+
 impl Drop for Peer {
     fn drop(&mut self) {
         self.kill();

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
+pub mod browser;
 pub mod cascade;
 pub mod fake_nbd;
 pub mod fake_upstream;

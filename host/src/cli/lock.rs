@@ -545,32 +545,13 @@ async fn explain(
     let pos = snaps.iter().position(|s| s.id == rec.id).unwrap_or(0);
     let prev = pos.checked_sub(1).map(|i| &snaps[i]);
     let next = snaps.get(pos + 1);
-    let m = snapshot::load_manifest(&node.repo, rec).await?;
-    let mut shared = std::collections::HashSet::new();
-    for n in [prev, next].into_iter().flatten() {
-        shared.extend(
-            snapshot::load_manifest(&node.repo, n)
-                .await?
-                .blocks
-                .ids()
-                .iter()
-                .copied(),
-        );
-    }
-    let mut counted = std::collections::HashSet::new();
-    let (mut blocks, mut bytes) = (0u64, 0u64);
-    for (i, id) in m.blocks.data() {
-        if !shared.contains(&id) && counted.insert(id) {
-            blocks += 1;
-            bytes += m.block_len(i as u64) as u64;
-        }
-    }
+    let size = snapshot::exclusive_size(&node.repo, &snaps, pos).await?;
     Ok(Explanation {
         snapshot: rec.display_ref(),
         locks,
         break_costs,
-        unique_blocks: blocks,
-        unique_bytes: bytes,
+        unique_blocks: size.blocks,
+        unique_bytes: size.bytes,
         previous: prev.map(|s| s.display_ref()),
         next: next.map(|s| s.display_ref()),
     })

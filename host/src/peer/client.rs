@@ -406,6 +406,20 @@ impl PeerClient {
         unreachable!("the loop returns")
     }
 
+    /// The upstream's view of the cascade above it (`/v1/cascade`), for the web page's map:
+    /// `hops` is how many nodes below asked already (the upstream stops asking further up at
+    /// [`crate::softlock::MAX_LOCK_PATH`]). Bounded in size and time; the caller checks it.
+    pub async fn cascade(&self, hops: usize) -> Result<crate::ui::cascade::CascadeView> {
+        self.json(
+            self.request(Method::GET, "v1/cascade")
+                .header(super::HOPS_HEADER, hops.to_string())
+                .timeout(Duration::from_secs(10)),
+            crate::ui::cascade::VIEW_LIMIT,
+            "cascade view",
+        )
+        .await
+    }
+
     pub async fn status(&self) -> Result<serde_json::Value> {
         self.json(
             self.request(Method::GET, "v1/status"),

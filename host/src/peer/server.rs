@@ -77,7 +77,7 @@ const LOCK_SET_BURST: f64 = 20.0;
 
 /// A downstream as this node knows it.
 #[derive(Debug)]
-struct Peer {
+pub(crate) struct Peer {
     name: NodeId,
     token: String,
     volumes: HashSet<VolumeName>,
@@ -244,7 +244,19 @@ pub struct ServerState {
     /// The last `/metrics` text and when it was made: a scraper (or a flood) costs one
     /// catalog read a second at most.
     metrics_cache: Mutex<Option<(Instant, String)>>,
+    /// The web page's sessions and caches.
+    pub(crate) ui: crate::ui::UiState,
+    /// Clients for this node's upstreams (or why one could not be made), for the cascade map.
+    upstreams: RwLock<Arc<UpstreamClients>>,
+    /// Whether the listener speaks TLS (the session cookie is then `Secure`).
+    tls: bool,
 }
+
+/// Each upstream of the configuration, with a client for it or why there is none.
+pub(crate) type UpstreamClients = Vec<(
+    NodeId,
+    std::result::Result<super::client::PeerClient, String>,
+)>;
 
 /// How long a `/metrics` text is served again before it is made anew.
 const METRICS_CACHE: Duration = Duration::from_secs(1);
@@ -284,7 +296,14 @@ impl ServerState {
     ) -> Result<Self> {
         let (peers, settings) = Self::peers_of(cfg, &HashMap::new())?;
         Self::write_settings(&node, &settings)?;
+        let upstreams = Self::upstream_clients_of(cfg, &node.info.node_id);
         Ok(ServerState {
+            ui: crate::ui::UiState::default(),
+            upstreams: RwLock::new(Arc::new(upstreams)),
+            tls: cfg
+                .listen
+                .as_ref()
+                .is_some_and(|l| !l.plaintext && l.tls_cert.is_some()),
             node,
             peers: RwLock::new(Arc::new(peers)),
             admin_token,
@@ -351,6 +370,41 @@ impl ServerState {
         Ok((peers, settings))
     }
 
+    fn upstream_clients_of(cfg: &NodeConfig, me: &NodeId) -> UpstreamClients {
+        cfg.upstream
+            .iter()
+            .map(|u| {
+                let c = super::client::PeerClient::new(cfg, me, u).map_err(|e| e.to_string());
+                (u.name.clone(), c)
+            })
+            .collect()
+    }
+
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub(crate) fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    pub(crate) fn reporter(&self) -> &dyn Reporter {
+        self.reporter.as_ref()
+    }
+
+    pub(crate) fn tls(&self) -> bool {
+        self.tls
+    }
+
+    pub(crate) fn upstream_clients(&self) -> Arc<UpstreamClients> {
+        self.upstreams.read().expect("not poisoned").clone()
+    }
+
+    /// Whether `peer` may learn of `volume` (it is granted the volume or a region of it).
+    pub(crate) fn peer_may_see(&self, peer: &Peer, volume: &VolumeName) -> bool {
+        peer.volumes.contains(volume) || peer.regions.contains_key(volume)
+    }
+
     fn write_settings(node: &Node, settings: &[(HolderId, HolderSettings)]) -> Result<()> {
         for (holder, s) in settings {
             node.catalog.locks().set_settings(holder, s)?;
@@ -368,10 +422,12 @@ impl ServerState {
         Self::write_settings(&self.node, &settings)?;
         *self.peers.write().expect("not poisoned") = Arc::new(peers);
         *self.metrics_token.write().expect("not poisoned") = metrics_token;
+        *self.upstreams.write().expect("not poisoned") =
+            Arc::new(Self::upstream_clients_of(cfg, &self.node.info.node_id));
         Ok(())
     }
 
-    fn bearer(headers: &HeaderMap) -> &str {
+    pub(crate) fn bearer(headers: &HeaderMap) -> &str {
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -414,7 +470,7 @@ impl ServerState {
     }
 
     /// The peer a request was authenticated as.
-    fn authed(&self, who: &Authed) -> Result<Arc<Peer>> {
+    pub(crate) fn authed(&self, who: &Authed) -> Result<Arc<Peer>> {
         self.peers
             .read()
             .expect("not poisoned")
@@ -671,7 +727,7 @@ impl ServerState {
 /// The peer a request was authenticated as (put there by [`authenticate`]), and its request
 /// slot, which the request's work and answer hold until they are done.
 #[derive(Clone, Debug)]
-struct Authed(NodeId, Arc<tokio::sync::OwnedSemaphorePermit>);
+pub(crate) struct Authed(NodeId, Arc<tokio::sync::OwnedSemaphorePermit>);
 
 /// Authenticates a peer request from its headers alone, before any of its body is read (an
 /// unauthenticated body is never buffered), then holds one of the peer's request slots while
@@ -706,7 +762,7 @@ async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Respons
 }
 
 /// An error as an HTTP response.
-struct ApiError(Error);
+pub(crate) struct ApiError(Error);
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
@@ -725,7 +781,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Api<T> = std::result::Result<T, ApiError>;
+pub(crate) type Api<T> = std::result::Result<T, ApiError>;
 type Shared = State<Arc<ServerState>>;
 
 async fn list_snapshots(
@@ -1279,6 +1335,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
             "/v1/volumes/{volume}/locks",
             put(put_locks).layer(DefaultBodyLimit::max(LOCK_SET_LIMIT)),
         )
+        .route("/v1/cascade", get(crate::ui::api::cascade_for_peer))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -1287,6 +1344,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .merge(peer_routes)
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::router(state.clone()))
         .layer(DefaultBodyLimit::max(OTHER_BODY_LIMIT))
         .with_state(state)
 }

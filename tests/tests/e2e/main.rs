@@ -17,3 +17,4 @@ mod soak;
 mod sparse;
 mod target_gc;
 mod targets;
+mod ui;

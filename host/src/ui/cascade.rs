@@ -1,0 +1,386 @@
+//! The cascade around a node, as the web page's map draws it: every mirror relation (an edge
+//! from an upstream to a downstream for one volume) this node can learn of, with how far
+//! behind the downstream is and how its transfers go.
+//!
+//! Three sources, each trusted only for what it can know:
+//! - this node's own mirror jobs: the edges into this node, with their job's state;
+//! - the lock sets its downstreams sent: every lock names the nodes it came through
+//!   (`C -> B`), so each path is a chain of edges below this node, and the newest snapshot a
+//!   downstream locks tells how far behind it is;
+//! - its upstreams' views (`/v1/cascade`, asked with the tokens this node already has for
+//!   them): the edges above it, as each upstream sees them, recursively up to
+//!   [`MAX_LOCK_PATH`] nodes. An upstream answers only for the volumes it serves the asker.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{NodeId, VolumeName};
+use crate::softlock::MAX_LOCK_PATH;
+
+/// Most bytes of an upstream's cascade view.
+pub const VIEW_LIMIT: usize = 4 << 20;
+/// Most edges a view may hold (a cascade of a hundred nodes with a hundred volumes is far
+/// below).
+pub const MAX_EDGES: usize = 20_000;
+/// Longest error message kept from a job or a peer.
+const MAX_MESSAGE: usize = 512;
+
+/// How an edge's transfers go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EdgeState {
+    /// The last transfer succeeded (or, seen through locks, the downstream's locks are fresh).
+    Ok,
+    /// A transfer is running now.
+    Running,
+    /// The last transfer failed.
+    Failing,
+    /// The downstream's locks outlived their lease: it has not been heard of for too long.
+    Stale,
+    /// No transfer has run yet.
+    Unknown,
+}
+
+/// One mirror relation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Edge {
+    pub volume: VolumeName,
+    pub upstream: NodeId,
+    pub downstream: NodeId,
+    /// How old the newest snapshot the downstream has is (the age of its copy).
+    pub lag_ms: Option<u64>,
+    /// When the downstream's newest snapshot was taken on the volume's origin.
+    pub newest_unix_ms: Option<u64>,
+    /// When the last transfer ended (known to the downstream only).
+    #[serde(default)]
+    pub last_transfer_unix_ms: Option<u64>,
+    pub state: EdgeState,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The node that told: the downstream itself (its job) or a node above it (its locks).
+    pub reported_by: NodeId,
+}
+
+/// What `/v1/cascade` answers: the edges above the answering node. Fields a newer node adds
+/// are ignored (the view is only shown, and nodes of different versions share a cascade).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CascadeView {
+    pub node: Option<NodeId>,
+    pub edges: Vec<Edge>,
+    /// Upstreams that could not be asked, and why.
+    #[serde(default)]
+    pub unreachable: Vec<Unreachable>,
+}
+
+/// An upstream that did not answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Unreachable {
+    pub node: NodeId,
+    pub asked_by: NodeId,
+    pub error: String,
+}
+
+/// Cuts a message to [`MAX_MESSAGE`] bytes (at a character boundary).
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s.to_string();
+    }
+    let mut end = MAX_MESSAGE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl CascadeView {
+    /// Checks a view an upstream sent: bounded, and about the node that sent it.
+    pub fn checked(mut self, from: &NodeId) -> Result<Self> {
+        if self.edges.len() > MAX_EDGES || self.unreachable.len() > MAX_EDGES {
+            return Err(Error::denied(format!(
+                "upstream {from} sent a cascade view of {} edges; at most {MAX_EDGES} are \
+                 accepted",
+                self.edges.len()
+            )));
+        }
+        if self.node.as_ref() != Some(from) {
+            return Err(Error::denied(format!(
+                "upstream {from} sent the cascade view of {:?}",
+                self.node.as_ref().map(|n| n.as_str())
+            )));
+        }
+        for e in &mut self.edges {
+            e.error = e.error.as_deref().map(bounded);
+        }
+        for u in &mut self.unreachable {
+            u.error = bounded(&u.error);
+        }
+        Ok(self)
+    }
+}
+
+/// A relation of this node's own (it is the downstream), from its mirror job's status.
+pub struct OwnRelation {
+    pub volume: VolumeName,
+    pub upstream: NodeId,
+    pub newest_unix_ms: Option<u64>,
+    pub running: bool,
+    pub last_ok: Option<bool>,
+    pub last_error: Option<String>,
+    pub last_finished_unix_ms: Option<u64>,
+}
+
+impl OwnRelation {
+    pub fn edge(&self, me: &NodeId, now: u64) -> Edge {
+        let state = match (self.running, self.last_ok) {
+            (true, _) => EdgeState::Running,
+            (false, Some(true)) => EdgeState::Ok,
+            (false, Some(false)) => EdgeState::Failing,
+            (false, None) => EdgeState::Unknown,
+        };
+        Edge {
+            volume: self.volume.clone(),
+            upstream: self.upstream.clone(),
+            downstream: me.clone(),
+            lag_ms: self.newest_unix_ms.map(|c| now.saturating_sub(c)),
+            newest_unix_ms: self.newest_unix_ms,
+            last_transfer_unix_ms: self.last_finished_unix_ms,
+            state,
+            error: if self.last_ok == Some(false) {
+                self.last_error.as_deref().map(bounded)
+            } else {
+                None
+            },
+            reported_by: me.clone(),
+        }
+    }
+}
+
+/// The edges below this node that its downstreams' locks reveal. `locks`: each lock's path
+/// (the node it started on first, the downstream it came from last), the creation time of the
+/// snapshot it pins, and whether its lease ran out.
+pub fn edges_below<'a>(
+    me: &NodeId,
+    volume: &VolumeName,
+    locks: impl IntoIterator<Item = (&'a [NodeId], Option<u64>, bool)>,
+    now: u64,
+) -> Vec<Edge> {
+    // (upstream, downstream) -> (newest pinned snapshot, any stale lock)
+    let mut seen: BTreeMap<(NodeId, NodeId), (Option<u64>, bool)> = BTreeMap::new();
+    for (path, created, stale) in locks {
+        if path.is_empty() || path.len() > MAX_LOCK_PATH {
+            continue;
+        }
+        // path[i]'s upstream is path[i + 1], and the last one's is this node.
+        for (i, down) in path.iter().enumerate() {
+            let up = path.get(i + 1).unwrap_or(me);
+            if up == down {
+                continue;
+            }
+            let e = seen.entry((up.clone(), down.clone())).or_default();
+            // The locks that started on `down` or below it say what it holds; a stale lock
+            // says that the node it started on has not renewed it.
+            e.0 = e.0.max(created);
+            e.1 |= stale && i == 0;
+        }
+    }
+    seen.into_iter()
+        .map(|((up, down), (newest, stale))| Edge {
+            volume: volume.clone(),
+            upstream: up,
+            downstream: down,
+            lag_ms: newest.map(|c| now.saturating_sub(c)),
+            newest_unix_ms: newest,
+            last_transfer_unix_ms: None,
+            state: if stale {
+                EdgeState::Stale
+            } else {
+                EdgeState::Ok
+            },
+            error: stale.then(|| {
+                "its locks here outlived their lease: not heard of since (offline, or cut off)"
+                    .to_string()
+            }),
+            reported_by: me.clone(),
+        })
+        .collect()
+}
+
+/// The map: every node and edge known, each edge once (the report nearest to the edge wins:
+/// the downstream's own job over what others tell).
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CascadeMap {
+    pub node: Option<NodeId>,
+    pub nodes: Vec<MapNode>,
+    pub edges: Vec<Edge>,
+    pub unreachable: Vec<Unreachable>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MapNode {
+    pub name: NodeId,
+    /// Hops from the roots (nodes no edge leads into): the map's column.
+    pub depth: usize,
+    pub this: bool,
+}
+
+pub fn map(me: &NodeId, edges: Vec<Edge>, unreachable: Vec<Unreachable>) -> CascadeMap {
+    let mut best: HashMap<(VolumeName, NodeId, NodeId), Edge> = HashMap::new();
+    for e in edges {
+        let key = (e.volume.clone(), e.upstream.clone(), e.downstream.clone());
+        let own = |e: &Edge| e.reported_by == e.downstream;
+        match best.get(&key) {
+            Some(old) if own(old) || !own(&e) => {}
+            _ => {
+                best.insert(key, e);
+            }
+        }
+    }
+    let mut edges: Vec<Edge> = best.into_values().collect();
+    edges.sort_by(|a, b| {
+        (&a.volume, &a.upstream, &a.downstream).cmp(&(&b.volume, &b.upstream, &b.downstream))
+    });
+    let mut names: BTreeSet<NodeId> = edges
+        .iter()
+        .flat_map(|e| [e.upstream.clone(), e.downstream.clone()])
+        .collect();
+    names.insert(me.clone());
+    // Depth: the longest chain of edges above a node (bounded, so a cycle cannot loop).
+    let mut depth: BTreeMap<&NodeId, usize> = names.iter().map(|n| (n, 0)).collect();
+    for _ in 0..names.len().min(MAX_LOCK_PATH * 4) {
+        let mut changed = false;
+        for e in &edges {
+            let d = depth[&e.upstream] + 1;
+            if d > depth[&e.downstream] && d <= MAX_LOCK_PATH * 4 {
+                depth.insert(&e.downstream, d);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let nodes = names
+        .iter()
+        .map(|n| MapNode {
+            name: n.clone(),
+            depth: depth[n],
+            this: n == me,
+        })
+        .collect();
+    CascadeMap {
+        node: Some(me.clone()),
+        nodes,
+        edges,
+        unreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lock_paths_become_the_chain_of_edges_below() {
+        let (a, b, c) = (n("a"), n("b"), n("c"));
+        let vol: VolumeName = "vm".parse().unwrap();
+        let own = [b.clone()];
+        let through = [c.clone(), b.clone()];
+        let edges = edges_below(
+            &a,
+            &vol,
+            [
+                (&own[..], Some(900), false),
+                (&through[..], Some(500), false),
+                (&through[..], Some(400), true),
+            ],
+            1000,
+        );
+        let got: Vec<(&str, &str, Option<u64>, EdgeState)> = edges
+            .iter()
+            .map(|e| {
+                (
+                    e.upstream.as_str(),
+                    e.downstream.as_str(),
+                    e.lag_ms,
+                    e.state,
+                )
+            })
+            .collect();
+        // b's own lock and c's (through b) both say what b holds; only c's say what c holds,
+        // and c's stale lock says c is not heard of, not b.
+        assert_eq!(
+            got,
+            vec![
+                ("a", "b", Some(100), EdgeState::Ok),
+                ("b", "c", Some(500), EdgeState::Stale),
+            ]
+        );
+        let fresh = edges_below(&a, &vol, [(&through[..], Some(500), false)], 1000);
+        assert!(fresh.iter().all(|e| e.state == EdgeState::Ok));
+    }
+
+    #[test]
+    fn the_downstreams_own_report_wins_and_depths_follow_the_edges() {
+        let (a, b, c) = (n("a"), n("b"), n("c"));
+        let vol: VolumeName = "vm".parse().unwrap();
+        let edge = |up: &NodeId, down: &NodeId, by: &NodeId, lag| Edge {
+            volume: vol.clone(),
+            upstream: up.clone(),
+            downstream: down.clone(),
+            lag_ms: Some(lag),
+            newest_unix_ms: None,
+            last_transfer_unix_ms: None,
+            state: EdgeState::Ok,
+            error: None,
+            reported_by: by.clone(),
+        };
+        let m = map(
+            &c,
+            vec![
+                edge(&a, &b, &a, 1),
+                edge(&a, &b, &b, 2),
+                edge(&a, &b, &c, 3),
+                edge(&b, &c, &c, 4),
+            ],
+            vec![],
+        );
+        let lags: Vec<u64> = m.edges.iter().map(|e| e.lag_ms.unwrap()).collect();
+        assert_eq!(lags, vec![2, 4]);
+        let depths: Vec<(&str, usize, bool)> = m
+            .nodes
+            .iter()
+            .map(|x| (x.name.as_str(), x.depth, x.this))
+            .collect();
+        assert_eq!(
+            depths,
+            vec![("a", 0, false), ("b", 1, false), ("c", 2, true)]
+        );
+        // A cycle (a misconfiguration) ends.
+        let m = map(&a, vec![edge(&a, &b, &b, 1), edge(&b, &a, &a, 1)], vec![]);
+        assert_eq!(m.nodes.len(), 2);
+    }
+
+    #[test]
+    fn a_view_from_an_upstream_is_bounded_and_about_that_upstream() {
+        let v = CascadeView {
+            node: Some(n("b")),
+            edges: vec![],
+            unreachable: vec![],
+        };
+        assert!(v.clone().checked(&n("b")).is_ok());
+        assert!(v.clone().checked(&n("x")).is_err());
+        let long = "é".repeat(1000);
+        assert!(bounded(&long).len() <= MAX_MESSAGE + "…".len());
+    }
+}

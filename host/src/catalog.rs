@@ -414,8 +414,17 @@ impl Catalog {
 
     /// The volume's snapshots, oldest first.
     pub fn snapshots(&self, volume: &VolumeName) -> Result<Vec<SnapshotRecord>> {
+        self.of_volume(SNAPSHOTS, volume)
+    }
+
+    /// A table's entries of one volume (keys `volume/...`), in key order.
+    fn of_volume<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        volume: &VolumeName,
+    ) -> Result<Vec<T>> {
         let tx = self.db.begin_read()?;
-        let t = tx.open_table(SNAPSHOTS)?;
+        let t = tx.open_table(table)?;
         let (lo, hi) = volume_range(volume);
         let mut out = Vec::new();
         for entry in t.range(lo.as_str()..hi.as_str())? {
@@ -629,15 +638,7 @@ impl Catalog {
 
     /// The volume's remembered deletions, oldest first (the last [`PRUNED_KEPT`]).
     pub fn pruned(&self, volume: &VolumeName) -> Result<Vec<Pruned>> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(PRUNED)?;
-        let (lo, hi) = volume_range(volume);
-        let mut out = Vec::new();
-        for entry in t.range(lo.as_str()..hi.as_str())? {
-            let (k, v) = entry?;
-            out.push(decode(v.value(), k.value())?);
-        }
-        Ok(out)
+        self.of_volume(PRUNED, volume)
     }
 
     /// What deletions have left for gc, and the last gc.

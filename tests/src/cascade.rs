@@ -325,8 +325,8 @@ impl Peer {
             .collect()
     }
 
-    /// An HTTPS request to this node's daemon with Python's standard library (present on
-    /// every machine of this kind): returns (status, body).
+    /// A peer's request to this node's daemon (as [`Peer::http`] makes it, with the peer's
+    /// name and token): returns (status, body).
     pub fn request(
         &self,
         tls: &Tls,
@@ -336,47 +336,37 @@ impl Peer {
         token: &str,
         body: &str,
     ) -> (u16, String) {
-        let script = r#"
-import ssl, sys, urllib.request, urllib.error
-url, method, peer, token, cafile = sys.argv[1:6]
-body = sys.stdin.read()
-ctx = ssl.create_default_context(cafile=cafile)
-req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
-    headers={"Authorization": "Bearer " + token, "X-Holdfast-Peer": peer, "Content-Type": "application/json"})
-try:
-    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
-        print(r.status); sys.stdout.write(r.read().decode(errors="replace"))
-except urllib.error.HTTPError as e:
-    print(e.code); sys.stdout.write(e.read().decode(errors="replace"))
-"#;
-        let out = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(format!("{}{path}", self.url()))
-            .arg(method)
-            .arg(peer)
-            .arg(token)
-            .arg(&tls.cert)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                // The body goes through stdin: it can be larger than an argument may be.
-                c.stdin.take().expect("stdin").write_all(body.as_bytes())?;
-                c.wait_with_output()
-            })
-            .expect("python3");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
-        let status = status.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "request failed: {text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (status, body.to_string())
+        let bearer = format!("Bearer {token}");
+        let a = self.http(
+            tls,
+            method,
+            path,
+            &[
+                ("Authorization", &bearer),
+                ("X-Holdfast-Peer", peer),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        );
+        (a.status, a.body)
+    }
+}
+
+/// Configures a chain of nodes over `volume`: each pulls it from the one before it and serves
+/// it to the one after (A -> B -> C for three).
+pub fn chain(tls: &Tls, nodes: &[&Peer], volume: &str) {
+    for (i, n) in nodes.iter().enumerate() {
+        n.configure(
+            tls,
+            Relations {
+                upstream: i.checked_sub(1).map(|u| (nodes[u], volume)),
+                downstreams: nodes
+                    .get(i + 1)
+                    .map(|d| vec![(*d, vec![volume], "")])
+                    .unwrap_or_default(),
+                ..Default::default()
+            },
+        );
     }
 }
 
@@ -413,7 +403,8 @@ impl Peer {
     }
 
     /// An HTTPS request to this node's daemon with exactly `headers` (redirects are not
-    /// followed), with Python's standard library like [`Peer::request`].
+    /// followed), made with Python's standard library (present on every machine of this
+    /// kind); the body goes through stdin (it can be larger than an argument may be).
     pub fn http(
         &self,
         tls: &Tls,

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::cascade::{self, Peer, Relations, Tls};
 use holdfast_tests::fake_upstream::{FakeUpstream, Handler, endless, json};
 use holdfast_tests::{TestNode, mixed_bytes};
 use serde_json::{Value, json};
@@ -1346,28 +1346,7 @@ fn chain() -> (Tls, Peer, Peer, Peer) {
     let img = a.node.image("vm1.img", &mixed_bytes(1 << 20, 9));
     a.node.add_volume("vm1", &img, "64KiB");
     a.node.snapshot("vm1", "s1");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
+    cascade::chain(&tls, &[&a, &b, &c], "vm1");
     a.start();
     b.start();
     (tls, a, b, c)

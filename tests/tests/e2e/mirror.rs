@@ -4,7 +4,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::cascade::{Peer, Relations, Tls, chain};
 use holdfast_tests::{mixed_bytes, pack_files};
 use serde_json::Value;
 
@@ -46,28 +46,7 @@ fn cascade_baseline_then_increments() {
     let (mut a, img) = source("a", 4 * MIB);
     let mut b = Peer::new("b");
     let c = Peer::new("c");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
+    chain(&tls, &[&a, &b, &c], "vm1");
     a.start();
     b.start();
 
@@ -187,28 +166,7 @@ fn offline_downstream_keeps_its_base_through_the_cascade() {
     let (mut a, img) = source("a", 4 * MIB);
     let mut b = Peer::new("b");
     let mut c = Peer::new("c");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
+    chain(&tls, &[&a, &b, &c], "vm1");
     a.start();
     b.start();
 
@@ -684,28 +642,7 @@ fn application_lock_travels_upstream_and_back() {
     let (mut a, img) = source("a", MIB);
     let mut b = Peer::new("b");
     let c = Peer::new("c");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
+    chain(&tls, &[&a, &b, &c], "vm1");
     a.start();
     b.start();
     let s1 = snap(&a, "s1");

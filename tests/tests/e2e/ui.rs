@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use holdfast_tests::browser::{self, Browser};
-use holdfast_tests::cascade::{Peer, Relations, Tls};
+use holdfast_tests::cascade::{Peer, Relations, Tls, chain};
 use holdfast_tests::{mixed_bytes, skipped};
 use serde_json::Value;
 
@@ -302,28 +302,7 @@ fn a_browser_shows_the_cascade_its_locks_and_labels_as_text() {
     let mut a = source("a");
     let mut b = Peer::new("b");
     let mut c = Peer::new("c");
-    a.configure(
-        &tls,
-        Relations {
-            downstreams: vec![(&b, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    b.configure(
-        &tls,
-        Relations {
-            upstream: Some((&a, "vm1")),
-            downstreams: vec![(&c, vec!["vm1"], "")],
-            ..Default::default()
-        },
-    );
-    c.configure(
-        &tls,
-        Relations {
-            upstream: Some((&b, "vm1")),
-            ..Default::default()
-        },
-    );
+    chain(&tls, &[&a, &b, &c], "vm1");
     a.node.ok(&[
         "snapshot",
         "create",

@@ -575,13 +575,15 @@ impl PolicyEngine {
     ) -> Result<WasmPolicy<'_>> {
         let component = self.deserialize(artifact)?;
         let pre = self.pre(name, &component)?;
-        Ok(WasmPolicy {
+        let policy = WasmPolicy {
             engine: self,
             name: name.to_string(),
             pre,
             config,
             limits,
-        })
+        };
+        policy.warm_up();
+        Ok(policy)
     }
 }
 
@@ -619,7 +621,32 @@ fn lend(
         .push(ViewHandle(Arc::clone(&prepared.index)))?)
 }
 
+/// Attempts at preparing a component's memory images when the kernel refuses for a moment.
+const WARM_UP_ATTEMPTS: u32 = 6;
+
 impl WasmPolicy<'_> {
+    /// Instantiates the component once, so that wasmtime prepares its copy-on-write memory
+    /// images (a sealed memfd per module) at load, where a passing refusal can be tried again.
+    /// Sealing a new memfd can fail for a moment on a loaded host (the kernel answers EBUSY
+    /// while something else still holds a reference to its pages); wasmtime keeps no failure,
+    /// so the next instantiation tries again. Any other failure is left for the call itself
+    /// to meet and report in its own words.
+    fn warm_up(&self) {
+        for attempt in 1..=WARM_UP_ATTEMPTS {
+            let r = self.call("loading", crate::now_unix_ms(), None, |s| match &self.pre {
+                PolicyPre::V0_1(pre) => pre.instantiate(&mut *s).map(drop),
+                PolicyPre::V0_2(pre) => pre.instantiate(&mut *s).map(drop),
+            });
+            match r {
+                Err(e) if e.to_string().contains("seals to the memfd") => {
+                    tracing::debug!(policy = %self.name, attempt, "preparing its memory: {e}");
+                    std::thread::sleep(Duration::from_millis(20 * u64::from(attempt)));
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// The version of the world the component implements.
     pub fn world(&self) -> WorldVersion {
         match self.pre {

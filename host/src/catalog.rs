@@ -743,21 +743,25 @@ pub(crate) fn snapshot_exists(
     Ok(t.get(snap_key(volume, id).as_str())?.is_some())
 }
 
-/// Resolution of a reference within one volume's snapshots (oldest first).
 /// Remembers a deletion in the deletion log, forgetting the volume's oldest beyond
-/// [`PRUNED_KEPT`] (in the deletion's own transaction).
+/// [`PRUNED_KEPT`] (in the deletion's own transaction). Keyed by when it happened, never
+/// before the newest entry: a clock that stepped back must not file it among the oldest.
 fn log_pruned(tx: &redb::WriteTransaction, rec: &SnapshotRecord) -> Result<()> {
-    let now = crate::now_unix_ms();
+    let mut t = tx.open_table(PRUNED)?;
+    let (lo, hi) = volume_range(&rec.volume);
+    let newest = match t.range(lo.as_str()..hi.as_str())?.next_back() {
+        Some(e) => decode::<Pruned>(e?.1.value(), "the deletion log")?.deleted_unix_ms,
+        None => 0,
+    };
+    let at = crate::now_unix_ms().max(newest);
     let entry = Pruned {
         id: rec.id,
         name: rec.name.clone(),
         created_unix_ms: rec.created_unix_ms,
-        deleted_unix_ms: now,
+        deleted_unix_ms: at,
     };
-    let mut t = tx.open_table(PRUNED)?;
-    let key = format!("{}/{now:020}/{}", rec.volume, rec.id);
+    let key = format!("{}/{at:020}/{}", rec.volume, rec.id);
     t.insert(key.as_str(), encode(&entry)?.as_slice())?;
-    let (lo, hi) = volume_range(&rec.volume);
     let keys: Vec<String> = t
         .range(lo.as_str()..hi.as_str())?
         .map(|e| e.map(|(k, _)| k.value().to_string()))
@@ -768,6 +772,7 @@ fn log_pruned(tx: &redb::WriteTransaction, rec: &SnapshotRecord) -> Result<()> {
     Ok(())
 }
 
+/// Resolution of a reference within one volume's snapshots (oldest first).
 pub fn resolve_in(snaps: &[SnapshotRecord], r: &SnapshotRef) -> Result<SnapshotRecord> {
     let want = r.snapshot.as_str();
     if let Some(s) = snaps.iter().find(|s| s.name.as_str() == want) {

@@ -31,8 +31,10 @@ use crate::id::{ChunkId, NodeId, VolumeName};
 
 /// The header a peer names itself with.
 pub const PEER_HEADER: &str = "x-holdfast-peer";
-/// How many nodes below asked for a cascade view before this request (`/v1/cascade`).
-pub const HOPS_HEADER: &str = "x-holdfast-hops";
+/// The nodes a cascade-view request (`/v1/cascade`) came through, comma-separated, the one
+/// that asked first first: a node that finds itself there answers without asking further up
+/// (two nodes that mirror from each other end there).
+pub const PATH_HEADER: &str = "x-holdfast-path";
 /// The header that says whether a manifest answer is `full` or a `delta`.
 pub const MANIFEST_KIND_HEADER: &str = "x-holdfast-manifest";
 /// Most chunks one request may ask for.

@@ -407,12 +407,13 @@ impl PeerClient {
     }
 
     /// The upstream's view of the cascade above it (`/v1/cascade`), for the web page's map:
-    /// `hops` is how many nodes below asked already (the upstream stops asking further up at
-    /// [`crate::softlock::MAX_LOCK_PATH`]). Bounded in size and time; the caller checks it.
-    pub async fn cascade(&self, hops: usize) -> Result<crate::ui::cascade::CascadeView> {
+    /// `path` is the nodes the question came through, this one last. Bounded in size and
+    /// time; the caller checks what it says.
+    pub async fn cascade(&self, path: &[NodeId]) -> Result<crate::ui::cascade::CascadeView> {
+        let path: Vec<&str> = path.iter().map(|n| n.as_str()).collect();
         self.json(
             self.request(Method::GET, "v1/cascade")
-                .header(super::HOPS_HEADER, hops.to_string())
+                .header(super::PATH_HEADER, path.join(","))
                 .timeout(Duration::from_secs(10)),
             crate::ui::cascade::VIEW_LIMIT,
             "cascade view",

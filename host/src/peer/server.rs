@@ -469,8 +469,22 @@ impl ServerState {
         })
     }
 
+    /// Authenticates a peer request that holds none of the peer's request slots (the
+    /// cascade view, which waits on other nodes), taking from its request rate like any.
+    pub(crate) fn peer_light(&self, headers: &HeaderMap) -> Result<Arc<Peer>> {
+        let peer = self.peer(headers)?;
+        if !peer.rate.lock().expect("not poisoned").take() {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Unavailable {
+                message: format!("too many requests from {}; slow down", peer.name),
+                source: None,
+            });
+        }
+        Ok(peer)
+    }
+
     /// The peer a request was authenticated as.
-    pub(crate) fn authed(&self, who: &Authed) -> Result<Arc<Peer>> {
+    fn authed(&self, who: &Authed) -> Result<Arc<Peer>> {
         self.peers
             .read()
             .expect("not poisoned")
@@ -727,7 +741,7 @@ impl ServerState {
 /// The peer a request was authenticated as (put there by [`authenticate`]), and its request
 /// slot, which the request's work and answer hold until they are done.
 #[derive(Clone, Debug)]
-pub(crate) struct Authed(NodeId, Arc<tokio::sync::OwnedSemaphorePermit>);
+struct Authed(NodeId, Arc<tokio::sync::OwnedSemaphorePermit>);
 
 /// Authenticates a peer request from its headers alone, before any of its body is read (an
 /// unauthenticated body is never buffered), then holds one of the peer's request slots while
@@ -1335,7 +1349,6 @@ pub fn router(state: Arc<ServerState>) -> Router {
             "/v1/volumes/{volume}/locks",
             put(put_locks).layer(DefaultBodyLimit::max(LOCK_SET_LIMIT)),
         )
-        .route("/v1/cascade", get(crate::ui::api::cascade_for_peer))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
@@ -1343,6 +1356,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
     Router::new()
         .merge(peer_routes)
         .route("/v1/status", get(status))
+        .route("/v1/cascade", get(crate::ui::api::cascade_for_peer))
         .route("/metrics", get(metrics))
         .merge(crate::ui::router(state.clone()))
         .layer(DefaultBodyLimit::max(OTHER_BODY_LIMIT))

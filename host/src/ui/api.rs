@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -18,16 +18,24 @@ use super::cascade::{self, CascadeView, Edge, OwnRelation, Unreachable};
 use crate::catalog::SnapshotRecord;
 use crate::error::{Error, Result};
 use crate::id::{NodeId, SnapshotId, VolumeName};
-use crate::peer::server::{Api, Authed, ServerState};
+use crate::peer::server::{Api, ServerState};
 use crate::softlock::SoftLock;
 use crate::softlock::registry::LockSet;
 
 type Shared = State<Arc<ServerState>>;
 
 pub const DEFAULT_LIMIT: usize = 100;
+/// Locks listed with each snapshot of a page (all of them are in `/api/v1/locks`).
+pub const LOCKS_PER_SNAPSHOT: usize = 20;
 pub const MAX_LIMIT: usize = 1000;
 /// How long the upstreams' cascade views are reused before they are asked again.
 const VIEWS_FRESH_FOR: Duration = Duration::from_secs(5);
+/// Views kept (one per path a question came by).
+const VIEWS_CACHED: usize = 64;
+/// How long this node's own relations are reused.
+const OWN_EDGES_FRESH_FOR: Duration = Duration::from_secs(1);
+/// Downstreams' cascade questions answered at once, for all of them.
+pub const PEER_VIEWS_AT_ONCE: usize = 4;
 /// Snapshots whose exclusive size one `holders` answer may work out anew (each reads three
 /// manifests); the rest are counted by later answers, which find these in the cache.
 const EXCLUSIVE_WORK: usize = 64;
@@ -62,6 +70,20 @@ fn paging(q: Paging) -> Result<Page> {
 }
 
 impl Page {
+    /// Refuses the parameters route `route` does not take (`order` for snapshots only,
+    /// `volume` and `holder` for locks only), rather than ignoring them.
+    fn only(self, route: &str, order: bool, narrow: bool) -> Result<Self> {
+        let stray = [
+            ("order", self.order.is_some() && !order),
+            ("volume", self.volume.is_some() && !narrow),
+            ("holder", self.holder.is_some() && !narrow),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, s)| *s) {
+            return Err(Error::invalid(format!("{route} takes no {name}")));
+        }
+        Ok(self)
+    }
+
     fn window(&self) -> Result<(usize, usize)> {
         let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
         if limit == 0 || limit > MAX_LIMIT {
@@ -142,7 +164,7 @@ fn summary(s: &ServerState, v: &crate::catalog::VolumeRecord, now: u64) -> Resul
 
 /// `/api/v1/volumes`: every volume, by name.
 pub(crate) async fn volumes(State(s): Shared, page: Paging) -> Api<Json<Value>> {
-    let page = paging(page)?;
+    let page = paging(page)?.only("volumes", false, false)?;
     let now = crate::now_unix_ms();
     let (offset, limit) = page.window()?;
     let vols = s.node().catalog.volumes()?;
@@ -223,7 +245,7 @@ pub(crate) async fn snapshots(
     Path(name): Path<String>,
     page: Paging,
 ) -> Api<Json<Value>> {
-    let page = paging(page)?;
+    let page = paging(page)?.only("snapshots", true, false)?;
     let v = volume_of(&s, &name)?;
     let now = crate::now_unix_ms();
     let mut snaps = s.node().catalog.snapshots(&v)?;
@@ -246,10 +268,12 @@ pub(crate) async fn snapshots(
         .skip(offset)
         .take(limit)
         .map(|r| {
-            let locks: Vec<LockView> = on
-                .get(&r.id)
-                .map(|ls| ls.iter().map(|l| lock_view(l, &names, now)).collect())
-                .unwrap_or_default();
+            let all = on.get(&r.id).map_or(&[][..], |ls| ls.as_slice());
+            let locks: Vec<LockView> = all
+                .iter()
+                .take(LOCKS_PER_SNAPSHOT)
+                .map(|l| lock_view(l, &names, now))
+                .collect();
             json!({
                 "id": r.id,
                 "name": r.name,
@@ -259,6 +283,7 @@ pub(crate) async fn snapshots(
                 "new-stored-bytes": r.stats.new_stored_bytes,
                 "state": if locks.is_empty() { "kept" } else { "locked" },
                 "locks": locks,
+                "locks-total": all.len(),
             })
         })
         .collect();
@@ -419,7 +444,7 @@ pub(crate) async fn holders(State(s): Shared, Path(name): Path<String>) -> Api<J
 /// `/api/v1/locks`: every lock on the node (`volume=`, `holder=` to narrow), by volume, then
 /// snapshot (oldest first), then holder.
 pub(crate) async fn locks(State(s): Shared, page: Paging) -> Api<Json<Value>> {
-    let page = paging(page)?;
+    let page = paging(page)?.only("locks", false, true)?;
     let now = crate::now_unix_ms();
     let volume = match &page.volume {
         Some(v) => Some(volume_of(&s, v)?),
@@ -469,8 +494,14 @@ pub(crate) async fn jobs(State(s): Shared) -> Api<Json<Value>> {
     })))
 }
 
-/// This node's own relations (it is their downstream), from its mirror jobs.
+/// This node's own relations (it is their downstream), from its mirror jobs; made at most
+/// once a second (a downstream's `/v1/cascade` asks for them too), like `/metrics`.
 fn own_edges(s: &ServerState, now: u64) -> Result<Vec<Edge>> {
+    if let Some((at, edges)) = &*s.ui.own_edges.lock().expect("not poisoned")
+        && at.elapsed() < OWN_EDGES_FRESH_FOR
+    {
+        return Ok(edges.clone());
+    }
     let st = s.reporter().status()?;
     let me = &s.node().info.node_id;
     let mut out = Vec::new();
@@ -493,6 +524,7 @@ fn own_edges(s: &ServerState, now: u64) -> Result<Vec<Edge>> {
         };
         out.push(own.edge(me, now));
     }
+    *s.ui.own_edges.lock().expect("not poisoned") = Some((Instant::now(), out.clone()));
     Ok(out)
 }
 
@@ -527,33 +559,49 @@ fn edges_below(s: &ServerState, now: u64) -> Result<Vec<Edge>> {
     Ok(out)
 }
 
-/// The upstreams' views of the cascade above them (reused for [`VIEWS_FRESH_FOR`]).
-async fn upstream_views(s: &ServerState, hops: usize) -> UpstreamViews {
-    if let Some((at, views)) = &*s.ui.upstream_views.lock().await
+/// The upstreams' views of the cascade above them, for a question that came through `path`
+/// (empty: this node's own page). Upstreams already on the path are not asked again, so two
+/// nodes that mirror from each other end there. Reused for [`VIEWS_FRESH_FOR`] per path.
+async fn upstream_views(s: &ServerState, path: &[NodeId], own: &[Edge]) -> UpstreamViews {
+    let key: Vec<&str> = path.iter().map(|n| n.as_str()).collect();
+    let key = key.join(",");
+    if let Some((at, views)) = s.ui.upstream_views.lock().expect("not poisoned").get(&key)
         && at.elapsed() < VIEWS_FRESH_FOR
     {
         return views.clone();
     }
     let me = s.node().info.node_id.clone();
+    let mut asked_path = path.to_vec();
+    asked_path.push(me.clone());
     let clients = s.upstream_clients();
-    let asks = clients.iter().map(|(name, client)| {
-        let me = me.clone();
-        async move {
-            let r = match client {
-                Ok(c) => c
-                    .cascade(hops + 1)
-                    .await
-                    .and_then(|v| v.checked(name))
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.clone()),
-            };
-            r.map_err(|error| Unreachable {
-                node: name.clone(),
-                asked_by: me,
-                error: cascade::bounded(&error),
-            })
-        }
-    });
+    let asks = clients
+        .iter()
+        .filter(|(name, _)| !asked_path.contains(name))
+        .map(|(name, client)| {
+            let me = me.clone();
+            let asked_path = &asked_path;
+            // What this node mirrors from that upstream: all of its view it may show.
+            let mirrored: BTreeSet<VolumeName> = own
+                .iter()
+                .filter(|e| &e.upstream == name)
+                .map(|e| e.volume.clone())
+                .collect();
+            async move {
+                let r = match client {
+                    Ok(c) => c
+                        .cascade(asked_path)
+                        .await
+                        .and_then(|v| v.checked(name, &me, &mirrored))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.clone()),
+                };
+                r.map_err(|error| Unreachable {
+                    node: name.clone(),
+                    asked_by: me,
+                    error: cascade::bounded(&error),
+                })
+            }
+        });
     let mut views: UpstreamViews = (vec![], vec![]);
     for r in futures::future::join_all(asks).await {
         match r {
@@ -564,7 +612,16 @@ async fn upstream_views(s: &ServerState, hops: usize) -> UpstreamViews {
             Err(u) => views.1.push(u),
         }
     }
-    *s.ui.upstream_views.lock().await = Some((Instant::now(), views.clone()));
+    views.0.truncate(cascade::MAX_EDGES);
+    views.1.truncate(cascade::MAX_EDGES);
+    let mut cache = s.ui.upstream_views.lock().expect("not poisoned");
+    if cache.len() >= VIEWS_CACHED {
+        cache.retain(|_, (at, _)| at.elapsed() < VIEWS_FRESH_FOR);
+        if cache.len() >= VIEWS_CACHED {
+            cache.clear();
+        }
+    }
+    cache.insert(key, (Instant::now(), views.clone()));
     views
 }
 
@@ -572,40 +629,72 @@ async fn upstream_views(s: &ServerState, hops: usize) -> UpstreamViews {
 /// that did not answer).
 pub(crate) async fn cascade(State(s): Shared) -> Api<Json<cascade::CascadeMap>> {
     let now = crate::now_unix_ms();
-    let mut edges = own_edges(&s, now)?;
-    edges.extend(edges_below(&s, now)?);
-    let (above, unreachable) = upstream_views(&s, 0).await;
-    edges.extend(above);
+    let own = own_edges(&s, now)?;
+    let below = edges_below(&s, now)?;
+    let (above, unreachable) = upstream_views(&s, &[], &own).await;
     Ok(Json(cascade::map(
         &s.node().info.node_id,
-        edges,
+        own,
+        below,
+        above,
         unreachable,
     )))
 }
 
+/// The nodes a `/v1/cascade` question came through ([`crate::peer::PATH_HEADER`]).
+fn asked_path(headers: &HeaderMap) -> Result<Vec<NodeId>> {
+    let Some(v) = headers.get(crate::peer::PATH_HEADER) else {
+        return Ok(vec![]);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| Error::invalid("the cascade path is not text"))?;
+    let path = v
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<NodeId>>>()?;
+    if path.len() >= crate::softlock::MAX_LOCK_PATH {
+        return Err(Error::invalid(format!(
+            "a cascade path of {} nodes; a cascade is less than {} deep",
+            path.len(),
+            crate::softlock::MAX_LOCK_PATH
+        )));
+    }
+    Ok(path)
+}
+
 /// `/v1/cascade`, for a downstream: the edges above this node, of the volumes that downstream
-/// is granted (its own relation to this node it knows itself).
+/// is granted (its own relation to this node it knows itself). Authenticated like every peer
+/// request, but outside the peer's request slots (it waits on other nodes, and must never hold
+/// up transfers), and at most [`PEER_VIEWS_AT_ONCE`] at once for all peers.
 pub(crate) async fn cascade_for_peer(
     State(s): Shared,
-    Extension(who): Extension<Authed>,
     headers: HeaderMap,
 ) -> Api<Json<CascadeView>> {
-    let peer = s.authed(&who)?;
-    let hops: usize = headers
-        .get(crate::peer::HOPS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let peer = s.peer_light(&headers)?;
+    let Ok(_permit) = s.ui.peer_views.try_acquire() else {
+        return Err(Error::Unavailable {
+            message: "busy answering other cascade views; ask again in a few seconds".into(),
+            source: None,
+        }
+        .into());
+    };
+    let path = asked_path(&headers)?;
+    let me: NodeId = s.node().info.node_id.clone();
     let now = crate::now_unix_ms();
     let mut edges = own_edges(&s, now)?;
     let mut unreachable = vec![];
-    if hops < crate::softlock::MAX_LOCK_PATH {
-        let (above, u) = upstream_views(&s, hops).await;
+    if !path.contains(&me) {
+        let (above, u) = upstream_views(&s, &path, &edges).await;
         edges.extend(above);
         unreachable = u;
     }
     edges.retain(|e| s.peer_may_see(&peer, &e.volume));
-    let me: NodeId = s.node().info.node_id.clone();
+    edges.truncate(cascade::MAX_EDGES);
+    // Only the upstreams of relations the downstream may see are named.
+    let shown: BTreeSet<&NodeId> = edges.iter().map(|e| &e.upstream).collect();
+    unreachable.retain(|u| shown.contains(&u.node));
     // A failure's message names addresses and paths of this node's own configuration: a
     // downstream learns that an edge fails, and where to look, not the details.
     for e in &mut edges {

@@ -21,9 +21,9 @@ use crate::softlock::MAX_LOCK_PATH;
 
 /// Most bytes of an upstream's cascade view.
 pub const VIEW_LIMIT: usize = 4 << 20;
-/// Most edges a view may hold (a cascade of a hundred nodes with a hundred volumes is far
-/// below).
-pub const MAX_EDGES: usize = 20_000;
+/// Most edges a view may hold, and a map may draw (a cascade of a hundred nodes with a hundred
+/// volumes is far below); a node sends at most this many and keeps at most this many.
+pub const MAX_EDGES: usize = 10_000;
 /// Longest error message kept from a job or a peer.
 const MAX_MESSAGE: usize = 512;
 
@@ -98,21 +98,25 @@ pub fn bounded(s: &str) -> String {
 }
 
 impl CascadeView {
-    /// Checks a view an upstream sent: bounded, and about the node that sent it.
-    pub fn checked(mut self, from: &NodeId) -> Result<Self> {
-        if self.edges.len() > MAX_EDGES || self.unreachable.len() > MAX_EDGES {
-            return Err(Error::denied(format!(
-                "upstream {from} sent a cascade view of {} edges; at most {MAX_EDGES} are \
-                 accepted",
-                self.edges.len()
-            )));
-        }
+    /// Checks a view upstream `from` sent and keeps what it can know of: the relations of the
+    /// volumes this node (`me`) mirrors from it (`mirrored`), none of them into or out of this
+    /// node (this node knows those better), at most [`MAX_EDGES`] of them.
+    pub fn checked(
+        mut self,
+        from: &NodeId,
+        me: &NodeId,
+        mirrored: &BTreeSet<VolumeName>,
+    ) -> Result<Self> {
         if self.node.as_ref() != Some(from) {
             return Err(Error::denied(format!(
                 "upstream {from} sent the cascade view of {:?}",
                 self.node.as_ref().map(|n| n.as_str())
             )));
         }
+        self.edges
+            .retain(|e| mirrored.contains(&e.volume) && &e.upstream != me && &e.downstream != me);
+        self.edges.truncate(MAX_EDGES);
+        self.unreachable.truncate(MAX_EDGES);
         for e in &mut self.edges {
             e.error = e.error.as_deref().map(bounded);
         }
@@ -172,7 +176,14 @@ pub fn edges_below<'a>(
     // (upstream, downstream) -> (newest pinned snapshot, any stale lock)
     let mut seen: BTreeMap<(NodeId, NodeId), (Option<u64>, bool)> = BTreeMap::new();
     for (path, created, stale) in locks {
-        if path.is_empty() || path.len() > MAX_LOCK_PATH {
+        // A path through this node, or through one node twice, is no route a lock takes:
+        // it draws nothing (a downstream cannot make up relations of this node's own).
+        let distinct: BTreeSet<&NodeId> = path.iter().collect();
+        if path.is_empty()
+            || path.len() > MAX_LOCK_PATH
+            || distinct.len() != path.len()
+            || distinct.contains(me)
+        {
             continue;
         }
         // path[i]'s upstream is path[i + 1], and the last one's is this node.
@@ -210,8 +221,10 @@ pub fn edges_below<'a>(
         .collect()
 }
 
-/// The map: every node and edge known, each edge once (the report nearest to the edge wins:
-/// the downstream's own job over what others tell).
+/// The map: every node and edge known, each edge once. What this node knows itself wins:
+/// its own jobs, then its downstreams' locks, then its upstreams' views (where, of two reports
+/// of one edge, the downstream's own wins). Edges from above that touch this node or a node
+/// below it are left out: an upstream cannot know them better.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CascadeMap {
@@ -230,17 +243,26 @@ pub struct MapNode {
     pub this: bool,
 }
 
-pub fn map(me: &NodeId, edges: Vec<Edge>, unreachable: Vec<Unreachable>) -> CascadeMap {
+pub fn map(
+    me: &NodeId,
+    own: Vec<Edge>,
+    below: Vec<Edge>,
+    mut above: Vec<Edge>,
+    unreachable: Vec<Unreachable>,
+) -> CascadeMap {
+    let below_nodes: BTreeSet<NodeId> = below.iter().map(|e| e.downstream.clone()).collect();
+    above.retain(|e| {
+        &e.upstream != me
+            && &e.downstream != me
+            && !below_nodes.contains(&e.downstream)
+            && !below_nodes.contains(&e.upstream)
+    });
+    // Stable: of two reports from above, the downstream's own first.
+    above.sort_by_key(|e| e.reported_by != e.downstream);
     let mut best: HashMap<(VolumeName, NodeId, NodeId), Edge> = HashMap::new();
-    for e in edges {
+    for e in own.into_iter().chain(below).chain(above).take(MAX_EDGES) {
         let key = (e.volume.clone(), e.upstream.clone(), e.downstream.clone());
-        let own = |e: &Edge| e.reported_by == e.downstream;
-        match best.get(&key) {
-            Some(old) if own(old) || !own(&e) => {}
-            _ => {
-                best.insert(key, e);
-            }
-        }
+        best.entry(key).or_insert(e);
     }
     let mut edges: Vec<Edge> = best.into_values().collect();
     edges.sort_by(|a, b| {
@@ -328,6 +350,11 @@ mod tests {
         );
         let fresh = edges_below(&a, &vol, [(&through[..], Some(500), false)], 1000);
         assert!(fresh.iter().all(|e| e.state == EdgeState::Ok));
+        // Paths through this node, or through a node twice, draw nothing.
+        let back = [c.clone(), a.clone(), b.clone()];
+        let twice = [c.clone(), b.clone(), c.clone(), b.clone()];
+        assert!(edges_below(&a, &vol, [(&back[..], Some(1), false)], 1000).is_empty());
+        assert!(edges_below(&a, &vol, [(&twice[..], Some(1), false)], 1000).is_empty());
     }
 
     #[test]
@@ -345,13 +372,18 @@ mod tests {
             error: None,
             reported_by: by.clone(),
         };
+        // On c: its own relation b -> c, and three reports of a -> b from above.
         let m = map(
             &c,
+            vec![edge(&b, &c, &c, 4)],
+            vec![],
             vec![
                 edge(&a, &b, &a, 1),
                 edge(&a, &b, &b, 2),
                 edge(&a, &b, &c, 3),
-                edge(&b, &c, &c, 4),
+                // From above, a forged report of c's own relation, and of one below c.
+                edge(&b, &c, &c, 99),
+                edge(&c, &n("d"), &n("d"), 99),
             ],
             vec![],
         );
@@ -367,19 +399,73 @@ mod tests {
             vec![("a", 0, false), ("b", 1, false), ("c", 2, true)]
         );
         // A cycle (a misconfiguration) ends.
-        let m = map(&a, vec![edge(&a, &b, &b, 1), edge(&b, &a, &a, 1)], vec![]);
+        let m = map(
+            &a,
+            vec![edge(&b, &a, &a, 1)],
+            vec![edge(&a, &b, &a, 1)],
+            vec![],
+            vec![],
+        );
         assert_eq!(m.nodes.len(), 2);
+        // What this node's downstreams' locks say of a node below it beats what an upstream
+        // says of it.
+        let m = map(
+            &a,
+            vec![],
+            vec![edge(&a, &b, &a, 1)],
+            vec![edge(&n("x"), &b, &b, 7), edge(&b, &n("y"), &n("y"), 7)],
+            vec![],
+        );
+        assert_eq!(m.edges.len(), 1, "{:?}", m.edges);
     }
 
     #[test]
     fn a_view_from_an_upstream_is_bounded_and_about_that_upstream() {
+        let vm: VolumeName = "vm".parse().unwrap();
+        let edge = |vol: &str, up: &str, down: &str| Edge {
+            volume: vol.parse().unwrap(),
+            upstream: n(up),
+            downstream: n(down),
+            lag_ms: None,
+            newest_unix_ms: None,
+            last_transfer_unix_ms: None,
+            state: EdgeState::Ok,
+            error: Some("x".repeat(2000)),
+            reported_by: n(down),
+        };
         let v = CascadeView {
             node: Some(n("b")),
-            edges: vec![],
+            edges: vec![
+                edge("vm", "a", "b"),
+                edge("secret", "a", "b"),
+                edge("vm", "b", "c"),
+                edge("vm", "c", "d"),
+            ],
             unreachable: vec![],
         };
-        assert!(v.clone().checked(&n("b")).is_ok());
-        assert!(v.clone().checked(&n("x")).is_err());
+        let mirrored: BTreeSet<VolumeName> = [vm].into();
+        let kept = v.clone().checked(&n("b"), &n("c"), &mirrored).unwrap();
+        let kept: Vec<(&str, &str, &str)> = kept
+            .edges
+            .iter()
+            .map(|e| {
+                (
+                    e.volume.as_str(),
+                    e.upstream.as_str(),
+                    e.downstream.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(kept, vec![("vm", "a", "b")]);
+        assert!(v.clone().checked(&n("x"), &n("c"), &mirrored).is_err());
+        let many = CascadeView {
+            node: Some(n("b")),
+            edges: (0..MAX_EDGES + 10).map(|_| edge("vm", "a", "b")).collect(),
+            unreachable: vec![],
+        };
+        let kept = many.checked(&n("b"), &n("c"), &mirrored).unwrap();
+        assert_eq!(kept.edges.len(), MAX_EDGES);
+        assert!(kept.edges[0].error.as_ref().unwrap().len() <= MAX_MESSAGE + 3);
         let long = "é".repeat(1000);
         assert!(bounded(&long).len() <= MAX_MESSAGE + "…".len());
     }

@@ -156,6 +156,9 @@ fn the_api_pages_its_lists_and_refuses_without_the_admin_token() {
         "/api/v1/volumes/vm1/snapshots?order=sideways",
         "/api/v1/volumes/vm1/snapshots?offset=-1",
         "/api/v1/volumes?unknown=1",
+        "/api/v1/volumes?order=oldest",
+        "/api/v1/locks?order=oldest",
+        "/api/v1/volumes/vm1/snapshots?holder=app:dba",
     ] {
         let r = get(bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
@@ -221,6 +224,19 @@ fn the_api_pages_its_lists_and_refuses_without_the_admin_token() {
     );
     assert_eq!(r.status, 401);
     assert!(r.header("set-cookie").is_none());
+    // Strangers' failures are limited, and cannot lock the operator out.
+    let mut limited = false;
+    for _ in 0..12 {
+        let r = a.http(
+            &tls,
+            "POST",
+            "/ui/login",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            &form("wrong"),
+        );
+        limited |= r.status == 429;
+    }
+    assert!(limited, "failed logins are not limited");
     let r = a.http(
         &tls,
         "POST",
@@ -548,5 +564,66 @@ fn a_large_node_answers_and_renders() {
     );
     br.screenshot(&screenshots(), "volume-large");
     drop(br);
+    a.stop();
+}
+
+/// Two nodes that mirror from each other (A serves v1 to B, B serves v2 to A): the map asks
+/// each upstream once and stops where the question came from, so neither waits on the other.
+#[test]
+fn two_nodes_that_mirror_from_each_other_map_each_other() {
+    let tls = Tls::new();
+    let mut a = Peer::new("a");
+    let mut b = Peer::new("b");
+    for (p, v) in [(&a, "v1"), (&b, "v2")] {
+        let img = p.node.image("img", &mixed_bytes(MIB / 4, 5));
+        p.node.add_volume(v, &img, "64KiB");
+        p.node.snapshot(v, "s1");
+    }
+    a.configure(
+        &tls,
+        Relations {
+            upstream: Some((&b, "v2")),
+            downstreams: vec![(&b, vec!["v1"], "")],
+            ..Default::default()
+        },
+    );
+    b.configure(
+        &tls,
+        Relations {
+            upstream: Some((&a, "v1")),
+            downstreams: vec![(&a, vec!["v2"], "")],
+            ..Default::default()
+        },
+    );
+    a.start();
+    b.start();
+    a.mirror("v2");
+    b.mirror("v1");
+    for (p, other) in [(&a, "b"), (&b, "a")] {
+        let bearer = format!("Bearer {}", p.admin_token());
+        let r = p.http(
+            &tls,
+            "GET",
+            "/api/v1/cascade",
+            &[("Authorization", &bearer)],
+            "",
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let m = r.json();
+        assert_eq!(m["unreachable"], serde_json::json!([]), "{m}");
+        let mut edges: Vec<String> = m["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{} {}->{}", e["volume"], e["upstream"], e["downstream"]))
+            .map(|e| e.replace('"', ""))
+            .collect();
+        edges.sort();
+        assert_eq!(edges, ["v1 a->b", "v2 b->a"], "on {}: {m}", p.name);
+        let nodes = m["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 2, "{m}");
+        assert!(nodes.iter().any(|n| n["name"] == other));
+    }
+    b.stop();
     a.stop();
 }

@@ -185,7 +185,9 @@ function timelineSvg(t) {
   const all = t.snapshots.map(s => s[0]).concat(t.pruned.map(p => p[0]));
   const g = svg("svg", { id: "timeline", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": "snapshots over time" });
   if (!all.length) return g;
-  let lo = Math.min(...all), hi = Math.max(...all);
+  // A loop, not Math.min(...all): spreading a hundred thousand values overflows the stack.
+  let lo = Infinity, hi = -Infinity;
+  for (const t of all) { if (t < lo) lo = t; if (t > hi) hi = t; }
   if (hi === lo) { lo -= 60000; hi += 60000; }
   const x = ms => 5 + (W - 10) * (ms - lo) / (hi - lo);
   // One path per kind: thousands of snapshots stay one element each kind.
@@ -226,7 +228,8 @@ async function volumePage(name) {
     el("td", {}, x.name), el("td", {}, when(x["created-unix-ms"], now)), el("td", {}, bytes(x.size)),
     el("td", {}, bytes(x["new-stored-bytes"])),
     el("td", {}, Object.entries(x.labels || {}).map(([k, val]) => el("span", { class: "label" }, k + "=" + val))),
-    el("td", {}, x.locks.length ? el("ul", { class: "locks" }, x.locks.map(lk => lockLine(lk, now))) : "kept, no lock")));
+    el("td", {}, x.locks.length ? el("ul", { class: "locks" }, x.locks.map(lk => lockLine(lk, now)),
+      x["locks-total"] > x.locks.length ? el("li", { class: "muted" }, "and " + (x["locks-total"] - x.locks.length) + " more (Locks below)") : null) : "kept, no lock")));
   const locks = l.items.map(x => el("tr", { class: x.stale ? "bad" : null },
     el("td", {}, x.holder), el("td", {}, x.type), el("td", {}, x.value),
     el("td", {}, x["snapshot-name"] || x.snapshot), el("td", {}, ago(now - x["set-unix-ms"])),

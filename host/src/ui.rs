@@ -62,8 +62,10 @@ pub struct UiState {
     pub(crate) upstream_views: Mutex<HashMap<String, (Instant, api::UpstreamViews)>>,
     /// This node's own relations, and when they were made.
     pub(crate) own_edges: Mutex<Option<(Instant, Vec<cascade::Edge>)>>,
-    /// Downstreams' cascade questions being answered.
+    /// Downstreams' cascade questions asking upstream now.
     pub(crate) peer_views: tokio::sync::Semaphore,
+    /// One lock per view key: the same question asked at once is asked upstream once.
+    pub(crate) in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Default for UiState {
@@ -75,6 +77,7 @@ impl Default for UiState {
             upstream_views: Mutex::default(),
             own_edges: Mutex::default(),
             peer_views: tokio::sync::Semaphore::new(api::PEER_VIEWS_AT_ONCE),
+            in_flight: Mutex::default(),
         }
     }
 }
@@ -277,8 +280,9 @@ async fn login(
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_default();
     let right = !token.is_empty() && crate::peer::same_secret(&token, s.admin_token());
-    // The limit slows guessing; the right token always gets in (so strangers' failures
-    // cannot lock the operator out).
+    // The token is 256 random bits: guessing is hopeless anyway. The limit keeps failures
+    // from filling the log; the right token always gets in, so strangers cannot lock the
+    // operator out.
     if !right && !s.ui.may_try_login() {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,

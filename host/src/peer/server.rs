@@ -78,7 +78,7 @@ const LOCK_SET_BURST: f64 = 20.0;
 /// A downstream as this node knows it.
 #[derive(Debug)]
 pub(crate) struct Peer {
-    name: NodeId,
+    pub(crate) name: NodeId,
     token: String,
     volumes: HashSet<VolumeName>,
     /// Volumes of which it may read only some regions (`regions = ["VOLUME/REGION"]`).

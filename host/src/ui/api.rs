@@ -34,8 +34,10 @@ const VIEWS_FRESH_FOR: Duration = Duration::from_secs(5);
 const VIEWS_CACHED: usize = 64;
 /// How long this node's own relations are reused.
 const OWN_EDGES_FRESH_FOR: Duration = Duration::from_secs(1);
-/// Downstreams' cascade questions answered at once, for all of them.
+/// Downstreams' cascade questions that ask upstream at once, for all of them.
 pub const PEER_VIEWS_AT_ONCE: usize = 4;
+/// Longest path a cascade question may carry.
+const MAX_VIEW_PATH: usize = 64;
 /// Snapshots whose exclusive size one `holders` answer may work out anew (each reads three
 /// manifests); the rest are counted by later answers, which find these in the cache.
 const EXCLUSIVE_WORK: usize = 64;
@@ -55,6 +57,18 @@ pub struct Page {
     /// `locks`: only this volume's, or this holder's.
     volume: Option<String>,
     holder: Option<String>,
+}
+
+/// The query of a route that takes none: any parameter is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+type NoQuery = std::result::Result<Query<NoParams>, axum::extract::rejection::QueryRejection>;
+
+fn no_params(q: NoQuery) -> Result<()> {
+    q.map(drop)
+        .map_err(|e| Error::invalid(format!("{}; this route takes no parameters", e.body_text())))
 }
 
 /// A page's query, or a clear error (in the API's JSON, like every other).
@@ -102,7 +116,8 @@ fn volume_of(s: &ServerState, name: &str) -> Result<VolumeName> {
 }
 
 /// `/api/v1/node`: who answers.
-pub(crate) async fn node(State(s): Shared) -> Api<Json<Value>> {
+pub(crate) async fn node(State(s): Shared, q: NoQuery) -> Api<Json<Value>> {
+    no_params(q)?;
     let status = s.reporter().status()?;
     Ok(Json(json!({
         "api": "v1",
@@ -182,7 +197,12 @@ pub(crate) async fn volumes(State(s): Shared, page: Paging) -> Api<Json<Value>> 
 }
 
 /// `/api/v1/volumes/{volume}`: one volume's summary.
-pub(crate) async fn volume(State(s): Shared, Path(name): Path<String>) -> Api<Json<Value>> {
+pub(crate) async fn volume(
+    State(s): Shared,
+    Path(name): Path<String>,
+    q: NoQuery,
+) -> Api<Json<Value>> {
+    no_params(q)?;
     let v = volume_of(&s, &name)?;
     let rec = s.node().catalog.volume(&v)?;
     let now = crate::now_unix_ms();
@@ -299,7 +319,12 @@ pub(crate) async fn snapshots(
 /// (0 or 1), name]`, oldest first), and the remembered deletions (`[created-unix-ms,
 /// deleted-unix-ms, name]`), for the page's timeline. Not paginated: a few dozen bytes a
 /// snapshot.
-pub(crate) async fn timeline(State(s): Shared, Path(name): Path<String>) -> Api<Json<Value>> {
+pub(crate) async fn timeline(
+    State(s): Shared,
+    Path(name): Path<String>,
+    q: NoQuery,
+) -> Api<Json<Value>> {
+    no_params(q)?;
     let v = volume_of(&s, &name)?;
     let snaps = s.node().catalog.snapshots(&v)?;
     let locked = s.node().catalog.locks().locked_snapshots(&v)?;
@@ -353,7 +378,12 @@ struct HolderView {
 }
 
 /// `/api/v1/volumes/{volume}/holders`: who holds locks on the volume, with what they pin.
-pub(crate) async fn holders(State(s): Shared, Path(name): Path<String>) -> Api<Json<Value>> {
+pub(crate) async fn holders(
+    State(s): Shared,
+    Path(name): Path<String>,
+    q: NoQuery,
+) -> Api<Json<Value>> {
+    no_params(q)?;
     let v = volume_of(&s, &name)?;
     let now = crate::now_unix_ms();
     let snaps = s.node().catalog.snapshots(&v)?;
@@ -483,7 +513,8 @@ pub(crate) async fn locks(State(s): Shared, page: Paging) -> Api<Json<Value>> {
 
 /// `/api/v1/jobs`: the scheduled jobs (snapshots, mirrors, pushes, retention) with their last
 /// and next runs and failures, the policies' failure counts, and gc.
-pub(crate) async fn jobs(State(s): Shared) -> Api<Json<Value>> {
+pub(crate) async fn jobs(State(s): Shared, q: NoQuery) -> Api<Json<Value>> {
+    no_params(q)?;
     let st = s.reporter().status()?;
     Ok(Json(json!({
         "now-unix-ms": st["now-unix-ms"],
@@ -528,52 +559,109 @@ fn own_edges(s: &ServerState, now: u64) -> Result<Vec<Edge>> {
     Ok(out)
 }
 
-/// The edges below this node, from its downstreams' locks.
+/// The edges below this node, from its downstreams' locks. Each downstream's lock set draws
+/// at most its share of half the map, so one downstream cannot crowd out the others or what
+/// lies above.
 fn edges_below(s: &ServerState, now: u64) -> Result<Vec<Edge>> {
     let me = &s.node().info.node_id;
-    let mut out = Vec::new();
+    let mut per_volume = Vec::new();
     for v in s.node().catalog.volumes()? {
         let sets = s.node().catalog.locks().sets(Some(&v.name))?;
-        if sets
-            .iter()
-            .all(|s| s.locks.iter().all(|l| l.path.is_empty()))
-        {
-            continue;
+        let sets: Vec<LockSet> = sets
+            .into_iter()
+            .filter(|s| s.locks.iter().any(|l| !l.path.is_empty()))
+            .collect();
+        if !sets.is_empty() {
+            per_volume.push((v.name, sets));
         }
+    }
+    let holders: usize = per_volume.iter().map(|(_, sets)| sets.len()).sum();
+    let share = ((cascade::MAX_EDGES / 2) / holders.max(1)).max(1);
+    let mut out = Vec::new();
+    for (volume, sets) in per_volume {
         let created: HashMap<SnapshotId, u64> = s
             .node()
             .catalog
-            .snapshots(&v.name)?
+            .snapshots(&volume)?
             .iter()
             .map(|r| (r.id, r.created_unix_ms))
             .collect();
-        let locks = sets.iter().flat_map(|s| &s.locks).map(|l| {
-            (
-                l.path.as_slice(),
-                created.get(&l.snapshot).copied(),
-                l.is_stale(now),
-            )
-        });
-        out.extend(cascade::edges_below(me, &v.name, locks, now));
+        for set in &sets {
+            let locks = set.locks.iter().map(|l| {
+                (
+                    l.path.as_slice(),
+                    created.get(&l.snapshot).copied(),
+                    l.is_stale(now),
+                )
+            });
+            let mut edges = cascade::edges_below(me, &volume, locks, now);
+            edges.truncate(share);
+            out.extend(edges);
+        }
     }
     Ok(out)
 }
 
 /// The upstreams' views of the cascade above them, for a question that came through `path`
 /// (empty: this node's own page). Upstreams already on the path are not asked again, so two
-/// nodes that mirror from each other end there. Reused for [`VIEWS_FRESH_FOR`] per path.
-async fn upstream_views(s: &ServerState, path: &[NodeId], own: &[Edge]) -> UpstreamViews {
-    let key: Vec<&str> = path.iter().map(|n| n.as_str()).collect();
-    let key = key.join(",");
-    if let Some((at, views)) = s.ui.upstream_views.lock().expect("not poisoned").get(&key)
-        && at.elapsed() < VIEWS_FRESH_FOR
-    {
-        return views.clone();
-    }
+/// nodes that mirror from each other end there. Views are reused for [`VIEWS_FRESH_FOR`],
+/// keyed by which of this node's upstreams the path names (what decides whom it asks), and
+/// the same question asked at once is asked upstream once. A question from a downstream
+/// (`peer`) that must ask upstream takes one of [`PEER_VIEWS_AT_ONCE`] permits.
+async fn upstream_views(
+    s: &ServerState,
+    path: &[NodeId],
+    own: &[Edge],
+    peer: bool,
+) -> Result<UpstreamViews> {
     let me = s.node().info.node_id.clone();
+    let clients = s.upstream_clients();
+    let on_path: Vec<&str> = clients
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| path.contains(n))
+        .map(|n| n.as_str())
+        .collect();
+    let key = on_path.join(",");
+    let cached = || {
+        s.ui.upstream_views
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .filter(|(at, _)| at.elapsed() < VIEWS_FRESH_FOR)
+            .map(|(_, v)| v.clone())
+    };
+    if let Some(v) = cached() {
+        return Ok(v);
+    }
+    let flight =
+        s.ui.in_flight
+            .lock()
+            .expect("not poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+    let _flight = flight.lock().await;
+    if let Some(v) = cached() {
+        return Ok(v);
+    }
+    let _permit = if peer {
+        match s.ui.peer_views.try_acquire() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    message: "busy asking upstreams for other cascade views; ask again in a \
+                              few seconds"
+                        .into(),
+                    source: None,
+                });
+            }
+        }
+    } else {
+        None
+    };
     let mut asked_path = path.to_vec();
     asked_path.push(me.clone());
-    let clients = s.upstream_clients();
     let asks = clients
         .iter()
         .filter(|(name, _)| !asked_path.contains(name))
@@ -622,16 +710,17 @@ async fn upstream_views(s: &ServerState, path: &[NodeId], own: &[Edge]) -> Upstr
         }
     }
     cache.insert(key, (Instant::now(), views.clone()));
-    views
+    Ok(views)
 }
 
 /// `/api/v1/cascade`: the map (nodes with their depth, edges with lag and state, upstreams
 /// that did not answer).
-pub(crate) async fn cascade(State(s): Shared) -> Api<Json<cascade::CascadeMap>> {
+pub(crate) async fn cascade(State(s): Shared, q: NoQuery) -> Api<Json<cascade::CascadeMap>> {
+    no_params(q)?;
     let now = crate::now_unix_ms();
     let own = own_edges(&s, now)?;
     let below = edges_below(&s, now)?;
-    let (above, unreachable) = upstream_views(&s, &[], &own).await;
+    let (above, unreachable) = upstream_views(&s, &[], &own, false).await?;
     Ok(Json(cascade::map(
         &s.node().info.node_id,
         own,
@@ -654,11 +743,10 @@ fn asked_path(headers: &HeaderMap) -> Result<Vec<NodeId>> {
         .filter(|n| !n.is_empty())
         .map(str::parse)
         .collect::<Result<Vec<NodeId>>>()?;
-    if path.len() >= crate::softlock::MAX_LOCK_PATH {
+    if path.len() > MAX_VIEW_PATH {
         return Err(Error::invalid(format!(
-            "a cascade path of {} nodes; a cascade is less than {} deep",
-            path.len(),
-            crate::softlock::MAX_LOCK_PATH
+            "a cascade path of {} nodes; at most {MAX_VIEW_PATH} are read",
+            path.len()
         )));
     }
     Ok(path)
@@ -667,26 +755,27 @@ fn asked_path(headers: &HeaderMap) -> Result<Vec<NodeId>> {
 /// `/v1/cascade`, for a downstream: the edges above this node, of the volumes that downstream
 /// is granted (its own relation to this node it knows itself). Authenticated like every peer
 /// request, but outside the peer's request slots (it waits on other nodes, and must never hold
-/// up transfers), and at most [`PEER_VIEWS_AT_ONCE`] at once for all peers.
+/// up transfers). The path must end with the asking downstream; a node already on it, or a
+/// path as long as a cascade can be deep, is answered without asking further up.
 pub(crate) async fn cascade_for_peer(
     State(s): Shared,
     headers: HeaderMap,
 ) -> Api<Json<CascadeView>> {
     let peer = s.peer_light(&headers)?;
-    let Ok(_permit) = s.ui.peer_views.try_acquire() else {
-        return Err(Error::Unavailable {
-            message: "busy answering other cascade views; ask again in a few seconds".into(),
-            source: None,
-        }
-        .into());
-    };
     let path = asked_path(&headers)?;
+    if path.last() != Some(&peer.name) {
+        return Err(Error::invalid(format!(
+            "a cascade question from {} must name it last in its path",
+            peer.name
+        ))
+        .into());
+    }
     let me: NodeId = s.node().info.node_id.clone();
     let now = crate::now_unix_ms();
     let mut edges = own_edges(&s, now)?;
     let mut unreachable = vec![];
-    if !path.contains(&me) {
-        let (above, u) = upstream_views(&s, &path, &edges).await;
+    if !path.contains(&me) && path.len() < crate::softlock::MAX_LOCK_PATH {
+        let (above, u) = upstream_views(&s, &path, &edges, true).await?;
         edges.extend(above);
         unreachable = u;
     }

@@ -116,6 +116,10 @@ impl CascadeView {
         self.edges
             .retain(|e| mirrored.contains(&e.volume) && &e.upstream != me && &e.downstream != me);
         self.edges.truncate(MAX_EDGES);
+        // Only upstreams of the relations kept, as asked by a node other than this one.
+        let above: BTreeSet<&NodeId> = self.edges.iter().map(|e| &e.upstream).collect();
+        self.unreachable
+            .retain(|u| above.contains(&u.node) && &u.node != me && &u.asked_by != me);
         self.unreachable.truncate(MAX_EDGES);
         for e in &mut self.edges {
             e.error = e.error.as_deref().map(bounded);
@@ -250,12 +254,16 @@ pub fn map(
     mut above: Vec<Edge>,
     unreachable: Vec<Unreachable>,
 ) -> CascadeMap {
-    let below_nodes: BTreeSet<NodeId> = below.iter().map(|e| e.downstream.clone()).collect();
+    // (volume, node) below this node: an upstream knows nothing of them this node does not.
+    let below_nodes: BTreeSet<(VolumeName, NodeId)> = below
+        .iter()
+        .map(|e| (e.volume.clone(), e.downstream.clone()))
+        .collect();
     above.retain(|e| {
         &e.upstream != me
             && &e.downstream != me
-            && !below_nodes.contains(&e.downstream)
-            && !below_nodes.contains(&e.upstream)
+            && !below_nodes.contains(&(e.volume.clone(), e.downstream.clone()))
+            && !below_nodes.contains(&(e.volume.clone(), e.upstream.clone()))
     });
     // Stable: of two reports from above, the downstream's own first.
     above.sort_by_key(|e| e.reported_by != e.downstream);
@@ -417,6 +425,11 @@ mod tests {
             vec![],
         );
         assert_eq!(m.edges.len(), 1, "{:?}", m.edges);
+        // ...of that volume: b, below a for vm, may well be above a for another volume.
+        let mut other = edge(&n("x"), &b, &b, 7);
+        other.volume = "v2".parse().unwrap();
+        let m = map(&a, vec![], vec![edge(&a, &b, &a, 1)], vec![other], vec![]);
+        assert_eq!(m.edges.len(), 2, "{:?}", m.edges);
     }
 
     #[test]
@@ -458,6 +471,16 @@ mod tests {
             .collect();
         assert_eq!(kept, vec![("vm", "a", "b")]);
         assert!(v.clone().checked(&n("x"), &n("c"), &mirrored).is_err());
+        // Unreachable upstreams: only those of relations kept, never this node.
+        let u = |node: &str, by: &str| Unreachable {
+            node: n(node),
+            asked_by: n(by),
+            error: "e".into(),
+        };
+        let mut w = v.clone();
+        w.unreachable = vec![u("a", "b"), u("c", "b"), u("a", "c"), u("ghost", "b")];
+        let kept = w.checked(&n("b"), &n("c"), &mirrored).unwrap();
+        assert_eq!(kept.unreachable, vec![u("a", "b")]);
         let many = CascadeView {
             node: Some(n("b")),
             edges: (0..MAX_EDGES + 10).map(|_| edge("vm", "a", "b")).collect(),

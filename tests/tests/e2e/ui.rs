@@ -159,6 +159,9 @@ fn the_api_pages_its_lists_and_refuses_without_the_admin_token() {
         "/api/v1/volumes?order=oldest",
         "/api/v1/locks?order=oldest",
         "/api/v1/volumes/vm1/snapshots?holder=app:dba",
+        "/api/v1/cascade?x=1",
+        "/api/v1/volumes/vm1?limit=5",
+        "/api/v1/jobs?x=1",
     ] {
         let r = get(bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.body);

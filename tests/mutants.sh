@@ -130,7 +130,9 @@ PY
     (cd "$scratch" && patch -s -p0 "$file" <"$root/$out/unit.out/$diff")
     if run_e2e >"$out/e2e-logs/$n.log" 2>&1; then
       echo "MISSED  $name" | tee -a "$out/e2e.txt" >&2
-    elif grep -q "^test result: FAILED\|panicked" "$out/e2e-logs/$n.log"; then
+    # A test that fails says so in its summary, a panic, or (under -q, when the group is cut
+    # by the 30-minute timeout before its summary) a "NAME --- FAILED" line.
+    elif grep -q "^test result: FAILED\|panicked\| --- FAILED$" "$out/e2e-logs/$n.log"; then
       echo "CAUGHT  $name" | tee -a "$out/e2e.txt" >&2
     else
       echo "ERROR   $name (no test failed: see $out/e2e-logs/$n.log)" | tee -a "$out/e2e.txt" >&2

@@ -243,7 +243,7 @@ async function volumePage(name) {
     el("div", { class: "legend" }, el("span", { class: "kept" }, "kept"), el("span", { class: "locked" }, "locked"), el("span", { class: "pruned" }, "pruned")),
     timelineSvg(t),
     el("h2", {}, "Holders and what they pin"),
-    el("p", { class: "muted" }, "Pinned: the snapshots only this holder locks, and what deleting them would free at most (the bytes `holdfast lock explain` gives, summed)."),
+    el("p", { class: "muted" }, "Pins: the snapshots only this holder locks, and for each the bytes `holdfast lock explain` gives (what deleting that one alone would free at most), summed."),
     table(["Holder", "Kind", "Locks", "Came through", "Refreshed", "Lease", "Pins"], holders, { id: "holders" }),
     el("h2", {}, "Snapshots"), pager("snapshots:" + name, s),
     table(["Snapshot", "Taken", "Size", "Added", "Labels", "Locks"], snaps, { id: "snapshots" }),

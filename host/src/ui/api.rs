@@ -109,6 +109,11 @@ impl Page {
     }
 }
 
+/// One page of a list: `{"total", "offset", "limit", "items"}`.
+fn page_of<T: Serialize>(total: usize, offset: usize, limit: usize, items: &[T]) -> Value {
+    json!({ "total": total, "offset": offset, "limit": limit, "items": items })
+}
+
 fn volume_of(s: &ServerState, name: &str) -> Result<VolumeName> {
     let v: VolumeName = name.parse()?;
     s.node().catalog.volume(&v)?;
@@ -188,12 +193,7 @@ pub(crate) async fn volumes(State(s): Shared, page: Paging) -> Api<Json<Value>> 
     for v in vols.iter().skip(offset).take(limit) {
         items.push(summary(&s, v, now)?);
     }
-    Ok(Json(json!({
-        "total": vols.len(),
-        "offset": offset,
-        "limit": limit,
-        "items": items,
-    })))
+    Ok(Json(page_of(vols.len(), offset, limit, &items)))
 }
 
 /// `/api/v1/volumes/{volume}`: one volume's summary.
@@ -307,12 +307,7 @@ pub(crate) async fn snapshots(
             })
         })
         .collect();
-    Ok(Json(json!({
-        "total": snaps.len(),
-        "offset": offset,
-        "limit": limit,
-        "items": items,
-    })))
+    Ok(Json(page_of(snaps.len(), offset, limit, &items)))
 }
 
 /// `/api/v1/volumes/{volume}/timeline`: every snapshot, compact (`[created-unix-ms, locked
@@ -503,12 +498,7 @@ pub(crate) async fn locks(State(s): Shared, page: Paging) -> Api<Json<Value>> {
         .take(limit)
         .map(|l| lock_view(l, &names, now))
         .collect();
-    Ok(Json(json!({
-        "total": all.len(),
-        "offset": offset,
-        "limit": limit,
-        "items": items,
-    })))
+    Ok(Json(page_of(all.len(), offset, limit, &items)))
 }
 
 /// `/api/v1/jobs`: the scheduled jobs (snapshots, mirrors, pushes, retention) with their last

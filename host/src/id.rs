@@ -356,6 +356,14 @@ impl fmt::Display for SnapshotRef {
     }
 }
 
+/// A name or id read from a key in a store, only in the form holdfast writes it: one that
+/// parses but prints otherwise (an id in capitals) is another object naming the same thing,
+/// which no holdfast wrote, and is ignored like any other stranger.
+pub fn canonical<T: FromStr + fmt::Display>(s: &str) -> Option<T> {
+    let v: T = s.parse().ok()?;
+    (v.to_string() == s).then_some(v)
+}
+
 /// Longest accepted label value, in bytes.
 pub const MAX_LABEL_VALUE_BYTES: usize = 1024;
 
@@ -558,6 +566,15 @@ mod tests {
         assert_eq!(a.to_string().parse::<SnapshotId>().unwrap(), a);
         assert_eq!(a.unix_ms(), 1_700_000_000_000);
         assert!("xyz".parse::<SnapshotId>().is_err());
+        // A store's key names an id only in the form holdfast writes.
+        let a = SnapshotId::from_u128(0xabc_0000_0001);
+        let upper = a.to_string().to_uppercase();
+        assert_eq!(upper.parse::<SnapshotId>().unwrap(), a);
+        assert_eq!(canonical::<SnapshotId>(&a.to_string()), Some(a));
+        assert_eq!(canonical::<SnapshotId>(&upper), None);
+        let pack = PackId([0xab; 32]);
+        assert_eq!(canonical::<PackId>(&pack.to_string().to_uppercase()), None);
+        assert_eq!(canonical::<PackId>(&pack.to_string()), Some(pack));
     }
 
     #[test]

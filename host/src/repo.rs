@@ -517,7 +517,7 @@ impl Repository {
             .await?;
         Ok(metas
             .iter()
-            .filter_map(|m| m.location.filename()?.parse().ok())
+            .filter_map(|m| crate::id::canonical(m.location.filename()?))
             .collect())
     }
 
@@ -530,7 +530,7 @@ impl Repository {
             .await?;
         Ok(metas
             .iter()
-            .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.size)))
+            .filter_map(|m| Some((crate::id::canonical(m.location.filename()?)?, m.size)))
             .collect())
     }
 
@@ -553,7 +553,7 @@ impl Repository {
         Ok(metas
             .iter()
             .filter_map(|m| {
-                let id = m.location.filename()?.parse().ok()?;
+                let id = crate::id::canonical(m.location.filename()?)?;
                 Some((
                     id,
                     ObjectInfo {

@@ -67,7 +67,7 @@ pub struct PendingPush {
     pub age_seconds: u64,
 }
 
-fn parse_key(key: &str) -> Option<(VolumeName, SnapshotId, NodeId)> {
+pub fn parse_key(key: &str) -> Option<(VolumeName, SnapshotId, NodeId)> {
     let rest = key.strip_prefix(PENDING)?.strip_prefix('/')?;
     let mut parts = rest.split('/');
     let (v, s, last) = (parts.next()?, parts.next()?, parts.next()?);
@@ -78,7 +78,11 @@ fn parse_key(key: &str) -> Option<(VolumeName, SnapshotId, NodeId)> {
     if random.len() != 16 || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    Some((v.parse().ok()?, s.parse().ok()?, node.parse().ok()?))
+    Some((
+        crate::id::canonical(v)?,
+        crate::id::canonical(s)?,
+        crate::id::canonical(node)?,
+    ))
 }
 
 /// The intents in the target, of one volume or of all.
@@ -621,6 +625,9 @@ mod tests {
             format!("{PENDING}/vm/{id}/node-00000000000000ff/x"),
             format!("{PENDING}/../{id}/node-00000000000000ff"),
             format!("{PENDING}/vm/notanid/node-00000000000000ff"),
+            // Found by the fuzzer (target_records): the same snapshot in capitals is a key
+            // no holdfast wrote.
+            format!("{PENDING}/vm/0001000000000000000A/node-00000000000000ff"),
         ] {
             assert!(parse_key(&bad).is_none(), "{bad}");
         }

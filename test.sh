@@ -58,6 +58,13 @@ echo "== test" >&2
 rm -f target/test-skips.txt
 status=0
 cargo test --workspace --locked -- "$@" || status=$?
+# The fuzzers, a few seconds per target, from their committed corpora (tests/fuzz/run.sh
+# installs a nightly toolchain and cargo-fuzz; a long run is `tests/fuzz/run.sh 3600 TARGET`).
+# Skipped when the tests were filtered.
+if [ $# -eq 0 ]; then
+  echo "== fuzz (tests/fuzz/run.sh)" >&2
+  tests/fuzz/run.sh 5 || status=$?
+fi
 # Tests that could not run on this machine say so here (cargo hides a passing test's output).
 if [ -s target/test-skips.txt ]; then
   echo "== skipped here (see each reason)" >&2

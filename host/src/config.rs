@@ -383,10 +383,7 @@ impl NodeConfig {
                 Error::io(format!("reading {}", path.display()), e)
             }
         })?;
-        let mut cfg: NodeConfig = toml::from_str(&text)
-            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-        cfg.path = path.to_path_buf();
-        cfg.check()?;
+        let cfg = Self::parse(&text, path)?;
         let inline = cfg.upstream.iter().any(|u| u.token.is_some())
             || cfg.downstream.iter().any(|d| d.token.is_some())
             || cfg
@@ -401,6 +398,15 @@ impl NodeConfig {
                 path.display()
             );
         }
+        Ok(cfg)
+    }
+
+    /// Parses and checks the text of the configuration file at `path` (which is not read).
+    pub fn parse(text: &str, path: &Path) -> Result<NodeConfig> {
+        let mut cfg: NodeConfig =
+            toml::from_str(text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        cfg.path = path.to_path_buf();
+        cfg.check()?;
         Ok(cfg)
     }
 
@@ -541,12 +547,25 @@ impl NodeConfig {
             (None, Some(f)) => {
                 let f = self.resolve(f);
                 crate::state::check_private(&f, &format!("{who}: token file"))?;
-                std::fs::read_to_string(&f)
+                let mut text = String::new();
+                // A token is a line; a file of more than 4 KiB is not a token file.
+                std::fs::File::open(&f)
+                    .and_then(|file| {
+                        std::io::Read::read_to_string(
+                            &mut std::io::Read::take(file, 4097),
+                            &mut text,
+                        )
+                    })
                     .map_err(|e| {
                         Error::io(format!("{who}: reading token file {}", f.display()), e)
-                    })?
-                    .trim()
-                    .to_string()
+                    })?;
+                if text.len() > 4096 {
+                    return Err(self.err(format!(
+                        "{who}: token file {} holds more than 4 KiB; a token is one line",
+                        f.display()
+                    )));
+                }
+                text.trim().to_string()
             }
             _ => {
                 return Err(self.err(format!("{who}: give exactly one of token or token_file")));

@@ -39,6 +39,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod id;
 pub mod mirror;
 pub mod peer;

@@ -29,6 +29,8 @@
 
 pub mod bindings;
 mod convert;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod registry;
 pub mod simulate;
 mod view;

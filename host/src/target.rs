@@ -40,11 +40,11 @@ const TARGET_INDEX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new(
 const BATCH: usize = 256;
 
 mod credentials;
-mod gc;
+pub(crate) mod gc;
 mod index;
-mod locks;
+pub(crate) mod locks;
 mod maintenance;
-mod pending;
+pub(crate) mod pending;
 mod pull;
 mod push;
 mod sink;

@@ -1024,6 +1024,53 @@ async fn region_manifest(
     Ok(answer(encoded, delta))
 }
 
+/// A chunk request's body: at most [`MAX_CHUNKS_PER_REQUEST`] chunks, none twice.
+pub fn parse_chunk_request(body: &[u8]) -> Result<ChunkRequest> {
+    let req: ChunkRequest = serde_json::from_slice(body).map_err(|e| {
+        Error::invalid(format!(
+            "malformed chunk request: {}",
+            shorten(&e.to_string())
+        ))
+    })?;
+    if req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(Error::invalid(format!(
+            "at most {MAX_CHUNKS_PER_REQUEST} chunks per request, not {}",
+            req.chunks.len()
+        )));
+    }
+    if req.chunks.iter().collect::<HashSet<_>>().len() != req.chunks.len() {
+        return Err(Error::invalid("a chunk request names a chunk twice"));
+    }
+    Ok(req)
+}
+
+/// A lock set's body from a downstream, with the checks every lock set gets (which holder may
+/// send it is the handler's to check).
+pub fn parse_lock_set(body: &[u8]) -> Result<LockSetUpdate> {
+    let update: LockSetUpdate = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
+    crate::softlock::registry::check_update(&update)?;
+    Ok(update)
+}
+
+/// The query string of a manifest or a chunk request, parsed as the routes parse it, with the
+/// names in it checked (for the fuzzers).
+pub fn parse_queries(query: &str) -> Result<()> {
+    let uri: axum::http::Uri = format!("/v1/x?{query}")
+        .parse()
+        .map_err(|_| Error::invalid("not a query string"))?;
+    if let Ok(Query(q)) = Query::<ManifestQuery>::try_from_uri(&uri) {
+        region_param(q.region.as_deref())?;
+        if let Some(b) = q.base {
+            b.parse::<SnapshotId>()?;
+        }
+    }
+    if let Ok(Query(q)) = Query::<ChunksQuery>::try_from_uri(&uri) {
+        region_param(q.region.as_deref())?;
+    }
+    Ok(())
+}
+
 async fn chunks(
     State(s): Shared,
     Extension(who): Extension<Authed>,
@@ -1037,22 +1084,7 @@ async fn chunks(
     let volume = s.granted_data(&peer, &volume, region.as_ref())?;
     let rec = s.record(&volume, &id)?;
     let id = rec.id;
-    let req: ChunkRequest = serde_json::from_slice(&body).map_err(|e| {
-        Error::invalid(format!(
-            "malformed chunk request: {}",
-            shorten(&e.to_string())
-        ))
-    })?;
-    if req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
-        return Err(Error::invalid(format!(
-            "at most {MAX_CHUNKS_PER_REQUEST} chunks per request, not {}",
-            req.chunks.len()
-        ))
-        .into());
-    }
-    if req.chunks.iter().collect::<HashSet<_>>().len() != req.chunks.len() {
-        return Err(Error::invalid("a chunk request names a chunk twice").into());
-    }
+    let req = parse_chunk_request(&body)?;
     // Through a region, only its chunks; the cut last block's chunk is made here.
     let mut cut = None;
     if let Some(region) = &region {
@@ -1181,8 +1213,7 @@ async fn put_locks(
         }
         .into());
     }
-    let mut update: LockSetUpdate = serde_json::from_slice(&body)
-        .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
+    let mut update = parse_lock_set(&body)?;
     let own = HolderId::mirror(&peer.name, &volume);
     if update.volume != volume || update.holder != own {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);

@@ -214,6 +214,28 @@ fn encode_set(s: &LockSet) -> Result<Vec<u8>> {
     postcard::to_stdvec(&stored).map_err(|e| Error::internal(e.to_string()))
 }
 
+/// What every lock set must be before the registry takes it, from whoever it comes: a bounded
+/// number of bounded, printable values, each through a path shorter than any cascade.
+pub fn check_update(update: &LockSetUpdate) -> Result<()> {
+    if update.locks.len() > MAX_LOCKS_PER_SET {
+        return Err(Error::invalid(format!(
+            "a lock set may hold at most {MAX_LOCKS_PER_SET} locks; this one has {}",
+            update.locks.len()
+        )));
+    }
+    for l in &update.locks {
+        validate_value(&l.value)?;
+        if l.path.len() > super::MAX_LOCK_PATH {
+            return Err(Error::invalid(format!(
+                "a lock came through {} nodes; a cascade is at most {} deep",
+                l.path.len(),
+                super::MAX_LOCK_PATH
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn decode_set(bytes: &[u8], what: &str) -> Result<LockSet> {
     let s: StoredSet = postcard::from_bytes(bytes)
         .map_err(|e| Error::corrupt(format!("lock set {what} is unreadable: {e}")))?;
@@ -666,22 +688,7 @@ impl<'a> LockRegistry<'a> {
 
     /// Replaces the holder's whole set for the volume, unless `update` is older.
     pub fn replace_set(&self, update: LockSetUpdate) -> Result<ReplaceOutcome> {
-        if update.locks.len() > MAX_LOCKS_PER_SET {
-            return Err(Error::invalid(format!(
-                "a lock set may hold at most {MAX_LOCKS_PER_SET} locks; this one has {}",
-                update.locks.len()
-            )));
-        }
-        for l in &update.locks {
-            validate_value(&l.value)?;
-            if l.path.len() > super::MAX_LOCK_PATH {
-                return Err(Error::invalid(format!(
-                    "a lock came through {} nodes; a cascade is at most {} deep",
-                    l.path.len(),
-                    super::MAX_LOCK_PATH
-                )));
-            }
-        }
+        check_update(&update)?;
         let now = crate::now_unix_ms();
         let tx = self.db.begin_write()?;
         let old = read_set(&tx, &update.volume, &update.holder)?;

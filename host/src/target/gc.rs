@@ -118,14 +118,18 @@ async fn read_record(repo: &Repository, key: &str, size: u64) -> Result<Option<V
     let Some(raw) = repo.get_object(key).await? else {
         return Ok(None); // removed since it was listed: its packs are gone
     };
-    let rec: CondemnedRecord = serde_json::from_slice(&raw).map_err(|e| {
+    parse_condemned(&raw, &format!("{key} in {}", repo.location())).map(Some)
+}
+
+/// A gc record's bytes: the packs it condemned (`what` names where they were read).
+pub fn parse_condemned(raw: &[u8], what: &str) -> Result<Vec<PackId>> {
+    let rec: CondemnedRecord = serde_json::from_slice(raw).map_err(|e| {
         Error::corrupt(format!(
-            "gc record {key} in {} is unreadable ({e}): no push or gc can tell which packs \
-             it condemned; if no holdfast wrote it, delete it",
-            repo.location()
+            "gc record {what} is unreadable ({e}): no push or gc can tell which packs it \
+             condemned; if no holdfast wrote it, delete it"
         ))
     })?;
-    Ok(Some(rec.packs))
+    Ok(rec.packs)
 }
 
 /// The condemned packs as a push sees them, read again as records appear. Records never

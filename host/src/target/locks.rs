@@ -40,6 +40,15 @@ fn lock_key(volume: &VolumeName, holder: &HolderId) -> String {
     format!("locks/{volume}/{hex}.json")
 }
 
+/// A lock record's bytes (`what` names where they were read).
+pub fn parse_lock_record(raw: &[u8], what: &str) -> Result<LockRecord> {
+    serde_json::from_slice(raw).map_err(|e| {
+        Error::corrupt(format!(
+            "lock record {what} is unreadable ({e}); prune refuses to guess, fix or remove it"
+        ))
+    })
+}
+
 /// Every lock record of `volume` in the target.
 pub async fn lock_records(repo: &Repository, volume: &VolumeName) -> Result<Vec<LockRecord>> {
     let mut out = Vec::new();
@@ -47,14 +56,10 @@ pub async fn lock_records(repo: &Repository, volume: &VolumeName) -> Result<Vec<
         let Some(raw) = repo.get_object(&key).await? else {
             continue;
         };
-        let rec: LockRecord = serde_json::from_slice(&raw).map_err(|e| {
-            Error::corrupt(format!(
-                "lock record {key} in {} is unreadable ({e}); prune refuses to guess, fix or \
-                 remove it",
-                repo.location()
-            ))
-        })?;
-        out.push(rec);
+        out.push(parse_lock_record(
+            &raw,
+            &format!("{key} in {}", repo.location()),
+        )?);
     }
     Ok(out)
 }

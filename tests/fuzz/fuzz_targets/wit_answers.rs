@@ -1,0 +1,6 @@
+#![no_main]
+// See holdfast::fuzz::wit_answers for what this target feeds and checks.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    holdfast_fuzz::capped();
+    holdfast::fuzz::wit_answers(data)
+});

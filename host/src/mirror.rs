@@ -1345,6 +1345,14 @@ fn verify_frames(body: &[u8], asked: &HashSet<ChunkId>) -> Result<Verified> {
             asked.len()
         )));
     }
+    // As many frames as chunks asked, each asked and none twice: then every one asked came.
+    let mut seen = HashSet::with_capacity(frames.len());
+    if let Some(f) = frames.iter().find(|f| !seen.insert(f.id)) {
+        return Err(Error::corrupt(format!(
+            "the upstream sent chunk {} twice",
+            f.id
+        )));
+    }
     frames
         .par_iter()
         .map(|f| {
@@ -1572,6 +1580,10 @@ mod tests {
         ));
         let m = err(&frames(&swapped), &asked);
         assert!(m.contains("not asked for"), "{m}");
+        // As many as asked, all asked for, but one twice in place of another.
+        let twice = [chunks[0].clone(), chunks[1].clone(), chunks[0].clone()];
+        let m = err(&frames(&twice), &asked);
+        assert!(m.contains("twice"), "{m}");
         // Bytes stored raw that decode cleanly, but to something else: the hash catches it.
         let raw = vec![5u8; 100];
         let mut flipped = raw.clone();

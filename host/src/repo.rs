@@ -498,9 +498,11 @@ impl Repository {
     pub async fn read_index(&self, id: &PackId) -> Result<PackIndex> {
         let bytes = self.store.get(&Self::index_path(id)).await?.bytes().await?;
         let mut pi = PackIndex::decode(&bytes, &format!("index of pack {}", id.short()))?;
-        if pi.pack != *id {
+        // The pack's name is the hash of its entries: an index object listing other entries
+        // (written by someone else, or damaged) is not this pack's.
+        if pi.pack != *id || PackIndex::id_of(&pi.entries, pi.salt.as_deref())? != *id {
             return Err(Error::corrupt(format!(
-                "index object {id} names pack {}",
+                "index object {id} names pack {} or lists entries that are not its own",
                 pi.pack
             )));
         }
@@ -743,7 +745,8 @@ impl Repository {
             if parts.len() != 3 {
                 continue;
             }
-            if let (Ok(v), Ok(id)) = (parts[1].as_ref().parse(), parts[2].as_ref().parse()) {
+            let (v, id) = (parts[1].as_ref(), parts[2].as_ref());
+            if let (Some(v), Some(id)) = (crate::id::canonical(v), crate::id::canonical(id)) {
                 out.push((v, id, m.size));
             }
         }

@@ -19,6 +19,8 @@ pub enum Misbehaviour {
     OversizedReply,
     /// Describes an extent that runs past the end of the export.
     ExtentPastEnd,
+    /// Answers a read with data at an offset near 2^64, where offset + length wraps round.
+    WrappingOffset,
     /// Ends a read without sending all of its data.
     ShortRead,
 }
@@ -162,6 +164,11 @@ fn serve(mut s: UnixStream, size: u64, mode: Misbehaviour) -> std::io::Result<()
                     Misbehaviour::OversizedReply => {
                         payload.extend_from_slice(&data);
                         payload.resize(payload.len() + (64 << 20), 7);
+                        s.write_all(&chunk(1, 1, cookie, &payload))?;
+                    }
+                    Misbehaviour::WrappingOffset => {
+                        let mut payload = (u64::MAX - 8).to_be_bytes().to_vec();
+                        payload.extend_from_slice(&data);
                         s.write_all(&chunk(1, 1, cookie, &payload))?;
                     }
                     Misbehaviour::ShortRead => {

@@ -1044,13 +1044,12 @@ pub fn parse_chunk_request(body: &[u8]) -> Result<ChunkRequest> {
     Ok(req)
 }
 
-/// A lock set's body from a downstream, with the checks every lock set gets (which holder may
-/// send it is the handler's to check).
-pub fn parse_lock_set(body: &[u8]) -> Result<LockSetUpdate> {
-    let update: LockSetUpdate = serde_json::from_slice(body)
-        .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))?;
-    crate::softlock::registry::check_update(&update)?;
-    Ok(update)
+/// A lock set's body from a downstream, as JSON. The handler then checks who may send it and
+/// what the peer may hold; the registry checks the set itself
+/// ([`crate::softlock::registry::check_update`]).
+pub fn lock_set_body(body: &[u8]) -> Result<LockSetUpdate> {
+    serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("malformed lock set: {}", shorten(&e.to_string()))))
 }
 
 /// The query string of a manifest or a chunk request, parsed as the routes parse it, with the
@@ -1213,7 +1212,7 @@ async fn put_locks(
         }
         .into());
     }
-    let mut update = parse_lock_set(&body)?;
+    let mut update = lock_set_body(&body)?;
     let own = HolderId::mirror(&peer.name, &volume);
     if update.volume != volume || update.holder != own {
         s.counters.denied.fetch_add(1, Ordering::Relaxed);

@@ -79,8 +79,11 @@ pub fn check_prunes<D: fmt::Display>(
                 crate::id::shorten(&shown.to_string())
             )));
         };
-        if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
-            reason = crate::id::shorten(&reason.replace(char::is_control, " "));
+        // Shown to operators: no controls, and no characters that reorder or hide the text
+        // around them (as everywhere else a name or value is shown).
+        let bad = crate::id::is_hazard;
+        if reason.len() > MAX_REASON_BYTES || reason.chars().any(bad) {
+            reason = crate::id::shorten(&reason.replace(bad, " "));
         }
         if seen.insert(id) {
             out.push(PruneProposal {
@@ -201,13 +204,19 @@ mod tests {
         };
         let plan = since_v0_2::prunes_from_wit(
             &index,
-            vec![p(ids[0], "old\nline"), p(ids[2], "b"), p(ids[0], "again")],
+            vec![
+                p(ids[0], "old\nline"),
+                p(ids[2], "b\u{202e}kcab"),
+                p(ids[0], "again"),
+            ],
         )
         .unwrap();
         assert_eq!(plan.len(), 2);
         assert_eq!(plan[0].snapshot, ids[0]);
         assert_eq!(plan[0].reason, "old line");
         assert_eq!(plan[1].snapshot, ids[2]);
+        // Nor a character that makes the rest read backwards (the fuzz review found it).
+        assert_eq!(plan[1].reason, "b kcab");
         let e = since_v0_2::prunes_from_wit(
             &index,
             vec![p(ids[0], "a"), p(SnapshotId::from_u128(9), "b")],

@@ -213,11 +213,12 @@ pub fn parse_trailer(id: &PackId, pack_len: u64, trailer: &[u8]) -> Result<PackI
         )));
     }
     let end = pack_len - 12 - trailer.len() as u64;
-    if index
-        .entries
-        .iter()
-        .any(|e| e.offset < MAGIC.len() as u64 || e.offset + e.length as u64 > end)
-    {
+    if index.entries.iter().any(|e| {
+        e.offset < MAGIC.len() as u64
+            || e.offset
+                .checked_add(u64::from(e.length))
+                .is_none_or(|e_end| e_end > end)
+    }) {
         return Err(Error::corrupt(format!(
             "{what} lists a chunk outside the pack"
         )));
@@ -246,6 +247,34 @@ mod tests {
             let blob = &p.bytes[e.offset as usize..(e.offset + e.length as u64) as usize];
             chunk::decode(&e.id, e.encoding, blob, e.raw_length as usize).unwrap();
         }
+    }
+
+    #[test]
+    fn an_entry_whose_end_wraps_past_2_to_the_64_is_outside_the_pack() {
+        // A trailer that hashes to its pack's name (anyone can make one) listing a chunk at
+        // an offset near 2^64: its end must not wrap round to inside the pack.
+        let entries = vec![PackEntry {
+            id: chunk::hash(b"x"),
+            offset: u64::MAX - 10,
+            length: 100,
+            raw_length: 1,
+            encoding: Encoding::Raw,
+        }];
+        let id = PackIndex::id_of(&entries, None).unwrap();
+        let trailer = PackIndex {
+            pack: id,
+            entries,
+            salt: None,
+        }
+        .encode()
+        .unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[0; 200]);
+        bytes.extend_from_slice(&trailer);
+        bytes.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(END_MAGIC);
+        let e = read_trailer(&id, &bytes).unwrap_err();
+        assert!(e.to_string().contains("outside the pack"), "{e}");
     }
 
     #[test]

@@ -1078,7 +1078,13 @@ impl Client {
                             }
                             (self.u64()?, self.u32()?)
                         };
-                        if n == 0 || off < req_off || off + n as u64 > req_off + req_len as u64 {
+                        // (An offset near 2^64 must not wrap past the check.)
+                        if n == 0
+                            || off < req_off
+                            || off
+                                .checked_add(u64::from(n))
+                                .is_none_or(|end| end > req_off + req_len as u64)
+                        {
                             return Err(self.protocol(format!(
                                 "a chunk at {off}+{n} outside the request {req_off}+{req_len}"
                             )));

@@ -718,6 +718,7 @@ fn bad_nbd_servers_give_clear_errors_and_commit_nothing() {
         (Misbehaviour::OversizedReply, 6, "data chunk of"),
         (Misbehaviour::ExtentPastEnd, 6, "past the end"),
         (Misbehaviour::ShortRead, 6, "answered with"),
+        (Misbehaviour::WrappingOffset, 6, "outside the request"),
     ]
     .into_iter()
     .enumerate()

@@ -71,6 +71,10 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     let p = b.finish().unwrap();
     out.push(("pack", [&[0u8][..], &p.bytes].concat()));
+    out.push((
+        "pack",
+        [&[2u8][..], &serde_json::to_vec(&p.index).unwrap()].concat(),
+    ));
     let mut frames = Vec::new();
     for (i, data) in [vec![7u8; 4096], b"plain".to_vec()].iter().enumerate() {
         let (e, stored) = crate::chunk::encode(data).unwrap();
@@ -272,12 +276,26 @@ pub fn manifest_delta(data: &[u8]) {
 }
 
 /// Packs read back from a bucket or a directory: the framing, the trailer, its name, the
-/// entries' ranges, and every chunk in them. The first byte: 0 the pack as it is, named by
-/// the hash its trailer would have (so the fuzzer gets past the name check); 1 the same with
-/// a name that is not its own (refused).
+/// entries' ranges, and every chunk in them. The first byte: even, the pack named by the hash
+/// its trailer would have (so the fuzzer gets past the name check), odd, a name that is not its
+/// own (refused); below 2 the rest is the pack as it is, from 2 the rest is the trailer's JSON,
+/// compressed and framed after 4 KiB of chunk bytes (so the fuzzer reaches the entries).
 pub fn pack_trailer(data: &[u8]) {
-    let Some((&mode, bytes)) = data.split_first() else {
+    let Some((&mode, rest)) = data.split_first() else {
         return;
+    };
+    let framed;
+    let bytes = if mode % 4 >= 2 {
+        let trailer = zstd::bulk::compress(rest, 1).expect("compressing in memory");
+        let mut b = b"HFPACK01".to_vec();
+        b.resize(4096, 0x5a);
+        b.extend_from_slice(&trailer);
+        b.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        b.extend_from_slice(b"HFPKEND1");
+        framed = b;
+        &framed[..]
+    } else {
+        rest
     };
     let n = bytes.len();
     // The name the trailer implies, if it parses at all.
@@ -305,8 +323,15 @@ pub fn pack_trailer(data: &[u8]) {
         let blob = &bytes[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
         let _ = crate::chunk::decode(&e.id, e.encoding, blob, e.raw_length as usize);
     }
-    // A pack index stored on its own (index objects) is the same JSON.
-    let _ = PackIndex::decode(bytes, "fuzz");
+    // An index object (the same zstd JSON, stored on its own) is held to the same name.
+    if mode % 4 >= 2 {
+        let index = PackIndex::decode(&zstd::bulk::compress(rest, 1).expect("in memory"), "fuzz")
+            .expect("decoded above");
+        assert_eq!(
+            PackIndex::id_of(&index.entries, index.salt.as_deref()).ok(),
+            Some(id)
+        );
+    }
 }
 
 /// A chunk stream from an upstream: frames split, each chunk decoded and verified against its
@@ -332,7 +357,7 @@ pub fn chunk_frames(data: &[u8]) {
 /// it. (How the registry stores sets is not an outside format: the node's own database, read
 /// back without validating names again, for speed.)
 pub fn lock_set(data: &[u8]) {
-    let Ok(update) = crate::peer::server::parse_lock_set(data) else {
+    let Ok(update) = parse_lock_set(data) else {
         return;
     };
     // Accepted means: a bounded set of bounded, printable values through a bounded path.
@@ -343,9 +368,16 @@ pub fn lock_set(data: &[u8]) {
     }
     let json = serde_json::to_vec(&update).expect("encodes");
     assert_eq!(
-        crate::peer::server::parse_lock_set(&json).expect("its own encoding parses"),
+        parse_lock_set(&json).expect("its own encoding parses"),
         update
     );
+}
+
+/// A lock set's body as the server parses it and the registry checks it.
+fn parse_lock_set(data: &[u8]) -> crate::Result<crate::softlock::LockSetUpdate> {
+    let update = crate::peer::server::lock_set_body(data)?;
+    crate::softlock::registry::check_update(&update)?;
+    Ok(update)
 }
 
 /// What a downstream sends a peer besides lock sets: the query string of a manifest or chunk
@@ -448,11 +480,31 @@ pub fn target_records(data: &[u8]) {
     }
 }
 
-/// An operator's `node.toml`, parsed and checked (no file is read: paths in it stay names).
+/// An operator's `node.toml`, parsed and checked. The checks read token files, relative to
+/// `/fuzz/` (which does not exist): a file that names one by an absolute path or through `..`
+/// is skipped, so that the fuzzer never reads this machine's files.
 pub fn node_toml(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    fn reads_outside(v: &toml::Value) -> bool {
+        match v {
+            toml::Value::Table(t) => t.iter().any(|(k, v)| {
+                (k == "token_file"
+                    && v.as_str()
+                        .is_none_or(|p| p.starts_with('/') || p.contains("..")))
+                    || reads_outside(v)
+            }),
+            toml::Value::Array(a) => a.iter().any(reads_outside),
+            _ => false,
+        }
+    }
+    if text
+        .parse::<toml::Table>()
+        .is_ok_and(|t| reads_outside(&toml::Value::Table(t)))
+    {
+        return;
+    }
     let _ = crate::config::NodeConfig::parse(text, std::path::Path::new("/fuzz/node.toml"));
 }
 
@@ -598,7 +650,7 @@ mod tests {
             let d = ManifestDelta::decode(&b[1..], "seed").unwrap();
             d.apply(&sample_manifest(64), "seed").unwrap();
         }
-        for b in of("pack") {
+        for b in of("pack").filter(|b| b[0] < 2) {
             let p = b[1..].to_vec();
             let n = p.len();
             let tlen = pack::trailer_len(&crate::id::PackId([0; 32]), n as u64, &p[n - 12..]);
@@ -611,7 +663,7 @@ mod tests {
             assert!(!crate::peer::parse_frames(b).unwrap().is_empty());
         }
         for b in of("lock_set") {
-            crate::peer::server::parse_lock_set(b).unwrap();
+            parse_lock_set(b).unwrap();
         }
         for b in of("peer_request") {
             if b[0] == 0 {

@@ -278,7 +278,7 @@ fn check_prunes(index: &ViewIndex, prunes: &[PruneProposal]) {
             "a reason of {} bytes",
             p.reason.len()
         );
-        assert!(!p.reason.chars().any(char::is_control));
+        assert!(!p.reason.chars().any(crate::id::is_hazard));
     }
 }
 

@@ -19,7 +19,15 @@ struct Gen<'a, 'b> {
     short: bool,
 }
 
-impl Gen<'_, '_> {
+impl<'a, 'b> Gen<'a, 'b> {
+    fn new(u: &'a mut Unstructured<'b>, ids: &'a [SnapshotId]) -> Self {
+        Gen {
+            u,
+            ids,
+            short: false,
+        }
+    }
+
     fn id(&mut self) -> Result<SnapshotId> {
         if !self.ids.is_empty() && self.u.ratio(3u8, 4u8)? {
             Ok(*self.u.choose(self.ids)?)
@@ -101,12 +109,7 @@ pub fn v01_locks(
     u: &mut Unstructured<'_>,
     ids: &[SnapshotId],
 ) -> Result<crate::Result<Vec<(SnapshotId, LockType, String)>>> {
-    let answer = Gen {
-        u,
-        ids,
-        short: false,
-    }
-    .list(|g| {
+    let answer = Gen::new(u, ids).list(|g| {
         let snapshot_id = match g.u.int_in_range(0..=3u8)? {
             0 => g.text()?,
             1 => g.id()?.to_string().to_uppercase(),
@@ -130,12 +133,7 @@ pub fn v01_prunes(
     u: &mut Unstructured<'_>,
     ids: &[SnapshotId],
 ) -> Result<crate::Result<Vec<PruneProposal>>> {
-    let answer = Gen {
-        u,
-        ids,
-        short: false,
-    }
-    .list(|g| {
+    let answer = Gen::new(u, ids).list(|g| {
         let snapshot_id = if g.u.ratio(1u8, 4u8)? {
             g.text()?
         } else {
@@ -153,12 +151,7 @@ pub fn v01_prunes(
 }
 
 pub fn v01_description(u: &mut Unstructured<'_>) -> Result<crate::Result<()>> {
-    let (name, version, phases) = Gen {
-        u,
-        ids: &[],
-        short: false,
-    }
-    .description()?;
+    let (name, version, phases) = Gen::new(u, &[]).description()?;
     let phases = phases.into_iter().map(|k| phase!(v01, k)).collect();
     let d = v01::Description {
         name,
@@ -173,12 +166,7 @@ pub fn v02_locks(
     u: &mut Unstructured<'_>,
     ids: &[SnapshotId],
 ) -> Result<crate::Result<Vec<(SnapshotId, LockType, String)>>> {
-    let answer = Gen {
-        u,
-        ids,
-        short: false,
-    }
-    .list(|g| {
+    let answer = Gen::new(u, ids).list(|g| {
         let snapshot = since_v0_2::id_to_wit(g.id()?);
         let (k, tag) = g.tag()?;
         Ok(v02::LockRequest {
@@ -198,12 +186,7 @@ pub fn v02_prunes(
     u: &mut Unstructured<'_>,
     ids: &[SnapshotId],
 ) -> Result<crate::Result<Vec<PruneProposal>>> {
-    let answer = Gen {
-        u,
-        ids,
-        short: false,
-    }
-    .list(|g| {
+    let answer = Gen::new(u, ids).list(|g| {
         Ok(v02::PruneProposal {
             snapshot: since_v0_2::id_to_wit(g.id()?),
             reason: g.text()?,
@@ -216,12 +199,7 @@ pub fn v02_prunes(
 }
 
 pub fn v02_description(u: &mut Unstructured<'_>) -> Result<crate::Result<()>> {
-    let (name, version, phases) = Gen {
-        u,
-        ids: &[],
-        short: false,
-    }
-    .description()?;
+    let (name, version, phases) = Gen::new(u, &[]).description()?;
     let phases = phases.into_iter().map(|k| phase!(v02, k)).collect();
     let d = v02::Description {
         name,

@@ -547,25 +547,23 @@ impl NodeConfig {
             (None, Some(f)) => {
                 let f = self.resolve(f);
                 crate::state::check_private(&f, &format!("{who}: token file"))?;
-                let mut text = String::new();
-                // A token is a line; a file of more than 4 KiB is not a token file.
+                let mut raw = Vec::new();
+                // A token is a line; a file of more than 4 KiB is not a token file (its size
+                // is judged before its text, so a cut character does not hide what is wrong).
                 std::fs::File::open(&f)
                     .and_then(|file| {
-                        std::io::Read::read_to_string(
-                            &mut std::io::Read::take(file, 4097),
-                            &mut text,
-                        )
+                        std::io::Read::read_to_end(&mut std::io::Read::take(file, 4097), &mut raw)
                     })
                     .map_err(|e| {
                         Error::io(format!("{who}: reading token file {}", f.display()), e)
                     })?;
-                if text.len() > 4096 {
+                if raw.len() > 4096 {
                     return Err(self.err(format!(
                         "{who}: token file {} holds more than 4 KiB; a token is one line",
                         f.display()
                     )));
                 }
-                text.trim().to_string()
+                String::from_utf8_lossy(&raw).trim().to_string()
             }
             _ => {
                 return Err(self.err(format!("{who}: give exactly one of token or token_file")));

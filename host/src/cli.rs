@@ -116,6 +116,9 @@ pub enum Command {
     /// Make peer tokens.
     #[command(subcommand)]
     Token(daemon::TokenCommand),
+    /// Make key files for encrypted targets.
+    #[command(subcommand)]
+    Key(daemon::KeyFileCommand),
     /// Deterministic sample images, to try holdfast out and for benchmarks.
     #[command(subcommand)]
     Sample(sample::SampleCommand),
@@ -204,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tls(c) => c.run(&ctx).await,
         Command::Target(c) => c.run(&ctx).await,
         Command::Token(c) => c.run(&ctx).await,
+        Command::Key(c) => c.run(&ctx).await,
         Command::Completions(c) => c.run(&ctx).await,
         Command::Manpages(c) => c.run(&ctx).await,
     }

@@ -230,6 +230,14 @@ impl From<object_store::Error> for Error {
                 ))
             }
             other => {
+                // An encrypted target's object that does not open is damage, not an outage.
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&other);
+                while let Some(c) = cause {
+                    if let Some(s) = c.downcast_ref::<crate::repo::sealed::SealError>() {
+                        return Error::Corrupt(s.0.clone());
+                    }
+                    cause = c.source();
+                }
                 // The local store reports a full disk as a generic error; find the io::Error.
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&other);
                 while let Some(c) = cause {

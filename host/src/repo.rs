@@ -24,6 +24,7 @@ pub mod index_cache;
 mod nofollow;
 pub mod pack;
 pub mod retry;
+pub mod sealed;
 
 use std::collections::HashMap;
 use std::path::Path as FsPath;
@@ -77,6 +78,15 @@ pub struct RepoConfig {
     pub created_unix_ms: u64,
     pub chunk_hash: String,
     pub compression: String,
+    /// An encrypted target's cipher and wrapped keys (`target/keys.rs`); every other object
+    /// of such a repository is sealed (`repo/sealed.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::target::keys::Encryption>,
+}
+
+/// A new repository's id: 32 random hex digits.
+pub fn new_repo_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// A listed object's size and the store's own modification time (the server's clock).
@@ -190,6 +200,8 @@ pub struct Repository {
     multipart_threshold: usize,
     /// The format version this repository is created with and upgraded to before writing.
     format_version: u32,
+    /// Every object but `config` is sealed (an encrypted target).
+    sealed: bool,
 }
 
 impl Repository {
@@ -216,6 +228,7 @@ impl Repository {
             local: Some(root),
             multipart_threshold: MULTIPART_THRESHOLD,
             format_version: FORMAT_VERSION,
+            sealed: false,
         })
     }
 
@@ -227,6 +240,7 @@ impl Repository {
             local: None,
             multipart_threshold: MULTIPART_THRESHOLD,
             format_version: FORMAT_VERSION,
+            sealed: false,
         }
     }
 
@@ -234,6 +248,20 @@ impl Repository {
     pub fn with_format_version(mut self, version: u32) -> Self {
         self.format_version = version;
         self
+    }
+
+    /// The same repository, encrypted: every object but `config` is sealed with `key`
+    /// ([`sealed`]). Packs then go through the store like every other object (no direct I/O).
+    pub fn sealed(mut self, key: sealed::ObjectKey) -> Self {
+        self.store = Arc::new(sealed::SealedStore::new(self.store, key));
+        self.local = None;
+        self.sealed = true;
+        self
+    }
+
+    /// Whether objects are sealed (an encrypted target).
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
     }
 
     /// Packs bigger than `bytes` go up as multipart uploads.
@@ -248,13 +276,24 @@ impl Repository {
 
     /// Writes a new repository's config; refuses if one exists.
     pub async fn init(&self) -> Result<RepoConfig> {
+        self.init_with(new_repo_id(), None).await
+    }
+
+    /// Like [`Repository::init`], with the id chosen (an encrypted target's key slots are
+    /// bound to it) and the encryption, if any.
+    pub async fn init_with(
+        &self,
+        id: String,
+        encryption: Option<crate::target::keys::Encryption>,
+    ) -> Result<RepoConfig> {
         let config = RepoConfig {
             format: FORMAT_NAME.into(),
             version: self.format_version,
-            id: format!("{:032x}", rand::random::<u128>()),
+            id,
             created_unix_ms: crate::now_unix_ms(),
             chunk_hash: "blake3".into(),
             compression: "zstd".into(),
+            encryption,
         };
         let body =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
@@ -366,6 +405,47 @@ impl Repository {
                 ),
                 source: None,
             }),
+        }
+    }
+
+    /// Rewrites the config with `change` applied, only if it is still the one read (a
+    /// conditional PUT where the store can; a local directory cannot compare, and has one
+    /// writer per node). Used for an encrypted target's key slots.
+    pub async fn replace_config(
+        &self,
+        change: impl FnOnce(&mut RepoConfig) -> Result<()>,
+    ) -> Result<RepoConfig> {
+        let path = Path::from("config");
+        let meta = self.store.head(&path).await?;
+        let mut config = self.check().await?;
+        change(&mut config)?;
+        let body =
+            serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
+        let conditional = PutOptions {
+            mode: PutMode::Update(object_store::UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            }),
+            ..Default::default()
+        };
+        let written = match self
+            .store
+            .put_opts(&path, PutPayload::from(body.clone()), conditional)
+            .await
+        {
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.store.put(&path, PutPayload::from(body)).await
+            }
+            other => other,
+        };
+        match written {
+            Ok(_) => Ok(config),
+            Err(object_store::Error::Precondition { .. }) => Err(Error::conflict(format!(
+                "the config of the repository at {} changed while it was being rewritten; run \
+                 the command again",
+                self.location
+            ))),
+            Err(e) => Err(e.into()),
         }
     }
 

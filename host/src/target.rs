@@ -42,6 +42,7 @@ const BATCH: usize = 256;
 mod credentials;
 pub(crate) mod gc;
 mod index;
+pub mod keys;
 pub(crate) mod locks;
 mod maintenance;
 pub(crate) mod pending;
@@ -81,10 +82,85 @@ pub struct TargetRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
     pub added_unix_ms: u64,
+    /// Present for an encrypted target: where this node finds its secret (a key file, a
+    /// passphrase file, or else `HOLDFAST_PASSPHRASE` or a prompt). Never the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<keys::KeySource>,
 }
 
-/// Opens a target's repository (nothing is read or written yet).
-pub fn open(rec: &TargetRecord) -> Result<Repository> {
+/// Opens a target's repository: reads its config and, for an encrypted target, opens its key
+/// with this node's secret (once per process).
+pub async fn open(rec: &TargetRecord) -> Result<Repository> {
+    let plain = open_plain(rec)?;
+    let config = plain.check().await.map_err(|e| match e {
+        Error::NotFound(m) => Error::NotFound(format!("target {}: {m}", rec.name)),
+        other => other,
+    })?;
+    unlock(plain, rec, &config, false)
+}
+
+/// Encrypted targets' object keys opened so far in this process, by URL and repository id.
+static UNLOCKED: std::sync::Mutex<Vec<(String, String, crate::repo::sealed::ObjectKey)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The repository as this node must use it: sealed with the target's key if its config says it
+/// is encrypted. A target registered as encrypted whose config says otherwise is refused (its
+/// config was replaced: reading it in the clear would trust whoever did that), as is an
+/// encrypted target registered as plain, unless it is being added (`adding`).
+fn unlock(
+    plain: Repository,
+    rec: &TargetRecord,
+    config: &crate::repo::RepoConfig,
+    adding: bool,
+) -> Result<Repository> {
+    let Some(enc) = &config.encryption else {
+        if rec.encryption.is_some() {
+            return Err(Error::corrupt(format!(
+                "target {} ({}) was registered as encrypted, but its config says it is not:                  it was replaced by someone; nothing is read from or written to it in the clear",
+                rec.name, rec.url
+            )));
+        }
+        return Ok(plain);
+    };
+    let source = match (&rec.encryption, adding) {
+        (Some(s), _) => s.clone(),
+        (None, true) => keys::KeySource::default(),
+        (None, false) => {
+            return Err(Error::invalid(format!(
+                "target {} ({}) is encrypted, but this node registered it unencrypted; remove it                  and add it again with --key-file or --passphrase-file",
+                rec.name, rec.url
+            )));
+        }
+    };
+    let known = UNLOCKED
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .find(|(u, id, _)| *u == rec.url && *id == config.id)
+        .map(|(_, _, k)| k.clone());
+    let key = match known {
+        Some(k) => k,
+        None => {
+            let secret = source.secret(&format!("target {}", rec.name), false)?;
+            let (master, _) = keys::unlock(enc, &config.id, &secret, &rec.name)?;
+            let k = master.object_key();
+            remember(rec, &config.id, k.clone());
+            k
+        }
+    };
+    Ok(plain.sealed(key))
+}
+
+fn remember(rec: &TargetRecord, repo_id: &str, key: crate::repo::sealed::ObjectKey) {
+    UNLOCKED
+        .lock()
+        .expect("not poisoned")
+        .push((rec.url.clone(), repo_id.to_string(), key));
+}
+
+/// Opens a target's store as it is (nothing is read or written yet; an encrypted target's
+/// objects are then sealed bytes: see [`open`]).
+pub fn open_plain(rec: &TargetRecord) -> Result<Repository> {
     match parse_url(&rec.url)? {
         TargetUrl::File(p) => {
             std::fs::create_dir_all(&p)
@@ -205,14 +281,12 @@ impl<'n> Targets<'n> {
 
     /// Opens a registered target and checks that it holds a repository this holdfast reads.
     pub async fn open(&self, name: &str) -> Result<Repository> {
-        let repo = open(&self.get(name)?)?;
-        repo.check().await?;
-        Ok(repo)
+        open(&self.get(name)?).await
     }
 
     /// Checks the target (reachable, writable, a holdfast repository of this format, or empty
     /// and then initialised) and records it. Nothing is recorded if a check fails.
-    pub async fn add(&self, rec: TargetRecord) -> Result<CheckReport> {
+    pub async fn add(&self, mut rec: TargetRecord) -> Result<CheckReport> {
         validate_name("target name", &rec.name)?;
         parse_url(&rec.url)?;
         if let Some(e) = &rec.endpoint {
@@ -242,16 +316,134 @@ impl<'n> Targets<'n> {
                 rec.name
             )));
         }
-        let repo = open(&rec)?;
-        let report = check_or_init(&repo, &rec, &self.node.info.node_id).await?;
+        let report = check_or_init(&rec, &self.node.info.node_id, true).await?;
+        if report.encrypted {
+            rec.encryption.get_or_insert_default();
+        }
+        self.store(&rec)?;
+        Ok(report)
+    }
+
+    fn store(&self, rec: &TargetRecord) -> Result<()> {
         let tx = self.node.catalog.db().begin_write()?;
         {
             let mut t = tx.open_table(TARGETS)?;
-            let bytes = serde_json::to_vec(&rec).map_err(|e| Error::internal(e.to_string()))?;
+            let bytes = serde_json::to_vec(rec).map_err(|e| Error::internal(e.to_string()))?;
             t.insert(rec.name.as_str(), bytes.as_slice())?;
         }
         tx.commit()?;
-        Ok(report)
+        Ok(())
+    }
+
+    /// An encrypted target's record, its store as it is, its config and its encryption.
+    async fn encrypted(
+        &self,
+        name: &str,
+    ) -> Result<(
+        TargetRecord,
+        Repository,
+        crate::repo::RepoConfig,
+        keys::Encryption,
+    )> {
+        let rec = self.get(name)?;
+        if rec.encryption.is_none() {
+            return Err(Error::invalid(format!(
+                "target {name} is not encrypted: it has no key slots"
+            )));
+        }
+        let plain = open_plain(&rec)?;
+        let config = plain.check().await?;
+        let Some(enc) = config.encryption.clone() else {
+            // Refused as `open` refuses it.
+            return Err(unlock(plain, &rec, &config, false).expect_err("a plain config"));
+        };
+        Ok((rec, plain, config, enc))
+    }
+
+    /// The key slots of an encrypted target (read from its config; no secret is needed).
+    pub async fn key_slots(&self, name: &str) -> Result<Vec<keys::KeySlot>> {
+        Ok(self.encrypted(name).await?.3.slots)
+    }
+
+    /// Adds a key slot opened by `new` (this node's own secret opens the master key first).
+    /// With `use_it`, this node opens the target with the new secret from now on.
+    pub async fn add_key(
+        &self,
+        name: &str,
+        new: keys::KeySource,
+        use_it: bool,
+    ) -> Result<keys::KeySlot> {
+        let (mut rec, plain, config, enc) = self.encrypted(name).await?;
+        let source = rec.encryption.clone().unwrap_or_default();
+        let secret = source.secret(&format!("target {name}"), false)?;
+        let (master, _) = keys::unlock(&enc, &config.id, &secret, name)?;
+        let new_secret = new.new_secret(&format!("the new key slot of target {name}"))?;
+        let slot = keys::new_slot(&master, &new_secret, &config.id)?;
+        let added = slot.clone();
+        plain
+            .replace_config(|c| {
+                if c.id != config.id {
+                    return Err(Error::conflict(format!(
+                        "target {name} was replaced while its key slots were being changed"
+                    )));
+                }
+                let enc = c.encryption.as_mut().ok_or_else(|| {
+                    Error::corrupt(format!("target {name} is no longer encrypted"))
+                })?;
+                enc.slots.push(slot);
+                Ok(())
+            })
+            .await?;
+        if use_it {
+            rec.encryption = Some(new);
+            self.store(&rec)?;
+        }
+        Ok(added)
+    }
+
+    /// Removes a key slot: never the last one, nor the one this node opens the target with
+    /// (that would lock this node out; `add_key` with `use_it` switches first).
+    pub async fn remove_key(&self, name: &str, slot_id: &str) -> Result<keys::KeySlot> {
+        let (rec, plain, config, enc) = self.encrypted(name).await?;
+        let Some(removed) = enc.slots.iter().find(|s| s.id == slot_id).cloned() else {
+            return Err(Error::not_found(format!(
+                "target {name} has no key slot {:?}; `holdfast target key list {name}` shows them",
+                shorten(slot_id)
+            )));
+        };
+        if enc.slots.len() == 1 {
+            return Err(Error::invalid(format!(
+                "slot {slot_id} is the last key slot of target {name}; without it nothing opens \
+                 the target. Add another first (`holdfast target key add {name}`)"
+            )));
+        }
+        let secret = rec
+            .encryption
+            .clone()
+            .unwrap_or_default()
+            .secret(&format!("target {name}"), false)?;
+        let (_, mine) = keys::unlock(&enc, &config.id, &secret, name)?;
+        if mine == slot_id {
+            return Err(Error::invalid(format!(
+                "this node opens target {name} with slot {slot_id}; add another secret with \
+                 `holdfast target key add {name} --use ...` first, then remove this one"
+            )));
+        }
+        plain
+            .replace_config(|c| {
+                let enc = c.encryption.as_mut().ok_or_else(|| {
+                    Error::corrupt(format!("target {name} is no longer encrypted"))
+                })?;
+                enc.slots.retain(|s| s.id != slot_id);
+                if enc.slots.is_empty() || c.id != config.id {
+                    return Err(Error::conflict(format!(
+                        "target {name} changed while its key slots were being changed"
+                    )));
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(removed)
     }
 
     /// Forgets a target (its objects are not touched).
@@ -278,6 +470,8 @@ pub struct CheckReport {
     pub format_version: u32,
     pub initialised_now: bool,
     pub writable: bool,
+    /// Every object but the config is encrypted (`holdfast target add --encrypt`).
+    pub encrypted: bool,
     pub snapshots: usize,
     pub packs: usize,
     /// Pushes that wrote an intent and have not finished: their snapshots stay hidden until
@@ -289,12 +483,11 @@ pub struct CheckReport {
     pub seconds: f64,
 }
 
-/// Reads the target's config (initialising an empty target), then proves it writable.
-pub async fn check_or_init(
-    repo: &Repository,
-    rec: &TargetRecord,
-    me: &NodeId,
-) -> Result<CheckReport> {
+/// Reads the target's config (initialising an empty target, encrypted if the record asks for
+/// it), opens its key if it is encrypted, then proves it writable. `adding`: the target is
+/// being registered (an encrypted one may then be found whose record does not say so yet).
+pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, adding: bool) -> Result<CheckReport> {
+    let plain = open_plain(rec)?;
     let t0 = Instant::now();
     let ctx = |e: Error| match e {
         Error::NotFound(_) => e,
@@ -306,10 +499,19 @@ pub async fn check_or_init(
             source: None,
         },
     };
-    let (config, initialised_now) = match repo.check().await {
-        Ok(c) => (c, false),
+    let (config, initialised_now) = match plain.check().await {
+        Ok(c) => {
+            if adding && c.encryption.is_none() && rec.encryption.is_some() {
+                return Err(Error::invalid(format!(
+                    "target {} ({}) holds an unencrypted repository; --encrypt makes a new \
+                     target only (use an empty bucket, prefix or directory)",
+                    rec.name, rec.url
+                )));
+            }
+            (c, false)
+        }
         Err(Error::NotFound(_)) => {
-            let existing = repo.list_objects("").await.map_err(ctx)?;
+            let existing = plain.list_objects("").await.map_err(ctx)?;
             if !existing.is_empty() {
                 return Err(Error::invalid(format!(
                     "target {} ({}) holds {} objects but no holdfast repository; use an empty \
@@ -319,10 +521,23 @@ pub async fn check_or_init(
                     existing.len()
                 )));
             }
-            (repo.init().await.map_err(ctx)?, true)
+            let id = crate::repo::new_repo_id();
+            let encryption = match &rec.encryption {
+                Some(source) if adding => {
+                    let secret = source.secret(&format!("new target {}", rec.name), true)?;
+                    let (master, encryption) = keys::create(&secret, &id)?;
+                    remember(rec, &id, master.object_key());
+                    Some(encryption)
+                }
+                _ => None,
+            };
+            (plain.init_with(id, encryption).await.map_err(ctx)?, true)
         }
         Err(e) => return Err(ctx(e)),
     };
+    let encrypted = config.encryption.is_some();
+    let repo = unlock(plain, rec, &config, adding)?;
+    let repo = &repo;
     let probe = format!("probe/{me}-{:016x}", rand::random::<u64>());
     repo.put_object(&probe, b"holdfast write check".to_vec())
         .await
@@ -342,6 +557,7 @@ pub async fn check_or_init(
         format_version: config.version,
         initialised_now,
         writable: true,
+        encrypted,
         snapshots,
         packs,
         pending_pushes,

@@ -316,6 +316,34 @@ fn write_new(path: &std::path::Path, bytes: &[u8], mode: u32) -> anyhow::Result<
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeyFileCommand {
+    /// Write a new random key file (32 bytes as 64 hex digits, mode 0600) for
+    /// `holdfast target add --encrypt --key-file FILE`. Keep a copy away from the node: without
+    /// it (or another key slot) the target cannot be read.
+    #[command(after_help = "Examples:\n  holdfast key new /root/bucket.key")]
+    New {
+        /// The file to create (never overwritten)
+        file: std::path::PathBuf,
+    },
+}
+
+impl KeyFileCommand {
+    pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        match self {
+            KeyFileCommand::New { file } => {
+                let text = crate::target::keys::new_key_file_text();
+                write_new(&file, text.as_bytes(), 0o600)?;
+                ctx.summary(format!(
+                    "wrote a new key file {} (mode 0600); keep a copy somewhere safe",
+                    file.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Print a new random peer token (give it to both ends of a relation).
     New,

@@ -284,8 +284,7 @@ impl SnapshotCommand {
                 let snaps = match target {
                     Some(t) => {
                         let rec = crate::target::Targets::new(&node).get(&t)?;
-                        let repo = crate::target::open(&rec)?;
-                        repo.check().await?;
+                        let repo = crate::target::open(&rec).await?;
                         crate::target::snapshots(&repo, &volume)
                             .await?
                             .into_iter()

@@ -35,10 +35,26 @@ pub enum TargetCommand {
         /// That file (default: AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials).
         #[arg(long)]
         credentials_file: Option<std::path::PathBuf>,
+        /// Create the target encrypted: every object sealed with a random master key, which is
+        /// stored only wrapped by the passphrase or key file (`host/TARGETS.md`). An existing
+        /// encrypted target is found encrypted without it.
+        #[arg(long)]
+        encrypt: bool,
+        /// The key file that opens it (`holdfast key new FILE`); its path is recorded, read
+        /// each time the target is used.
+        #[arg(long, conflicts_with = "passphrase_file")]
+        key_file: Option<std::path::PathBuf>,
+        /// A file holding the passphrase (its first line); its path is recorded. Without this
+        /// or --key-file: HOLDFAST_PASSPHRASE, else a prompt on a terminal.
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
         /// Print the result as JSON (for scripts)
         #[arg(long)]
         json: bool,
     },
+    /// The key slots of an encrypted target: each one a passphrase or key file that opens it.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// The registered targets.
     List {
         /// Print the result as JSON (for scripts)
@@ -82,6 +98,113 @@ pub enum TargetCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Add a key slot: another passphrase or key file that opens the target. This node's own
+    /// secret opens it first.
+    #[command(
+        after_help = "Examples:\n  holdfast key new /root/bucket.key && holdfast target key add bucket --new-key-file /root/bucket.key\n  HOLDFAST_NEW_PASSPHRASE=... holdfast target key add bucket --use"
+    )]
+    Add {
+        /// The target's name
+        name: String,
+        /// The new slot opens with this key file (`holdfast key new FILE`).
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<std::path::PathBuf>,
+        /// The new slot opens with the passphrase in this file. Without this or
+        /// --new-key-file: HOLDFAST_NEW_PASSPHRASE, else a prompt on a terminal.
+        #[arg(long)]
+        new_passphrase_file: Option<std::path::PathBuf>,
+        /// This node opens the target with the new secret from now on (recorded: the file's
+        /// path, or HOLDFAST_PASSPHRASE / a prompt for a passphrase given otherwise).
+        #[arg(long = "use")]
+        use_it: bool,
+        /// Print the new slot as JSON (for scripts)
+        #[arg(long)]
+        json: bool,
+    },
+    /// The key slots (no secret needed).
+    List {
+        /// The target's name
+        name: String,
+        /// Print the result as JSON (for scripts)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key slot: its secret no longer opens the target. Never the last one, nor the
+    /// one this node uses. (The master key stays the same: whoever copied it while they held
+    /// that secret still has it.)
+    Remove {
+        /// The target's name
+        name: String,
+        /// The slot's id (`holdfast target key list NAME`)
+        slot: String,
+    },
+}
+
+impl KeyCommand {
+    async fn run(self, targets: &Targets<'_>, ctx: &Context) -> anyhow::Result<()> {
+        use crate::target::keys::KeySource;
+        match self {
+            KeyCommand::Add {
+                name,
+                new_key_file,
+                new_passphrase_file,
+                use_it,
+                json,
+            } => {
+                let source = KeySource::new(new_key_file, new_passphrase_file)?;
+                let slot = targets.add_key(&name, source, use_it).await?;
+                if json {
+                    return print_json(&slot);
+                }
+                ctx.summary(format!(
+                    "added key slot {} ({}) to target {name}{}",
+                    slot.id,
+                    slot.kind,
+                    if use_it {
+                        "; this node opens the target with it from now on"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            KeyCommand::List { name, json } => {
+                let slots = targets.key_slots(&name).await?;
+                if json {
+                    return print_json(&slots);
+                }
+                outln!("{:<10} {:<12} {:<26} KDF", "SLOT", "KIND", "CREATED");
+                for s in slots {
+                    outln!(
+                        "{:<10} {:<12} {:<26} {}",
+                        s.id,
+                        s.kind.to_string(),
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_millis(s.created_unix_ms)
+                        )
+                        .to_string(),
+                        match &s.argon2id {
+                            Some(a) =>
+                                format!("argon2id {} MiB, {} passes", a.memory_kib / 1024, a.passes),
+                            None => "blake3 (a random key)".into(),
+                        }
+                    );
+                }
+            }
+            KeyCommand::Remove { name, slot } => {
+                let s = targets.remove_key(&name, &slot).await?;
+                ctx.summary(format!(
+                    "removed key slot {} ({}) of target {name}: its secret no longer opens it",
+                    s.id, s.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl TargetCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
         let node = ctx.open().await?;
@@ -95,8 +218,19 @@ impl TargetCommand {
                 allow_http,
                 profile,
                 credentials_file,
+                encrypt,
+                key_file,
+                passphrase_file,
                 json,
             } => {
+                let encryption = if encrypt || key_file.is_some() || passphrase_file.is_some() {
+                    Some(crate::target::keys::KeySource::new(
+                        key_file,
+                        passphrase_file,
+                    )?)
+                } else {
+                    None
+                };
                 let credentials_file = credentials_file
                     .map(|f| std::path::absolute(&f))
                     .transpose()
@@ -111,16 +245,18 @@ impl TargetCommand {
                         profile,
                         credentials_file,
                         added_unix_ms: crate::now_unix_ms(),
+                        encryption,
                     })
                     .await?;
                 if json {
                     return print_json(&r);
                 }
                 ctx.summary(format!(
-                    "added target {} ({}): format version {}{}, {} snapshot(s), {} pack(s)",
+                    "added target {} ({}): format version {}{}{}, {} snapshot(s), {} pack(s)",
                     r.target,
                     r.url,
                     r.format_version,
+                    if r.encrypted { ", encrypted" } else { "" },
                     if r.initialised_now {
                         ", initialised now"
                     } else {
@@ -138,7 +274,7 @@ impl TargetCommand {
                 outln!("{:<20} {:<40} ENDPOINT", "NAME", "URL");
                 for t in list {
                     outln!(
-                        "{:<20} {:<40} {}{}",
+                        "{:<20} {:<40} {}{}{}",
                         t.name,
                         t.url,
                         t.endpoint.as_deref().unwrap_or("-"),
@@ -146,10 +282,16 @@ impl TargetCommand {
                             " (plain http allowed)"
                         } else {
                             ""
+                        },
+                        if t.encryption.is_some() {
+                            " (encrypted)"
+                        } else {
+                            ""
                         }
                     );
                 }
             }
+            TargetCommand::Key(k) => k.run(&targets, ctx).await?,
             TargetCommand::Remove { name } => {
                 let r = targets.remove(&name)?;
                 ctx.summary(format!(
@@ -159,16 +301,16 @@ impl TargetCommand {
             }
             TargetCommand::Check { name, json } => {
                 let rec = targets.get(&name)?;
-                let repo = crate::target::open(&rec)?;
-                let r = crate::target::check_or_init(&repo, &rec, &node.info.node_id).await?;
+                let r = crate::target::check_or_init(&rec, &node.info.node_id, false).await?;
                 if json {
                     return print_json(&r);
                 }
                 outln!(
-                    "target {} ({}): reachable, writable, format version {}, {} snapshot(s), {} pack(s), {} gc record(s), checked in {:.2}s",
+                    "target {} ({}): reachable, writable, format version {}{}, {} snapshot(s), {} pack(s), {} gc record(s), checked in {:.2}s",
                     r.target,
                     r.url,
                     r.format_version,
+                    if r.encrypted { ", encrypted" } else { "" },
                     r.snapshots,
                     r.packs,
                     r.gc_records,

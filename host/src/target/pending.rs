@@ -573,7 +573,7 @@ pub async fn clear_pending(
             node.info.node_id, rec.name
         )));
     }
-    let repo = super::open(rec)?;
+    let repo = super::open(rec).await?;
     repo.check_for_writing().await?;
     let theirs: Vec<Intent> = intents(&repo, None)
         .await?

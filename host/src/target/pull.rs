@@ -22,8 +22,7 @@ pub async fn pull(
     progress: &ProgressBar,
 ) -> Result<TransferReport> {
     let t0 = Instant::now();
-    let repo = open(rec)?;
-    repo.check().await?;
+    let repo = open(rec).await?;
     let theirs = snapshots(&repo, volume).await?;
     let marker = format!("seeded from target {}", rec.name);
     match node.catalog.volume(volume) {

@@ -120,7 +120,7 @@ async fn push_volume(
     progress: &ProgressBar,
 ) -> Result<TransferReport> {
     let t0 = Instant::now();
-    let repo = open(rec)?;
+    let repo = open(rec).await?;
     // A push writes salted packs and intents (format 3): an older target is marked first.
     repo.check_for_writing().await?;
     node.catalog.volume(volume)?;

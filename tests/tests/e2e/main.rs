@@ -3,6 +3,7 @@
 mod bad_input;
 mod corruption;
 mod crash;
+mod encrypted;
 mod hostile;
 mod live;
 mod locks;

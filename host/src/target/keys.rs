@@ -1,0 +1,453 @@
+//! Keys of an encrypted target (`host/TARGETS.md`, "Encryption").
+//!
+//! A target's **master key** is 32 random bytes made when the target is created. It is
+//! stored only wrapped, in the target's `config` object, once per **key slot**: sealed with
+//! XChaCha20-Poly1305 under a key-encryption key derived from a passphrase (Argon2id, its
+//! parameters and salt stored in the slot) or from a key file (32 random bytes, `holdfast key
+//! new`; derived with BLAKE3, a random key needs no stretching). The slot's sealing binds the
+//! repository id, the slot id and its kind, so a slot copied from another target or edited
+//! does not open. The object key ([`ObjectKey`]) is derived from the master key.
+//!
+//! Nothing here is logged or written into the state directory: a target's record names where
+//! its secret comes from (a key file or a passphrase file), never the secret itself.
+
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::{Error, Result};
+use crate::repo::sealed::ObjectKey;
+
+/// The cipher an encrypted target's objects are sealed with (`repo/sealed.rs`).
+pub const CIPHER: &str = "chacha20-poly1305-stream-64k";
+/// Argon2id's cost for new passphrase slots: 64 MiB, 3 passes, 1 lane (about 0.2 s here).
+pub const ARGON2_MEMORY_KIB: u32 = 64 << 10;
+pub const ARGON2_PASSES: u32 = 3;
+/// The most a slot may ask for, so a config edited by someone else cannot make a node spend
+/// gigabytes or minutes on opening it.
+const ARGON2_MAX_MEMORY_KIB: u32 = 1 << 20;
+const ARGON2_MAX_PASSES: u32 = 16;
+const MAX_SLOTS: usize = 32;
+/// Secret files are small: a key file is 64 hex digits, a passphrase one line.
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// The `encryption` member of an encrypted target's config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Encryption {
+    pub cipher: String,
+    pub slots: Vec<KeySlot>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotKind {
+    Passphrase,
+    KeyFile,
+}
+
+impl std::fmt::Display for SlotKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SlotKind::Passphrase => "passphrase",
+            SlotKind::KeyFile => "key file",
+        })
+    }
+}
+
+/// One wrapped copy of the master key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeySlot {
+    /// 8 hex digits, random.
+    pub id: String,
+    pub kind: SlotKind,
+    pub created_unix_ms: u64,
+    /// Argon2id parameters (passphrase slots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argon2id: Option<Argon2Params>,
+    /// Hex: a 24-byte nonce, then the sealed master key (32 bytes and a 16-byte tag).
+    pub wrapped: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Argon2Params {
+    pub memory_kib: u32,
+    pub passes: u32,
+    pub lanes: u32,
+    /// Hex, 16 random bytes.
+    pub salt: String,
+}
+
+/// A target's master key (zeroed when dropped).
+pub struct MasterKey(Zeroizing<[u8; 32]>);
+
+impl MasterKey {
+    pub fn random() -> Self {
+        MasterKey(Zeroizing::new(rand::random()))
+    }
+
+    pub fn object_key(&self) -> ObjectKey {
+        ObjectKey::from_master(&self.0)
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+/// A secret that opens (or will open) a key slot.
+pub enum Secret {
+    Passphrase(Zeroizing<String>),
+    KeyFile(Zeroizing<[u8; 32]>),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({})", self.kind())
+    }
+}
+
+impl Secret {
+    pub fn kind(&self) -> SlotKind {
+        match self {
+            Secret::Passphrase(_) => SlotKind::Passphrase,
+            Secret::KeyFile(_) => SlotKind::KeyFile,
+        }
+    }
+
+    /// The key-encryption key of `slot` from this secret.
+    fn kek(&self, slot_argon: Option<&Argon2Params>) -> Result<Zeroizing<[u8; 32]>> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        match (self, slot_argon) {
+            (Secret::KeyFile(k), None) => {
+                *out = blake3::derive_key("holdfast 2026-12 target key-file slot v1", &k[..]);
+            }
+            (Secret::Passphrase(p), Some(a)) => {
+                if a.memory_kib > ARGON2_MAX_MEMORY_KIB || a.passes > ARGON2_MAX_PASSES {
+                    return Err(Error::corrupt(format!(
+                        "a passphrase key slot asks for Argon2id with {} KiB and {} passes, \
+                         more than this holdfast spends ({} KiB, {} passes); the config was \
+                         edited by someone else",
+                        a.memory_kib, a.passes, ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_PASSES
+                    )));
+                }
+                let salt = hex::decode(&a.salt)
+                    .map_err(|_| Error::corrupt("a key slot's salt is not hex"))?;
+                let params = argon2::Params::new(a.memory_kib, a.passes, a.lanes, Some(32))
+                    .map_err(|e| {
+                        Error::corrupt(format!("a key slot's Argon2id parameters: {e}"))
+                    })?;
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                    .hash_password_into(p.as_bytes(), &salt, &mut out[..])
+                    .map_err(|e| {
+                        Error::corrupt(format!("deriving a key from the passphrase: {e}"))
+                    })?;
+            }
+            _ => return Err(Error::internal("a secret of another kind than its slot")),
+        }
+        Ok(out)
+    }
+}
+
+fn aad(repo_id: &str, slot_id: &str, kind: SlotKind) -> Vec<u8> {
+    format!("holdfast key slot\0{repo_id}\0{slot_id}\0{kind}").into_bytes()
+}
+
+/// A new slot holding `master` wrapped by `secret`, for the repository `repo_id`.
+pub fn new_slot(master: &MasterKey, secret: &Secret, repo_id: &str) -> Result<KeySlot> {
+    let id = format!("{:08x}", rand::random::<u32>());
+    let argon2id = match secret {
+        Secret::Passphrase(_) => Some(Argon2Params {
+            memory_kib: ARGON2_MEMORY_KIB,
+            passes: ARGON2_PASSES,
+            lanes: 1,
+            salt: hex::encode(rand::random::<[u8; 16]>()),
+        }),
+        Secret::KeyFile(_) => None,
+    };
+    let kek = secret.kek(argon2id.as_ref())?;
+    let nonce: [u8; 24] = rand::random();
+    let sealed = XChaCha20Poly1305::new((&*kek).into())
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &master.0[..],
+                aad: &aad(repo_id, &id, secret.kind()),
+            },
+        )
+        .map_err(|_| Error::internal("wrapping the master key"))?;
+    let mut wrapped = nonce.to_vec();
+    wrapped.extend_from_slice(&sealed);
+    Ok(KeySlot {
+        id,
+        kind: secret.kind(),
+        created_unix_ms: crate::now_unix_ms(),
+        argon2id,
+        wrapped: hex::encode(wrapped),
+    })
+}
+
+/// A new target's encryption: a random master key and one slot for `secret`.
+pub fn create(secret: &Secret, repo_id: &str) -> Result<(MasterKey, Encryption)> {
+    let master = MasterKey::random();
+    let slot = new_slot(&master, secret, repo_id)?;
+    Ok((
+        master,
+        Encryption {
+            cipher: CIPHER.into(),
+            slots: vec![slot],
+        },
+    ))
+}
+
+/// Opens the target's master key with `secret`: the first slot of its kind that opens. Returns
+/// the slot's id too. A secret that opens none is refused (`InvalidInput`: the operator gave the
+/// wrong one).
+pub fn unlock(
+    enc: &Encryption,
+    repo_id: &str,
+    secret: &Secret,
+    target: &str,
+) -> Result<(MasterKey, String)> {
+    if enc.cipher != CIPHER {
+        return Err(Error::invalid(format!(
+            "target {target} is encrypted with {:?}, which this holdfast does not know (it \
+             knows {CIPHER}); use the release that wrote it",
+            enc.cipher
+        )));
+    }
+    if enc.slots.len() > MAX_SLOTS {
+        return Err(Error::corrupt(format!(
+            "target {target}'s config lists {} key slots (at most {MAX_SLOTS})",
+            enc.slots.len()
+        )));
+    }
+    for slot in enc.slots.iter().filter(|s| s.kind == secret.kind()) {
+        let Ok(wrapped) = hex::decode(&slot.wrapped) else {
+            continue;
+        };
+        if wrapped.len() != 24 + 32 + 16 {
+            continue;
+        }
+        let kek = secret.kek(slot.argon2id.as_ref())?;
+        let opened = XChaCha20Poly1305::new((&*kek).into()).decrypt(
+            XNonce::from_slice(&wrapped[..24]),
+            Payload {
+                msg: &wrapped[24..],
+                aad: &aad(repo_id, &slot.id, slot.kind),
+            },
+        );
+        if let Ok(mut key) = opened {
+            let mut master = Zeroizing::new([0u8; 32]);
+            master.copy_from_slice(&key);
+            key.zeroize();
+            return Ok((MasterKey(master), slot.id.clone()));
+        }
+    }
+    Err(Error::invalid(format!(
+        "no key slot of target {target} opens with this {} ({} slot(s) of that kind); check the \
+         {}",
+        secret.kind(),
+        enc.slots.iter().filter(|s| s.kind == secret.kind()).count(),
+        match secret.kind() {
+            SlotKind::Passphrase => "passphrase (HOLDFAST_PASSPHRASE or the passphrase file)",
+            SlotKind::KeyFile => "key file",
+        }
+    )))
+}
+
+/// Where a node finds the secret of an encrypted target (stored in the target's record: paths,
+/// never secrets). With neither, the passphrase is `HOLDFAST_PASSPHRASE`, else asked for on a
+/// terminal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeySource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeySource {
+    /// Paths made absolute (the daemon may run elsewhere); at most one of them.
+    pub fn new(key_file: Option<PathBuf>, passphrase_file: Option<PathBuf>) -> Result<Self> {
+        if key_file.is_some() && passphrase_file.is_some() {
+            return Err(Error::invalid(
+                "give --key-file or --passphrase-file, not both",
+            ));
+        }
+        let abs = |p: Option<PathBuf>| {
+            p.map(|p| std::path::absolute(&p).map_err(|e| Error::io("resolving a path", e)))
+                .transpose()
+        };
+        Ok(KeySource {
+            key_file: abs(key_file)?,
+            passphrase_file: abs(passphrase_file)?,
+        })
+    }
+
+    /// Reads the secret. `what` names it in messages ("target bucket"); `confirm` asks twice on
+    /// a terminal (a new passphrase).
+    pub fn secret(&self, what: &str, confirm: bool) -> Result<Secret> {
+        self.read(what, confirm, "HOLDFAST_PASSPHRASE")
+    }
+
+    /// A new slot's secret: like [`KeySource::secret`], but the passphrase from the
+    /// environment is `HOLDFAST_NEW_PASSPHRASE`.
+    pub fn new_secret(&self, what: &str) -> Result<Secret> {
+        self.read(what, true, "HOLDFAST_NEW_PASSPHRASE")
+    }
+
+    fn read(&self, what: &str, confirm: bool, env: &str) -> Result<Secret> {
+        if let Some(f) = &self.key_file {
+            return read_key_file(f);
+        }
+        let pass = match &self.passphrase_file {
+            Some(f) => {
+                let raw = read_small(f, "passphrase file")?;
+                let text = String::from_utf8(raw.to_vec()).map_err(|_| {
+                    Error::invalid(format!("passphrase file {} is not UTF-8", f.display()))
+                })?;
+                Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string())
+            }
+            None => match std::env::var(env) {
+                Ok(p) => Zeroizing::new(p),
+                Err(_) if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+                    let p = Zeroizing::new(
+                        rpassword::prompt_password(format!("passphrase for {what}: "))
+                            .map_err(|e| Error::io("reading the passphrase", e))?,
+                    );
+                    if confirm {
+                        let again = Zeroizing::new(
+                            rpassword::prompt_password("the same passphrase again: ")
+                                .map_err(|e| Error::io("reading the passphrase", e))?,
+                        );
+                        if *again != *p {
+                            return Err(Error::invalid("the two passphrases differ"));
+                        }
+                    }
+                    p
+                }
+                Err(_) => {
+                    return Err(Error::invalid(format!(
+                        "{what}: no secret was given; set {env}, or give --passphrase-file or \
+                         --key-file"
+                    )));
+                }
+            },
+        };
+        if pass.is_empty() {
+            return Err(Error::invalid(format!(
+                "the passphrase for {what} is empty"
+            )));
+        }
+        Ok(Secret::Passphrase(pass))
+    }
+}
+
+fn read_small(path: &Path, what: &str) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    let mut raw = Zeroizing::new(Vec::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut raw))
+        .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))?;
+    if raw.len() as u64 > MAX_SECRET_FILE {
+        return Err(Error::invalid(format!(
+            "{what} {} holds more than 4 KiB; it is not a {what}",
+            path.display()
+        )));
+    }
+    Ok(raw)
+}
+
+/// A key file: 64 hex digits (what `holdfast key new` writes), or 32 raw bytes.
+pub fn read_key_file(path: &Path) -> Result<Secret> {
+    let raw = read_small(path, "key file")?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    let text = std::str::from_utf8(&raw).map(str::trim).unwrap_or("");
+    if text.len() == 64 && hex::decode_to_slice(text, &mut key[..]).is_ok() {
+        return Ok(Secret::KeyFile(key));
+    }
+    if raw.len() == 32 {
+        key.copy_from_slice(&raw);
+        return Ok(Secret::KeyFile(key));
+    }
+    Err(Error::invalid(format!(
+        "key file {} holds neither 64 hex digits nor 32 bytes; `holdfast key new FILE` makes one",
+        path.display()
+    )))
+}
+
+/// The text of a new key file.
+pub fn new_key_file_text() -> Zeroizing<String> {
+    let key = Zeroizing::new(rand::random::<[u8; 32]>());
+    Zeroizing::new(format!("{}\n", hex::encode(&key[..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(p: &str) -> Secret {
+        Secret::Passphrase(Zeroizing::new(p.into()))
+    }
+
+    #[test]
+    fn slots_open_with_their_secret_only_and_only_in_their_repository() {
+        let (master, mut enc) = create(&pass("correct horse"), "repo-a").unwrap();
+        let expect = master.object_key();
+        let (m, _) = unlock(&enc, "repo-a", &pass("correct horse"), "t").unwrap();
+        assert_eq!(format!("{:?}", m.object_key()), format!("{expect:?}"));
+        assert_eq!(*m.0, *master.0);
+        let err = unlock(&enc, "repo-a", &pass("wrong"), "t").unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+        assert!(unlock(&enc, "repo-b", &pass("correct horse"), "t").is_err());
+        // A key-file slot beside it.
+        let kf = Secret::KeyFile(Zeroizing::new([9; 32]));
+        enc.slots.push(new_slot(&master, &kf, "repo-a").unwrap());
+        assert_eq!(*unlock(&enc, "repo-a", &kf, "t").unwrap().0.0, *master.0);
+        assert!(
+            unlock(
+                &enc,
+                "repo-a",
+                &Secret::KeyFile(Zeroizing::new([8; 32])),
+                "t"
+            )
+            .is_err()
+        );
+        // An edited slot (its kind swapped, its cost raised) does not open or is refused.
+        let mut edited = enc.clone();
+        edited.slots[0].argon2id.as_mut().unwrap().memory_kib = u32::MAX;
+        assert!(matches!(
+            unlock(&edited, "repo-a", &pass("correct horse"), "t"),
+            Err(Error::Corrupt(_))
+        ));
+        let mut flipped = enc.clone();
+        let w = &mut flipped.slots[1].wrapped;
+        let last = if w.ends_with('0') { "1" } else { "0" };
+        w.replace_range(w.len() - 1.., last);
+        assert!(unlock(&flipped, "repo-a", &kf, "t").is_err());
+    }
+
+    #[test]
+    fn key_files_are_hex_or_raw_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, new_key_file_text().as_bytes()).unwrap();
+        assert!(matches!(read_key_file(&p), Ok(Secret::KeyFile(_))));
+        std::fs::write(&p, [3u8; 32]).unwrap();
+        assert!(matches!(read_key_file(&p), Ok(Secret::KeyFile(k)) if *k == [3u8; 32]));
+        for bad in [&b"short"[..], &[0u8; 5000][..], &[b'a'; 63][..]] {
+            std::fs::write(&p, bad).unwrap();
+            let err = read_key_file(&p).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+        }
+    }
+}

@@ -417,6 +417,7 @@ impl Repository {
     ) -> Result<RepoConfig> {
         let path = Path::from("config");
         let meta = self.store.head(&path).await?;
+        let read = self.store.get(&path).await?.bytes().await?;
         let mut config = self.check().await?;
         change(&mut config)?;
         let body =
@@ -433,8 +434,17 @@ impl Repository {
             .put_opts(&path, PutPayload::from(body.clone()), conditional)
             .await
         {
+            // A local directory cannot compare: the config is read again just before, which
+            // leaves a window of one write, not of the whole change.
             Err(object_store::Error::NotImplemented { .. }) => {
-                self.store.put(&path, PutPayload::from(body)).await
+                if self.store.get(&path).await?.bytes().await? != read {
+                    Err(object_store::Error::Precondition {
+                        path: path.to_string(),
+                        source: "the config changed".into(),
+                    })
+                } else {
+                    self.store.put(&path, PutPayload::from(body)).await
+                }
             }
             other => other,
         };

@@ -86,6 +86,10 @@ pub struct TargetRecord {
     /// passphrase file, or else `HOLDFAST_PASSPHRASE` or a prompt). Never the secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<keys::KeySource>,
+    /// An encrypted target's repository id when it was added: another repository at its URL
+    /// (one encrypted with the same secret, copied there by someone) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
 }
 
 /// Opens a target's repository: reads its config and, for an encrypted target, opens its key
@@ -96,7 +100,7 @@ pub async fn open(rec: &TargetRecord) -> Result<Repository> {
         Error::NotFound(m) => Error::NotFound(format!("target {}: {m}", rec.name)),
         other => other,
     })?;
-    unlock(plain, rec, &config, false)
+    unlock(plain, rec, &config, false).await
 }
 
 /// Encrypted targets' object keys opened so far in this process, by URL and repository id.
@@ -104,10 +108,11 @@ static UNLOCKED: std::sync::Mutex<Vec<(String, String, crate::repo::sealed::Obje
     std::sync::Mutex::new(Vec::new());
 
 /// The repository as this node must use it: sealed with the target's key if its config says it
-/// is encrypted. A target registered as encrypted whose config says otherwise is refused (its
-/// config was replaced: reading it in the clear would trust whoever did that), as is an
-/// encrypted target registered as plain, unless it is being added (`adding`).
-fn unlock(
+/// is encrypted. Refused: a target registered as encrypted whose config says otherwise, or
+/// whose repository is another than the one registered (its config, or all of it, was
+/// replaced: trusting it would trust whoever did that); an encrypted target registered as
+/// plain, unless it is being added (`adding`).
+async fn unlock(
     plain: Repository,
     rec: &TargetRecord,
     config: &crate::repo::RepoConfig,
@@ -116,18 +121,32 @@ fn unlock(
     let Some(enc) = &config.encryption else {
         if rec.encryption.is_some() {
             return Err(Error::corrupt(format!(
-                "target {} ({}) was registered as encrypted, but its config says it is not:                  it was replaced by someone; nothing is read from or written to it in the clear",
+                "target {} ({}) was registered as encrypted, but its config says it is not: \
+                 it was replaced by someone; nothing is read from or written to it in the clear",
                 rec.name, rec.url
             )));
         }
         return Ok(plain);
     };
+    if let Some(id) = &rec.repository_id
+        && *id != config.id
+    {
+        return Err(Error::corrupt(format!(
+            "target {} ({}) now holds another repository (id {}) than the encrypted one this \
+             node registered (id {id}): it was replaced by someone, or the URL now points \
+             elsewhere; nothing is read from or written to it",
+            rec.name,
+            rec.url,
+            shorten(&config.id)
+        )));
+    }
     let source = match (&rec.encryption, adding) {
         (Some(s), _) => s.clone(),
         (None, true) => keys::KeySource::default(),
         (None, false) => {
             return Err(Error::invalid(format!(
-                "target {} ({}) is encrypted, but this node registered it unencrypted; remove it                  and add it again with --key-file or --passphrase-file",
+                "target {} ({}) is encrypted, but this node registered it unencrypted; remove it \
+                 and add it again with --key-file or --passphrase-file",
                 rec.name, rec.url
             )));
         }
@@ -142,7 +161,12 @@ fn unlock(
         Some(k) => k,
         None => {
             let secret = source.secret(&format!("target {}", rec.name), false)?;
-            let (master, _) = keys::unlock(enc, &config.id, &secret, &rec.name)?;
+            let (enc, id, name) = (enc.clone(), config.id.clone(), rec.name.clone());
+            // Argon2id takes a fifth of a second and 64 MiB: not on the runtime's threads.
+            let (master, _) =
+                tokio::task::spawn_blocking(move || keys::unlock(&enc, &id, &secret, &name))
+                    .await
+                    .map_err(|e| Error::internal(format!("opening the key failed: {e}")))??;
             let k = master.object_key();
             remember(rec, &config.id, k.clone());
             k
@@ -286,7 +310,12 @@ impl<'n> Targets<'n> {
 
     /// Checks the target (reachable, writable, a holdfast repository of this format, or empty
     /// and then initialised) and records it. Nothing is recorded if a check fails.
-    pub async fn add(&self, mut rec: TargetRecord) -> Result<CheckReport> {
+    /// `encrypt`: an empty target is made encrypted (`--encrypt`); then, or with a key source in
+    /// `rec`, a target found unencrypted is refused.
+    pub async fn add(&self, mut rec: TargetRecord, encrypt: bool) -> Result<CheckReport> {
+        if encrypt {
+            rec.encryption.get_or_insert_default();
+        }
         validate_name("target name", &rec.name)?;
         parse_url(&rec.url)?;
         if let Some(e) = &rec.endpoint {
@@ -316,9 +345,11 @@ impl<'n> Targets<'n> {
                 rec.name
             )));
         }
-        let report = check_or_init(&rec, &self.node.info.node_id, true).await?;
+        let report =
+            check_or_init(&rec, &self.node.info.node_id, Checking::Adding { encrypt }).await?;
         if report.encrypted {
             rec.encryption.get_or_insert_default();
+            rec.repository_id = Some(report.repository_id.clone());
         }
         self.store(&rec)?;
         Ok(report)
@@ -355,7 +386,9 @@ impl<'n> Targets<'n> {
         let config = plain.check().await?;
         let Some(enc) = config.encryption.clone() else {
             // Refused as `open` refuses it.
-            return Err(unlock(plain, &rec, &config, false).expect_err("a plain config"));
+            return Err(unlock(plain, &rec, &config, false)
+                .await
+                .expect_err("a plain config"));
         };
         Ok((rec, plain, config, enc))
     }
@@ -390,6 +423,12 @@ impl<'n> Targets<'n> {
                 let enc = c.encryption.as_mut().ok_or_else(|| {
                     Error::corrupt(format!("target {name} is no longer encrypted"))
                 })?;
+                if enc.slots.len() >= keys::MAX_SLOTS {
+                    return Err(Error::invalid(format!(
+                        "target {name} has {} key slots, the most it may have; remove one first",
+                        enc.slots.len()
+                    )));
+                }
                 enc.slots.push(slot);
                 Ok(())
             })
@@ -468,6 +507,8 @@ pub struct CheckReport {
     pub target: String,
     pub url: String,
     pub format_version: u32,
+    /// The repository's id (its config's).
+    pub repository_id: String,
     pub initialised_now: bool,
     pub writable: bool,
     /// Every object but the config is encrypted (`holdfast target add --encrypt`).
@@ -483,10 +524,20 @@ pub struct CheckReport {
     pub seconds: f64,
 }
 
-/// Reads the target's config (initialising an empty target, encrypted if the record asks for
-/// it), opens its key if it is encrypted, then proves it writable. `adding`: the target is
-/// being registered (an encrypted one may then be found whose record does not say so yet).
-pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, adding: bool) -> Result<CheckReport> {
+/// How [`check_or_init`] is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checking {
+    /// `target check` of a registered target.
+    Registered,
+    /// `target add`: an encrypted target may be found whose record does not say so yet; an
+    /// empty one is initialised, encrypted if `encrypt` (`--encrypt`).
+    Adding { encrypt: bool },
+}
+
+/// Reads the target's config (initialising an empty target as `how` says), opens its key if it
+/// is encrypted, then proves it writable.
+pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, how: Checking) -> Result<CheckReport> {
+    let adding = matches!(how, Checking::Adding { .. });
     let plain = open_plain(rec)?;
     let t0 = Instant::now();
     let ctx = |e: Error| match e {
@@ -522,21 +573,38 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, adding: bool) -> Res
                 )));
             }
             let id = crate::repo::new_repo_id();
-            let encryption = match &rec.encryption {
-                Some(source) if adding => {
+            let encryption = match (how, &rec.encryption) {
+                (Checking::Adding { encrypt: true }, Some(source)) => {
                     let secret = source.secret(&format!("new target {}", rec.name), true)?;
                     let (master, encryption) = keys::create(&secret, &id)?;
                     remember(rec, &id, master.object_key());
                     Some(encryption)
                 }
-                _ => None,
+                (_, None) => None,
+                // An encrypted target that is empty now (deleted by someone?) is not made again
+                // here, least of all unencrypted; nor is a new one made without --encrypt (a
+                // mistyped URL given with --key-file).
+                (Checking::Registered, Some(_)) => {
+                    return Err(Error::corrupt(format!(
+                        "target {} ({}) was registered as encrypted and is empty now: its \
+                         repository is gone; nothing was written",
+                        rec.name, rec.url
+                    )));
+                }
+                (Checking::Adding { encrypt: false }, Some(_)) => {
+                    return Err(Error::not_found(format!(
+                        "target {} ({}) is empty; --key-file and --passphrase-file open an \
+                         existing encrypted target, add --encrypt to make a new one",
+                        rec.name, rec.url
+                    )));
+                }
             };
             (plain.init_with(id, encryption).await.map_err(ctx)?, true)
         }
         Err(e) => return Err(ctx(e)),
     };
     let encrypted = config.encryption.is_some();
-    let repo = unlock(plain, rec, &config, adding)?;
+    let repo = unlock(plain, rec, &config, adding).await?;
     let repo = &repo;
     let probe = format!("probe/{me}-{:016x}", rand::random::<u64>());
     repo.put_object(&probe, b"holdfast write check".to_vec())
@@ -555,6 +623,7 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, adding: bool) -> Res
         target: rec.name.clone(),
         url: rec.url.clone(),
         format_version: config.version,
+        repository_id: config.id.clone(),
         initialised_now,
         writable: true,
         encrypted,

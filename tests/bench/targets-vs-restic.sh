@@ -4,7 +4,9 @@
 #   - holdfast: snapshot create (image -> node repository) and mirror push (-> bucket), the
 #     baseline and then after 1% of the 64 KiB blocks changed; both steps timed apart;
 #   - restic: backup of the same image, then of the changed image, to s3:... on the same server;
-#   - S3 requests per push, counted from the server's request log.
+#   - S3 requests per push, counted from the server's request log;
+#   - the same pushes into an encrypted bucket (`target add --encrypt`), and a restore of the
+#     incremental snapshot from it against `restic restore` of the same backup.
 # Usage: tests/bench/targets-vs-restic.sh      (SIZE=1GiB RUNS=3 CHANGE=0.01)
 # Needs restic (Debian package; installed with apt-get when missing) and moto (from
 # target/moto-venv, which ./test.sh installs, or $HOLDFAST_MOTO_VENV).
@@ -25,7 +27,7 @@ stop_moto() { [ -z "$MOTO_PID" ] || { kill "$MOTO_PID" 2>/dev/null || true; wait
 trap 'stop_moto; rm -rf "$WORK"' EXIT
 cd "$WORK"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-export RESTIC_PASSWORD=bench
+export RESTIC_PASSWORD=bench HOLDFAST_PASSPHRASE=bench
 now() { date +%s.%N; }
 since() { python3 -c "print($(now) - $1)"; }
 median() { python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 3))" "$@"; }
@@ -41,6 +43,7 @@ start_moto() {
 import boto3, sys
 c = boto3.client("s3", endpoint_url=sys.argv[1])
 c.create_bucket(Bucket="holdfast-bench"); c.create_bucket(Bucket="restic-bench")
+c.create_bucket(Bucket="holdfast-enc")
 PY
     sleep 0.1
   done
@@ -59,11 +62,14 @@ for run in $(seq "$RUNS"); do
   rm -rf hf; "$H" -q init >/dev/null
   "$H" -q volume add vol --image "$WORK/vol.img" --block-size 64KiB
   "$H" -q target add bucket --url s3://holdfast-bench/site --endpoint "$EP" --allow-http >/dev/null
+  "$H" -q target add enc --url s3://holdfast-enc/site --endpoint "$EP" --allow-http --encrypt >/dev/null
   t=$(now); "$H" -q snapshot create vol --name full >/dev/null; record hf_snap_full "$(since "$t")"
   q0=$(requests)
   t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_full "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline" >&2; exit 1; }
   q1=$(requests); record hf_req_full "$((q1 - q0))"; record hf_stored_full "$(j 'd["stored-bytes"]' < p.json)"
+  t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_full "$(since "$t")"
+  [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline (encrypted)" >&2; exit 1; }
   "$H" -q sample rewrite vol.img --fraction "$CHANGE" --seed "$((run + 1))" >/dev/null; sync
   t=$(now); "$H" -q snapshot create vol --name incr >/dev/null; record hf_snap_incr "$(since "$t")"
   q0=$(requests)
@@ -71,6 +77,12 @@ for run in $(seq "$RUNS"); do
   [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental" >&2; exit 1; }
   q1=$(requests); record hf_req_incr "$((q1 - q0))"; record hf_stored_incr "$(j 'd["stored-bytes"]' < p.json)"
   record hf_chunks_incr "$(j 'd["chunks"]' < p.json)"
+  t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_incr "$(since "$t")"
+  [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental (encrypted)" >&2; exit 1; }
+  rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  t=$(now); "$H" -q snapshot restore vol@incr --target enc --to "$WORK/out.img" >/dev/null; record enc_restore "$(since "$t")"
+  cmp -s out.img vol.img || { echo "the restore from the encrypted bucket differs" >&2; exit 1; }
+  rm -f out.img
   # restic, same image, same server
   q0=$(requests)
   restic -q -r "s3:$EP/restic-bench" init >/dev/null
@@ -80,6 +92,9 @@ for run in $(seq "$RUNS"); do
   q0=$(requests)
   t=$(now); restic -q -r "s3:$EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_incr "$(since "$t")"
   q1=$(requests); record restic_req_incr "$((q1 - q0))"
+  rm -rf rr; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  t=$(now); restic -q -r "s3:$EP/restic-bench" restore latest --target "$WORK/rr" >/dev/null; record restic_restore "$(since "$t")"
+  rm -rf rr
   stop_moto
 done
 
@@ -88,11 +103,12 @@ python3 - "$SIZE" "$CHANGE" "$RUNS" \
   "$(m hf_snap_full)" "$(m hf_push_full)" "$(m hf_snap_incr)" "$(m hf_push_incr)" \
   "$(m restic_full)" "$(m restic_incr)" \
   "$(m hf_req_full)" "$(m hf_req_incr)" "$(m restic_req_full)" "$(m restic_req_incr)" \
-  "$(m hf_stored_full)" "$(m hf_stored_incr)" "$(m hf_chunks_incr)" <<'PY'
+  "$(m hf_stored_full)" "$(m hf_stored_incr)" "$(m hf_chunks_incr)" \
+  "$(m enc_push_full)" "$(m enc_push_incr)" "$(m enc_restore)" "$(m restic_restore)" <<'PY'
 import json, sys
 a = sys.argv[1:]
 size, change, runs = a[0], float(a[1]), a[2]
-sf, pf, si, pi, rf, ri, qf, qi, rqf, rqi, bf, bi, ci = map(float, a[3:])
+sf, pf, si, pi, rf, ri, qf, qi, rqf, rqi, bf, bi, ci, ef, ei, er, rr = map(float, a[3:])
 print(f"\nPush to a local S3 server (moto), {size} mixed image, {change:.0%} of blocks changed, medians of {runs} runs")
 print(f"{'':34}{'baseline':>12}{'incremental':>14}")
 print(f"{'holdfast snapshot create':34}{sf:>11.2f}s{si:>13.2f}s")
@@ -107,7 +123,18 @@ print(f"{'holdfast bytes stored in bucket':34}{bf:>12.0f}{bi:>14.0f}")
 print(f"{'holdfast chunks pushed':34}{'':>12}{ci:>14.0f}")
 print(f"goal baseline >= 2x faster than restic: {'met' if rf/(sf+pf) >= 2 else 'NOT met'} (snapshot+push)")
 print(f"goal incremental >= 3x faster than restic: {'met' if ri/(si+pi) >= 3 else 'NOT met'} (snapshot+push)")
-print(json.dumps({"size": size, "hf_snapshot_full_s": sf, "hf_push_full_s": pf, "hf_snapshot_incr_s": si,
+print(f"\nEncrypted bucket (target add --encrypt), same data, same server")
+print(f"{'':34}{'baseline':>12}{'incremental':>14}")
+print(f"{'holdfast mirror push, encrypted':34}{ef:>11.2f}s{ei:>13.2f}s")
+print(f"{'encrypted / plain push':34}{ef/pf:>11.2f}x{ei/pi:>13.2f}x")
+print(f"{'encrypted push / restic backup':34}{ef/rf:>11.2f}x{ei/ri:>13.2f}x")
+print(f"{'restore: holdfast (encrypted)':34}{er:>11.2f}s")
+print(f"{'restore: restic':34}{rr:>11.2f}s")
+print(f"goal encrypted push <= 1.1x plain push: {'met' if ef/pf <= 1.1 else 'NOT met'} ({ef/pf:.2f}x)")
+print(f"goal encrypted incremental push <= 0.33x restic incremental: {'met' if ei/ri <= 0.33 else 'NOT met'} ({ei/ri:.2f}x)")
+print(f"goal encrypted restore <= 0.5x restic restore: {'met' if er/rr <= 0.5 else 'NOT met'} ({er/rr:.2f}x)")
+print(json.dumps({"size": size, "enc_push_full_s": ef, "enc_push_incr_s": ei, "enc_restore_s": er,
+    "restic_restore_s": rr, "hf_snapshot_full_s": sf, "hf_push_full_s": pf, "hf_snapshot_incr_s": si,
     "hf_push_incr_s": pi, "restic_full_s": rf, "restic_incr_s": ri, "hf_requests_full": qf,
     "hf_requests_incr": qi, "restic_requests_full": rqf, "restic_requests_incr": rqi,
     "hf_stored_full": bf, "hf_stored_incr": bi, "hf_chunks_incr": ci}))

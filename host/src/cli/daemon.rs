@@ -55,6 +55,7 @@ pub struct DaemonCommand {
 
 impl DaemonCommand {
     pub async fn run(self, ctx: &Context) -> anyhow::Result<()> {
+        crate::target::keys::NO_PROMPT.store(true, std::sync::atomic::Ordering::Relaxed);
         let (cfg, node) = self.config.open(ctx).await?;
         crate::daemon::run(node, cfg).await?;
         Ok(())

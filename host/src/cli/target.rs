@@ -223,7 +223,7 @@ impl TargetCommand {
                 passphrase_file,
                 json,
             } => {
-                let encryption = if encrypt || key_file.is_some() || passphrase_file.is_some() {
+                let encryption = if key_file.is_some() || passphrase_file.is_some() {
                     Some(crate::target::keys::KeySource::new(
                         key_file,
                         passphrase_file,
@@ -236,17 +236,21 @@ impl TargetCommand {
                     .transpose()
                     .map_err(|e| crate::Error::io("resolving --credentials-file", e))?;
                 let r = targets
-                    .add(TargetRecord {
-                        name,
-                        url,
-                        endpoint,
-                        region,
-                        allow_http,
-                        profile,
-                        credentials_file,
-                        added_unix_ms: crate::now_unix_ms(),
-                        encryption,
-                    })
+                    .add(
+                        TargetRecord {
+                            name,
+                            url,
+                            endpoint,
+                            region,
+                            allow_http,
+                            profile,
+                            credentials_file,
+                            added_unix_ms: crate::now_unix_ms(),
+                            encryption,
+                            repository_id: None,
+                        },
+                        encrypt,
+                    )
                     .await?;
                 if json {
                     return print_json(&r);
@@ -301,7 +305,12 @@ impl TargetCommand {
             }
             TargetCommand::Check { name, json } => {
                 let rec = targets.get(&name)?;
-                let r = crate::target::check_or_init(&rec, &node.info.node_id, false).await?;
+                let r = crate::target::check_or_init(
+                    &rec,
+                    &node.info.node_id,
+                    crate::target::Checking::Registered,
+                )
+                .await?;
                 if json {
                     return print_json(&r);
                 }

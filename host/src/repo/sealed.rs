@@ -39,8 +39,8 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
     CopyMode, CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult,
-    MultipartUpload, ObjectMeta, ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult, UploadPart,
+    MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult, UploadPart,
 };
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -125,9 +125,11 @@ pub fn sealed_len(plain: u64) -> u64 {
 pub fn plain_len(sealed: u64) -> Option<u64> {
     let body = sealed.checked_sub(HEADER)?;
     let (full, rest) = (body / SEALED_SEGMENT, body % SEALED_SEGMENT);
+    // The last segment holds 1..=SEGMENT bytes, or 0 when it is the only one.
     match rest {
         0 if full > 0 => Some(full * SEGMENT),
-        r if r >= TAG => Some(full * SEGMENT + r - TAG),
+        TAG if full == 0 => Some(0),
+        r if r > TAG => Some(full * SEGMENT + r - TAG),
         _ => None,
     }
 }
@@ -239,12 +241,11 @@ impl SealedStore {
     }
 
     /// A listed object's plaintext size. One that no sealed object can have is listed with its
-    /// stored size (reading it fails), so a foreign object is never mistaken for an empty one.
+    /// stored size, at least 1 (reading it fails), so that a foreign object, an empty one
+    /// included, is never mistaken for an empty sealed one (a fence).
     fn listed(mut meta: ObjectMeta) -> ObjectMeta {
-        if meta.location.as_ref() != CLEAR
-            && let Some(p) = plain_len(meta.size)
-        {
-            meta.size = p;
+        if meta.location.as_ref() != CLEAR {
+            meta.size = plain_len(meta.size).unwrap_or(meta.size.max(1));
         }
         meta
     }
@@ -258,11 +259,16 @@ impl SealedStore {
         if !refresh && let Some(h) = self.headers.lock().expect("not poisoned").get(&name) {
             return Ok(*h);
         }
+        // Its size first: a range request past the end of an object cut short would be an
+        // error of the store (retried as if it were an outage), not the damage it is.
+        let size = self.inner.head(location).await?.size;
+        if plain_len(size).is_none() {
+            return Err(seal_error(&name, "its size is not that of a sealed object"));
+        }
         let r = self
             .inner
             .get_opts(location, GetOptions::new().with_range(Some(0..HEADER)))
             .await?;
-        let size = r.meta.size;
         let head = r.bytes().await?;
         if head.len() as u64 != HEADER || &head[..MAGIC.len()] != MAGIC {
             return Err(seal_error(&name, "it is not a sealed object"));
@@ -291,10 +297,8 @@ impl SealedStore {
                 .ok_or_else(|| seal_error(&name, "its size is not that of a sealed object"))?;
             let want = range
                 .as_range(plain)
-                .map_err(|e| object_store::Error::Generic {
-                    store: STORE,
-                    source: format!("reading {name}: {e}").into(),
-                })?;
+                // Past the end: the object is shorter than the index that led here says.
+                .map_err(|e| seal_error(&name, &format!("it is cut short: {e}")))?;
             let n = segments(plain);
             let (s0, s1) = (want.start / SEGMENT, want.end.saturating_sub(1) / SEGMENT);
             let fetch =
@@ -550,7 +554,13 @@ mod tests {
             let sealed = seal(&key(1), "x", &vec![7; plain as usize]);
             assert_eq!(sealed.len() as u64, sealed_len(plain));
         }
-        for bad in [0, HEADER, HEADER + 15, HEADER + SEALED_SEGMENT + 3] {
+        for bad in [
+            0,
+            HEADER,
+            HEADER + 15,
+            HEADER + SEALED_SEGMENT + 3,
+            HEADER + SEALED_SEGMENT + TAG,
+        ] {
             assert_eq!(plain_len(bad), None, "{bad}");
         }
     }

@@ -123,6 +123,9 @@ async fn run(
         .env("HOLDFAST_VOLUME", &env.volume)
         .env("HOLDFAST_SNAPSHOT", &env.snapshot)
         .env("HOLDFAST_SOURCE", &env.source)
+        // Secrets of encrypted targets are not the hook's.
+        .env_remove("HOLDFAST_PASSPHRASE")
+        .env_remove("HOLDFAST_NEW_PASSPHRASE")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -26,11 +26,13 @@ pub const CIPHER: &str = "chacha20-poly1305-stream-64k";
 /// Argon2id's cost for new passphrase slots: 64 MiB, 3 passes, 1 lane (about 0.2 s here).
 pub const ARGON2_MEMORY_KIB: u32 = 64 << 10;
 pub const ARGON2_PASSES: u32 = 3;
-/// The most a slot may ask for, so a config edited by someone else cannot make a node spend
-/// gigabytes or minutes on opening it.
-const ARGON2_MAX_MEMORY_KIB: u32 = 1 << 20;
-const ARGON2_MAX_PASSES: u32 = 16;
-const MAX_SLOTS: usize = 32;
+/// The most a slot may ask for (4 times the default), so a config edited by someone else cannot
+/// make a node spend gigabytes or minutes on opening it: a slot asking for more is skipped.
+const ARGON2_MAX_MEMORY_KIB: u32 = 4 * ARGON2_MEMORY_KIB;
+const ARGON2_MAX_PASSES: u32 = 4 * ARGON2_PASSES;
+const ARGON2_MAX_LANES: u32 = 4;
+/// The most key slots a target has (`target key add` refuses more).
+pub const MAX_SLOTS: usize = 32;
 /// Secret files are small: a key file is 64 hex digits, a passphrase one line.
 const MAX_SECRET_FILE: u64 = 4096;
 
@@ -130,12 +132,20 @@ impl Secret {
                 *out = blake3::derive_key("holdfast 2026-12 target key-file slot v1", &k[..]);
             }
             (Secret::Passphrase(p), Some(a)) => {
-                if a.memory_kib > ARGON2_MAX_MEMORY_KIB || a.passes > ARGON2_MAX_PASSES {
+                if a.memory_kib > ARGON2_MAX_MEMORY_KIB
+                    || a.passes > ARGON2_MAX_PASSES
+                    || a.lanes > ARGON2_MAX_LANES
+                {
                     return Err(Error::corrupt(format!(
-                        "a passphrase key slot asks for Argon2id with {} KiB and {} passes, \
-                         more than this holdfast spends ({} KiB, {} passes); the config was \
-                         edited by someone else",
-                        a.memory_kib, a.passes, ARGON2_MAX_MEMORY_KIB, ARGON2_MAX_PASSES
+                        "a passphrase key slot asks for Argon2id with {} KiB, {} passes and {} \
+                         lanes, more than this holdfast spends ({} KiB, {} passes, {} lanes); \
+                         the config was edited by someone else",
+                        a.memory_kib,
+                        a.passes,
+                        a.lanes,
+                        ARGON2_MAX_MEMORY_KIB,
+                        ARGON2_MAX_PASSES,
+                        ARGON2_MAX_LANES
                     )));
                 }
                 let salt = hex::decode(&a.salt)
@@ -223,20 +233,29 @@ pub fn unlock(
             enc.cipher
         )));
     }
-    if enc.slots.len() > MAX_SLOTS {
-        return Err(Error::corrupt(format!(
-            "target {target}'s config lists {} key slots (at most {MAX_SLOTS})",
-            enc.slots.len()
-        )));
-    }
-    for slot in enc.slots.iter().filter(|s| s.kind == secret.kind()) {
+    // More slots than `target key add` makes: the first ones are tried (a config edited by
+    // someone else costs at most that many derivations).
+    let mut skipped = Vec::new();
+    for slot in enc
+        .slots
+        .iter()
+        .take(MAX_SLOTS)
+        .filter(|s| s.kind == secret.kind())
+    {
         let Ok(wrapped) = hex::decode(&slot.wrapped) else {
             continue;
         };
         if wrapped.len() != 24 + 32 + 16 {
             continue;
         }
-        let kek = secret.kek(slot.argon2id.as_ref())?;
+        let kek = match secret.kek(slot.argon2id.as_ref()) {
+            Ok(k) => k,
+            // One slot of someone else's making does not stop the others from opening.
+            Err(e) => {
+                skipped.push(format!("slot {}: {e}", crate::id::shorten(&slot.id)));
+                continue;
+            }
+        };
         let opened = XChaCha20Poly1305::new((&*kek).into()).decrypt(
             XNonce::from_slice(&wrapped[..24]),
             Payload {
@@ -251,7 +270,7 @@ pub fn unlock(
             return Ok((MasterKey(master), slot.id.clone()));
         }
     }
-    Err(Error::invalid(format!(
+    let mut msg = format!(
         "no key slot of target {target} opens with this {} ({} slot(s) of that kind); check the \
          {}",
         secret.kind(),
@@ -260,8 +279,15 @@ pub fn unlock(
             SlotKind::Passphrase => "passphrase (HOLDFAST_PASSPHRASE or the passphrase file)",
             SlotKind::KeyFile => "key file",
         }
-    )))
+    );
+    if !skipped.is_empty() {
+        msg.push_str(&format!("; skipped: {}", skipped.join("; ")));
+    }
+    Err(Error::invalid(msg))
 }
+
+/// Set by the daemon: it never waits for a passphrase on a terminal (a job would hang).
+pub static NO_PROMPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Where a node finds the secret of an encrypted target (stored in the target's record: paths,
 /// never secrets). With neither, the passphrase is `HOLDFAST_PASSPHRASE`, else asked for on a
@@ -312,14 +338,19 @@ impl KeySource {
         let pass = match &self.passphrase_file {
             Some(f) => {
                 let raw = read_small(f, "passphrase file")?;
-                let text = String::from_utf8(raw.to_vec()).map_err(|_| {
+                let text = std::str::from_utf8(&raw).map_err(|_| {
                     Error::invalid(format!("passphrase file {} is not UTF-8", f.display()))
                 })?;
-                Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string())
+                // Its first line (the only copy made is zeroed when dropped).
+                let line = text.lines().next().unwrap_or("");
+                Zeroizing::new(line.trim_end_matches('\r').to_string())
             }
             None => match std::env::var(env) {
                 Ok(p) => Zeroizing::new(p),
-                Err(_) if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+                Err(_)
+                    if !NO_PROMPT.load(std::sync::atomic::Ordering::Relaxed)
+                        && std::io::IsTerminal::is_terminal(&std::io::stdin()) =>
+                {
                     let p = Zeroizing::new(
                         rpassword::prompt_password(format!("passphrase for {what}: "))
                             .map_err(|e| Error::io("reading the passphrase", e))?,
@@ -422,13 +453,16 @@ mod tests {
             )
             .is_err()
         );
-        // An edited slot (its kind swapped, its cost raised) does not open or is refused.
+        // A slot whose cost was raised is skipped, and said so; one beside it still opens.
         let mut edited = enc.clone();
         edited.slots[0].argon2id.as_mut().unwrap().memory_kib = u32::MAX;
-        assert!(matches!(
-            unlock(&edited, "repo-a", &pass("correct horse"), "t"),
-            Err(Error::Corrupt(_))
-        ));
+        let err = unlock(&edited, "repo-a", &pass("correct horse"), "t").unwrap_err();
+        assert!(err.to_string().contains("skipped"), "{err}");
+        edited
+            .slots
+            .push(new_slot(&master, &pass("correct horse"), "repo-a").unwrap());
+        assert!(unlock(&edited, "repo-a", &pass("correct horse"), "t").is_ok());
+        // An edited slot does not open.
         let mut flipped = enc.clone();
         let w = &mut flipped.slots[1].wrapped;
         let last = if w.ends_with('0') { "1" } else { "0" };

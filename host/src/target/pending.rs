@@ -129,14 +129,20 @@ pub async fn pending_pushes(repo: &Repository, now: u64) -> Result<Vec<PendingPu
 /// request held by a proxy or retried after its process ended), is create-only too and can
 /// then never land, so no snapshot appears that nobody confirmed. A fence is never removed; a
 /// push of the same snapshot overwrites it (`push.rs`).
+///
+/// In an encrypted target a fence is a sealed empty object, and each one listed is opened
+/// first: an empty object of the bucket's owner's making is damage (an error), never a fence
+/// that hides a snapshot from gc.
 pub async fn listed_manifests(repo: &Repository) -> Result<Vec<(VolumeName, SnapshotId)>> {
-    Ok(repo
-        .list_manifest_objects()
-        .await?
-        .into_iter()
-        .filter(|(_, _, size)| *size > 0)
-        .map(|(v, id, _)| (v, id))
-        .collect())
+    let mut out = Vec::new();
+    for (v, id, size) in repo.list_manifest_objects().await? {
+        if size > 0 {
+            out.push((v, id));
+        } else if repo.is_sealed() {
+            repo.read_manifest_if_present(&v, &id).await?;
+        }
+    }
+    Ok(out)
 }
 
 /// What a manifest's key in a target holds.

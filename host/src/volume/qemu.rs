@@ -46,7 +46,9 @@ impl Bitmap {
 
 fn tool(name: &str) -> Command {
     let mut c = Command::new(name);
-    c.stdin(Stdio::null());
+    c.stdin(Stdio::null())
+        .env_remove("HOLDFAST_PASSPHRASE")
+        .env_remove("HOLDFAST_NEW_PASSPHRASE");
     c
 }
 

@@ -301,6 +301,8 @@ impl Fleece {
         let scratch = t.run_dir.join(format!("{}.qcow2", names.fleece));
         let _ = std::fs::remove_file(&scratch);
         let out = std::process::Command::new("qemu-img")
+            .env_remove("HOLDFAST_PASSPHRASE")
+            .env_remove("HOLDFAST_NEW_PASSPHRASE")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&scratch)
             .arg(size.to_string())

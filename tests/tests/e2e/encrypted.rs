@@ -546,11 +546,79 @@ fn tampering_with_an_encrypted_target_is_detected() {
         .into_iter()
         .find(|l| l.to_string_lossy().contains(&hex("app:keep")))
         .unwrap();
+    let saved_record = std::fs::read(&record).unwrap();
     flip_byte(&record, 3);
     let r = a.run(&["prune", "vm1", "--target", "t", "--keep-last", "1"]);
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("does not open"), "{}", r.stderr);
     assert_eq!(target_ids(&a, "vm1", "t").len(), 2, "nothing pruned");
+    std::fs::write(&record, &saved_record).unwrap();
+
+    // An empty object, or 48 bytes of junk (the size of a sealed empty one), at a manifest's
+    // key is not a fence that hides the snapshot from gc: gc stops on it.
+    for junk in [vec![], vec![0x5a; 48]] {
+        std::fs::write(&m2, &junk).unwrap();
+        let r = a.run(&["gc", "--target", "t"]);
+        assert_eq!(r.code, 6, "{} bytes: {}", junk.len(), r.stderr);
+    }
+    std::fs::write(&m2, &saved).unwrap();
+    a.ok(&["verify", "--target", "t"]);
+
+    // A pack cut short is damage (exit 6), not an outage.
+    let saved_pack = std::fs::read(&biggest).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&biggest)
+        .unwrap();
+    f.set_len(32 + (64 << 10) + 16).unwrap();
+    drop(f);
+    let r = restore(&a, "vm1@s1", "t", &out);
+    let r2 = restore(&a, "vm1@s2", "t", &a.path("r3.img"));
+    assert!(r.code == 6 || r2.code == 6, "{}\n{}", r.stderr, r2.stderr);
+    assert!(r.code != 7 && r2.code != 7, "{}\n{}", r.stderr, r2.stderr);
+    std::fs::write(&biggest, &saved_pack).unwrap();
+
+    // The whole repository replaced by another one the same key opens: refused.
+    let other = dir.path().join("other");
+    let other_url = format!("file://{}", other.display());
+    a.ok(&[
+        "target",
+        "add",
+        "o",
+        "--url",
+        &other_url,
+        "--encrypt",
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    push(&a, "vm1", "o");
+    std::fs::rename(&root, dir.path().join("t-saved")).unwrap();
+    std::fs::rename(&other, &root).unwrap();
+    let r = a.run(&["snapshot", "list", "vm1", "--target", "t"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("another repository"), "{}", r.stderr);
+    // Emptied: not made again.
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    let r = a.run(&["target", "check", "t"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        std::fs::read_dir(&root).unwrap().next().is_none(),
+        "nothing written"
+    );
+    // A new node given a key file for an empty directory is told to pass --encrypt.
+    let n = TestNode::new();
+    let r = n.run(&[
+        "target",
+        "add",
+        "t",
+        "--url",
+        &url,
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("--encrypt"), "{}", r.stderr);
 }
 
 fn hex(s: &str) -> String {

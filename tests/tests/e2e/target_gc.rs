@@ -879,6 +879,16 @@ fn release_pauses(
 /// node's next push has completed every push that was killed.
 #[test]
 fn pushes_and_gcs_paused_at_random_lose_nothing() {
+    paused_at_random_on(false);
+}
+
+/// The same on an encrypted directory target.
+#[test]
+fn pushes_and_gcs_paused_at_random_lose_nothing_when_encrypted() {
+    paused_at_random_on(true);
+}
+
+fn paused_at_random_on(encrypted: bool) {
     const ROUNDS: usize = 6;
     const BLOCK: usize = 64 << 10;
     const GRACE_HERE: Duration = Duration::from_secs(1);
@@ -902,7 +912,13 @@ fn pushes_and_gcs_paused_at_random_lose_nothing() {
                 ),
             ]);
             n.ok(&["init", "--node-id", &format!("n{i}")]);
-            n.ok(&["target", "add", "bucket", "--url", &url]);
+            if encrypted {
+                n.env
+                    .push(("HOLDFAST_PASSPHRASE".into(), "the tests' passphrase".into()));
+                n.ok(&["target", "add", "bucket", "--url", &url, "--encrypt"]);
+            } else {
+                n.ok(&["target", "add", "bucket", "--url", &url]);
+            }
             n
         })
         .collect();

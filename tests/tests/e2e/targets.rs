@@ -40,18 +40,41 @@ fn node_for(s3: &S3Server) -> TestNode {
 }
 
 fn add_s3_target(n: &TestNode, s3: &S3Server, name: &str, bucket: &str) -> String {
+    add_s3_target_with(n, s3, name, bucket, false)
+}
+
+/// `encrypted`: with `--encrypt` (the node's HOLDFAST_PASSPHRASE opens it; see
+/// [`encrypting`]).
+fn add_s3_target_with(
+    n: &TestNode,
+    s3: &S3Server,
+    name: &str,
+    bucket: &str,
+    encrypted: bool,
+) -> String {
     let url = format!("s3://{bucket}/backups");
-    n.ok(&[
+    let endpoint = s3.endpoint();
+    let mut args = vec![
         "target",
         "add",
         name,
         "--url",
         &url,
         "--endpoint",
-        &s3.endpoint(),
+        &endpoint,
         "--allow-http",
-    ]);
+    ];
+    if encrypted {
+        args.push("--encrypt");
+    }
+    n.ok(&args);
     url
+}
+
+/// A node's environment with the passphrase of the tests' encrypted targets.
+fn encrypting(n: &mut TestNode) {
+    n.env
+        .push(("HOLDFAST_PASSPHRASE".into(), "the tests' passphrase".into()));
 }
 
 fn push(n: &TestNode, volume: &str, target: &str) -> Value {
@@ -197,13 +220,24 @@ fn pull_seeds_a_node_then_mirroring_continues() {
 /// sending again what it had sent.
 #[test]
 fn interrupted_push_resumes() {
+    interrupted_push_resumes_on(false);
+}
+
+/// The same into an encrypted bucket (its multipart uploads are sealed whole).
+#[test]
+fn interrupted_push_into_an_encrypted_bucket_resumes() {
+    interrupted_push_resumes_on(true);
+}
+
+fn interrupted_push_resumes_on(encrypted: bool) {
     let s3 = S3Server::start();
     s3.create_bucket("holdfast-resume");
-    let a = node_for(&s3);
+    let mut a = node_for(&s3);
+    encrypting(&mut a);
     let data = random_bytes(40 * MIB);
     let img = a.image("vm1.img", &data);
     a.add_volume("vm1", &img, "64KiB");
-    add_s3_target(&a, &s3, "bucket", "holdfast-resume");
+    add_s3_target_with(&a, &s3, "bucket", "holdfast-resume", encrypted);
     a.snapshot("vm1", "s1");
 
     let mut watcher = s3.freeze_when_key_appears("holdfast-resume", "backups/index/");
@@ -481,12 +515,22 @@ fn target_locks_stop_its_prune() {
 /// the bucket verifies afterwards and every snapshot in it restores.
 #[test]
 fn concurrent_pushers_and_pruners_leave_a_verifying_bucket() {
+    concurrent_pushers_and_pruners_on(false);
+}
+
+#[test]
+fn concurrent_pushers_and_pruners_leave_a_verifying_encrypted_bucket() {
+    concurrent_pushers_and_pruners_on(true);
+}
+
+fn concurrent_pushers_and_pruners_on(encrypted: bool) {
     let s3 = S3Server::start();
     s3.create_bucket("holdfast-race");
     let nodes: Vec<TestNode> = (0..2)
         .map(|_| {
             let mut n = node_for(&s3);
             n.env.push(("HOLDFAST_TARGET_GRACE".into(), "1s".into()));
+            encrypting(&mut n);
             n
         })
         .collect();
@@ -494,7 +538,7 @@ fn concurrent_pushers_and_pruners_leave_a_verifying_bucket() {
     for (i, n) in nodes.iter().enumerate() {
         let img = n.image("v.img", &mixed_bytes(2 * MIB, 20 + i as u64));
         n.add_volume(&format!("vol{i}"), &img, "64KiB");
-        add_s3_target(n, &s3, "bucket", "holdfast-race");
+        add_s3_target_with(n, &s3, "bucket", "holdfast-race", encrypted);
         imgs.push(img);
     }
     std::thread::scope(|scope| {

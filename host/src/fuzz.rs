@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("node_toml", node_toml),
     ("names", names),
     ("wit_answers", wit_answers),
+    ("sealed", sealed),
 ];
 
 /// The valid inputs each corpus starts from (what `holdfast` itself writes), by target.
@@ -169,6 +170,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     ] {
         out.push(("node_toml", text.to_vec()));
     }
+    // An encrypted target's objects and config.
+    let key = crate::repo::sealed::ObjectKey::from_master(&SEALED_MASTER);
+    for len in [0usize, 1000, 70_000] {
+        let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let sealed = crate::repo::sealed::seal(&key, "fuzz", &plain);
+        out.push(("sealed", [&[0u8][..], &sealed].concat()));
+    }
+    out.push(("sealed", [&[1u8][..], &sealed_config()].concat()));
     out.push(("names", b"vm1\0nodeB/vm1\0custom:tag\0backup=done".to_vec()));
     out.push(("wit_answers", vec![0, 3, 0, 1, 2, 1, 0, 0, 1, 2, 3, 4, 5]));
     out.push(("wit_answers", vec![1, 3, 1, 1, 0, 2, 1, 0, 7, 7, 7, 7]));
@@ -480,6 +489,69 @@ pub fn target_records(data: &[u8]) {
     }
 }
 
+/// The master key of the `sealed` target's seeds (a key-file slot opens it with
+/// [`SEALED_KEY_FILE`]).
+const SEALED_MASTER: [u8; 32] = [0x42; 32];
+const SEALED_KEY_FILE: [u8; 32] = [0x17; 32];
+
+fn sealed_config() -> Vec<u8> {
+    use crate::target::keys;
+    let master = keys::MasterKey::from_bytes(SEALED_MASTER);
+    let secret = keys::Secret::KeyFile(zeroize::Zeroizing::new(SEALED_KEY_FILE));
+    let slot = keys::new_slot(&master, &secret, "fuzz-repository").expect("a slot");
+    serde_json::to_vec(&crate::repo::RepoConfig {
+        format: crate::repo::FORMAT_NAME.into(),
+        version: crate::repo::TARGET_FORMAT_VERSION,
+        id: "fuzz-repository".into(),
+        created_unix_ms: 1_700_000_000_000,
+        chunk_hash: "blake3".into(),
+        compression: "zstd".into(),
+        encryption: Some(keys::Encryption {
+            cipher: keys::CIPHER.into(),
+            slots: vec![slot],
+        }),
+    })
+    .expect("encodes")
+}
+
+/// What an encrypted target's bucket hands back: a sealed object (mode 0), opened with the
+/// seeds' key; or a repository config with key slots (mode 1), opened with the seeds' key file
+/// (key-file slots only: a passphrase slot would cost Argon2id per input). Garbage is refused;
+/// what opens must seal and open back to itself, and a config that opens gives the seeds' key.
+pub fn sealed(data: &[u8]) {
+    use crate::repo::sealed;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let key = sealed::ObjectKey::from_master(&SEALED_MASTER);
+    if mode % 2 == 0 {
+        if let Ok(plain) = sealed::open(&key, "fuzz", rest) {
+            assert_eq!(
+                sealed::plain_len(rest.len() as u64),
+                Some(plain.len() as u64)
+            );
+            let again = sealed::seal(&key, "fuzz", &plain);
+            assert_eq!(sealed::open(&key, "fuzz", &again).expect("opens"), plain);
+            assert!(sealed::open(&key, "other", &again).is_err());
+        }
+        return;
+    }
+    let Ok(config) = serde_json::from_slice::<crate::repo::RepoConfig>(rest) else {
+        return;
+    };
+    let Some(enc) = &config.encryption else {
+        return;
+    };
+    let secret = crate::target::keys::Secret::KeyFile(zeroize::Zeroizing::new(SEALED_KEY_FILE));
+    if let Ok((master, _)) = crate::target::keys::unlock(enc, &config.id, &secret, "fuzz") {
+        assert_eq!(
+            format!("{:?}", master.object_key()),
+            format!("{:?}", sealed::ObjectKey::from_master(&SEALED_MASTER))
+        );
+        assert!(master.is(&SEALED_MASTER));
+    }
+}
+
 /// An operator's `node.toml`, parsed and checked. The checks read token files, relative to
 /// `/fuzz/` (which does not exist): a file that names one by an absolute path or through `..`
 /// is skipped, so that the fuzzer never reads this machine's files.
@@ -693,6 +765,24 @@ mod tests {
                     .len(),
                 4
             );
+        }
+        for b in of("sealed") {
+            let key = crate::repo::sealed::ObjectKey::from_master(&SEALED_MASTER);
+            if b[0] == 0 {
+                crate::repo::sealed::open(&key, "fuzz", &b[1..]).unwrap();
+            } else {
+                let c: crate::repo::RepoConfig = serde_json::from_slice(&b[1..]).unwrap();
+                let secret =
+                    crate::target::keys::Secret::KeyFile(zeroize::Zeroizing::new(SEALED_KEY_FILE));
+                let (m, _) = crate::target::keys::unlock(
+                    c.encryption.as_ref().unwrap(),
+                    &c.id,
+                    &secret,
+                    "s",
+                )
+                .unwrap();
+                assert!(m.is(&SEALED_MASTER));
+            }
         }
         for b in of("node_toml") {
             let text = std::str::from_utf8(b).unwrap();

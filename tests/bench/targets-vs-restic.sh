@@ -63,6 +63,8 @@ for run in $(seq "$RUNS"); do
   "$H" -q volume add vol --image "$WORK/vol.img" --block-size 64KiB
   "$H" -q target add bucket --url s3://holdfast-bench/site --endpoint "$EP" --allow-http >/dev/null
   "$H" -q target add enc --url s3://holdfast-enc/site --endpoint "$EP" --allow-http --encrypt >/dev/null
+  [ -f key ] || "$H" -q key new "$WORK/key"
+  "$H" -q target add enckf --url s3://holdfast-enc/keyfile --endpoint "$EP" --allow-http --encrypt --key-file "$WORK/key" >/dev/null
   t=$(now); "$H" -q snapshot create vol --name full >/dev/null; record hf_snap_full "$(since "$t")"
   q0=$(requests)
   t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_full "$(since "$t")"
@@ -70,6 +72,7 @@ for run in $(seq "$RUNS"); do
   q1=$(requests); record hf_req_full "$((q1 - q0))"; record hf_stored_full "$(j 'd["stored-bytes"]' < p.json)"
   t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_full "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline (encrypted)" >&2; exit 1; }
+  t=$(now); "$H" -q mirror push vol --target enckf >/dev/null; record kf_push_full "$(since "$t")"
   "$H" -q sample rewrite vol.img --fraction "$CHANGE" --seed "$((run + 1))" >/dev/null; sync
   t=$(now); "$H" -q snapshot create vol --name incr >/dev/null; record hf_snap_incr "$(since "$t")"
   q0=$(requests)
@@ -79,6 +82,9 @@ for run in $(seq "$RUNS"); do
   record hf_chunks_incr "$(j 'd["chunks"]' < p.json)"
   t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_incr "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental (encrypted)" >&2; exit 1; }
+  t=$(now); "$H" -q mirror push vol --target enckf >/dev/null; record kf_push_incr "$(since "$t")"
+  rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  t=$(now); "$H" -q snapshot restore vol@incr --target bucket --to "$WORK/out.img" >/dev/null; record hf_restore "$(since "$t")"
   rm -f out.img; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   t=$(now); "$H" -q snapshot restore vol@incr --target enc --to "$WORK/out.img" >/dev/null; record enc_restore "$(since "$t")"
   cmp -s out.img vol.img || { echo "the restore from the encrypted bucket differs" >&2; exit 1; }
@@ -104,11 +110,12 @@ python3 - "$SIZE" "$CHANGE" "$RUNS" \
   "$(m restic_full)" "$(m restic_incr)" \
   "$(m hf_req_full)" "$(m hf_req_incr)" "$(m restic_req_full)" "$(m restic_req_incr)" \
   "$(m hf_stored_full)" "$(m hf_stored_incr)" "$(m hf_chunks_incr)" \
-  "$(m enc_push_full)" "$(m enc_push_incr)" "$(m enc_restore)" "$(m restic_restore)" <<'PY'
+  "$(m enc_push_full)" "$(m enc_push_incr)" "$(m enc_restore)" "$(m restic_restore)" \
+  "$(m kf_push_full)" "$(m kf_push_incr)" "$(m hf_restore)" <<'PY'
 import json, sys
 a = sys.argv[1:]
 size, change, runs = a[0], float(a[1]), a[2]
-sf, pf, si, pi, rf, ri, qf, qi, rqf, rqi, bf, bi, ci, ef, ei, er, rr = map(float, a[3:])
+sf, pf, si, pi, rf, ri, qf, qi, rqf, rqi, bf, bi, ci, ef, ei, er, rr, kf, ki, hr = map(float, a[3:])
 print(f"\nPush to a local S3 server (moto), {size} mixed image, {change:.0%} of blocks changed, medians of {runs} runs")
 print(f"{'':34}{'baseline':>12}{'incremental':>14}")
 print(f"{'holdfast snapshot create':34}{sf:>11.2f}s{si:>13.2f}s")
@@ -127,13 +134,17 @@ print(f"\nEncrypted bucket (target add --encrypt), same data, same server")
 print(f"{'':34}{'baseline':>12}{'incremental':>14}")
 print(f"{'holdfast mirror push, encrypted':34}{ef:>11.2f}s{ei:>13.2f}s")
 print(f"{'encrypted / plain push':34}{ef/pf:>11.2f}x{ei/pi:>13.2f}x")
+print(f"{'  the same with a key file':34}{kf:>11.2f}s{ki:>13.2f}s")
+print(f"{'  key file / plain push':34}{kf/pf:>11.2f}x{ki/pi:>13.2f}x")
 print(f"{'encrypted push / restic backup':34}{ef/rf:>11.2f}x{ei/ri:>13.2f}x")
 print(f"{'restore: holdfast (encrypted)':34}{er:>11.2f}s")
+print(f"{'restore: holdfast (plain)':34}{hr:>11.2f}s")
 print(f"{'restore: restic':34}{rr:>11.2f}s")
 print(f"goal encrypted push <= 1.1x plain push: {'met' if ef/pf <= 1.1 else 'NOT met'} ({ef/pf:.2f}x)")
 print(f"goal encrypted incremental push <= 0.33x restic incremental: {'met' if ei/ri <= 0.33 else 'NOT met'} ({ei/ri:.2f}x)")
 print(f"goal encrypted restore <= 0.5x restic restore: {'met' if er/rr <= 0.5 else 'NOT met'} ({er/rr:.2f}x)")
-print(json.dumps({"size": size, "enc_push_full_s": ef, "enc_push_incr_s": ei, "enc_restore_s": er,
+print(json.dumps({"size": size, "keyfile_push_full_s": kf, "keyfile_push_incr_s": ki,
+    "hf_restore_s": hr, "enc_push_full_s": ef, "enc_push_incr_s": ei, "enc_restore_s": er,
     "restic_restore_s": rr, "hf_snapshot_full_s": sf, "hf_push_full_s": pf, "hf_snapshot_incr_s": si,
     "hf_push_incr_s": pi, "restic_full_s": rf, "restic_incr_s": ri, "hf_requests_full": qf,
     "hf_requests_incr": qi, "restic_requests_full": rqf, "restic_requests_incr": rqi,

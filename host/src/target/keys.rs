@@ -96,6 +96,18 @@ impl MasterKey {
     pub fn object_key(&self) -> ObjectKey {
         ObjectKey::from_master(&self.0)
     }
+
+    /// A given key (the fuzzers' seeds).
+    #[doc(hidden)]
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        MasterKey(Zeroizing::new(key))
+    }
+
+    /// Whether this is `key` (tests).
+    #[doc(hidden)]
+    pub fn is(&self, key: &[u8; 32]) -> bool {
+        *self.0 == *key
+    }
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -117,6 +129,11 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// A passphrase given as text (tests, benchmarks).
+    pub fn passphrase(p: &str) -> Secret {
+        Secret::Passphrase(Zeroizing::new(p.to_string()))
+    }
+
     pub fn kind(&self) -> SlotKind {
         match self {
             Secret::Passphrase(_) => SlotKind::Passphrase,

@@ -18,6 +18,51 @@ use holdfast_tests::{Paused, Run, TestNode};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
+const PASSPHRASE: &str = "the tests' passphrase";
+
+thread_local! {
+    /// Whether this test's targets are encrypted (`target add --encrypt`): every test here
+    /// runs twice, on a plain and on an encrypted target (the sealing is below the protocol,
+    /// and must change nothing of it).
+    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `#[test] NAME` runs `NAME()` on plain targets, and `encrypted::NAME` on encrypted ones.
+macro_rules! on_plain_and_encrypted {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn plain() {
+                super::$name()
+            }
+            #[test]
+            fn encrypted() {
+                super::ENCRYPTED.set(true);
+                super::$name()
+            }
+        }
+    };
+}
+
+/// The bytes of the object `key` of the directory target at `root`, opened with the tests'
+/// passphrase if the target is encrypted.
+fn object_bytes(root: &std::path::Path, key: &str) -> Vec<u8> {
+    let raw = std::fs::read(root.join(key)).unwrap();
+    if !ENCRYPTED.get() {
+        return raw;
+    }
+    let config: holdfast::repo::RepoConfig =
+        serde_json::from_slice(&std::fs::read(root.join("config")).unwrap()).unwrap();
+    let secret = holdfast::target::keys::Secret::passphrase(PASSPHRASE);
+    let enc = config.encryption.as_ref().expect("an encrypted target");
+    let (master, _) = holdfast::target::keys::unlock(enc, &config.id, &secret, "test").unwrap();
+    holdfast::repo::sealed::open(&master.object_key(), key, &raw).unwrap()
+}
+
+/// `target add` arguments after the URL.
+fn encrypt_args() -> &'static [&'static str] {
+    if ENCRYPTED.get() { &["--encrypt"] } else { &[] }
+}
 const GRACE: Duration = Duration::from_secs(2);
 
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -31,6 +76,7 @@ fn node(s3: &S3Server, id: &str) -> TestNode {
     n.env = s3.env();
     n.env.retain(|(k, _)| k != "HOLDFAST_TARGET_TIMEOUT");
     n.env.extend([
+        ("HOLDFAST_PASSPHRASE".into(), PASSPHRASE.into()),
         ("HOLDFAST_TARGET_TIMEOUT".into(), "90s".into()),
         (
             "HOLDFAST_TARGET_GRACE".into(),
@@ -42,16 +88,19 @@ fn node(s3: &S3Server, id: &str) -> TestNode {
 }
 
 fn add_target(n: &TestNode, endpoint: &str, bucket: &str) {
-    n.ok(&[
+    let url = format!("s3://{bucket}/backups");
+    let mut args = vec![
         "target",
         "add",
         "bucket",
         "--url",
-        &format!("s3://{bucket}/backups"),
+        &url,
         "--endpoint",
         endpoint,
         "--allow-http",
-    ]);
+    ];
+    args.extend_from_slice(encrypt_args());
+    n.ok(&args);
 }
 
 fn json_of(r: &Run) -> Value {
@@ -157,7 +206,7 @@ fn every_snapshot_restores(n: &TestNode, want: &[(&str, &[u8])]) {
 /// rely on the condemned packs (it stores the chunks again), so when the gc resumes and
 /// deletes, the new snapshot is whole. (Before format 3, the push deduplicated against the
 /// dead packs once the gc's lease had expired, and the gc deleted them under it.)
-#[test]
+on_plain_and_encrypted!(a_gc_stalled_mid_delete_takes_nothing_a_push_committed);
 fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     let s3 = S3Server::start();
     s3.create_bucket("gc-stall");
@@ -211,7 +260,7 @@ fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
 /// writing its manifest; gcs condemn those packs and, a grace period later, delete them; the
 /// push resumes and writes its manifest. Its confirmation finds the packs condemned and
 /// stores those chunks again before it reports success.
-#[test]
+on_plain_and_encrypted!(a_push_stalled_before_its_manifest_stores_again_what_gc_deleted);
 fn a_push_stalled_before_its_manifest_stores_again_what_gc_deleted() {
     let s3 = S3Server::start();
     s3.create_bucket("push-stall");
@@ -270,9 +319,13 @@ fn dir_node(dir: &std::path::Path, id: &str) -> TestNode {
         "HOLDFAST_TARGET_GRACE".into(),
         format!("{}s", GRACE.as_secs()),
     ));
+    n.env
+        .push(("HOLDFAST_PASSPHRASE".into(), PASSPHRASE.into()));
     n.ok(&["init", "--node-id", id]);
     let url = format!("file://{}/target", dir.display());
-    n.ok(&["target", "add", "bucket", "--url", &url]);
+    let mut args = vec!["target", "add", "bucket", "--url", &url];
+    args.extend_from_slice(encrypt_args());
+    n.ok(&args);
     n
 }
 
@@ -294,7 +347,7 @@ fn pushed_and_pruned(a: &TestNode) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
 /// Sequence A on a directory target: b's gc has decided to delete s1's packs and is held
 /// before its first delete (as a SIGSTOP there would); a pushes s3 with s1's content and
 /// commits it; the gc goes on and deletes. s3 must not rely on the packs the gc deletes.
-#[test]
+on_plain_and_encrypted!(sequence_a_on_a_directory_target);
 fn sequence_a_on_a_directory_target() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -326,7 +379,7 @@ fn sequence_a_on_a_directory_target() {
 /// Sequence B on a directory target: a's push of s3 (s1's content) deduplicates against s1's
 /// unreferenced packs and is held after its intent, before its manifest; b's gcs condemn and
 /// delete those packs; the push goes on: its confirmation stores the chunks again.
-#[test]
+on_plain_and_encrypted!(sequence_b_on_a_directory_target);
 fn sequence_b_on_a_directory_target() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -356,7 +409,7 @@ fn sequence_b_on_a_directory_target() {
 /// while the next gc (a grace period later) would delete them: that gc keeps them (the
 /// manifest is live), the snapshot stays hidden from other nodes, and the confirmation
 /// stores the condemned chunks again before the snapshot is committed.
-#[test]
+on_plain_and_encrypted!(a_snapshot_is_hidden_until_its_push_confirms_it);
 fn a_snapshot_is_hidden_until_its_push_confirms_it() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -393,7 +446,7 @@ fn a_snapshot_is_hidden_until_its_push_confirms_it() {
 /// A node whose clock is three hours fast judges no age by it: its gc (grace one hour) finds
 /// s1's packs seconds old by the store's clock and condemns nothing, and `target check` ages
 /// an unfinished push by the store's clock too.
-#[test]
+on_plain_and_encrypted!(a_node_whose_clock_is_hours_fast_judges_nothing_by_it);
 fn a_node_whose_clock_is_hours_fast_judges_nothing_by_it() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -433,7 +486,7 @@ fn a_node_whose_clock_is_hours_fast_judges_nothing_by_it() {
 /// A gc killed between deleting a pack's index and the pack (the order it deletes them in)
 /// leaves a condemned pack without an index: the next gc reads what it holds from the pack's
 /// trailer and deletes it, so nothing leaks; the snapshot that is left restores.
-#[test]
+on_plain_and_encrypted!(a_gc_killed_between_an_index_and_its_pack_leaks_nothing);
 fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -442,8 +495,9 @@ fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
     let root = dir.path().join("target");
     let mut orphaned = 0;
     for record in std::fs::read_dir(root.join("gc/condemned")).unwrap() {
+        let name = record.unwrap().file_name().into_string().unwrap();
         let rec: Value =
-            serde_json::from_slice(&std::fs::read(record.unwrap().path()).unwrap()).unwrap();
+            serde_json::from_slice(&object_bytes(&root, &format!("gc/condemned/{name}"))).unwrap();
         for pack in rec["packs"].as_array().unwrap() {
             std::fs::remove_file(root.join("index").join(pack.as_str().unwrap())).unwrap();
             orphaned += 1;
@@ -469,7 +523,7 @@ fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
 /// and the snapshot restores. Another node's push of the same snapshot id (the same volume
 /// mirrored to both), after an operator gave up a push of it, finds the key fenced: it skips
 /// that snapshot, says why, and writes nothing over the fence.
-#[test]
+on_plain_and_encrypted!(a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped);
 fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -524,12 +578,8 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
         skipped.len() == 1 && skipped[0].as_str().unwrap().contains("fenced"),
         "{r}"
     );
-    let fence = dir.path().join(format!("target/manifests/vm1/{s2}"));
-    assert_eq!(
-        std::fs::metadata(&fence).unwrap().len(),
-        0,
-        "the fence was overwritten"
-    );
+    let fence = object_bytes(&dir.path().join("target"), &format!("manifests/vm1/{s2}"));
+    assert!(fence.is_empty(), "the fence was overwritten");
     every_snapshot_restores(&a, &[("vm1@s1", &x), ("vm1@s3", &z)]);
 }
 
@@ -539,7 +589,7 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
 /// one's intent (were it removed, a write of the first still on its way could land after a
 /// prune, unconfirmed): the snapshot stays hidden and the push says which node it waits for;
 /// once the first push goes on, it confirms the manifest and the snapshot is committed.
-#[test]
+on_plain_and_encrypted!(a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone);
 fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -586,7 +636,7 @@ fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
 /// the node's next push finishes its intent, and by then gc has deleted the packs that
 /// manifest names. When the held write lands at last, it must not bring up a snapshot that
 /// nobody confirmed: finishing fenced the manifest's key, so the create-only write fails.
-#[test]
+on_plain_and_encrypted!(a_manifest_write_that_outlives_its_push_commits_nothing);
 fn a_manifest_write_that_outlives_its_push_commits_nothing() {
     let s3 = S3Server::start();
     s3.create_bucket("late");
@@ -656,7 +706,7 @@ fn a_manifest_write_that_outlives_its_push_commits_nothing() {
 /// A push killed after its intent: its snapshot stays hidden, `target check` names it, and
 /// the same node's next push finishes it at once (no waiting for any lease). Another node's
 /// unfinished push is finished by `target clear-pending`, refused for this node's own.
-#[test]
+on_plain_and_encrypted!(unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node);
 fn unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node() {
     let s3 = S3Server::start();
     s3.create_bucket("pending");

@@ -1,0 +1,63 @@
+//! Encrypted targets: what sealing and opening a pack costs (`host/src/repo/sealed.rs`), and
+//! what opening a target's key costs (Argon2id, `host/src/target/keys.rs`).
+//!
+//! `cargo bench -p holdfast --bench seal` prints the median of each, with throughput.
+
+use std::time::{Duration, Instant};
+
+use holdfast::repo::sealed::{ObjectKey, open, seal};
+use holdfast::target::keys::{self, Secret};
+
+const RUNS: usize = 15;
+const PACK: usize = 16 << 20;
+
+fn time<T>(mut f: impl FnMut() -> T) -> Duration {
+    let mut v: Vec<Duration> = (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(f());
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let key = ObjectKey::from_master(&[7; 32]);
+    let plain: Vec<u8> = (0..PACK).map(|i| (i * 31 % 251) as u8).collect();
+    let sealed = seal(&key, "packs/ab/pack", &plain);
+    let gbs = |d: Duration| PACK as f64 / d.as_secs_f64() / 1e9;
+    let s = time(|| seal(&key, "packs/ab/pack", &plain));
+    println!(
+        "seal a 16 MiB pack        {:>8.2} ms  {:.2} GB/s",
+        s.as_secs_f64() * 1e3,
+        gbs(s)
+    );
+    let o = time(|| open(&key, "packs/ab/pack", &sealed).unwrap());
+    println!(
+        "open a 16 MiB pack        {:>8.2} ms  {:.2} GB/s",
+        o.as_secs_f64() * 1e3,
+        gbs(o)
+    );
+    let c = time(|| plain.clone());
+    println!(
+        "copy a 16 MiB pack        {:>8.2} ms  {:.2} GB/s",
+        c.as_secs_f64() * 1e3,
+        gbs(c)
+    );
+    let secret = Secret::Passphrase(zeroize::Zeroizing::new("correct horse".into()));
+    let (_, enc) = keys::create(&secret, "bench").unwrap();
+    let mut v: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            keys::unlock(&enc, "bench", &secret, "bench").unwrap();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    println!(
+        "open a passphrase slot    {:>8.2} ms  (Argon2id, 64 MiB, 3 passes)",
+        v[2].as_secs_f64() * 1e3
+    );
+}

@@ -216,11 +216,11 @@ fn open_segments(
     if bodies.len() < count {
         bodies.push(&mut []);
     }
-    let pairs = sealed
+    sealed
         .chunks(SEALED_SEGMENT as usize)
         .zip(bodies)
-        .enumerate();
-    pairs.map(open_one).collect()
+        .enumerate()
+        .try_for_each(open_one)
 }
 
 async fn blocking<T: Send + 'static>(

@@ -201,12 +201,12 @@ fn every_snapshot_restores(n: &TestNode, want: &[(&str, &[u8])]) {
     }
 }
 
+on_plain_and_encrypted!(a_gc_stalled_mid_delete_takes_nothing_a_push_committed);
 /// Sequence A: a gc decides to delete the packs of a pruned snapshot and stalls in its first
 /// delete; meanwhile a push commits a snapshot with exactly that content. The push must not
 /// rely on the condemned packs (it stores the chunks again), so when the gc resumes and
 /// deletes, the new snapshot is whole. (Before format 3, the push deduplicated against the
 /// dead packs once the gc's lease had expired, and the gc deleted them under it.)
-on_plain_and_encrypted!(a_gc_stalled_mid_delete_takes_nothing_a_push_committed);
 fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     let s3 = S3Server::start();
     s3.create_bucket("gc-stall");
@@ -256,11 +256,11 @@ fn a_gc_stalled_mid_delete_takes_nothing_a_push_committed() {
     restores_from_the_bucket(&s3, "gc-stall", &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
 
+on_plain_and_encrypted!(a_push_stalled_before_its_manifest_stores_again_what_gc_deleted);
 /// Sequence B: a push deduplicates against the packs of a pruned snapshot and stalls before
 /// writing its manifest; gcs condemn those packs and, a grace period later, delete them; the
 /// push resumes and writes its manifest. Its confirmation finds the packs condemned and
 /// stores those chunks again before it reports success.
-on_plain_and_encrypted!(a_push_stalled_before_its_manifest_stores_again_what_gc_deleted);
 fn a_push_stalled_before_its_manifest_stores_again_what_gc_deleted() {
     let s3 = S3Server::start();
     s3.create_bucket("push-stall");
@@ -344,10 +344,10 @@ fn pushed_and_pruned(a: &TestNode) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
     (img, x, y)
 }
 
+on_plain_and_encrypted!(sequence_a_on_a_directory_target);
 /// Sequence A on a directory target: b's gc has decided to delete s1's packs and is held
 /// before its first delete (as a SIGSTOP there would); a pushes s3 with s1's content and
 /// commits it; the gc goes on and deletes. s3 must not rely on the packs the gc deletes.
-on_plain_and_encrypted!(sequence_a_on_a_directory_target);
 fn sequence_a_on_a_directory_target() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -376,10 +376,10 @@ fn sequence_a_on_a_directory_target() {
     every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
 
+on_plain_and_encrypted!(sequence_b_on_a_directory_target);
 /// Sequence B on a directory target: a's push of s3 (s1's content) deduplicates against s1's
 /// unreferenced packs and is held after its intent, before its manifest; b's gcs condemn and
 /// delete those packs; the push goes on: its confirmation stores the chunks again.
-on_plain_and_encrypted!(sequence_b_on_a_directory_target);
 fn sequence_b_on_a_directory_target() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -404,12 +404,12 @@ fn sequence_b_on_a_directory_target() {
     every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
 
+on_plain_and_encrypted!(a_snapshot_is_hidden_until_its_push_confirms_it);
 /// A push that deduplicated against s1's unreferenced packs is held before its manifest
 /// while a gc condemns them, then held again after its manifest and before its confirmation
 /// while the next gc (a grace period later) would delete them: that gc keeps them (the
 /// manifest is live), the snapshot stays hidden from other nodes, and the confirmation
 /// stores the condemned chunks again before the snapshot is committed.
-on_plain_and_encrypted!(a_snapshot_is_hidden_until_its_push_confirms_it);
 fn a_snapshot_is_hidden_until_its_push_confirms_it() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -443,10 +443,10 @@ fn a_snapshot_is_hidden_until_its_push_confirms_it() {
     every_snapshot_restores(&b, &[("vm1@s2", &y), ("vm1@s3", &x)]);
 }
 
+on_plain_and_encrypted!(a_node_whose_clock_is_hours_fast_judges_nothing_by_it);
 /// A node whose clock is three hours fast judges no age by it: its gc (grace one hour) finds
 /// s1's packs seconds old by the store's clock and condemns nothing, and `target check` ages
 /// an unfinished push by the store's clock too.
-on_plain_and_encrypted!(a_node_whose_clock_is_hours_fast_judges_nothing_by_it);
 fn a_node_whose_clock_is_hours_fast_judges_nothing_by_it() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -483,10 +483,10 @@ fn a_node_whose_clock_is_hours_fast_judges_nothing_by_it() {
     json_of(&push.resume());
 }
 
+on_plain_and_encrypted!(a_gc_killed_between_an_index_and_its_pack_leaks_nothing);
 /// A gc killed between deleting a pack's index and the pack (the order it deletes them in)
 /// leaves a condemned pack without an index: the next gc reads what it holds from the pack's
 /// trailer and deletes it, so nothing leaks; the snapshot that is left restores.
-on_plain_and_encrypted!(a_gc_killed_between_an_index_and_its_pack_leaks_nothing);
 fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir_node(dir.path(), "a"), dir_node(dir.path(), "b"));
@@ -518,12 +518,12 @@ fn a_gc_killed_between_an_index_and_its_pack_leaks_nothing() {
     every_snapshot_restores(&b, &[("vm1@s2", &y)]);
 }
 
+on_plain_and_encrypted!(a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped);
 /// A push killed after its intent and before its manifest: the node's next push completes it
 /// (the snapshot is still on the node: its manifest is written, create-only, and confirmed),
 /// and the snapshot restores. Another node's push of the same snapshot id (the same volume
 /// mirrored to both), after an operator gave up a push of it, finds the key fenced: it skips
 /// that snapshot, says why, and writes nothing over the fence.
-on_plain_and_encrypted!(a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped);
 fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -583,13 +583,13 @@ fn a_killed_push_is_completed_by_the_next_and_a_fenced_snapshot_is_skipped() {
     every_snapshot_restores(&a, &[("vm1@s1", &x), ("vm1@s3", &z)]);
 }
 
+on_plain_and_encrypted!(a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone);
 /// Two nodes push the same snapshot (the same volume mirrored to both; here one node's state
 /// copied). The first is held after its manifest write, before its confirmation; the second
 /// finds the same manifest (the conflict path), confirms it, and must not remove the first
 /// one's intent (were it removed, a write of the first still on its way could land after a
 /// prune, unconfirmed): the snapshot stays hidden and the push says which node it waits for;
 /// once the first push goes on, it confirms the manifest and the snapshot is committed.
-on_plain_and_encrypted!(a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone);
 fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir_node(dir.path(), "a");
@@ -632,11 +632,11 @@ fn a_push_of_the_same_snapshot_leaves_the_other_nodes_intent_alone() {
     every_snapshot_restores(&twin, &[("vm1@s1", &x)]);
 }
 
+on_plain_and_encrypted!(a_manifest_write_that_outlives_its_push_commits_nothing);
 /// A push whose process ended while its manifest write was held (a proxy, a retried request):
 /// the node's next push finishes its intent, and by then gc has deleted the packs that
 /// manifest names. When the held write lands at last, it must not bring up a snapshot that
 /// nobody confirmed: finishing fenced the manifest's key, so the create-only write fails.
-on_plain_and_encrypted!(a_manifest_write_that_outlives_its_push_commits_nothing);
 fn a_manifest_write_that_outlives_its_push_commits_nothing() {
     let s3 = S3Server::start();
     s3.create_bucket("late");
@@ -703,10 +703,10 @@ fn a_manifest_write_that_outlives_its_push_commits_nothing() {
     );
 }
 
+on_plain_and_encrypted!(unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node);
 /// A push killed after its intent: its snapshot stays hidden, `target check` names it, and
 /// the same node's next push finishes it at once (no waiting for any lease). Another node's
 /// unfinished push is finished by `target clear-pending`, refused for this node's own.
-on_plain_and_encrypted!(unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node);
 fn unfinished_pushes_are_finished_by_their_node_or_cleared_for_a_gone_node() {
     let s3 = S3Server::start();
     s3.create_bucket("pending");

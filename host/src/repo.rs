@@ -356,30 +356,10 @@ impl Repository {
             return Ok(config);
         }
         let target_version = self.format_version;
-        let path = Path::from("config");
-        let meta = self.store.head(&path).await?;
+        let (meta, read) = self.config_as_stored().await?;
         let mut upgraded = config.clone();
         upgraded.version = target_version;
-        let body =
-            serde_json::to_vec_pretty(&upgraded).map_err(|e| Error::internal(e.to_string()))?;
-        let conditional = PutOptions {
-            mode: PutMode::Update(object_store::UpdateVersion {
-                e_tag: meta.e_tag,
-                version: meta.version,
-            }),
-            ..Default::default()
-        };
-        let written = match self
-            .store
-            .put_opts(&path, PutPayload::from(body.clone()), conditional)
-            .await
-        {
-            // A local directory has one writer at a time per node; it cannot compare.
-            Err(object_store::Error::NotImplemented { .. }) => {
-                self.store.put(&path, PutPayload::from(body)).await
-            }
-            other => other,
-        };
+        let written = self.rewrite_config(meta, read, &upgraded).await;
         match written {
             Ok(_) => {
                 tracing::info!(
@@ -408,20 +388,50 @@ impl Repository {
         }
     }
 
-    /// Rewrites the config with `change` applied, only if it is still the one read (a
-    /// conditional PUT where the store can; a local directory cannot compare, and has one
-    /// writer per node). Used for an encrypted target's key slots.
+    /// Rewrites the config with `change` applied, only if it is still the one read (see
+    /// [`Repository::rewrite_config`]). Used for an encrypted target's key slots.
     pub async fn replace_config(
         &self,
         change: impl FnOnce(&mut RepoConfig) -> Result<()>,
     ) -> Result<RepoConfig> {
+        let (meta, read) = self.config_as_stored().await?;
+        let mut config = self.check().await?;
+        change(&mut config)?;
+        match self.rewrite_config(meta, read, &config).await {
+            Ok(()) => Ok(config),
+            Err(object_store::Error::Precondition { .. }) => Err(Error::conflict(format!(
+                "the config of the repository at {} changed while it was being rewritten; run \
+                 the command again",
+                self.location
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The config object's version (for a conditional PUT) and its bytes, read before the
+    /// config is parsed: what [`Repository::rewrite_config`] compares with.
+    async fn config_as_stored(&self) -> Result<(object_store::ObjectMeta, Bytes)> {
         let path = Path::from("config");
         let meta = self.store.head(&path).await?;
         let read = self.store.get(&path).await?.bytes().await?;
-        let mut config = self.check().await?;
-        change(&mut config)?;
-        let body =
-            serde_json::to_vec_pretty(&config).map_err(|e| Error::internal(e.to_string()))?;
+        Ok((meta, read))
+    }
+
+    /// Writes `config` over the one read (`meta`, `read`) only if it is still that one: a
+    /// conditional PUT (If-Match) where the store can; a local directory cannot compare, so it
+    /// is read again just before the PUT, which leaves a window of one write. A config that
+    /// changed is `Precondition`.
+    async fn rewrite_config(
+        &self,
+        meta: object_store::ObjectMeta,
+        read: Bytes,
+        config: &RepoConfig,
+    ) -> object_store::Result<()> {
+        let path = Path::from("config");
+        let body = serde_json::to_vec_pretty(config).map_err(|e| object_store::Error::Generic {
+            store: "config",
+            source: Box::new(e),
+        })?;
         let conditional = PutOptions {
             mode: PutMode::Update(object_store::UpdateVersion {
                 e_tag: meta.e_tag,
@@ -429,33 +439,24 @@ impl Repository {
             }),
             ..Default::default()
         };
-        let written = match self
+        match self
             .store
             .put_opts(&path, PutPayload::from(body.clone()), conditional)
             .await
         {
-            // A local directory cannot compare: the config is read again just before, which
-            // leaves a window of one write, not of the whole change.
             Err(object_store::Error::NotImplemented { .. }) => {
                 if self.store.get(&path).await?.bytes().await? != read {
-                    Err(object_store::Error::Precondition {
+                    return Err(object_store::Error::Precondition {
                         path: path.to_string(),
                         source: "the config changed".into(),
-                    })
-                } else {
-                    self.store.put(&path, PutPayload::from(body)).await
+                    });
                 }
+                self.store
+                    .put(&path, PutPayload::from(body))
+                    .await
+                    .map(|_| ())
             }
-            other => other,
-        };
-        match written {
-            Ok(_) => Ok(config),
-            Err(object_store::Error::Precondition { .. }) => Err(Error::conflict(format!(
-                "the config of the repository at {} changed while it was being rewritten; run \
-                 the command again",
-                self.location
-            ))),
-            Err(e) => Err(e.into()),
+            other => other.map(|_| ()),
         }
     }
 

@@ -397,10 +397,6 @@ impl fmt::Display for SealedStore {
     }
 }
 
-fn payload_bytes(payload: PutPayload) -> Bytes {
-    Bytes::from(payload)
-}
-
 #[async_trait]
 impl ObjectStore for SealedStore {
     async fn put_opts(
@@ -412,7 +408,7 @@ impl ObjectStore for SealedStore {
         if location.as_ref() == CLEAR {
             return self.inner.put_opts(location, payload, opts).await;
         }
-        let plain = payload_bytes(payload);
+        let plain = Bytes::from(payload);
         let (key, name) = (self.key.clone(), location.to_string());
         let sealed = blocking(plain.len() > BLOCKING, move || seal(&key, &name, &plain)).await?;
         self.inner

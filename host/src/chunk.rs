@@ -141,8 +141,27 @@ pub fn compress(data: &[u8]) -> Result<(Encoding, Vec<u8>)> {
 
 /// Decodes a stored chunk and verifies it against `id`; `raw_len` is its plain length.
 pub fn decode(id: &ChunkId, encoding: Encoding, stored: &[u8], raw_len: usize) -> Result<Vec<u8>> {
-    let plain = match encoding {
-        Encoding::Raw => stored.to_vec(),
+    let mut plain = Vec::new();
+    decode_into(id, encoding, stored, raw_len, &mut plain)?;
+    Ok(plain)
+}
+
+/// [`decode`], appending the plain bytes to `out` (whose capacity a caller decoding many
+/// chunks reuses, rather than asking the allocator for fresh pages each time). On an error
+/// `out` is as it was.
+pub fn decode_into(
+    id: &ChunkId,
+    encoding: Encoding,
+    stored: &[u8],
+    raw_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let at = out.len();
+    let decoded = match encoding {
+        Encoding::Raw => {
+            out.extend_from_slice(stored);
+            Ok(stored.len())
+        }
         Encoding::Zstd => DECOMPRESSOR.with(|d| {
             let mut d = d.borrow_mut();
             if d.is_none() {
@@ -151,26 +170,32 @@ pub fn decode(id: &ChunkId, encoding: Encoding, stored: &[u8], raw_len: usize) -
                         .map_err(|e| Error::io("creating a zstd decompressor", e))?,
                 );
             }
+            out.resize(at + raw_len, 0);
             d.as_mut()
                 .expect("initialised above")
-                .decompress(stored, raw_len)
+                .decompress_to_buffer(stored, &mut out[at..])
                 .map_err(|e| Error::corrupt(format!("chunk {id} does not decompress: {e}")))
-        })?,
+        }),
     };
-    if plain.len() != raw_len {
-        return Err(Error::corrupt(format!(
-            "chunk {id} has {} bytes, expected {raw_len}",
-            plain.len()
-        )));
+    let checked = decoded.and_then(|n| {
+        if n != raw_len {
+            return Err(Error::corrupt(format!(
+                "chunk {id} has {n} bytes, expected {raw_len}"
+            )));
+        }
+        let actual = hash(&out[at..at + n]);
+        if actual != *id {
+            return Err(Error::corrupt(format!(
+                "chunk {id} is damaged: its content hashes to {}",
+                actual.short()
+            )));
+        }
+        Ok(())
+    });
+    if checked.is_err() {
+        out.truncate(at);
     }
-    let actual = hash(&plain);
-    if actual != *id {
-        return Err(Error::corrupt(format!(
-            "chunk {id} is damaged: its content hashes to {}",
-            actual.short()
-        )));
-    }
-    Ok(plain)
+    checked
 }
 
 /// Pseudo-random bytes (xorshift), `len` of them from `seed`: data that does not compress,
@@ -308,6 +333,31 @@ mod tests {
         stored[last / 2] ^= 0x40;
         let err = decode(&id, enc, &stored, data.len()).unwrap_err();
         assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    }
+
+    #[test]
+    fn decode_into_appends_and_leaves_the_buffer_as_it_was_on_damage() {
+        let (a, b) = (b"first".repeat(300), pseudo_random(5000, 3));
+        let mut out = b"kept".to_vec();
+        for data in [&a, &b] {
+            let (enc, stored) = encode(data).unwrap();
+            decode_into(&hash(data), enc, &stored, data.len(), &mut out).unwrap();
+        }
+        assert_eq!(out, [&b"kept"[..], &a, &b].concat());
+        let before = out.clone();
+        for data in [&a, &b] {
+            let (enc, mut stored) = encode(data).unwrap();
+            // A wrong length (either way), then a damaged byte: each refused, nothing kept.
+            for len in [data.len() - 1, data.len() + 1] {
+                assert!(decode_into(&hash(data), enc, &stored, len, &mut out).is_err());
+                assert_eq!(out, before);
+            }
+            let mid = stored.len() / 2;
+            stored[mid] ^= 0x40;
+            let err = decode_into(&hash(data), enc, &stored, data.len(), &mut out).unwrap_err();
+            assert!(matches!(err, Error::Corrupt(_)), "{err}");
+            assert_eq!(out, before);
+        }
     }
 
     proptest! {

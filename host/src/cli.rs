@@ -300,6 +300,25 @@ fn few_malloc_arenas() {
     }
 }
 
+/// For a single command (not the daemon): large buffers (a pack read or written, about
+/// 16 MiB) come from the heap and are reused, rather than mapped fresh for each pack and
+/// faulted in and zeroed by the kernel page by page. glibc maps anything of 128 KiB or more
+/// (adapting upwards, but never for a second buffer of the same size) and trims the heap as
+/// soon as 128 KiB at its top are free. Measured on a 1 GiB restore from an encrypted bucket:
+/// 143k page faults and 0.64 s of system time with the defaults, 60k and 0.44 s with these,
+/// 0.16 s less wall time (`host/TARGETS.md`). The daemon keeps the defaults: it runs for
+/// months and should give memory back between jobs.
+#[allow(unsafe_code)]
+fn reuse_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread exists,
+    // and a value it refuses leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 /// The whole program: `host/src/main.rs` calls it, and so does the end-to-end tests' build of
 /// it against a mutated library (`tests/mutants.sh`).
 pub fn main() -> ExitCode {
@@ -322,6 +341,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(args.command, Command::Daemon(_)) {
+        reuse_large_buffers();
+    }
     crate::telemetry::init(args.verbose, args.quiet);
     if let Some(fake) = std::env::var_os("HOLDFAST_FAKE_NOW") {
         // Tests replay a timeline with it (`policy simulate` must agree with what really

@@ -259,6 +259,15 @@ impl Repository {
         self
     }
 
+    /// [`Repository::sealed`] with a key still being opened (see
+    /// [`sealed::SealedStore::unlocking`]).
+    pub fn sealed_unlocking(mut self, key: tokio::sync::watch::Receiver<sealed::KeyState>) -> Self {
+        self.store = Arc::new(sealed::SealedStore::unlocking(self.store, key));
+        self.local = None;
+        self.sealed = true;
+        self
+    }
+
     /// Whether objects are sealed (an encrypted target).
     pub fn is_sealed(&self) -> bool {
         self.sealed
@@ -538,8 +547,10 @@ impl Repository {
     /// that wrote its index after a gc deleted its pack), and a chunk it names must then be
     /// found in another pack or not at all.
     pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
-        let (mut index, problems, _) = self.load_index_known(HashMap::new()).await?;
-        let packs = self.pack_listing().await?;
+        // Both listings at once: a round trip less before a restore's first pack.
+        let (loaded, packs) =
+            futures::join!(self.load_index_known(HashMap::new()), self.pack_listing());
+        let ((mut index, problems, _), packs) = (loaded?, packs?);
         index.retain_packs(|p| packs.contains_key(p));
         Ok((index, problems))
     }

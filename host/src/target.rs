@@ -95,12 +95,23 @@ pub struct TargetRecord {
 /// Opens a target's repository: reads its config and, for an encrypted target, opens its key
 /// with this node's secret (once per process).
 pub async fn open(rec: &TargetRecord) -> Result<Repository> {
+    let (repo, unlocked) = open_unlocking(rec).await?;
+    unlocked.await?;
+    Ok(repo)
+}
+
+/// The opening of an encrypted target's key: it fails as [`open`] would have.
+pub type Unlocking = futures::future::BoxFuture<'static, Result<()>>;
+
+/// [`open`], returning before an encrypted target's key is open: requests that need no key go
+/// out while Argon2id runs. Await the [`Unlocking`] (joined with the requests) for its error.
+pub async fn open_unlocking(rec: &TargetRecord) -> Result<(Repository, Unlocking)> {
     let plain = open_plain(rec)?;
     let config = plain.check().await.map_err(|e| match e {
         Error::NotFound(m) => Error::NotFound(format!("target {}: {m}", rec.name)),
         other => other,
     })?;
-    unlock(plain, rec, &config, false).await
+    start_unlock(plain, rec, &config, false)
 }
 
 /// Encrypted targets' object keys opened so far in this process, by URL and repository id.
@@ -118,6 +129,19 @@ async fn unlock(
     config: &crate::repo::RepoConfig,
     adding: bool,
 ) -> Result<Repository> {
+    let (repo, unlocked) = start_unlock(plain, rec, config, adding)?;
+    unlocked.await?;
+    Ok(repo)
+}
+
+/// [`unlock`], the key opened by a task of its own: the repository at once, and the opening.
+fn start_unlock(
+    plain: Repository,
+    rec: &TargetRecord,
+    config: &crate::repo::RepoConfig,
+    adding: bool,
+) -> Result<(Repository, Unlocking)> {
+    let done: Unlocking = Box::pin(async { Ok(()) });
     let Some(enc) = &config.encryption else {
         if rec.encryption.is_some() {
             return Err(Error::corrupt(format!(
@@ -126,7 +150,7 @@ async fn unlock(
                 rec.name, rec.url
             )));
         }
-        return Ok(plain);
+        return Ok((plain, done));
     };
     if let Some(id) = &rec.repository_id
         && *id != config.id
@@ -157,22 +181,39 @@ async fn unlock(
         .iter()
         .find(|(u, id, _)| *u == rec.url && *id == config.id)
         .map(|(_, _, k)| k.clone());
-    let key = match known {
-        Some(k) => k,
-        None => {
-            let secret = source.secret(&format!("target {}", rec.name), false)?;
-            let (enc, id, name) = (enc.clone(), config.id.clone(), rec.name.clone());
-            // Argon2id takes a fifth of a second and 64 MiB: not on the runtime's threads.
-            let (master, _) =
-                tokio::task::spawn_blocking(move || keys::unlock(&enc, &id, &secret, &name))
-                    .await
-                    .map_err(|e| Error::internal(format!("opening the key failed: {e}")))??;
-            let k = master.object_key();
-            remember(rec, &config.id, k.clone());
-            k
+    if let Some(k) = known {
+        return Ok((plain.sealed(k), done));
+    }
+    let secret = source.secret(&format!("target {}", rec.name), false)?;
+    let (enc, id, name) = (enc.clone(), config.id.clone(), rec.name.clone());
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let rec = rec.clone();
+    // Argon2id takes a fifth of a second and 64 MiB: not on the runtime's threads, and in a
+    // task of its own, so it goes on whoever waits (the store's requests, the caller).
+    let task = tokio::spawn(async move {
+        let repo_id = id.clone();
+        let opened = tokio::task::spawn_blocking(move || keys::unlock(&enc, &id, &secret, &name))
+            .await
+            .map_err(|e| Error::internal(format!("opening the key failed: {e}")))
+            .and_then(|r| r);
+        match opened {
+            Ok((master, _)) => {
+                let k = master.object_key();
+                remember(&rec, &repo_id, k.clone());
+                tx.send_replace(Some(Ok(std::sync::Arc::new(k))));
+                Ok(())
+            }
+            Err(e) => {
+                tx.send_replace(Some(Err(e.to_string())));
+                Err(e)
+            }
         }
-    };
-    Ok(plain.sealed(key))
+    });
+    let unlocked: Unlocking = Box::pin(async move {
+        task.await
+            .map_err(|e| Error::internal(format!("opening the key failed: {e}")))?
+    });
+    Ok((plain.sealed_unlocking(rx), unlocked))
 }
 
 fn remember(rec: &TargetRecord, repo_id: &str, key: crate::repo::sealed::ObjectKey) {

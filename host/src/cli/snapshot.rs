@@ -435,19 +435,40 @@ impl SnapshotCommand {
             } => {
                 // From a target (a new node with only its URL), or from this node's repository,
                 // whose lock is held shared so gc cannot remove a pack being read.
-                let (repo, rec, _repo_lock, from) = match &target {
+                let (repo, unlocked, _repo_lock, from) = match &target {
                     Some(t) => {
-                        let repo = crate::target::Targets::new(&node).open(t).await?;
-                        let rec = crate::target::resolve(&repo, &snapshot).await?;
-                        (repo, rec, None, format!(" from target {t}"))
+                        let rec = crate::target::Targets::new(&node).get(t)?;
+                        let (repo, unlocked) = crate::target::open_unlocking(&rec).await?;
+                        (repo, Some(unlocked), None, format!(" from target {t}"))
                     }
                     None => {
-                        let rec = node.catalog.resolve(&snapshot)?;
                         let lock = node.lock_repo_shared().await?;
-                        (node.repo.clone(), rec, Some(lock), String::new())
+                        (node.repo.clone(), None, Some(lock), String::new())
                     }
                 };
-                let mut m = snapshot::load_manifest(&repo, &rec).await?;
+                // The snapshot's manifest and the repository's index, read at once (from a
+                // bucket, each is several round trips), while an encrypted target's key is
+                // opened: only what needs the key waits for it.
+                let unlocked = async {
+                    match unlocked {
+                        Some(u) => u.await,
+                        None => Ok(()),
+                    }
+                };
+                let manifest = async {
+                    let rec = match &target {
+                        Some(_) => crate::target::resolve(&repo, &snapshot).await?,
+                        None => node.catalog.resolve(&snapshot)?,
+                    };
+                    let m = snapshot::load_manifest(&repo, &rec).await?;
+                    Ok::<_, crate::Error>((rec, m))
+                };
+                let (unlocked, manifest, index) =
+                    futures::join!(unlocked, manifest, repo.load_index());
+                // A key that did not open says why (a wrong passphrase), not what failed
+                // for want of it.
+                unlocked?;
+                let ((rec, mut m), (index, _)) = (manifest?, index?);
                 // A region: its blocks alone, the last one cut where the region ends.
                 let mut cut_last = false;
                 if let Some(r) = &region {
@@ -457,7 +478,8 @@ impl SnapshotCommand {
                 }
                 let pb = ctx.bytes_bar("restore");
                 let report =
-                    snapshot::restore::restore_cut(&repo, &m, cut_last, &to, force, &pb).await;
+                    snapshot::restore::restore_cut(&repo, &m, &index, cut_last, &to, force, &pb)
+                        .await;
                 pb.finish_and_clear();
                 let report = report?;
                 ctx.summary(format!(

@@ -165,6 +165,15 @@ pub fn seal(key: &ObjectKey, name: &str, plain: &[u8]) -> Vec<u8> {
 
 /// Opens a whole sealed object.
 pub fn open(key: &ObjectKey, name: &str, sealed: &[u8]) -> object_store::Result<Vec<u8>> {
+    let mut out = sealed.to_vec();
+    let len = open_in_place(key, name, &mut out)?;
+    out.truncate(len);
+    Ok(out)
+}
+
+/// Opens a whole sealed object where it lies: its plaintext ends up at the start of `sealed`,
+/// and its length is returned.
+fn open_in_place(key: &ObjectKey, name: &str, sealed: &mut [u8]) -> object_store::Result<usize> {
     let Some(plain) = plain_len(sealed.len() as u64) else {
         return Err(seal_error(name, "its size is not that of a sealed object"));
     };
@@ -175,52 +184,47 @@ pub fn open(key: &ObjectKey, name: &str, sealed: &[u8]) -> object_store::Result<
         .try_into()
         .expect("24 bytes");
     let cipher = key.for_object(name, &nonce);
-    let n = segments(plain);
-    let mut out = Vec::with_capacity(plain as usize);
-    open_segments(&cipher, name, 0, n, &sealed[HEADER as usize..], &mut out)?;
-    Ok(out)
+    let len = open_segments(
+        &cipher,
+        name,
+        0,
+        segments(plain),
+        &mut sealed[HEADER as usize..],
+    )?;
+    sealed.copy_within(HEADER as usize..HEADER as usize + len, 0);
+    Ok(len)
 }
 
-/// Opens consecutive sealed segments `first..` of an object of `n` segments into `out`.
+/// Opens consecutive sealed segments `first..` of an object of `n` segments where they lie
+/// in `sealed`, each plaintext moved down over the tags before it: the plaintext is
+/// `sealed[..returned length]`. Nothing is allocated (a restore opens a whole pack this way).
 fn open_segments(
     cipher: &ChaCha20Poly1305,
     name: &str,
     first: u64,
     n: u64,
-    sealed: &[u8],
-    out: &mut Vec<u8>,
-) -> object_store::Result<()> {
-    let count = sealed.len().div_ceil(SEALED_SEGMENT as usize);
-    let last = sealed.len() - (count.max(1) - 1) * SEALED_SEGMENT as usize;
-    if count == 0 || last < TAG as usize || first + count as u64 > n {
+    sealed: &mut [u8],
+) -> object_store::Result<usize> {
+    let (seg, tag) = (SEALED_SEGMENT as usize, TAG as usize);
+    let count = sealed.len().div_ceil(seg);
+    let last = sealed.len() - (count.max(1) - 1) * seg;
+    if count == 0 || last < tag || first + count as u64 > n {
         return Err(seal_error(name, "a segment is cut short"));
     }
-    let at = out.len();
-    out.resize(at + sealed.len() - count * TAG as usize, 0);
-    let open_one = |(k, (seg, body)): (usize, (&[u8], &mut [u8]))| {
+    let mut out = 0;
+    for k in 0..count {
         let i = first + k as u64;
-        let (text, tag) = seg.split_at(seg.len() - TAG as usize);
-        body.copy_from_slice(text);
+        let (start, end) = (k * seg, ((k + 1) * seg).min(sealed.len()));
+        // An empty object is one empty segment: its tag is checked all the same.
+        let (text, t) = sealed[start..end].split_at_mut(end - start - tag);
+        let t = *Tag::from_slice(t);
         cipher
-            .decrypt_in_place_detached(
-                &segment_nonce(i, i + 1 == n),
-                b"",
-                body,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| seal_error(name, "a segment fails authentication"))
-    };
-    let mut bodies: Vec<&mut [u8]> = out[at..].chunks_mut(SEGMENT as usize).collect();
-    // An empty object is one empty segment, which `chunks_mut` does not yield: its tag is
-    // checked all the same.
-    if bodies.len() < count {
-        bodies.push(&mut []);
+            .decrypt_in_place_detached(&segment_nonce(i, i + 1 == n), b"", text, &t)
+            .map_err(|_| seal_error(name, "a segment fails authentication"))?;
+        sealed.copy_within(start..end - tag, out);
+        out += end - tag - start;
     }
-    sealed
-        .chunks(SEALED_SEGMENT as usize)
-        .zip(bodies)
-        .enumerate()
-        .try_for_each(open_one)
+    Ok(out)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -235,11 +239,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| object_store::Error::JoinError { source: e })
 }
 
+/// A store's key: still being opened (`None`), opened, or not opened (why).
+pub type KeyState = Option<Result<Arc<ObjectKey>, String>>;
+
 /// An object store that seals what it writes and opens what it reads (see the module docs).
 #[derive(Debug)]
 pub struct SealedStore {
     inner: Arc<dyn ObjectStore>,
-    key: Arc<ObjectKey>,
+    /// The key, or where it arrives once opened: requests that need no key (a listing, a
+    /// size, the bytes of an object) go out meanwhile, and only opening or sealing waits.
+    key: tokio::sync::watch::Receiver<KeyState>,
     /// Nonce and stored size of objects read by range (packs, whose names are never reused),
     /// so that a second range costs one request, not two. Bounded; cleared when full.
     headers: Mutex<HashMap<String, ([u8; NONCE], u64)>>,
@@ -249,10 +258,39 @@ const HEADER_CACHE: usize = 8192;
 
 impl SealedStore {
     pub fn new(inner: Arc<dyn ObjectStore>, key: ObjectKey) -> Self {
+        Self::unlocking(
+            inner,
+            tokio::sync::watch::channel(Some(Ok(Arc::new(key)))).1,
+        )
+    }
+
+    /// A store whose key arrives on `key` (a passphrase's Argon2id takes a fifth of a
+    /// second: a command's first requests need not wait for it).
+    pub fn unlocking(
+        inner: Arc<dyn ObjectStore>,
+        key: tokio::sync::watch::Receiver<KeyState>,
+    ) -> Self {
         SealedStore {
             inner,
-            key: Arc::new(key),
+            key,
             headers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key, once opened.
+    async fn key(&self) -> object_store::Result<Arc<ObjectKey>> {
+        let not_opened = |why: &str| object_store::Error::PermissionDenied {
+            path: String::new(),
+            source: Box::new(SealError(format!("the target's key did not open: {why}"))),
+        };
+        let mut rx = self.key.clone();
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| not_opened("it was abandoned"))?;
+        match state.as_ref().expect("waited for") {
+            Ok(k) => Ok(k.clone()),
+            Err(why) => Err(not_opened(why)),
         }
     }
 
@@ -352,7 +390,7 @@ impl SealedStore {
             };
             let r = get(fetch.clone()).await?;
             let mut meta = r.meta.clone();
-            let mut bytes = r.bytes().await?;
+            let bytes = r.bytes().await?;
             if meta.size != sealed || bytes.len() as u64 != fetch.end - fetch.start {
                 // Rewritten since its size was read (or cut short): read it again.
                 if !refresh {
@@ -361,28 +399,33 @@ impl SealedStore {
                 }
                 return Err(seal_error(&name, "it is shorter than its size said"));
             }
-            let nonce = if with_header {
-                let n = nonce_of(&bytes)?;
-                bytes = bytes.slice(segs.start as usize..);
-                n
+            let (nonce, body) = if with_header {
+                (nonce_of(&bytes)?, segs.start as usize)
             } else {
-                nonce
+                (nonce, 0)
             };
-            let cipher = self.key.for_object(&name, &nonce);
+            let cipher = self.key().await?.for_object(&name, &nonce);
             let big = bytes.len() > BLOCKING;
             let nm = name.clone();
+            // Opened where it lies: what was received is the plaintext's buffer (a copy only
+            // if the client still shares it).
+            let mut buf = bytes
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             let opened = blocking(big, move || {
-                let mut out = Vec::with_capacity(bytes.len());
-                open_segments(&cipher, &nm, s0, n, &bytes, &mut out).map(|()| out)
+                open_segments(&cipher, &nm, s0, n, &mut buf[body..]).map(|len| (buf, len))
             })
             .await?;
             match opened {
-                Ok(out) => {
+                Ok((buf, opened)) => {
                     self.remember(&name, nonce, sealed);
-                    let skip = (want.start - s0 * SEGMENT) as usize;
+                    let skip = body + (want.start - s0 * SEGMENT) as usize;
                     let len = (want.end - want.start) as usize;
+                    if skip + len > body + opened {
+                        return Err(seal_error(&name, "a segment is cut short"));
+                    }
                     meta.size = plain;
-                    return Ok((Bytes::from(out).slice(skip..skip + len), want, meta));
+                    return Ok((buf.freeze().slice(skip..skip + len), want, meta));
                 }
                 Err(_) if !refresh => refresh = true,
                 Err(e) => return Err(e),
@@ -409,7 +452,7 @@ impl ObjectStore for SealedStore {
             return self.inner.put_opts(location, payload, opts).await;
         }
         let plain = Bytes::from(payload);
-        let (key, name) = (self.key.clone(), location.to_string());
+        let (key, name) = (self.key().await?, location.to_string());
         let sealed = blocking(plain.len() > BLOCKING, move || seal(&key, &name, &plain)).await?;
         self.inner
             .put_opts(location, PutPayload::from(sealed), opts)
@@ -423,7 +466,7 @@ impl ObjectStore for SealedStore {
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         Ok(Box::new(BufferedUpload {
             inner: self.inner.clone(),
-            key: self.key.clone(),
+            key: self.key().await?,
             location: location.clone(),
             opts: Some(opts),
             buf: BytesMut::new(),
@@ -456,12 +499,21 @@ impl ObjectStore for SealedStore {
                 let r = self.inner.get_opts(location, options).await?;
                 let meta = r.meta.clone();
                 let sealed = r.bytes().await?;
-                let (key, nm) = (self.key.clone(), name.clone());
-                let plain =
-                    blocking(sealed.len() > BLOCKING, move || open(&key, &nm, &sealed)).await??;
+                let (key, nm) = (self.key().await?, name.clone());
+                let big = sealed.len() > BLOCKING;
+                let mut buf = sealed
+                    .try_into_mut()
+                    .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                let plain = blocking(big, move || {
+                    open_in_place(&key, &nm, &mut buf).map(|len| {
+                        buf.truncate(len);
+                        buf.freeze()
+                    })
+                })
+                .await??;
                 let meta = Self::meta(&name, meta)?;
                 let len = plain.len() as u64;
-                (Bytes::from(plain), 0..len, meta)
+                (plain, 0..len, meta)
             }
         };
         Ok(GetResult {

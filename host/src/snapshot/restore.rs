@@ -23,18 +23,22 @@ use super::Manifest;
 use crate::chunk;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
-use crate::repo::{ChunkLocation, Repository};
+use crate::repo::{ChunkIndex, ChunkLocation, Repository};
 
 /// Bytes of zeros written to a device at once.
 const ZERO_WRITE: usize = 1 << 20;
-/// Packs being read and decoded at once, by default (`HOLDFAST_RESTORE_PACKS`): each holds
-/// its stored bytes (a pack is about 16 MiB) and at most [`DECODED_BUDGET`] decoded.
-const PACK_CONCURRENCY: usize = 3;
+/// Packs being read at once, by default (`HOLDFAST_RESTORE_PACKS`): each holds its stored
+/// bytes (a pack is about 16 MiB) until it is decoded.
+const PACK_CONCURRENCY: usize = 5;
+/// Packs being decoded at once, at most: each also holds up to [`DECODED_BUDGET`] decoded
+/// and a run of blocks being gathered for a write ([`MAX_RUN_BYTES`]).
+const DECODERS: usize = 3;
 /// Decoded bytes one pack holds before its blocks are written.
-const DECODED_BUDGET: usize = 32 << 20;
+const DECODED_BUDGET: usize = 16 << 20;
 
-/// How many packs a restore reads and decodes at once: `HOLDFAST_RESTORE_PACKS` (1 to 64,
-/// default 3). More is faster from a store with a long round trip and costs about 56 MiB each.
+/// How many packs a restore reads at once: `HOLDFAST_RESTORE_PACKS` (1 to 64, default 5).
+/// More is faster from a store with a long round trip and costs about 16 MiB each; up to 3 of
+/// them are decoded at once, with about 28 MiB more each.
 pub fn pack_concurrency() -> Result<usize> {
     match std::env::var("HOLDFAST_RESTORE_PACKS") {
         Err(_) => Ok(PACK_CONCURRENCY),
@@ -42,7 +46,7 @@ pub fn pack_concurrency() -> Result<usize> {
             Ok(n @ 1..=64) => Ok(n),
             _ => Err(Error::invalid(format!(
                 "HOLDFAST_RESTORE_PACKS={v:?}: give a number of packs from 1 to 64 (default \
-                 {PACK_CONCURRENCY}); each costs about 56 MiB of memory"
+                 {PACK_CONCURRENCY}); each costs about 16 MiB of memory while it is read"
             ))),
         },
     }
@@ -64,15 +68,17 @@ pub async fn restore(
     force: bool,
     progress: &ProgressBar,
 ) -> Result<RestoreReport> {
-    restore_cut(repo, m, false, to, force, progress).await
+    let (index, _) = repo.load_index().await?;
+    restore_cut(repo, m, &index, false, to, force, progress).await
 }
 
 /// [`restore`]; with `cut_last`, the last block of `m` (a region that ends inside a block of
 /// its volume: see [`crate::region::slice`]) may name a longer chunk, of which it takes the
-/// start.
+/// start. `index` is `repo`'s (read by the caller while it read the manifest).
 pub async fn restore_cut(
     repo: &Repository,
     m: &Manifest,
+    index: &ChunkIndex,
     cut_last: bool,
     to: &Path,
     force: bool,
@@ -112,7 +118,6 @@ pub async fn restore_cut(
             Err(e) => return Err(Error::io(format!("inspecting {}", to.display()), e)),
         };
 
-    let (index, _) = repo.load_index().await?;
     // Which blocks each chunk fills, grouped by pack.
     let mut by_pack: HashMap<PackId, HashMap<ChunkId, (ChunkLocation, Vec<u64>)>> = HashMap::new();
     for (i, id) in m.blocks.data() {
@@ -328,23 +333,47 @@ const ALIGN: usize = 4096;
 /// Longest run of adjacent blocks written with one call.
 const MAX_RUN_BYTES: usize = 8 << 20;
 
-/// A reusable buffer whose contents start on a 4 KiB boundary.
+/// What one pack's worker decodes into and writes from, reused pack after pack.
+struct Scratch {
+    /// Decoded chunks, back to back (up to about [`DECODED_BUDGET`]). Adjacent blocks whose
+    /// chunks lie side by side here (most of them: a pack holds a volume's new blocks in
+    /// order) are written straight from it.
+    plains: AlignedBuf,
+    /// A run of adjacent blocks whose chunks do not lie side by side, gathered for one write.
+    run: AlignedBuf,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            plains: AlignedBuf::with_capacity(
+                DECODED_BUDGET + crate::volume::MAX_BLOCK_SIZE as usize,
+            ),
+            run: AlignedBuf::with_capacity(MAX_RUN_BYTES),
+        }
+    }
+}
+
+/// A reusable buffer whose contents start on a 4 KiB boundary (at `buf[start..]`).
 struct AlignedBuf {
     buf: Vec<u8>,
     start: usize,
 }
 
 impl AlignedBuf {
-    fn new() -> Self {
-        let buf: Vec<u8> = Vec::with_capacity(MAX_RUN_BYTES + ALIGN);
-        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
-        let mut b = AlignedBuf { buf, start };
+    fn with_capacity(n: usize) -> Self {
+        let mut b = AlignedBuf {
+            buf: Vec::with_capacity(n + ALIGN),
+            start: 0,
+        };
         b.clear();
         b
     }
 
     fn clear(&mut self) {
         self.buf.clear();
+        // Where the allocation is now (it moves if it ever had to grow).
+        self.start = self.buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         self.buf.resize(self.start, 0);
     }
 
@@ -356,12 +385,14 @@ impl AlignedBuf {
         self.buf.len() - self.start
     }
 
-    /// The contents, and whether they are still aligned (the Vec never grew past its
-    /// capacity, so it never moved).
-    fn contents(&self) -> (&[u8], bool) {
-        let data = &self.buf[self.start..];
-        (data, (data.as_ptr() as usize).is_multiple_of(ALIGN))
+    fn contents(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
+}
+
+/// Whether `data` can be written with direct I/O: its memory and its length 4 KiB-aligned.
+fn is_aligned(data: &[u8]) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len().is_multiple_of(ALIGN)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -390,11 +421,20 @@ async fn write_all(
 
     let (size, block_size) = (m.size, m.block_size);
     let concurrency = pack_concurrency()?;
+    // Buffers a pack's worker decodes and writes through, handed on to the next pack's: fresh
+    // ones for each pack would be fresh pages, faulted in and zeroed by the kernel each time
+    // (measured: a third of a restore's system time).
+    let pool: Arc<std::sync::Mutex<Vec<Scratch>>> = Arc::default();
+    // Reading a pack waits on the store; decoding it on the cores: more packs are read at once
+    // than are decoded, so the store is kept busy while the decoders are.
+    let decoders = Arc::new(tokio::sync::Semaphore::new(DECODERS.min(concurrency)));
     let counts: Vec<u64> = futures::stream::iter(by_pack)
         .map(|(pack, chunks)| {
             let file = file.clone();
             let progress = progress.clone();
             let what = what.to_string();
+            let pool = pool.clone();
+            let decoders = decoders.clone();
             async move {
                 let mut chunks: Vec<(ChunkId, (ChunkLocation, Vec<u64>))> =
                     chunks.into_iter().collect();
@@ -404,75 +444,118 @@ async fn write_all(
                     .map(|(_, (l, _))| l.offset..l.offset + l.length as u64)
                     .collect();
                 let blobs = repo.read_pack_ranges(&pack, &ranges).await?;
+                let permit = decoders
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Error::internal(format!("restore decoders: {e}")))?;
                 tokio::task::spawn_blocking(move || -> Result<u64> {
-                    // Decode and verify the chunks of this pack in pack order, and write their
-                    // blocks in offset order, adjacent ones together, whenever the decoded
-                    // chunks held reach DECODED_BUDGET (and at the end): what a pack decodes
-                    // to is bounded by the budget, not by how well its chunks compressed.
-                    let mut plains: Vec<Vec<u8>> = Vec::new();
-                    let mut held = 0usize;
+                    let _permit = permit;
+                    let taken = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                    let Scratch {
+                        mut plains,
+                        mut run,
+                    } = taken.unwrap_or_else(Scratch::new);
+                    // Decode and verify the chunks of this pack in pack order (each appended
+                    // to `plains`, its span kept), and write their blocks in offset order,
+                    // adjacent ones together, whenever the decoded chunks held reach
+                    // DECODED_BUDGET (and at the end): what a pack decodes to is bounded by
+                    // the budget, not by how well its chunks compressed.
+                    let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
                     let mut writes: Vec<(u64, usize)> = Vec::new();
-                    let mut run = AlignedBuf::new();
-                    let flush = |run: &mut AlignedBuf, start: Option<u64>| -> Result<()> {
-                        if let Some(b) = start {
-                            let (data, aligned) = run.contents();
-                            let aligned = aligned && data.len().is_multiple_of(ALIGN);
-                            file.write_at(data, b * bs, aligned)
+                    // Writes the run of blocks from `first`: where it lies in `plains`
+                    // (`direct`), or gathered in `run`.
+                    let flush = |plains: &AlignedBuf,
+                                 run: &mut AlignedBuf,
+                                 first: Option<u64>,
+                                 direct: Option<std::ops::Range<usize>>|
+                     -> Result<()> {
+                        if let Some(b) = first {
+                            let data = match direct {
+                                Some(d) => &plains.buf[d],
+                                None => run.contents(),
+                            };
+                            file.write_at(data, b * bs, is_aligned(data))
                                 .map_err(|e| Error::io(format!("writing block {b}"), e))?;
                             progress.inc(data.len() as u64);
                         }
                         run.clear();
                         Ok(())
                     };
-                    let mut write_group =
-                        |writes: &mut Vec<(u64, usize)>, plains: &mut Vec<Vec<u8>>| -> Result<()> {
-                            writes.sort_unstable();
-                            let mut run_start: Option<u64> = None;
-                            let mut next_block = 0u64;
-                            for &(b, p) in writes.iter() {
-                                let data = &plains[p][..super::block_len(size, block_size, b)];
-                                let adjacent = run_start.is_some() && b == next_block;
-                                if !adjacent || run.len() + data.len() > MAX_RUN_BYTES {
-                                    flush(&mut run, run_start)?;
-                                    run_start = Some(b);
-                                }
-                                run.extend(data);
-                                next_block = b + 1;
+                    let write_group = |writes: &mut Vec<(u64, usize)>,
+                                       spans: &mut Vec<std::ops::Range<usize>>,
+                                       plains: &mut AlignedBuf,
+                                       run: &mut AlignedBuf|
+                     -> Result<()> {
+                        writes.sort_unstable();
+                        let mut first: Option<u64> = None;
+                        let mut direct: Option<std::ops::Range<usize>> = None;
+                        let (mut next_block, mut run_len) = (0u64, 0usize);
+                        for &(b, p) in writes.iter() {
+                            let at = spans[p].start;
+                            let data = at..at + super::block_len(size, block_size, b);
+                            let adjacent = first.is_some() && b == next_block;
+                            if !adjacent || run_len + data.len() > MAX_RUN_BYTES {
+                                flush(plains, run, first, direct.take())?;
+                                (first, run_len) = (Some(b), 0);
+                                direct = Some(data.start..data.start);
                             }
-                            flush(&mut run, run_start)?;
-                            writes.clear();
-                            plains.clear();
-                            Ok(())
-                        };
+                            match direct.as_mut() {
+                                Some(d) if d.end == data.start => d.end = data.end,
+                                _ => {
+                                    // Not side by side (a chunk that fills several blocks, or
+                                    // chunks out of order): gathered in `run` from here on.
+                                    if let Some(d) = direct.take() {
+                                        run.extend(&plains.buf[d]);
+                                    }
+                                    run.extend(&plains.buf[data.clone()]);
+                                }
+                            }
+                            run_len += data.len();
+                            next_block = b + 1;
+                        }
+                        flush(plains, run, first, direct)?;
+                        writes.clear();
+                        spans.clear();
+                        plains.clear();
+                        Ok(())
+                    };
                     for ((id, (loc, blocks)), blob) in chunks.iter().zip(blobs) {
-                        let plain = chunk::decode(id, loc.encoding, &blob, loc.raw_length as usize)
-                            .map_err(|e| {
-                                Error::corrupt(format!(
-                                    "snapshot {what} block {}: {e}; the restore was \
-                                         abandoned and nothing was left at the destination",
-                                    blocks[0]
-                                ))
-                            })?;
+                        let at = plains.buf.len();
+                        chunk::decode_into(
+                            id,
+                            loc.encoding,
+                            &blob,
+                            loc.raw_length as usize,
+                            &mut plains.buf,
+                        )
+                        .map_err(|e| {
+                            Error::corrupt(format!(
+                                "snapshot {what} block {}: {e}; the restore was abandoned and \
+                                 nothing was left at the destination",
+                                blocks[0]
+                            ))
+                        })?;
+                        let plain_len = plains.buf.len() - at;
                         for &b in blocks {
                             let len = super::block_len(size, block_size, b);
-                            let cut = cut_last && b == last && plain.len() > len;
-                            if len != plain.len() && !cut {
+                            let cut = cut_last && b == last && plain_len > len;
+                            if len != plain_len && !cut {
                                 return Err(Error::corrupt(format!(
                                     "snapshot {what} block {b} is {len} bytes but its chunk \
-                                     has {}",
-                                    plain.len()
+                                     has {plain_len}"
                                 )));
                             }
-                            writes.push((b, plains.len()));
+                            writes.push((b, spans.len()));
                         }
-                        held += plain.len();
-                        plains.push(plain);
-                        if held >= DECODED_BUDGET {
-                            write_group(&mut writes, &mut plains)?;
-                            held = 0;
+                        spans.push(at..plains.buf.len());
+                        if plains.len() >= DECODED_BUDGET {
+                            write_group(&mut writes, &mut spans, &mut plains, &mut run)?;
                         }
                     }
-                    write_group(&mut writes, &mut plains)?;
+                    write_group(&mut writes, &mut spans, &mut plains, &mut run)?;
+                    pool.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Scratch { plains, run });
                     Ok(chunks.len() as u64)
                 })
                 .await

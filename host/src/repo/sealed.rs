@@ -251,7 +251,9 @@ pub struct SealedStore {
     key: tokio::sync::watch::Receiver<KeyState>,
     /// Nonce and stored size of objects read by range (packs, whose names are never reused),
     /// so that a second range costs one request, not two. Bounded; cleared when full.
-    headers: Mutex<HashMap<String, ([u8; NONCE], u64)>>,
+    /// A pack's stored size also comes from a listing of `packs/` (a restore lists them
+    /// before it reads any): its first read then needs no HEAD.
+    headers: Arc<Mutex<HashMap<String, (Option<[u8; NONCE]>, u64)>>>,
 }
 
 const HEADER_CACHE: usize = 8192;
@@ -273,7 +275,7 @@ impl SealedStore {
         SealedStore {
             inner,
             key,
-            headers: Mutex::new(HashMap::new()),
+            headers: Arc::default(),
         }
     }
 
@@ -320,7 +322,7 @@ impl SealedStore {
         if !refresh
             && let Some((nonce, size)) = self.headers.lock().expect("not poisoned").get(&name)
         {
-            return Ok((Some(*nonce), *size));
+            return Ok((*nonce, *size));
         }
         // Its size first: a range request past the end of an object cut short would be an
         // error of the store (retried as if it were an outage), not the damage it is.
@@ -336,12 +338,32 @@ impl SealedStore {
         if cache.len() >= HEADER_CACHE {
             cache.clear();
         }
-        cache.insert(name.to_string(), (nonce, size));
+        cache.insert(name.to_string(), (Some(nonce), size));
+    }
+
+    /// Remembers the stored size of a listed pack not read yet (a size a sealed object can
+    /// have; a pack's name is never reused for other bytes, and a read that finds another
+    /// size asks for it again).
+    fn remember_listed(
+        cache: &Mutex<HashMap<String, (Option<[u8; NONCE]>, u64)>>,
+        meta: &ObjectMeta,
+    ) {
+        if !meta.location.as_ref().starts_with("packs/") || plain_len(meta.size).is_none() {
+            return;
+        }
+        let mut cache = cache.lock().expect("not poisoned");
+        if cache.len() >= HEADER_CACHE {
+            return;
+        }
+        cache
+            .entry(meta.location.to_string())
+            .or_insert((None, meta.size));
     }
 
     /// Plaintext bytes `range` of `location` (clamped to its end, as stores do). The first
-    /// read of an object costs its size (a HEAD) and one GET that starts at its header when
-    /// the range is near the start (a restore's first range of a pack), else two.
+    /// read of an object costs its size (a HEAD, unless a listing gave it) and one GET that
+    /// starts at its header when the range is near the start (a restore's first range of a
+    /// pack), else two.
     async fn read_range(
         &self,
         location: &Path,
@@ -354,10 +376,16 @@ impl SealedStore {
             let (known, sealed) = self.header(location, refresh).await?;
             let plain = plain_len(sealed)
                 .ok_or_else(|| seal_error(&name, "its size is not that of a sealed object"))?;
-            let want = range
-                .as_range(plain)
+            let want = match range.as_range(plain) {
+                Ok(want) => want,
+                // Past the end of the size remembered (or listed): asked for again first.
+                Err(_) if !refresh => {
+                    refresh = true;
+                    continue;
+                }
                 // Past the end: the object is shorter than the index that led here says.
-                .map_err(|e| seal_error(&name, &format!("it is cut short: {e}")))?;
+                Err(e) => return Err(seal_error(&name, &format!("it is cut short: {e}"))),
+            };
             let n = segments(plain);
             let (s0, s1) = (want.start / SEGMENT, want.end.saturating_sub(1) / SEGMENT);
             let segs =
@@ -548,11 +576,23 @@ impl ObjectStore for SealedStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix).map(|m| m.map(Self::listed)).boxed()
+        let cache = self.headers.clone();
+        self.inner
+            .list(prefix)
+            .map(move |m| {
+                m.map(|m| {
+                    Self::remember_listed(&cache, &m);
+                    Self::listed(m)
+                })
+            })
+            .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let mut r = self.inner.list_with_delimiter(prefix).await?;
+        for m in &r.objects {
+            Self::remember_listed(&self.headers, m);
+        }
         r.objects = r.objects.into_iter().map(Self::listed).collect();
         Ok(r)
     }
@@ -763,5 +803,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(q, plain);
+    }
+
+    #[tokio::test]
+    async fn a_listed_size_spares_a_head_and_a_pack_changed_since_is_still_refused() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let plain: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let (p, q) = (Path::from("packs/00/p"), Path::from("packs/00/q"));
+        let writer = SealedStore::new(mem.clone(), key(4));
+        writer.put(&p, plain.clone().into()).await.unwrap();
+        writer.put(&q, plain.clone().into()).await.unwrap();
+        let store = SealedStore::new(mem.clone(), key(4));
+        let _: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list(None))
+            .await
+            .unwrap();
+        let sealed = sealed_len(plain.len() as u64);
+        for name in ["packs/00/p", "packs/00/q"] {
+            let cached = store.headers.lock().unwrap().get(name).copied();
+            assert_eq!(cached, Some((None, sealed)), "{name}");
+        }
+        assert_eq!(
+            store.get_range(&p, 70_000..70_100).await.unwrap(),
+            plain[70_000..70_100]
+        );
+        // q cut short, then p replaced by longer bytes, after the listing: neither is read
+        // as if it were what was listed.
+        let whole = mem.get(&q).await.unwrap().bytes().await.unwrap();
+        mem.put(&q, whole.slice(..100_000).into()).await.unwrap();
+        assert!(
+            store.get_range(&q, 0..10).await.is_ok(),
+            "its first segment is whole"
+        );
+        let err = store.get_range(&q, 150_000..150_010).await.unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
+        let longer = seal(
+            &key(4),
+            "packs/00/p",
+            &[plain.clone(), plain.clone()].concat(),
+        );
+        mem.put(&Path::from("packs/00/r"), longer.into())
+            .await
+            .unwrap();
+        let other = SealedStore::new(mem.clone(), key(4));
+        let _: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(other.list(None))
+            .await
+            .unwrap();
+        let bigger = seal(
+            &key(4),
+            "packs/00/q",
+            &[plain.clone(), plain.clone()].concat(),
+        );
+        mem.put(&q, bigger.into()).await.unwrap();
+        assert_eq!(
+            other.get_range(&q, 250_000..250_010).await.unwrap(),
+            plain[50_000..50_010],
+            "a size that changed since the listing is asked for again"
+        );
     }
 }

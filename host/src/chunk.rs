@@ -156,6 +156,13 @@ pub fn decode_into(
     raw_len: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    // No chunk is longer than a block: a length from a damaged or hostile index must not
+    // make room for gigabytes before anything is checked.
+    if raw_len > crate::volume::MAX_BLOCK_SIZE as usize {
+        return Err(Error::corrupt(format!(
+            "chunk {id} is said to be {raw_len} bytes long, more than any block"
+        )));
+    }
     let at = out.len();
     let decoded = match encoding {
         Encoding::Raw => {
@@ -345,6 +352,13 @@ mod tests {
         }
         assert_eq!(out, [&b"kept"[..], &a, &b].concat());
         let before = out.clone();
+        let (enc, stored) = encode(&a).unwrap();
+        let huge = crate::volume::MAX_BLOCK_SIZE as usize + 1;
+        assert!(decode_into(&hash(&a), enc, &stored, huge, &mut out).is_err());
+        assert!(
+            out.capacity() < huge,
+            "room was made for a length never checked"
+        );
         for data in [&a, &b] {
             let (enc, mut stored) = encode(data).unwrap();
             // A wrong length (either way), then a damaged byte: each refused, nothing kept.

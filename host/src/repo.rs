@@ -547,10 +547,10 @@ impl Repository {
     /// that wrote its index after a gc deleted its pack), and a chunk it names must then be
     /// found in another pack or not at all.
     pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
-        // Both listings at once: a round trip less before a restore's first pack.
-        let (loaded, packs) =
-            futures::join!(self.load_index_known(HashMap::new()), self.pack_listing());
-        let ((mut index, problems, _), packs) = (loaded?, packs?);
+        // Packs are listed after the indexes: a pack is stored before its index, so every
+        // index listed has its pack listed (gc aside), even while a push is under way.
+        let (mut index, problems, _) = self.load_index_known(HashMap::new()).await?;
+        let packs = self.pack_listing().await?;
         index.retain_packs(|p| packs.contains_key(p));
         Ok((index, problems))
     }

@@ -433,6 +433,7 @@ impl SnapshotCommand {
                 target,
                 region,
             } => {
+                snapshot::restore::check_destination(&to, force)?;
                 // From a target (a new node with only its URL), or from this node's repository,
                 // whose lock is held shared so gc cannot remove a pack being read.
                 let (repo, unlocked, _repo_lock, from) = match &target {
@@ -468,7 +469,16 @@ impl SnapshotCommand {
                 // A key that did not open says why (a wrong passphrase), not what failed
                 // for want of it.
                 unlocked?;
-                let ((rec, mut m), (index, _)) = (manifest?, index?);
+                let ((rec, mut m), (mut index, _)) = (manifest?, index?);
+                // The index was listed while the snapshot was looked for: a push that
+                // committed it meanwhile stored its packs and their indexes before, so they
+                // are listed when asked again, now.
+                if m.blocks
+                    .data()
+                    .any(|(_, id)| !index.chunks.contains_key(&id))
+                {
+                    index = repo.load_index().await?.0;
+                }
                 // A region: its blocks alone, the last one cut where the region ends.
                 let mut cut_last = false;
                 if let Some(r) = &region {

@@ -52,6 +52,35 @@ pub fn pack_concurrency() -> Result<usize> {
     }
 }
 
+/// Whether `to` may be written, as [`restore_cut`] will check it again: said before a
+/// caller spends time reading a repository's index (an NBD export is checked when connected).
+pub fn check_destination(to: &Path, force: bool) -> Result<()> {
+    if is_nbd(to) {
+        return Ok(());
+    }
+    match std::fs::metadata(to) {
+        Ok(meta) if meta.is_dir() => Err(Error::invalid(format!(
+            "{} is a directory; give the path of the image file to write",
+            to.display()
+        ))),
+        Ok(_) if !force => Err(Error::conflict(format!(
+            "{} already exists; pass --force to overwrite it",
+            to.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("inspecting {}", to.display()), e)),
+    }
+}
+
+fn is_nbd(to: &Path) -> bool {
+    to.to_str().is_some_and(|t| {
+        ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+            .iter()
+            .any(|p| t.starts_with(p))
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct RestoreReport {
     pub path: PathBuf,
@@ -88,32 +117,13 @@ pub async fn restore_cut(
     let what = format!("{}@{}", m.volume, m.name);
     pack_concurrency()?; // a bad setting is refused before anything is opened
     let nbd = match to.to_str() {
-        Some(t)
-            if ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
-                .iter()
-                .any(|p| t.starts_with(p)) =>
-        {
-            Some(open_nbd(t, m.size, force).await?)
-        }
+        Some(t) if is_nbd(to) => Some(open_nbd(t, m.size, force).await?),
         _ => None,
     };
+    check_destination(to, force)?;
     let is_device = nbd.is_some()
         || match std::fs::metadata(to) {
-            Ok(meta) => {
-                if meta.is_dir() {
-                    return Err(Error::invalid(format!(
-                        "{} is a directory; give the path of the image file to write",
-                        to.display()
-                    )));
-                }
-                if !force {
-                    return Err(Error::conflict(format!(
-                        "{} already exists; pass --force to overwrite it",
-                        to.display()
-                    )));
-                }
-                meta.file_type().is_block_device()
-            }
+            Ok(meta) => meta.file_type().is_block_device(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(Error::io(format!("inspecting {}", to.display()), e)),
         };

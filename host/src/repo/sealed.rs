@@ -253,10 +253,13 @@ pub struct SealedStore {
     /// so that a second range costs one request, not two. Bounded; cleared when full.
     /// A pack's stored size also comes from a listing of `packs/` (a restore lists them
     /// before it reads any): its first read then needs no HEAD.
-    headers: Arc<Mutex<HashMap<String, (Option<[u8; NONCE]>, u64)>>>,
+    headers: Arc<Headers>,
 }
 
 const HEADER_CACHE: usize = 8192;
+
+/// Objects' nonces (once read) and stored sizes, by name.
+type Headers = Mutex<HashMap<String, (Option<[u8; NONCE]>, u64)>>;
 
 impl SealedStore {
     pub fn new(inner: Arc<dyn ObjectStore>, key: ObjectKey) -> Self {
@@ -345,7 +348,7 @@ impl SealedStore {
     /// have; a pack's name is never reused for other bytes, and a read that finds another
     /// size asks for it again).
     fn remember_listed(
-        cache: &Mutex<HashMap<String, (Option<[u8; NONCE]>, u64)>>,
+        cache: &Headers,
         meta: &ObjectMeta,
     ) {
         if !meta.location.as_ref().starts_with("packs/") || plain_len(meta.size).is_none() {

@@ -141,25 +141,22 @@ pub fn seal(key: &ObjectKey, name: &str, plain: &[u8]) -> Vec<u8> {
     let nonce: [u8; NONCE] = rand::random();
     let cipher = key.for_object(name, &nonce);
     let n = segments(plain.len() as u64);
-    let mut out = vec![0u8; sealed_len(plain.len() as u64) as usize];
-    out[..MAGIC.len()].copy_from_slice(MAGIC);
-    out[MAGIC.len()..HEADER as usize].copy_from_slice(&nonce);
-    let seal_one = |(i, slot): (usize, &mut [u8])| {
-        let i = i as u64;
-        let seg = &plain[(i * SEGMENT) as usize..(((i + 1) * SEGMENT) as usize).min(plain.len())];
-        let (body, tag) = slot.split_at_mut(seg.len());
-        body.copy_from_slice(seg);
-        let t = cipher
-            .encrypt_in_place_detached(&segment_nonce(i, i + 1 == n), b"", body)
-            .expect("a segment is far below ChaCha20-Poly1305's limit");
-        tag.copy_from_slice(&t);
-    };
+    // Each segment copied once, into room made without zeroing it first.
+    let mut out = Vec::with_capacity(sealed_len(plain.len() as u64) as usize);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&nonce);
     // One thread: a push or a restore already seals or opens several packs at once, and
     // spreading one pack over the cores measured slower (`host/TARGETS.md`).
-    out[HEADER as usize..]
-        .chunks_mut(SEALED_SEGMENT as usize)
-        .enumerate()
-        .for_each(seal_one);
+    for i in 0..n {
+        let seg = &plain[(i * SEGMENT) as usize..(((i + 1) * SEGMENT) as usize).min(plain.len())];
+        let at = out.len();
+        out.extend_from_slice(seg);
+        let tag = cipher
+            .encrypt_in_place_detached(&segment_nonce(i, i + 1 == n), b"", &mut out[at..])
+            .expect("a segment is far below ChaCha20-Poly1305's limit");
+        out.extend_from_slice(&tag);
+    }
+    debug_assert_eq!(out.len() as u64, sealed_len(plain.len() as u64));
     out
 }
 

@@ -344,10 +344,7 @@ impl SealedStore {
     /// Remembers the stored size of a listed pack not read yet (a size a sealed object can
     /// have; a pack's name is never reused for other bytes, and a read that finds another
     /// size asks for it again).
-    fn remember_listed(
-        cache: &Headers,
-        meta: &ObjectMeta,
-    ) {
+    fn remember_listed(cache: &Headers, meta: &ObjectMeta) {
         if !meta.location.as_ref().starts_with("packs/") || plain_len(meta.size).is_none() {
             return;
         }

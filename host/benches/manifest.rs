@@ -5,24 +5,18 @@
 //! decode of the stored form, the delta an upstream makes, and its application (with the
 //! digest check) on the downstream.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use holdfast::id::{ChunkId, SnapshotId};
 use holdfast::snapshot::{Manifest, ManifestDelta};
 
+mod common;
+
 const BLOCKS: usize = 65_536;
 const RUNS: usize = 21;
 
-fn time<T>(mut f: impl FnMut() -> T) -> Duration {
-    let mut v: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(f());
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v[v.len() / 2]
+fn time<T>(f: impl FnMut() -> T) -> Duration {
+    common::median_of(RUNS, f)
 }
 
 fn main() {

@@ -8,19 +8,13 @@ use std::time::{Duration, Instant};
 use holdfast::repo::sealed::{ObjectKey, open, seal};
 use holdfast::target::keys::{self, Secret};
 
+mod common;
+
 const RUNS: usize = 15;
 const PACK: usize = 16 << 20;
 
-fn time<T>(mut f: impl FnMut() -> T) -> Duration {
-    let mut v: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(f());
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v[v.len() / 2]
+fn time<T>(f: impl FnMut() -> T) -> Duration {
+    common::median_of(RUNS, f)
 }
 
 fn main() {

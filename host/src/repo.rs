@@ -252,11 +252,8 @@ impl Repository {
 
     /// The same repository, encrypted: every object but `config` is sealed with `key`
     /// ([`sealed`]). Packs then go through the store like every other object (no direct I/O).
-    pub fn sealed(mut self, key: sealed::ObjectKey) -> Self {
-        self.store = Arc::new(sealed::SealedStore::new(self.store, key));
-        self.local = None;
-        self.sealed = true;
-        self
+    pub fn sealed(self, key: sealed::ObjectKey) -> Self {
+        self.sealed_unlocking(tokio::sync::watch::channel(Some(Ok(Arc::new(key)))).1)
     }
 
     /// [`Repository::sealed`] with a key still being opened (see

@@ -470,12 +470,14 @@ impl SnapshotCommand {
                 // for want of it.
                 unlocked?;
                 let ((rec, mut m), (mut index, _)) = (manifest?, index?);
-                // The index was listed while the snapshot was looked for: a push that
+                // A target's index was listed while the snapshot was looked for: a push that
                 // committed it meanwhile stored its packs and their indexes before, so they
-                // are listed when asked again, now.
-                if m.blocks
-                    .data()
-                    .any(|(_, id)| !index.chunks.contains_key(&id))
+                // are listed when asked again, now. (This node's own repository is held
+                // shared, and its catalog names a snapshot only once its packs are indexed.)
+                if target.is_some()
+                    && m.blocks
+                        .data()
+                        .any(|(_, id)| !index.chunks.contains_key(&id))
                 {
                     index = repo.load_index().await?.0;
                 }

@@ -249,6 +249,9 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Where the random part of new snapshot ids comes from, when a simulation seeded it.
+static SEEDED_IDS: std::sync::Mutex<Option<rand::rngs::StdRng>> = std::sync::Mutex::new(None);
+
 /// A snapshot's identity, the same on every node of a cascade: 48 bits of creation time in
 /// milliseconds and 32 random bits, printed as 20 hex digits, so ids sort by creation time.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,8 +262,18 @@ impl SnapshotId {
 
     /// A new id for a snapshot taken at `unix_ms`.
     pub fn generate(unix_ms: u64) -> Self {
-        let random: u32 = rand::random();
+        let random: u32 = match SEEDED_IDS.lock().expect("not poisoned").as_mut() {
+            Some(rng) => rand::Rng::random(rng),
+            None => rand::random(),
+        };
         SnapshotId((((unix_ms & 0xffff_ffff_ffff) as u128) << 32) | random as u128)
+    }
+
+    /// Makes the random part of new ids come from `seed` (`None`: from the system again), so
+    /// that a simulation (`tests/sim`), which also sets the clock, replays the same ids.
+    pub fn seed_random_part(seed: Option<u64>) {
+        *SEEDED_IDS.lock().expect("not poisoned") =
+            seed.map(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64);
     }
 
     pub fn as_u128(&self) -> u128 {

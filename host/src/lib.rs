@@ -85,6 +85,67 @@ pub fn set_fake_now(unix_ms: u64) {
     FAKE_NOW.store(unix_ms, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether this process is a simulation (`tests/sim`): peers are reached through a simulated
+/// network ([`peer::client::set_transport`]), and then the simulated time ([`set_fake_now`])
+/// also drives back-offs, rate limits and lock-set generations. `HOLDFAST_FAKE_NOW` alone
+/// (tests of the binary) moves only the dates.
+static SIMULATING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn set_simulating(on: bool) {
+    SIMULATING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn simulated_ms() -> Option<u64> {
+    match FAKE_NOW.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        fake => SIMULATING
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some(fake),
+    }
+}
+
+/// Microseconds since the Unix epoch (in a simulation, its time).
+pub fn now_unix_us() -> u64 {
+    match simulated_ms() {
+        Some(ms) => ms.saturating_mul(1000),
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// Milliseconds on a clock that never goes back (since this process first asked), for rates
+/// and intervals; in a simulation, its time.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    match simulated_ms() {
+        Some(ms) => ms,
+        None => START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64,
+    }
+}
+
+/// Waits `d` before trying something again (a retry's back-off). In a simulation the wait is
+/// simulated: its clock moves on by `d` and the task yields, so that a history replays its
+/// retries exactly and at once.
+pub async fn back_off(d: std::time::Duration) {
+    match simulated_ms() {
+        None => tokio::time::sleep(d).await,
+        Some(ms) => {
+            let _ = FAKE_NOW.compare_exchange(
+                ms,
+                ms + d.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// A test hook (debug builds only; release builds compile it to nothing): the process waits
 /// at the protocol step `point` if `HOLDFAST_PAUSE_AT` names it (a comma-separated list of
 /// `POINT` or `POINT@PERCENT`, the chance of pausing at each pass). While it waits, the file

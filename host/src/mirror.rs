@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -250,10 +251,7 @@ pub fn lock_set(
 fn next_generation() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
+    let now = crate::now_unix_us();
     let mut prev = LAST.load(Ordering::Relaxed);
     loop {
         let next = now.max(prev + 1);
@@ -275,19 +273,32 @@ async fn send_lock_set(
     me: &NodeId,
     locks: Vec<NewLock>,
 ) -> Result<usize> {
-    let passed_on = locks.iter().filter(|l| l.path.len() > 1).count();
     match send_lock_set_once(client, volume, me, locks.clone()).await {
-        Err(Error::Denied(why)) if passed_on > 0 => {
-            tracing::warn!(
-                "upstream {} refused this node's lock set for {volume} ({why}); sending this \
-                 node's own locks without the {passed_on} of its downstreams",
-                client.upstream
-            );
-            let own: Vec<NewLock> = locks.into_iter().filter(|l| l.path.len() <= 1).collect();
-            send_lock_set_once(client, volume, me, own).await
-        }
+        Err(Error::Denied(why)) => send_own_locks(client, volume, me, locks, why).await,
         other => other,
     }
+}
+
+/// After the upstream refused `locks` (saying `why`): this node's own locks without those of
+/// its downstreams, or the refusal if none of them are its downstreams'.
+async fn send_own_locks(
+    client: &PeerClient,
+    volume: &VolumeName,
+    me: &NodeId,
+    locks: Vec<NewLock>,
+    why: String,
+) -> Result<usize> {
+    let passed_on = locks.iter().filter(|l| l.path.len() > 1).count();
+    if passed_on == 0 {
+        return Err(Error::Denied(why));
+    }
+    tracing::warn!(
+        "upstream {} refused this node's lock set for {volume} ({why}); sending this node's \
+         own locks without the {passed_on} of its downstreams",
+        client.upstream
+    );
+    let own: Vec<NewLock> = locks.into_iter().filter(|l| l.path.len() <= 1).collect();
+    send_lock_set_once(client, volume, me, own).await
 }
 
 async fn send_lock_set_once(
@@ -559,6 +570,7 @@ async fn update(
         region: relation.region.as_ref(),
         holds: None,
         make: None,
+        batch_cap: AtomicUsize::new(usize::MAX),
     };
 
     // 1. The upstream's snapshots, each checked before anything of it is used; of a region
@@ -613,8 +625,9 @@ async fn update(
     let first: Vec<SnapshotId> = wanted[..next_batch(&wanted)].iter().map(|s| s.id).collect();
     u.stop_point(&report)?;
     report.locks_sent_before = u
-        .send_locks(&upstream_has, base.as_ref().map(|b| b.id), &first)
-        .await?;
+        .pin(&upstream_has, base.as_ref().map(|b| b.id), &first)
+        .await?
+        .0;
 
     // 4. Fetch, verify and commit them, oldest first.
     if !wanted.is_empty() {
@@ -623,11 +636,15 @@ async fn update(
     }
 
     // 5. The upstream's deletions, except what a lock holds here.
-    let newest = u.apply_deletions(&upstream_has, &mut report).await?;
+    u.apply_deletions(&upstream_has, &mut report).await?;
 
-    // 6. The lock set after the transfer: the new base replaces the old one.
+    // 6. The lock set after the transfer: the new base replaces the old one. The base is the
+    //    newest snapshot both ends hold, which is not always the newest here: one the upstream
+    //    no longer has (a lock broken there) is kept here, and a base lock on it would pin
+    //    nothing, leaving the snapshot the next update builds on unpinned upstream.
     u.decide_policy_locks(crate::policy::Phase::AfterMirror)?;
-    report.locks_sent_after = u.send_locks(&upstream_has, newest, &[]).await?;
+    let base_after = newest_in_common(node, volume, &upstream_has)?;
+    report.locks_sent_after = u.send_locks(&upstream_has, base_after, &[]).await?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -645,6 +662,9 @@ struct Update<'a> {
     holds: Option<crate::id::RegionName>,
     /// The replica's record when this update makes it: written with its first snapshot.
     make: Option<VolumeRecord>,
+    /// The most snapshots a batch may pin upstream: one, once the upstream refused a set
+    /// pinning a whole batch (over the snapshots it lets this node pin).
+    batch_cap: AtomicUsize,
 }
 
 /// Where an update writes.
@@ -785,24 +805,89 @@ impl Update<'_> {
         Ok(())
     }
 
-    /// Steps 3 and 6: this node's lock set, sent to the upstream.
+    /// Steps 3 and 6: this node's lock set, sent to the upstream (with its downstreams'
+    /// locks left out if the upstream refuses the whole set: see [`send_lock_set`]).
     async fn send_locks(
         &self,
         upstream_has: &HashSet<SnapshotId>,
         base: Option<SnapshotId>,
         transfer: &[SnapshotId],
     ) -> Result<usize> {
-        let set = lock_set(
+        let set = self.set_of(upstream_has, base, transfer)?;
+        let n = send_lock_set(self.client, self.volume, &self.node.info.node_id, set).await?;
+        self.debug("sent the lock set");
+        Ok(n)
+    }
+
+    fn set_of(
+        &self,
+        upstream_has: &HashSet<SnapshotId>,
+        base: Option<SnapshotId>,
+        transfer: &[SnapshotId],
+    ) -> Result<Vec<NewLock>> {
+        lock_set(
             self.node,
             self.volume,
             self.holds.as_ref(),
             upstream_has,
             base,
             transfer,
-        )?;
-        let n = send_lock_set(self.client, self.volume, &self.node.info.node_id, set).await?;
-        self.debug("sent the lock set");
-        Ok(n)
+        )
+    }
+
+    /// Sends the lock set that pins `ids`, the next batch to fetch, besides the base and the
+    /// locks held here. An upstream that refuses it (more snapshots than it lets this node
+    /// pin: a long catch-up, or many locks here, against a small `max_snapshots`) is asked
+    /// to pin the first of them alone, then none of them, and only then to take this node's
+    /// own locks without its downstreams': a pin only saves a refetch, a downstream's lock
+    /// protects what it depends on. The transfer then goes on one snapshot at a time; without
+    /// a pin the upstream may delete the snapshot meanwhile, which fails this update and lets
+    /// the next go on. Without all that, such a replica could never catch up. Returns the
+    /// locks sent and how many of `ids` the batch fetches.
+    async fn pin(
+        &self,
+        upstream_has: &HashSet<SnapshotId>,
+        base: Option<SnapshotId>,
+        ids: &[SnapshotId],
+    ) -> Result<(usize, usize)> {
+        let me = &self.node.info.node_id;
+        let mut why = String::new();
+        let mut sizes = vec![ids.len()];
+        sizes.extend([1, 0].into_iter().filter(|&n| n < ids.len()));
+        for take in sizes {
+            let set = self.set_of(upstream_has, base, &ids[..take])?;
+            match send_lock_set_once(self.client, self.volume, me, set).await {
+                Err(Error::Denied(w)) => why = w,
+                other => {
+                    let n = other?;
+                    if take < ids.len() {
+                        self.batch_cap.store(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "upstream {} refused a lock set pinning the {} snapshot(s) of {} to \
+                             fetch next ({why}); fetching them one at a time, {}",
+                            self.client.upstream,
+                            ids.len(),
+                            self.volume,
+                            if take == 0 {
+                                "unpinned (if the upstream deletes one meanwhile, this update \
+                                 fails and the next goes on)"
+                            } else {
+                                "each pinned"
+                            }
+                        );
+                    }
+                    self.debug("sent the lock set");
+                    return Ok((n, take.max(1).min(ids.len())));
+                }
+            }
+        }
+        // Even the base and the locks held here with nothing pinned are too many: this node's
+        // own locks go without its downstreams' (as `send_lock_set` does), or the refusal
+        // stands.
+        self.batch_cap.store(1, Ordering::Relaxed);
+        let set = self.set_of(upstream_has, base, &[])?;
+        let n = send_own_locks(self.client, self.volume, me, set, why).await?;
+        Ok((n, ids.len().min(1)))
     }
 
     /// Step 4: fetches, verifies and commits `wanted`, oldest first, in batches whose
@@ -833,15 +918,16 @@ impl Update<'_> {
         let mut rest: &[&SnapshotRecord] = wanted;
         let mut first_batch = true;
         while !rest.is_empty() {
-            let (batch, later) = rest.split_at(next_batch(rest));
-            rest = later;
+            let mut n = next_batch(rest).min(self.batch_cap.load(Ordering::Relaxed));
             self.stop_point(report)?;
             if !std::mem::take(&mut first_batch) {
                 // The set moves on: the newest received is the base, this batch is pinned.
-                let ids: Vec<SnapshotId> = batch.iter().map(|s| s.id).collect();
+                let ids: Vec<SnapshotId> = rest[..n].iter().map(|s| s.id).collect();
                 let newest = node.catalog.snapshots(self.volume)?.last().map(|s| s.id);
-                self.send_locks(upstream_has, newest, &ids).await?;
+                n = self.pin(upstream_has, newest, &ids).await?.1;
             }
+            let (batch, later) = rest.split_at(n);
+            rest = later;
             // The batch's manifests first, each a delta against the one before, so that one
             // look-up in the repository serves them all (a catch-up of many snapshots).
             let mut got = Vec::with_capacity(batch.len());
@@ -874,18 +960,19 @@ impl Update<'_> {
                 prev = Some(r.store(received, &mut index, report, progress).await?);
                 tracing::debug!(ms = self.started.elapsed().as_millis(), snapshot = %rec.display_ref(), "committed");
                 report.received.push(rec.display_ref());
+                crate::peer::client::crash_point(&node.info.node_id, "mirror-committed").await;
             }
         }
         Ok(())
     }
 
     /// Step 5: deletes here what the upstream deleted, except what a lock holds here; the
-    /// newest snapshot stays (it is the next base), and is returned.
+    /// newest snapshot stays (the next update fetches what is newer than it).
     async fn apply_deletions(
         &self,
         upstream_has: &HashSet<SnapshotId>,
         report: &mut MirrorReport,
-    ) -> Result<Option<SnapshotId>> {
+    ) -> Result<()> {
         let ours = self.node.catalog.snapshots(self.volume)?;
         let newest = ours.last().map(|s| s.id);
         for s in &ours {
@@ -900,7 +987,7 @@ impl Update<'_> {
             }
         }
         self.debug("applied deletions");
-        Ok(newest)
+        Ok(())
     }
 }
 
@@ -917,16 +1004,25 @@ pub async fn forward_locks(node: &Node, cfg: &NodeConfig, volume: &VolumeName) -
     let local_block_size = replica_block_size(node, volume)?;
     let theirs = check_listing(&client.upstream, volume, local_block_size, listed.snapshots)?;
     let upstream_has: HashSet<SnapshotId> = theirs.iter().map(|s| s.id).collect();
-    let base = node
+    let base = newest_in_common(node, volume, &upstream_has)?;
+    let region = node.catalog.volume(volume).ok().and_then(|v| v.region);
+    let locks = lock_set(node, volume, region.as_ref(), &upstream_has, base, &[])?;
+    send_lock_set(&client, volume, &node.info.node_id, locks).await
+}
+
+/// The newest snapshot of `volume` held here and upstream: the base of this node's lock set.
+fn newest_in_common(
+    node: &Node,
+    volume: &VolumeName,
+    upstream_has: &HashSet<SnapshotId>,
+) -> Result<Option<SnapshotId>> {
+    Ok(node
         .catalog
         .snapshots(volume)?
         .iter()
         .rev()
         .find(|s| upstream_has.contains(&s.id))
-        .map(|s| s.id);
-    let region = node.catalog.volume(volume).ok().and_then(|v| v.region);
-    let locks = lock_set(node, volume, region.as_ref(), &upstream_has, base, &[])?;
-    send_lock_set(&client, volume, &node.info.node_id, locks).await
+        .map(|s| s.id))
 }
 
 /// One snapshot to fetch, verify and commit.
@@ -1241,6 +1337,7 @@ impl Receive<'_> {
             seal(node, builder, index).await?;
         }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the chunks");
+        crate::peer::client::crash_point(&node.info.node_id, "mirror-chunks-stored").await;
         // Every block must now be readable here, from a chunk of its length (a region's cut
         // last block is shorter than the whole block the upstream holds).
         for (i, id) in &candidates {
@@ -1279,6 +1376,7 @@ impl Receive<'_> {
             Err(e) => return Err(e),
         }
         tracing::debug!(ms = t.elapsed().as_millis(), "stored the manifest");
+        crate::peer::client::crash_point(&node.info.node_id, "mirror-manifest-stored").await;
         let mut local = m.record(stats);
         local.labels = rec.labels.clone();
         local.regions = rec.regions.clone();
@@ -1390,7 +1488,7 @@ async fn fetch_with_retry(
         {
             Err(e) if e.is_transient() && attempt < 4 => {
                 tracing::warn!(attempt, "fetching chunks failed, retrying: {e}");
-                tokio::time::sleep(delay).await;
+                crate::back_off(delay).await;
                 delay *= 2;
             }
             other => return other,

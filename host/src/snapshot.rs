@@ -181,6 +181,7 @@ pub async fn delete(
         })?;
     // A crash here leaves an orphan manifest, invisible; gc removes it.
     crate::pause_point("snapshot-delete-uncatalogued");
+    crate::peer::client::crash_point(&node.info.node_id, "snapshot-delete-uncatalogued").await;
     node.repo.delete_manifest(&rec.volume, &rec.id).await?;
     Ok((removed, broken))
 }

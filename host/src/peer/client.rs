@@ -21,6 +21,49 @@ pub enum ManifestAnswer {
     Delta(Bytes),
 }
 
+/// How requests reach upstreams when not over HTTP: a simulated network
+/// (`tests/sim`), which hands each request to the upstream's router in the same process,
+/// or loses, delays or repeats it. `Err` is a message the request never got an answer for.
+pub trait Transport: Send + Sync {
+    fn send(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+        request: http::Request<Bytes>,
+    ) -> futures::future::BoxFuture<'static, std::result::Result<http::Response<Bytes>, String>>;
+
+    /// Whether `node` dies at `point` (see [`crash_point`]).
+    fn crash_at(&self, node: &NodeId, point: &str) -> bool {
+        let _ = (node, point);
+        false
+    }
+}
+
+/// A step of a protocol where a simulation may kill `node`: if its [`Transport`] says so, the
+/// task stops here for good (it never returns, as a killed process never goes on), and the
+/// simulation drops it and restarts the node from its disk. Nothing outside a simulation.
+pub async fn crash_point(node: &NodeId, point: &str) {
+    if let Some(t) = transport()
+        && t.crash_at(node, point)
+    {
+        futures::future::pending::<()>().await;
+    }
+}
+
+static TRANSPORT: std::sync::RwLock<Option<std::sync::Arc<dyn Transport>>> =
+    std::sync::RwLock::new(None);
+
+/// Makes every [`PeerClient`] of this process send through `t` instead of HTTP (`None`: HTTP
+/// again). Only a simulation sets one; nothing in a configuration can.
+pub fn set_transport(t: Option<std::sync::Arc<dyn Transport>>) {
+    crate::set_simulating(t.is_some());
+    *TRANSPORT.write().expect("not poisoned") = t;
+}
+
+fn transport() -> Option<std::sync::Arc<dyn Transport>> {
+    TRANSPORT.read().expect("not poisoned").clone()
+}
+
 /// A connection to one upstream (HTTP/2, pooled; cheap to clone).
 #[derive(Clone, Debug)]
 pub struct PeerClient {
@@ -136,18 +179,10 @@ impl PeerClient {
     }
 
     async fn send(&self, req: RequestBuilder) -> Result<Response> {
-        let resp = req.send().await.map_err(|e| {
-            let mut msg = format!("cannot reach {}: {e}", self.who());
-            let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            Error::Unavailable {
-                message: msg,
-                source: None,
-            }
-        })?;
+        let resp = match transport() {
+            Some(t) => self.send_through(&*t, req).await?,
+            None => self.send_http(req).await?,
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -166,6 +201,46 @@ impl PeerClient {
                 ),
                 source: None,
             },
+        })
+    }
+
+    /// A request through the process's [`Transport`] (a simulated network) instead of HTTP.
+    async fn send_through(&self, t: &dyn Transport, req: RequestBuilder) -> Result<Response> {
+        let req = req
+            .build()
+            .map_err(|e| Error::internal(format!("building a request: {e}")))?;
+        let mut out = http::Request::builder()
+            .method(req.method().clone())
+            .uri(req.url().as_str());
+        if let Some(h) = out.headers_mut() {
+            *h = req.headers().clone();
+        }
+        let body = Bytes::copy_from_slice(req.body().and_then(|b| b.as_bytes()).unwrap_or(&[]));
+        let out = out
+            .body(body)
+            .map_err(|e| Error::internal(format!("building a request: {e}")))?;
+        let answer =
+            t.send(&self.me, &self.upstream, out)
+                .await
+                .map_err(|why| Error::Unavailable {
+                    message: format!("cannot reach {}: {why}", self.who()),
+                    source: None,
+                })?;
+        Ok(Response::from(answer))
+    }
+
+    async fn send_http(&self, req: RequestBuilder) -> Result<Response> {
+        req.send().await.map_err(|e| {
+            let mut msg = format!("cannot reach {}: {e}", self.who());
+            let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Error::Unavailable {
+                message: msg,
+                source: None,
+            }
         })
     }
 
@@ -382,7 +457,7 @@ impl PeerClient {
                     if message.contains("slow down") && attempt < 6 =>
                 {
                     tracing::debug!("upstream asked to slow down; lock set again in {pause:?}");
-                    tokio::time::sleep(pause).await;
+                    crate::back_off(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 // A reply that cannot be read says nothing about whether the set was taken:

@@ -101,7 +101,8 @@ pub(crate) struct Peer {
 #[derive(Debug)]
 struct TokenBucket {
     tokens: f64,
-    at: Instant,
+    /// When it was last looked at ([`crate::monotonic_ms`], which a simulation steps).
+    at_ms: u64,
     rate: f64,
     burst: f64,
 }
@@ -110,17 +111,17 @@ impl TokenBucket {
     fn new(rate: f64, burst: f64) -> Self {
         TokenBucket {
             tokens: burst,
-            at: Instant::now(),
+            at_ms: crate::monotonic_ms(),
             rate,
             burst,
         }
     }
 
     fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
-        self.at = now;
+        let now = crate::monotonic_ms();
+        let elapsed = now.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at_ms = self.at_ms.max(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

@@ -35,7 +35,7 @@ fn directed(scenario: impl Future<Output = ()>) {
 
 fn options(seed: u64) -> Options {
     let mut o = Options::new(seed);
-    o.steps = 30;
+    o.steps = 25;
     o.max_nodes = 7;
     o
 }
@@ -51,7 +51,7 @@ fn seeds() {
     let n: u64 = std::env::var("HOLDFAST_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(300);
     let (mut hours, mut messages, mut faults) = (0.0, 0, 0);
     let mut failed = Vec::new();
     for seed in 0..n {

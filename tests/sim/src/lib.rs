@@ -38,6 +38,8 @@ const BLOCK: usize = 4096;
 const BLOCKS: usize = 16;
 const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
+/// Simulated time one update takes in a round.
+const UPDATE_MS: u64 = 50;
 
 /// What one history is made of.
 #[derive(Clone, Debug)]
@@ -1036,6 +1038,9 @@ impl World {
         }
         for i in order {
             for v in self.volumes.clone() {
+                // An update that finds nothing new takes about this long: a round of many
+                // updates is not one instant for the peers' rate limits either.
+                self.advance(UPDATE_MS);
                 self.mirror(i, &v).await?;
                 self.check_limits(self.nodes[i].parent.expect("a replica"))?;
             }

@@ -960,8 +960,8 @@ fn strangers_learn_nothing_and_oversized_lock_sets_are_refused() {
     b.mirror("vm1");
 }
 
-/// A downstream that sends lock sets faster than the upstream takes them (5 a second, 20 in a
-/// burst) is asked to slow down (503, "slow down") instead of making it write its catalog for
+/// A downstream that sends lock sets faster than the upstream takes them (5 a second, 22 in a
+/// burst for a downstream granted one volume) is asked to slow down (503, "slow down") instead of making it write its catalog for
 /// each; the upstream goes on serving, and the same downstream's next update succeeds.
 #[test]
 fn a_downstream_that_floods_lock_sets_is_asked_to_slow_down() {

@@ -38,6 +38,8 @@ const BLOCK: usize = 4096;
 const BLOCKS: usize = 16;
 const MINUTE: u64 = 60_000;
 const HOUR: u64 = 60 * MINUTE;
+/// Real time a history may take before it counts as stuck.
+const HISTORY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Simulated time one update takes in a round.
 const UPDATE_MS: u64 = 50;
 
@@ -1416,7 +1418,20 @@ pub fn run_seed(opts: Options) -> Result<Outcome> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("a runtime", e))?;
-    let r = rt.block_on(async move { World::new(opts).await?.run().await });
+    let seed = opts.seed;
+    let r = rt.block_on(async move {
+        // A history takes about a second: one that runs for minutes is stuck (a task waiting
+        // for something that never comes), which is a failure to report, not to wait out.
+        match tokio::time::timeout(HISTORY_LIMIT, async { World::new(opts).await?.run().await })
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => fail(format!(
+                "seed {seed}: the history did not end within {HISTORY_LIMIT:?} (a hang); \
+                 replay it with --trace to see the last step"
+            )),
+        }
+    });
     World::done();
     r
 }

@@ -7,6 +7,9 @@
 #   - S3 requests per push, counted from the server's request log;
 #   - the same pushes into an encrypted bucket (`target add --encrypt`), and a restore of the
 #     incremental snapshot from it against `restic restore` of the same backup.
+# Each bucket has a moto server of its own, started fresh each run: moto slows down as it
+# holds more (measured: the second 1 GiB push into one server took 0.1-0.4 s longer than
+# the first, whichever came first), so a shared server would favour whatever runs first.
 # Usage: tests/bench/targets-vs-restic.sh      (SIZE=1GiB RUNS=3 CHANGE=0.01)
 # Needs restic (Debian package; installed with apt-get when missing) and moto (from
 # target/moto-venv, which ./test.sh installs, or $HOLDFAST_MOTO_VENV).
@@ -22,8 +25,8 @@ command -v restic >/dev/null || { echo "installing restic (Debian package)" >&2;
 VENV=${HOLDFAST_MOTO_VENV:-$ROOT/target/moto-venv}
 "$VENV/bin/python" -c 'import moto' 2>/dev/null || { echo "no moto in $VENV: run ./test.sh once (it installs it)" >&2; exit 1; }
 WORK=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" holdfast-target-bench.XXXXXX)
-MOTO_PID=
-stop_moto() { [ -z "$MOTO_PID" ] || { kill "$MOTO_PID" 2>/dev/null || true; wait "$MOTO_PID" 2>/dev/null || true; MOTO_PID=; }; }
+MOTO_PIDS=()
+stop_moto() { for p in "${MOTO_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; MOTO_PIDS=(); }
 trap 'stop_moto; rm -rf "$WORK"' EXIT
 cd "$WORK"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
@@ -32,18 +35,19 @@ now() { date +%s.%N; }
 since() { python3 -c "print($(now) - $1)"; }
 median() { python3 -c "import statistics,sys; print(round(statistics.median(float(x) for x in sys.argv[1:]), 3))" "$@"; }
 j() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {'d': d}))" "$1"; }
-# Requests the server has logged so far (werkzeug logs one line per request).
-requests() { grep -cE '(GET|PUT|POST|DELETE|HEAD) /[^ ]* HTTP/' moto.log || true; }
+# Requests server $1 has logged so far (werkzeug logs one line per request).
+requests() { grep -cE '(GET|PUT|POST|DELETE|HEAD) /[^ ]* HTTP/' "moto-$1.log" || true; }
+# A fresh moto server holding bucket $1 (named so too); its endpoint in EP[$1].
+declare -A EP
 start_moto() {
-  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  EP=http://127.0.0.1:$PORT
-  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$PORT" >moto.log 2>&1 & MOTO_PID=$!
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  EP[$1]=http://127.0.0.1:$port
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"moto-$1.log" 2>&1 & MOTO_PIDS+=($!)
   for _ in $(seq 100); do
-    "$VENV/bin/python" - "$EP" <<'PY' 2>/dev/null && return
+    "$VENV/bin/python" - "${EP[$1]}" "$1" <<'PY' 2>/dev/null && return
 import boto3, sys
-c = boto3.client("s3", endpoint_url=sys.argv[1])
-c.create_bucket(Bucket="holdfast-bench"); c.create_bucket(Bucket="restic-bench")
-c.create_bucket(Bucket="holdfast-enc")
+boto3.client("s3", endpoint_url=sys.argv[1]).create_bucket(Bucket=sys.argv[2])
 PY
     sleep 0.1
   done
@@ -55,30 +59,30 @@ declare -A R
 record() { R[$1]="${R[$1]:-} $2"; }
 for run in $(seq "$RUNS"); do
   echo "run $run/$RUNS" >&2
-  start_moto
+  for b in holdfast-bench holdfast-enc holdfast-enckf restic-bench; do start_moto $b; done
   cp base.img vol.img; cp base.img r.img; sync
   # holdfast
   export HOLDFAST_STATE=$WORK/hf
   rm -rf hf; "$H" -q init >/dev/null
   "$H" -q volume add vol --image "$WORK/vol.img" --block-size 64KiB
-  "$H" -q target add bucket --url s3://holdfast-bench/site --endpoint "$EP" --allow-http >/dev/null
-  "$H" -q target add enc --url s3://holdfast-enc/site --endpoint "$EP" --allow-http --encrypt >/dev/null
+  "$H" -q target add bucket --url s3://holdfast-bench/site --endpoint "${EP[holdfast-bench]}" --allow-http >/dev/null
+  "$H" -q target add enc --url s3://holdfast-enc/site --endpoint "${EP[holdfast-enc]}" --allow-http --encrypt >/dev/null
   [ -f key ] || "$H" -q key new "$WORK/key"
-  "$H" -q target add enckf --url s3://holdfast-enc/keyfile --endpoint "$EP" --allow-http --encrypt --key-file "$WORK/key" >/dev/null
+  "$H" -q target add enckf --url s3://holdfast-enckf/site --endpoint "${EP[holdfast-enckf]}" --allow-http --encrypt --key-file "$WORK/key" >/dev/null
   t=$(now); "$H" -q snapshot create vol --name full >/dev/null; record hf_snap_full "$(since "$t")"
-  q0=$(requests)
+  q0=$(requests holdfast-bench)
   t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_full "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline" >&2; exit 1; }
-  q1=$(requests); record hf_req_full "$((q1 - q0))"; record hf_stored_full "$(j 'd["stored-bytes"]' < p.json)"
+  q1=$(requests holdfast-bench); record hf_req_full "$((q1 - q0))"; record hf_stored_full "$(j 'd["stored-bytes"]' < p.json)"
   t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_full "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = baseline ] || { echo "not a baseline (encrypted)" >&2; exit 1; }
   t=$(now); "$H" -q mirror push vol --target enckf >/dev/null; record kf_push_full "$(since "$t")"
   "$H" -q sample rewrite vol.img --fraction "$CHANGE" --seed "$((run + 1))" >/dev/null; sync
   t=$(now); "$H" -q snapshot create vol --name incr >/dev/null; record hf_snap_incr "$(since "$t")"
-  q0=$(requests)
+  q0=$(requests holdfast-bench)
   t=$(now); "$H" -q mirror push vol --target bucket --json > p.json; record hf_push_incr "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental" >&2; exit 1; }
-  q1=$(requests); record hf_req_incr "$((q1 - q0))"; record hf_stored_incr "$(j 'd["stored-bytes"]' < p.json)"
+  q1=$(requests holdfast-bench); record hf_req_incr "$((q1 - q0))"; record hf_stored_incr "$(j 'd["stored-bytes"]' < p.json)"
   record hf_chunks_incr "$(j 'd["chunks"]' < p.json)"
   t=$(now); "$H" -q mirror push vol --target enc --json > p.json; record enc_push_incr "$(since "$t")"
   [ "$(j 'd["kind"]' < p.json)" = incremental ] || { echo "not incremental (encrypted)" >&2; exit 1; }
@@ -90,16 +94,17 @@ for run in $(seq "$RUNS"); do
   cmp -s out.img vol.img || { echo "the restore from the encrypted bucket differs" >&2; exit 1; }
   rm -f out.img
   # restic, same image, same server
-  q0=$(requests)
-  restic -q -r "s3:$EP/restic-bench" init >/dev/null
-  t=$(now); restic -q -r "s3:$EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_full "$(since "$t")"
-  q1=$(requests); record restic_req_full "$((q1 - q0))"
+  R_EP=${EP[restic-bench]}
+  q0=$(requests restic-bench)
+  restic -q -r "s3:$R_EP/restic-bench" init >/dev/null
+  t=$(now); restic -q -r "s3:$R_EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_full "$(since "$t")"
+  q1=$(requests restic-bench); record restic_req_full "$((q1 - q0))"
   cp vol.img r.img; sync
-  q0=$(requests)
-  t=$(now); restic -q -r "s3:$EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_incr "$(since "$t")"
-  q1=$(requests); record restic_req_incr "$((q1 - q0))"
+  q0=$(requests restic-bench)
+  t=$(now); restic -q -r "s3:$R_EP/restic-bench" backup "$WORK/r.img" >/dev/null; record restic_incr "$(since "$t")"
+  q1=$(requests restic-bench); record restic_req_incr "$((q1 - q0))"
   rm -rf rr; sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-  t=$(now); restic -q -r "s3:$EP/restic-bench" restore latest --target "$WORK/rr" >/dev/null; record restic_restore "$(since "$t")"
+  t=$(now); restic -q -r "s3:$R_EP/restic-bench" restore latest --target "$WORK/rr" >/dev/null; record restic_restore "$(since "$t")"
   rm -rf rr
   stop_moto
 done

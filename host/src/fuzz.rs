@@ -171,13 +171,15 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         out.push(("node_toml", text.to_vec()));
     }
     // An encrypted target's objects and config.
-    let key = crate::repo::sealed::ObjectKey::from_master(&SEALED_MASTER);
-    for len in [0usize, 1000, 70_000] {
-        let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let sealed = crate::repo::sealed::seal(&key, "fuzz", &plain);
-        out.push(("sealed", [&[0u8][..], &sealed].concat()));
+    for (mode, cipher) in [0u8, 2].into_iter().zip(sealed_ciphers()) {
+        let key = crate::repo::sealed::ObjectKey::from_master(&SEALED_MASTER, cipher);
+        for len in [0usize, 1000, 70_000] {
+            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let sealed = crate::repo::sealed::seal(&key, "fuzz", &plain);
+            out.push(("sealed", [&[mode][..], &sealed].concat()));
+        }
+        out.push(("sealed", [&[mode + 1][..], &sealed_config(cipher)].concat()));
     }
-    out.push(("sealed", [&[1u8][..], &sealed_config()].concat()));
     out.push(("names", b"vm1\0nodeB/vm1\0custom:tag\0backup=done".to_vec()));
     out.push(("wit_answers", vec![0, 3, 0, 1, 2, 1, 0, 0, 1, 2, 3, 4, 5]));
     out.push(("wit_answers", vec![1, 3, 1, 1, 0, 2, 1, 0, 7, 7, 7, 7]));
@@ -494,11 +496,17 @@ pub fn target_records(data: &[u8]) {
 const SEALED_MASTER: [u8; 32] = [0x42; 32];
 const SEALED_KEY_FILE: [u8; 32] = [0x17; 32];
 
-fn sealed_config() -> Vec<u8> {
+/// The ciphers of the `sealed` target's inputs, by the second bit of their first byte.
+fn sealed_ciphers() -> [crate::repo::sealed::Cipher; 2] {
+    use crate::repo::sealed::Cipher;
+    [Cipher::ChaCha20Poly1305, Cipher::Aes256Gcm]
+}
+
+fn sealed_config(cipher: crate::repo::sealed::Cipher) -> Vec<u8> {
     use crate::target::keys;
     let master = keys::MasterKey::from_bytes(SEALED_MASTER);
     let secret = keys::Secret::KeyFile(zeroize::Zeroizing::new(SEALED_KEY_FILE));
-    let slot = keys::new_slot(&master, &secret, "fuzz-repository").expect("a slot");
+    let slot = keys::new_slot(&master, &secret, "fuzz-repository", cipher).expect("a slot");
     serde_json::to_vec(&crate::repo::RepoConfig {
         format: crate::repo::FORMAT_NAME.into(),
         version: crate::repo::TARGET_FORMAT_VERSION,
@@ -507,15 +515,15 @@ fn sealed_config() -> Vec<u8> {
         chunk_hash: "blake3".into(),
         compression: "zstd".into(),
         encryption: Some(keys::Encryption {
-            cipher: keys::CIPHER.into(),
+            cipher: cipher.name().into(),
             slots: vec![slot],
         }),
     })
     .expect("encodes")
 }
 
-/// What an encrypted target's bucket hands back: a sealed object (mode 0), opened with the
-/// seeds' key; or a repository config with key slots (mode 1), opened with the seeds' key file
+/// What an encrypted target's bucket hands back: a sealed object (mode 0; mode 2 sealed with
+/// AES-256-GCM, else ChaCha20-Poly1305), opened with the seeds' key; or a repository config with key slots (mode 1), opened with the seeds' key file
 /// (key-file slots only: a passphrase slot would cost Argon2id per input). Garbage is refused;
 /// what opens must seal and open back to itself, and a config that opens gives the seeds' key.
 pub fn sealed(data: &[u8]) {
@@ -523,7 +531,8 @@ pub fn sealed(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let key = sealed::ObjectKey::from_master(&SEALED_MASTER);
+    let key =
+        sealed::ObjectKey::from_master(&SEALED_MASTER, sealed_ciphers()[(mode / 2 % 2) as usize]);
     if mode % 2 == 0 {
         if let Ok(plain) = sealed::open(&key, "fuzz", rest) {
             assert_eq!(
@@ -544,11 +553,9 @@ pub fn sealed(data: &[u8]) {
     };
     let secret = crate::target::keys::Secret::KeyFile(zeroize::Zeroizing::new(SEALED_KEY_FILE));
     if let Ok((master, _)) = crate::target::keys::unlock(enc, &config.id, &secret, "fuzz") {
-        assert_eq!(
-            format!("{:?}", master.object_key()),
-            format!("{:?}", sealed::ObjectKey::from_master(&SEALED_MASTER))
-        );
         assert!(master.is(&SEALED_MASTER));
+        // A config that opens names a cipher this holdfast knows.
+        enc.cipher("fuzz").expect("a known cipher");
     }
 }
 
@@ -767,8 +774,11 @@ mod tests {
             );
         }
         for b in of("sealed") {
-            let key = crate::repo::sealed::ObjectKey::from_master(&SEALED_MASTER);
-            if b[0] == 0 {
+            let key = crate::repo::sealed::ObjectKey::from_master(
+                &SEALED_MASTER,
+                sealed_ciphers()[(b[0] / 2 % 2) as usize],
+            );
+            if b[0] % 2 == 0 {
                 crate::repo::sealed::open(&key, "fuzz", &b[1..]).unwrap();
             } else {
                 let c: crate::repo::RepoConfig = serde_json::from_slice(&b[1..]).unwrap();

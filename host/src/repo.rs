@@ -545,9 +545,16 @@ impl Repository {
     /// found in another pack or not at all.
     pub async fn load_index(&self) -> Result<(ChunkIndex, Vec<String>)> {
         // Packs are listed after the indexes: a pack is stored before its index, so every
-        // index listed has its pack listed (gc aside), even while a push is under way.
-        let (mut index, problems, _) = self.load_index_known(HashMap::new()).await?;
-        let packs = self.pack_listing().await?;
+        // index listed has its pack listed (gc aside), even while a push is under way. The
+        // listing goes out while the indexes are read (and, in an encrypted target, while
+        // its key is still being opened).
+        let ids = self.list_indexes().await?;
+        let (read, packs) = futures::join!(
+            self.index_of_listed(ids, HashMap::new()),
+            self.pack_listing()
+        );
+        let (mut index, problems, _) = read?;
+        let packs = packs?;
         index.retain_packs(|p| packs.contains_key(p));
         Ok((index, problems))
     }
@@ -557,9 +564,19 @@ impl Repository {
     /// listed. Lists `index/` and reads only the others (returned third, to remember them).
     pub async fn load_index_known(
         &self,
-        mut known: HashMap<PackId, PackIndex>,
+        known: HashMap<PackId, PackIndex>,
     ) -> Result<(ChunkIndex, Vec<String>, Vec<PackIndex>)> {
         let ids = self.list_indexes().await?;
+        self.index_of_listed(ids, known).await
+    }
+
+    /// The index of the packs whose indexes are listed as `ids`: those in `known` as they
+    /// are, the others read.
+    async fn index_of_listed(
+        &self,
+        ids: Vec<PackId>,
+        mut known: HashMap<PackId, PackIndex>,
+    ) -> Result<(ChunkIndex, Vec<String>, Vec<PackIndex>)> {
         let listed: std::collections::HashSet<PackId> = ids.iter().copied().collect();
         known.retain(|id, _| listed.contains(id));
         let missing: Vec<PackId> = ids

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::error::{Error, Result};
 use crate::id::{NodeId, SnapshotId, VolumeName, shorten, validate_name};
+use crate::repo::sealed::Cipher;
 use crate::repo::{Repository, TARGET_FORMAT_VERSION};
 use crate::snapshot::Manifest;
 use crate::state::Node;
@@ -184,6 +185,7 @@ fn start_unlock(
     if let Some(k) = known {
         return Ok((plain.sealed(k), done));
     }
+    let cipher = enc.cipher(&rec.name)?;
     let secret = source.secret(&format!("target {}", rec.name), false)?;
     let (enc, id, name) = (enc.clone(), config.id.clone(), rec.name.clone());
     let (tx, rx) = tokio::sync::watch::channel(None);
@@ -198,7 +200,7 @@ fn start_unlock(
             .and_then(|r| r);
         match opened {
             Ok((master, _)) => {
-                let k = master.object_key();
+                let k = master.object_key(cipher);
                 remember(&rec, &repo_id, k.clone());
                 tx.send_replace(Some(Ok(std::sync::Arc::new(k))));
                 Ok(())
@@ -353,7 +355,19 @@ impl<'n> Targets<'n> {
     /// and then initialised) and records it. Nothing is recorded if a check fails.
     /// `encrypt`: an empty target is made encrypted (`--encrypt`); then, or with a key source in
     /// `rec`, a target found unencrypted is refused.
-    pub async fn add(&self, mut rec: TargetRecord, encrypt: bool) -> Result<CheckReport> {
+    /// Adds a target; an empty one is made encrypted if `encrypt`, sealed with `cipher` (by
+    /// default [`Cipher::preferred`]). A `cipher` other than an existing target's is refused.
+    pub async fn add(
+        &self,
+        mut rec: TargetRecord,
+        encrypt: bool,
+        cipher: Option<Cipher>,
+    ) -> Result<CheckReport> {
+        if cipher.is_some() && !encrypt {
+            return Err(Error::invalid(
+                "--cipher chooses how a new encrypted target is sealed; give --encrypt with it",
+            ));
+        }
         if encrypt {
             rec.encryption.get_or_insert_default();
         }
@@ -386,8 +400,12 @@ impl<'n> Targets<'n> {
                 rec.name
             )));
         }
-        let report =
-            check_or_init(&rec, &self.node.info.node_id, Checking::Adding { encrypt }).await?;
+        let report = check_or_init(
+            &rec,
+            &self.node.info.node_id,
+            Checking::Adding { encrypt, cipher },
+        )
+        .await?;
         if report.encrypted {
             rec.encryption.get_or_insert_default();
             rec.repository_id = Some(report.repository_id.clone());
@@ -452,7 +470,7 @@ impl<'n> Targets<'n> {
         let secret = source.secret(&format!("target {name}"), false)?;
         let (master, _) = keys::unlock(&enc, &config.id, &secret, name)?;
         let new_secret = new.new_secret(&format!("the new key slot of target {name}"))?;
-        let slot = keys::new_slot(&master, &new_secret, &config.id)?;
+        let slot = keys::new_slot(&master, &new_secret, &config.id, enc.cipher(name)?)?;
         let added = slot.clone();
         plain
             .replace_config(|c| {
@@ -554,6 +572,9 @@ pub struct CheckReport {
     pub writable: bool,
     /// Every object but the config is encrypted (`holdfast target add --encrypt`).
     pub encrypted: bool,
+    /// What they are sealed with (`aes-256-gcm`, `chacha20-poly1305`), if encrypted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
     pub snapshots: usize,
     pub packs: usize,
     /// Pushes that wrote an intent and have not finished: their snapshots stay hidden until
@@ -571,8 +592,12 @@ pub enum Checking {
     /// `target check` of a registered target.
     Registered,
     /// `target add`: an encrypted target may be found whose record does not say so yet; an
-    /// empty one is initialised, encrypted if `encrypt` (`--encrypt`).
-    Adding { encrypt: bool },
+    /// empty one is initialised, encrypted if `encrypt` (`--encrypt`), with `cipher` (by
+    /// default the one this machine is fastest and constant-time with).
+    Adding {
+        encrypt: bool,
+        cipher: Option<Cipher>,
+    },
 }
 
 /// Reads the target's config (initialising an empty target as `how` says), opens its key if it
@@ -615,10 +640,17 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, how: Checking) -> Re
             }
             let id = crate::repo::new_repo_id();
             let encryption = match (how, &rec.encryption) {
-                (Checking::Adding { encrypt: true }, Some(source)) => {
+                (
+                    Checking::Adding {
+                        encrypt: true,
+                        cipher,
+                    },
+                    Some(source),
+                ) => {
+                    let cipher = cipher.unwrap_or_else(Cipher::preferred);
                     let secret = source.secret(&format!("new target {}", rec.name), true)?;
-                    let (master, encryption) = keys::create(&secret, &id)?;
-                    remember(rec, &id, master.object_key());
+                    let (master, encryption) = keys::create(&secret, &id, cipher)?;
+                    remember(rec, &id, master.object_key(cipher));
                     Some(encryption)
                 }
                 (_, None) => None,
@@ -632,7 +664,7 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, how: Checking) -> Re
                         rec.name, rec.url
                     )));
                 }
-                (Checking::Adding { encrypt: false }, Some(_)) => {
+                (Checking::Adding { encrypt: false, .. }, Some(_)) => {
                     return Err(Error::not_found(format!(
                         "target {} ({}) is empty; --key-file and --passphrase-file open an \
                          existing encrypted target, add --encrypt to make a new one",
@@ -645,6 +677,26 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, how: Checking) -> Re
         Err(e) => return Err(ctx(e)),
     };
     let encrypted = config.encryption.is_some();
+    let cipher = match &config.encryption {
+        Some(e) => Some(e.cipher(&rec.name)?),
+        None => None,
+    };
+    if let (
+        Checking::Adding {
+            cipher: Some(asked),
+            ..
+        },
+        Some(has),
+    ) = (&how, cipher)
+        && *asked != has
+    {
+        return Err(Error::invalid(format!(
+            "target {} ({}) exists, sealed with {has}; --cipher {asked} chooses the cipher of a \
+             new target only (leave it out to use this one)",
+            rec.name, rec.url
+        )));
+    }
+    let cipher = cipher.map(|c| c.short_name().to_string());
     let repo = unlock(plain, rec, &config, adding).await?;
     let repo = &repo;
     let probe = format!("probe/{me}-{:016x}", rand::random::<u64>());
@@ -668,6 +720,7 @@ pub async fn check_or_init(rec: &TargetRecord, me: &NodeId, how: Checking) -> Re
         initialised_now,
         writable: true,
         encrypted,
+        cipher,
         snapshots,
         packs,
         pending_pushes,

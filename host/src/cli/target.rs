@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 use super::{Context, print_json};
+use crate::repo::sealed::Cipher;
 use crate::target::{TargetRecord, Targets};
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +41,12 @@ pub enum TargetCommand {
         /// encrypted target is found encrypted without it.
         #[arg(long)]
         encrypt: bool,
+        /// What a new encrypted target's objects are sealed with: aes-256-gcm or
+        /// chacha20-poly1305 (default: AES-256-GCM where this CPU has AES instructions, else
+        /// ChaCha20-Poly1305). Choose chacha20-poly1305 for a target that machines without
+        /// them (a Raspberry Pi 4, say) will restore from: AES is several times slower there.
+        #[arg(long, requires = "encrypt", value_parser = parse_cipher)]
+        cipher: Option<Cipher>,
         /// The key file that opens it (`holdfast key new FILE`); its path is recorded, read
         /// each time the target is used.
         #[arg(long, conflicts_with = "passphrase_file")]
@@ -219,6 +226,7 @@ impl TargetCommand {
                 profile,
                 credentials_file,
                 encrypt,
+                cipher,
                 key_file,
                 passphrase_file,
                 json,
@@ -250,6 +258,7 @@ impl TargetCommand {
                             repository_id: None,
                         },
                         encrypt,
+                        cipher,
                     )
                     .await?;
                 if json {
@@ -260,7 +269,10 @@ impl TargetCommand {
                     r.target,
                     r.url,
                     r.format_version,
-                    if r.encrypted { ", encrypted" } else { "" },
+                    match &r.cipher {
+                        Some(c) => format!(", encrypted ({c})"),
+                        None => String::new(),
+                    },
                     if r.initialised_now {
                         ", initialised now"
                     } else {
@@ -319,7 +331,10 @@ impl TargetCommand {
                     r.target,
                     r.url,
                     r.format_version,
-                    if r.encrypted { ", encrypted" } else { "" },
+                    match &r.cipher {
+                        Some(c) => format!(", encrypted ({c})"),
+                        None => String::new(),
+                    },
                     r.snapshots,
                     r.packs,
                     r.gc_records,
@@ -413,4 +428,16 @@ fn confirm_clear(target: &str, of: &str) -> anyhow::Result<()> {
         anyhow::bail!(crate::Error::conflict("not confirmed; nothing was changed"));
     }
     Ok(())
+}
+
+fn parse_cipher(s: &str) -> std::result::Result<Cipher, String> {
+    Cipher::ALL
+        .into_iter()
+        .find(|c| c.short_name() == s)
+        .ok_or_else(|| {
+            format!(
+                "no cipher {s:?}; give one of {}",
+                Cipher::ALL.map(Cipher::short_name).join(", ")
+            )
+        })
 }

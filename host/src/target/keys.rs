@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
-use crate::repo::sealed::ObjectKey;
-
-/// The cipher an encrypted target's objects are sealed with (`repo/sealed.rs`).
-pub const CIPHER: &str = "chacha20-poly1305-stream-64k";
-/// Argon2id's cost for new passphrase slots: 64 MiB, 3 passes, 1 lane (about 0.2 s here).
+use crate::repo::sealed::{Cipher, ObjectKey};
+/// Argon2id's cost for new passphrase slots: 64 MiB, 3 passes, 4 lanes (RFC 9106's second
+/// recommended option), the lanes filled on as many cores as there are (about 60 ms on 2 cores
+/// here, 120 ms on one; a guess costs an attacker the same work either way).
 pub const ARGON2_MEMORY_KIB: u32 = 64 << 10;
 pub const ARGON2_PASSES: u32 = 3;
+pub const ARGON2_LANES: u32 = 4;
 /// The most a slot may ask for (4 times the default), so a config edited by someone else cannot
 /// make a node spend gigabytes or minutes on opening it: a slot asking for more is skipped.
 const ARGON2_MAX_MEMORY_KIB: u32 = 4 * ARGON2_MEMORY_KIB;
@@ -40,8 +40,27 @@ const MAX_SECRET_FILE: u64 = 4096;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Encryption {
+    /// What the objects are sealed with: a [`Cipher`]'s name.
     pub cipher: String,
     pub slots: Vec<KeySlot>,
+}
+
+impl Encryption {
+    /// The cipher the target's objects are sealed with; one this holdfast does not know is
+    /// refused (nothing is read or written with a guess).
+    pub fn cipher(&self, target: &str) -> Result<Cipher> {
+        Cipher::ALL
+            .into_iter()
+            .find(|c| c.name() == self.cipher)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "target {target} is encrypted with {:?}, which this holdfast does not know \
+                     (it knows {}); use the release that wrote it",
+                    self.cipher,
+                    Cipher::ALL.map(Cipher::name).join(", ")
+                ))
+            })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,8 +112,8 @@ impl MasterKey {
         MasterKey(Zeroizing::new(rand::random()))
     }
 
-    pub fn object_key(&self) -> ObjectKey {
-        ObjectKey::from_master(&self.0)
+    pub fn object_key(&self, cipher: Cipher) -> ObjectKey {
+        ObjectKey::from_master(&self.0, cipher)
     }
 
     /// A given key (the fuzzers' seeds).
@@ -183,18 +202,33 @@ impl Secret {
     }
 }
 
-fn aad(repo_id: &str, slot_id: &str, kind: SlotKind) -> Vec<u8> {
-    format!("holdfast key slot\0{repo_id}\0{slot_id}\0{kind}").into_bytes()
+/// What a slot's sealing binds besides the master key: the repository, the slot, its kind and
+/// the cipher the target's objects are sealed with, so that a config whose cipher was changed
+/// opens with no slot. (ChaCha20-Poly1305 targets were made before the cipher was bound and
+/// have no cipher here; binding it for every other cipher tells them apart all the same.)
+fn aad(repo_id: &str, slot_id: &str, kind: SlotKind, cipher: Cipher) -> Vec<u8> {
+    let mut aad = format!("holdfast key slot\0{repo_id}\0{slot_id}\0{kind}");
+    if cipher != Cipher::ChaCha20Poly1305 {
+        aad.push('\0');
+        aad.push_str(cipher.name());
+    }
+    aad.into_bytes()
 }
 
-/// A new slot holding `master` wrapped by `secret`, for the repository `repo_id`.
-pub fn new_slot(master: &MasterKey, secret: &Secret, repo_id: &str) -> Result<KeySlot> {
+/// A new slot holding `master` wrapped by `secret`, for the repository `repo_id`, whose objects
+/// are sealed with `cipher`.
+pub fn new_slot(
+    master: &MasterKey,
+    secret: &Secret,
+    repo_id: &str,
+    cipher: Cipher,
+) -> Result<KeySlot> {
     let id = format!("{:08x}", rand::random::<u32>());
     let argon2id = match secret {
         Secret::Passphrase(_) => Some(Argon2Params {
             memory_kib: ARGON2_MEMORY_KIB,
             passes: ARGON2_PASSES,
-            lanes: 1,
+            lanes: ARGON2_LANES,
             salt: hex::encode(rand::random::<[u8; 16]>()),
         }),
         Secret::KeyFile(_) => None,
@@ -206,7 +240,7 @@ pub fn new_slot(master: &MasterKey, secret: &Secret, repo_id: &str) -> Result<Ke
             XNonce::from_slice(&nonce),
             Payload {
                 msg: &master.0[..],
-                aad: &aad(repo_id, &id, secret.kind()),
+                aad: &aad(repo_id, &id, secret.kind(), cipher),
             },
         )
         .map_err(|_| Error::internal("wrapping the master key"))?;
@@ -221,14 +255,15 @@ pub fn new_slot(master: &MasterKey, secret: &Secret, repo_id: &str) -> Result<Ke
     })
 }
 
-/// A new target's encryption: a random master key and one slot for `secret`.
-pub fn create(secret: &Secret, repo_id: &str) -> Result<(MasterKey, Encryption)> {
+/// A new target's encryption: a random master key, one slot for `secret`, objects sealed with
+/// `cipher`.
+pub fn create(secret: &Secret, repo_id: &str, cipher: Cipher) -> Result<(MasterKey, Encryption)> {
     let master = MasterKey::random();
-    let slot = new_slot(&master, secret, repo_id)?;
+    let slot = new_slot(&master, secret, repo_id, cipher)?;
     Ok((
         master,
         Encryption {
-            cipher: CIPHER.into(),
+            cipher: cipher.name().into(),
             slots: vec![slot],
         },
     ))
@@ -243,13 +278,7 @@ pub fn unlock(
     secret: &Secret,
     target: &str,
 ) -> Result<(MasterKey, String)> {
-    if enc.cipher != CIPHER {
-        return Err(Error::invalid(format!(
-            "target {target} is encrypted with {:?}, which this holdfast does not know (it \
-             knows {CIPHER}); use the release that wrote it",
-            enc.cipher
-        )));
-    }
+    let cipher = enc.cipher(target)?;
     // More slots than `target key add` makes: the first ones are tried (a config edited by
     // someone else costs at most that many derivations).
     let mut skipped = Vec::new();
@@ -277,7 +306,7 @@ pub fn unlock(
             XNonce::from_slice(&wrapped[..24]),
             Payload {
                 msg: &wrapped[24..],
-                aad: &aad(repo_id, &slot.id, slot.kind),
+                aad: &aad(repo_id, &slot.id, slot.kind, cipher),
             },
         );
         if let Ok(mut key) = opened {
@@ -449,17 +478,18 @@ mod tests {
 
     #[test]
     fn slots_open_with_their_secret_only_and_only_in_their_repository() {
-        let (master, mut enc) = create(&pass("correct horse"), "repo-a").unwrap();
-        let expect = master.object_key();
+        let (master, mut enc) =
+            create(&pass("correct horse"), "repo-a", Cipher::Aes256Gcm).unwrap();
+        assert_eq!(enc.cipher("t").unwrap(), Cipher::Aes256Gcm);
         let (m, _) = unlock(&enc, "repo-a", &pass("correct horse"), "t").unwrap();
-        assert_eq!(format!("{:?}", m.object_key()), format!("{expect:?}"));
         assert_eq!(*m.0, *master.0);
         let err = unlock(&enc, "repo-a", &pass("wrong"), "t").unwrap_err();
         assert!(matches!(err, Error::InvalidInput(_)), "{err}");
         assert!(unlock(&enc, "repo-b", &pass("correct horse"), "t").is_err());
         // A key-file slot beside it.
         let kf = Secret::KeyFile(Zeroizing::new([9; 32]));
-        enc.slots.push(new_slot(&master, &kf, "repo-a").unwrap());
+        enc.slots
+            .push(new_slot(&master, &kf, "repo-a", Cipher::Aes256Gcm).unwrap());
         assert_eq!(*unlock(&enc, "repo-a", &kf, "t").unwrap().0.0, *master.0);
         assert!(
             unlock(
@@ -477,7 +507,7 @@ mod tests {
         assert!(err.to_string().contains("skipped"), "{err}");
         edited
             .slots
-            .push(new_slot(&master, &pass("correct horse"), "repo-a").unwrap());
+            .push(new_slot(&master, &pass("correct horse"), "repo-a", Cipher::Aes256Gcm).unwrap());
         assert!(unlock(&edited, "repo-a", &pass("correct horse"), "t").is_ok());
         // An edited slot does not open.
         let mut flipped = enc.clone();
@@ -485,6 +515,47 @@ mod tests {
         let last = if w.ends_with('0') { "1" } else { "0" };
         w.replace_range(w.len() - 1.., last);
         assert!(unlock(&flipped, "repo-a", &kf, "t").is_err());
+        // A cipher this holdfast does not know: refused, saying so.
+        let mut unknown = enc.clone();
+        unknown.cipher = "rot13-stream-64k".into();
+        let err = unlock(&unknown, "repo-a", &kf, "t").unwrap_err();
+        assert!(err.to_string().contains("does not know"), "{err}");
+        // A config whose cipher was changed opens with no slot, either way.
+        let mut changed = enc.clone();
+        changed.cipher = Cipher::ChaCha20Poly1305.name().into();
+        assert!(unlock(&changed, "repo-a", &kf, "t").is_err());
+        let (_, mut chacha) =
+            create(&pass("correct horse"), "repo-a", Cipher::ChaCha20Poly1305).unwrap();
+        assert!(unlock(&chacha, "repo-a", &pass("correct horse"), "t").is_ok());
+        chacha.cipher = Cipher::Aes256Gcm.name().into();
+        assert!(unlock(&chacha, "repo-a", &pass("correct horse"), "t").is_err());
+    }
+
+    /// Slots made before (one lane, `argon2` 0.5) open as they did, and four lanes filled on
+    /// several cores derive what they derive on one: keys computed by `argon2` 0.5.3.
+    #[test]
+    fn passphrase_keys_are_argon2id_as_before() {
+        for (lanes, want) in [
+            (
+                1,
+                "b5d354876f658cde1a5d125c43b4a60465890d322a2394066a3428b0d1fa231a",
+            ),
+            (
+                4,
+                "5cea1d57f950121fbc7a6d90279d7612482cf65ea98cacf40dc8c22b92f9461f",
+            ),
+        ] {
+            let params = Argon2Params {
+                memory_kib: 64 << 10,
+                passes: 3,
+                lanes,
+                salt: hex::encode([0x5a; 16]),
+            };
+            let kek = pass("correct horse battery staple")
+                .kek(Some(&params))
+                .unwrap();
+            assert_eq!(hex::encode(*kek), want, "{lanes} lanes");
+        }
     }
 
     #[test]

@@ -180,6 +180,15 @@ fn encrypted_targets_hold_nothing_readable_and_restore_anywhere() {
     let r = add_bucket(&a, &s3, "holdfast-enc", &["--encrypt"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["encrypted"], true, "{}", r.stdout);
+    // Sealed with the machine's preferred cipher; the directory target below with the other
+    // one, so that both are pushed, verified, pruned, pulled and restored here.
+    let preferred = r.json()["cipher"].as_str().unwrap().to_string();
+    let other = if preferred == "aes-256-gcm" {
+        "chacha20-poly1305"
+    } else {
+        assert_eq!(preferred, "chacha20-poly1305");
+        "aes-256-gcm"
+    };
     let key = a.path("disk.key");
     a.ok(&["key", "new", key.to_str().unwrap()]);
     assert_eq!(
@@ -199,8 +208,29 @@ fn encrypted_targets_hold_nothing_readable_and_restore_anywhere() {
         "--encrypt",
         "--key-file",
         key.to_str().unwrap(),
+        "--cipher",
+        other,
     ]);
     a.ok(&["target", "add", "plain", "--url", &plain_url]);
+    let config = std::fs::read_to_string(dir.path().join("enc/config")).unwrap();
+    assert!(
+        config.contains(&format!("\"{other}-stream-64k\"")),
+        "{config}"
+    );
+    // A cipher for a plain target, or one holdfast does not know: refused, nothing made.
+    for (args, says) in [
+        (&["--cipher", other][..], "--encrypt"),
+        (
+            &["--encrypt", "--cipher", "rot13"][..],
+            "aes-256-gcm, chacha20-poly1305",
+        ),
+    ] {
+        let url = format!("file://{}/refused", dir.path().display());
+        let r = a.run(&[&["target", "add", "refused", "--url", &url][..], args].concat());
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(says), "{}", r.stderr);
+        assert!(!dir.path().join("refused").exists());
+    }
     let listed = a.ok(&["target", "list"]);
     assert!(listed.contains("(encrypted)"), "{listed}");
 
@@ -302,6 +332,25 @@ fn encrypted_targets_hold_nothing_readable_and_restore_anywhere() {
     assert_eq!(r.json()["encrypted"], true);
     let key_copy = fresh.path("copy.key");
     std::fs::copy(&key, &key_copy).unwrap();
+    // The cipher of an existing target is its own: another one asked for is refused.
+    let r = fresh.run(&[
+        "target",
+        "add",
+        "disk",
+        "--url",
+        &disk_url,
+        "--key-file",
+        key_copy.to_str().unwrap(),
+        "--encrypt",
+        "--cipher",
+        &preferred,
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("sealed with {other}")),
+        "{}",
+        r.stderr
+    );
     fresh.ok(&[
         "target",
         "add",
@@ -342,7 +391,7 @@ fn a_wrong_secret_is_refused_and_changes_nothing() {
     let s3 = S3Server::start();
     s3.create_bucket("holdfast-wrong");
     let env = s3.env();
-    let a = node_with(&env, &[("HOLDFAST_PASSPHRASE", PASS)]);
+    let mut a = node_with(&env, &[("HOLDFAST_PASSPHRASE", PASS)]);
     let img = a.image("vm1.img", &marked_image(MIB, 3));
     a.add_volume("vm1", &img, "64KiB");
     assert_eq!(
@@ -352,6 +401,39 @@ fn a_wrong_secret_is_refused_and_changes_nothing() {
     a.snapshot("vm1", "s1");
     push(&a, "vm1", "bucket");
     let before = bucket_objects(&s3, "holdfast-wrong");
+
+    // The node that made it, run with a wrong passphrase: a push (which reads the target while
+    // the key is being opened) and a restore are refused as such, and change nothing in the
+    // bucket or among the node's locks.
+    a.snapshot("vm1", "s2");
+    let locks = a.ok(&["lock", "list", "--json"]);
+    let mut wrong = a.env.clone();
+    for (k, v) in a.env.iter_mut() {
+        if k == "HOLDFAST_PASSPHRASE" {
+            *v = "not the passphrase".into();
+        }
+    }
+    let out = a.path("wrong.img");
+    for args in [
+        &["mirror", "push", "vm1", "--target", "bucket"][..],
+        &[
+            "snapshot",
+            "restore",
+            "vm1@s1",
+            "--target",
+            "bucket",
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let r = a.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("no key slot"), "{}", r.stderr);
+    }
+    assert!(!out.exists());
+    std::mem::swap(&mut a.env, &mut wrong);
+    assert_eq!(a.ok(&["lock", "list", "--json"]), locks);
+    assert_eq!(bucket_objects(&s3, "holdfast-wrong"), before);
 
     let b = node_with(&env, &[("HOLDFAST_PASSPHRASE", "not the passphrase")]);
     let r = add_bucket(&b, &s3, "holdfast-wrong", &[]);

@@ -56,7 +56,8 @@ fn object_bytes(root: &std::path::Path, key: &str) -> Vec<u8> {
     let secret = holdfast::target::keys::Secret::passphrase(PASSPHRASE);
     let enc = config.encryption.as_ref().expect("an encrypted target");
     let (master, _) = holdfast::target::keys::unlock(enc, &config.id, &secret, "test").unwrap();
-    holdfast::repo::sealed::open(&master.object_key(), key, &raw).unwrap()
+    holdfast::repo::sealed::open(&master.object_key(enc.cipher("test").unwrap()), key, &raw)
+        .unwrap()
 }
 
 /// `target add` arguments after the URL.

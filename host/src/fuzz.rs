@@ -522,9 +522,10 @@ fn sealed_config(cipher: crate::repo::sealed::Cipher) -> Vec<u8> {
     .expect("encodes")
 }
 
-/// What an encrypted target's bucket hands back: a sealed object (mode 0; mode 2 sealed with
-/// AES-256-GCM, else ChaCha20-Poly1305), opened with the seeds' key; or a repository config with key slots (mode 1), opened with the seeds' key file
-/// (key-file slots only: a passphrase slot would cost Argon2id per input). Garbage is refused;
+/// What an encrypted target's bucket hands back: a sealed object (mode 0, sealed with
+/// ChaCha20-Poly1305; mode 2, with AES-256-GCM), opened with the seeds' key; or a repository
+/// config with key slots (mode 1 or 3), opened with the seeds' key file (key-file slots only:
+/// a passphrase slot would cost Argon2id per input). Garbage is refused;
 /// what opens must seal and open back to itself, and a config that opens gives the seeds' key.
 pub fn sealed(data: &[u8]) {
     use crate::repo::sealed;

@@ -353,10 +353,9 @@ impl<'n> Targets<'n> {
 
     /// Checks the target (reachable, writable, a holdfast repository of this format, or empty
     /// and then initialised) and records it. Nothing is recorded if a check fails.
-    /// `encrypt`: an empty target is made encrypted (`--encrypt`); then, or with a key source in
-    /// `rec`, a target found unencrypted is refused.
-    /// Adds a target; an empty one is made encrypted if `encrypt`, sealed with `cipher` (by
-    /// default [`Cipher::preferred`]). A `cipher` other than an existing target's is refused.
+    /// `encrypt`: an empty target is made encrypted (`--encrypt`), sealed with `cipher` (by
+    /// default [`Cipher::preferred`]); then, or with a key source in `rec`, a target found
+    /// unencrypted is refused. A `cipher` other than an existing target's is refused.
     pub async fn add(
         &self,
         mut rec: TargetRecord,
@@ -593,7 +592,7 @@ pub enum Checking {
     Registered,
     /// `target add`: an encrypted target may be found whose record does not say so yet; an
     /// empty one is initialised, encrypted if `encrypt` (`--encrypt`), with `cipher` (by
-    /// default the one this machine is fastest and constant-time with).
+    /// default [`Cipher::preferred`]).
     Adding {
         encrypt: bool,
         cipher: Option<Cipher>,

@@ -20,9 +20,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 use crate::repo::sealed::{Cipher, ObjectKey};
+
 /// Argon2id's cost for new passphrase slots: 64 MiB, 3 passes, 4 lanes (RFC 9106's second
-/// recommended option), the lanes filled on as many cores as there are (about 60 ms on 2 cores
-/// here, 120 ms on one; a guess costs an attacker the same work either way).
+/// recommended option), the lanes filled on as many cores as there are (85 ms on 2 cores here,
+/// 120 ms with one lane; a guess costs an attacker the same work either way).
 pub const ARGON2_MEMORY_KIB: u32 = 64 << 10;
 pub const ARGON2_PASSES: u32 = 3;
 pub const ARGON2_LANES: u32 = 4;

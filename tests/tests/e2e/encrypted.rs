@@ -332,8 +332,7 @@ fn encrypted_targets_hold_nothing_readable_and_restore_anywhere() {
     assert_eq!(r.json()["encrypted"], true);
     let key_copy = fresh.path("copy.key");
     std::fs::copy(&key, &key_copy).unwrap();
-    // The cipher of an existing target is its own: another one asked for is refused.
-    let r = fresh.run(&[
+    let add_disk = [
         "target",
         "add",
         "disk",
@@ -341,25 +340,16 @@ fn encrypted_targets_hold_nothing_readable_and_restore_anywhere() {
         &disk_url,
         "--key-file",
         key_copy.to_str().unwrap(),
-        "--encrypt",
-        "--cipher",
-        &preferred,
-    ]);
+    ];
+    // The cipher of an existing target is its own: another one asked for is refused.
+    let r = fresh.run(&[&add_disk[..], &["--encrypt", "--cipher", &preferred]].concat());
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
         r.stderr.contains(&format!("sealed with {other}")),
         "{}",
         r.stderr
     );
-    fresh.ok(&[
-        "target",
-        "add",
-        "disk",
-        "--url",
-        &disk_url,
-        "--key-file",
-        key_copy.to_str().unwrap(),
-    ]);
+    fresh.ok(&add_disk);
     for (t, snap, want) in [("bucket", "vm1@s1", &bytes), ("disk", "vm1@s2", &bytes2)] {
         let out = fresh.path(&format!("restored-{t}.img"));
         let r = restore(&fresh, snap, t, &out);

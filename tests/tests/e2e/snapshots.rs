@@ -284,3 +284,57 @@ fn two_gcs_never_run_together() {
     n.ok(&["verify"]);
     assert_eq!(n.restore("v@c"), mixed_bytes(2 << 20, 12));
 }
+
+/// A loop device, detached when dropped.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A restore onto a block device writes every block, zeros included, over what the device
+/// held, and what lies past the snapshot's end is left alone; once the restore has exited,
+/// it is in the file behind the device, not only in the device's cache.
+#[test]
+fn a_restore_onto_a_block_device_overwrites_it_zeros_included() {
+    let n = TestNode::new();
+    let mut bytes = mixed_bytes(8 << 20, 3);
+    bytes[..1 << 20].fill(0);
+    bytes[5 << 20..(5 << 20) + 300_000].fill(0);
+    let img = n.image("vol.img", &bytes);
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "s");
+    let extra = 64 * 1024;
+    let backing = n.path("device.img");
+    std::fs::write(&backing, vec![0xAAu8; bytes.len() + extra]).unwrap();
+    let attached = std::process::Command::new("losetup")
+        .args(["--find", "--show", backing.to_str().unwrap()])
+        .output();
+    let dev = match attached {
+        Ok(o) if o.status.success() => {
+            LoopDevice(String::from_utf8_lossy(&o.stdout).trim().to_string())
+        }
+        other => {
+            holdfast_tests::skipped(
+                "a_restore_onto_a_block_device_overwrites_it_zeros_included",
+                &format!("no loop device could be attached: {other:?}"),
+            );
+            return;
+        }
+    };
+    n.ok(&["snapshot", "restore", "v@s", "--to", &dev.0, "--force"]);
+    drop(dev);
+    let got = std::fs::read(&backing).unwrap();
+    assert!(
+        got[..bytes.len()] == bytes[..],
+        "the device differs from the snapshot"
+    );
+    assert!(
+        got[bytes.len()..].iter().all(|&b| b == 0xAA),
+        "the restore wrote past the snapshot's end"
+    );
+}

@@ -235,7 +235,7 @@ pub fn open_plain(rec: &TargetRecord) -> Result<Repository> {
             Ok(Repository::local(&p)?.with_format_version(TARGET_FORMAT_VERSION))
         }
         TargetUrl::S3 { bucket, prefix } => {
-            use object_store::aws::AmazonS3Builder;
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
             crate::peer::tls::ensure_provider();
             // One request's timeout; retries (with back-off) stop after twice that.
             let timeout = match std::env::var("HOLDFAST_TARGET_TIMEOUT") {
@@ -249,13 +249,7 @@ pub fn open_plain(rec: &TargetRecord) -> Result<Repository> {
                     backoff: Default::default(),
                     max_retries: 5,
                     retry_timeout: timeout * 2,
-                })
-                .with_client_options(
-                    object_store::ClientOptions::new()
-                        .with_connect_timeout(timeout.min(Duration::from_secs(10)))
-                        .with_timeout(timeout)
-                        .with_allow_http(rec.allow_http),
-                );
+                });
             if let Some(r) = &rec.region {
                 b = b.with_region(r);
             } else if std::env::var_os("AWS_REGION").is_none()
@@ -274,6 +268,30 @@ pub fn open_plain(rec: &TargetRecord) -> Result<Repository> {
                     b = b.with_token(t);
                 }
             }
+            // A plain-HTTP endpoint with static credentials makes no TLS connection at all:
+            // the system's trust store (hundreds of files) is then not read, which was a
+            // tenth of a restore's start. Any other credentials may be fetched over HTTPS.
+            let static_keys = [
+                AmazonS3ConfigKey::AccessKeyId,
+                AmazonS3ConfigKey::SecretAccessKey,
+            ]
+            .iter()
+            .all(|k| b.get_config_value(k).is_some());
+            // The endpoint requests go to (an S3-specific one from the environment first).
+            let plain_http = b
+                .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+                .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint))
+                .and_then(|e| ::url::Url::parse(&e).ok())
+                .is_some_and(|u| u.scheme() == "http")
+                && b.get_config_value(&AmazonS3ConfigKey::S3Express)
+                    .is_none_or(|v| v != "true");
+            b = b.with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(timeout.min(Duration::from_secs(10)))
+                    .with_timeout(timeout)
+                    .with_allow_http(rec.allow_http)
+                    .with_no_system_certificates(plain_http && static_keys),
+            );
             let s3 = b.build().map_err(|e| {
                 Error::invalid(format!(
                     "target {}: {e} (credentials come from --profile / --credentials-file, \

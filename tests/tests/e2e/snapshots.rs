@@ -297,8 +297,8 @@ impl Drop for LoopDevice {
 }
 
 /// A restore onto a block device writes every block, zeros included, over what the device
-/// held, and what lies past the snapshot's end is left alone; once the restore has exited,
-/// it is in the file behind the device, not only in the device's cache.
+/// held (written through the device's page cache, writeback started and waited for as it
+/// goes), and what lies past the snapshot's end is left alone.
 #[test]
 fn a_restore_onto_a_block_device_overwrites_it_zeros_included() {
     let n = TestNode::new();

@@ -32,7 +32,7 @@ fi
 echo "== QEMU and NBD tools, restic, fincore, Chromium (Debian packages)" >&2
 missing=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-  qemu-storage-daemon:qemu-system-common nbdkit:nbdkit nbdinfo:libnbd-bin \
+  nbdkit:nbdkit nbdinfo:libnbd-bin \
   nbdcopy:libnbd-bin openssl:openssl sgdisk:gdisk strip:binutils objdump:binutils \
   man:man-db restic:restic fincore:util-linux-extra chromium:chromium \
   chromedriver:chromium-driver; do
@@ -42,6 +42,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+# qemu-storage-daemon: part of qemu-utils from QEMU 8 on (the backports' 10.0 that apt picks);
+# with Debian 12's own 7.2 it is in qemu-system-common, which conflicts with qemu-utils 10.
+if ! command -v qemu-storage-daemon >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y -qq qemu-system-common >/dev/null
 fi
 
 echo "== build" >&2

@@ -270,11 +270,19 @@ pub fn plain_len(sealed: u64) -> Option<u64> {
 
 /// Seals `plain` as the object `name`.
 pub fn seal(key: &ObjectKey, name: &str, plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    seal_into(key, name, plain, &mut out);
+    out
+}
+
+/// Seals `plain` as the object `name` into `out` (cleared first; its room is reused).
+fn seal_into(key: &ObjectKey, name: &str, plain: &[u8], out: &mut Vec<u8>) {
     let nonce: [u8; NONCE] = rand::random();
     let cipher = key.for_object(name, &nonce);
     let n = segments(plain.len() as u64);
     // Each segment copied once, into room made without zeroing it first.
-    let mut out = Vec::with_capacity(sealed_len(plain.len() as u64) as usize);
+    out.clear();
+    out.reserve(sealed_len(plain.len() as u64) as usize);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&nonce);
     // One thread: a push or a restore already seals or opens several packs at once, and
@@ -287,7 +295,51 @@ pub fn seal(key: &ObjectKey, name: &str, plain: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&tag);
     }
     debug_assert_eq!(out.len() as u64, sealed_len(plain.len() as u64));
-    out
+}
+
+/// Buffers that held sealed packs whose upload is done, for the next packs to be sealed
+/// into. A fresh buffer the size of a pack costs a page fault per 4 KiB the first time it is
+/// written (measured: a 1 GiB push into an encrypted target took 32,000 more page faults
+/// than into a plain one, most of the extra system time). Only ciphertext is ever in them.
+/// Kept by the store, so they are freed with it when the command's transfer ends.
+#[derive(Debug, Default)]
+struct Spares(Mutex<Vec<Vec<u8>>>);
+
+/// At most this many spare buffers (as many packs as upload at once, plus one sealing).
+const SPARES: usize = 5;
+
+impl Spares {
+    /// A buffer for `plain` bytes sealed: a spare if one is big enough, else a new one with
+    /// room to spare (room never written costs nothing), so that it fits the next packs,
+    /// whose sizes differ by a few KiB.
+    fn take(&self, plain: usize) -> Vec<u8> {
+        if plain <= BLOCKING {
+            return Vec::new();
+        }
+        let want = sealed_len(plain as u64) as usize;
+        let mut spares = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match spares.iter().position(|b| b.capacity() >= want) {
+            Some(i) => spares.swap_remove(i),
+            None => Vec::with_capacity(want + want / 8),
+        }
+    }
+
+    /// Keeps the buffer behind `sealed` if this was its last holder (the upload is done
+    /// with it) and it is big enough to be worth keeping.
+    fn give_back(&self, sealed: Bytes) {
+        if sealed.len() <= BLOCKING {
+            return;
+        }
+        if let Ok(mut buf) = sealed.try_into_mut() {
+            // Emptied first: the conversion then moves no bytes.
+            buf.clear();
+            let buf = Vec::from(buf);
+            let mut spares = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if spares.len() < SPARES {
+                spares.push(buf);
+            }
+        }
+    }
 }
 
 /// Opens a whole sealed object.
@@ -380,6 +432,8 @@ pub struct SealedStore {
     /// A pack's stored size also comes from a listing of `packs/` (a restore lists them
     /// before it reads any): its first read then needs no HEAD.
     headers: Arc<Headers>,
+    /// Buffers of packs sealed and uploaded, for the next ones ([`Spares`]).
+    spares: Arc<Spares>,
 }
 
 const HEADER_CACHE: usize = 8192;
@@ -405,6 +459,7 @@ impl SealedStore {
             inner,
             key,
             headers: Arc::default(),
+            spares: Arc::default(),
         }
     }
 
@@ -607,10 +662,18 @@ impl ObjectStore for SealedStore {
         }
         let plain = Bytes::from(payload);
         let (key, name) = (self.key().await?, location.to_string());
-        let sealed = blocking(plain.len() > BLOCKING, move || seal(&key, &name, &plain)).await?;
-        self.inner
-            .put_opts(location, PutPayload::from(sealed), opts)
-            .await
+        let mut out = self.spares.take(plain.len());
+        let sealed = blocking(plain.len() > BLOCKING, move || {
+            seal_into(&key, &name, &plain, &mut out);
+            Bytes::from(out)
+        })
+        .await?;
+        let put = self
+            .inner
+            .put_opts(location, PutPayload::from(sealed.clone()), opts)
+            .await;
+        self.spares.give_back(sealed);
+        put
     }
 
     async fn put_multipart_opts(
@@ -621,6 +684,7 @@ impl ObjectStore for SealedStore {
         Ok(Box::new(BufferedUpload {
             inner: self.inner.clone(),
             key: self.key().await?,
+            spares: self.spares.clone(),
             location: location.clone(),
             opts: Some(opts),
             buf: BytesMut::new(),
@@ -758,6 +822,7 @@ impl ObjectStore for SealedStore {
 struct BufferedUpload {
     inner: Arc<dyn ObjectStore>,
     key: Arc<ObjectKey>,
+    spares: Arc<Spares>,
     location: Path,
     opts: Option<PutMultipartOptions>,
     buf: BytesMut,
@@ -775,14 +840,21 @@ impl MultipartUpload for BufferedUpload {
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         let plain = std::mem::take(&mut self.buf).freeze();
         let (key, name) = (self.key.clone(), self.location.to_string());
-        let sealed = Bytes::from(blocking(true, move || seal(&key, &name, &plain)).await?);
+        let mut out = self.spares.take(plain.len());
+        let sealed = blocking(true, move || {
+            seal_into(&key, &name, &plain, &mut out);
+            Bytes::from(out)
+        })
+        .await?;
         let upload = self
             .inner
             .put_multipart_opts(&self.location, self.opts.take().unwrap_or_default())
             .await?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, 8 << 20);
-        w.put(sealed);
-        w.finish().await
+        w.put(sealed.clone());
+        let done = w.finish().await;
+        self.spares.give_back(sealed);
+        done
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
@@ -801,6 +873,38 @@ mod tests {
     /// A key; odd ones seal with ChaCha20-Poly1305, even ones with AES-256-GCM.
     fn key(b: u8) -> ObjectKey {
         ObjectKey::from_master(&[b; 32], Cipher::ALL[b as usize % 2])
+    }
+
+    #[test]
+    fn a_sealed_buffer_is_reused_only_once_its_upload_let_go_of_it() {
+        let spares = Spares::default();
+        let plain = vec![3u8; 2 << 20];
+        let mut out = spares.take(plain.len());
+        seal_into(&key(1), "packs/ab/x", &plain, &mut out);
+        let at = out.as_ptr();
+        let sealed = Bytes::from(out);
+        assert_eq!(open(&key(1), "packs/ab/x", &sealed).unwrap(), plain);
+        // Still held elsewhere (an upload that has not finished): not kept.
+        let held = sealed.clone();
+        spares.give_back(sealed);
+        assert!(spares.0.lock().unwrap().is_empty());
+        // The last holder: kept, and the next pack of about that size is sealed into it.
+        spares.give_back(held);
+        let mut again = spares.take(plain.len() - 1000);
+        assert_eq!(again.as_ptr(), at);
+        seal_into(&key(1), "packs/ab/y", &plain[1000..], &mut again);
+        assert_eq!(open(&key(1), "packs/ab/y", &again).unwrap(), &plain[1000..]);
+        // Small objects are left to the allocator, and the spares are bounded.
+        spares.give_back(Bytes::from(seal(&key(1), "s", b"small")));
+        for _ in 0..SPARES + 2 {
+            let mut b = spares.take(plain.len());
+            seal_into(&key(1), "z", &plain, &mut b);
+            spares.give_back(Bytes::from(b));
+        }
+        for _ in 0..SPARES + 2 {
+            spares.give_back(Bytes::from(seal(&key(1), "z", &plain)));
+        }
+        assert_eq!(spares.0.lock().unwrap().len(), SPARES);
     }
 
     #[test]

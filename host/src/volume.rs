@@ -266,10 +266,12 @@ impl Source {
         }
     }
 
-    /// Drops what is known of the source's holes, so that the next question asks it again.
-    pub fn forget_map(&self) {
-        if let Source::Nbd(n) = self {
-            n.forget_map()
+    /// The parts of `range` that may hold data, asking the source again (after a read, to see
+    /// holes filled meanwhile).
+    pub fn data_ranges_now(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        match self {
+            Source::File(f) => f.data_ranges(range),
+            Source::Nbd(n) => n.data_ranges_now(range),
         }
     }
 
@@ -499,28 +501,33 @@ impl NbdVolume {
         let Some(ctx) = self.allocation else {
             return Ok(vec![range]);
         };
-        // Holes shorter than the smallest block are read as data: a server that describes
-        // its export a byte at a time costs no more than one that describes it by blocks.
         let mut out: Vec<Range<u64>> = Vec::new();
         let mut pos = range.start;
         while pos < range.end {
             let e = self.extent_at(ctx, pos)?;
             let end = (e.offset + e.len).min(range.end);
-            if e.flags & nbd::STATE_ZERO == 0 {
-                match out.last_mut() {
-                    Some(last) if last.end + MIN_BLOCK_SIZE as u64 > pos => last.end = end,
-                    _ => out.push(pos..end),
-                }
-            }
+            add_data(&mut out, &e, pos..end);
             pos = end;
         }
         Ok(out)
     }
 
-    /// Forgets the allocation map, so that the next query asks the server again (after a
-    /// read, to see holes that were filled meanwhile).
-    pub fn forget_map(&self) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    /// The parts of `range` that may hold data, asking the server about `range` alone (after a
+    /// read, to see holes filled meanwhile). The map of the rest is kept: asking again for the
+    /// whole window each time measured 232,000 `lseek`s in qemu-nbd (3.3 s of its CPU) for
+    /// one snapshot of a 2 GiB sparse image, where once per window is a few thousand.
+    fn data_ranges_now(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let Some(ctx) = self.allocation else {
+            return Ok(vec![range]);
+        };
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for e in extents(&mut self.client(), ctx, range.clone())? {
+            let part = e.offset.max(range.start)..(e.offset + e.len).min(range.end);
+            if part.start < part.end {
+                add_data(&mut out, &e, part);
+            }
+        }
+        Ok(out)
     }
 
     /// The parts of the export the dirty bitmap marks as written since it was started.
@@ -538,6 +545,18 @@ impl NbdVolume {
     /// Reads `ranges` one after the other into `buf`, many requests in flight.
     pub fn read_gather(&self, ranges: &[Range<u64>], buf: &mut [u8]) -> Result<()> {
         self.client().read_gather(ranges, buf)
+    }
+}
+
+/// Adds `part` of extent `e` to the data ranges `out` (in order) if `e` may hold data. Holes
+/// shorter than the smallest block are read as data: a server that describes its export a
+/// byte at a time costs no more than one that describes it by blocks.
+fn add_data(out: &mut Vec<Range<u64>>, e: &Extent, part: Range<u64>) {
+    if e.flags & nbd::STATE_ZERO == 0 {
+        match out.last_mut() {
+            Some(last) if last.end + MIN_BLOCK_SIZE as u64 > part.start => last.end = part.end,
+            _ => out.push(part),
+        }
     }
 }
 

@@ -1047,8 +1047,7 @@ impl Blocks {
         // Blocks that were holes and hold data now were filled while this segment was read:
         // read them after the change.
         if done.iter().any(Option::is_none) {
-            image.forget_map();
-            let now = image.data_ranges(offset..end)?;
+            let now = image.data_ranges_now(offset..end)?;
             let filled: Vec<usize> = (0..count)
                 .filter(|&i| done[i].is_none() && !is_hole(&now, i))
                 .collect();

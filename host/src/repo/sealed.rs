@@ -320,7 +320,14 @@ impl Spares {
         let mut spares = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match spares.iter().position(|b| b.capacity() >= want) {
             Some(i) => spares.swap_remove(i),
-            None => Vec::with_capacity(want + want / 8),
+            None => {
+                // None fits: the smallest goes, so that spares too small for the packs now
+                // being sealed cannot fill the pool for good.
+                if let Some(i) = (0..spares.len()).min_by_key(|&i| spares[i].capacity()) {
+                    spares.swap_remove(i);
+                }
+                Vec::with_capacity(want + want / 8)
+            }
         }
     }
 
@@ -905,6 +912,14 @@ mod tests {
             spares.give_back(Bytes::from(seal(&key(1), "z", &plain)));
         }
         assert_eq!(spares.0.lock().unwrap().len(), SPARES);
+        // A full pool of spares too small for bigger packs makes room for them.
+        let big = vec![4u8; 3 << 20];
+        let mut b = spares.take(big.len());
+        assert_eq!(spares.0.lock().unwrap().len(), SPARES - 1);
+        seal_into(&key(1), "packs/ab/big", &big, &mut b);
+        let at = b.as_ptr();
+        spares.give_back(Bytes::from(b));
+        assert_eq!(spares.take(big.len()).as_ptr(), at);
     }
 
     #[test]

@@ -376,6 +376,44 @@ fn qcow2_and_nbd_sources_restore_bit_for_bit() {
     n.ok(&["verify"]);
 }
 
+/// Whether the test `name` is skipped: the temporary directory's filesystem does not report
+/// holes of 4 KiB.
+fn without_4k_holes(n: &TestNode, name: &str) -> bool {
+    if holdfast_tests::holes_of_4k(&n.dir.path().join("probe")) {
+        return false;
+    }
+    holdfast_tests::skipped(
+        name,
+        "the temporary directory's filesystem does not report holes of 4 KiB (SEEK_DATA)",
+    );
+    true
+}
+
+/// Snapshots `img` as volume `v` (64 KiB blocks) through nbdkit with its log filter: the
+/// snapshot's JSON and nbdkit's log.
+fn snapshot_through_logged_nbdkit(n: &TestNode, img: &Path) -> (Value, String) {
+    let log = n.path("nbdkit.log");
+    let k = Server::nbdkit_logged(img, &log);
+    n.ok(&[
+        "volume",
+        "add",
+        "v",
+        "--nbd",
+        &k.uri,
+        "--block-size",
+        "64KiB",
+    ]);
+    let r = create(n, "s1");
+    drop(k);
+    (r, std::fs::read_to_string(&log).unwrap())
+}
+
+/// A hex field of an nbdkit log line: "connection=2 Read id=2 offset=0x100000 count=0x40000".
+fn log_hex(line: &str, key: &str) -> u64 {
+    let v = line.split(key).nth(1).unwrap().split(' ').next().unwrap();
+    u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+}
+
 /// Over NBD a snapshot asks the server for exactly the blocks that hold data: each run of
 /// adjacent blocks is one request, the holes between them are never asked for, and data a
 /// terabyte into a sparse export needs a buffer of its segment, not of its offset. Counted on
@@ -384,11 +422,10 @@ fn qcow2_and_nbd_sources_restore_bit_for_bit() {
 fn nbd_reads_are_the_data_blocks_one_request_per_run() {
     use std::os::unix::fs::FileExt;
     let n = TestNode::new();
-    if !holdfast_tests::holes_of_4k(&n.dir.path().join("probe")) {
-        holdfast_tests::skipped(
-            "live::nbd_reads_are_the_data_blocks_one_request_per_run",
-            "the temporary directory's filesystem does not report holes of 4 KiB (SEEK_DATA)",
-        );
+    if without_4k_holes(
+        &n,
+        "live::nbd_reads_are_the_data_blocks_one_request_per_run",
+    ) {
         return;
     }
     let img = n.path("sparse.raw");
@@ -412,32 +449,13 @@ fn nbd_reads_are_the_data_blocks_one_request_per_run() {
         (tib - 3 * MIB, tib - 3 * MIB + 2 * KIB64),
     ];
 
-    let log = n.path("nbdkit.log");
-    let k = Server::nbdkit_logged(&img, &log);
-    n.ok(&[
-        "volume",
-        "add",
-        "v",
-        "--nbd",
-        &k.uri,
-        "--block-size",
-        "64KiB",
-    ]);
-    let r = create(&n, "s1");
-    drop(k);
-
-    // "connection=2 Read id=2 offset=0x100000 count=0x40000 ..."
-    let hex = |line: &str, key: &str| -> u64 {
-        let v = line.split(key).nth(1).unwrap().split(' ').next().unwrap();
-        u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
-    };
-    let mut reads: Vec<(u64, u64)> = std::fs::read_to_string(&log)
-        .unwrap()
+    let (r, log) = snapshot_through_logged_nbdkit(&n, &img);
+    let mut reads: Vec<(u64, u64)> = log
         .lines()
         .filter(|l| l.contains(" Read id="))
         .map(|l| {
-            let at = hex(l, " offset=");
-            (at, at + hex(l, " count="))
+            let at = log_hex(l, " offset=");
+            (at, at + log_hex(l, " count="))
         })
         .collect();
     reads.sort();
@@ -464,11 +482,7 @@ fn nbd_reads_are_the_data_blocks_one_request_per_run() {
 fn holes_of_an_export_are_asked_about_about_twice() {
     use std::os::unix::fs::FileExt;
     let n = TestNode::new();
-    if !holdfast_tests::holes_of_4k(&n.dir.path().join("probe")) {
-        holdfast_tests::skipped(
-            "live::holes_of_an_export_are_asked_about_about_twice",
-            "the temporary directory's filesystem does not report holes of 4 KiB (SEEK_DATA)",
-        );
+    if without_4k_holes(&n, "live::holes_of_an_export_are_asked_about_about_twice") {
         return;
     }
     let size = 64 * MIB;
@@ -482,33 +496,16 @@ fn holes_of_an_export_are_asked_about_about_twice() {
     }
     f.sync_all().unwrap();
     drop(f);
-    let log = n.path("nbdkit.log");
-    let k = Server::nbdkit_logged(&img, &log);
-    n.ok(&[
-        "volume",
-        "add",
-        "v",
-        "--nbd",
-        &k.uri,
-        "--block-size",
-        "64KiB",
-    ]);
-    let r = create(&n, "s1");
-    drop(k);
+    let (r, log) = snapshot_through_logged_nbdkit(&n, &img);
     assert_eq!(
         r["stats"]["zero-blocks"].as_u64(),
         Some(size / KIB64 / 2),
         "{r}"
     );
-    let hex = |line: &str, key: &str| -> u64 {
-        let v = line.split(key).nth(1).unwrap().split(' ').next().unwrap();
-        u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
-    };
-    let log = std::fs::read_to_string(&log).unwrap();
     let asked: Vec<u64> = log
         .lines()
         .filter(|l| l.contains(" Extents id="))
-        .map(|l| hex(l, " count="))
+        .map(|l| log_hex(l, " count="))
         .collect();
     assert!(asked.len() > 1, "no block status requests logged:\n{log}");
     let total: u64 = asked.iter().sum();

@@ -299,7 +299,7 @@ fn seal_into(key: &ObjectKey, name: &str, plain: &[u8], out: &mut Vec<u8>) {
 
 /// Buffers that held sealed packs whose upload is done, for the next packs to be sealed
 /// into. A fresh buffer the size of a pack costs a page fault per 4 KiB the first time it is
-/// written (measured: a 1 GiB push into an encrypted target took 32,000 more page faults
+/// written (measured: a 1 GiB push into an encrypted target took 30,000 more page faults
 /// than into a plain one, most of the extra system time). Only ciphertext is ever in them.
 /// Kept by the store, so they are freed with it when the command's transfer ends.
 #[derive(Debug, Default)]

@@ -47,6 +47,7 @@ fi
 # with Debian 12's own 7.2 it is in qemu-system-common, which conflicts with qemu-utils 10.
 if ! command -v qemu-storage-daemon >/dev/null; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  [ ${#missing[@]} -gt 0 ] || $sudo apt-get update -qq
   $sudo apt-get install -y -qq qemu-system-common >/dev/null
 fi
 

@@ -154,7 +154,10 @@ async fn take(
 ) -> Result<CreateReport> {
     let volume = &vol.name;
     let block_size = vol.block_size;
-    let (image, plan) = {
+    // The chunk index and the manifest of the snapshot a changed-block read would build on
+    // are loaded while the source opens (starting qemu-nbd, freezing a running QEMU): with
+    // few blocks changed, loading them is most of the work that grows with the volume.
+    let opening = async {
         let vol = vol.clone();
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
@@ -167,7 +170,34 @@ async fn take(
         // The view is fixed now (a running QEMU's is frozen), or opening failed: either way
         // what `before` froze may go.
         hooks.frozen(env).await;
-        opened?
+        opened
+    };
+    let loading = async {
+        // gc must not remove a chunk this snapshot reuses between loading the index and
+        // committing. Waiting for a gc here does not keep what `before` froze frozen.
+        let lock = node.lock_repo_shared().await?;
+        let index = node.load_index().await;
+        let likely_base = match (&vol.checkpoint, opts.full_read.now) {
+            (Some(cp), false) => existing.iter().find(|s| s.id == cp.snapshot),
+            _ => None,
+        };
+        let manifest = match (likely_base, &index) {
+            (Some(prev), Ok((index, _))) => {
+                let m = super::load_manifest(&node.repo, prev).await;
+                Some((prev.id, m.and_then(|m| held_base(m, prev, index))))
+            }
+            _ => None,
+        };
+        Ok::<_, Error>((lock, index, manifest))
+    };
+    let (opened, loaded) = tokio::join!(opening, loading);
+    let (image, plan) = opened?;
+    let (_repo_lock, index, likely_base) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            drop(image);
+            return Err(abandon(&plan, e));
+        }
     };
     // The regions as this view of the volume has them (its own partition table).
     let (image, regions) = if vol.regions.is_empty() {
@@ -210,17 +240,9 @@ async fn take(
         }
     };
     let size = image.size();
-    // gc must not remove a chunk this snapshot reuses between loading the index and committing.
-    let _repo_lock = match node.lock_repo_shared().await {
-        Ok(l) => l,
-        Err(e) => {
-            drop(image);
-            return Err(abandon(&plan, e));
-        }
-    };
     let prepared = async {
         super::manifest::check_block_count(size, block_size, &format!("volume {volume}"))?;
-        let (index, problems) = node.load_index().await?;
+        let (index, problems) = index?;
         for p in problems {
             tracing::warn!("{p}; its chunks will be stored again");
         }
@@ -228,10 +250,13 @@ async fn take(
             Some(TrackingPlan {
                 base: Some((prev, dirty)),
                 ..
-            }) => Some((
-                base_blocks(node, prev, size, block_size, &index).await?,
-                align(dirty, block_size as u64, size),
-            )),
+            }) => {
+                let loaded = likely_base.filter(|(id, _)| *id == prev.id).map(|(_, m)| m);
+                Some((
+                    base_blocks(node, prev, loaded, size, block_size, &index).await?,
+                    align(dirty, block_size as u64, size),
+                ))
+            }
             _ => None,
         };
         Ok::<_, Error>((index, base))
@@ -705,9 +730,12 @@ impl BitmapHost {
 /// lock: it is still committed (a snapshot deleted meanwhile may have lost its chunks to a
 /// gc), its shape matches, and the repository holds every chunk it names, since they are
 /// taken without being read.
+///
+/// `loaded` is its manifest if it was read already (while the source opened).
 async fn base_blocks(
     node: &Node,
     prev: &SnapshotRecord,
+    loaded: Option<Result<super::manifest::Manifest>>,
     size: u64,
     block_size: u32,
     index: &ChunkIndex,
@@ -724,13 +752,25 @@ async fn base_blocks(
             prev.display_ref()
         )));
     }
-    let m = super::load_manifest(&node.repo, prev).await?;
+    let m = match loaded {
+        Some(m) => m?,
+        None => held_base(super::load_manifest(&node.repo, prev).await?, prev, index)?,
+    };
     if m.size != size || m.block_size != block_size {
         return Err(Error::internal(format!(
             "the base {} of a changed-block snapshot has another size",
             prev.display_ref()
         )));
     }
+    Ok(m.blocks)
+}
+
+/// `m`, the manifest of `prev`, if the repository (`index`) holds every chunk it names.
+fn held_base(
+    m: super::manifest::Manifest,
+    prev: &SnapshotRecord,
+    index: &ChunkIndex,
+) -> Result<super::manifest::Manifest> {
     if let Some(missing) = m.blocks.ids().iter().find(|id| !index.contains(id)) {
         return Err(Error::corrupt(format!(
             "{} names chunk {missing}, which the repository does not hold, so it cannot be the \
@@ -738,7 +778,7 @@ async fn base_blocks(
             prev.display_ref()
         )));
     }
-    Ok(m.blocks)
+    Ok(m)
 }
 
 /// Gives up the bitmap a failed snapshot started, and passes on the error.
@@ -844,7 +884,7 @@ fn compute(
             // A bitmap does not see every change: a disk shrunk and grown back reads zeros
             // where its bitmap says nothing was written. Blocks the base holds data in and
             // the source reads as zeros are read again, whatever the bitmap says.
-            let unmarked = unmarked_zeros(&image, prev, bs as u64, size)?;
+            let (unmarked, dirty_data) = survey(&image, prev, dirty, bs as u64, size)?;
             if !unmarked.is_empty() {
                 b.unmarked = unmarked.iter().map(|r| r.end - r.start).sum();
                 tracing::warn!(
@@ -854,7 +894,9 @@ fn compute(
                     b.unmarked
                 );
             }
-            b.add_changed(&image, prev, &union(dirty, &unmarked), size)?;
+            // What may hold data is known for the dirty ranges alone.
+            let known = unmarked.is_empty().then_some(&dirty_data[..]);
+            b.add_changed(&image, prev, &union(dirty, &unmarked), known, size)?;
         }
     }
     if !b.builder.is_empty() {
@@ -885,10 +927,28 @@ struct Computed {
     unmarked: u64,
 }
 
-/// The blocks (as byte ranges, in order) that `prev` holds data in and the source reports as
-/// reading zeros, wholly or in part.
-fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Result<Vec<Range<u64>>> {
+/// One front-to-back pass over the source's allocation map where a changed-block snapshot
+/// needs it (a map read twice from the start costs the server its whole walk twice):
+/// - first, the blocks (as byte ranges, in order) that `prev` holds data in and the source
+///   reports as reading zeros, wholly or in part;
+/// - second, the parts of the `dirty` ranges (ordered, apart) that may hold data, in order.
+fn survey(
+    image: &Source,
+    prev: &BlockList,
+    dirty: &[Range<u64>],
+    bs: u64,
+    size: u64,
+) -> Result<(Vec<Range<u64>>, Vec<Range<u64>>)> {
     let mut out: Vec<Range<u64>> = Vec::new();
+    let mut dirty_data: Vec<Range<u64>> = Vec::new();
+    let mut dirty = dirty.iter().peekable();
+    // The dirty ranges that start before `until`, asked about in turn with the base's runs.
+    let mut ask_dirty = |until: u64| -> Result<()> {
+        while let Some(r) = dirty.next_if(|r| r.start < until) {
+            dirty_data.extend(image.data_ranges(r.clone())?);
+        }
+        Ok(())
+    };
     let check = |run: Range<usize>, out: &mut Vec<Range<u64>>| -> Result<()> {
         let bytes = run.start as u64 * bs..(run.end as u64 * bs).min(size);
         let data = image.data_ranges(bytes)?;
@@ -916,6 +976,7 @@ fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Resul
             Some(r) if r.end == i => r.end += 1,
             _ => {
                 if let Some(r) = run.take() {
+                    ask_dirty(r.start as u64 * bs)?;
                     check(r, &mut out)?;
                 }
                 run = Some(i..i + 1);
@@ -923,9 +984,24 @@ fn unmarked_zeros(image: &Source, prev: &BlockList, bs: u64, size: u64) -> Resul
         }
     }
     if let Some(r) = run {
+        ask_dirty(r.start as u64 * bs)?;
         check(r, &mut out)?;
     }
-    Ok(out)
+    ask_dirty(u64::MAX)?;
+    Ok((out, dirty_data))
+}
+
+/// The ranges of ordered, apart `data` that overlap `r`, from `*from` on (moved past those
+/// that end before `r`: the next `r` must not start before this one).
+fn overlapping<'a>(data: &'a [Range<u64>], from: &mut usize, r: &Range<u64>) -> &'a [Range<u64>] {
+    while *from < data.len() && data[*from].end <= r.start {
+        *from += 1;
+    }
+    let mut to = *from;
+    while to < data.len() && data[to].start < r.end {
+        to += 1;
+    }
+    &data[*from..to]
 }
 
 /// The union of two ordered lists of ranges, ordered and joined.
@@ -950,7 +1026,7 @@ struct Blocks {
     bytes_read: u64,
     /// A segment's data, for sources read a segment at a time (NBD).
     buf: Vec<u8>,
-    /// Bytes read although the dirty bitmap did not mark them (see [`unmarked_zeros`]).
+    /// Bytes read although the dirty bitmap did not mark them (see [`survey`]).
     unmarked: u64,
 }
 
@@ -1105,6 +1181,7 @@ impl Blocks {
         image: &Source,
         prev: &BlockList,
         dirty: &[Range<u64>],
+        known: Option<&[Range<u64>]>,
         size: u64,
     ) -> Result<()> {
         let Source::Nbd(nbd) = image else {
@@ -1122,6 +1199,7 @@ impl Blocks {
         let len = |r: &Range<u64>| (r.end - r.start) as usize;
         let mut at = 0u64;
         let mut i = 0;
+        let mut next_known = 0;
         while i < dirty.len() {
             crate::shutdown::check("the snapshot")?;
             if len(&dirty[i]) > SEGMENT_BYTES {
@@ -1143,7 +1221,14 @@ impl Blocks {
             let mut reads: Vec<Range<u64>> = Vec::new();
             let mut filled = 0usize;
             for r in &dirty[i..j] {
-                let data = image.data_ranges(r.clone())?;
+                let asked;
+                let data = match known {
+                    Some(k) => overlapping(k, &mut next_known, r),
+                    None => {
+                        asked = image.data_ranges(r.clone())?;
+                        &asked[..]
+                    }
+                };
                 let mut b = r.start;
                 while b < r.end {
                     let br = b..(b + bs).min(r.end);
@@ -1808,14 +1893,42 @@ mod compute_tests {
             ],
         );
         assert_eq!(
-            unmarked_zeros(&src, &prev, bs, size).unwrap(),
-            vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs]
+            survey(&src, &prev, &[], bs, size).unwrap(),
+            (
+                vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs],
+                vec![]
+            )
         );
         // Nothing where the base has nothing.
         assert_eq!(
-            unmarked_zeros(&src, &BlockList::new(), bs, size).unwrap(),
-            vec![]
+            survey(&src, &BlockList::new(), &[], bs, size).unwrap(),
+            (vec![], vec![])
         );
+        // The data in dirty ranges before, between, inside and after the base's runs: the
+        // first half of block 3, block 10, the short block 20 (and none in the holes 8-9).
+        let dirty = [0..bs, 3 * bs..4 * bs, 8 * bs..11 * bs, 20 * bs..size];
+        let (unmarked, data) = survey(&src, &prev, &dirty, bs, size).unwrap();
+        assert_eq!(
+            unmarked,
+            vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs]
+        );
+        assert_eq!(
+            data,
+            vec![3 * bs..3 * bs + BS as u64, 10 * bs..11 * bs, 20 * bs..size]
+        );
+        // Each dirty range finds its own data, and only its own, from a moving start.
+        let mut from = 0;
+        assert_eq!(
+            overlapping(&data, &mut from, &(0..bs)),
+            &[] as &[Range<u64>]
+        );
+        assert_eq!(overlapping(&data, &mut from, &(3 * bs..4 * bs)), &data[..1]);
+        assert_eq!(
+            overlapping(&data, &mut from, &(8 * bs..11 * bs)),
+            &data[1..2]
+        );
+        assert_eq!(overlapping(&data, &mut from, &(20 * bs..size)), &data[2..]);
+        assert_eq!(from, 2);
     }
 
     #[test]

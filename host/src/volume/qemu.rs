@@ -268,7 +268,9 @@ impl Served {
                     image.display()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // qemu-nbd is ready a few milliseconds after it starts: a coarser poll was most
+            // of the time an incremental snapshot with few changes spent waiting for it.
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(Served {
             child,
@@ -296,7 +298,7 @@ impl Served {
                     if Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) =>
                 {
                     tracing::debug!("qemu-nbd not ready yet: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) => return Err(e),
             }

@@ -157,20 +157,22 @@ async fn take(
     // The chunk index and the manifest of the snapshot a changed-block read would build on
     // are loaded while the source opens (starting qemu-nbd, freezing a running QEMU): with
     // few blocks changed, loading them is most of the work that grows with the volume.
-    let opening = async {
+    let mut opening = {
         let vol = vol.clone();
         let existing = existing.clone();
         let run_dir = node.run_dir()?;
         let full = opts.full_read;
-        let opened =
-            tokio::task::spawn_blocking(move || open_source(&vol, &existing, &run_dir, full))
-                .await
-                .map_err(|e| Error::internal(format!("opening the source failed: {e}")))
-                .and_then(|r| r);
-        // The view is fixed now (a running QEMU's is frozen), or opening failed: either way
-        // what `before` froze may go.
-        hooks.frozen(env).await;
-        opened
+        let (hooks, env) = (hooks.clone(), env.clone());
+        let rt = tokio::runtime::Handle::current();
+        // On a thread of its own, `frozen` included: however long the loading below keeps
+        // this task busy, the view is released as soon as it is fixed.
+        tokio::task::spawn_blocking(move || {
+            let opened = open_source(&vol, &existing, &run_dir, full);
+            // The view is fixed now (a running QEMU's is frozen), or opening failed: either
+            // way what `before` froze may go.
+            rt.block_on(hooks.frozen(&env));
+            opened
+        })
     };
     let loading = async {
         // gc must not remove a chunk this snapshot reuses between loading the index and
@@ -190,8 +192,22 @@ async fn take(
         };
         Ok::<_, Error>((lock, index, manifest))
     };
-    let (opened, loaded) = tokio::join!(opening, loading);
-    let (image, plan) = opened?;
+    tokio::pin!(loading);
+    let mut loaded = None;
+    let opened = loop {
+        tokio::select! {
+            o = &mut opening => break o,
+            l = &mut loading, if loaded.is_none() => loaded = Some(l),
+        }
+    };
+    // A source that could not be opened fails the snapshot at once, without waiting for the
+    // loading (or for a gc it waits for).
+    let (image, plan) =
+        opened.map_err(|e| Error::internal(format!("opening the source failed: {e}")))??;
+    let loaded = match loaded {
+        Some(l) => l,
+        None => loading.await,
+    };
     let (_repo_lock, index, likely_base) = match loaded {
         Ok(l) => l,
         Err(e) => {
@@ -931,7 +947,9 @@ struct Computed {
 /// needs it (a map read twice from the start costs the server its whole walk twice):
 /// - first, the blocks (as byte ranges, in order) that `prev` holds data in and the source
 ///   reports as reading zeros, wholly or in part;
-/// - second, the parts of the `dirty` ranges (ordered, apart) that may hold data, in order.
+/// - second, the parts of the `dirty` ranges (ordered, apart) that may hold data, in order
+///   (of those no longer than a segment: [`Blocks::add_changed`] reads the others as
+///   [`Blocks::add_range`] does).
 fn survey(
     image: &Source,
     prev: &BlockList,
@@ -945,7 +963,11 @@ fn survey(
     // The dirty ranges that start before `until`, asked about in turn with the base's runs.
     let mut ask_dirty = |until: u64| -> Result<()> {
         while let Some(r) = dirty.next_if(|r| r.start < until) {
-            dirty_data.extend(image.data_ranges(r.clone())?);
+            // A range longer than a segment is read as a whole volume's would be, asking
+            // about its holes as it goes (`add_range`).
+            if (r.end - r.start) as usize <= SEGMENT_BYTES {
+                dirty_data.extend(image.data_ranges(r.clone())?);
+            }
         }
         Ok(())
     };

@@ -297,7 +297,7 @@ impl Served {
                 Err(e @ Error::Unavailable { .. })
                     if Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) =>
                 {
-                    tracing::debug!("qemu-nbd not ready yet: {e}");
+                    tracing::trace!("qemu-nbd not ready yet: {e}");
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) => return Err(e),

@@ -900,7 +900,10 @@ fn compute(
             // A bitmap does not see every change: a disk shrunk and grown back reads zeros
             // where its bitmap says nothing was written. Blocks the base holds data in and
             // the source reads as zeros are read again, whatever the bitmap says.
-            let (unmarked, dirty_data) = survey(&image, prev, dirty, bs as u64, size)?;
+            let Survey {
+                unmarked,
+                dirty_data,
+            } = survey(&image, prev, dirty, bs as u64, size)?;
             if !unmarked.is_empty() {
                 b.unmarked = unmarked.iter().map(|r| r.end - r.start).sum();
                 tracing::warn!(
@@ -956,7 +959,7 @@ fn survey(
     dirty: &[Range<u64>],
     bs: u64,
     size: u64,
-) -> Result<(Vec<Range<u64>>, Vec<Range<u64>>)> {
+) -> Result<Survey> {
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut dirty_data: Vec<Range<u64>> = Vec::new();
     let mut dirty = dirty.iter().peekable();
@@ -1010,7 +1013,17 @@ fn survey(
         check(r, &mut out)?;
     }
     ask_dirty(u64::MAX)?;
-    Ok((out, dirty_data))
+    Ok(Survey {
+        unmarked: out,
+        dirty_data,
+    })
+}
+
+/// What [`survey`] found.
+#[derive(Debug, PartialEq)]
+struct Survey {
+    unmarked: Vec<Range<u64>>,
+    dirty_data: Vec<Range<u64>>,
 }
 
 /// The ranges of ordered, apart `data` that overlap `r`, from `*from` on (moved past those
@@ -1914,26 +1927,31 @@ mod compute_tests {
                 (20 * bs, bytes(100, 4)),
             ],
         );
+        let unmarked = vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs];
+        let found = |prev: &BlockList, dirty: &[Range<u64>]| survey(&src, prev, dirty, bs, size);
         assert_eq!(
-            survey(&src, &prev, &[], bs, size).unwrap(),
-            (
-                vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs],
-                vec![]
-            )
+            found(&prev, &[]).unwrap(),
+            Survey {
+                unmarked: unmarked.clone(),
+                dirty_data: vec![]
+            }
         );
         // Nothing where the base has nothing.
         assert_eq!(
-            survey(&src, &BlockList::new(), &[], bs, size).unwrap(),
-            (vec![], vec![])
+            found(&BlockList::new(), &[]).unwrap(),
+            Survey {
+                unmarked: vec![],
+                dirty_data: vec![]
+            }
         );
         // The data in dirty ranges before, between, inside and after the base's runs: the
         // first half of block 3, block 10, the short block 20 (and none in the holes 8-9).
         let dirty = [0..bs, 3 * bs..4 * bs, 8 * bs..11 * bs, 20 * bs..size];
-        let (unmarked, data) = survey(&src, &prev, &dirty, bs, size).unwrap();
-        assert_eq!(
-            unmarked,
-            vec![2 * bs..4 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs]
-        );
+        let Survey {
+            unmarked: again,
+            dirty_data: data,
+        } = found(&prev, &dirty).unwrap();
+        assert_eq!(again, unmarked);
         assert_eq!(
             data,
             vec![3 * bs..3 * bs + BS as u64, 10 * bs..11 * bs, 20 * bs..size]

@@ -157,7 +157,8 @@ pub async fn back_off(d: std::time::Duration) {
 /// not its manifest), `target-push-before-confirm` (it wrote its manifest and has not
 /// confirmed it), `snapshot-segment-read` (a snapshot read the data of a segment of an
 /// image and has not looked again for holes filled meanwhile), `snapshot-base-chosen` (a
-/// changed-block snapshot chose the snapshot it builds on and has not loaded it) and
+/// changed-block snapshot chose the snapshot it builds on and has not checked that it is
+/// still in the catalog; its manifest may be read already) and
 /// `snapshot-delete-uncatalogued` (a deletion removed the snapshot from the catalog and has
 /// not deleted its manifest).
 pub fn pause_point(point: &str) {

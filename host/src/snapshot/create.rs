@@ -61,6 +61,25 @@ pub struct FullRead {
     pub every: Option<Duration>,
 }
 
+impl FullRead {
+    /// Why the snapshot after checkpoint `cp` must read everything whatever its bitmap says,
+    /// if it must.
+    fn forced(self, cp: &crate::catalog::Checkpoint) -> Option<String> {
+        if self.now {
+            return Some("a full read was asked for (--full-read)".into());
+        }
+        let every = self.every?;
+        let age = crate::now_unix_ms().saturating_sub(cp.full_read_unix_ms);
+        (age > every.as_millis() as u64).then(|| {
+            format!(
+                "the last full read was {} ago (full_read_every = {})",
+                humantime::format_duration(Duration::from_secs(age / 1000)),
+                humantime::format_duration(every)
+            )
+        })
+    }
+}
+
 /// What `create` did.
 #[derive(Clone, Debug)]
 pub struct CreateReport {
@@ -167,11 +186,13 @@ async fn take(
         // On a thread of its own, `frozen` included: however long the loading below keeps
         // this task busy, the view is released as soon as it is fixed.
         tokio::task::spawn_blocking(move || {
-            let opened = open_source(&vol, &existing, &run_dir, full);
-            // The view is fixed now (a running QEMU's is frozen), or opening failed: either
-            // way what `before` froze may go.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                open_source(&vol, &existing, &run_dir, full)
+            }));
+            // The view is fixed now (a running QEMU's is frozen), or opening failed (a panic
+            // included): either way what `before` froze may go.
             rt.block_on(hooks.frozen(&env));
-            opened
+            opened.unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     };
     let loading = async {
@@ -179,8 +200,10 @@ async fn take(
         // committing. Waiting for a gc here does not keep what `before` froze frozen.
         let lock = node.lock_repo_shared().await?;
         let index = node.load_index().await;
-        let likely_base = match (&vol.checkpoint, opts.full_read.now) {
-            (Some(cp), false) => existing.iter().find(|s| s.id == cp.snapshot),
+        let likely_base = match &vol.checkpoint {
+            Some(cp) if opts.full_read.forced(cp).is_none() => {
+                existing.iter().find(|s| s.id == cp.snapshot)
+            }
             _ => None,
         };
         let manifest = match (likely_base, &index) {
@@ -550,21 +573,8 @@ fn chain(
             Some("no dirty bitmap yet: the first snapshot reads everything".into()),
         );
     };
-    if full.now {
-        return (None, Some("a full read was asked for (--full-read)".into()));
-    }
-    if let Some(every) = full.every {
-        let age = crate::now_unix_ms().saturating_sub(cp.full_read_unix_ms);
-        if age > every.as_millis() as u64 {
-            return (
-                None,
-                Some(format!(
-                    "the last full read was {} ago (full_read_every = {})",
-                    humantime::format_duration(Duration::from_secs(age / 1000)),
-                    humantime::format_duration(every)
-                )),
-            );
-        }
+    if let Some(why) = full.forced(cp) {
+        return (None, Some(why));
     }
     let prev = existing.iter().find(|s| s.id == cp.snapshot);
     let bitmap = bitmaps.iter().find(|b| b.name == cp.bitmap);

@@ -291,8 +291,13 @@ impl TestNode {
                 c.env_remove(k.as_ref());
             }
         }
+        // Temporary files (qemu-nbd's socket folders) go with the test's folder: a holdfast
+        // the test kills cannot remove its own.
+        let tmp = self.dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).expect("a temporary folder for the node");
         c.args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("TMPDIR", tmp)
             .env("HOLDFAST_STATE", &self.state)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());

@@ -110,9 +110,8 @@ pub struct ChunkLocation {
 /// a mirror update, which looks up only the chunks it needs ([`crate::state::Node::find_chunks`]).
 #[derive(Clone, Debug, Default)]
 pub struct ChunkIndex {
-    /// Hashed with foldhash, seeded at random: ids are hashes already, and SipHash was a
-    /// tenth of an incremental snapshot of 8 GiB with few changes (loading the index and
-    /// checking its base).
+    /// Hashed with foldhash, seeded at random: ids are hashes already. Loading the index of
+    /// 88,000 chunks (an 8 GiB volume's) took 21-25 ms with SipHash and 18-20 ms with this.
     pub chunks: HashMap<ChunkId, ChunkLocation, foldhash::fast::RandomState>,
     pub packs: HashMap<PackId, PackIndex>,
 }

@@ -28,7 +28,7 @@ use crate::catalog::{Checkpoint, VolumeRecord};
 use crate::catalog::{SnapshotRecord, SnapshotStats};
 use crate::chunk;
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, SnapshotId, SnapshotName, VolumeName};
+use crate::id::{ChunkId, PackId, SnapshotId, SnapshotName, VolumeName};
 use crate::repo::ChunkIndex;
 use crate::repo::pack::PackBuilder;
 use crate::repo::pack::PackIndex;
@@ -179,7 +179,8 @@ async fn take(
     let mut opening = {
         let vol = vol.clone();
         let existing = existing.clone();
-        let run_dir = node.run_dir()?;
+        // (An error here fails the opening below, after which `frozen` still runs.)
+        let run_dir = node.run_dir();
         let full = opts.full_read;
         let (hooks, env) = (hooks.clone(), env.clone());
         let rt = tokio::runtime::Handle::current();
@@ -187,7 +188,7 @@ async fn take(
         // this task busy, the view is released as soon as it is fixed.
         tokio::task::spawn_blocking(move || {
             let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                open_source(&vol, &existing, &run_dir, full)
+                run_dir.and_then(|dir| open_source(&vol, &existing, &dir, full))
             }));
             // The view is fixed now (a running QEMU's is frozen), or opening failed (a panic
             // included): either way what `before` froze may go.
@@ -195,10 +196,9 @@ async fn take(
             opened.unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     };
+    // Loaded without the repository lock, which is taken once `frozen` has run (a hook may
+    // run `holdfast gc`, which waits for every lock holder) and the loading checked under it.
     let loading = async {
-        // gc must not remove a chunk this snapshot reuses between loading the index and
-        // committing. Waiting for a gc here does not keep what `before` froze frozen.
-        let lock = node.lock_repo_shared().await?;
         let index = node.load_index().await;
         let likely_base = match &vol.checkpoint {
             Some(cp) if opts.full_read.forced(cp).is_none() => {
@@ -213,7 +213,8 @@ async fn take(
             }
             _ => None,
         };
-        Ok::<_, Error>((lock, index, manifest))
+        crate::pause_point("snapshot-index-loaded");
+        (index, manifest)
     };
     tokio::pin!(loading);
     let mut loaded = None;
@@ -231,7 +232,15 @@ async fn take(
         Some(l) => l,
         None => loading.await,
     };
-    let (_repo_lock, index, likely_base) = match loaded {
+    // gc must not remove a chunk this snapshot reuses between now and the commit.
+    let _repo_lock = match node.lock_repo_shared().await {
+        Ok(l) => l,
+        Err(e) => {
+            drop(image);
+            return Err(abandon(&plan, e));
+        }
+    };
+    let (index, likely_base) = match still_listed(node, loaded).await {
         Ok(l) => l,
         Err(e) => {
             drop(image);
@@ -752,6 +761,33 @@ impl BitmapHost {
     }
 }
 
+/// The chunk index and base manifest loaded while the source opened, as they are if no pack
+/// they name went since (gc deletes a pack's index before the pack, and cannot run now that
+/// the repository lock is held), else the index loaded again and the manifest left to
+/// [`base_blocks`]. A loading that failed or found damage is done again too: a gc running
+/// meanwhile may have been the cause.
+async fn still_listed(node: &Node, loaded: Loaded) -> Result<Loaded> {
+    if let (Ok((index, problems)), _) = &loaded
+        && problems.is_empty()
+    {
+        let now: HashSet<PackId> = node.repo.list_indexes().await?.into_iter().collect();
+        if index.packs.keys().all(|p| now.contains(p)) {
+            return Ok(loaded);
+        }
+    }
+    tracing::debug!(
+        "the repository changed while the source opened (a gc?): loading its index again"
+    );
+    Ok((node.load_index().await, None))
+}
+
+/// What is loaded while the source opens: the chunk index (and the problems found in it),
+/// and the manifest of the likely base of a changed-block read, by id.
+type Loaded = (
+    Result<(ChunkIndex, Vec<String>)>,
+    Option<(SnapshotId, Result<Manifest>)>,
+);
+
 /// The blocks of `prev`, the base of a changed-block snapshot, checked under the repository
 /// lock: it is still committed (a snapshot deleted meanwhile may have lost its chunks to a
 /// gc), its shape matches, and the repository holds every chunk it names, since they are
@@ -908,8 +944,8 @@ fn compute(
         // number, at the cost of a word per 64 blocks.
         Some((prev, dirty)) => {
             // A bitmap does not see every change: a disk shrunk and grown back reads zeros
-            // where its bitmap says nothing was written. Blocks the base holds data in and
-            // the source reads as zeros are read again, whatever the bitmap says.
+            // where its bitmap says nothing was written. Blocks the base holds data in, that
+            // the source reads as zeros and the bitmap did not mark, are read again.
             let Survey {
                 unmarked,
                 dirty_data,
@@ -923,9 +959,10 @@ fn compute(
                     b.unmarked
                 );
             }
-            // What may hold data is known for the dirty ranges alone.
-            let known = unmarked.is_empty().then_some(&dirty_data[..]);
-            b.add_changed(&image, prev, &union(dirty, &unmarked), known, size)?;
+            // What may hold data: the dirty ranges' data, and the unmarked blocks, read whole
+            // (what reads as zeros there is stored as zero blocks).
+            let known = union(&dirty_data, &unmarked);
+            b.add_changed(&image, prev, &union(dirty, &unmarked), &known, size)?;
         }
     }
     if !b.builder.is_empty() {
@@ -957,12 +994,14 @@ struct Computed {
 }
 
 /// One front-to-back pass over the source's allocation map where a changed-block snapshot
-/// needs it (a map read twice from the start costs the server its whole walk twice):
-/// - first, the blocks (as byte ranges, in order) that `prev` holds data in and the source
-///   reports as reading zeros, wholly or in part;
-/// - second, the parts of the `dirty` ranges (ordered, apart) that may hold data, in order
-///   (of those no longer than a segment: [`Blocks::add_changed`] reads the others as
-///   [`Blocks::add_range`] does).
+/// needs it (a map read twice from the start costs the server its whole walk twice): the
+/// base's runs of data blocks and the `dirty` ranges (ordered, apart, whole blocks) no longer
+/// than a segment, joined where they meet, asked about once each, in order. It finds:
+/// - the blocks (as byte ranges, in order) that `prev` holds data in, that the source reports
+///   as reading zeros, wholly or in part, and that the bitmap did not mark (a marked block is
+///   read anyway: a guest's discard or write of zeros marks what it clears);
+/// - the parts of those dirty ranges that may hold data, in order ([`Blocks::add_changed`]
+///   reads a longer range as [`Blocks::add_range`] does, asking as it goes).
 fn survey(
     image: &Source,
     prev: &BlockList,
@@ -970,63 +1009,91 @@ fn survey(
     bs: u64,
     size: u64,
 ) -> Result<Survey> {
-    let mut out: Vec<Range<u64>> = Vec::new();
-    let mut dirty_data: Vec<Range<u64>> = Vec::new();
-    let mut dirty = dirty.iter().peekable();
-    // The dirty ranges that start before `until`, asked about in turn with the base's runs.
-    let mut ask_dirty = |until: u64| -> Result<()> {
-        while let Some(r) = dirty.next_if(|r| r.start < until) {
-            // A range longer than a segment is read as a whole volume's would be, asking
-            // about its holes as it goes (`add_range`).
-            if (r.end - r.start) as usize <= SEGMENT_BYTES {
-                dirty_data.extend(image.data_ranges(r.clone())?);
-            }
+    let bytes =
+        move |blocks: Range<usize>| blocks.start as u64 * bs..(blocks.end as u64 * bs).min(size);
+    let mut data_blocks = prev.data().map(|(i, _)| i).peekable();
+    let mut runs = std::iter::from_fn(move || {
+        let first = data_blocks.next()?;
+        let mut end = first + 1;
+        while data_blocks.next_if_eq(&end).is_some() {
+            end += 1;
         }
-        Ok(())
-    };
-    let check = |run: Range<usize>, out: &mut Vec<Range<u64>>| -> Result<()> {
-        let bytes = run.start as u64 * bs..(run.end as u64 * bs).min(size);
-        let data = image.data_ranges(bytes)?;
-        let mut d = 0;
-        for blk in run {
-            let r = blk as u64 * bs..((blk as u64 + 1) * bs).min(size);
-            while d < data.len() && data[d].end <= r.start {
-                d += 1;
-            }
-            // Wholly data: as the base has it. Partly or wholly zeros now (a shrink may cut
-            // a block in two): read again.
-            if d < data.len() && data[d].start <= r.start && data[d].end >= r.end {
-                continue;
-            }
-            match out.last_mut() {
-                Some(last) if last.end == r.start => last.end = r.end,
-                _ => out.push(r),
-            }
-        }
-        Ok(())
-    };
-    let mut run: Option<Range<usize>> = None;
-    for (i, _) in prev.data() {
-        match &mut run {
-            Some(r) if r.end == i => r.end += 1,
-            _ => {
-                if let Some(r) = run.take() {
-                    ask_dirty(r.start as u64 * bs)?;
-                    check(r, &mut out)?;
-                }
-                run = Some(i..i + 1);
-            }
-        }
-    }
-    if let Some(r) = run {
-        ask_dirty(r.start as u64 * bs)?;
-        check(r, &mut out)?;
-    }
-    ask_dirty(u64::MAX)?;
-    Ok(Survey {
-        unmarked: out,
-        dirty_data,
+        Some(bytes(first..end))
     })
+    .peekable();
+    let mut asked = dirty
+        .iter()
+        .filter(|r| r.end - r.start <= SEGMENT_BYTES as u64)
+        .peekable();
+    let mut found = Survey {
+        unmarked: Vec::new(),
+        dirty_data: Vec::new(),
+    };
+    // The first dirty range that may still meet a block of the base (the blocks come in order).
+    let mut marked = 0;
+    loop {
+        let (mut in_runs, mut in_asked) = (Vec::new(), Vec::new());
+        let mut region = match (runs.peek(), asked.peek()) {
+            (None, None) => break,
+            (Some(r), Some(d)) if d.start < r.start => {
+                in_asked.push(asked.next().unwrap().clone());
+                in_asked[0].clone()
+            }
+            (Some(_), _) => {
+                in_runs.push(runs.next().unwrap());
+                in_runs[0].clone()
+            }
+            (None, Some(_)) => {
+                in_asked.push(asked.next().unwrap().clone());
+                in_asked[0].clone()
+            }
+        };
+        loop {
+            if let Some(r) = runs.next_if(|r| r.start <= region.end) {
+                region.end = region.end.max(r.end);
+                in_runs.push(r);
+            } else if let Some(d) = asked.next_if(|d| d.start <= region.end) {
+                region.end = region.end.max(d.end);
+                in_asked.push(d.clone());
+            } else {
+                break;
+            }
+        }
+        let data = image.data_ranges(region)?;
+        let mut from = 0;
+        for d in &in_asked {
+            for x in overlapping(&data, &mut from, d) {
+                found
+                    .dirty_data
+                    .push(x.start.max(d.start)..x.end.min(d.end));
+            }
+        }
+        let mut at = 0;
+        for run in in_runs {
+            for blk in run.start / bs..run.end.div_ceil(bs) {
+                let r = blk * bs..((blk + 1) * bs).min(size);
+                while marked < dirty.len() && dirty[marked].end <= r.start {
+                    marked += 1;
+                }
+                if marked < dirty.len() && dirty[marked].start < r.end {
+                    continue;
+                }
+                while at < data.len() && data[at].end <= r.start {
+                    at += 1;
+                }
+                // Wholly data: as the base has it. Partly or wholly zeros now (a shrink may
+                // cut a block in two): read again.
+                if at < data.len() && data[at].start <= r.start && data[at].end >= r.end {
+                    continue;
+                }
+                match found.unmarked.last_mut() {
+                    Some(last) if last.end == r.start => last.end = r.end,
+                    _ => found.unmarked.push(r),
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// What [`survey`] found.
@@ -1220,13 +1287,15 @@ impl Blocks {
     /// Adds a changed-block snapshot's blocks: the base's outside `dirty` (ordered,
     /// block-aligned ranges), read ones inside. The dirty blocks are read in batches of up to
     /// a segment, scattered as they are, with many requests in flight: a change spread over a
-    /// disk costs its own size in reads, not a round trip per block.
+    /// disk costs its own size in reads, not a round trip per block. `known` holds the parts
+    /// of the ranges no longer than a segment that may hold data (ordered, apart; from
+    /// [`survey`]): the rest of them are holes, zero blocks not read.
     fn add_changed(
         &mut self,
         image: &Source,
         prev: &BlockList,
         dirty: &[Range<u64>],
-        known: Option<&[Range<u64>]>,
+        known: &[Range<u64>],
         size: u64,
     ) -> Result<()> {
         let Source::Nbd(nbd) = image else {
@@ -1266,14 +1335,7 @@ impl Blocks {
             let mut reads: Vec<Range<u64>> = Vec::new();
             let mut filled = 0usize;
             for r in &dirty[i..j] {
-                let asked;
-                let data = match known {
-                    Some(k) => overlapping(k, &mut next_known, r),
-                    None => {
-                        asked = image.data_ranges(r.clone())?;
-                        &asked[..]
-                    }
-                };
+                let data = overlapping(known, &mut next_known, r);
                 let mut b = r.start;
                 while b < r.end {
                     let br = b..(b + bs).min(r.end);
@@ -1956,12 +2018,16 @@ mod compute_tests {
         );
         // The data in dirty ranges before, between, inside and after the base's runs: the
         // first half of block 3, block 10, the short block 20 (and none in the holes 8-9).
+        // Block 3, half zeros now, is read as the bitmap marked it, not as unmarked.
         let dirty = [0..bs, 3 * bs..4 * bs, 8 * bs..11 * bs, 20 * bs..size];
         let Survey {
             unmarked: again,
             dirty_data: data,
         } = found(&prev, &dirty).unwrap();
-        assert_eq!(again, unmarked);
+        assert_eq!(
+            again,
+            vec![2 * bs..3 * bs, 7 * bs..8 * bs, 11 * bs..12 * bs]
+        );
         assert_eq!(
             data,
             vec![3 * bs..3 * bs + BS as u64, 10 * bs..11 * bs, 20 * bs..size]
@@ -1979,6 +2045,22 @@ mod compute_tests {
         );
         assert_eq!(overlapping(&data, &mut from, &(20 * bs..size)), &data[2..]);
         assert_eq!(from, 2);
+        // Inside a run of the base (block 5), on its hole 7 and past its end (12); then one
+        // bridging two runs: marked blocks are never unmarked ones.
+        assert_eq!(
+            found(&prev, &[5 * bs..6 * bs, 7 * bs..8 * bs, 12 * bs..13 * bs]).unwrap(),
+            Survey {
+                unmarked: vec![2 * bs..4 * bs, 11 * bs..12 * bs],
+                dirty_data: vec![5 * bs..6 * bs, 12 * bs..13 * bs],
+            }
+        );
+        assert_eq!(
+            found(&prev, std::slice::from_ref(&(6 * bs..11 * bs))).unwrap(),
+            Survey {
+                unmarked: vec![2 * bs..4 * bs, 11 * bs..12 * bs],
+                dirty_data: vec![6 * bs..7 * bs, 10 * bs..11 * bs],
+            }
+        );
     }
 
     #[test]

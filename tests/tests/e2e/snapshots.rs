@@ -156,6 +156,56 @@ fn delete_then_gc_reclaims_space_and_keeps_what_others_use() {
     n.ok(&["volume", "remove", "v"]);
 }
 
+/// A snapshot loads its chunk index while its source opens, before it holds the repository
+/// lock: a gc that runs meanwhile and removes every pack the index names leaves the
+/// snapshot storing its blocks again (the index is checked under the lock and loaded anew),
+/// never naming chunks that are gone.
+#[test]
+fn a_gc_while_a_snapshot_loads_its_index_leaves_the_snapshot_whole() {
+    let n = TestNode::new();
+    let bytes = mixed_bytes(2 << 20, 12);
+    let img = n.image("v.img", &bytes);
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "a");
+    let flags = tempfile::tempdir().unwrap();
+    let paused = holdfast_tests::Paused::at(
+        &n,
+        "snapshot-index-loaded",
+        flags.path(),
+        &["snapshot", "create", "v", "--name", "b"],
+    );
+    n.ok(&["snapshot", "delete", "v@a"]);
+    n.ok(&["gc"]);
+    assert!(holdfast_tests::pack_files(&n.state).is_empty());
+    let r = paused.resume();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    n.ok(&["verify"]);
+    assert_eq!(n.restore("v@b"), bytes);
+}
+
+/// The `frozen` hook runs before the snapshot takes the repository lock, so it may run
+/// `holdfast gc` (which waits for every holder of the lock) without waiting for itself.
+#[test]
+fn a_frozen_hook_may_run_gc() {
+    let n = TestNode::new();
+    let img = n.image("v.img", &mixed_bytes(1 << 20, 13));
+    n.add_volume("v", &img, "64KiB");
+    n.snapshot("v", "a");
+    n.ok(&["snapshot", "delete", "v@a"]);
+    let done = n.path("gc-done");
+    // `timeout`: a gc waiting for this snapshot's lock would otherwise hold the test for the
+    // hook's ten minutes.
+    let hook = format!(
+        "timeout 60 {} gc && touch {}",
+        holdfast_tests::holdfast_bin().display(),
+        done.display()
+    );
+    n.ok(&["snapshot", "create", "v", "--name", "b", "--frozen", &hook]);
+    assert!(done.exists(), "the hook's gc did not finish");
+    n.ok(&["verify"]);
+    assert_eq!(n.restore("v@b"), std::fs::read(&img).unwrap());
+}
+
 #[test]
 fn listings_have_json_and_the_demo_runs() {
     // Every listing speaks JSON; `demo` runs end to end in a scratch directory.

@@ -13,7 +13,13 @@
 #     the same full snapshot read from the raw file (--image).
 #   - A guest writing through qemu-storage-daemon: its write throughput alone, and while a
 #     live snapshot (--qmp, fleecing on) of the 2 GiB disk runs.
-# Usage: tests/bench/live.sh     (RUNS=3, SIZES="2 8" in GiB; HOLDFAST_BIN to use a binary)
+#   - The disk itself: the raw file read by `cat` (holes cost it no disk reads, as for
+#     holdfast), so that the ratios can be set against the disk they were measured on (a full
+#     read's cost follows the disk; a bitmap incremental's mostly does not).
+# Usage: tests/bench/live.sh     (RUNS=3, SIZES="2 8" in GiB; HOLDFAST_BIN to use a binary;
+#   DISK_MBPS=N runs every timed snapshot in a cgroup whose reads from the disk holding the work
+#   directory are throttled to N MB/s, to see the figures on a slower disk than this one: needs
+#   root and cgroup v1's blkio or cgroup v2's io controller)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
@@ -25,7 +31,12 @@ for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
 done
 WORK=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" holdfast-live-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+  if [ -n "${CG:-}" ]; then rmdir "$CG" || echo "left the cgroup $CG behind" >&2; fi
+}
 trap cleanup EXIT
 cd "$WORK"
 export HOLDFAST_STATE=$WORK/st
@@ -56,9 +67,36 @@ apply() { # image format seed
   mapfile -t args < <(changes "$size" "$3")
   qemu-io -f "$2" "${args[@]}" "$1" >/dev/null
 }
+# Runs a command in the throttled cgroup when DISK_MBPS is set, else as it is.
+CG=
+if [ -n "${DISK_MBPS:-}" ]; then
+  dev=$(findmnt -no SOURCE -T "$WORK"); parent=$(lsblk -no PKNAME "$dev" 2>/dev/null | head -1)
+  majmin=$(lsblk -dno MAJ:MIN "${parent:+/dev/$parent}${parent:-$dev}" | tr -d ' ')
+  bps=$((DISK_MBPS * 1000000))
+  if [ -d /sys/fs/cgroup/blkio ]; then
+    CG=/sys/fs/cgroup/blkio/holdfast-bench-$$; mkdir "$CG"
+    echo "$majmin $bps" > "$CG/blkio.throttle.read_bps_device"
+  elif grep -qw io /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    echo +io > /sys/fs/cgroup/cgroup.subtree_control
+    CG=/sys/fs/cgroup/holdfast-bench-$$; mkdir "$CG"
+    echo "$majmin rbps=$bps" > "$CG/io.max"
+  else
+    echo "DISK_MBPS needs cgroup v1's blkio or v2's io controller" >&2; exit 2
+  fi
+  echo "reads from $dev ($majmin) throttled to $DISK_MBPS MB/s" >&2
+fi
+throttled() {
+  if [ -n "$CG" ]; then bash -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG" "$@"; else "$@"; fi
+}
+# The same for a server started in the background: `throttled_exec CMD... &`, in a subshell
+# that becomes CMD, so that $! is the server's own PID.
+throttled_exec() {
+  if [ -n "$CG" ]; then echo "$BASHPID" > "$CG/cgroup.procs"; fi
+  exec "$@"
+}
 timed_snapshot() { # volume -> seconds
   drop_caches
-  local t; t=$(now); "$H" -q snapshot create "$1" >/dev/null; since "$t"
+  local t; t=$(now); throttled "$H" -q snapshot create "$1" >/dev/null; since "$t"
 }
 
 for gib in $SIZES; do
@@ -71,6 +109,7 @@ for gib in $SIZES; do
     qemu-img convert -O qcow2 base.raw d.qcow2
     "$H" -q volume add raw --image "$WORK/d.raw"
     "$H" -q volume add q --qcow2 "$WORK/d.qcow2"
+    record "disk_$gib" "$(drop_caches; t=$(now); throttled cat d.raw >/dev/null; since "$t")"
     record "raw_full_$gib" "$(timed_snapshot raw)"
     "$H" -q snapshot create q >/dev/null
     apply d.raw raw "$run"; apply d.qcow2 qcow2 "$run"
@@ -79,10 +118,10 @@ for gib in $SIZES; do
     # The same again with holdfast's own binary read back first (53 MB, a fifth of the
     # time above), as for the daemon, which takes scheduled snapshots in its own process.
     apply d.qcow2 qcow2 "$((run + 100))"
-    record "cbt_warm_$gib" "$(drop_caches; cat "$H" >/dev/null; t=$(now); "$H" -q snapshot create q >/dev/null; since "$t")"
+    record "cbt_warm_$gib" "$(drop_caches; cat "$H" >/dev/null; t=$(now); throttled "$H" -q snapshot create q >/dev/null; since "$t")"
     if [ "$gib" = "$(echo $SIZES | cut -d' ' -f1)" ]; then
       # The same raw file over NBD, from qemu-nbd on a unix socket.
-      qemu-nbd --read-only --persistent --shared=4 -f raw -x d -k "$WORK/n.sock" "$WORK/d.raw" &
+      throttled_exec qemu-nbd --read-only --persistent --shared=4 -f raw -x d -k "$WORK/n.sock" "$WORK/d.raw" &
       PIDS+=($!); while [ ! -S "$WORK/n.sock" ]; do sleep 0.05; done
       "$H" -q volume add n --nbd "nbd+unix:///d?socket=$WORK/n.sock"
       record "nbd_full_$gib" "$(timed_snapshot n)"
@@ -95,7 +134,7 @@ done
 # during a live snapshot of its disk.
 rm -rf st; "$H" -q init >/dev/null
 qemu-img convert -O qcow2 base.raw g.qcow2
-qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$WORK/g.qcow2",cache.direct=on \
+throttled_exec qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$WORK/g.qcow2",cache.direct=on \
   --blockdev driver=qcow2,node-name=disk0,file=f0 \
   --nbd-server addr.type=unix,addr.path="$WORK/g.sock" \
   --export type=nbd,id=guest,node-name=disk0,name=disk0,writable=on \
@@ -147,6 +186,7 @@ r() { python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.argv[2]
 echo
 printf '%-58s %10s\n' "median of $RUNS" "seconds"
 for gib in $SIZES; do
+  printf '%-58s %10s\n' "${gib} GiB raw file read by cat (the disk alone)" "$(m disk_$gib)"
   printf '%-58s %10s\n' "${gib} GiB raw file: full snapshot" "$(m raw_full_$gib)"
   printf '%-58s %10s\n' "${gib} GiB raw file: incremental, $CHANGED blocks changed (full read)" "$(m raw_incr_$gib)"
   printf '%-58s %10s\n' "${gib} GiB qcow2: incremental with a dirty bitmap" "$(m cbt_incr_$gib)"

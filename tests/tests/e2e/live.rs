@@ -681,6 +681,20 @@ fn dirty_bitmaps_read_only_what_changed_and_any_doubt_reads_everything() {
     );
     assert_eq!(n.restore("v@regrown"), raw_of(&img), "regrown");
 
+    // A guest's discard and write of zeros over data: the bitmap marks both, so nothing is
+    // "unmarked" and nothing but the marked blocks is read.
+    qemu_io(&img, &["write -P 0x21 2M 256k", "write -P 0x22 6M 128k"]);
+    create(&n, "filled");
+    qemu_io(&img, &["discard 2M 128k", "write -z 6M 64k"]);
+    let r = create(&n, "trimmed");
+    assert_eq!(r["tracking"]["changed-blocks-only"], true, "{r}");
+    assert_eq!(
+        r["tracking"]["unmarked-zero-bytes"].as_u64().unwrap_or(0),
+        0,
+        "{r}"
+    );
+    assert_eq!(n.restore("v@trimmed"), raw_of(&img), "trimmed");
+
     assert_eq!(
         bitmaps(&img)
             .iter()

@@ -196,9 +196,16 @@ async fn take(
             opened.unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     };
-    // Loaded without the repository lock, which is taken once `frozen` has run (a hook may
-    // run `holdfast gc`, which waits for every lock holder) and the loading checked under it.
+    // gc must not remove a chunk this snapshot reuses between loading the index and
+    // committing: the repository's shared lock is taken first. With a `frozen` hook, only
+    // once it has run (it may run `holdfast gc`, which waits for every holder of the lock):
+    // the loading goes on without it meanwhile and is checked under it ([`under_lock`]).
+    let lock_first = hooks.frozen.is_none();
     let loading = async {
+        let lock = match lock_first {
+            true => Some(node.lock_repo_shared().await),
+            false => None,
+        };
         let index = node.load_index().await;
         let likely_base = match &vol.checkpoint {
             Some(cp) if opts.full_read.forced(cp).is_none() => {
@@ -214,7 +221,7 @@ async fn take(
             _ => None,
         };
         crate::pause_point("snapshot-index-loaded");
-        (index, manifest)
+        (lock, (index, manifest))
     };
     tokio::pin!(loading);
     let mut loaded = None;
@@ -228,19 +235,20 @@ async fn take(
     // loading (or for a gc it waits for).
     let (image, plan) =
         opened.map_err(|e| Error::internal(format!("opening the source failed: {e}")))??;
-    let loaded = match loaded {
+    let (lock, loaded) = match loaded {
         Some(l) => l,
         None => loading.await,
     };
-    // gc must not remove a chunk this snapshot reuses between now and the commit.
-    let _repo_lock = match node.lock_repo_shared().await {
-        Ok(l) => l,
-        Err(e) => {
-            drop(image);
-            return Err(abandon(&plan, e));
+    let checked = async {
+        match lock {
+            Some(lock) => Ok((lock?, loaded)),
+            None => {
+                let lock = node.lock_repo_shared().await?;
+                Ok((lock, under_lock(node, loaded).await?))
+            }
         }
     };
-    let (index, likely_base) = match still_listed(node, loaded).await {
+    let (_repo_lock, (index, likely_base)) = match checked.await {
         Ok(l) => l,
         Err(e) => {
             drop(image);
@@ -761,24 +769,26 @@ impl BitmapHost {
     }
 }
 
-/// The chunk index and base manifest loaded while the source opened, as they are if no pack
-/// they name went since (gc deletes a pack's index before the pack, and cannot run now that
-/// the repository lock is held), else the index loaded again and the manifest left to
-/// [`base_blocks`]. A loading that failed or found damage is done again too: a gc running
-/// meanwhile may have been the cause.
-async fn still_listed(node: &Node, loaded: Loaded) -> Result<Loaded> {
-    if let (Ok((index, problems)), _) = &loaded
-        && problems.is_empty()
-    {
-        let now: HashSet<PackId> = node.repo.list_indexes().await?.into_iter().collect();
-        if index.packs.keys().all(|p| now.contains(p)) {
-            return Ok(loaded);
-        }
+/// The chunk index and base manifest loaded without the repository lock (while the source
+/// opened), brought up to date now that it is held. If a pack the index names is gone (gc
+/// deletes a pack's index before the pack), it is loaded again; packs new since (another
+/// snapshot's, or those a repack wrote while the listing was read) are read. The manifest is
+/// kept only if it was checked against an index that lost nothing; otherwise [`base_blocks`]
+/// loads and checks it again. A loading that failed or found damage is done again: a gc
+/// running meanwhile may have caused it.
+async fn under_lock(node: &Node, (index, manifest): Loaded) -> Result<Loaded> {
+    let mut index = match index {
+        Ok((index, problems)) if problems.is_empty() => index,
+        _ => return Ok((node.load_index().await, None)),
+    };
+    let before: Vec<PackId> = index.packs.keys().copied().collect();
+    let problems = index.refresh(&node.repo).await?;
+    let lost = before.iter().any(|p| !index.packs.contains_key(p));
+    if lost {
+        tracing::debug!("packs went while the source opened (a gc): the index was loaded again");
     }
-    tracing::debug!(
-        "the repository changed while the source opened (a gc?): loading its index again"
-    );
-    Ok((node.load_index().await, None))
+    let manifest = manifest.filter(|(_, m)| m.is_ok() && !lost);
+    Ok((Ok((index, problems)), manifest))
 }
 
 /// What is loaded while the source opens: the chunk index (and the problems found in it),

@@ -156,10 +156,10 @@ fn delete_then_gc_reclaims_space_and_keeps_what_others_use() {
     n.ok(&["volume", "remove", "v"]);
 }
 
-/// A snapshot loads its chunk index while its source opens, before it holds the repository
-/// lock: a gc that runs meanwhile and removes every pack the index names leaves the
-/// snapshot storing its blocks again (the index is checked under the lock and loaded anew),
-/// never naming chunks that are gone.
+/// With a `frozen` hook, a snapshot loads its chunk index while its source opens, before it
+/// holds the repository lock: a gc that runs meanwhile and removes every pack the index names
+/// leaves the snapshot storing its blocks again (the index is checked under the lock and
+/// loaded anew), never naming chunks that are gone.
 #[test]
 fn a_gc_while_a_snapshot_loads_its_index_leaves_the_snapshot_whole() {
     let n = TestNode::new();
@@ -172,7 +172,7 @@ fn a_gc_while_a_snapshot_loads_its_index_leaves_the_snapshot_whole() {
         &n,
         "snapshot-index-loaded",
         flags.path(),
-        &["snapshot", "create", "v", "--name", "b"],
+        &["snapshot", "create", "v", "--name", "b", "--frozen", "true"],
     );
     n.ok(&["snapshot", "delete", "v@a"]);
     n.ok(&["gc"]);

@@ -202,9 +202,10 @@ async fn take(
     // the loading goes on without it meanwhile and is checked under it ([`under_lock`]).
     let lock_first = hooks.frozen.is_none();
     let loading = async {
-        let lock = match lock_first {
-            true => Some(node.lock_repo_shared().await),
-            false => None,
+        let lock = if lock_first {
+            Some(node.lock_repo_shared().await)
+        } else {
+            None
         };
         let index = node.load_index().await;
         let likely_base = match &vol.checkpoint {
@@ -1042,22 +1043,15 @@ fn survey(
     // The first dirty range that may still meet a block of the base (the blocks come in order).
     let mut marked = 0;
     loop {
-        let (mut in_runs, mut in_asked) = (Vec::new(), Vec::new());
-        let mut region = match (runs.peek(), asked.peek()) {
+        // The next region: from the first run or range left, with all that meets it.
+        let start = match (runs.peek(), asked.peek()) {
             (None, None) => break,
-            (Some(r), Some(d)) if d.start < r.start => {
-                in_asked.push(asked.next().unwrap().clone());
-                in_asked[0].clone()
-            }
-            (Some(_), _) => {
-                in_runs.push(runs.next().unwrap());
-                in_runs[0].clone()
-            }
-            (None, Some(_)) => {
-                in_asked.push(asked.next().unwrap().clone());
-                in_asked[0].clone()
-            }
+            (r, d) => r
+                .map_or(u64::MAX, |r| r.start)
+                .min(d.map_or(u64::MAX, |d| d.start)),
         };
+        let mut region = start..start;
+        let (mut in_runs, mut in_asked) = (Vec::new(), Vec::new());
         loop {
             if let Some(r) = runs.next_if(|r| r.start <= region.end) {
                 region.end = region.end.max(r.end);

@@ -158,7 +158,9 @@ pub async fn back_off(d: std::time::Duration) {
 /// confirmed it), `snapshot-segment-read` (a snapshot read the data of a segment of an
 /// image and has not looked again for holes filled meanwhile), `snapshot-base-chosen` (a
 /// changed-block snapshot chose the snapshot it builds on and has not checked that it is
-/// still in the catalog; its manifest may be read already) and
+/// still in the catalog; its manifest may be read already), `snapshot-index-loaded` (a
+/// snapshot loaded its chunk index while its source opens, without the repository lock when a
+/// `frozen` hook is set, and has not yet taken the lock) and
 /// `snapshot-delete-uncatalogued` (a deletion removed the snapshot from the catalog and has
 /// not deleted its manifest).
 pub fn pause_point(point: &str) {

@@ -726,43 +726,12 @@ impl Repository {
                 r.end
             ))
         };
-        if let Some(root) = &self.local {
-            // The local store reads each range exactly, or fails.
-            let out = self.store.get_ranges(&path, ranges).await?;
-            for (r, b) in ranges.iter().zip(&out) {
-                if b.len() as u64 != r.end - r.start {
-                    return Err(short(r, b.len()));
-                }
-            }
-            // Packs are read rarely (a restore, a verify, a mirror or push sending them): what
-            // was read leaves the page cache, as packs bypass it when written, so a restore
-            // of a large volume does not evict the machine's own cache.
-            let (root, key) = (root.clone(), path.to_string());
-            let span = ranges.iter().map(|r| r.start).min().unwrap_or(0)
-                ..ranges.iter().map(|r| r.end).max().unwrap_or(0);
-            tokio::task::spawn_blocking(move || {
-                if let (Ok(f), Some(len)) = (
-                    root.open(&key),
-                    std::num::NonZeroU64::new(span.end - span.start),
-                ) {
-                    let _ = rustix::fs::fadvise(
-                        &f,
-                        span.start,
-                        Some(len),
-                        rustix::fs::Advice::DontNeed,
-                    );
-                }
-            })
-            .await
-            .ok();
-            return Ok(out);
-        }
-        // Object stores: coalesce nearby ranges into few requests, and check what each one
-        // returned before cutting it up (object_store's own coalescing would panic on a
-        // short answer).
+        // Nearby ranges are read as one (a request to an object store; a read without
+        // readahead on local disk), and what each read returned is checked before it is cut
+        // up (object_store's own coalescing would panic on a short answer).
         let mut order: Vec<usize> = (0..ranges.len()).collect();
         order.sort_by_key(|&i| ranges[i].start);
-        let mut out: Vec<Bytes> = vec![Bytes::new(); ranges.len()];
+        let mut groups: Vec<(std::ops::Range<u64>, &[usize])> = Vec::new();
         let mut i = 0;
         while i < order.len() {
             let start = ranges[order[i]].start;
@@ -772,16 +741,30 @@ impl Repository {
                 end = end.max(ranges[order[j]].end);
                 j += 1;
             }
-            let fetch = start..end;
-            let bytes = self.store.get_range(&path, fetch.clone()).await?;
-            if bytes.len() as u64 != end - start {
-                return Err(short(&fetch, bytes.len()));
-            }
-            for &k in &order[i..j] {
-                let r = &ranges[k];
-                out[k] = bytes.slice((r.start - start) as usize..(r.end - start) as usize);
-            }
+            groups.push((start..end, &order[i..j]));
             i = j;
+        }
+        let fetched = if self.local.is_some() {
+            // The local store reads every range in one pass over one open file.
+            let fetches: Vec<_> = groups.iter().map(|(f, _)| f.clone()).collect();
+            self.store.get_ranges(&path, &fetches).await?
+        } else {
+            let mut got = Vec::with_capacity(groups.len());
+            for (fetch, _) in &groups {
+                got.push(self.store.get_range(&path, fetch.clone()).await?);
+            }
+            got
+        };
+        let mut out: Vec<Bytes> = vec![Bytes::new(); ranges.len()];
+        for ((fetch, members), bytes) in groups.iter().zip(fetched) {
+            if bytes.len() as u64 != fetch.end - fetch.start {
+                return Err(short(fetch, bytes.len()));
+            }
+            for &k in members.iter() {
+                let r = &ranges[k];
+                out[k] =
+                    bytes.slice((r.start - fetch.start) as usize..(r.end - fetch.start) as usize);
+            }
         }
         Ok(out)
     }

@@ -154,7 +154,13 @@ impl ObjectStore for NoFollowStore {
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
             let (file, meta) = Self::open(&root, &key)?;
-            ranges
+            // Ranged reads are pack reads (a restore, a verify, a peer or a target being sent
+            // packs): rare, and larger than the page cache can keep. They read exactly what
+            // was asked, no readahead (which would still be filling pages when the reader is
+            // done), and drop what they read, so a mirror or a restore leaves the machine's
+            // cache as it found it, as packs bypass the cache when they are written.
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Random);
+            let out = ranges
                 .iter()
                 .map(|r| {
                     if r.end > meta.size || r.start > r.end {
@@ -176,7 +182,18 @@ impl ObjectStore for NoFollowStore {
                     })?;
                     Ok(Bytes::from(buf))
                 })
-                .collect()
+                .collect();
+            for r in &ranges {
+                if let Some(len) = std::num::NonZeroU64::new(r.end.saturating_sub(r.start)) {
+                    let _ = rustix::fs::fadvise(
+                        &file,
+                        r.start,
+                        Some(len),
+                        rustix::fs::Advice::DontNeed,
+                    );
+                }
+            }
+            out
         })
         .await
         .map_err(|e| object_store::Error::Generic {

@@ -63,8 +63,11 @@ const OLDEST_FORMAT_VERSION: u32 = 1;
 /// multipart costs three more, and it halved the time of a baseline push to a local S3
 /// server (`host/TARGETS.md`). Smaller with `HOLDFAST_TARGET_MULTIPART_THRESHOLD`.
 pub const MULTIPART_THRESHOLD: usize = 32 << 20;
-/// Ranges of a pack closer than this are read with one request.
+/// Ranges of a pack in an object store closer than this are read with one request.
 const COALESCE_GAP: u64 = 1 << 20;
+/// Ranges of a pack on local disk closer than this are read with one read (what the kernel's
+/// readahead, which these reads go without, would have read past each of them).
+const LOCAL_COALESCE_GAP: u64 = 64 << 10;
 /// Part size of those uploads (S3's minimum is 5 MiB).
 const MULTIPART_PART: usize = 8 << 20;
 
@@ -706,10 +709,13 @@ impl Repository {
         pack::parse_trailer(id, pack_len, &trailer)
     }
 
-    /// Reads byte ranges of a pack (adjacent ranges are coalesced into one request).
+    /// Reads byte ranges of a pack, in any order, overlapping or not (nearby ranges are read
+    /// with one request or one read).
     ///
     /// Every range must come back whole: a pack that is shorter than its index says (a
-    /// truncated object) is damage, reported as such, never a panic or short data.
+    /// truncated object) is damage, reported as such, never a panic or short data. What is
+    /// returned holds at most about twice the bytes asked for, however the ranges are spread
+    /// (a peer choosing which chunks it asks for cannot make it hold more).
     pub async fn read_pack_ranges(
         &self,
         id: &PackId,
@@ -729,6 +735,11 @@ impl Repository {
         // Nearby ranges are read as one (a request to an object store; a read without
         // readahead on local disk), and what each read returned is checked before it is cut
         // up (object_store's own coalescing would panic on a short answer).
+        let gap = if self.local.is_some() {
+            LOCAL_COALESCE_GAP
+        } else {
+            COALESCE_GAP
+        };
         let mut order: Vec<usize> = (0..ranges.len()).collect();
         order.sort_by_key(|&i| ranges[i].start);
         let mut groups: Vec<(std::ops::Range<u64>, &[usize])> = Vec::new();
@@ -737,7 +748,7 @@ impl Repository {
             let start = ranges[order[i]].start;
             let mut end = ranges[order[i]].end;
             let mut j = i + 1;
-            while j < order.len() && ranges[order[j]].start <= end + COALESCE_GAP {
+            while j < order.len() && ranges[order[j]].start <= end + gap {
                 end = end.max(ranges[order[j]].end);
                 j += 1;
             }
@@ -745,7 +756,8 @@ impl Repository {
             i = j;
         }
         let fetched = if self.local.is_some() {
-            // The local store reads every range in one pass over one open file.
+            // The local store reads every range in one pass over one open file, and returns
+            // what a truncated pack still holds of each.
             let fetches: Vec<_> = groups.iter().map(|(f, _)| f.clone()).collect();
             self.store.get_ranges(&path, &fetches).await?
         } else {
@@ -760,10 +772,22 @@ impl Repository {
             if bytes.len() as u64 != fetch.end - fetch.start {
                 return Err(short(fetch, bytes.len()));
             }
+            // A slice keeps the whole read alive: where the read is mostly gaps, the ranges
+            // are copied out and it goes now.
+            let wanted: u64 = members
+                .iter()
+                .map(|&k| ranges[k].end - ranges[k].start)
+                .sum();
+            let copy = bytes.len() as u64 > 2 * wanted;
             for &k in members.iter() {
                 let r = &ranges[k];
-                out[k] =
+                let part =
                     bytes.slice((r.start - fetch.start) as usize..(r.end - fetch.start) as usize);
+                out[k] = if copy {
+                    Bytes::copy_from_slice(&part)
+                } else {
+                    part
+                };
             }
         }
         Ok(out)
@@ -1034,6 +1058,94 @@ mod tests {
     async fn conformance_local_filesystem() {
         let dir = tempfile::tempdir().unwrap();
         conformance(Repository::local(dir.path()).unwrap()).await;
+    }
+
+    /// Ranges of a pack come back as asked, in any order, overlapping, repeated or empty, near
+    /// each other or far apart; a pack cut short is damage, never short data.
+    /// (`named`: the store answers a range past the end with what it has, so the damage is
+    /// named as such; `InMemory` refuses the range instead.)
+    async fn pack_ranges<F: std::future::Future<Output = ()>>(
+        repo: Repository,
+        truncate: impl FnOnce(Path, u64) -> F,
+        named: bool,
+    ) {
+        repo.init().await.unwrap();
+        let mut b = PackBuilder::new();
+        for i in 0..64u32 {
+            // Each chunk different, and incompressible, so the pack is ~4 MiB.
+            let mut data = vec![0; 65536];
+            blake3::Hasher::new()
+                .update(&i.to_le_bytes())
+                .finalize_xof()
+                .fill(&mut data);
+            let (enc, stored) = chunk::encode(&data).unwrap();
+            b.add(chunk::hash(&data), enc, &stored, data.len());
+        }
+        let p = b.finish().unwrap();
+        repo.put_pack(&p).await.unwrap();
+        let whole = repo.read_pack(&p.index.pack).await.unwrap();
+        let len = whole.len() as u64;
+        let ranges = vec![
+            3_000_000..3_000_100,
+            10..20,
+            10..20,
+            15..70_000,
+            0..0,
+            len - 5..len,
+            200_000..200_000,
+            1_000_000..1_400_000,
+            900_000..1_100_000,
+        ];
+        let got = repo.read_pack_ranges(&p.index.pack, &ranges).await.unwrap();
+        for (r, g) in ranges.iter().zip(&got) {
+            assert_eq!(&g[..], &whole[r.start as usize..r.end as usize], "{r:?}");
+        }
+        truncate(Repository::pack_path(&p.index.pack), len - 100).await;
+        let err = repo
+            .read_pack_ranges(&p.index.pack, &ranges)
+            .await
+            .unwrap_err();
+        if named {
+            assert!(matches!(err, Error::Corrupt(_)), "{err}");
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pack_ranges_in_memory() {
+        let store = Arc::new(InMemory::new());
+        let repo = Repository::from_store(store.clone(), "memory");
+        pack_ranges(
+            repo,
+            |path, len| async move {
+                let b = store.get(&path).await.unwrap().bytes().await.unwrap();
+                store
+                    .put(&path, b.slice(..len as usize).into())
+                    .await
+                    .unwrap();
+            },
+            false,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn pack_ranges_on_local_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        pack_ranges(
+            Repository::local(dir.path()).unwrap(),
+            |path, len| async move {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join(path.as_ref()))
+                    .unwrap()
+                    .set_len(len)
+                    .unwrap();
+            },
+            true,
+        )
+        .await;
     }
 
     /// A new repository whose config then claims format `version`.

@@ -735,6 +735,12 @@ impl Repository {
         // Nearby ranges are read as one (a request to an object store; a read without
         // readahead on local disk), and what each read returned is checked before it is cut
         // up (object_store's own coalescing would panic on a short answer).
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end) {
+            return Err(Error::internal(format!(
+                "pack {}: the inverted range {r:?} was asked for",
+                id.short()
+            )));
+        }
         let gap = if self.local.is_some() {
             LOCAL_COALESCE_GAP
         } else {
@@ -1092,6 +1098,7 @@ mod tests {
             15..70_000,
             0..0,
             len - 5..len,
+            len..len,
             200_000..200_000,
             1_000_000..1_400_000,
             900_000..1_100_000,
@@ -1100,6 +1107,13 @@ mod tests {
         for (r, g) in ranges.iter().zip(&got) {
             assert_eq!(&g[..], &whole[r.start as usize..r.end as usize], "{r:?}");
         }
+        #[allow(clippy::reversed_empty_ranges)]
+        let inverted = [5..4];
+        let err = repo
+            .read_pack_ranges(&p.index.pack, &inverted)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("inverted"), "{err}");
         truncate(Repository::pack_path(&p.index.pack), len - 100).await;
         let err = repo
             .read_pack_ranges(&p.index.pack, &ranges)

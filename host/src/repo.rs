@@ -1107,7 +1107,7 @@ mod tests {
         for (r, g) in ranges.iter().zip(&got) {
             assert_eq!(&g[..], &whole[r.start as usize..r.end as usize], "{r:?}");
         }
-        #[allow(clippy::reversed_empty_ranges)]
+        #[allow(clippy::reversed_empty_ranges, clippy::single_range_in_vec_init)]
         let inverted = [5..4];
         let err = repo
             .read_pack_ranges(&p.index.pack, &inverted)
